@@ -1,0 +1,326 @@
+//! Map keys, values, names and limits shared by the kernel side
+//! (`proxy-ebpf`) and userspace (`proxy`).
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding (explicit `_pad`
+//! fields instead, always written as zero) and has its size asserted at
+//! compile time, so both sides agree byte for byte.
+//!
+//! Byte order: IPv4 addresses and L4 ports are kept in **network byte order**
+//! exactly as they appear in packets (an address is
+//! `u32::from_ne_bytes(ip.octets())`, a port is `port.to_be()`); every other
+//! integer is in host byte order. The `user` feature adds conversions.
+#![no_std]
+
+/// Version of the key/value layouts below. Bumped whenever a layout changes;
+/// pinned maps of another version are not reused (the agent pins under a
+/// directory carrying this number).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names (also the file names under the pin directory). At most 15
+/// bytes: the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.
+pub mod maps {
+    /// [`super::ServiceKey`] -> [`super::ServiceValue`]: one entry per frontend.
+    pub const SERVICES: &str = "SVC_V4";
+    /// [`super::SlotKey`] -> backend id (`u32`): the frontend's backend list.
+    pub const SLOTS: &str = "SLOTS_V4";
+    /// backend id (`u32`) -> [`super::Backend`].
+    pub const BACKENDS: &str = "BACKENDS_V4";
+    /// frontend id (`u32`) -> [`super::RevNat`]: the address replies must carry.
+    pub const REVNAT: &str = "REVNAT_V4";
+    /// [`super::CtKey`] -> [`super::CtValue`], LRU.
+    pub const CONNTRACK: &str = "CT_V4";
+    /// Per-CPU array of `u64` counters indexed by [`super::stat`].
+    pub const STATS: &str = "STATS";
+
+    /// Every map, in the order `proxyctl dump-maps` prints them.
+    pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, REVNAT, CONNTRACK, STATS];
+}
+
+/// Program names (the functions in `proxy-ebpf`).
+pub mod progs {
+    /// tc ingress on a pod's host-side interface: packets leaving the pod.
+    pub const TC_FROM_POD: &str = "tc_from_pod";
+    /// tc egress on a pod's host-side interface: packets entering the pod.
+    pub const TC_TO_POD: &str = "tc_to_pod";
+}
+
+/// Capacities.
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Two generations of slots per frontend (see [`SlotKey`]).
+pub const MAX_SLOTS: u32 = 262_144;
+pub const MAX_CONNTRACK: u32 = 262_144;
+/// Upper bound on backends per frontend (slot indices are `u16`).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
+
+/// IP protocol numbers used in keys.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// A frontend: a service address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// L4 port, network byte order.
+    pub port: u16,
+    /// IP protocol number ([`proto`]).
+    pub proto: u8,
+    /// Reserved for traffic-policy scopes; always 0 for now.
+    pub scope: u8,
+}
+
+/// `ServiceValue::flags` bits: what kind of frontend this is.
+pub mod svc_flags {
+    pub const CLUSTER_IP: u16 = 1 << 0;
+    pub const NODE_PORT: u16 = 1 << 1;
+    pub const EXTERNAL_IP: u16 = 1 << 2;
+    pub const LOAD_BALANCER: u16 = 1 << 3;
+}
+
+/// What a frontend resolves to. Replaced as a whole (one map update) to switch
+/// between backend sets: see [`SlotKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Frontend id: keys the slots and the rev-NAT entry. Unique per
+    /// frontend, never reused while the frontend exists.
+    pub id: u32,
+    /// Number of backend slots in the live generation (0: no endpoints).
+    pub count: u16,
+    /// Which slot generation (0 or 1) is live.
+    pub generation: u8,
+    pub _pad0: u8,
+    /// [`svc_flags`] bits.
+    pub flags: u16,
+    pub _pad1: u16,
+}
+
+/// Index into a frontend's backend list.
+///
+/// Updates are never half-visible: the agent writes the new list under the
+/// generation that is *not* live, then replaces the [`ServiceValue`] (new
+/// count and generation in one update), then deletes the old generation's
+/// slots. A packet reads the service value once and then only slots of that
+/// generation, so it sees the old set or the new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// [`ServiceValue::id`].
+    pub service_id: u32,
+    /// 0 or 1.
+    pub generation: u16,
+    /// 0-based slot, less than the [`ServiceValue::count`] of that generation.
+    pub index: u16,
+}
+
+/// `Backend::flags` bits.
+pub mod backend_flags {
+    /// Serving but terminating (used only when nothing is ready).
+    pub const TERMINATING: u8 = 1 << 0;
+    /// On this node.
+    pub const LOCAL: u8 = 1 << 1;
+}
+
+/// A backend (endpoint address and target port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Target port, network byte order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`backend_flags`] bits.
+    pub flags: u8,
+}
+
+/// The frontend address that replies from a backend are rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNat {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// L4 port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Conntrack key: the packet's own tuple plus the direction it was seen in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    /// [`ct_dir`].
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// [`CtKey::dir`] values.
+pub mod ct_dir {
+    /// Client -> frontend, before translation. Remembers the chosen backend.
+    pub const SERVICE: u8 = 0;
+    /// Backend -> client, as the reply leaves the backend. Remembers the
+    /// frontend to restore as the reply's source.
+    pub const REPLY: u8 = 1;
+}
+
+/// Conntrack value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_seen_ns: u64,
+    /// Chosen backend (SERVICE entries).
+    pub backend_id: u32,
+    /// Frontend id: rev-NAT entry for REPLY entries, owning frontend for both.
+    pub service_id: u32,
+    /// [`ct_flags`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// [`CtValue::flags`] bits.
+pub mod ct_flags {
+    pub const TCP_SYN: u32 = 1 << 0;
+    pub const TCP_FIN: u32 = 1 << 1;
+    pub const TCP_RST: u32 = 1 << 2;
+}
+
+/// Indices into the per-CPU [`maps::STATS`] array.
+pub mod stat {
+    /// IPv4 TCP/UDP packets the programs examined.
+    pub const PACKETS: u32 = 0;
+    /// Packets translated to a backend (DNAT).
+    pub const DNAT: u32 = 1;
+    /// Replies translated back to the frontend (reverse NAT).
+    pub const REV_NAT: u32 = 2;
+    /// Packets for a frontend without backends, dropped.
+    pub const DROP_NO_BACKEND: u32 = 3;
+    /// Conntrack inserts that failed.
+    pub const CT_INSERT_FAIL: u32 = 4;
+    /// Frames passed untouched because they were truncated or malformed.
+    pub const PASS_MALFORMED: u32 = 5;
+    /// IPv4 packets with options, passed untouched.
+    pub const PASS_IP_OPTIONS: u32 = 6;
+    /// IPv4 fragments, passed untouched.
+    pub const PASS_FRAGMENT: u32 = 7;
+    /// Slot or backend missing for a frontend (a race or a bug), dropped.
+    pub const DROP_NO_SLOT: u32 = 8;
+    /// Packet rewrite (store/checksum helper) failed, dropped.
+    pub const DROP_REWRITE: u32 = 9;
+    /// Number of counters.
+    pub const COUNT: u32 = 10;
+
+    /// Counter names, indexed like the constants.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "packets",
+        "dnat",
+        "rev_nat",
+        "drop_no_backend",
+        "ct_insert_fail",
+        "pass_malformed",
+        "pass_ip_options",
+        "pass_fragment",
+        "drop_no_slot",
+        "drop_rewrite",
+    ];
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 12);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<RevNat>() == 8);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 24);
+    assert!(stat::NAMES.len() == stat::COUNT as usize);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all are `#[repr(C)]`, `Copy`, contain only integers and have
+    // no implicit padding (sizes asserted above), so any byte pattern is valid.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+}
+
+/// Conversions between the network-order fields above and `core::net` types.
+impl ServiceKey {
+    pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(addr.octets()),
+            port: port.to_be(),
+            proto,
+            scope: 0,
+        }
+    }
+    pub fn ip(&self) -> core::net::Ipv4Addr {
+        core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+impl Backend {
+    pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, flags: u8) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(addr.octets()),
+            port: port.to_be(),
+            proto,
+            flags,
+        }
+    }
+    pub fn ip(&self) -> core::net::Ipv4Addr {
+        core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+impl RevNat {
+    pub fn ip(&self) -> core::net::Ipv4Addr {
+        core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+impl CtKey {
+    pub fn src(&self) -> core::net::SocketAddrV4 {
+        core::net::SocketAddrV4::new(
+            core::net::Ipv4Addr::from(self.saddr.to_ne_bytes()),
+            u16::from_be(self.sport),
+        )
+    }
+    pub fn dst(&self) -> core::net::SocketAddrV4 {
+        core::net::SocketAddrV4::new(
+            core::net::Ipv4Addr::from(self.daddr.to_ne_bytes()),
+            u16::from_be(self.dport),
+        )
+    }
+}

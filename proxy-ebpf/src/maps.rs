@@ -1,0 +1,38 @@
+//! The maps, declared once with the names and layouts from `proxy-common`.
+//! All are pinned by name so a restarted agent finds them again.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    Backend, CtKey, CtValue, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, RevNat,
+    ServiceKey, ServiceValue, SlotKey, stat,
+};
+
+#[map(name = "SVC_V4")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "SLOTS_V4")]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, 0);
+
+#[map(name = "BACKENDS_V4")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "REVNAT_V4")]
+pub static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "CT_V4")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+/// Bump a per-CPU counter (no atomics needed: the slot is this CPU's).
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, valid pointer from a successful lookup.
+        unsafe { *c += 1 };
+    }
+}

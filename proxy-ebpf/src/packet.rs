@@ -1,0 +1,243 @@
+//! Bounded packet access, parsing and NAT rewrites with checksum fix-ups.
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use proxy_common::{ct_flags, proto, stat};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_HLEN: usize = 20;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_CSUM_OFF: usize = L4_OFF + 16;
+const UDP_CSUM_OFF: usize = L4_OFF + 6;
+/// Fragment offset and "more fragments" bits of `frag_off`.
+const IP_FRAG_MASK: u16 = 0x3fff;
+
+/// Why a packet was not translated. Each maps to a counter and a verdict.
+#[derive(Clone, Copy)]
+pub enum Error {
+    /// Truncated or inconsistent headers: passed untouched.
+    Malformed,
+    /// IPv4 header with options: passed untouched.
+    IpOptions,
+    /// A fragment: passed untouched.
+    Fragment,
+    /// Frontend without backends: dropped.
+    NoBackend,
+    /// Frontend whose slot or backend is missing: dropped.
+    NoSlot,
+    /// A store or checksum helper failed: dropped (half-rewritten).
+    Rewrite,
+}
+
+impl Error {
+    pub fn stat(self) -> u32 {
+        match self {
+            Error::Malformed => stat::PASS_MALFORMED,
+            Error::IpOptions => stat::PASS_IP_OPTIONS,
+            Error::Fragment => stat::PASS_FRAGMENT,
+            Error::NoBackend => stat::DROP_NO_BACKEND,
+            Error::NoSlot => stat::DROP_NO_SLOT,
+            Error::Rewrite => stat::DROP_REWRITE,
+        }
+    }
+
+    pub fn drops(self) -> bool {
+        matches!(self, Error::NoBackend | Error::NoSlot | Error::Rewrite)
+    }
+}
+
+/// A pointer to a `T` at `offset`, only if all of it lies inside the packet.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Error> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return Err(Error::Malformed);
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[repr(C)]
+#[allow(dead_code)] // the layout needs every field; some are never read
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+/// The fields of an IPv4 TCP/UDP packet the programs need. Addresses and
+/// ports in network byte order.
+pub struct Packet {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    tcp_flags: u8,
+}
+
+impl Packet {
+    /// `Ok(None)` for traffic the proxy does not handle (not IPv4, not TCP or
+    /// UDP); `Err` for IPv4 TCP/UDP it refuses to touch.
+    #[inline(always)]
+    pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Error> {
+        // Headers normally sit in the linear part; make sure they do.
+        let want = (L4_OFF + TCP_HLEN) as u32;
+        if ctx.data_end() - ctx.data() < want as usize && ctx.len() >= want {
+            let _ = ctx.pull_data(want);
+        }
+
+        let ethertype: *const u16 = ptr_at(ctx, 12)?;
+        // SAFETY: bounds checked by ptr_at.
+        if u16::from_be(unsafe { ethertype.read_unaligned() }) != ETH_P_IP {
+            return Ok(None);
+        }
+        let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at; read as a copy.
+        let ip = unsafe { ip.read_unaligned() };
+        if ip.protocol != proto::TCP && ip.protocol != proto::UDP {
+            return Ok(None);
+        }
+        if ip.version_ihl >> 4 != 4 {
+            return Err(Error::Malformed);
+        }
+        if ip.version_ihl & 0x0f != 5 {
+            return Err(Error::IpOptions);
+        }
+        if u16::from_be(ip.frag_off) & IP_FRAG_MASK != 0 {
+            return Err(Error::Fragment);
+        }
+        let l4_len = if ip.protocol == proto::TCP {
+            TCP_HLEN
+        } else {
+            UDP_HLEN
+        };
+        if (u16::from_be(ip.tot_len) as usize) < IPV4_HLEN + l4_len {
+            return Err(Error::Malformed);
+        }
+        let ports: *const [u16; 2] = ptr_at(ctx, L4_OFF)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ports = unsafe { ports.read_unaligned() };
+        let tcp_flags = if ip.protocol == proto::TCP {
+            let hdr: *const [u8; TCP_HLEN] = ptr_at(ctx, L4_OFF)?;
+            // SAFETY: bounds checked by ptr_at (the whole fixed TCP header).
+            unsafe { (*hdr)[13] }
+        } else {
+            let _: *const [u8; UDP_HLEN] = ptr_at(ctx, L4_OFF)?;
+            0
+        };
+        Ok(Some(Packet {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: ports[0],
+            dport: ports[1],
+            proto: ip.protocol,
+            tcp_flags,
+        }))
+    }
+
+    /// Conntrack flag bits for this packet's TCP flags.
+    #[inline(always)]
+    pub fn tcp_ct_flags(&self) -> u32 {
+        let mut f = 0;
+        if self.tcp_flags & 0x02 != 0 {
+            f |= ct_flags::TCP_SYN;
+        }
+        if self.tcp_flags & 0x01 != 0 {
+            f |= ct_flags::TCP_FIN;
+        }
+        if self.tcp_flags & 0x04 != 0 {
+            f |= ct_flags::TCP_RST;
+        }
+        f
+    }
+
+    #[inline(always)]
+    fn l4_csum(&self) -> (usize, u64) {
+        if self.proto == proto::TCP {
+            (TCP_CSUM_OFF, 0)
+        } else {
+            // A zero UDP checksum means "none": leave it so.
+            (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+        }
+    }
+
+    /// DNAT: destination address and port become `addr:port`.
+    #[inline(always)]
+    pub fn rewrite_dst(&self, ctx: &TcContext, addr: u32, port: u16) -> Result<(), Error> {
+        self.rewrite(
+            ctx,
+            IP_DADDR_OFF,
+            self.daddr,
+            addr,
+            L4_OFF + 2,
+            self.dport,
+            port,
+        )
+    }
+
+    /// Reverse NAT: source address and port become `addr:port`.
+    #[inline(always)]
+    pub fn rewrite_src(&self, ctx: &TcContext, addr: u32, port: u16) -> Result<(), Error> {
+        self.rewrite(
+            ctx,
+            IP_SADDR_OFF,
+            self.saddr,
+            addr,
+            L4_OFF,
+            self.sport,
+            port,
+        )
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn rewrite(
+        &self,
+        ctx: &TcContext,
+        addr_off: usize,
+        old_addr: u32,
+        new_addr: u32,
+        port_off: usize,
+        old_port: u16,
+        new_port: u16,
+    ) -> Result<(), Error> {
+        let (csum_off, mangled) = self.l4_csum();
+        // L4 checksum covers the pseudo-header (addresses) and the ports.
+        ctx.l4_csum_replace(
+            csum_off,
+            old_addr as u64,
+            new_addr as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+        )
+        .map_err(|_| Error::Rewrite)?;
+        if old_port != new_port {
+            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
+                .map_err(|_| Error::Rewrite)?;
+            ctx.store(port_off, &new_port, 0)
+                .map_err(|_| Error::Rewrite)?;
+        }
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
+            .map_err(|_| Error::Rewrite)?;
+        ctx.store(addr_off, &new_addr, 0)
+            .map_err(|_| Error::Rewrite)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! `proxy`: the node agent.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use proxy::{
+    agent,
+    dataplane::ebpf::{EbpfConfig, EbpfDataplane},
+    k8s,
+    model::NodeContext,
+};
+use tokio::sync::Notify;
+use tracing::info;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    /// eBPF programs and pinned maps.
+    Ebpf,
+}
+
+/// Service proxy node agent: watches Services, EndpointSlices and its Node and
+/// programs the data path so service traffic reaches ready pods.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Which dataplane programs the services.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    mode: Mode,
+    /// Path to a kubeconfig; in-cluster configuration when omitted.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (as in the Node object); defaults to the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    hostname_override: Option<String>,
+    /// bpffs directory the maps are pinned under (one per agent).
+    #[arg(long, default_value = "/sys/fs/bpf/kube-proxy-ebpf")]
+    bpffs_path: PathBuf,
+    /// Glob of pod-facing host interfaces the per-packet programs attach to
+    /// (repeatable; kindnet names them veth*).
+    #[arg(long = "pod-device", default_values = ["veth*"])]
+    pod_devices: Vec<String>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn node_name(args: &Args) -> Result<String> {
+    if let Some(n) = &args.hostname_override {
+        return Ok(n.clone());
+    }
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the hostname; pass --hostname-override")?;
+    let h = h.trim().to_lowercase();
+    if h.is_empty() {
+        bail!("empty hostname; pass --hostname-override");
+    }
+    Ok(h)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level)?)
+        .init();
+    let node = NodeContext {
+        node_name: node_name(&args)?,
+    };
+    info!(node = %node.node_name, mode = ?args.mode, "starting");
+
+    let Mode::Ebpf = args.mode;
+    let mut dp = EbpfDataplane::load(EbpfConfig {
+        bpffs_path: args.bpffs_path.clone(),
+        pod_devices: args.pod_devices.clone(),
+    })
+    .context("setting up the eBPF dataplane")?;
+    proxy::dataplane::Dataplane::housekeeping(&mut dp)?;
+
+    let client = k8s::client(args.kubeconfig.as_deref()).await?;
+    let changed = Arc::new(Notify::new());
+    let stores = k8s::start(client, &node.node_name, changed.clone());
+    stores.ready().await?;
+    info!("caches synced");
+
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    agent::run(dp, stores, changed, node, shutdown).await;
+    info!("stopped");
+    Ok(())
+}

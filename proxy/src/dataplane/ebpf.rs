@@ -1,0 +1,679 @@
+//! The eBPF dataplane: programs pinned maps and attaches the tc programs to
+//! pod-facing interfaces.
+//!
+//! Update order per frontend, so a packet never sees half an update: new
+//! backends are written first, then the new slot generation, then the
+//! service entry is replaced in one map update (count + generation), then
+//! the old generation's slots are deleted, and finally backends nobody
+//! references any more.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ffi::CStr,
+    fs, io,
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapError,
+    programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use proxy_common::{
+    Backend, RevNat, ServiceKey, ServiceValue, SlotKey, backend_flags, progs, svc_flags,
+};
+use tracing::{debug, info, warn};
+
+use super::{ApplyStats, Dataplane};
+use crate::{
+    diff::Change,
+    lb::{BackendAddr, Frontend, FrontendKey, FrontendKind, LbTable},
+    maps::{Maps, MapsError, pin_dir},
+    model::Protocol,
+};
+
+/// The eBPF object built by `build.rs` from `proxy-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this binary was built without its eBPF object (PROXY_SKIP_EBPF or clippy); rebuild after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error("creating pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("attaching {program} to {iface} ({direction}): {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        direction: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("map {map}: {op} for frontend {frontend}: {source}")]
+    Update {
+        map: &'static str,
+        op: &'static str,
+        frontend: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("frontend {0} has {1} backends, more than a frontend can hold")]
+    TooManyBackends(FrontendKey, usize),
+    #[error("listing network interfaces: {0}")]
+    Interfaces(io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    /// Pin directory root (`--bpffs-path`).
+    pub bpffs_path: PathBuf,
+    /// Glob patterns (`*` only) of pod-facing host interfaces to attach to.
+    pub pod_devices: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    id: u32,
+    generation: u8,
+    flags: u16,
+    backend_ids: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct BackendIdentity {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+}
+
+struct Attached {
+    ifindex: u32,
+    links: Vec<(usize, SchedClassifierLinkId)>,
+}
+
+pub struct EbpfDataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    cfg: EbpfConfig,
+    frontends: BTreeMap<FrontendKey, Programmed>,
+    backends: HashMap<BackendIdentity, (u32, Backend)>,
+    next_frontend_id: u32,
+    next_backend_id: u32,
+    attached: HashMap<String, Attached>,
+    // Keeps the aya-log ring buffer alive (rare error paths log through it).
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+const PROGRAMS: [&str; 2] = [progs::TC_FROM_POD, progs::TC_TO_POD];
+const DIRECTIONS: [TcAttachType; 2] = [TcAttachType::Ingress, TcAttachType::Egress];
+
+impl EbpfDataplane {
+    /// Load the programs, open (or create) the pinned maps and adopt what an
+    /// earlier agent programmed there.
+    pub fn load(cfg: EbpfConfig) -> Result<EbpfDataplane, EbpfError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(EbpfError::NoObject);
+        }
+        let dir = pin_dir(&cfg.bpffs_path);
+        fs::create_dir_all(&dir).map_err(|source| EbpfError::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(EBPF_OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                debug!(error = %e, "no eBPF log buffer");
+                None
+            }
+        };
+        for name in PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| EbpfError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let mut dp = EbpfDataplane {
+            ebpf,
+            maps,
+            cfg,
+            frontends: BTreeMap::new(),
+            backends: HashMap::new(),
+            next_frontend_id: 1,
+            next_backend_id: 1,
+            attached: HashMap::new(),
+            _logger: logger,
+        };
+        dp.adopt()?;
+        Ok(dp)
+    }
+
+    /// A loaded program, for BPF_PROG_TEST_RUN.
+    pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok())
+    }
+
+    /// The maps, for inspection.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Interfaces the tc programs are attached to.
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.attached.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Rebuild in-memory state from pinned maps, dropping what is
+    /// inconsistent (slots of a dead generation, orphaned rev-NAT entries).
+    fn adopt(&mut self) -> Result<(), EbpfError> {
+        let m = &mut self.maps;
+        let backends: Vec<(u32, Backend)> = collect(m.backends.iter(), "BACKENDS")?;
+        for (id, b) in backends {
+            self.next_backend_id = self.next_backend_id.max(id.wrapping_add(1));
+            self.backends.insert(
+                BackendIdentity {
+                    addr: b.ip(),
+                    port: b.host_port(),
+                    proto: b.proto,
+                },
+                (id, b),
+            );
+        }
+        let services: Vec<(ServiceKey, ServiceValue)> = collect(m.services.iter(), "SERVICES")?;
+        let mut live_slots = BTreeSet::new();
+        for (k, v) in services {
+            self.next_frontend_id = self.next_frontend_id.max(v.id.wrapping_add(1));
+            let Some(proto) = Protocol::from_number(k.proto) else {
+                continue;
+            };
+            let mut ids = Vec::with_capacity(v.count as usize);
+            for index in 0..v.count {
+                let slot = SlotKey {
+                    service_id: v.id,
+                    generation: v.generation as u16,
+                    index,
+                };
+                live_slots.insert(slot);
+                if let Ok(id) = m.slots.get(&slot, 0) {
+                    ids.push(id);
+                }
+            }
+            let key = FrontendKey {
+                addr: k.ip(),
+                port: k.host_port(),
+                proto,
+            };
+            self.frontends.insert(
+                key,
+                Programmed {
+                    id: v.id,
+                    generation: v.generation,
+                    flags: v.flags,
+                    backend_ids: ids,
+                },
+            );
+        }
+        let stale: Vec<SlotKey> = collect(m.slots.keys().map(|r| r.map(|k| (k, ()))), "SLOTS")?
+            .into_iter()
+            .map(|(k, ())| k)
+            .filter(|k| !live_slots.contains(k))
+            .collect();
+        for k in stale {
+            let _ = m.slots.remove(&k);
+        }
+        let ids: BTreeSet<u32> = self.frontends.values().map(|p| p.id).collect();
+        let orphans: Vec<u32> = collect(m.revnat.keys().map(|r| r.map(|k| (k, ()))), "REVNAT")?
+            .into_iter()
+            .map(|(k, ())| k)
+            .filter(|k| !ids.contains(k))
+            .collect();
+        for k in orphans {
+            let _ = m.revnat.remove(&k);
+        }
+        if !self.frontends.is_empty() {
+            info!(
+                frontends = self.frontends.len(),
+                backends = self.backends.len(),
+                "adopted pinned state"
+            );
+        }
+        Ok(())
+    }
+
+    fn backend_id(
+        &mut self,
+        b: &BackendAddr,
+        proto: u8,
+        stats: &mut ApplyStats,
+    ) -> Result<u32, EbpfError> {
+        let identity = BackendIdentity {
+            addr: b.addr,
+            port: b.port,
+            proto,
+        };
+        let mut flags = 0;
+        if b.terminating {
+            flags |= backend_flags::TERMINATING;
+        }
+        if b.local {
+            flags |= backend_flags::LOCAL;
+        }
+        let value = Backend::new(b.addr, b.port, proto, flags);
+        let (id, is_new) = match self.backends.get(&identity) {
+            Some((id, old)) if *old == value => return Ok(*id),
+            Some((id, _)) => (*id, false),
+            None => {
+                let id = self.next_backend_id;
+                self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+                (id, true)
+            }
+        };
+        self.maps
+            .backends
+            .insert(id, value, 0)
+            .map_err(|source| EbpfError::Update {
+                map: "BACKENDS",
+                op: "insert",
+                frontend: format!("{}:{}", b.addr, b.port),
+                source,
+            })?;
+        self.backends.insert(identity, (id, value));
+        if is_new {
+            stats.backends_added += 1;
+        }
+        Ok(id)
+    }
+
+    fn upsert(
+        &mut self,
+        key: &FrontendKey,
+        fe: &Frontend,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let proto = key.proto.number();
+        if fe.backends.len() > proxy_common::MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(EbpfError::TooManyBackends(*key, fe.backends.len()));
+        }
+        let ids = fe
+            .backends
+            .iter()
+            .map(|b| self.backend_id(b, proto, stats))
+            .collect::<Result<Vec<u32>, _>>()?;
+        let flags = kind_flags(fe.kind);
+        let update = |op: &'static str, map: &'static str| {
+            let frontend = key.to_string();
+            move |source| EbpfError::Update {
+                map,
+                op,
+                frontend,
+                source,
+            }
+        };
+
+        let (id, generation, old) = match self.frontends.get(key) {
+            Some(p) if p.backend_ids == ids && p.flags == flags => return Ok(()),
+            Some(p) => (p.id, 1 - p.generation, Some(p.clone())),
+            None => {
+                let id = self.next_frontend_id;
+                self.next_frontend_id = self.next_frontend_id.wrapping_add(1).max(1);
+                (id, 0, None)
+            }
+        };
+        for (index, backend_id) in ids.iter().enumerate() {
+            let slot = SlotKey {
+                service_id: id,
+                generation: generation as u16,
+                index: index as u16,
+            };
+            self.maps
+                .slots
+                .insert(slot, *backend_id, 0)
+                .map_err(update("insert", "SLOTS"))?;
+        }
+        if old.is_none() {
+            let rev = RevNat {
+                addr: u32::from_ne_bytes(key.addr.octets()),
+                port: key.port.to_be(),
+                _pad: 0,
+            };
+            self.maps
+                .revnat
+                .insert(id, rev, 0)
+                .map_err(update("insert", "REVNAT"))?;
+        }
+        let value = ServiceValue {
+            id,
+            count: ids.len() as u16,
+            generation,
+            _pad0: 0,
+            flags,
+            _pad1: 0,
+        };
+        self.maps
+            .services
+            .insert(ServiceKey::new(key.addr, key.port, proto), value, 0)
+            .map_err(update("insert", "SERVICES"))?;
+        if let Some(old) = old {
+            self.delete_slots(old.id, old.generation, old.backend_ids.len());
+        }
+        self.frontends.insert(
+            *key,
+            Programmed {
+                id,
+                generation,
+                flags,
+                backend_ids: ids,
+            },
+        );
+        stats.upserted += 1;
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &FrontendKey, stats: &mut ApplyStats) -> Result<(), EbpfError> {
+        let Some(p) = self.frontends.remove(key) else {
+            return Ok(());
+        };
+        let skey = ServiceKey::new(key.addr, key.port, key.proto.number());
+        match self.maps.services.remove(&skey) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(EbpfError::Update {
+                    map: "SERVICES",
+                    op: "delete",
+                    frontend: key.to_string(),
+                    source,
+                });
+            }
+        }
+        self.delete_slots(p.id, p.generation, p.backend_ids.len());
+        let _ = self.maps.revnat.remove(&p.id);
+        stats.removed += 1;
+        Ok(())
+    }
+
+    fn delete_slots(&mut self, id: u32, generation: u8, count: usize) {
+        for index in 0..count {
+            let _ = self.maps.slots.remove(&SlotKey {
+                service_id: id,
+                generation: generation as u16,
+                index: index as u16,
+            });
+        }
+    }
+
+    /// Delete backends no frontend references any more.
+    fn release_backends(&mut self, stats: &mut ApplyStats) {
+        let used: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|p| p.backend_ids.iter().copied())
+            .collect();
+        let unused: Vec<BackendIdentity> = self
+            .backends
+            .iter()
+            .filter(|(_, (id, _))| !used.contains(id))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in unused {
+            if let Some((id, _)) = self.backends.remove(&k) {
+                let _ = self.maps.backends.remove(&id);
+                stats.backends_removed += 1;
+            }
+        }
+    }
+
+    fn attach_devices(&mut self) -> Result<(), EbpfError> {
+        let present = interfaces().map_err(EbpfError::Interfaces)?;
+        // Forget interfaces that vanished or were recreated (the kernel
+        // detached their programs).
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, a)| present.get(*name) != Some(&a.ifindex))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = self.attached.remove(&name) {
+                for (prog, link) in a.links {
+                    if let Some(p) = self
+                        .ebpf
+                        .program_mut(PROGRAMS[prog])
+                        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+                    {
+                        let _ = p.detach(link);
+                    }
+                }
+                debug!(iface = %name, "interface gone");
+            }
+        }
+        for (name, ifindex) in present {
+            if self.attached.contains_key(&name)
+                || !self.cfg.pod_devices.iter().any(|g| glob_match(g, &name))
+            {
+                continue;
+            }
+            let mut links = Vec::with_capacity(2);
+            for (i, (prog_name, direction)) in PROGRAMS.iter().zip(DIRECTIONS).enumerate() {
+                let prog: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(prog_name)
+                    .ok_or(EbpfError::MissingProgram { name: prog_name })?
+                    .try_into()
+                    .map_err(|source| EbpfError::Program {
+                        name: prog_name,
+                        source,
+                    })?;
+                match prog.attach(&name, direction) {
+                    Ok(link) => links.push((i, link)),
+                    Err(source) => {
+                        // The interface may have vanished between listing and
+                        // attaching; report and retry on the next pass.
+                        warn!(error = %EbpfError::Attach {
+                            program: prog_name,
+                            iface: name.clone(),
+                            direction: direction_name(direction),
+                            source,
+                        }, "attach failed");
+                    }
+                }
+            }
+            if links.len() == PROGRAMS.len() {
+                info!(iface = %name, "attached tc programs");
+                self.attached.insert(name, Attached { ifindex, links });
+            } else {
+                for (i, link) in links {
+                    if let Some(p) = self
+                        .ebpf
+                        .program_mut(PROGRAMS[i])
+                        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+                    {
+                        let _ = p.detach(link);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    type Error = EbpfError;
+
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn programmed(&self) -> LbTable {
+        let by_id: HashMap<u32, &Backend> =
+            self.backends.values().map(|(id, b)| (*id, b)).collect();
+        let mut lb = LbTable::default();
+        for (k, p) in &self.frontends {
+            let backends = p
+                .backend_ids
+                .iter()
+                .filter_map(|id| by_id.get(id))
+                .map(|b| BackendAddr {
+                    addr: b.ip(),
+                    port: b.host_port(),
+                    terminating: b.flags & backend_flags::TERMINATING != 0,
+                    local: b.flags & backend_flags::LOCAL != 0,
+                })
+                .collect();
+            lb.frontends.insert(
+                *k,
+                Frontend {
+                    kind: flags_kind(p.flags),
+                    backends,
+                },
+            );
+        }
+        lb
+    }
+
+    fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, EbpfError> {
+        let mut stats = ApplyStats::default();
+        let mut first_error = None;
+        for change in changes {
+            // One bad frontend must not stop the others.
+            let r = match change {
+                Change::Upsert(k, f) => self.upsert(k, f, &mut stats),
+                Change::Remove(k) => self.remove(k, &mut stats),
+            };
+            if let Err(e) = r {
+                warn!(error = %e, "programming a frontend failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        self.release_backends(&mut stats);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
+    }
+
+    fn housekeeping(&mut self) -> Result<(), EbpfError> {
+        self.attach_devices()
+    }
+}
+
+fn kind_flags(kind: FrontendKind) -> u16 {
+    match kind {
+        FrontendKind::ClusterIp => svc_flags::CLUSTER_IP,
+        FrontendKind::NodePort => svc_flags::NODE_PORT,
+        FrontendKind::ExternalIp => svc_flags::EXTERNAL_IP,
+        FrontendKind::LoadBalancer => svc_flags::LOAD_BALANCER,
+    }
+}
+
+fn flags_kind(flags: u16) -> FrontendKind {
+    if flags & svc_flags::NODE_PORT != 0 {
+        FrontendKind::NodePort
+    } else if flags & svc_flags::EXTERNAL_IP != 0 {
+        FrontendKind::ExternalIp
+    } else if flags & svc_flags::LOAD_BALANCER != 0 {
+        FrontendKind::LoadBalancer
+    } else {
+        FrontendKind::ClusterIp
+    }
+}
+
+fn direction_name(d: TcAttachType) -> &'static str {
+    match d {
+        TcAttachType::Ingress => "ingress",
+        TcAttachType::Egress => "egress",
+        TcAttachType::Custom(_) => "custom",
+    }
+}
+
+fn collect<K, V>(
+    iter: impl Iterator<Item = Result<(K, V), MapError>>,
+    map: &'static str,
+) -> Result<Vec<(K, V)>, EbpfError> {
+    iter.collect::<Result<Vec<_>, _>>()
+        .map_err(|source| EbpfError::Update {
+            map,
+            op: "iterate",
+            frontend: "(adopting pinned state)".to_owned(),
+            source,
+        })
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, rest)) => {
+            let Some(tail) = name.strip_prefix(prefix) else {
+                return false;
+            };
+            if rest.is_empty() {
+                return true;
+            }
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+/// Interfaces of this network namespace: name -> ifindex.
+fn interfaces() -> io::Result<HashMap<String, u32>> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry,
+    // or null on error; it is freed with if_freenameindex below.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = HashMap::new();
+    let mut p = head;
+    // SAFETY: walking the array up to its terminator; names are C strings.
+    unsafe {
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            out.insert(name, (*p).if_index);
+            p = p.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("veth*", "veth1a2b3c4d"));
+        assert!(glob_match("*", "eth0"));
+        assert!(glob_match("lxc*x", "lxc12x"));
+        assert!(!glob_match("veth*", "eth0"));
+        assert!(glob_match("eth0", "eth0"));
+        assert!(!glob_match("eth0", "eth01"));
+    }
+}

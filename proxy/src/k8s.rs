@@ -1,0 +1,146 @@
+//! Kubernetes side: reflectors for Services, EndpointSlices and this Node.
+//! Produces stores and a change signal; knows nothing of dataplanes.
+
+use std::{fmt::Debug, path::Path, sync::Arc};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::model::WATCH_LABEL_SELECTOR;
+
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no kubeconfig given and no in-cluster configuration: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("the {0} watch ended before its first list completed")]
+    NeverReady(&'static str),
+}
+
+/// A client from `--kubeconfig`, or in-cluster / default config without one.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| K8sError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| K8sError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+        None => Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Caches of the objects the model reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+}
+
+/// Start the three reflectors; `changed` is notified after every event.
+pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
+    let services = spawn_reflector::<Service>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
+        changed.clone(),
+    );
+    let slices = spawn_reflector::<EndpointSlice>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
+        changed.clone(),
+    );
+    let nodes = spawn_reflector::<Node>(
+        Api::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        changed,
+    );
+    Stores {
+        services,
+        slices,
+        nodes,
+    }
+}
+
+impl Stores {
+    /// Wait until every store has completed its first list.
+    pub async fn ready(&self) -> Result<(), K8sError> {
+        self.services
+            .wait_until_ready()
+            .await
+            .map_err(|_| K8sError::NeverReady("Service"))?;
+        self.slices
+            .wait_until_ready()
+            .await
+            .map_err(|_| K8sError::NeverReady("EndpointSlice"))?;
+        self.nodes
+            .wait_until_ready()
+            .await
+            .map_err(|_| K8sError::NeverReady("Node"))?;
+        Ok(())
+    }
+}
+
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store::<K>();
+    let kind = K::kind(&Default::default()).into_owned();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(ev) => {
+                    debug!(kind = %kind, event = ?event_name(&ev), "watch event");
+                    changed.notify_one();
+                }
+                // The watcher retries with backoff; the store keeps serving
+                // the last known state meanwhile.
+                Err(e) => warn!(kind = %kind, error = %e, "watch failed, retrying"),
+            }
+        }
+    });
+    store
+}
+
+fn event_name<K>(ev: &watcher::Event<K>) -> &'static str {
+    match ev {
+        watcher::Event::Apply(_) => "apply",
+        watcher::Event::Delete(_) => "delete",
+        watcher::Event::Init => "init",
+        watcher::Event::InitApply(_) => "init-apply",
+        watcher::Event::InitDone => "init-done",
+    }
+}

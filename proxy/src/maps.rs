@@ -1,0 +1,319 @@
+//! Typed handles on the eBPF maps, whether just loaded by the agent or
+//! opened from their pins by `proxyctl`, and their decoded dump.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+};
+use proxy_common::{
+    Backend, CtKey, CtValue, LAYOUT_VERSION, RevNat, ServiceKey, ServiceValue, SlotKey,
+    backend_flags, ct_dir, maps as names, stat, svc_flags,
+};
+use serde::Serialize;
+
+use crate::model::Protocol;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("no pinned maps at {0}: is the agent running in ebpf mode with this --bpffs-path?")]
+    NotPinned(PathBuf),
+    #[error("map {name} at {path}: {source}")]
+    Open {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("map {name}: {op}: {source}")]
+    Op {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Where the maps of this layout version are pinned under `--bpffs-path`.
+pub fn pin_dir(bpffs_path: &Path) -> PathBuf {
+    bpffs_path.join(format!("maps-v{LAYOUT_VERSION}"))
+}
+
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub revnat: HashMap<MapData, u32, RevNat>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Take the maps out of a loaded object (the agent's path).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { name });
+        let services = take(names::SERVICES)?;
+        let slots = take(names::SLOTS)?;
+        let backends = take(names::BACKENDS)?;
+        let revnat = take(names::REVNAT)?;
+        let conntrack = take(names::CONNTRACK)?;
+        let stats = take(names::STATS)?;
+        Ok(Maps {
+            services: typed(names::SERVICES, services)?,
+            slots: typed(names::SLOTS, slots)?,
+            backends: typed(names::BACKENDS, backends)?,
+            revnat: typed(names::REVNAT, revnat)?,
+            conntrack: typed(names::CONNTRACK, conntrack)?,
+            stats: typed(names::STATS, stats)?,
+        })
+    }
+
+    /// Open the maps an agent pinned under `bpffs_path` (proxyctl's path).
+    pub fn open_pinned(bpffs_path: &Path) -> Result<Maps, MapsError> {
+        let dir = pin_dir(bpffs_path);
+        if !dir.join(names::SERVICES).exists() {
+            return Err(MapsError::NotPinned(dir));
+        }
+        let open = |name: &'static str| -> Result<Map, MapsError> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+                name,
+                path: path.clone(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Open { name, path, source })
+        };
+        Ok(Maps {
+            services: typed(names::SERVICES, open(names::SERVICES)?)?,
+            slots: typed(names::SLOTS, open(names::SLOTS)?)?,
+            backends: typed(names::BACKENDS, open(names::BACKENDS)?)?,
+            revnat: typed(names::REVNAT, open(names::REVNAT)?)?,
+            conntrack: typed(names::CONNTRACK, open(names::CONNTRACK)?)?,
+            stats: typed(names::STATS, open(names::STATS)?)?,
+        })
+    }
+
+    /// Every map, decoded.
+    pub fn dump(&self) -> Result<Dump, MapsError> {
+        let services = collect(names::SERVICES, self.services.iter())?
+            .into_iter()
+            .map(|(k, v)| ServiceEntry {
+                frontend: Addr::new(k.ip(), k.host_port(), k.proto),
+                id: v.id,
+                count: v.count,
+                generation: v.generation,
+                kind: kind_name(v.flags),
+            })
+            .collect();
+        let slots = collect(names::SLOTS, self.slots.iter())?
+            .into_iter()
+            .map(|(k, v)| SlotEntry {
+                service_id: k.service_id,
+                generation: k.generation,
+                index: k.index,
+                backend_id: v,
+            })
+            .collect();
+        let backends = collect(names::BACKENDS, self.backends.iter())?
+            .into_iter()
+            .map(|(id, b)| BackendEntry {
+                id,
+                backend: Addr::new(b.ip(), b.host_port(), b.proto),
+                terminating: b.flags & backend_flags::TERMINATING != 0,
+                local: b.flags & backend_flags::LOCAL != 0,
+            })
+            .collect();
+        let revnat = collect(names::REVNAT, self.revnat.iter())?
+            .into_iter()
+            .map(|(id, r)| RevNatEntry {
+                service_id: id,
+                address: format!("{}:{}", r.ip(), r.host_port()),
+            })
+            .collect();
+        let conntrack = collect(names::CONNTRACK, self.conntrack.iter())?
+            .into_iter()
+            .map(|(k, v)| CtEntry {
+                direction: if k.dir == ct_dir::REPLY {
+                    "reply"
+                } else {
+                    "service"
+                },
+                proto: proto_name(k.proto),
+                src: k.src().to_string(),
+                dst: k.dst().to_string(),
+                service_id: v.service_id,
+                backend_id: v.backend_id,
+                flags: v.flags,
+                last_seen_ns: v.last_seen_ns,
+            })
+            .collect();
+        let mut stats = Vec::new();
+        for (i, name) in stat::NAMES.iter().enumerate() {
+            let values = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| MapsError::Op {
+                    name: names::STATS,
+                    op: "lookup",
+                    source,
+                })?;
+            stats.push(StatEntry {
+                name,
+                value: values.iter().sum(),
+            });
+        }
+        let mut dump = Dump {
+            services,
+            slots,
+            backends,
+            revnat,
+            conntrack,
+            stats,
+        };
+        dump.sort();
+        Ok(dump)
+    }
+}
+
+fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(map).map_err(|source| MapsError::Op {
+        name,
+        op: "open",
+        source,
+    })
+}
+
+fn collect<K, V>(
+    name: &'static str,
+    iter: impl Iterator<Item = Result<(K, V), MapError>>,
+) -> Result<Vec<(K, V)>, MapsError> {
+    iter.collect::<Result<Vec<_>, _>>()
+        .map_err(|source| MapsError::Op {
+            name,
+            op: "iterate",
+            source,
+        })
+}
+
+fn proto_name(p: u8) -> String {
+    Protocol::from_number(p)
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| p.to_string())
+}
+
+fn kind_name(flags: u16) -> &'static str {
+    if flags & svc_flags::NODE_PORT != 0 {
+        "NodePort"
+    } else if flags & svc_flags::EXTERNAL_IP != 0 {
+        "ExternalIP"
+    } else if flags & svc_flags::LOAD_BALANCER != 0 {
+        "LoadBalancer"
+    } else {
+        "ClusterIP"
+    }
+}
+
+/// `ip:port/PROTO`, serialized as separate fields.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Addr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: String,
+}
+
+impl Addr {
+    fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Addr {
+        Addr {
+            ip,
+            port,
+            proto: proto_name(proto),
+        }
+    }
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+/// Decoded contents of every map (the JSON of `proxyctl dump-maps`).
+#[derive(Debug, Serialize)]
+pub struct Dump {
+    pub services: Vec<ServiceEntry>,
+    pub slots: Vec<SlotEntry>,
+    pub backends: Vec<BackendEntry>,
+    pub revnat: Vec<RevNatEntry>,
+    pub conntrack: Vec<CtEntry>,
+    pub stats: Vec<StatEntry>,
+}
+
+impl Dump {
+    fn sort(&mut self) {
+        self.services.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+        self.slots
+            .sort_by_key(|s| (s.service_id, s.generation, s.index));
+        self.backends.sort_by_key(|b| b.id);
+        self.revnat.sort_by_key(|r| r.service_id);
+        self.conntrack
+            .sort_by(|a, b| (a.direction, &a.src, &a.dst).cmp(&(b.direction, &b.src, &b.dst)));
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceEntry {
+    pub frontend: Addr,
+    pub id: u32,
+    pub count: u16,
+    pub generation: u8,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotEntry {
+    pub service_id: u32,
+    pub generation: u16,
+    pub index: u16,
+    pub backend_id: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendEntry {
+    pub id: u32,
+    pub backend: Addr,
+    pub terminating: bool,
+    pub local: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RevNatEntry {
+    pub service_id: u32,
+    pub address: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CtEntry {
+    pub direction: &'static str,
+    pub proto: String,
+    pub src: String,
+    pub dst: String,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub flags: u32,
+    pub last_seen_ns: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatEntry {
+    pub name: &'static str,
+    pub value: u64,
+}

@@ -1,0 +1,476 @@
+//! Kubernetes objects -> the desired service table. Pure: no I/O, no eBPF.
+//!
+//! Follows kube-proxy's reading of the API:
+//! * headless services (`clusterIP: None`), `type: ExternalName`, and
+//!   services labelled `service.kubernetes.io/headless` or with a
+//!   `service.kubernetes.io/service-proxy-name` are ignored;
+//! * endpoints come from EndpointSlices (label `kubernetes.io/service-name`,
+//!   same namespace, `addressType: IPv4`); a service port is matched to a
+//!   slice port by name and protocol, so a named `targetPort` resolves per
+//!   slice (two pods may map one name to different numbers);
+//! * only `ready` endpoints serve; when none is ready, `serving` and
+//!   `terminating` ones do (graceful termination fallback).
+//!
+//! Bad input never stops the rest: each problem becomes a [`ModelError`]
+//! naming the object, the field and the value, and the offending piece is
+//! left out.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Label kube-proxy uses to let another proxy own a service.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that marks a service headless whatever its spec says.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label linking an EndpointSlice to its service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The label selector the agent watches services and slices with.
+pub const WATCH_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One port of one service: `namespace/name:port/PROTO` (kube-proxy's
+/// ServicePortName).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The service port's name ("" when the service has one unnamed port).
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+/// A backend of a service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    /// Target port, resolved from the EndpointSlice.
+    pub port: u16,
+    /// Used only through the terminating fallback.
+    pub terminating: bool,
+    /// On the node this agent runs on.
+    pub local: bool,
+}
+
+/// The desired state of one service port.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub service_type: ServiceType,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    pub external_policy_local: bool,
+    pub internal_policy_local: bool,
+    /// Endpoints that serve, sorted, without duplicates.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything the agent should program.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceTable {
+    pub services: BTreeMap<ServicePortName, ServicePort>,
+}
+
+/// An object (or part of one) that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {object}: field {field} = {value:?}: {reason}")]
+pub struct ModelError {
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub object: String,
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// What the model needs to know about the node it runs on.
+#[derive(Clone, Debug, Default)]
+pub struct NodeContext {
+    pub node_name: String,
+}
+
+/// Build the desired table. Errors are returned alongside; the table holds
+/// everything that was usable.
+pub fn build<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeContext,
+) -> (ServiceTable, Vec<ModelError>) {
+    let mut errors = Vec::new();
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let meta = &slice.metadata;
+        let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            continue;
+        };
+        let ns = meta.namespace.clone().unwrap_or_default();
+        by_service.entry((ns, svc.clone())).or_default().push(slice);
+    }
+
+    let mut table = ServiceTable::default();
+    for svc in services {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let slices = by_service
+            .get(&(ns.clone(), name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for port in service_ports(svc, &ns, &name, slices, node, &mut errors) {
+            table.services.insert(port.name.clone(), port);
+        }
+    }
+    (table, errors)
+}
+
+fn err(
+    object: &str,
+    field: impl Into<String>,
+    value: impl Into<String>,
+    reason: &str,
+) -> ModelError {
+    ModelError {
+        kind: "Service",
+        object: object.to_owned(),
+        field: field.into(),
+        value: value.into(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn service_ports(
+    svc: &Service,
+    ns: &str,
+    name: &str,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    errors: &mut Vec<ModelError>,
+) -> Vec<ServicePort> {
+    let object = format!("{ns}/{name}");
+    let labels = svc.metadata.labels.as_ref();
+    if labels
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+    {
+        return Vec::new();
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let service_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
+        "ClusterIP" => ServiceType::ClusterIP,
+        "NodePort" => ServiceType::NodePort,
+        "LoadBalancer" => ServiceType::LoadBalancer,
+        "ExternalName" => return Vec::new(),
+        other => {
+            errors.push(err(&object, "spec.type", other, "unknown service type"));
+            return Vec::new();
+        }
+    };
+
+    // clusterIPs (dual-stack aware) wins over clusterIP; "None" is headless.
+    let raw_ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
+        _ => Vec::new(),
+    };
+    if raw_ips.iter().any(|ip| ip == "None") {
+        return Vec::new();
+    }
+    let cluster_ips = parse_ips(&raw_ips, &object, "spec.clusterIPs", errors);
+    let external_ips = parse_ips(
+        spec.external_ips.as_deref().unwrap_or_default(),
+        &object,
+        "spec.externalIPs",
+        errors,
+    );
+    let lb_raw: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| ing.iter().filter_map(|i| i.ip.clone()).collect())
+        .unwrap_or_default();
+    let load_balancer_ips = if service_type == ServiceType::LoadBalancer {
+        parse_ips(&lb_raw, &object, "status.loadBalancer.ingress[].ip", errors)
+    } else {
+        Vec::new()
+    };
+    let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(10_800);
+        match u32::try_from(t) {
+            Ok(t) if t > 0 => Some(t),
+            _ => {
+                errors.push(err(
+                    &object,
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    t.to_string(),
+                    "must be between 1 and 86400",
+                ));
+                Some(10_800)
+            }
+        }
+    } else {
+        None
+    };
+    let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+
+    let mut out = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let proto_raw = p.protocol.as_deref().unwrap_or("TCP");
+        let Some(protocol) = Protocol::parse(proto_raw) else {
+            errors.push(err(
+                &object,
+                format!("spec.ports[{i}].protocol"),
+                proto_raw,
+                "unsupported protocol",
+            ));
+            continue;
+        };
+        let Ok(port) = u16::try_from(p.port) else {
+            errors.push(err(
+                &object,
+                format!("spec.ports[{i}].port"),
+                p.port.to_string(),
+                "not a port number",
+            ));
+            continue;
+        };
+        if port == 0 {
+            errors.push(err(
+                &object,
+                format!("spec.ports[{i}].port"),
+                "0",
+                "not a port number",
+            ));
+            continue;
+        }
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => match u16::try_from(n) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    errors.push(err(
+                        &object,
+                        format!("spec.ports[{i}].nodePort"),
+                        n.to_string(),
+                        "not a port number",
+                    ));
+                    None
+                }
+            },
+        };
+        let port_name = p.name.clone().unwrap_or_default();
+        let endpoints = endpoints_for(slices, &port_name, protocol, node, &object, errors);
+        out.push(ServicePort {
+            name: ServicePortName {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                port: port_name,
+                protocol,
+            },
+            service_type,
+            cluster_ips: cluster_ips.clone(),
+            port,
+            node_port,
+            external_ips: external_ips.clone(),
+            load_balancer_ips: load_balancer_ips.clone(),
+            affinity_timeout,
+            external_policy_local,
+            internal_policy_local,
+            endpoints,
+        });
+    }
+    out
+}
+
+fn parse_ips(
+    raw: &[String],
+    object: &str,
+    field: &str,
+    errors: &mut Vec<ModelError>,
+) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for (i, s) in raw.iter().enumerate() {
+        match s.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
+            // IPv6 families are served once dual stack lands; not an error.
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => errors.push(err(
+                object,
+                format!("{field}[{i}]"),
+                s.clone(),
+                "not an IP address",
+            )),
+        }
+    }
+    out
+}
+
+/// The endpoints that serve `port_name`/`protocol`: ready ones, or, when
+/// none is ready, serving+terminating ones.
+fn endpoints_for(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    node: &NodeContext,
+    service: &str,
+    errors: &mut Vec<ModelError>,
+) -> Vec<Endpoint> {
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        let slice_name = format!(
+            "{}/{}",
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.metadata.name.as_deref().unwrap_or_default()
+        );
+        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
+            let name_matches = p.name.as_deref().unwrap_or_default() == port_name;
+            let proto_matches = p.protocol.as_deref().unwrap_or("TCP") == protocol.as_str();
+            (name_matches && proto_matches).then_some(p.port)
+        }) else {
+            continue;
+        };
+        let Some(Ok(target)) = target.map(u16::try_from) else {
+            errors.push(ModelError {
+                kind: "EndpointSlice",
+                object: slice_name,
+                field: format!("ports[name={port_name:?}].port"),
+                value: format!("{target:?}"),
+                reason: format!("no usable port number for service {service}"),
+            });
+            continue;
+        };
+        for (i, ep) in slice.endpoints.iter().enumerate() {
+            let cond = ep.conditions.as_ref();
+            // Per the API, an unset `ready` or `serving` means true.
+            let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let is_serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            let local = ep.node_name.as_deref() == Some(node.node_name.as_str());
+            for (j, addr) in ep.addresses.iter().enumerate() {
+                let ip = match addr.parse::<Ipv4Addr>() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        errors.push(ModelError {
+                            kind: "EndpointSlice",
+                            object: slice_name.clone(),
+                            field: format!("endpoints[{i}].addresses[{j}]"),
+                            value: addr.clone(),
+                            reason: "not an IPv4 address".to_owned(),
+                        });
+                        continue;
+                    }
+                };
+                // As kube-proxy: `ready` decides (publishNotReadyAddresses
+                // makes the controller report every address ready).
+                if is_ready {
+                    ready.insert(Endpoint {
+                        ip,
+                        port: target,
+                        terminating: false,
+                        local,
+                    });
+                } else if is_serving && is_terminating {
+                    terminating.insert(Endpoint {
+                        ip,
+                        port: target,
+                        terminating: true,
+                        local,
+                    });
+                }
+            }
+        }
+    }
+    if ready.is_empty() {
+        terminating.into_iter().collect()
+    } else {
+        // An address listed ready in one slice wins over a terminating copy.
+        ready.into_iter().collect()
+    }
+}

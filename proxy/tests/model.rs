@@ -1,0 +1,122 @@
+//! The pure model on YAML fixtures (no kernel, no API server).
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy::{
+    lb::LbTable,
+    model::{self, Endpoint, NodeContext, Protocol, ServicePortName, ServiceTable},
+};
+use serde::Deserialize;
+
+fn load<T: for<'de> Deserialize<'de>>(yaml: &str) -> Vec<T> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| T::deserialize(doc).expect("fixture parses"))
+        .collect()
+}
+
+fn build() -> (ServiceTable, Vec<model::ModelError>) {
+    let services: Vec<Service> = load(include_str!("fixtures/model/services.yaml"));
+    let slices: Vec<EndpointSlice> = load(include_str!("fixtures/model/slices.yaml"));
+    model::build(
+        &services,
+        &slices,
+        &NodeContext {
+            node_name: "node1".into(),
+        },
+    )
+}
+
+fn spn(name: &str, port: &str, protocol: Protocol) -> ServicePortName {
+    ServicePortName {
+        namespace: "default".into(),
+        name: name.into(),
+        port: port.into(),
+        protocol,
+    }
+}
+
+fn ep(ip: [u8; 4], port: u16, terminating: bool, local: bool) -> Endpoint {
+    Endpoint {
+        ip: Ipv4Addr::from(ip),
+        port,
+        terminating,
+        local,
+    }
+}
+
+#[test]
+fn ignores_headless_externalname_and_foreign_services() {
+    let (table, _) = build();
+    let names: Vec<String> = table.services.keys().map(|k| k.name.clone()).collect();
+    for ignored in ["headless", "external", "other-proxy", "labelled-headless"] {
+        assert!(
+            !names.contains(&ignored.to_string()),
+            "{ignored} must be ignored"
+        );
+    }
+}
+
+#[test]
+fn named_target_ports_resolve_per_slice_and_only_ready_endpoints_serve() {
+    let (table, _) = build();
+    let http = &table.services[&spn("web", "http", Protocol::Tcp)];
+    assert_eq!(http.cluster_ips, vec![Ipv4Addr::new(10, 96, 0, 10)]);
+    assert_eq!(http.port, 80);
+    // 10.244.1.3 is not ready, 10.244.2.3 is terminating (a ready one
+    // exists), the other namespace's slice and the IPv6 slice are not used.
+    assert_eq!(
+        http.endpoints,
+        vec![
+            ep([10, 244, 1, 2], 8080, false, true),
+            ep([10, 244, 2, 2], 9090, false, false)
+        ]
+    );
+    let dns = &table.services[&spn("web", "dns", Protocol::Udp)];
+    assert_eq!(dns.endpoints, vec![ep([10, 244, 1, 2], 5353, false, true)]);
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_none_is_ready() {
+    let (table, _) = build();
+    let d = &table.services[&spn("draining", "", Protocol::Tcp)];
+    assert_eq!(d.endpoints, vec![ep([10, 244, 1, 7], 8080, true, true)]);
+}
+
+#[test]
+fn bad_fields_are_reported_by_object_field_and_value_and_the_rest_is_kept() {
+    let (table, errors) = build();
+    let msgs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let has = |needle: &str| msgs.iter().any(|m| m.contains(needle));
+    assert!(
+        has("Service default/broken: field spec.clusterIPs[0] = \"10.96.0.300\""),
+        "{msgs:#?}"
+    );
+    assert!(
+        has("Service default/broken: field spec.ports[1].protocol = \"ICMP\""),
+        "{msgs:#?}"
+    );
+    assert!(
+        has("EndpointSlice default/draining-1: field endpoints[2].addresses[0] = \"not-an-ip\""),
+        "{msgs:#?}"
+    );
+    // The valid port of the broken service is kept (without a cluster IP).
+    let a = &table.services[&spn("broken", "a", Protocol::Tcp)];
+    assert!(a.cluster_ips.is_empty());
+    assert_eq!(errors.len(), 3, "{msgs:#?}");
+}
+
+#[test]
+fn frontends_are_cluster_ip_port_protocol() {
+    let (table, _) = build();
+    let lb = LbTable::from_services(&table);
+    let keys: Vec<String> = lb.frontends.keys().map(|k| k.to_string()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "10.96.0.10:53/UDP",
+            "10.96.0.10:80/TCP",
+            "10.96.0.14:80/TCP"
+        ]
+    );
+}
