@@ -1,6 +1,6 @@
 //! `proxy`: the node agent.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{io::IsTerminal, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
@@ -63,6 +63,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level)?)
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let node = NodeContext {
         node_name: node_name(&args)?,

@@ -1,0 +1,232 @@
+//! The real agent binary, run inside a node's namespace against the API
+//! server fixture, and `proxyctl` against its pins. RAII: dropping an
+//! [`Agent`] stops it and removes its pin directory.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{apiserver::ApiServer, cluster::Node};
+
+/// Directory holding the workspace's built binaries (`target/debug`).
+/// `PROXY_BIN_DIR` overrides it.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PROXY_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug")
+}
+
+/// Path of a workspace binary, with a clear error if it was not built.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found: build it first with `cargo build -p proxy --bins` (`cargo xtask test` does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A scratch directory for one test, removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(label: &str) -> Result<Scratch> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "proxy-tests-{}-{}-{label}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(Scratch(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Option<Child>,
+    pub node_name: String,
+    pub bpffs_path: PathBuf,
+    pub log_path: PathBuf,
+    _scratch: Scratch,
+}
+
+/// Options for [`Agent::start`].
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+    /// Wait for this log line before returning (None: don't wait).
+    pub ready_line: Option<String>,
+    pub ready_timeout: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            args: Vec::new(),
+            ready_line: Some("caches synced".into()),
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Agent {
+    /// Serve the fixture inside `node`'s namespace, write a kubeconfig for
+    /// it and start `proxy --mode ebpf` there.
+    pub fn start(node: &Node, api: &ApiServer, opts: AgentOptions) -> Result<Agent> {
+        let scratch = Scratch::new(&format!("agent-{}", node.name))?;
+        let listener = node
+            .ns
+            .run(|| std::net::TcpListener::bind("127.0.0.1:0"))?
+            .context("binding the API server fixture in the node namespace")?;
+        let addr = api.serve(listener)?;
+        let kubeconfig = scratch.path().join("kubeconfig");
+        ApiServer::write_kubeconfig(addr, &kubeconfig)?;
+        let bpffs_path = PathBuf::from(format!(
+            "/sys/fs/bpf/proxy-tests-{}",
+            scratch
+                .path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("agent")
+        ));
+        let log_path = scratch.path().join("agent.log");
+        let log = fs::File::create(&log_path)?;
+        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding
+        // bpffs (a DaemonSet gets /sys/fs/bpf as a hostPath the same way).
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.ns.path().display()))
+            .arg("--")
+            .arg(binary("proxy")?)
+            .arg("--mode")
+            .arg("ebpf")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--hostname-override")
+            .arg(&node.name)
+            .arg("--bpffs-path")
+            .arg(&bpffs_path)
+            .args(&opts.args)
+            .env("RUST_LOG", "info,proxy=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting the agent")?;
+        let mut agent = Agent {
+            child: Some(child),
+            node_name: node.name.clone(),
+            bpffs_path,
+            log_path,
+            _scratch: scratch,
+        };
+        if let Some(line) = &opts.ready_line {
+            agent.wait_for_log(line, opts.ready_timeout)?;
+        }
+        Ok(agent)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Wait until the log contains `needle`; fail (with the log) if the agent
+    /// exits or the time runs out.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Run `proxyctl --bpffs-path <this agent's> args...` and return stdout.
+    pub fn proxyctl(&self, args: &[&str]) -> Result<String> {
+        proxyctl(&self.bpffs_path, args)
+    }
+
+    /// Stop with SIGTERM (clean shutdown), waiting for exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- agent {} log ----\n{}", self.node_name, self.log());
+        }
+        let _ = self.stop();
+        let _ = fs::remove_dir_all(&self.bpffs_path);
+    }
+}
+
+/// Run proxyctl against a pin directory.
+pub fn proxyctl(bpffs_path: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(binary("proxyctl")?)
+        .arg("--bpffs-path")
+        .arg(bpffs_path)
+        .args(args)
+        .output()
+        .context("running proxyctl")?;
+    if !out.status.success() {
+        bail!(
+            "proxyctl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,13 @@
+//! Integration harness for the service proxy.
+//!
+//! * [`netns`]: RAII network namespaces and a thread-in-namespace runner.
+//! * [`cluster`]: a small cluster of nodes, pods and an external client built
+//!   from network namespaces, routed like kindnet.
+//! * [`agent`]: the agent binary run in a node namespace, and proxyctl.
+//! * [`apiserver`]: a Kubernetes API server fixture speaking the real
+//!   list/watch protocol for Services, EndpointSlices and Nodes.
+
+pub mod agent;
+pub mod apiserver;
+pub mod cluster;
+pub mod netns;
