@@ -18,12 +18,41 @@ struct Cli {
 enum Cmd {
     /// Make this machine ready: Debian packages, rust-src, bpf-linker, bpffs. Idempotent.
     Setup,
+    /// Setup, build, then run the demo: netns cluster + API server fixture +
+    /// agent, requests to a ClusterIP, `proxyctl dump-maps`.
+    Demo,
+    /// Setup, build, then run every test (unit, BPF_PROG_TEST_RUN, scenarios).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::setup(),
+        Cmd::Demo => {
+            setup::setup()?;
+            build_bins()?;
+            run(cargo().args(["run", "--quiet", "-p", "proxy-tests", "--bin", "demo"]))
+        }
+        Cmd::Test { args } => {
+            setup::setup()?;
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            build_bins()?;
+            run(cargo().arg("test").args(&args))
+        }
     }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// The scenario tests and the demo run the real `proxy` and `proxyctl`.
+fn build_bins() -> Result<()> {
+    run(cargo().args(["build", "-p", "proxy", "--bins"]))
 }
 
 /// Run a command, inheriting stdio; fail with the command line if it fails.
