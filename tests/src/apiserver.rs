@@ -1907,6 +1907,11 @@ fn watch_request(
     let (tx, rx) = mpsc::unbounded_channel();
     let plan = {
         let mut st = shared.state();
+        // Re-checked under the lock: set_available(false) clears subscribers
+        // under it, so no watch can slip in and survive an outage.
+        if !shared.available.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable());
+        }
         let (initial, initial_events_end) = match start {
             Some(from) if !send_initial => {
                 if from < st.compacted_rv {

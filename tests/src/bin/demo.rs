@@ -37,7 +37,11 @@ fn main() -> Result<()> {
     println!("==> building a 2-node cluster of network namespaces");
     let cluster = Cluster::new(ClusterSpec::default())?;
     for n in cluster.nodes() {
-        let pods: Vec<String> = n.pods.iter().map(|p| format!("{} {}", p.name, p.ip)).collect();
+        let pods: Vec<String> = n
+            .pods
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.ip))
+            .collect();
         println!("    {} {} pods: {}", n.name, n.underlay_ip, pods.join(", "));
     }
     let b1 = cluster.pod(1, 2);
@@ -87,7 +91,9 @@ fn main() -> Result<()> {
             }
             .with_context(|| format!("{proto} request to {to}"))?;
             let (name, peer) = parse_reply(&line).context("unexpected reply")?;
-            *seen.entry(format!("{name} (saw client {})", peer.ip())).or_default() += 1;
+            *seen
+                .entry(format!("{name} (saw client {})", peer.ip()))
+                .or_default() += 1;
         }
         for (backend, n) in seen {
             println!("    {n:>3} answered by {backend}");
