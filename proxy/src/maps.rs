@@ -27,7 +27,7 @@ pub enum MapsError {
         name: &'static str,
         path: PathBuf,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("map {name} is missing from the eBPF object")]
     Missing { name: &'static str },
@@ -36,7 +36,7 @@ pub enum MapsError {
         name: &'static str,
         op: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
 }
 
@@ -85,9 +85,13 @@ impl Maps {
             let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
                 name,
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
-            Map::from_map_data(data).map_err(|source| MapsError::Open { name, path, source })
+            Map::from_map_data(data).map_err(|source| MapsError::Open {
+                name,
+                path,
+                source: Box::new(source),
+            })
         };
         Ok(Maps {
             services: typed(names::SERVICES, open(names::SERVICES)?)?,
@@ -161,7 +165,7 @@ impl Maps {
                 .map_err(|source| MapsError::Op {
                     name: names::STATS,
                     op: "lookup",
-                    source,
+                    source: Box::new(source),
                 })?;
             stats.push(StatEntry {
                 name,
@@ -188,7 +192,7 @@ where
     T::try_from(map).map_err(|source| MapsError::Op {
         name,
         op: "open",
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -200,7 +204,7 @@ fn collect<K, V>(
         .map_err(|source| MapsError::Op {
             name,
             op: "iterate",
-            source,
+            source: Box::new(source),
         })
 }
 

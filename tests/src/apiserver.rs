@@ -2144,6 +2144,9 @@ mod tests {
         })
     }
 
+    /// NB: `kube::Client::try_from` builds a rustls config even for `http://`
+    /// servers, so kube needs a rustls crypto provider feature (`ring` or
+    /// `aws-lc-rs`); without one it panics here.
     async fn client(f: &Fixture) -> anyhow::Result<kube::Client> {
         let kc = kube::config::Kubeconfig::read_from(&f.kubeconfig)?;
         let config =

@@ -49,12 +49,12 @@ pub enum EbpfError {
         source: io::Error,
     },
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
@@ -64,7 +64,7 @@ pub enum EbpfError {
         iface: String,
         direction: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
@@ -74,7 +74,7 @@ pub enum EbpfError {
         op: &'static str,
         frontend: String,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("frontend {0} has {1} backends, more than a frontend can hold")]
     TooManyBackends(FrontendKey, usize),
@@ -140,7 +140,8 @@ impl EbpfDataplane {
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
-            .load(EBPF_OBJECT)?;
+            .load(EBPF_OBJECT)
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -153,9 +154,14 @@ impl EbpfDataplane {
                 .program_mut(name)
                 .ok_or(EbpfError::MissingProgram { name })?
                 .try_into()
-                .map_err(|source| EbpfError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| EbpfError::Program { name, source })?;
+                .map_err(|source| EbpfError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+            prog.load().map_err(|source| EbpfError::Program {
+                name,
+                source: Box::new(source),
+            })?;
         }
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let mut dp = EbpfDataplane {
@@ -302,7 +308,7 @@ impl EbpfDataplane {
                 map: "BACKENDS",
                 op: "insert",
                 frontend: format!("{}:{}", b.addr, b.port),
-                source,
+                source: Box::new(source),
             })?;
         self.backends.insert(identity, (id, value));
         if is_new {
@@ -333,7 +339,7 @@ impl EbpfDataplane {
                 map,
                 op,
                 frontend,
-                source,
+                source: Box::new(source),
             }
         };
 
@@ -408,7 +414,7 @@ impl EbpfDataplane {
                     map: "SERVICES",
                     op: "delete",
                     frontend: key.to_string(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         }
@@ -488,7 +494,7 @@ impl EbpfDataplane {
                     .try_into()
                     .map_err(|source| EbpfError::Program {
                         name: prog_name,
-                        source,
+                        source: Box::new(source),
                     })?;
                 match prog.attach(&name, direction) {
                     Ok(link) => links.push((i, link)),
@@ -499,7 +505,7 @@ impl EbpfDataplane {
                             program: prog_name,
                             iface: name.clone(),
                             direction: direction_name(direction),
-                            source,
+                            source: Box::new(source),
                         }, "attach failed");
                     }
                 }
@@ -621,7 +627,7 @@ fn collect<K, V>(
             map,
             op: "iterate",
             frontend: "(adopting pinned state)".to_owned(),
-            source,
+            source: Box::new(source),
         })
 }
 
