@@ -31,9 +31,27 @@ pub mod maps {
     pub const CONNTRACK: &str = "CT_V4";
     /// Per-CPU array of `u64` counters indexed by [`super::stat`].
     pub const STATS: &str = "STATS";
+    /// [`super::AffinityKey`] -> [`super::AffinityValue`], LRU: ClientIP
+    /// session affinity.
+    pub const AFFINITY: &str = "AFFINITY_V4";
+    /// [`super::SockRevNatKey`] -> [`super::SockRevNatValue`], LRU: what a
+    /// connected-at-connect() UDP socket must see as its peer.
+    pub const SOCK_REVNAT: &str = "SOCK_RNAT_V4";
+    /// frontend id (`u32`) -> [`super::SvcStats`], per-CPU.
+    pub const SVC_STATS: &str = "SVC_STATS";
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, REVNAT, CONNTRACK, STATS];
+    pub const ALL: [&str; 9] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        REVNAT,
+        CONNTRACK,
+        AFFINITY,
+        SOCK_REVNAT,
+        SVC_STATS,
+        STATS,
+    ];
 }
 
 /// Program names (the functions in `proxy-ebpf`).
@@ -42,6 +60,32 @@ pub mod progs {
     pub const TC_FROM_POD: &str = "tc_from_pod";
     /// tc egress on a pod's host-side interface: packets entering the pod.
     pub const TC_TO_POD: &str = "tc_to_pod";
+    /// cgroup connect4: translate a frontend to a backend at connect().
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: the same for unconnected UDP sends.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup recvmsg4: replies on such sockets appear to come from the frontend.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: a connected socket's peer is the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+}
+
+/// Source address the per-packet path uses for hairpin traffic (a pod
+/// reaching itself through a service), as Cilium's `IPV4_LOOPBACK`: replies
+/// to it come back through the pod's host interface, where they are
+/// translated back.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// Conntrack idle timeouts (seconds), applied by the agent's GC.
+pub mod ct_timeout {
+    /// TCP after the handshake.
+    pub const TCP_ESTABLISHED: u64 = 21_600;
+    /// TCP that has seen only a SYN.
+    pub const TCP_SYN: u64 = 60;
+    /// TCP that has seen FIN or RST.
+    pub const TCP_CLOSING: u64 = 10;
+    /// UDP and anything else.
+    pub const OTHER: u64 = 60;
 }
 
 /// Capacities.
@@ -50,6 +94,8 @@ pub const MAX_BACKENDS: u32 = 65_536;
 /// Two generations of slots per frontend (see [`SlotKey`]).
 pub const MAX_SLOTS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_SOCK_REVNAT: u32 = 65_536;
 /// Upper bound on backends per frontend (slot indices are `u16`).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 
@@ -98,6 +144,8 @@ pub struct ServiceValue {
     /// [`svc_flags`] bits.
     pub flags: u16,
     pub _pad1: u16,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0: no affinity.
+    pub affinity_timeout: u32,
 }
 
 /// Index into a frontend's backend list.
@@ -116,6 +164,65 @@ pub struct SlotKey {
     pub generation: u16,
     /// 0-based slot, less than the [`ServiceValue::count`] of that generation.
     pub index: u16,
+}
+
+/// Session affinity: which backend a client was last sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Socket path: the client's network namespace cookie (0 on the
+    /// per-packet path).
+    pub client_netns: u64,
+    /// Per-packet path: the client's IPv4 address, network byte order (0 on
+    /// the socket path).
+    pub client_addr: u32,
+    pub service_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns()` when last used.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Socket-LB reverse translation key: a socket and the backend it was
+/// pointed at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie()`.
+    pub cookie: u64,
+    /// Backend address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevNatValue {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+
+/// Per-frontend traffic counters (per CPU; userspace sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    /// Packets translated (per-packet path) or connections/sends
+    /// translated (socket path).
+    pub packets: u64,
+    /// Bytes of translated packets (per-packet path only).
+    pub bytes: u64,
 }
 
 /// `Backend::flags` bits.
@@ -198,6 +305,11 @@ pub mod ct_flags {
     pub const TCP_SYN: u32 = 1 << 0;
     pub const TCP_FIN: u32 = 1 << 1;
     pub const TCP_RST: u32 = 1 << 2;
+    /// Seen a packet without SYN after the SYN: the handshake went on.
+    pub const TCP_ESTABLISHED: u32 = 1 << 3;
+    /// Client and backend are the same pod: the source is NATed to
+    /// [`super::HAIRPIN_ADDR`] too.
+    pub const HAIRPIN: u32 = 1 << 4;
 }
 
 /// Indices into the per-CPU [`maps::STATS`] array.
@@ -222,8 +334,20 @@ pub mod stat {
     pub const DROP_NO_SLOT: u32 = 8;
     /// Packet rewrite (store/checksum helper) failed, dropped.
     pub const DROP_REWRITE: u32 = 9;
+    /// TCP SYN to a frontend without backends, answered with a RST.
+    pub const REJECT_TCP_RST: u32 = 10;
+    /// UDP to a frontend without backends, answered with ICMP port unreachable.
+    pub const REJECT_ICMP: u32 = 11;
+    /// connect()/sendmsg() translated by the socket hooks.
+    pub const SOCK_XLATE: u32 = 12;
+    /// connect()/sendmsg() refused by the socket hooks (no backend).
+    pub const SOCK_REFUSED: u32 = 13;
+    /// Hairpin flows (client is its own backend).
+    pub const HAIRPIN: u32 = 14;
+    /// Affinity map hits.
+    pub const AFFINITY_HIT: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 16;
 
     /// Counter names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -237,12 +361,23 @@ pub mod stat {
         "pass_fragment",
         "drop_no_slot",
         "drop_rewrite",
+        "reject_tcp_rst",
+        "reject_icmp",
+        "sock_xlate",
+        "sock_refused",
+        "hairpin",
+        "affinity_hit",
     ];
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<ServiceValue>() == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<AffinityKey>() == 16);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<SockRevNatKey>() == 16);
+    assert!(core::mem::size_of::<SockRevNatValue>() == 12);
+    assert!(core::mem::size_of::<SvcStats>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<RevNat>() == 8);
@@ -264,6 +399,11 @@ mod user {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for SvcStats {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    Backend, CtKey, CtValue, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, RevNat,
-    ServiceKey, ServiceValue, SlotKey, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, RevNat, ServiceKey, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatValue, SvcStats, stat,
 };
 
 #[map(name = "SVC_V4")]
@@ -25,6 +26,16 @@ pub static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(MAX_SERVICES, 0);
 #[map(name = "CT_V4")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 
+#[map(name = "AFFINITY_V4")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+
+#[map(name = "SOCK_RNAT_V4")]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::pinned(MAX_SOCK_REVNAT, 0);
+
+#[map(name = "SVC_STATS")]
+pub static SVC_STATS: PerCpuHashMap<u32, SvcStats> = PerCpuHashMap::pinned(MAX_SERVICES, 0);
+
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
@@ -34,5 +45,19 @@ pub fn count(index: u32) {
     if let Some(c) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, valid pointer from a successful lookup.
         unsafe { *c += 1 };
+    }
+}
+
+/// Account one translated packet (or connection) of `bytes` to a frontend.
+/// The agent creates the entry with the frontend; if it is missing the
+/// packet simply goes uncounted.
+#[inline(always)]
+pub fn account(service_id: u32, bytes: u64) {
+    if let Some(s) = SVC_STATS.get_ptr_mut(&service_id) {
+        // SAFETY: per-CPU value, valid pointer from a successful lookup.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
     }
 }

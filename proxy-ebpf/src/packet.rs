@@ -8,13 +8,13 @@ use aya_ebpf::{
 };
 use proxy_common::{ct_flags, proto, stat};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPV4_HLEN: usize = 20;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 const IP_DADDR_OFF: usize = ETH_HLEN + 16;
-const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
+pub const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_CSUM_OFF: usize = L4_OFF + 16;
@@ -58,7 +58,7 @@ impl Error {
 
 /// A pointer to a `T` at `offset`, only if all of it lies inside the packet.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Error> {
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Error> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + mem::size_of::<T>() > end {
@@ -90,6 +90,8 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// IPv4 total length.
+    pub tot_len: u16,
     tcp_flags: u8,
 }
 
@@ -149,14 +151,24 @@ impl Packet {
             sport: ports[0],
             dport: ports[1],
             proto: ip.protocol,
+            tot_len: u16::from_be(ip.tot_len),
             tcp_flags,
         }))
+    }
+
+    /// Raw TCP flags (0 for UDP).
+    #[inline(always)]
+    pub fn tcp_flags(&self) -> u8 {
+        self.tcp_flags
     }
 
     /// Conntrack flag bits for this packet's TCP flags.
     #[inline(always)]
     pub fn tcp_ct_flags(&self) -> u32 {
         let mut f = 0;
+        if self.proto == proto::TCP && self.tcp_flags & 0x02 == 0 {
+            f |= ct_flags::TCP_ESTABLISHED;
+        }
         if self.tcp_flags & 0x02 != 0 {
             f |= ct_flags::TCP_SYN;
         }
@@ -204,6 +216,34 @@ impl Packet {
             L4_OFF,
             self.sport,
             port,
+        )
+    }
+
+    /// Source address only (hairpin SNAT); the port stays.
+    #[inline(always)]
+    pub fn rewrite_src_addr(&self, ctx: &TcContext, addr: u32) -> Result<(), Error> {
+        self.rewrite(
+            ctx,
+            IP_SADDR_OFF,
+            self.saddr,
+            addr,
+            L4_OFF,
+            self.sport,
+            self.sport,
+        )
+    }
+
+    /// Destination address only (hairpin reply); the port stays.
+    #[inline(always)]
+    pub fn rewrite_dst_addr(&self, ctx: &TcContext, addr: u32) -> Result<(), Error> {
+        self.rewrite(
+            ctx,
+            IP_DADDR_OFF,
+            self.daddr,
+            addr,
+            L4_OFF + 2,
+            self.dport,
+            self.dport,
         )
     }
 

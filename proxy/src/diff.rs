@@ -58,6 +58,7 @@ mod tests {
                     local: true,
                 })
                 .collect(),
+            affinity_timeout: 0,
         }
     }
 

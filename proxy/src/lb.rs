@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
-use crate::model::{Protocol, ServicePortName, ServiceTable};
+use crate::model::{Protocol, ServicePortName, ServiceTable, usable_endpoints};
 
 /// Where traffic is addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -39,8 +39,10 @@ pub struct BackendAddr {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Frontend {
     pub kind: FrontendKind,
-    /// Backends in a stable order (sorted).
+    /// Backends in a stable order (sorted). Empty: traffic is rejected.
     pub backends: Vec<BackendAddr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0: none.
+    pub affinity_timeout: u32,
 }
 
 /// Frontends with the service port they came from (for display only: the
@@ -52,21 +54,24 @@ pub struct LbTable {
 }
 
 impl LbTable {
-    /// ClusterIP frontends of every service port. (NodePort, ExternalIP and
-    /// LoadBalancer frontends come with the north-south data path.)
+    /// ClusterIP frontends of every service port, with the endpoints the
+    /// internal traffic policy allows (Local: this node's only; none local
+    /// means no backend, so traffic is rejected here, never sent elsewhere).
+    /// NodePort, ExternalIP and LoadBalancer frontends come with the
+    /// north-south data path.
     pub fn from_services(table: &ServiceTable) -> LbTable {
         let mut lb = LbTable::default();
         for (name, sp) in &table.services {
-            let backends: Vec<BackendAddr> = sp
-                .endpoints
-                .iter()
-                .map(|e| BackendAddr {
-                    addr: e.ip,
-                    port: e.port,
-                    terminating: e.terminating,
-                    local: e.local,
-                })
-                .collect();
+            let backends: Vec<BackendAddr> =
+                usable_endpoints(&sp.endpoints, sp.internal_policy_local)
+                    .into_iter()
+                    .map(|e| BackendAddr {
+                        addr: e.ip,
+                        port: e.port,
+                        terminating: !e.ready,
+                        local: e.local,
+                    })
+                    .collect();
             for ip in &sp.cluster_ips {
                 let key = FrontendKey {
                     addr: *ip,
@@ -78,6 +83,7 @@ impl LbTable {
                     Frontend {
                         kind: FrontendKind::ClusterIp,
                         backends: backends.clone(),
+                        affinity_timeout: sp.affinity_timeout.unwrap_or(0),
                     },
                 );
                 lb.owners.insert(key, name.clone());

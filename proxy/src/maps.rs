@@ -8,11 +8,12 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    Backend, CtKey, CtValue, LAYOUT_VERSION, RevNat, ServiceKey, ServiceValue, SlotKey,
-    backend_flags, ct_dir, maps as names, stat, svc_flags,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, LAYOUT_VERSION, RevNat, ServiceKey,
+    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SvcStats, backend_flags, ct_dir,
+    maps as names, stat, svc_flags,
 };
 use serde::Serialize;
 
@@ -51,6 +52,9 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub revnat: HashMap<MapData, u32, RevNat>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    pub svc_stats: PerCpuHashMap<MapData, u32, SvcStats>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -63,6 +67,9 @@ impl Maps {
         let backends = take(names::BACKENDS)?;
         let revnat = take(names::REVNAT)?;
         let conntrack = take(names::CONNTRACK)?;
+        let affinity = take(names::AFFINITY)?;
+        let sock_revnat = take(names::SOCK_REVNAT)?;
+        let svc_stats = take(names::SVC_STATS)?;
         let stats = take(names::STATS)?;
         Ok(Maps {
             services: typed(names::SERVICES, services)?,
@@ -70,6 +77,9 @@ impl Maps {
             backends: typed(names::BACKENDS, backends)?,
             revnat: typed(names::REVNAT, revnat)?,
             conntrack: typed(names::CONNTRACK, conntrack)?,
+            affinity: typed(names::AFFINITY, affinity)?,
+            sock_revnat: typed(names::SOCK_REVNAT, sock_revnat)?,
+            svc_stats: typed(names::SVC_STATS, svc_stats)?,
             stats: typed(names::STATS, stats)?,
         })
     }
@@ -99,6 +109,9 @@ impl Maps {
             backends: typed(names::BACKENDS, open(names::BACKENDS)?)?,
             revnat: typed(names::REVNAT, open(names::REVNAT)?)?,
             conntrack: typed(names::CONNTRACK, open(names::CONNTRACK)?)?,
+            affinity: typed(names::AFFINITY, open(names::AFFINITY)?)?,
+            sock_revnat: typed(names::SOCK_REVNAT, open(names::SOCK_REVNAT)?)?,
+            svc_stats: typed(names::SVC_STATS, open(names::SVC_STATS)?)?,
             stats: typed(names::STATS, open(names::STATS)?)?,
         })
     }
@@ -157,6 +170,44 @@ impl Maps {
                 last_seen_ns: v.last_seen_ns,
             })
             .collect();
+        let affinity = collect(names::AFFINITY, self.affinity.iter())?
+            .into_iter()
+            .map(|(k, v)| AffinityEntry {
+                service_id: k.service_id,
+                client: if k.client_netns != 0 {
+                    format!("netns:{}", k.client_netns)
+                } else {
+                    Ipv4Addr::from(k.client_addr.to_ne_bytes()).to_string()
+                },
+                backend_id: v.backend_id,
+                last_used_ns: v.last_used_ns,
+            })
+            .collect();
+        let sock_revnat = collect(names::SOCK_REVNAT, self.sock_revnat.iter())?
+            .into_iter()
+            .map(|(k, v)| SockRevNatEntry {
+                cookie: k.cookie,
+                backend: format!(
+                    "{}:{}",
+                    Ipv4Addr::from(k.addr.to_ne_bytes()),
+                    u16::from_be(k.port)
+                ),
+                frontend: format!(
+                    "{}:{}",
+                    Ipv4Addr::from(v.addr.to_ne_bytes()),
+                    u16::from_be(v.port)
+                ),
+                service_id: v.service_id,
+            })
+            .collect();
+        let service_stats = collect(names::SVC_STATS, self.svc_stats.iter())?
+            .into_iter()
+            .map(|(id, per_cpu)| ServiceStatsEntry {
+                service_id: id,
+                packets: per_cpu.iter().map(|s| s.packets).sum(),
+                bytes: per_cpu.iter().map(|s| s.bytes).sum(),
+            })
+            .collect();
         let mut stats = Vec::new();
         for (i, name) in stat::NAMES.iter().enumerate() {
             let values = self
@@ -178,6 +229,9 @@ impl Maps {
             backends,
             revnat,
             conntrack,
+            affinity,
+            sock_revnat,
+            service_stats,
             stats,
         };
         dump.sort();
@@ -258,6 +312,9 @@ pub struct Dump {
     pub backends: Vec<BackendEntry>,
     pub revnat: Vec<RevNatEntry>,
     pub conntrack: Vec<CtEntry>,
+    pub affinity: Vec<AffinityEntry>,
+    pub sock_revnat: Vec<SockRevNatEntry>,
+    pub service_stats: Vec<ServiceStatsEntry>,
     pub stats: Vec<StatEntry>,
 }
 
@@ -270,6 +327,11 @@ impl Dump {
         self.revnat.sort_by_key(|r| r.service_id);
         self.conntrack
             .sort_by(|a, b| (a.direction, &a.src, &a.dst).cmp(&(b.direction, &b.src, &b.dst)));
+        self.affinity
+            .sort_by(|a, b| (a.service_id, &a.client).cmp(&(b.service_id, &b.client)));
+        self.sock_revnat
+            .sort_by(|a, b| (a.cookie, &a.backend).cmp(&(b.cookie, &b.backend)));
+        self.service_stats.sort_by_key(|s| s.service_id);
     }
 }
 
@@ -320,4 +382,28 @@ pub struct CtEntry {
 pub struct StatEntry {
     pub name: &'static str,
     pub value: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AffinityEntry {
+    pub service_id: u32,
+    /// Client IP (per-packet path) or `netns:<cookie>` (socket path).
+    pub client: String,
+    pub backend_id: u32,
+    pub last_used_ns: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SockRevNatEntry {
+    pub cookie: u64,
+    pub backend: String,
+    pub frontend: String,
+    pub service_id: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatsEntry {
+    pub service_id: u32,
+    pub packets: u64,
+    pub bytes: u64,
 }

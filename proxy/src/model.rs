@@ -112,16 +112,31 @@ pub enum ServiceType {
     LoadBalancer,
 }
 
-/// A backend of a service port.
+/// A candidate backend of a service port: ready, or serving and
+/// terminating (the graceful-termination fallback).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     /// Target port, resolved from the EndpointSlice.
     pub port: u16,
-    /// Used only through the terminating fallback.
+    /// `ready`; otherwise the endpoint is serving and terminating and is
+    /// used only when no ready one is available (see [`usable_endpoints`]).
+    pub ready: bool,
     pub terminating: bool,
     /// On the node this agent runs on.
     pub local: bool,
+}
+
+/// The endpoints traffic goes to, as kube-proxy chooses them: the ready
+/// ones; if there is none, the serving+terminating ones. With `local_only`
+/// (traffic policy Local) the same choice among this node's endpoints.
+pub fn usable_endpoints(endpoints: &[Endpoint], local_only: bool) -> Vec<&Endpoint> {
+    let candidates = || endpoints.iter().filter(move |e| !local_only || e.local);
+    let ready: Vec<&Endpoint> = candidates().filter(|e| e.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    candidates().filter(|e| e.terminating).collect()
 }
 
 /// The desired state of one service port.
@@ -138,7 +153,8 @@ pub struct ServicePort {
     pub affinity_timeout: Option<u32>,
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
-    /// Endpoints that serve, sorted, without duplicates.
+    /// Ready and serving+terminating endpoints, sorted, without duplicates
+    /// (an address ready in one slice is not repeated as terminating).
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -391,8 +407,8 @@ fn parse_ips(
     out
 }
 
-/// The endpoints that serve `port_name`/`protocol`: ready ones, or, when
-/// none is ready, serving+terminating ones.
+/// The candidate endpoints of `port_name`/`protocol`: ready ones and
+/// serving+terminating ones.
 fn endpoints_for(
     slices: &[&EndpointSlice],
     port_name: &str,
@@ -453,13 +469,15 @@ fn endpoints_for(
                     ready.insert(Endpoint {
                         ip,
                         port: target,
-                        terminating: false,
+                        ready: true,
+                        terminating: is_terminating,
                         local,
                     });
                 } else if is_serving && is_terminating {
                     terminating.insert(Endpoint {
                         ip,
                         port: target,
+                        ready: false,
                         terminating: true,
                         local,
                     });
@@ -467,10 +485,14 @@ fn endpoints_for(
             }
         }
     }
-    if ready.is_empty() {
-        terminating.into_iter().collect()
-    } else {
-        // An address listed ready in one slice wins over a terminating copy.
-        ready.into_iter().collect()
-    }
+    // An address listed ready in one slice wins over a terminating copy.
+    let ready_addrs: BTreeSet<(Ipv4Addr, u16)> = ready.iter().map(|e| (e.ip, e.port)).collect();
+    ready
+        .into_iter()
+        .chain(
+            terminating
+                .into_iter()
+                .filter(|e| !ready_addrs.contains(&(e.ip, e.port))),
+        )
+        .collect()
 }

@@ -40,6 +40,7 @@ fn ep(ip: [u8; 4], port: u16, terminating: bool, local: bool) -> Endpoint {
     Endpoint {
         ip: Ipv4Addr::from(ip),
         port,
+        ready: !terminating,
         terminating,
         local,
     }
@@ -63,15 +64,23 @@ fn named_target_ports_resolve_per_slice_and_only_ready_endpoints_serve() {
     let http = &table.services[&spn("web", "http", Protocol::Tcp)];
     assert_eq!(http.cluster_ips, vec![Ipv4Addr::new(10, 96, 0, 10)]);
     assert_eq!(http.port, 80);
-    // 10.244.1.3 is not ready, 10.244.2.3 is terminating (a ready one
-    // exists), the other namespace's slice and the IPv6 slice are not used.
+    // 10.244.1.3 is neither ready nor serving; 10.244.2.3 is a
+    // serving+terminating candidate; the other namespace's slice and the
+    // IPv6 slice are not used.
     assert_eq!(
         http.endpoints,
         vec![
             ep([10, 244, 1, 2], 8080, false, true),
-            ep([10, 244, 2, 2], 9090, false, false)
+            ep([10, 244, 2, 2], 9090, false, false),
+            ep([10, 244, 2, 3], 8080, true, false),
         ]
     );
+    // Ready ones exist, so the terminating one does not serve.
+    let used: Vec<_> = model::usable_endpoints(&http.endpoints, false)
+        .into_iter()
+        .map(|e| e.ip.to_string())
+        .collect();
+    assert_eq!(used, ["10.244.1.2", "10.244.2.2"]);
     let dns = &table.services[&spn("web", "dns", Protocol::Udp)];
     assert_eq!(dns.endpoints, vec![ep([10, 244, 1, 2], 5353, false, true)]);
 }
@@ -81,6 +90,64 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
     let (table, _) = build();
     let d = &table.services[&spn("draining", "", Protocol::Tcp)];
     assert_eq!(d.endpoints, vec![ep([10, 244, 1, 7], 8080, true, true)]);
+    let used = model::usable_endpoints(&d.endpoints, false);
+    assert_eq!(used, vec![&ep([10, 244, 1, 7], 8080, true, true)]);
+}
+
+#[test]
+fn local_policy_chooses_among_local_endpoints_with_the_same_fallback() {
+    let eps = vec![
+        ep([10, 244, 1, 2], 80, true, true),   // local, terminating
+        ep([10, 244, 2, 2], 80, false, false), // remote, ready
+    ];
+    let local: Vec<_> = model::usable_endpoints(&eps, true);
+    assert_eq!(local, vec![&eps[0]], "local terminating beats remote ready");
+    let cluster: Vec<_> = model::usable_endpoints(&eps, false);
+    assert_eq!(cluster, vec![&eps[1]]);
+    let none = model::usable_endpoints(&eps[1..], true);
+    assert!(
+        none.is_empty(),
+        "no local endpoint: nothing, never a remote one"
+    );
+}
+
+#[test]
+fn affinity_and_internal_policy_reach_the_frontends() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}
+  internalTrafficPolicy: Local
+  ports: [{port: 80, protocol: TCP}]
+"#,
+    );
+    let slices: Vec<EndpointSlice> = load(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node1}
+- {addresses: [10.244.2.2], nodeName: node2}
+"#,
+    );
+    let node = NodeContext {
+        node_name: "node1".into(),
+    };
+    let (table, errors) = model::build(&svc, &slices, &node);
+    assert!(errors.is_empty(), "{errors:?}");
+    let lb = LbTable::from_services(&table);
+    let fe = lb.frontends.values().next().expect("one frontend");
+    assert_eq!(fe.affinity_timeout, 30);
+    let backends: Vec<String> = fe.backends.iter().map(|b| b.addr.to_string()).collect();
+    assert_eq!(backends, ["10.244.1.2"], "internalTrafficPolicy Local");
 }
 
 #[test]

@@ -51,11 +51,8 @@ fn fixture() -> Fixture {
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     ));
-    let mut dp = EbpfDataplane::load(EbpfConfig {
-        bpffs_path: dir.clone(),
-        pod_devices: vec![],
-    })
-    .expect("load eBPF dataplane (root and bpffs needed: cargo xtask setup)");
+    let mut dp = EbpfDataplane::load(EbpfConfig::new(dir.clone()))
+        .expect("load eBPF dataplane (root and bpffs needed: cargo xtask setup)");
     let backend = |addr, port| BackendAddr {
         addr,
         port,
@@ -65,6 +62,7 @@ fn fixture() -> Fixture {
     let fe = |backends: Vec<BackendAddr>| Frontend {
         kind: FrontendKind::ClusterIp,
         backends,
+        affinity_timeout: 0,
     };
     let changes = vec![
         Change::Upsert(
@@ -94,6 +92,26 @@ fn fixture() -> Fixture {
     ];
     dp.apply(&changes).expect("program frontends");
     Fixture { dp, dir }
+}
+
+/// Like [`fixture`], plus a UDP frontend without backends.
+fn fixture_with_empty_udp() -> Fixture {
+    let mut fx = fixture();
+    fx.dp
+        .apply(&[Change::Upsert(
+            FrontendKey {
+                addr: EMPTY_VIP,
+                port: 53,
+                proto: Protocol::Udp,
+            },
+            Frontend {
+                kind: FrontendKind::ClusterIp,
+                backends: vec![],
+                affinity_timeout: 0,
+            },
+        )])
+        .expect("program frontend");
+    fx
 }
 
 impl Fixture {
@@ -387,13 +405,67 @@ fn options_and_fragments_pass_untouched() {
     assert_eq!(fx.stat(stat::PASS_FRAGMENT), 1);
 }
 
+const TC_ACT_REDIRECT: u32 = 7;
+
 #[test]
-fn frontend_without_backends_drops_and_counts() {
+fn tcp_syn_to_frontend_without_backends_gets_a_rst() {
     let fx = fixture();
-    let (rc, _) = fx.run(
-        progs::TC_FROM_POD,
-        &Frame::tcp(CLIENT, 47000, EMPTY_VIP, 80).build(),
+    let syn = Frame::tcp(CLIENT, 47000, EMPTY_VIP, 80).build();
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT, "sent back out of the interface");
+    assert_eq!(out.len(), 54, "Ethernet + IPv4 + TCP, no payload");
+    assert_eq!(&out[0..6], &syn[6..12], "to the sender's MAC");
+    assert_eq!(&out[6..12], &syn[0..6]);
+    let p = parse_and_verify(&out);
+    assert_eq!(
+        (p.src, p.sport),
+        (EMPTY_VIP, 80),
+        "from the service address"
     );
+    assert_eq!((p.dst, p.dport), (CLIENT, 47000));
+    let tcp = &out[34..];
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    // The SYN had seq 1 and 14 bytes of payload: ack = 1 + 14 + 1.
+    assert_eq!(ack, 16);
+    assert_eq!(fx.stat(stat::REJECT_TCP_RST), 1);
+}
+
+#[test]
+fn udp_to_frontend_without_backends_gets_port_unreachable() {
+    let fx = fixture();
+    let dgram = Frame::udp(CLIENT, 47001, EMPTY_VIP, 80).build();
+    // EMPTY_VIP only has a TCP frontend: UDP to it is not ours.
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &dgram);
+    assert_eq!((rc, out), (TC_ACT_OK, dgram));
+
+    let fx2 = fixture_with_empty_udp();
+    let dgram = Frame::udp(CLIENT, 47002, EMPTY_VIP, 53).build();
+    let (rc, out) = fx2.run(progs::TC_FROM_POD, &dgram);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    let ip = &out[14..34];
+    assert_eq!(csum_fold(sum16(ip)), 0, "IPv4 checksum verifies");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(&ip[12..16], &EMPTY_VIP.octets(), "from the service address");
+    assert_eq!(&ip[16..20], &CLIENT.octets());
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
+    assert_eq!(csum_fold(sum16(icmp)), 0, "ICMP checksum verifies");
+    assert_eq!(
+        &icmp[8..36],
+        &dgram[14..42],
+        "quotes the IP header + 8 bytes"
+    );
+    assert_eq!(fx2.stat(stat::REJECT_ICMP), 1);
+}
+
+#[test]
+fn non_syn_tcp_to_frontend_without_backends_is_dropped() {
+    let fx = fixture();
+    let mut frame = Frame::tcp(CLIENT, 47003, EMPTY_VIP, 80).build();
+    frame[34 + 13] = 0x10; // ACK only
+    let (rc, _) = fx.run(progs::TC_FROM_POD, &frame);
     assert_eq!(rc, TC_ACT_SHOT);
     assert_eq!(fx.stat(stat::DROP_NO_BACKEND), 1);
 }

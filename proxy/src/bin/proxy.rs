@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use proxy::{
     agent,
-    dataplane::ebpf::{EbpfConfig, EbpfDataplane},
+    dataplane::ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount},
     k8s,
     model::NodeContext,
 };
@@ -40,6 +40,15 @@ struct Args {
     /// (repeatable; kindnet names them veth*).
     #[arg(long = "pod-device", default_values = ["veth*"])]
     pod_devices: Vec<String>,
+    /// Translate service addresses at connect()/sendmsg() time with cgroup
+    /// socket hooks (as Cilium's socket LB) for processes in --cgroup-path.
+    /// The per-packet tc path stays on for everything else.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// cgroup v2 directory the socket hooks attach to; default: the cgroup2
+    /// mount point found in /proc/mounts (all processes of the node).
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -71,11 +80,15 @@ async fn main() -> Result<()> {
     info!(node = %node.node_name, mode = ?args.mode, "starting");
 
     let Mode::Ebpf = args.mode;
-    let mut dp = EbpfDataplane::load(EbpfConfig {
-        bpffs_path: args.bpffs_path.clone(),
-        pod_devices: args.pod_devices.clone(),
-    })
-    .context("setting up the eBPF dataplane")?;
+    let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
+    cfg.pod_devices = args.pod_devices.clone();
+    if args.socket_lb {
+        cfg.socket_lb_cgroup = Some(match &args.cgroup_path {
+            Some(p) => p.clone(),
+            None => cgroup2_mount().context("finding the cgroup2 mount for socket LB")?,
+        });
+    }
+    let mut dp = EbpfDataplane::load(cfg).context("setting up the eBPF dataplane")?;
     proxy::dataplane::Dataplane::housekeeping(&mut dp)?;
 
     let client = k8s::client(args.kubeconfig.as_deref()).await?;

@@ -1,5 +1,6 @@
-//! The eBPF dataplane: programs pinned maps and attaches the tc programs to
-//! pod-facing interfaces.
+//! The eBPF dataplane: programs pinned maps, attaches the tc programs to
+//! pod-facing interfaces and the socket-LB hooks to a cgroup, all through
+//! pinned links (see [`super::links`]) so the data path outlives the agent.
 //!
 //! Update order per frontend, so a packet never sees half an update: new
 //! backends are written first, then the new slot generation, then the
@@ -8,24 +9,30 @@
 //! references any more.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     ffi::CStr,
     fs, io,
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapError,
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    maps::{MapError, PerCpuValues},
+    programs::{CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, links::PinnedLink},
+    util::nr_cpus,
 };
 use proxy_common::{
-    Backend, RevNat, ServiceKey, ServiceValue, SlotKey, backend_flags, progs, svc_flags,
+    Backend, RevNat, ServiceKey, ServiceValue, SlotKey, SvcStats, backend_flags, progs, svc_flags,
 };
 use tracing::{debug, info, warn};
 
-use super::{ApplyStats, Dataplane};
+use super::{
+    ApplyStats, Dataplane,
+    conntrack::{self, GcStats, Timeouts},
+    links::{self, LinkPinError},
+};
 use crate::{
     diff::Change,
     lb::{BackendAddr, Frontend, FrontendKey, FrontendKind, LbTable},
@@ -58,13 +65,17 @@ pub enum EbpfError {
     },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
-    #[error("attaching {program} to {iface} ({direction}): {source}")]
+    #[error("attaching {program}: {source}")]
     Attach {
         program: &'static str,
-        iface: String,
-        direction: &'static str,
         #[source]
-        source: Box<ProgramError>,
+        source: LinkPinError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
@@ -78,6 +89,8 @@ pub enum EbpfError {
     },
     #[error("frontend {0} has {1} backends, more than a frontend can hold")]
     TooManyBackends(FrontendKey, usize),
+    #[error("counting possible CPUs: {0}")]
+    Cpus(io::Error),
     #[error("listing network interfaces: {0}")]
     Interfaces(io::Error),
 }
@@ -88,6 +101,24 @@ pub struct EbpfConfig {
     pub bpffs_path: PathBuf,
     /// Glob patterns (`*` only) of pod-facing host interfaces to attach to.
     pub pod_devices: Vec<String>,
+    /// cgroup v2 directory for the socket-LB hooks; `None`: socket LB off
+    /// (and any hooks an earlier agent pinned are removed).
+    pub socket_lb_cgroup: Option<PathBuf>,
+    pub ct_timeouts: Timeouts,
+    /// How often conntrack is swept for idle entries.
+    pub ct_gc_interval: Duration,
+}
+
+impl EbpfConfig {
+    pub fn new(bpffs_path: PathBuf) -> EbpfConfig {
+        EbpfConfig {
+            bpffs_path,
+            pod_devices: Vec::new(),
+            socket_lb_cgroup: None,
+            ct_timeouts: Timeouts::default(),
+            ct_gc_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -95,6 +126,7 @@ struct Programmed {
     id: u32,
     generation: u8,
     flags: u16,
+    affinity_timeout: u32,
     backend_ids: Vec<u32>,
 }
 
@@ -107,7 +139,7 @@ struct BackendIdentity {
 
 struct Attached {
     ifindex: u32,
-    links: Vec<(usize, SchedClassifierLinkId)>,
+    links: Vec<PinnedLink>,
 }
 
 pub struct EbpfDataplane {
@@ -119,12 +151,43 @@ pub struct EbpfDataplane {
     next_frontend_id: u32,
     next_backend_id: u32,
     attached: HashMap<String, Attached>,
+    socket_links: Vec<PinnedLink>,
+    /// Backends removed since the last conntrack sweep: their entries go.
+    removed_backends: HashSet<u32>,
+    last_gc: Instant,
+    last_gc_stats: GcStats,
     // Keeps the aya-log ring buffer alive (rare error paths log through it).
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-const PROGRAMS: [&str; 2] = [progs::TC_FROM_POD, progs::TC_TO_POD];
-const DIRECTIONS: [TcAttachType; 2] = [TcAttachType::Ingress, TcAttachType::Egress];
+const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (progs::TC_FROM_POD, TcAttachType::Ingress, "ingress"),
+    (progs::TC_TO_POD, TcAttachType::Egress, "egress"),
+];
+const SOCK_PROGRAMS: [&str; 4] = [
+    progs::SOCK_CONNECT4,
+    progs::SOCK_SENDMSG4,
+    progs::SOCK_RECVMSG4,
+    progs::SOCK_GETPEERNAME4,
+];
+
+/// The cgroup v2 mount point (the default cgroup for socket LB).
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            (kind == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount in /proc/mounts"))
+}
+
+/// Where links are pinned under `--bpffs-path`.
+pub fn links_dir(bpffs_path: &Path) -> PathBuf {
+    bpffs_path.join("links")
+}
 
 impl EbpfDataplane {
     /// Load the programs, open (or create) the pinned maps and adopt what an
@@ -149,20 +212,25 @@ impl EbpfDataplane {
                 None
             }
         };
-        for name in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| EbpfError::Program {
-                    name,
-                    source: Box::new(source),
-                })?;
+        for (name, _, _) in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|source| EbpfError::Program {
                 name,
                 source: Box::new(source),
             })?;
         }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| EbpfError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+        }
+        let links = links_dir(&cfg.bpffs_path);
+        fs::create_dir_all(&links).map_err(|source| EbpfError::PinDir {
+            path: links.clone(),
+            source,
+        })?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let mut dp = EbpfDataplane {
             ebpf,
@@ -173,13 +241,89 @@ impl EbpfDataplane {
             next_frontend_id: 1,
             next_backend_id: 1,
             attached: HashMap::new(),
+            socket_links: Vec::new(),
+            removed_backends: HashSet::new(),
+            last_gc: Instant::now(),
+            last_gc_stats: GcStats::default(),
             _logger: logger,
         };
         dp.adopt()?;
+        dp.socket_lb()?;
         Ok(dp)
     }
 
-    /// A loaded program, for BPF_PROG_TEST_RUN.
+    /// Attach the socket hooks to the configured cgroup, or remove hooks an
+    /// earlier agent pinned when socket LB is off.
+    fn socket_lb(&mut self) -> Result<(), EbpfError> {
+        let dir = links_dir(&self.cfg.bpffs_path);
+        let Some(cgroup) = self.cfg.socket_lb_cgroup.clone() else {
+            for name in SOCK_PROGRAMS {
+                let pin = dir.join(format!("cgroup-{name}"));
+                if pin.exists() {
+                    let _ = fs::remove_file(&pin);
+                    info!(program = name, "socket LB off: removed pinned hook");
+                }
+            }
+            return Ok(());
+        };
+        let fd = fs::File::open(&cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.clone(),
+            source,
+        })?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let link = links::attach_cgroup(prog, &fd, name, &dir.join(format!("cgroup-{name}")))
+                .map_err(|source| EbpfError::Attach {
+                program: name,
+                source,
+            })?;
+            self.socket_links.push(link);
+        }
+        info!(cgroup = %cgroup.display(), "socket LB attached");
+        Ok(())
+    }
+
+    /// Sweep conntrack now (idle entries, entries of removed backends).
+    pub fn sweep_conntrack(&mut self) -> Result<GcStats, EbpfError> {
+        let stats = conntrack::sweep(
+            &mut self.maps.conntrack,
+            conntrack::monotonic_ns(),
+            &self.cfg.ct_timeouts,
+            &self.removed_backends,
+        )
+        .map_err(|source| EbpfError::Update {
+            map: "CT_V4",
+            op: "sweep",
+            frontend: "(all)".to_owned(),
+            source: Box::new(source),
+        })?;
+        // Affinity entries of removed backends are useless too.
+        let stale: Vec<_> = self
+            .maps
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| self.removed_backends.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = self.maps.affinity.remove(&k);
+        }
+        self.removed_backends.clear();
+        self.last_gc = Instant::now();
+        self.last_gc_stats = stats;
+        if stats.expired + stats.flushed > 0 {
+            debug!(?stats, "conntrack sweep");
+        }
+        Ok(stats)
+    }
+
+    /// The last conntrack sweep's figures.
+    pub fn conntrack_stats(&self) -> GcStats {
+        self.last_gc_stats
+    }
+
+    /// A loaded tc program, for BPF_PROG_TEST_RUN.
     pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
         self.ebpf.program(name).and_then(|p| p.try_into().ok())
     }
@@ -242,6 +386,7 @@ impl EbpfDataplane {
                     id: v.id,
                     generation: v.generation,
                     flags: v.flags,
+                    affinity_timeout: v.affinity_timeout,
                     backend_ids: ids,
                 },
             );
@@ -344,7 +489,13 @@ impl EbpfDataplane {
         };
 
         let (id, generation, old) = match self.frontends.get(key) {
-            Some(p) if p.backend_ids == ids && p.flags == flags => return Ok(()),
+            Some(p)
+                if p.backend_ids == ids
+                    && p.flags == flags
+                    && p.affinity_timeout == fe.affinity_timeout =>
+            {
+                return Ok(());
+            }
             Some(p) => (p.id, 1 - p.generation, Some(p.clone())),
             None => {
                 let id = self.next_frontend_id;
@@ -364,6 +515,12 @@ impl EbpfDataplane {
                 .map_err(update("insert", "SLOTS"))?;
         }
         if old.is_none() {
+            let zero = PerCpuValues::try_from(vec![SvcStats::default(); nr_cpus_or_one()])
+                .map_err(EbpfError::Cpus)?;
+            self.maps
+                .svc_stats
+                .insert(id, zero, 0)
+                .map_err(update("insert", "SVC_STATS"))?;
             let rev = RevNat {
                 addr: u32::from_ne_bytes(key.addr.octets()),
                 port: key.port.to_be(),
@@ -381,6 +538,7 @@ impl EbpfDataplane {
             _pad0: 0,
             flags,
             _pad1: 0,
+            affinity_timeout: fe.affinity_timeout,
         };
         self.maps
             .services
@@ -395,6 +553,7 @@ impl EbpfDataplane {
                 id,
                 generation,
                 flags,
+                affinity_timeout: fe.affinity_timeout,
                 backend_ids: ids,
             },
         );
@@ -420,6 +579,7 @@ impl EbpfDataplane {
         }
         self.delete_slots(p.id, p.generation, p.backend_ids.len());
         let _ = self.maps.revnat.remove(&p.id);
+        let _ = self.maps.svc_stats.remove(&p.id);
         stats.removed += 1;
         Ok(())
     }
@@ -450,6 +610,7 @@ impl EbpfDataplane {
         for k in unused {
             if let Some((id, _)) = self.backends.remove(&k) {
                 let _ = self.maps.backends.remove(&id);
+                self.removed_backends.insert(id);
                 stats.backends_removed += 1;
             }
         }
@@ -458,7 +619,7 @@ impl EbpfDataplane {
     fn attach_devices(&mut self) -> Result<(), EbpfError> {
         let present = interfaces().map_err(EbpfError::Interfaces)?;
         // Forget interfaces that vanished or were recreated (the kernel
-        // detached their programs).
+        // detached their programs); their pins go too.
         let gone: Vec<String> = self
             .attached
             .iter()
@@ -467,66 +628,75 @@ impl EbpfDataplane {
             .collect();
         for name in gone {
             if let Some(a) = self.attached.remove(&name) {
-                for (prog, link) in a.links {
-                    if let Some(p) = self
-                        .ebpf
-                        .program_mut(PROGRAMS[prog])
-                        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-                    {
-                        let _ = p.detach(link);
-                    }
-                }
+                a.links.into_iter().for_each(links::unpin);
                 debug!(iface = %name, "interface gone");
             }
         }
-        for (name, ifindex) in present {
-            if self.attached.contains_key(&name)
-                || !self.cfg.pod_devices.iter().any(|g| glob_match(g, &name))
+        let dir = links_dir(&self.cfg.bpffs_path);
+        for (name, ifindex) in &present {
+            if self.attached.contains_key(name)
+                || !self.cfg.pod_devices.iter().any(|g| glob_match(g, name))
             {
                 continue;
             }
-            let mut links = Vec::with_capacity(2);
-            for (i, (prog_name, direction)) in PROGRAMS.iter().zip(DIRECTIONS).enumerate() {
-                let prog: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(prog_name)
-                    .ok_or(EbpfError::MissingProgram { name: prog_name })?
-                    .try_into()
-                    .map_err(|source| EbpfError::Program {
-                        name: prog_name,
-                        source: Box::new(source),
-                    })?;
-                match prog.attach(&name, direction) {
-                    Ok(link) => links.push((i, link)),
-                    Err(source) => {
-                        // The interface may have vanished between listing and
-                        // attaching; report and retry on the next pass.
-                        warn!(error = %EbpfError::Attach {
-                            program: prog_name,
-                            iface: name.clone(),
-                            direction: direction_name(direction),
-                            source: Box::new(source),
-                        }, "attach failed");
-                    }
+            let mut pinned = Vec::with_capacity(TC_PROGRAMS.len());
+            for (prog_name, direction, dir_name) in TC_PROGRAMS {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, prog_name)?;
+                let pin = dir.join(format!("tc-{name}-{dir_name}"));
+                match links::attach_tc(prog, name, direction, &pin) {
+                    Ok(l) => pinned.push(l),
+                    // The interface may have vanished between listing and
+                    // attaching; report and retry on the next pass.
+                    Err(source) => warn!(
+                        error = %EbpfError::Attach { program: prog_name, source },
+                        "attach failed"
+                    ),
                 }
             }
-            if links.len() == PROGRAMS.len() {
+            if pinned.len() == TC_PROGRAMS.len() {
                 info!(iface = %name, "attached tc programs");
-                self.attached.insert(name, Attached { ifindex, links });
+                self.attached.insert(
+                    name.clone(),
+                    Attached {
+                        ifindex: *ifindex,
+                        links: pinned,
+                    },
+                );
             } else {
-                for (i, link) in links {
-                    if let Some(p) = self
-                        .ebpf
-                        .program_mut(PROGRAMS[i])
-                        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-                    {
-                        let _ = p.detach(link);
-                    }
+                pinned.into_iter().for_each(links::unpin);
+            }
+        }
+        // Pins of interfaces that no longer exist (left by an earlier agent).
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                if let Some(rest) = file.strip_prefix("tc-")
+                    && let Some((iface, _)) = rest.rsplit_once('-')
+                    && !present.contains_key(iface)
+                {
+                    let _ = fs::remove_file(e.path());
                 }
             }
         }
         Ok(())
     }
+}
+
+fn nr_cpus_or_one() -> usize {
+    nr_cpus().map(|n| n.max(1)).unwrap_or(1)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| EbpfError::Program {
+            name,
+            source: Box::new(source),
+        })
 }
 
 impl Dataplane for EbpfDataplane {
@@ -557,6 +727,7 @@ impl Dataplane for EbpfDataplane {
                 Frontend {
                     kind: flags_kind(p.flags),
                     backends,
+                    affinity_timeout: p.affinity_timeout,
                 },
             );
         }
@@ -585,7 +756,11 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn housekeeping(&mut self) -> Result<(), EbpfError> {
-        self.attach_devices()
+        self.attach_devices()?;
+        if self.last_gc.elapsed() >= self.cfg.ct_gc_interval || !self.removed_backends.is_empty() {
+            self.sweep_conntrack()?;
+        }
+        Ok(())
     }
 }
 
@@ -607,14 +782,6 @@ fn flags_kind(flags: u16) -> FrontendKind {
         FrontendKind::LoadBalancer
     } else {
         FrontendKind::ClusterIp
-    }
-}
-
-fn direction_name(d: TcAttachType) -> &'static str {
-    match d {
-        TcAttachType::Ingress => "ingress",
-        TcAttachType::Egress => "egress",
-        TcAttachType::Custom(_) => "custom",
     }
 }
 

@@ -1,7 +1,9 @@
 //! Dataplanes: one trait, one implementation per mode. A dataplane knows
 //! frontends and backends ([`crate::lb`]), never Kubernetes objects.
 
+pub mod conntrack;
 pub mod ebpf;
+pub mod links;
 
 use crate::{diff::Change, lb::LbTable};
 

@@ -1,0 +1,248 @@
+//! The per-packet path on a pod's host-side interface.
+//!
+//! * [`tc_from_pod`] (tc ingress: what the pod sends): a packet to a
+//!   frontend is DNATed to a backend (conntrack keeps a flow on its backend;
+//!   session affinity keeps a client on one); a frontend without backends is
+//!   rejected (RST / ICMP port unreachable). A pod reaching itself through
+//!   its service (hairpin) is also SNATed to [`HAIRPIN_ADDR`], and the
+//!   replies to that address are translated back here.
+//! * [`tc_to_pod`] (tc egress: what the pod receives): a reply from a
+//!   backend is rewritten back to the frontend.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::classifier,
+    programs::TcContext,
+};
+use aya_log_ebpf::warn;
+use proxy_common::{
+    AffinityKey, Backend, CtKey, CtValue, HAIRPIN_ADDR, ServiceKey, ServiceValue, ct_dir, ct_flags,
+    stat,
+};
+
+use crate::{
+    lb,
+    maps::{BACKENDS, CONNTRACK, REVNAT, SERVICES, account, count},
+    packet::{Error, Packet},
+    reject,
+};
+
+const HAIRPIN: u32 = u32::from_ne_bytes(HAIRPIN_ADDR);
+
+#[classifier]
+pub fn tc_from_pod(ctx: TcContext) -> i32 {
+    verdict(try_from_pod(&ctx))
+}
+
+#[classifier]
+pub fn tc_to_pod(ctx: TcContext) -> i32 {
+    verdict(try_to_pod(&ctx))
+}
+
+/// Turn the outcome of a `try_*` function into a deliberate verdict, counting
+/// why a packet was not translated.
+#[inline(always)]
+fn verdict(r: Result<i32, Error>) -> i32 {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            count(e.stat());
+            if e.drops() {
+                TC_ACT_SHOT as i32
+            } else {
+                TC_ACT_OK as i32
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    count(stat::PACKETS);
+    if pkt.daddr == HAIRPIN {
+        return hairpin_reply(ctx, &pkt);
+    }
+
+    let key = ServiceKey {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        proto: pkt.proto,
+        scope: 0,
+    };
+    // SAFETY: the value is copied out at once; a concurrent update replaces
+    // the whole value, so the copy is either the old or the new one.
+    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if svc.count == 0 {
+        return reject::reject(ctx, &pkt);
+    }
+
+    let ct_key = CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: ct_dir::SERVICE,
+        _pad: 0,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tcp_flags = pkt.tcp_ct_flags();
+
+    // An existing flow keeps its backend while that backend and the
+    // frontend it belongs to still exist.
+    let mut chosen: Option<(Backend, u32)> = None;
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&ct_key) {
+        // SAFETY: pointer from a successful lookup; fields are plain integers.
+        let (backend_id, service_id, flags) =
+            unsafe { ((*ct).backend_id, (*ct).service_id, (*ct).flags) };
+        if service_id == svc.id {
+            // SAFETY: copied out at once (see above).
+            if let Some(b) = unsafe { BACKENDS.get(&backend_id) } {
+                chosen = Some((*b, flags));
+                // SAFETY: as above.
+                unsafe {
+                    (*ct).last_seen_ns = now;
+                    (*ct).flags |= tcp_flags;
+                }
+            }
+        }
+    }
+
+    let (backend, flags) = match chosen {
+        Some(c) => c,
+        None => {
+            let client = AffinityKey {
+                client_netns: 0,
+                client_addr: pkt.saddr,
+                service_id: svc.id,
+            };
+            let (id, b) = lb::select(&svc, client, now).inspect_err(|_| {
+                // Never expected (slots are written before the service
+                // entry); rare enough to log.
+                warn!(ctx, "frontend {} has a missing slot or backend", svc.id);
+            })?;
+            let mut flags = tcp_flags;
+            if b.addr == pkt.saddr {
+                flags |= ct_flags::HAIRPIN;
+                count(stat::HAIRPIN);
+            }
+            create_ct(&pkt, &ct_key, &svc, id, &b, now, flags);
+            (b, flags)
+        }
+    };
+
+    pkt.rewrite_dst(ctx, backend.addr, backend.port)?;
+    if flags & ct_flags::HAIRPIN != 0 {
+        pkt.rewrite_src_addr(ctx, HAIRPIN)?;
+    }
+    account(svc.id, ctx.len() as u64);
+    count(stat::DNAT);
+    Ok(TC_ACT_OK as i32)
+}
+
+/// A hairpinned backend answering [`HAIRPIN_ADDR`]: make the reply come from
+/// the frontend and go to the pod itself.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
+    let key = CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let Some(ct) = (unsafe { CONNTRACK.get(&key) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { REVNAT.get(&ct.service_id) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    pkt.rewrite_src(ctx, rev.addr, rev.port)?;
+    pkt.rewrite_dst_addr(ctx, pkt.saddr)?;
+    count(stat::REV_NAT);
+    Ok(TC_ACT_OK as i32)
+}
+
+/// Remember the flow both ways: the client's tuple -> backend, and the
+/// backend's reply tuple -> frontend (for reverse NAT).
+#[inline(always)]
+fn create_ct(
+    pkt: &Packet,
+    key: &CtKey,
+    svc: &ServiceValue,
+    backend_id: u32,
+    backend: &Backend,
+    now: u64,
+    flags: u32,
+) {
+    let value = CtValue {
+        last_seen_ns: now,
+        backend_id,
+        service_id: svc.id,
+        flags,
+        _pad: 0,
+    };
+    let reply = CtKey {
+        saddr: backend.addr,
+        daddr: if flags & ct_flags::HAIRPIN != 0 {
+            HAIRPIN
+        } else {
+            pkt.saddr
+        },
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    // The reply entry first: once the service entry exists, replies must be
+    // translatable.
+    if CONNTRACK.insert(&reply, &value, 0).is_err() || CONNTRACK.insert(key, &value, 0).is_err() {
+        count(stat::CT_INSERT_FAIL);
+    }
+}
+
+#[inline(always)]
+fn try_to_pod(ctx: &TcContext) -> Result<i32, Error> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    count(stat::PACKETS);
+    let key = CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: pointer from a successful lookup; plain integers.
+    let service_id = unsafe {
+        (*ct).last_seen_ns = bpf_ktime_get_ns();
+        (*ct).flags |= pkt.tcp_ct_flags();
+        (*ct).service_id
+    };
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { REVNAT.get(&service_id) }).copied() else {
+        // The frontend is gone: the reply cannot be made to look right.
+        return Ok(TC_ACT_OK as i32);
+    };
+    pkt.rewrite_src(ctx, rev.addr, rev.port)?;
+    count(stat::REV_NAT);
+    Ok(TC_ACT_OK as i32)
+}

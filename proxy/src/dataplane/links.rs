@@ -1,0 +1,131 @@
+//! Program attachments that outlive the agent: every link is pinned under
+//! `<bpffs-path>/links/`, so a restarted (or killed) agent leaves the data
+//! path running, and the next one swaps its programs in atomically.
+
+use std::{fs, io, os::fd::AsFd, path::Path};
+
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::SchedClassifierLink,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkPinError {
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("{what}: {source}")]
+    Link {
+        what: String,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn pin_error(what: &str) -> impl FnOnce(aya::pin::PinError) -> LinkPinError + '_ {
+    move |e| LinkPinError::Io {
+        what: format!("pinning {what}"),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+/// Attach `prog` to `iface` (TCX), replacing in place the program of a link
+/// pinned at `pin` by an earlier agent if there is one (no moment without a
+/// program), and pin the result there.
+pub fn attach_tc(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    direction: TcAttachType,
+    pin: &Path,
+) -> Result<PinnedLink, LinkPinError> {
+    let what = format!("{iface} {direction:?}");
+    let mut link_id = None;
+    if pin.exists() {
+        match PinnedLink::from_pin(pin) {
+            Ok(old) => {
+                let fd: FdLink = old.into();
+                match SchedClassifierLink::try_from(fd) {
+                    Ok(link) => match prog.attach_to_link(link) {
+                        Ok(id) => link_id = Some(id),
+                        // A link whose interface went away: start afresh.
+                        Err(e) => tracing::debug!(iface, error = %e, "stale pinned link"),
+                    },
+                    Err(e) => tracing::debug!(iface, error = %e, "pinned link of another kind"),
+                }
+            }
+            Err(e) => tracing::debug!(iface, error = %e, "unreadable pinned link"),
+        }
+        let _ = fs::remove_file(pin);
+    }
+    let id = match link_id {
+        Some(id) => id,
+        None => prog
+            .attach(iface, direction)
+            .map_err(|source| LinkPinError::Program {
+                what: format!("attaching to {what}"),
+                source: Box::new(source),
+            })?,
+    };
+    let link = prog.take_link(id).map_err(|source| LinkPinError::Program {
+        what: format!("taking the link of {what}"),
+        source: Box::new(source),
+    })?;
+    let fd: FdLink = link.try_into().map_err(|source| LinkPinError::Link {
+        what: format!("{what} is not an fd link (TCX needed to pin it)"),
+        source: Box::new(source),
+    })?;
+    fd.pin(pin).map_err(pin_error(&what))
+}
+
+/// Attach a socket hook to a cgroup and pin the link. An earlier agent's
+/// link at `pin` is released only after the new one is in place (both
+/// translate the same way meanwhile, so nothing is missed).
+pub fn attach_cgroup(
+    prog: &mut CgroupSockAddr,
+    cgroup: impl AsFd,
+    name: &str,
+    pin: &Path,
+) -> Result<PinnedLink, LinkPinError> {
+    let old = if pin.exists() {
+        let old = PinnedLink::from_pin(pin).ok();
+        let _ = fs::remove_file(pin);
+        old
+    } else {
+        None
+    };
+    let id = prog
+        .attach(cgroup, CgroupAttachMode::AllowMultiple)
+        .map_err(|source| LinkPinError::Program {
+            what: format!("attaching {name} to the cgroup"),
+            source: Box::new(source),
+        })?;
+    let link = prog.take_link(id).map_err(|source| LinkPinError::Program {
+        what: format!("taking the link of {name}"),
+        source: Box::new(source),
+    })?;
+    let fd: FdLink = link.try_into().map_err(|source| LinkPinError::Link {
+        what: format!("{name} is not an fd link"),
+        source: Box::new(source),
+    })?;
+    let pinned = fd.pin(pin).map_err(pin_error(name))?;
+    // Dropping the old link's last reference detaches it.
+    drop(old);
+    Ok(pinned)
+}
+
+/// Remove a pinned link (detaching it once nothing else holds it).
+pub fn unpin(link: PinnedLink) {
+    if let Ok(fd) = link.unpin() {
+        drop(fd);
+    }
+}
