@@ -76,7 +76,8 @@ pub struct Agent {
 /// Options for [`Agent::start`].
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// Extra command-line arguments.
+    /// Extra command-line arguments. Without `--socket-lb` the agent gets
+    /// `--socket-lb false` (never the machine's root cgroup).
     pub args: Vec<String>,
     /// Wait for this log line before returning (None: don't wait).
     pub ready_line: Option<String>,
@@ -114,6 +115,12 @@ impl Agent {
                 .unwrap_or("agent")
         ));
         let log_path = scratch.path().join("agent.log");
+        // Tests never let socket LB default to the machine's root cgroup:
+        // without an explicit --socket-lb, it is off.
+        let mut args = opts.args.clone();
+        if !args.iter().any(|a| a.starts_with("--socket-lb")) {
+            args.extend(["--socket-lb".to_owned(), "false".to_owned()]);
+        }
         let log = fs::File::create(&log_path)?;
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding
         // bpffs (a DaemonSet gets /sys/fs/bpf as a hostPath the same way).
@@ -129,7 +136,7 @@ impl Agent {
             .arg(&node.name)
             .arg("--bpffs-path")
             .arg(&bpffs_path)
-            .args(&opts.args)
+            .args(&args)
             .env("RUST_LOG", "info,proxy=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -9,5 +9,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod cgroup;
 pub mod cluster;
 pub mod netns;
+pub mod scenario;
