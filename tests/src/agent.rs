@@ -70,6 +70,8 @@ pub struct Agent {
     pub node_name: String,
     pub bpffs_path: PathBuf,
     pub log_path: PathBuf,
+    argv: Vec<std::ffi::OsString>,
+    opts: AgentOptions,
     _scratch: Scratch,
 }
 
@@ -121,38 +123,66 @@ impl Agent {
         if !args.iter().any(|a| a.starts_with("--socket-lb")) {
             args.extend(["--socket-lb".to_owned(), "false".to_owned()]);
         }
-        let log = fs::File::create(&log_path)?;
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding
         // bpffs (a DaemonSet gets /sys/fs/bpf as a hostPath the same way).
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", node.ns.path().display()))
-            .arg("--")
-            .arg(binary("proxy")?)
-            .arg("--mode")
-            .arg("ebpf")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--hostname-override")
-            .arg(&node.name)
-            .arg("--bpffs-path")
-            .arg(&bpffs_path)
-            .args(&args)
-            .env("RUST_LOG", "info,proxy=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = cmd.spawn().context("starting the agent")?;
+        let mut argv: Vec<std::ffi::OsString> = vec![
+            format!("--net={}", node.ns.path().display()).into(),
+            "--".into(),
+            binary("proxy")?.into(),
+            "--mode".into(),
+            "ebpf".into(),
+            "--kubeconfig".into(),
+            kubeconfig.clone().into(),
+            "--hostname-override".into(),
+            node.name.clone().into(),
+            "--bpffs-path".into(),
+            bpffs_path.clone().into(),
+        ];
+        argv.extend(args.into_iter().map(Into::into));
         let mut agent = Agent {
-            child: Some(child),
+            child: None,
             node_name: node.name.clone(),
             bpffs_path,
             log_path,
+            argv,
+            opts,
             _scratch: scratch,
         };
-        if let Some(line) = &opts.ready_line {
-            agent.wait_for_log(line, opts.ready_timeout)?;
-        }
+        agent.spawn()?;
         Ok(agent)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new("nsenter")
+            .args(&self.argv)
+            .env("RUST_LOG", "info,proxy=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?;
+        self.child = Some(child);
+        if let Some(line) = self.opts.ready_line.clone() {
+            let timeout = self.opts.ready_timeout;
+            // Count only lines logged by this incarnation.
+            let seen = self.log().matches(line.as_str()).count();
+            self.wait_for_log_count(&line, seen + 1, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// `kill -9` the agent (no clean shutdown) and start it again with the
+    /// same flags and pin directory.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("SIGKILL")?;
+            child.wait()?;
+        }
+        self.spawn()
     }
 
     /// The agent's log so far.
@@ -163,9 +193,14 @@ impl Agent {
     /// Wait until the log contains `needle`; fail (with the log) if the agent
     /// exits or the time runs out.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Wait until the log contains `needle` at least `n` times.
+    pub fn wait_for_log_count(&mut self, needle: &str, n: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().contains(needle) {
+            if self.log().matches(needle).count() >= n {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut()
