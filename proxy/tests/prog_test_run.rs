@@ -31,6 +31,11 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const B1: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const B2: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// Its only backend is CLIENT itself (hairpin).
+const HAIRPIN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+/// Two backends, ClientIP affinity.
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const HAIRPIN_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 /// A dataplane with its own pin directory, removed on drop.
 struct Fixture {
@@ -64,6 +69,11 @@ fn fixture() -> Fixture {
         backends,
         affinity_timeout: 0,
     };
+    let tcp = |addr| FrontendKey {
+        addr,
+        port: 80,
+        proto: Protocol::Tcp,
+    };
     let changes = vec![
         Change::Upsert(
             FrontendKey {
@@ -88,6 +98,14 @@ fn fixture() -> Fixture {
                 proto: Protocol::Tcp,
             },
             fe(vec![]),
+        ),
+        Change::Upsert(tcp(HAIRPIN_VIP), fe(vec![backend(CLIENT, 8080)])),
+        Change::Upsert(
+            tcp(STICKY_VIP),
+            Frontend {
+                affinity_timeout: 60,
+                ..fe(vec![backend(B1, 8080), backend(B2, 8081)])
+            },
         ),
     ];
     dp.apply(&changes).expect("program frontends");
@@ -477,4 +495,151 @@ fn non_ipv4_passes_untouched() {
     frame[12..14].copy_from_slice(&[0x86, 0xdd]); // claims IPv6
     let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
     assert_eq!((rc, out), (TC_ACT_OK, frame));
+}
+
+#[test]
+fn vlan_tagged_and_ipv6_frames_pass_untouched() {
+    let fx = fixture();
+    // 802.1Q tag in front of an IPv4 packet to the service.
+    let plain = Frame::tcp(CLIENT, 49000, VIP, 80).build();
+    let mut vlan = plain[..12].to_vec();
+    vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    vlan.extend_from_slice(&plain[12..]);
+    // IPv6 with a hop-by-hop extension header, then TCP.
+    let mut v6 = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    v6.extend_from_slice(&[0x60, 0, 0, 0, 0, 28, 0, 64]); // next header: hop-by-hop
+    v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    v6.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // HBH -> TCP, PadN
+    v6.extend_from_slice(&plain[34..54]);
+    for (what, frame) in [("vlan", vlan), ("ipv6+ext", v6)] {
+        for prog in [progs::TC_FROM_POD, progs::TC_TO_POD] {
+            let (rc, out) = fx.run(prog, &frame);
+            assert_eq!((rc, &out), (TC_ACT_OK, &frame), "{what} through {prog}");
+        }
+    }
+    assert_eq!(fx.stat(stat::DNAT), 0);
+}
+
+#[test]
+fn bad_checksums_stay_bad_after_translation() {
+    let fx = fixture();
+    let mut frame = Frame::tcp(CLIENT, 49100, VIP, 80).build();
+    frame[34 + 16] ^= 0x55; // corrupt the TCP checksum
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!(rc, TC_ACT_OK);
+    // Incremental updates keep the checksum exactly as wrong as it was, so
+    // the receiver drops it as it would have dropped the original.
+    let ip = &out[14..34];
+    assert_eq!(
+        csum_fold(sum16(ip)),
+        0,
+        "IPv4 header checksum still verifies"
+    );
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&CLIENT.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((out.len() - 34) as u16).to_be_bytes());
+    assert_ne!(
+        csum_fold(sum16(&pseudo) + sum16(&out[34..])),
+        0,
+        "a bad TCP checksum is not repaired"
+    );
+}
+
+#[test]
+fn hairpin_is_snated_and_its_replies_come_back_from_the_service() {
+    let fx = fixture();
+    let (rc, out) = fx.run(
+        progs::TC_FROM_POD,
+        &Frame::tcp(CLIENT, 49200, HAIRPIN_VIP, 80).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.dst, p.dport), (CLIENT, 8080), "to itself");
+    assert_eq!(
+        (p.src, p.sport),
+        (HAIRPIN_ADDR, 49200),
+        "from the hairpin address"
+    );
+    assert_eq!(fx.stat(stat::HAIRPIN), 1);
+
+    // The pod answers the hairpin address; that comes back through the same
+    // interface (tc ingress) and must look like the service answering.
+    let (rc, out) = fx.run(
+        progs::TC_FROM_POD,
+        &Frame::tcp(CLIENT, 8080, HAIRPIN_ADDR, 49200).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.src, p.sport), (HAIRPIN_VIP, 80));
+    assert_eq!((p.dst, p.dport), (CLIENT, 49200));
+}
+
+#[test]
+fn client_ip_affinity_keeps_new_flows_on_one_backend() {
+    let fx = fixture();
+    let first = parse_and_verify(
+        &fx.run(
+            progs::TC_FROM_POD,
+            &Frame::tcp(CLIENT, 49300, STICKY_VIP, 80).build(),
+        )
+        .1,
+    );
+    for sport in 49301..49340 {
+        let p = parse_and_verify(
+            &fx.run(
+                progs::TC_FROM_POD,
+                &Frame::tcp(CLIENT, sport, STICKY_VIP, 80).build(),
+            )
+            .1,
+        );
+        assert_eq!(
+            p.dst, first.dst,
+            "new flow from the same client, same backend"
+        );
+    }
+    assert_eq!(fx.stat(stat::AFFINITY_HIT), 39);
+    // Another client is placed independently (and then sticks too).
+    let other = Ipv4Addr::new(10, 244, 1, 9);
+    let o = parse_and_verify(
+        &fx.run(
+            progs::TC_FROM_POD,
+            &Frame::tcp(other, 49300, STICKY_VIP, 80).build(),
+        )
+        .1,
+    );
+    let o2 = parse_and_verify(
+        &fx.run(
+            progs::TC_FROM_POD,
+            &Frame::tcp(other, 49301, STICKY_VIP, 80).build(),
+        )
+        .1,
+    );
+    assert_eq!(o.dst, o2.dst);
+}
+
+#[test]
+fn per_service_counters_count_translated_packets_and_bytes() {
+    let fx = fixture();
+    let frame = Frame::tcp(CLIENT, 49400, VIP, 80).build();
+    for _ in 0..5 {
+        fx.run(progs::TC_FROM_POD, &frame);
+    }
+    let d = fx.dp.maps().dump().expect("dump");
+    let id = d
+        .services
+        .iter()
+        .find(|s| s.frontend.ip == VIP && s.frontend.port == 80)
+        .expect("frontend")
+        .id;
+    let st = d
+        .service_stats
+        .iter()
+        .find(|s| s.service_id == id)
+        .expect("counters exist with the frontend");
+    assert_eq!(st.packets, 5);
+    assert_eq!(st.bytes, 5 * frame.len() as u64);
 }
