@@ -346,8 +346,11 @@ pub mod stat {
     pub const HAIRPIN: u32 = 14;
     /// Affinity map hits.
     pub const AFFINITY_HIT: u32 = 15;
+    /// TCP to a frontend that is neither a connection attempt nor part of a
+    /// tracked flow (conntrack INVALID in kube-proxy's terms), dropped.
+    pub const DROP_CT_INVALID: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Counter names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -367,6 +370,7 @@ pub mod stat {
         "sock_refused",
         "hairpin",
         "affinity_hit",
+        "drop_ct_invalid",
     ];
 }
 

@@ -37,6 +37,8 @@ pub enum Error {
     NoSlot,
     /// A store or checksum helper failed: dropped (half-rewritten).
     Rewrite,
+    /// Mid-flow TCP to a frontend without a conntrack entry: dropped.
+    CtInvalid,
 }
 
 impl Error {
@@ -48,11 +50,15 @@ impl Error {
             Error::NoBackend => stat::DROP_NO_BACKEND,
             Error::NoSlot => stat::DROP_NO_SLOT,
             Error::Rewrite => stat::DROP_REWRITE,
+            Error::CtInvalid => stat::DROP_CT_INVALID,
         }
     }
 
     pub fn drops(self) -> bool {
-        matches!(self, Error::NoBackend | Error::NoSlot | Error::Rewrite)
+        matches!(
+            self,
+            Error::NoBackend | Error::NoSlot | Error::Rewrite | Error::CtInvalid
+        )
     }
 }
 

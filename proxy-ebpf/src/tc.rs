@@ -118,6 +118,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     let (backend, flags) = match chosen {
         Some(c) => c,
         None => {
+            // Only a connection attempt may start a TCP flow (as kube-proxy
+            // drops conntrack-INVALID packets).
+            if pkt.proto == proxy_common::proto::TCP && pkt.tcp_flags() & 0x02 == 0 {
+                return Err(Error::CtInvalid);
+            }
             let client = AffinityKey {
                 client_netns: 0,
                 client_addr: pkt.saddr,

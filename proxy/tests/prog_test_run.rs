@@ -194,6 +194,7 @@ struct Frame {
     ip_options: bool,
     frag_off: u16,
     udp_zero_csum: bool,
+    tcp_flags: u8,
 }
 
 impl Frame {
@@ -207,6 +208,7 @@ impl Frame {
             ip_options: false,
             frag_off: 0,
             udp_zero_csum: false,
+            tcp_flags: 0x02,
         }
     }
 
@@ -225,7 +227,7 @@ impl Frame {
         if self.proto == 6 {
             l4.extend_from_slice(&1u32.to_be_bytes()); // seq
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
+            l4.extend_from_slice(&[0x50, self.tcp_flags]); // data offset 5
             l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, csum, urg
         } else {
             l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
@@ -642,4 +644,26 @@ fn per_service_counters_count_translated_packets_and_bytes() {
         .expect("counters exist with the frontend");
     assert_eq!(st.packets, 5);
     assert_eq!(st.bytes, 5 * frame.len() as u64);
+}
+
+#[test]
+fn mid_flow_tcp_without_conntrack_is_dropped_as_invalid() {
+    let fx = fixture();
+    // ACK, no SYN, no conntrack entry.
+    let frame = Frame {
+        tcp_flags: 0x10,
+        ..Frame::tcp(CLIENT, 49500, VIP, 80)
+    }
+    .build();
+    let (rc, _) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(fx.stat(stat::DROP_CT_INVALID), 1);
+    // After the SYN, the same packet belongs to a flow and is translated.
+    fx.run(
+        progs::TC_FROM_POD,
+        &Frame::tcp(CLIENT, 49500, VIP, 80).build(),
+    );
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_ne!(parse_and_verify(&out).dst, VIP);
 }
