@@ -14,7 +14,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names (also the file names under the pin directory). At most 15
 /// bytes: the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.

@@ -51,7 +51,9 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let protocol = sa.protocol as u8;
-    if protocol != proto::TCP && protocol != proto::UDP {
+    // SCTP is translated at connect() too (no per-packet SCTP path: its
+    // CRC32c cannot be fixed up incrementally).
+    if protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP {
         return ALLOW;
     }
     let key = ServiceKey {

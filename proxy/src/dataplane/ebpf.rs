@@ -249,7 +249,30 @@ impl EbpfDataplane {
         };
         dp.adopt()?;
         dp.socket_lb()?;
+        dp.remove_other_layouts();
         Ok(dp)
+    }
+
+    /// Maps pinned by an agent of another layout version are not ours to
+    /// reuse; their pins go (programs still using them keep them alive
+    /// until their links are replaced).
+    fn remove_other_layouts(&self) {
+        let current = pin_dir(&self.cfg.bpffs_path);
+        let Ok(entries) = fs::read_dir(&self.cfg.bpffs_path) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("maps-v") && path != current {
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        info!(path = %path.display(), "removed maps of another layout version")
+                    }
+                    Err(e) => warn!(path = %path.display(), error = %e, "cannot remove old maps"),
+                }
+            }
+        }
     }
 
     /// Attach the socket hooks to the configured cgroup, or remove hooks an
