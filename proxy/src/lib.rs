@@ -8,5 +8,6 @@ pub mod dataplane;
 pub mod diff;
 pub mod k8s;
 pub mod lb;
+pub mod maglev;
 pub mod maps;
 pub mod model;

@@ -125,19 +125,43 @@ fn print_table(out: &mut impl Write, d: &Dump) -> std::io::Result<()> {
         )?;
     }
     writeln!(out, "\nAFFINITY ({} entries)", d.affinity.len())?;
-    writeln!(out, "  {:>10}  {:<24} {:>8}", "SERVICE_ID", "CLIENT", "BACKEND")?;
+    writeln!(
+        out,
+        "  {:>10}  {:<24} {:>8}",
+        "SERVICE_ID", "CLIENT", "BACKEND"
+    )?;
     for a in &d.affinity {
-        writeln!(out, "  {:>10}  {:<24} {:>8}", a.service_id, a.client, a.backend_id)?;
+        writeln!(
+            out,
+            "  {:>10}  {:<24} {:>8}",
+            a.service_id, a.client, a.backend_id
+        )?;
     }
     writeln!(out, "\nSOCK_REVNAT ({} entries)", d.sock_revnat.len())?;
-    writeln!(out, "  {:>20}  {:<22} {:<22}", "COOKIE", "BACKEND", "FRONTEND")?;
+    writeln!(
+        out,
+        "  {:>20}  {:<22} {:<22}",
+        "COOKIE", "BACKEND", "FRONTEND"
+    )?;
     for r in &d.sock_revnat {
-        writeln!(out, "  {:>20}  {:<22} {:<22}", r.cookie, r.backend, r.frontend)?;
+        writeln!(
+            out,
+            "  {:>20}  {:<22} {:<22}",
+            r.cookie, r.backend, r.frontend
+        )?;
     }
     writeln!(out, "\nSERVICE_STATS ({} entries)", d.service_stats.len())?;
-    writeln!(out, "  {:>10} {:>12} {:>14}", "SERVICE_ID", "PACKETS", "BYTES")?;
+    writeln!(
+        out,
+        "  {:>10} {:>12} {:>14}",
+        "SERVICE_ID", "PACKETS", "BYTES"
+    )?;
     for s in &d.service_stats {
-        writeln!(out, "  {:>10} {:>12} {:>14}", s.service_id, s.packets, s.bytes)?;
+        writeln!(
+            out,
+            "  {:>10} {:>12} {:>14}",
+            s.service_id, s.packets, s.bytes
+        )?;
     }
     writeln!(out, "\nSTATS")?;
     for s in &d.stats {

@@ -103,8 +103,11 @@ pub fn attach_cgroup(
     } else {
         None
     };
+    // Cgroup *links* always coexist with other links (multi-attach); the
+    // kernel rejects BPF_F_ALLOW_MULTI on bpf_link_create (aya#1078), so
+    // the mode flag must stay empty.
     let id = prog
-        .attach(cgroup, CgroupAttachMode::AllowMultiple)
+        .attach(cgroup, CgroupAttachMode::Single)
         .map_err(|source| LinkPinError::Program {
             what: format!("attaching {name} to the cgroup"),
             source: Box::new(source),

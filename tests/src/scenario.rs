@@ -1,0 +1,1449 @@
+//! Scenario tests made readable: a [`Scenario`] is a netns [`Cluster`], the
+//! API server fixture with the Node objects, backend servers in chosen pods,
+//! one test [`Cgroup`] per node and the real agent on every node (socket LB
+//! on or off, hooks attached to that node's cgroup).
+//!
+//! Clients are `podclient` *processes*, started inside a pod's network
+//! namespace after they moved themselves into their node's cgroup, so cgroup
+//! socket hooks see them (cgroup v2 moves whole processes; a thread of the
+//! test process cannot join a cgroup alone). With socket LB off the same
+//! clients exercise the per-packet tc path.
+//!
+//! Objects are built with [`Service`] and [`EndpointSlice`] and applied with
+//! [`Scenario::apply`] (create or replace).
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::agent::{Agent, AgentOptions, bin_dir};
+use crate::apiserver::ApiServer;
+use crate::cgroup::Cgroup;
+use crate::cluster::{Cluster, ClusterSpec, Pod, TcpMode, TcpServer, UdpServer, parse_reply};
+
+// ---------------------------------------------------------------------------
+// podclient wire format
+// ---------------------------------------------------------------------------
+
+/// Why a client request failed (the same classes as
+/// [`crate::cluster::ClientError`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// ECONNREFUSED: RST to the SYN, ICMP port unreachable.
+    Refused,
+    /// No answer within the timeout.
+    TimedOut,
+    /// No route, ICMP host/net unreachable, EPERM/EACCES.
+    Unreachable,
+    /// Reset after the connection was established.
+    Reset,
+    /// A UDP reply came from another address than the one asked.
+    WrongSource,
+    /// Anything else.
+    Other,
+}
+
+/// One request of a `podclient` run (one JSON line).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientResult {
+    pub ok: bool,
+    /// The reply line, `"<backend name> <peer ip>:<peer port>"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    /// TCP: `getpeername()` of the connected socket; UDP: the reply's source.
+    /// Must be the address the client asked for (socket LB hides the backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    /// The client socket's own address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub elapsed_ms: f64,
+}
+
+impl ClientResult {
+    /// Name of the backend that answered.
+    pub fn backend(&self) -> Option<&str> {
+        parse_reply(self.reply.as_deref()?).map(|(name, _)| name)
+    }
+
+    /// The client address the backend saw.
+    pub fn seen_client(&self) -> Option<SocketAddr> {
+        parse_reply(self.reply.as_deref()?).map(|(_, peer)| peer)
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_secs_f64(self.elapsed_ms.max(0.0) / 1000.0)
+    }
+
+    pub fn is_refused(&self) -> bool {
+        self.error == Some(ErrorKind::Refused)
+    }
+}
+
+impl std::fmt::Display for ClientResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ok {
+            write!(f, "ok {:?}", self.reply.as_deref().unwrap_or(""))?;
+        } else {
+            write!(
+                f,
+                "{:?}: {}",
+                self.error.unwrap_or(ErrorKind::Other),
+                self.detail.as_deref().unwrap_or("")
+            )?;
+        }
+        if let Some(p) = self.peer {
+            write!(f, " peer {p}")?;
+        }
+        write!(f, " after {:.1} ms", self.elapsed_ms)
+    }
+}
+
+/// One stream of a `podclient --hold-secs` run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamResult {
+    pub stream: usize,
+    /// Still healthy at the end.
+    pub ok: bool,
+    /// Bytes written.
+    pub sent: u64,
+    /// Bytes acknowledged by the peer.
+    pub acked: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// When the stream failed, or when the run ended.
+    pub elapsed_ms: f64,
+}
+
+// ---------------------------------------------------------------------------
+// Running podclient in a pod + cgroup
+// ---------------------------------------------------------------------------
+
+/// The `podclient` binary: next to the other workspace binaries
+/// ([`bin_dir`]), else next to the running test binary's `deps/` directory.
+pub fn podclient_path() -> Result<PathBuf> {
+    let mut tried = vec![bin_dir().join("podclient")];
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        tried.push(dir.join("podclient"));
+        if let Some(up) = dir.parent() {
+            tried.push(up.join("podclient"));
+        }
+    }
+    if let Some(p) = tried.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    bail!(
+        "podclient binary not found (tried {tried:?}): build it with `cargo build -p proxy-tests --bin podclient` \
+         (`cargo test -p proxy-tests` builds it before the integration tests)"
+    )
+}
+
+/// Transport of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// `TCP` / `UDP` as in Kubernetes objects.
+    pub fn k8s(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+
+    fn arg(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// What a `podclient` run does.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub proto: Protocol,
+    pub to: SocketAddr,
+    pub count: usize,
+    pub timeout: Duration,
+    pub sport_spread: bool,
+}
+
+impl Request {
+    /// One TCP request with a 1 s timeout.
+    pub fn tcp(to: impl Into<SocketAddr>) -> Request {
+        Request {
+            proto: Protocol::Tcp,
+            to: to.into(),
+            count: 1,
+            timeout: Duration::from_secs(1),
+            sport_spread: false,
+        }
+    }
+
+    /// One UDP request with a 1 s timeout.
+    pub fn udp(to: impl Into<SocketAddr>) -> Request {
+        Request {
+            proto: Protocol::Udp,
+            ..Request::tcp(to)
+        }
+    }
+
+    pub fn count(mut self, n: usize) -> Request {
+        self.count = n;
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Request {
+        self.timeout = t;
+        self
+    }
+
+    /// Every request from its own explicit source port.
+    pub fn sport_spread(mut self) -> Request {
+        self.sport_spread = true;
+        self
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--proto".to_owned(),
+            self.proto.arg().to_owned(),
+            "--to".to_owned(),
+            self.to.to_string(),
+            "--count".to_owned(),
+            self.count.to_string(),
+            "--timeout-ms".to_owned(),
+            self.timeout.as_millis().max(1).to_string(),
+        ];
+        if self.sport_spread {
+            a.push("--sport-spread".to_owned());
+        }
+        a
+    }
+
+    /// Upper bound of a whole run.
+    fn deadline(&self) -> Duration {
+        let n = u32::try_from(self.count).unwrap_or(u32::MAX);
+        self.timeout.saturating_mul(n) + Duration::from_secs(5)
+    }
+}
+
+/// A client pod as seen by `podclient`: its namespace and the cgroup its
+/// processes join.
+#[derive(Clone, Debug)]
+pub struct PodClient {
+    pub pod_name: String,
+    pub ip: Ipv4Addr,
+    pub netns_path: PathBuf,
+    pub cgroup_path: PathBuf,
+}
+
+impl PodClient {
+    pub fn new(pod: &Pod, cgroup: &Cgroup) -> PodClient {
+        PodClient {
+            pod_name: pod.name.clone(),
+            ip: pod.ip,
+            netns_path: pod.ns.path(),
+            cgroup_path: cgroup.path().to_owned(),
+        }
+    }
+
+    /// Starts `podclient args...` in the pod's namespace, already a member
+    /// of the cgroup when it execs (the shell moves itself in, then execs
+    /// nsenter, which execs podclient: one pid throughout).
+    pub fn spawn(&self, args: &[String]) -> Result<RunningClient> {
+        let exe = podclient_path()?;
+        let script = r#"cg=$1; ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" -- "$@""#;
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("podclient-sh")
+            .arg(&self.cgroup_path)
+            .arg(&self.netns_path)
+            .arg(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning podclient")?;
+        Ok(RunningClient {
+            child: Some(child),
+            what: format!("podclient {args:?} in {}", self.pod_name),
+        })
+    }
+
+    /// Runs `req` and returns one result per request.
+    pub fn run(&self, req: &Request) -> Result<Vec<ClientResult>> {
+        let results: Vec<ClientResult> = self.spawn(&req.args())?.wait(req.deadline())?;
+        if results.len() != req.count {
+            bail!(
+                "podclient {req:?} from {} printed {} results, expected {}",
+                self.pod_name,
+                results.len(),
+                req.count
+            );
+        }
+        Ok(results)
+    }
+
+    /// `n` TCP requests to `to` (1 s timeout each). Panics on harness errors.
+    #[track_caller]
+    pub fn tcp(&self, to: impl Into<SocketAddr>, n: usize) -> Vec<ClientResult> {
+        let req = Request::tcp(to).count(n);
+        self.run(&req)
+            .unwrap_or_else(|e| panic!("running {req:?}: {e:#}"))
+    }
+
+    /// `n` UDP requests to `to` (1 s timeout each). Panics on harness errors.
+    #[track_caller]
+    pub fn udp(&self, to: impl Into<SocketAddr>, n: usize) -> Vec<ClientResult> {
+        let req = Request::udp(to).count(n);
+        self.run(&req)
+            .unwrap_or_else(|e| panic!("running {req:?}: {e:#}"))
+    }
+
+    /// One request of `proto`; panics on harness errors.
+    #[track_caller]
+    pub fn one(&self, proto: Protocol, to: impl Into<SocketAddr>) -> ClientResult {
+        let req = Request {
+            proto,
+            ..Request::tcp(to)
+        };
+        self.run(&req)
+            .unwrap_or_else(|e| panic!("running {req:?}: {e:#}"))
+            .remove(0)
+    }
+
+    /// Starts a hold run: `streams` TCP connections to `to`, each sending a
+    /// chunk every 50 ms for `secs`; [`RunningClient::wait`] returns one
+    /// [`StreamResult`] per stream.
+    pub fn spawn_hold(
+        &self,
+        to: impl Into<SocketAddr>,
+        secs: f64,
+        streams: usize,
+    ) -> Result<RunningClient> {
+        self.spawn(&[
+            "--proto".to_owned(),
+            "tcp".to_owned(),
+            "--to".to_owned(),
+            to.into().to_string(),
+            "--hold-secs".to_owned(),
+            secs.to_string(),
+            "--streams".to_owned(),
+            streams.to_string(),
+        ])
+    }
+}
+
+/// A started `podclient`; killed and reaped on drop.
+#[derive(Debug)]
+pub struct RunningClient {
+    child: Option<Child>,
+    what: String,
+}
+
+impl RunningClient {
+    /// The client's pid.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits (at most `within`) for the client to exit and parses its JSON
+    /// lines.
+    pub fn wait<T: serde::de::DeserializeOwned>(mut self, within: Duration) -> Result<Vec<T>> {
+        let mut child = self.child.take().context("already waited")?;
+        let mut stdout = child.stdout.take().context("no stdout pipe")?;
+        let mut stderr = child.stderr.take().context("no stderr pipe")?;
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not finish within {within:?}", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let out = reader.join().unwrap_or_default();
+        let err = err_reader.join().unwrap_or_default();
+        if !status.success() {
+            bail!("{} failed ({status}): {}", self.what, err.trim());
+        }
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("{}: bad output line {l:?}", self.what))
+            })
+            .collect()
+    }
+}
+
+impl Drop for RunningClient {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scenario
+// ---------------------------------------------------------------------------
+
+/// Whether the agents run the socket-LB hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketLb {
+    On,
+    Off,
+}
+
+impl SocketLb {
+    /// The value of `--socket-lb`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            SocketLb::On => "true",
+            SocketLb::Off => "false",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ServerSpec {
+    node: usize,
+    pod: usize,
+    port: u16,
+    name: Option<String>,
+    tcp_mode: Option<TcpMode>,
+}
+
+/// Builds a [`Scenario`]; see [`Scenario::builder`].
+#[derive(Clone, Debug)]
+pub struct ScenarioBuilder {
+    label: String,
+    socket_lb: SocketLb,
+    spec: ClusterSpec,
+    servers: Vec<ServerSpec>,
+    objects: Vec<Value>,
+    agent_args: Vec<String>,
+}
+
+impl ScenarioBuilder {
+    /// The cluster to build (default: 2 nodes x 2 pods, external client).
+    pub fn cluster(mut self, spec: ClusterSpec) -> Self {
+        self.spec = spec;
+        self
+    }
+
+    /// A TCP reply server on `port` of pod (node, j), named after the pod.
+    pub fn tcp_server(self, (node, pod): (usize, usize), port: u16) -> Self {
+        self.server(node, pod, port, None, Some(TcpMode::Reply))
+    }
+
+    /// A TCP reply server whose replies carry `name` instead of the pod name.
+    pub fn tcp_server_named(self, (node, pod): (usize, usize), port: u16, name: &str) -> Self {
+        self.server(node, pod, port, Some(name.to_owned()), Some(TcpMode::Reply))
+    }
+
+    /// A TCP sink server (for hold runs).
+    pub fn tcp_sink(self, (node, pod): (usize, usize), port: u16) -> Self {
+        self.server(node, pod, port, None, Some(TcpMode::Sink))
+    }
+
+    /// A UDP reply server on `port` of pod (node, j), named after the pod.
+    pub fn udp_server(self, (node, pod): (usize, usize), port: u16) -> Self {
+        self.server(node, pod, port, None, None)
+    }
+
+    /// A UDP reply server whose replies carry `name`.
+    pub fn udp_server_named(self, (node, pod): (usize, usize), port: u16, name: &str) -> Self {
+        self.server(node, pod, port, Some(name.to_owned()), None)
+    }
+
+    fn server(
+        mut self,
+        node: usize,
+        pod: usize,
+        port: u16,
+        name: Option<String>,
+        tcp_mode: Option<TcpMode>,
+    ) -> Self {
+        self.servers.push(ServerSpec {
+            node,
+            pod,
+            port,
+            name,
+            tcp_mode,
+        });
+        self
+    }
+
+    /// An object present before the agents start.
+    pub fn object(mut self, obj: &impl KubeObject) -> Self {
+        self.objects.push(obj.to_json());
+        self
+    }
+
+    /// Extra agent arguments (every node).
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|s| (*s).to_owned()));
+        self
+    }
+
+    pub fn build(self) -> Result<Scenario> {
+        let cluster = Cluster::new(self.spec).context("building the cluster")?;
+        let mut tcp = Vec::new();
+        let mut udp = Vec::new();
+        for s in &self.servers {
+            let pod = cluster.pod(s.node, s.pod);
+            let name = s.name.clone().unwrap_or_else(|| pod.name.clone());
+            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.port));
+            match s.tcp_mode {
+                Some(mode) => tcp.push(TcpServer::start_mode(&pod.ns, &name, bind, mode)?),
+                None => udp.push(UdpServer::start(&pod.ns, &name, bind)?),
+            }
+        }
+        let api = ApiServer::start()?;
+        for node in cluster.nodes() {
+            api.create(json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node.name},
+            }))?;
+        }
+        for obj in &self.objects {
+            api.apply_yaml(&serde_json::to_string(obj)?)?;
+        }
+        let cgroups = cluster
+            .nodes()
+            .iter()
+            .map(|n| Cgroup::new(&format!("{}-{}", self.label, n.name)))
+            .collect::<Result<Vec<_>>>()?;
+        // Agents start in parallel (each waits for its caches).
+        let agents = std::thread::scope(|s| {
+            let jobs: Vec<_> = cluster
+                .nodes()
+                .iter()
+                .zip(&cgroups)
+                .map(|(node, cg)| {
+                    let mut args = vec![
+                        "--socket-lb".to_owned(),
+                        self.socket_lb.flag().to_owned(),
+                        "--cgroup-path".to_owned(),
+                        cg.path().display().to_string(),
+                    ];
+                    args.extend(self.agent_args.iter().cloned());
+                    let api = &api;
+                    s.spawn(move || {
+                        Agent::start(
+                            node,
+                            api,
+                            AgentOptions {
+                                args,
+                                ..Default::default()
+                            },
+                        )
+                        .with_context(|| format!("starting the agent on {}", node.name))
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .map(|j| match j.join() {
+                    Ok(r) => r,
+                    Err(p) => std::panic::resume_unwind(p),
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(Scenario {
+            tcp_servers: tcp,
+            udp_servers: udp,
+            agents,
+            cgroups,
+            api,
+            cluster,
+            socket_lb: self.socket_lb,
+        })
+    }
+}
+
+/// A running scenario. Dropping it stops servers, agents (which detach
+/// their programs), kills leftover clients, removes the cgroups and deletes
+/// every namespace.
+pub struct Scenario {
+    // Field order is drop order.
+    tcp_servers: Vec<TcpServer>,
+    udp_servers: Vec<UdpServer>,
+    agents: Vec<Agent>,
+    cgroups: Vec<Cgroup>,
+    pub api: ApiServer,
+    pub cluster: Cluster,
+    pub socket_lb: SocketLb,
+}
+
+impl Scenario {
+    /// A builder; `label` names the cgroups (for humans).
+    pub fn builder(label: &str, socket_lb: SocketLb) -> ScenarioBuilder {
+        ScenarioBuilder {
+            label: label.to_owned(),
+            socket_lb,
+            spec: ClusterSpec::default(),
+            servers: Vec::new(),
+            objects: Vec::new(),
+            agent_args: Vec::new(),
+        }
+    }
+
+    /// Pod `j` of node `i`.
+    pub fn pod(&self, i: usize, j: usize) -> &Pod {
+        self.cluster.pod(i, j)
+    }
+
+    /// The test cgroup of node `i` (1-based).
+    pub fn cgroup(&self, i: usize) -> &Cgroup {
+        i.checked_sub(1)
+            .and_then(|k| self.cgroups.get(k))
+            .unwrap_or_else(|| panic!("no cgroup for node {i}"))
+    }
+
+    /// The agent of node `i` (1-based).
+    pub fn agent(&self, i: usize) -> &Agent {
+        i.checked_sub(1)
+            .and_then(|k| self.agents.get(k))
+            .unwrap_or_else(|| panic!("no agent on node {i}"))
+    }
+
+    /// The agent of node `i`, mutably (to stop it, wait for its log).
+    pub fn agent_mut(&mut self, i: usize) -> &mut Agent {
+        i.checked_sub(1)
+            .and_then(|k| self.agents.get_mut(k))
+            .unwrap_or_else(|| panic!("no agent on node {i}"))
+    }
+
+    /// A client in pod (i, j), in node i's cgroup.
+    pub fn client(&self, i: usize, j: usize) -> PodClient {
+        PodClient::new(self.pod(i, j), self.cgroup(i))
+    }
+
+    /// The TCP server named `name`.
+    pub fn tcp_server(&self, name: &str) -> &TcpServer {
+        self.tcp_servers
+            .iter()
+            .find(|s| s.name() == name)
+            .unwrap_or_else(|| panic!("no TCP server {name}"))
+    }
+
+    /// The UDP server named `name`.
+    pub fn udp_server(&self, name: &str) -> &UdpServer {
+        self.udp_servers
+            .iter()
+            .find(|s| s.name() == name)
+            .unwrap_or_else(|| panic!("no UDP server {name}"))
+    }
+
+    /// Create or replace an object.
+    pub fn apply(&self, obj: &impl KubeObject) {
+        let v = obj.to_json();
+        self.api
+            .apply_yaml(&serde_json::to_string(&v).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("applying {v}: {e:#}"));
+    }
+
+    /// Delete an object (`kind` as in the API, namespace `default`).
+    pub fn delete(&self, kind: &str, name: &str) {
+        let ns = (kind != "Node").then_some("default");
+        self.api
+            .delete(kind, ns, name)
+            .unwrap_or_else(|e| panic!("deleting {kind} {name}: {e:#}"));
+    }
+
+    /// Frontends node `i`'s agent programmed, as `ip:port/PROTO`, sorted.
+    pub fn frontends(&self, i: usize) -> Vec<String> {
+        frontends(self.agent(i)).unwrap_or_else(|e| panic!("dump-maps on node {i}: {e:#}"))
+    }
+}
+
+impl Scenario {
+    /// Node `i`'s datapath counters (`proxyctl dump-maps` `stats`, by name).
+    pub fn stats(&self, i: usize) -> BTreeMap<String, u64> {
+        stats(self.agent(i)).unwrap_or_else(|e| panic!("dump-maps on node {i}: {e:#}"))
+    }
+
+    /// Sums of the socket-path and tc-path translation counters over all
+    /// nodes.
+    fn path_counters(&self) -> (u64, u64, Vec<BTreeMap<String, u64>>) {
+        let per_node: Vec<BTreeMap<String, u64>> =
+            (1..=self.agents.len()).map(|i| self.stats(i)).collect();
+        let sum = |names: &[&str]| -> u64 {
+            per_node
+                .iter()
+                .flat_map(|m| names.iter().filter_map(|n| m.get(*n)))
+                .sum()
+        };
+        let socket = sum(&["sock_xlate", "sock_refused"]);
+        let tc = sum(&["dnat", "reject_tcp_rst", "reject_icmp"]);
+        (socket, tc, per_node)
+    }
+
+    /// Asserts the traffic so far used the path this scenario is about:
+    /// with socket LB on the socket hooks translated (`sock_xlate` /
+    /// `sock_refused` > 0); with it off they never ran and the tc programs
+    /// translated or rejected. (With socket LB on, tc may still translate
+    /// a flow whose connect() came before its service was programmed; see
+    /// [`Scenario::assert_path`] for a strict check.)
+    pub fn assert_datapath(&self) {
+        let (socket, tc, per_node) = self.path_counters();
+        match self.socket_lb {
+            SocketLb::On => {
+                assert!(
+                    socket > 0,
+                    "socket LB on but no socket translation: {per_node:?}"
+                );
+            }
+            SocketLb::Off => {
+                assert_eq!(socket, 0, "socket LB off, yet hooks ran: {per_node:?}");
+                assert!(
+                    tc > 0,
+                    "socket LB off but the tc path did nothing: {per_node:?}"
+                );
+            }
+        }
+    }
+
+    /// Runs `req` from `c` (a service that is programmed and stable) and
+    /// asserts which path handled every request: with socket LB on, the
+    /// socket hooks (their counters grow by at least one per request) and
+    /// not the tc programs (`dnat`, `reject_*` unchanged); with it off, the
+    /// reverse. Returns the results, which the caller still has to check.
+    #[track_caller]
+    pub fn assert_path(&self, c: &PodClient, req: &Request) -> Vec<ClientResult> {
+        let (socket0, tc0, _) = self.path_counters();
+        let rs = c
+            .run(req)
+            .unwrap_or_else(|e| panic!("running {req:?}: {e:#}"));
+        let (socket1, tc1, per_node) = self.path_counters();
+        let n = u64::try_from(req.count).unwrap_or(u64::MAX);
+        let (ds, dt) = (socket1.saturating_sub(socket0), tc1.saturating_sub(tc0));
+        match self.socket_lb {
+            SocketLb::On => assert!(
+                ds >= n && dt == 0,
+                "{req:?} with socket LB on: socket counters +{ds}, tc counters +{dt}: {per_node:?}"
+            ),
+            SocketLb::Off => assert!(
+                ds == 0 && dt >= n,
+                "{req:?} with socket LB off: socket counters +{ds}, tc counters +{dt}: {per_node:?}"
+            ),
+        }
+        rs
+    }
+}
+
+/// An agent's datapath counters by name (`proxyctl dump-maps` `stats`).
+pub fn stats(agent: &Agent) -> Result<BTreeMap<String, u64>> {
+    let dump: Value = serde_json::from_str(&agent.proxyctl(&["dump-maps", "--output", "json"])?)
+        .context("parsing dump-maps JSON")?;
+    Ok(dump["stats"]
+        .as_array()
+        .context("dump-maps: no stats array")?
+        .iter()
+        .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_u64()?)))
+        .collect())
+}
+
+/// Frontends an agent programmed (`proxyctl dump-maps`), as `ip:port/PROTO`.
+pub fn frontends(agent: &Agent) -> Result<Vec<String>> {
+    let dump: Value = serde_json::from_str(&agent.proxyctl(&["dump-maps", "--output", "json"])?)
+        .context("parsing dump-maps JSON")?;
+    let mut out: Vec<String> = dump["services"]
+        .as_array()
+        .context("dump-maps: no services array")?
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}/{}",
+                s["frontend"]["ip"].as_str().unwrap_or(""),
+                s["frontend"]["port"],
+                s["frontend"]["proto"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Assertions
+// ---------------------------------------------------------------------------
+
+/// Replies per backend name. Every request must have succeeded, the backend
+/// must have seen `client` as the source (no SNAT) and the client's peer
+/// (`getpeername` / UDP reply source) must be the address it asked for.
+pub fn try_tally(
+    results: &[ClientResult],
+    client: Ipv4Addr,
+) -> std::result::Result<BTreeMap<String, usize>, String> {
+    let mut seen = BTreeMap::new();
+    for (i, r) in results.iter().enumerate() {
+        if !r.ok {
+            return Err(format!("request {i} failed: {r}"));
+        }
+        let (Some(name), Some(saw)) = (r.backend(), r.seen_client()) else {
+            return Err(format!("request {i}: unparsable reply: {r}"));
+        };
+        if saw.ip() != IpAddr::V4(client) {
+            return Err(format!(
+                "request {i}: backend {name} saw source {saw}, not the client {client}: {r}"
+            ));
+        }
+        *seen.entry(name.to_owned()).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+/// [`try_tally`] that panics on failures, and checks the client's peer
+/// address is `to` for every request.
+#[track_caller]
+pub fn tally(
+    results: &[ClientResult],
+    client: Ipv4Addr,
+    to: impl Into<SocketAddr>,
+) -> BTreeMap<String, usize> {
+    let to = to.into();
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            !r.ok || r.peer == Some(to),
+            "request {i}: the client's peer is {:?}, not the address it asked for {to}: {r}",
+            r.peer
+        );
+    }
+    try_tally(results, client).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The backend names of a tally, sorted.
+pub fn names(t: &BTreeMap<String, usize>) -> Vec<&str> {
+    t.keys().map(String::as_str).collect()
+}
+
+/// Polls `f` every 20 ms until it returns `Ok`, panicking with the last
+/// error after `within`.
+#[track_caller]
+pub fn eventually<T>(within: Duration, mut f: impl FnMut() -> std::result::Result<T, String>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("not within {within:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Object builders
+// ---------------------------------------------------------------------------
+
+/// Something [`Scenario::apply`] can send to the API server.
+pub trait KubeObject {
+    fn to_json(&self) -> Value;
+
+    /// The object as YAML.
+    fn to_yaml(&self) -> String {
+        serde_yaml::to_string(&self.to_json()).unwrap_or_default()
+    }
+}
+
+/// A service port's `targetPort`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+impl From<u16> for TargetPort {
+    fn from(p: u16) -> Self {
+        TargetPort::Number(p)
+    }
+}
+
+impl From<&str> for TargetPort {
+    fn from(n: &str) -> Self {
+        TargetPort::Name(n.to_owned())
+    }
+}
+
+/// One entry of `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// `None` only for a service with a single port.
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target: TargetPort,
+}
+
+impl ServicePort {
+    pub fn tcp(name: &str, port: u16, target: impl Into<TargetPort>) -> ServicePort {
+        ServicePort {
+            name: Some(name.to_owned()),
+            port,
+            protocol: Protocol::Tcp,
+            target: target.into(),
+        }
+    }
+
+    pub fn udp(name: &str, port: u16, target: impl Into<TargetPort>) -> ServicePort {
+        ServicePort {
+            protocol: Protocol::Udp,
+            ..ServicePort::tcp(name, port, target)
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(n) = &self.name {
+            m.insert("name".into(), json!(n));
+        }
+        m.insert("port".into(), json!(self.port));
+        m.insert("protocol".into(), json!(self.protocol.k8s()));
+        m.insert(
+            "targetPort".into(),
+            match &self.target {
+                TargetPort::Number(p) => json!(p),
+                TargetPort::Name(n) => json!(n),
+            },
+        );
+        Value::Object(m)
+    }
+}
+
+/// `spec.internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ServiceKind {
+    ClusterIp(Ipv4Addr),
+    Headless,
+    ExternalName(String),
+}
+
+/// A `v1/Service` in namespace `default`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    kind: ServiceKind,
+    ports: Vec<ServicePort>,
+    labels: BTreeMap<String, String>,
+    publish_not_ready: Option<bool>,
+    /// `Some(timeout)`: sessionAffinity ClientIP (timeout `None` = default).
+    affinity: Option<Option<u32>>,
+    internal_policy: Option<TrafficPolicy>,
+}
+
+impl Service {
+    /// `type: ClusterIP` with `clusterIP`/`clusterIPs` = `vip`.
+    pub fn cluster_ip(name: &str, vip: Ipv4Addr) -> Service {
+        Service {
+            name: name.to_owned(),
+            kind: ServiceKind::ClusterIp(vip),
+            ports: Vec::new(),
+            labels: BTreeMap::new(),
+            publish_not_ready: None,
+            affinity: None,
+            internal_policy: None,
+        }
+    }
+
+    /// `clusterIP: None`.
+    pub fn headless(name: &str) -> Service {
+        Service {
+            kind: ServiceKind::Headless,
+            ..Service::cluster_ip(name, Ipv4Addr::UNSPECIFIED)
+        }
+    }
+
+    /// Turn into `type: ClusterIP` with `vip` (from any type).
+    pub fn with_cluster_ip(mut self, vip: Ipv4Addr) -> Service {
+        self.kind = ServiceKind::ClusterIp(vip);
+        self
+    }
+
+    /// Turn into `type: ExternalName` (no cluster IP, as the API requires).
+    pub fn with_external_name(mut self, host: &str) -> Service {
+        self.kind = ServiceKind::ExternalName(host.to_owned());
+        self
+    }
+
+    pub fn port(mut self, p: ServicePort) -> Service {
+        self.ports.push(p);
+        self
+    }
+
+    pub fn tcp(self, name: &str, port: u16, target: impl Into<TargetPort>) -> Service {
+        self.port(ServicePort::tcp(name, port, target))
+    }
+
+    pub fn udp(self, name: &str, port: u16, target: impl Into<TargetPort>) -> Service {
+        self.port(ServicePort::udp(name, port, target))
+    }
+
+    /// Drop the port named `name`.
+    pub fn without_port(mut self, name: &str) -> Service {
+        self.ports.retain(|p| p.name.as_deref() != Some(name));
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Service {
+        self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    pub fn without_label(mut self, key: &str) -> Service {
+        self.labels.remove(key);
+        self
+    }
+
+    pub fn publish_not_ready_addresses(mut self, on: bool) -> Service {
+        self.publish_not_ready = Some(on);
+        self
+    }
+
+    /// `sessionAffinity: ClientIP` with
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` (1..=86400).
+    pub fn affinity_client_ip(mut self, timeout_seconds: u32) -> Service {
+        self.affinity = Some(Some(timeout_seconds));
+        self
+    }
+
+    /// `sessionAffinity: None`.
+    pub fn no_affinity(mut self) -> Service {
+        self.affinity = None;
+        self
+    }
+
+    pub fn internal_traffic_policy(mut self, p: TrafficPolicy) -> Service {
+        self.internal_policy = Some(p);
+        self
+    }
+}
+
+impl KubeObject for Service {
+    fn to_json(&self) -> Value {
+        let mut spec = Map::new();
+        match &self.kind {
+            ServiceKind::ClusterIp(vip) => {
+                spec.insert("type".into(), json!("ClusterIP"));
+                spec.insert("clusterIP".into(), json!(vip.to_string()));
+                spec.insert("clusterIPs".into(), json!([vip.to_string()]));
+            }
+            ServiceKind::Headless => {
+                spec.insert("type".into(), json!("ClusterIP"));
+                spec.insert("clusterIP".into(), json!("None"));
+                spec.insert("clusterIPs".into(), json!(["None"]));
+            }
+            ServiceKind::ExternalName(host) => {
+                spec.insert("type".into(), json!("ExternalName"));
+                spec.insert("externalName".into(), json!(host));
+            }
+        }
+        spec.insert(
+            "ports".into(),
+            Value::Array(self.ports.iter().map(ServicePort::to_json).collect()),
+        );
+        if let Some(p) = self.publish_not_ready {
+            spec.insert("publishNotReadyAddresses".into(), json!(p));
+        }
+        match self.affinity {
+            Some(timeout) => {
+                spec.insert("sessionAffinity".into(), json!("ClientIP"));
+                spec.insert(
+                    "sessionAffinityConfig".into(),
+                    json!({"clientIP": {"timeoutSeconds": timeout.unwrap_or(10_800)}}),
+                );
+            }
+            None => {
+                spec.insert("sessionAffinity".into(), json!("None"));
+            }
+        }
+        if let Some(p) = self.internal_policy {
+            let v = match p {
+                TrafficPolicy::Cluster => "Cluster",
+                TrafficPolicy::Local => "Local",
+            };
+            spec.insert("internalTrafficPolicy".into(), json!(v));
+        }
+        let mut meta = Map::new();
+        meta.insert("name".into(), json!(self.name));
+        meta.insert("namespace".into(), json!("default"));
+        if !self.labels.is_empty() {
+            meta.insert("labels".into(), json!(self.labels));
+        }
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": spec,
+        })
+    }
+}
+
+/// One endpoint of an [`EndpointSlice`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub node_name: Option<String>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+impl Endpoint {
+    /// `ip` on `node`, with all conditions unset (the API says: ready).
+    pub fn at(ip: Ipv4Addr, node: Option<&str>) -> Endpoint {
+        Endpoint {
+            ip,
+            node_name: node.map(str::to_owned),
+            ready: None,
+            serving: None,
+            terminating: None,
+        }
+    }
+
+    /// Sets the three conditions.
+    pub fn conditions(mut self, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+        self.ready = Some(ready);
+        self.serving = Some(serving);
+        self.terminating = Some(terminating);
+        self
+    }
+
+    /// ready, serving, not terminating.
+    pub fn ready(pod: &Pod) -> Endpoint {
+        Endpoint::at(pod.ip, Some(&pod.node_name)).conditions(true, true, false)
+    }
+
+    /// Not ready, not serving, not terminating (a pod failing readiness).
+    pub fn not_ready(pod: &Pod) -> Endpoint {
+        Endpoint::at(pod.ip, Some(&pod.node_name)).conditions(false, false, false)
+    }
+
+    /// Serving and terminating (graceful shutdown, still passing readiness).
+    pub fn terminating(pod: &Pod) -> Endpoint {
+        Endpoint::at(pod.ip, Some(&pod.node_name)).conditions(false, true, true)
+    }
+
+    /// Terminating and no longer serving.
+    pub fn terminating_not_serving(pod: &Pod) -> Endpoint {
+        Endpoint::at(pod.ip, Some(&pod.node_name)).conditions(false, false, true)
+    }
+
+    /// No conditions at all (nil = ready/serving per the API).
+    pub fn unknown(pod: &Pod) -> Endpoint {
+        Endpoint::at(pod.ip, Some(&pod.node_name))
+    }
+
+    fn to_json(&self) -> Value {
+        let mut cond = Map::new();
+        for (k, v) in [
+            ("ready", self.ready),
+            ("serving", self.serving),
+            ("terminating", self.terminating),
+        ] {
+            if let Some(v) = v {
+                cond.insert(k.into(), json!(v));
+            }
+        }
+        let mut m = Map::new();
+        m.insert("addresses".into(), json!([self.ip.to_string()]));
+        m.insert("conditions".into(), Value::Object(cond));
+        if let Some(n) = &self.node_name {
+            m.insert("nodeName".into(), json!(n));
+        }
+        Value::Object(m)
+    }
+}
+
+/// A `discovery.k8s.io/v1` IPv4 EndpointSlice of a service in `default`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub name: String,
+    pub service: String,
+    ports: Vec<(Option<String>, u16, Protocol)>,
+    endpoints: Vec<Endpoint>,
+    labels: BTreeMap<String, String>,
+}
+
+impl EndpointSlice {
+    /// Slice `name` of service `service` (label `kubernetes.io/service-name`).
+    pub fn new(name: &str, service: &str) -> EndpointSlice {
+        EndpointSlice {
+            name: name.to_owned(),
+            service: service.to_owned(),
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// A port: `name` is the *service* port's name (`None`/"" for a
+    /// single unnamed port), `port` the endpoints' number.
+    pub fn port(mut self, name: Option<&str>, port: u16, protocol: Protocol) -> EndpointSlice {
+        self.ports.push((name.map(str::to_owned), port, protocol));
+        self
+    }
+
+    pub fn tcp_port(self, name: &str, port: u16) -> EndpointSlice {
+        self.port(Some(name), port, Protocol::Tcp)
+    }
+
+    pub fn udp_port(self, name: &str, port: u16) -> EndpointSlice {
+        self.port(Some(name), port, Protocol::Udp)
+    }
+
+    pub fn without_port(mut self, name: &str) -> EndpointSlice {
+        self.ports.retain(|(n, _, _)| n.as_deref() != Some(name));
+        self
+    }
+
+    pub fn endpoint(mut self, e: Endpoint) -> EndpointSlice {
+        self.endpoints.retain(|x| x.ip != e.ip);
+        self.endpoints.push(e);
+        self
+    }
+
+    /// Replace all endpoints.
+    pub fn endpoints(mut self, eps: impl IntoIterator<Item = Endpoint>) -> EndpointSlice {
+        self.endpoints = Vec::new();
+        for e in eps {
+            self = self.endpoint(e);
+        }
+        self
+    }
+
+    pub fn without_endpoint(mut self, ip: Ipv4Addr) -> EndpointSlice {
+        self.endpoints.retain(|e| e.ip != ip);
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> EndpointSlice {
+        self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    pub fn without_label(mut self, key: &str) -> EndpointSlice {
+        self.labels.remove(key);
+        self
+    }
+}
+
+impl KubeObject for EndpointSlice {
+    fn to_json(&self) -> Value {
+        let mut labels = self.labels.clone();
+        labels.insert("kubernetes.io/service-name".into(), self.service.clone());
+        let ports: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|(name, port, proto)| {
+                json!({
+                    "name": name.clone().unwrap_or_default(),
+                    "port": port,
+                    "protocol": proto.k8s(),
+                })
+            })
+            .collect();
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": self.name,
+                "namespace": "default",
+                "labels": labels,
+            },
+            "addressType": "IPv4",
+            "ports": ports,
+            "endpoints": self.endpoints.iter().map(Endpoint::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_round_trip() {
+        let ok = r#"{"ok":true,"reply":"pod-1-2 10.244.1.2:40000","peer":"10.96.0.10:80","elapsed_ms":1.5}"#;
+        let r: ClientResult = serde_json::from_str(ok).expect("parse ok");
+        assert!(r.ok);
+        assert_eq!(r.backend(), Some("pod-1-2"));
+        assert_eq!(
+            r.seen_client(),
+            Some("10.244.1.2:40000".parse().expect("addr"))
+        );
+        let bad = r#"{"ok":false,"error":"timed_out","detail":"connect","elapsed_ms":1000.0}"#;
+        let r: ClientResult = serde_json::from_str(bad).expect("parse err");
+        assert_eq!(r.error, Some(ErrorKind::TimedOut));
+        assert_eq!(r.elapsed(), Duration::from_secs(1));
+        let back = serde_json::to_string(&r).expect("ser");
+        assert!(back.contains(r#""error":"timed_out""#), "{back}");
+        assert!(!back.contains("reply"), "{back}");
+        let ws: ClientResult =
+            serde_json::from_str(r#"{"ok":false,"error":"wrong_source","elapsed_ms":1}"#)
+                .expect("ws");
+        assert_eq!(ws.error, Some(ErrorKind::WrongSource));
+    }
+
+    #[test]
+    fn tally_checks_source_and_peer() {
+        let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+        let mk = |name: &str, src: &str| ClientResult {
+            ok: true,
+            reply: Some(format!("{name} {src}:1234")),
+            peer: Some(vip),
+            local: None,
+            error: None,
+            detail: None,
+            elapsed_ms: 1.0,
+        };
+        let client = Ipv4Addr::new(10, 244, 1, 2);
+        let rs = vec![
+            mk("a", "10.244.1.2"),
+            mk("b", "10.244.1.2"),
+            mk("a", "10.244.1.2"),
+        ];
+        let t = tally(&rs, client, vip);
+        assert_eq!(t.get("a"), Some(&2));
+        assert_eq!(names(&t), vec!["a", "b"]);
+        let snat = vec![mk("a", "10.244.1.1")];
+        assert!(try_tally(&snat, client).is_err());
+        let mut wrong_peer = mk("a", "10.244.1.2");
+        wrong_peer.peer = Some("10.244.2.2:8080".parse().expect("addr"));
+        let r = std::panic::catch_unwind(|| tally(&[wrong_peer], client, vip));
+        assert!(r.is_err(), "a peer other than the VIP is caught");
+    }
+
+    #[test]
+    fn object_builders() {
+        let vip = Ipv4Addr::new(10, 96, 0, 10);
+        let svc = Service::cluster_ip("web", vip)
+            .tcp("http", 80, "web")
+            .udp("dns", 53, 5353)
+            .label("service.kubernetes.io/service-proxy-name", "other")
+            .affinity_client_ip(3)
+            .internal_traffic_policy(TrafficPolicy::Local)
+            .publish_not_ready_addresses(true);
+        let v = svc.to_json();
+        assert_eq!(v["spec"]["clusterIPs"][0], "10.96.0.10");
+        assert_eq!(v["spec"]["ports"][0]["targetPort"], "web");
+        assert_eq!(v["spec"]["ports"][1]["targetPort"], 5353);
+        assert_eq!(v["spec"]["ports"][1]["protocol"], "UDP");
+        assert_eq!(
+            v["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+            3
+        );
+        assert_eq!(v["spec"]["internalTrafficPolicy"], "Local");
+        assert_eq!(v["spec"]["publishNotReadyAddresses"], true);
+        assert_eq!(
+            v["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"],
+            "other"
+        );
+        let en = svc.clone().with_external_name("example.com").to_json();
+        assert_eq!(en["spec"]["type"], "ExternalName");
+        assert!(en["spec"].get("clusterIP").is_none());
+        let v = svc.without_port("http").no_affinity().to_json();
+        assert_eq!(v["spec"]["ports"].as_array().map(Vec::len), Some(1));
+        assert_eq!(v["spec"]["sessionAffinity"], "None");
+        assert_eq!(
+            Service::headless("h").to_json()["spec"]["clusterIP"],
+            "None"
+        );
+
+        let ip = Ipv4Addr::new(10, 244, 1, 3);
+        let s = EndpointSlice::new("web-a", "web")
+            .tcp_port("http", 8080)
+            .endpoint(Endpoint::at(ip, Some("node1")).conditions(false, true, true))
+            .endpoint(Endpoint::at(Ipv4Addr::new(10, 244, 2, 2), None));
+        let v = s.to_json();
+        assert_eq!(v["metadata"]["labels"]["kubernetes.io/service-name"], "web");
+        assert_eq!(v["ports"][0]["port"], 8080);
+        assert_eq!(v["endpoints"][0]["conditions"]["terminating"], true);
+        assert_eq!(v["endpoints"][0]["nodeName"], "node1");
+        assert!(
+            v["endpoints"][1]["conditions"]
+                .as_object()
+                .is_some_and(Map::is_empty)
+        );
+        assert!(v["endpoints"][1].get("nodeName").is_none());
+        let v = s.without_endpoint(ip).to_json();
+        assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(1));
+        // The YAML is what the API server fixture accepts.
+        let api = ApiServer::start().expect("api");
+        let y = Service::cluster_ip("web", vip)
+            .tcp("http", 80, 8080)
+            .to_yaml();
+        api.apply_yaml(&y).expect("apply service yaml");
+        assert!(api.get("Service", Some("default"), "web").is_some());
+    }
+
+    #[test]
+    fn podclient_lookup_names_the_binary() {
+        match podclient_path() {
+            Ok(p) => assert!(p.ends_with("podclient")),
+            Err(e) => assert!(format!("{e:#}").contains("podclient"), "{e:#}"),
+        }
+    }
+
+    #[test]
+    fn request_args() {
+        let r = Request::udp(SocketAddr::from((Ipv4Addr::new(10, 96, 0, 10), 53)))
+            .count(3)
+            .timeout(Duration::from_millis(250))
+            .sport_spread();
+        assert_eq!(
+            r.args().join(" "),
+            "--proto udp --to 10.96.0.10:53 --count 3 --timeout-ms 250 --sport-spread"
+        );
+        assert!(r.deadline() >= Duration::from_millis(750));
+    }
+}
