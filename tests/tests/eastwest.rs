@@ -239,6 +239,7 @@ both_socket_lb_modes!(
     terminating_fallback,
     terminating_fallback_internal_local,
     session_affinity_client_ip,
+    udp_flow_survives_backend_replacement,
 );
 
 /// `web`: TCP 80 -> 8080 and UDP 53 -> 5353.
@@ -1271,4 +1272,59 @@ mod podclient {
             assert!(!r.ok && r.error.is_some() && r.elapsed_ms < 1000.0, "{r:?}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// 20. UDP: a long-lived flow survives its backend being replaced
+// ---------------------------------------------------------------------------
+
+fn udp_flow_survives_backend_replacement(lb: SocketLb) -> Scenario {
+    let ip = vip(40);
+    let s = Scenario::builder("udpstale", lb)
+        .udp_server((1, 2), UDP_PORT)
+        .udp_server((2, 1), UDP_PORT)
+        .object(&web(ip))
+        .build()
+        .expect("scenario");
+    let (old, new) = (s.pod(1, 2), s.pod(2, 1));
+    s.apply(&web_slice().endpoint(Endpoint::ready(old)));
+    let c = s.client(1, 1);
+    until_backends(&c, &udp(at(ip, 53), 5), &["pod-1-2"], CONVERGE);
+
+    // One flow: the same source port every time, a datagram every 25 ms.
+    let to = at(ip, 53).to_string();
+    let flow = c
+        .spawn(
+            &[
+                "--proto",
+                "udp",
+                "--to",
+                &to,
+                "--count",
+                "100",
+                "--timeout-ms",
+                "200",
+                "--sport",
+                "41234",
+                "--interval-ms",
+                "25",
+            ]
+            .map(String::from),
+        )
+        .expect("spawn flow");
+    std::thread::sleep(Duration::from_millis(800));
+    // The pod is replaced: the old endpoint goes, a new one comes (the old
+    // server keeps answering, so only the proxy can move the flow).
+    s.apply(&web_slice().endpoints([Endpoint::ready(new)]));
+    let results: Vec<ClientResult> = flow.wait(Duration::from_secs(30)).expect("flow");
+    assert_eq!(results.len(), 100);
+    assert_eq!(results[0].backend(), Some("pod-1-2"), "{}", results[0]);
+    let tail = &results[results.len() - 30..];
+    for r in tail {
+        assert!(
+            r.ok && r.backend() == Some("pod-2-1"),
+            "the flow moved to the new backend and stays there: {r}"
+        );
+    }
+    s
 }

@@ -158,3 +158,82 @@ fn kill_9_and_restart_resets_no_flow() {
     tcp_request(&client.ns, reply_vip, Duration::from_millis(500)).expect("after restart");
     eprintln!("agent restarted in {restarted:?}; 50 flows, 0 reset");
 }
+
+/// The API server goes away and comes back: traffic keeps flowing meanwhile
+/// (the data path does not depend on the agent's connection), and changes
+/// made after it returns are programmed.
+#[test]
+fn api_server_outage_keeps_traffic_and_resyncs() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
+    let _servers = [
+        TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server"),
+        TcpServer::start(&p21.ns, &p21.name, SocketAddr::from((p21.ip, 8080))).expect("server"),
+    ];
+    let api = ApiServer::start().expect("api");
+    let objects = format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: node1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: {VIP}
+  ports: [{{port: 81, protocol: TCP, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: ["{}"], nodeName: node1}}
+- {{addresses: ["{}"], nodeName: node2}}
+"#,
+        p12.ip, p21.ip
+    );
+    api.apply_yaml(&objects).expect("objects");
+    let _agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
+    let client = cluster.pod(1, 1);
+    let to = SocketAddr::from((VIP, 81));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tcp_request(&client.ns, to, Duration::from_millis(300)).is_err() {
+        assert!(Instant::now() < deadline, "service never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    api.set_available(false);
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(3) {
+        tcp_request(&client.ns, to, Duration::from_millis(500))
+            .expect("traffic flows while the API server is down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    api.set_available(true);
+
+    // A change after the outage is picked up (watch re-established).
+    api.modify("EndpointSlice", Some("default"), "web-1", |o| {
+        if let Some(eps) = o["endpoints"].as_array_mut() {
+            eps.retain(|e| e["nodeName"] == "node1");
+        }
+    })
+    .expect("modify");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all_local = (0..10).all(|_| {
+            tcp_request(&client.ns, to, Duration::from_millis(500))
+                .map(|r| r.starts_with("pod-1-2 "))
+                .unwrap_or(false)
+        });
+        if all_local {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the change after the outage was not programmed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

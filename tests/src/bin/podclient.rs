@@ -47,6 +47,13 @@ struct Args {
     /// random base plus the request index), so no two requests share a tuple.
     #[arg(long)]
     sport_spread: bool,
+    /// Every request from this one source port (the same tuple each time,
+    /// as a long-lived UDP flow has).
+    #[arg(long, conflicts_with = "sport_spread")]
+    sport: Option<u16>,
+    /// Pause between requests.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
     /// Hold mode: keep TCP streams open and sending for this many seconds.
     #[arg(long)]
     hold_secs: Option<f64>,
@@ -72,9 +79,13 @@ fn main() {
     }
     let base = sport_base();
     for i in 0..args.count {
-        let sport = args
-            .sport_spread
-            .then(|| 20_000 + u16::try_from((usize::from(base) + i * 7) % 40_000).unwrap_or(0));
+        if i > 0 && args.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
+        let sport = args.sport.or_else(|| {
+            args.sport_spread
+                .then(|| 20_000 + u16::try_from((usize::from(base) + i * 7) % 40_000).unwrap_or(0))
+        });
         let r = match args.proto {
             Proto::Tcp => tcp_request(args.to, sport, timeout),
             Proto::Udp => udp_request(args.to, sport, timeout),
