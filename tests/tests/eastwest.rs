@@ -240,6 +240,7 @@ both_socket_lb_modes!(
     terminating_fallback_internal_local,
     session_affinity_client_ip,
     udp_flow_survives_backend_replacement,
+    agent_kill_9_keeps_streams_and_new_connections,
 );
 
 /// `web`: TCP 80 -> 8080 and UDP 53 -> 5353.
@@ -1324,6 +1325,53 @@ fn udp_flow_survives_backend_replacement(lb: SocketLb) -> Scenario {
         assert!(
             r.ok && r.backend() == Some("pod-2-1"),
             "the flow moved to the new backend and stays there: {r}"
+        );
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// 7. Agent restart (kill -9) with streams running, in both modes
+// ---------------------------------------------------------------------------
+
+fn agent_kill_9_keeps_streams_and_new_connections(lb: SocketLb) -> Scenario {
+    let ip = vip(41);
+    let mut s = Scenario::builder("restart", lb)
+        .tcp_sink((1, 2), 9000)
+        .tcp_sink((2, 1), 9000)
+        .tcp_server((2, 2), TCP_PORT)
+        .object(
+            &Service::cluster_ip("sink", ip)
+                .tcp("sink", 80, 9000)
+                .tcp("http", 81, TCP_PORT),
+        )
+        .build()
+        .expect("scenario");
+    s.apply(
+        &EndpointSlice::new("sink-1", "sink")
+            .tcp_port("sink", 9000)
+            .endpoints([Endpoint::ready(s.pod(1, 2)), Endpoint::ready(s.pod(2, 1))]),
+    );
+    s.apply(
+        &EndpointSlice::new("sink-2", "sink")
+            .tcp_port("http", TCP_PORT)
+            .endpoints([Endpoint::ready(s.pod(2, 2))]),
+    );
+    let c = s.client(1, 1);
+    until_up(&c, &tcp(at(ip, 81), 1));
+    let streams = c.spawn_hold(at(ip, 80), 3.0, 20).expect("streams");
+    std::thread::sleep(Duration::from_millis(500));
+    s.agent_mut(1).kill_and_restart().expect("restart");
+    // New connections right after the restart.
+    for r in c.run(&tcp(at(ip, 81), 10)).expect("requests") {
+        assert!(r.ok, "new connection after restart: {r}");
+    }
+    let rs: Vec<StreamResult> = streams.wait(Duration::from_secs(15)).expect("streams");
+    assert_eq!(rs.len(), 20);
+    for r in &rs {
+        assert!(
+            r.ok && r.acked == r.sent && r.sent > 0,
+            "stream survived: {r:?}"
         );
     }
     s
