@@ -27,15 +27,23 @@ pub fn sync_once<D: Dataplane>(
 ) -> Result<usize, D::Error> {
     let services = stores.services.state();
     let slices = stores.slices.state();
-    let (table, errors) = model::build(
+    let mut node = node.clone();
+    let mut errors = Vec::new();
+    if let Some(n) = stores.nodes.state().first() {
+        let (addresses, errs) = model::node_addresses(n);
+        node.addresses = addresses;
+        errors.extend(errs);
+    }
+    let (table, errs) = model::build(
         services.iter().map(|s| s.as_ref()),
         slices.iter().map(|s| s.as_ref()),
-        node,
+        &node,
     );
+    errors.extend(errs);
     for e in &errors {
         warn!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
     }
-    let desired = LbTable::from_services(&table);
+    let desired = LbTable::from_services(&table, &node);
     let changes = diff(&dp.programmed(), &desired);
     if changes.is_empty() {
         return Ok(0);

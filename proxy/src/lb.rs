@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
-use crate::model::{Protocol, ServicePortName, ServiceTable, usable_endpoints};
+use crate::model::{NodeContext, Protocol, ServicePortName, ServiceTable, usable_endpoints};
 
 /// Where traffic is addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -54,16 +54,22 @@ pub struct LbTable {
 }
 
 impl LbTable {
-    /// ClusterIP frontends of every service port, with the endpoints the
-    /// internal traffic policy allows (Local: this node's only; none local
-    /// means no backend, so traffic is rejected here, never sent elsewhere).
-    /// NodePort, ExternalIP and LoadBalancer frontends come with the
-    /// north-south data path.
-    pub fn from_services(table: &ServiceTable) -> LbTable {
+    /// Every frontend of every service port:
+    /// * ClusterIP, with the endpoints `internalTrafficPolicy` allows;
+    /// * NodePort on each of the node's addresses, ExternalIPs and
+    ///   LoadBalancer ingress IPs, with the endpoints
+    ///   `externalTrafficPolicy` allows.
+    ///
+    /// Local policy means this node's endpoints only; none local means no
+    /// backend, so traffic is rejected here, never sent to another node.
+    /// When two services claim the same frontend, the first (by namespace,
+    /// name, port) keeps it, as the API server's allocation would not allow
+    /// the clash in the first place.
+    pub fn from_services(table: &ServiceTable, node: &NodeContext) -> LbTable {
         let mut lb = LbTable::default();
         for (name, sp) in &table.services {
-            let backends: Vec<BackendAddr> =
-                usable_endpoints(&sp.endpoints, sp.internal_policy_local)
+            let backends = |local_only: bool| -> Vec<BackendAddr> {
+                usable_endpoints(&sp.endpoints, local_only)
                     .into_iter()
                     .map(|e| BackendAddr {
                         addr: e.ip,
@@ -71,22 +77,40 @@ impl LbTable {
                         terminating: !e.ready,
                         local: e.local,
                     })
-                    .collect();
-            for ip in &sp.cluster_ips {
-                let key = FrontendKey {
-                    addr: *ip,
-                    port: sp.port,
-                    proto: sp.name.protocol,
-                };
+                    .collect()
+            };
+            let internal = backends(sp.internal_policy_local);
+            let external = backends(sp.external_policy_local);
+            let proto = sp.name.protocol;
+            let affinity_timeout = sp.affinity_timeout.unwrap_or(0);
+            let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, b: &Vec<BackendAddr>| {
+                let key = FrontendKey { addr, port, proto };
+                if lb.frontends.contains_key(&key) {
+                    return;
+                }
                 lb.frontends.insert(
                     key,
                     Frontend {
-                        kind: FrontendKind::ClusterIp,
-                        backends: backends.clone(),
-                        affinity_timeout: sp.affinity_timeout.unwrap_or(0),
+                        kind,
+                        backends: b.clone(),
+                        affinity_timeout,
                     },
                 );
                 lb.owners.insert(key, name.clone());
+            };
+            for ip in &sp.cluster_ips {
+                add(*ip, sp.port, FrontendKind::ClusterIp, &internal);
+            }
+            if let Some(np) = sp.node_port {
+                for ip in &node.addresses {
+                    add(*ip, np, FrontendKind::NodePort, &external);
+                }
+            }
+            for ip in &sp.external_ips {
+                add(*ip, sp.port, FrontendKind::ExternalIp, &external);
+            }
+            for ip in &sp.load_balancer_ips {
+                add(*ip, sp.port, FrontendKind::LoadBalancer, &external);
             }
         }
         lb

@@ -180,6 +180,40 @@ pub struct ModelError {
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
     pub node_name: String,
+    /// The node's IPv4 addresses (InternalIP and ExternalIP of its Node
+    /// object): where NodePorts are served.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+/// IPv4 InternalIP/ExternalIP addresses of a Node; others are skipped,
+/// unparsable ones reported.
+pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<Ipv4Addr>, Vec<ModelError>) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let addrs = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, a) in addrs.iter().enumerate() {
+        if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
+            continue;
+        }
+        match a.address.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) if !out.contains(&ip) => out.push(ip),
+            Ok(_) => {}
+            Err(_) => errors.push(ModelError {
+                kind: "Node",
+                object: name.clone(),
+                field: format!("status.addresses[{i}].address"),
+                value: a.address.clone(),
+                reason: "not an IP address".to_owned(),
+            }),
+        }
+    }
+    (out, errors)
 }
 
 /// Build the desired table. Errors are returned alongside; the table holds

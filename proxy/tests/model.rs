@@ -23,6 +23,7 @@ fn build() -> (ServiceTable, Vec<model::ModelError>) {
         &slices,
         &NodeContext {
             node_name: "node1".into(),
+            ..Default::default()
         },
     )
 }
@@ -82,7 +83,13 @@ fn named_target_ports_resolve_per_slice_and_only_ready_endpoints_serve() {
         .collect();
     assert_eq!(used, ["10.244.1.2", "10.244.2.2"]);
     let dns = &table.services[&spn("web", "dns", Protocol::Udp)];
-    assert_eq!(dns.endpoints, vec![ep([10, 244, 1, 2], 5353, false, true)]);
+    assert_eq!(
+        dns.endpoints,
+        vec![
+            ep([10, 244, 1, 2], 5353, false, true),
+            ep([10, 244, 2, 3], 5353, true, false),
+        ]
+    );
 }
 
 #[test]
@@ -140,10 +147,11 @@ endpoints:
     );
     let node = NodeContext {
         node_name: "node1".into(),
+        ..Default::default()
     };
     let (table, errors) = model::build(&svc, &slices, &node);
     assert!(errors.is_empty(), "{errors:?}");
-    let lb = LbTable::from_services(&table);
+    let lb = LbTable::from_services(&table, &node);
     let fe = lb.frontends.values().next().expect("one frontend");
     assert_eq!(fe.affinity_timeout, 30);
     let backends: Vec<String> = fe.backends.iter().map(|b| b.addr.to_string()).collect();
@@ -176,7 +184,7 @@ fn bad_fields_are_reported_by_object_field_and_value_and_the_rest_is_kept() {
 #[test]
 fn frontends_are_cluster_ip_port_protocol() {
     let (table, _) = build();
-    let lb = LbTable::from_services(&table);
+    let lb = LbTable::from_services(&table, &NodeContext::default());
     let keys: Vec<String> = lb.frontends.keys().map(|k| k.to_string()).collect();
     assert_eq!(
         keys,
@@ -184,6 +192,85 @@ fn frontends_are_cluster_ip_port_protocol() {
             "10.96.0.10:53/UDP",
             "10.96.0.10:80/TCP",
             "10.96.0.14:80/TCP"
+        ]
+    );
+}
+
+#[test]
+fn node_ports_external_and_load_balancer_ips_use_the_external_policy() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: edge, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  externalIPs: [192.0.2.10]
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30080, protocol: TCP}]
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.7}]}
+"#,
+    );
+    let slices: Vec<EndpointSlice> = load(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: edge-1, namespace: default, labels: {kubernetes.io/service-name: edge}}
+addressType: IPv4
+ports: [{port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node1}
+- {addresses: [10.244.2.2], nodeName: node2}
+"#,
+    );
+    let nodes: Vec<k8s_openapi::api::core::v1::Node> = load(
+        r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node1}
+status:
+  addresses:
+  - {type: InternalIP, address: 172.18.0.11}
+  - {type: Hostname, address: node1}
+  - {type: ExternalIP, address: not-an-ip}
+"#,
+    );
+    let (addresses, errors) = model::node_addresses(&nodes[0]);
+    assert_eq!(addresses, vec![Ipv4Addr::new(172, 18, 0, 11)]);
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("status.addresses[2].address = \"not-an-ip\"")
+    );
+    let node = NodeContext {
+        node_name: "node1".into(),
+        addresses,
+    };
+    let (table, errors) = model::build(&svc, &slices, &node);
+    assert!(errors.is_empty(), "{errors:?}");
+    let lb = LbTable::from_services(&table, &node);
+    let got: Vec<(String, Vec<String>)> = lb
+        .frontends
+        .iter()
+        .map(|(k, f)| {
+            (
+                format!("{k} {:?}", f.kind),
+                f.backends.iter().map(|b| b.addr.to_string()).collect(),
+            )
+        })
+        .collect();
+    let local = vec!["10.244.1.2".to_string()];
+    let all = vec!["10.244.1.2".to_string(), "10.244.2.2".to_string()];
+    assert_eq!(
+        got,
+        vec![
+            ("10.96.0.30:80/TCP ClusterIp".to_string(), all),
+            ("172.18.0.11:30080/TCP NodePort".to_string(), local.clone()),
+            ("192.0.2.10:80/TCP ExternalIp".to_string(), local.clone()),
+            ("198.51.100.7:80/TCP LoadBalancer".to_string(), local),
         ]
     );
 }

@@ -667,3 +667,23 @@ fn mid_flow_tcp_without_conntrack_is_dropped_as_invalid() {
     assert_eq!(rc, TC_ACT_OK);
     assert_ne!(parse_and_verify(&out).dst, VIP);
 }
+
+#[test]
+fn truncated_udp_and_bare_ethernet_pass_untouched() {
+    let fx = fixture();
+    let full = Frame::udp(CLIENT, 45100, VIP, 53).build();
+    // Inside the UDP header (ports present, length/checksum cut off).
+    for len in [14 + 20 + 4, 14 + 20 + 6] {
+        let frame = &full[..len];
+        let (rc, out) = fx.run(progs::TC_FROM_POD, frame);
+        assert_eq!((rc, out.as_slice()), (TC_ACT_OK, frame), "{len} bytes");
+    }
+    // A bare Ethernet header claiming IPv4: refused by the kernel's test
+    // harness, or passed untouched by the program.
+    let bare = &full[..14];
+    match fx.try_run(progs::TC_FROM_POD, bare) {
+        Ok((rc, out)) => assert_eq!((rc, out.as_slice()), (TC_ACT_OK, bare)),
+        Err(e) => assert!(format!("{e:?}").contains("InvalidInput"), "{e:?}"),
+    }
+    assert_eq!(fx.stat(stat::DNAT), 0);
+}

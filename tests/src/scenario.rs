@@ -548,6 +548,10 @@ impl ScenarioBuilder {
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {"name": node.name},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": node.underlay_ip.to_string()},
+                    {"type": "Hostname", "address": node.name},
+                ]},
             }))?;
         }
         for obj in &self.objects {
@@ -979,6 +983,9 @@ pub struct Service {
     /// `Some(timeout)`: sessionAffinity ClientIP (timeout `None` = default).
     affinity: Option<Option<u32>>,
     internal_policy: Option<TrafficPolicy>,
+    /// Port name -> nodePort; non-empty makes the service `type: NodePort`.
+    node_ports: BTreeMap<String, u16>,
+    external_ips: Vec<Ipv4Addr>,
 }
 
 impl Service {
@@ -992,6 +999,8 @@ impl Service {
             publish_not_ready: None,
             affinity: None,
             internal_policy: None,
+            node_ports: BTreeMap::new(),
+            external_ips: Vec::new(),
         }
     }
 
@@ -1066,6 +1075,18 @@ impl Service {
         self.internal_policy = Some(p);
         self
     }
+
+    /// `type: NodePort`, with `nodePort` for the port named `port_name`.
+    pub fn node_port(mut self, port_name: &str, node_port: u16) -> Service {
+        self.node_ports.insert(port_name.to_owned(), node_port);
+        self
+    }
+
+    /// Add an `externalIPs` entry.
+    pub fn external_ip(mut self, ip: Ipv4Addr) -> Service {
+        self.external_ips.push(ip);
+        self
+    }
 }
 
 impl KubeObject for Service {
@@ -1087,10 +1108,20 @@ impl KubeObject for Service {
                 spec.insert("externalName".into(), json!(host));
             }
         }
-        spec.insert(
-            "ports".into(),
-            Value::Array(self.ports.iter().map(ServicePort::to_json).collect()),
-        );
+        let mut ports: Vec<Value> = self.ports.iter().map(ServicePort::to_json).collect();
+        if !self.node_ports.is_empty() && matches!(self.kind, ServiceKind::ClusterIp(_)) {
+            spec.insert("type".into(), json!("NodePort"));
+            for (p, sp) in ports.iter_mut().zip(&self.ports) {
+                if let Some(np) = sp.name.as_ref().and_then(|n| self.node_ports.get(n)) {
+                    p["nodePort"] = json!(np);
+                }
+            }
+        }
+        spec.insert("ports".into(), Value::Array(ports));
+        if !self.external_ips.is_empty() {
+            let ips: Vec<String> = self.external_ips.iter().map(|i| i.to_string()).collect();
+            spec.insert("externalIPs".into(), json!(ips));
+        }
         if let Some(p) = self.publish_not_ready {
             spec.insert("publishNotReadyAddresses".into(), json!(p));
         }

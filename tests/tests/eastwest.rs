@@ -241,6 +241,7 @@ both_socket_lb_modes!(
     session_affinity_client_ip,
     udp_flow_survives_backend_replacement,
     agent_kill_9_keeps_streams_and_new_connections,
+    node_port_and_external_ip_from_pods_then_released,
 );
 
 /// `web`: TCP 80 -> 8080 and UDP 53 -> 5353.
@@ -1374,5 +1375,45 @@ fn agent_kill_9_keeps_streams_and_new_connections(lb: SocketLb) -> Scenario {
             "stream survived: {r:?}"
         );
     }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// 8 (from inside), 9 (from inside), 12: NodePort on node addresses and an
+// ExternalIP reached from pods; after delete nothing answers there.
+// ---------------------------------------------------------------------------
+
+fn node_port_and_external_ip_from_pods_then_released(lb: SocketLb) -> Scenario {
+    let ip = vip(42);
+    let ext = Ipv4Addr::new(192, 0, 2, 42);
+    let svc = Service::cluster_ip("np", ip)
+        .tcp("http", 80, TCP_PORT)
+        .udp("dns", 53, UDP_PORT)
+        .node_port("http", 30080)
+        .node_port("dns", 30053)
+        .external_ip(ext);
+    let s = Scenario::builder("nodeport", lb)
+        .tcp_server((2, 1), TCP_PORT)
+        .udp_server((2, 1), UDP_PORT)
+        .object(&svc)
+        .build()
+        .expect("scenario");
+    s.apply(
+        &EndpointSlice::new("np-1", "np")
+            .tcp_port("http", TCP_PORT)
+            .udp_port("dns", UDP_PORT)
+            .endpoints([Endpoint::ready(s.pod(2, 1))]),
+    );
+    let c = s.client(1, 1);
+    let node1 = s.cluster.node(1).underlay_ip;
+    until_up(&c, &tcp(at(ip, 80), 1));
+    // The node's own address on the node port, and the external IP.
+    until_backends(&c, &tcp(at(node1, 30080), 5), &["pod-2-1"], CONVERGE);
+    until_backends(&c, &udp(at(node1, 30053), 5), &["pod-2-1"], CONVERGE);
+    until_backends(&c, &tcp(at(ext, 80), 5), &["pod-2-1"], CONVERGE);
+
+    s.delete("Service", "np");
+    // Released: the node port is refused at once (nothing listens there).
+    until_refused(&c, Protocol::Tcp, at(node1, 30080), CONVERGE);
     s
 }

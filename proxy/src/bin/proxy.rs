@@ -76,6 +76,7 @@ async fn main() -> Result<()> {
         .init();
     let node = NodeContext {
         node_name: node_name(&args)?,
+        ..Default::default()
     };
     info!(node = %node.node_name, mode = ?args.mode, "starting");
 
