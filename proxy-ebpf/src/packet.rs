@@ -162,6 +162,20 @@ impl Packet {
         }))
     }
 
+    /// Conntrack key for this packet's own tuple, seen in direction `dir`.
+    #[inline(always)]
+    pub fn ct_key(&self, dir: u8) -> proxy_common::CtKey {
+        proxy_common::CtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            _pad: 0,
+        }
+    }
+
     /// Raw TCP flags (0 for UDP).
     #[inline(always)]
     pub fn tcp_flags(&self) -> u8 {

@@ -82,15 +82,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
         return reject::reject(ctx, &pkt);
     }
 
-    let ct_key = CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        dir: ct_dir::SERVICE,
-        _pad: 0,
-    };
+    let ct_key = pkt.ct_key(ct_dir::SERVICE);
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let tcp_flags = pkt.tcp_ct_flags();
@@ -156,15 +148,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
 /// the frontend and go to the pod itself.
 #[inline(always)]
 fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
-    let key = CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        dir: ct_dir::REPLY,
-        _pad: 0,
-    };
+    let key = pkt.ct_key(ct_dir::REPLY);
     // SAFETY: copied out at once.
     let Some(ct) = (unsafe { CONNTRACK.get(&key) }).copied() else {
         return Ok(TC_ACT_OK as i32);
@@ -224,15 +208,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Error> {
         return Ok(TC_ACT_OK as i32);
     };
     count(stat::PACKETS);
-    let key = CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        dir: ct_dir::REPLY,
-        _pad: 0,
-    };
+    let key = pkt.ct_key(ct_dir::REPLY);
     let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
         return Ok(TC_ACT_OK as i32);
     };

@@ -837,7 +837,8 @@ fn udp_loop(socket: &UdpSocket, name: &str, pktinfo: bool, stop: &AtomicBool, st
     }
 }
 
-fn setsockopt_int(
+/// `setsockopt` with an int value.
+pub fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,
     name: libc::c_int,
@@ -860,11 +861,13 @@ fn setsockopt_int(
     }
 }
 
-fn socklen<T>() -> libc::socklen_t {
+/// `size_of::<T>()` as a `socklen_t`.
+pub fn socklen<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
 }
 
-fn sockaddr_v4(a: SocketAddrV4) -> libc::sockaddr_in {
+/// A `sockaddr_in` for `a`.
+pub fn sockaddr_v4(a: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),

@@ -15,12 +15,13 @@
 //! (which is non-zero only for usage errors).
 
 use std::io::{BufRead as _, BufReader, ErrorKind as IoKind, Read as _, Write as _};
-use std::mem::{size_of, zeroed};
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use proxy_tests::cluster::{setsockopt_int, sockaddr_v4, socklen};
 use proxy_tests::scenario::{ClientResult, ErrorKind, StreamResult};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -416,29 +417,6 @@ fn acked(fd: RawFd, sent: u64) -> u64 {
     sent.saturating_sub(u64::try_from(outq).unwrap_or(0))
 }
 
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> std::io::Result<()> {
-    // SAFETY: valid fd, pointer/length of a live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            socklen::<libc::c_int>(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> std::io::Result<i32> {
     let mut value: libc::c_int = 0;
     let mut len = socklen::<libc::c_int>();
@@ -449,19 +427,4 @@ fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> std::io::
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-fn socklen<T>() -> libc::socklen_t {
-    libc::socklen_t::try_from(size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
-}
-
-fn sockaddr_v4(a: SocketAddrV4) -> libc::sockaddr_in {
-    // SAFETY: all-zero is a valid sockaddr_in.
-    let mut s: libc::sockaddr_in = unsafe { zeroed() };
-    s.sin_family = libc::AF_INET as libc::sa_family_t;
-    s.sin_port = a.port().to_be();
-    s.sin_addr = libc::in_addr {
-        s_addr: u32::from(*a.ip()).to_be(),
-    };
-    s
 }
