@@ -492,6 +492,48 @@ mod tests {
         assert_eq!(t.slot_counts(), [10, 20, 31, 0]);
     }
 
+    /// With equal weights the table is exactly the paper's Pseudocode 1
+    /// (full permutations, `next[]`, round robin over backends).
+    #[test]
+    fn equal_weights_match_paper_pseudocode() {
+        fn paper(keys: &[String], m: u32) -> Vec<u32> {
+            let m = m as usize;
+            let perm: Vec<Vec<usize>> = keys
+                .iter()
+                .map(|k| {
+                    let offset = murmur3_32(k.as_bytes(), OFFSET_SEED) as usize % m;
+                    let skip = murmur3_32(k.as_bytes(), SKIP_SEED) as usize % (m - 1) + 1;
+                    (0..m).map(|j| (offset + j * skip) % m).collect()
+                })
+                .collect();
+            let mut next = vec![0; keys.len()];
+            let mut entry = vec![u32::MAX; m];
+            let mut n = 0;
+            loop {
+                for i in 0..keys.len() {
+                    let mut c = perm[i][next[i]];
+                    while entry[c] != u32::MAX {
+                        next[i] += 1;
+                        c = perm[i][next[i]];
+                    }
+                    entry[c] = i as u32;
+                    next[i] += 1;
+                    n += 1;
+                    if n == m {
+                        return entry;
+                    }
+                }
+            }
+        }
+        for (n, m) in [(1, 2), (3, 13), (7, 7), (10, 251), (37, 4093)] {
+            let b: Vec<_> = (0..n)
+                .map(|i| MaglevBackend::new(format!("10.1.{}.{}:443", i / 100, i % 100), 1))
+                .collect();
+            let t = build(&b, m).unwrap();
+            assert_eq!(t.slots, paper(&t.backends, m), "N={n} M={m}");
+        }
+    }
+
     #[test]
     fn balance_flag() {
         let b: Vec<_> = (0..2)
