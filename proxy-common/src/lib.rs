@@ -14,7 +14,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Map names (also the file names under the pin directory). At most 15
 /// bytes: the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.
@@ -39,9 +39,11 @@ pub mod maps {
     pub const SOCK_REVNAT: &str = "SOCK_RNAT_V4";
     /// frontend id (`u32`) -> [`super::SvcStats`], per-CPU.
     pub const SVC_STATS: &str = "SVC_STATS";
+    /// Array of one [`super::Config`].
+    pub const CONFIG: &str = "CONFIG";
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -50,6 +52,7 @@ pub mod maps {
         AFFINITY,
         SOCK_REVNAT,
         SVC_STATS,
+        CONFIG,
         STATS,
     ];
 }
@@ -68,6 +71,15 @@ pub mod progs {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup getpeername4: a connected socket's peer is the frontend.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// tc ingress on the node's external interfaces (remote-backend
+    /// north-south flows and their replies).
+    pub const TC_FROM_NETDEV: &str = "tc_from_netdev";
+    /// tc egress on the node's external interfaces (replies of local
+    /// backends to north-south clients).
+    pub const TC_TO_NETDEV: &str = "tc_to_netdev";
+    /// XDP on the node's external interfaces: NodePort, ExternalIP and
+    /// LoadBalancer traffic from outside, and its replies.
+    pub const XDP_NODEPORT: &str = "xdp_nodeport";
 }
 
 /// Source address the per-packet path uses for hairpin traffic (a pod
@@ -298,6 +310,12 @@ pub struct CtValue {
     /// [`ct_flags`] bits.
     pub flags: u32,
     pub _pad: u32,
+    /// SNATed flows: on the SERVICE entry the address/port the client was
+    /// rewritten to; on the REPLY entry the client's own address/port to
+    /// restore. Network byte order; 0 when not SNATed.
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub _pad2: u16,
 }
 
 /// [`CtValue::flags`] bits.
@@ -310,6 +328,20 @@ pub mod ct_flags {
     /// Client and backend are the same pod: the source is NATed to
     /// [`super::HAIRPIN_ADDR`] too.
     pub const HAIRPIN: u32 = 1 << 4;
+    /// North-south flow to a backend on another node: the source is NATed
+    /// to the node (see `CtValue::nat_addr`).
+    pub const SNAT: u32 = 1 << 5;
+}
+
+/// Node-wide settings the agent writes into [`maps::CONFIG`] (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The node's address north-south traffic to remote backends is SNATed
+    /// to; network byte order. 0: not configured (no SNAT, no remote
+    /// north-south backends).
+    pub node_addr: u32,
+    pub _pad: u32,
 }
 
 /// Indices into the per-CPU [`maps::STATS`] array.
@@ -386,7 +418,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<RevNat>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 24);
+    assert!(core::mem::size_of::<CtValue>() == 32);
+    assert!(core::mem::size_of::<Config>() == 8);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -408,6 +441,7 @@ mod user {
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for Config {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.

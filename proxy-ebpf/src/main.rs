@@ -3,6 +3,7 @@
 //! * [`tc`]: the per-packet path on pods' host interfaces (DNAT, conntrack,
 //!   reverse NAT, reject, hairpin, affinity).
 //! * [`sock`]: socket LB, cgroup hooks translating at connect() time.
+//! * [`xdp`]: NodePort / ExternalIP / LoadBalancer from outside.
 //!
 //! Anything that is not IPv4 TCP/UDP, or is malformed, truncated, fragmented
 //! or carries IP options, passes untouched and is counted.
@@ -15,6 +16,7 @@ mod packet;
 mod reject;
 mod sock;
 mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, RevNat, ServiceKey, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatValue, SvcStats, stat,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, RevNat, ServiceKey, ServiceValue,
+    SlotKey, SockRevNatKey, SockRevNatValue, SvcStats, stat,
 };
 
 #[map(name = "SVC_V4")]
@@ -35,6 +35,9 @@ pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
 
 #[map(name = "SVC_STATS")]
 pub static SVC_STATS: PerCpuHashMap<u32, SvcStats> = PerCpuHashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

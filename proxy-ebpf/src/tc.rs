@@ -181,6 +181,9 @@ fn create_ct(
         service_id: svc.id,
         flags,
         _pad: 0,
+        nat_addr: 0,
+        nat_port: 0,
+        _pad2: 0,
     };
     let reply = CtKey {
         saddr: backend.addr,
@@ -208,6 +211,12 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Error> {
         return Ok(TC_ACT_OK as i32);
     };
     count(stat::PACKETS);
+    reverse_nat(ctx, &pkt)
+}
+
+/// A reply of a tracked flow gets the frontend as its source.
+#[inline(always)]
+fn reverse_nat(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
     let key = pkt.ct_key(ct_dir::REPLY);
     let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
         return Ok(TC_ACT_OK as i32);
@@ -226,4 +235,75 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Error> {
     pkt.rewrite_src(ctx, rev.addr, rev.port)?;
     count(stat::REV_NAT);
     Ok(TC_ACT_OK as i32)
+}
+
+/// tc ingress on the node's external interfaces: the north-south flows XDP
+/// chose a remote backend for (conntrack says SNAT), and their replies.
+/// Both carry the node's own address as source once translated, which the
+/// stack would drop as a martian if routed; `bpf_redirect_neigh` sends them
+/// out with a FIB and neighbour lookup instead.
+#[classifier]
+pub fn tc_from_netdev(ctx: TcContext) -> i32 {
+    verdict(try_from_netdev(&ctx))
+}
+
+/// tc egress on the node's external interfaces: replies of local backends
+/// to north-south clients get the frontend as source, after routing (where
+/// a node address as source is fine).
+#[classifier]
+pub fn tc_to_netdev(ctx: TcContext) -> i32 {
+    verdict(try_to_netdev(&ctx))
+}
+
+#[inline(always)]
+fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: copied out at once.
+    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::REPLY)) }.copied()
+        && ct.flags & ct_flags::SNAT != 0
+    {
+        // SAFETY: copied out at once.
+        let Some(rev) = (unsafe { REVNAT.get(&ct.service_id) }).copied() else {
+            return Ok(TC_ACT_OK as i32);
+        };
+        pkt.rewrite_src(ctx, rev.addr, rev.port)?;
+        pkt.rewrite_dst(ctx, ct.nat_addr, ct.nat_port)?;
+        count(stat::REV_NAT);
+        return Ok(redirect_out(ctx));
+    }
+    // SAFETY: copied out at once.
+    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }.copied()
+        && ct.flags & ct_flags::SNAT != 0
+    {
+        // SAFETY: copied out at once.
+        let Some(b) = (unsafe { BACKENDS.get(&ct.backend_id) }).copied() else {
+            return Err(Error::NoSlot);
+        };
+        pkt.rewrite_dst(ctx, b.addr, b.port)?;
+        pkt.rewrite_src(ctx, ct.nat_addr, ct.nat_port)?;
+        account(ct.service_id, ctx.len() as u64);
+        count(stat::DNAT);
+        return Ok(redirect_out(ctx));
+    }
+    Ok(TC_ACT_OK as i32)
+}
+
+/// Out of the interface the route to the (new) destination uses, resolving
+/// the neighbour.
+#[inline(always)]
+fn redirect_out(ctx: &TcContext) -> i32 {
+    // SAFETY: the skb pointer is the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: no parameters: the kernel does the FIB lookup itself.
+    unsafe { aya_ebpf::helpers::bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+#[inline(always)]
+fn try_to_netdev(ctx: &TcContext) -> Result<i32, Error> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    reverse_nat(ctx, &pkt)
 }

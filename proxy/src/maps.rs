@@ -8,12 +8,12 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, LAYOUT_VERSION, RevNat, ServiceKey,
-    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SvcStats, backend_flags, ct_dir,
-    maps as names, stat, svc_flags,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, LAYOUT_VERSION, RevNat,
+    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SvcStats, backend_flags,
+    ct_dir, maps as names, stat, svc_flags,
 };
 use serde::Serialize;
 
@@ -55,6 +55,7 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     pub svc_stats: PerCpuHashMap<MapData, u32, SvcStats>,
+    pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -70,6 +71,7 @@ impl Maps {
         let affinity = take(names::AFFINITY)?;
         let sock_revnat = take(names::SOCK_REVNAT)?;
         let svc_stats = take(names::SVC_STATS)?;
+        let config = take(names::CONFIG)?;
         let stats = take(names::STATS)?;
         Ok(Maps {
             services: typed(names::SERVICES, services)?,
@@ -80,6 +82,7 @@ impl Maps {
             affinity: typed(names::AFFINITY, affinity)?,
             sock_revnat: typed(names::SOCK_REVNAT, sock_revnat)?,
             svc_stats: typed(names::SVC_STATS, svc_stats)?,
+            config: typed(names::CONFIG, config)?,
             stats: typed(names::STATS, stats)?,
         })
     }
@@ -112,6 +115,7 @@ impl Maps {
             affinity: typed(names::AFFINITY, open(names::AFFINITY)?)?,
             sock_revnat: typed(names::SOCK_REVNAT, open(names::SOCK_REVNAT)?)?,
             svc_stats: typed(names::SVC_STATS, open(names::SVC_STATS)?)?,
+            config: typed(names::CONFIG, open(names::CONFIG)?)?,
             stats: typed(names::STATS, open(names::STATS)?)?,
         })
     }
@@ -208,6 +212,18 @@ impl Maps {
                 bytes: per_cpu.iter().map(|s| s.bytes).sum(),
             })
             .collect();
+        let node_addr = self
+            .config
+            .get(&0, 0)
+            .map(|c| c.node_addr)
+            .map_err(|source| MapsError::Op {
+                name: names::CONFIG,
+                op: "lookup",
+                source: Box::new(source),
+            })?;
+        let config = ConfigEntry {
+            node_address: (node_addr != 0).then(|| Ipv4Addr::from(node_addr.to_ne_bytes())),
+        };
         let mut stats = Vec::new();
         for (i, name) in stat::NAMES.iter().enumerate() {
             let values = self
@@ -232,6 +248,7 @@ impl Maps {
             affinity,
             sock_revnat,
             service_stats,
+            config,
             stats,
         };
         dump.sort();
@@ -315,6 +332,7 @@ pub struct Dump {
     pub affinity: Vec<AffinityEntry>,
     pub sock_revnat: Vec<SockRevNatEntry>,
     pub service_stats: Vec<ServiceStatsEntry>,
+    pub config: ConfigEntry,
     pub stats: Vec<StatEntry>,
 }
 
@@ -406,4 +424,10 @@ pub struct ServiceStatsEntry {
     pub service_id: u32,
     pub packets: u64,
     pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigEntry {
+    /// Where north-south traffic to remote backends is SNATed to.
+    pub node_address: Option<Ipv4Addr>,
 }

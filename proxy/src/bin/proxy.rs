@@ -6,12 +6,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use proxy::{
     agent,
-    dataplane::ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount},
+    dataplane::ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
     k8s,
     model::NodeContext,
 };
 use tokio::sync::Notify;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
@@ -49,6 +49,11 @@ struct Args {
     /// mount point found in /proc/mounts (all processes of the node).
     #[arg(long)]
     cgroup_path: Option<PathBuf>,
+    /// External interfaces for north-south XDP (NodePort, ExternalIP,
+    /// LoadBalancer from outside), repeatable; default: the interface
+    /// holding the node's InternalIP.
+    #[arg(long = "devices", value_delimiter = ',')]
+    devices: Vec<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -97,6 +102,26 @@ async fn main() -> Result<()> {
     let stores = k8s::start(client, &node.node_name, changed.clone());
     stores.ready().await?;
     info!("caches synced");
+
+    // North-south: the node's first address is where remote-backend flows
+    // are SNATed to; XDP goes on the interface that holds it.
+    let node_addr = stores
+        .nodes
+        .state()
+        .first()
+        .and_then(|n| proxy::model::node_addresses(n).0.first().copied());
+    let mut devices = args.devices.clone();
+    if devices.is_empty()
+        && let Some(ip) = node_addr
+    {
+        match interface_with_address(ip) {
+            Ok(Some(dev)) => devices.push(dev),
+            Ok(None) => warn!(%ip, "no interface holds the node address; no XDP"),
+            Err(e) => warn!(error = %e, "listing addresses; no XDP"),
+        }
+    }
+    dp.set_north_south(&devices, node_addr)
+        .context("setting up north-south XDP")?;
 
     let shutdown = async {
         let mut term =

@@ -124,6 +124,9 @@ mod tests {
             service_id: 1,
             flags,
             _pad: 0,
+            nat_addr: 0,
+            nat_port: 0,
+            _pad2: 0,
         }
     }
 

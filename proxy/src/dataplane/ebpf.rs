@@ -20,11 +20,14 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapError, PerCpuValues},
-    programs::{CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, links::PinnedLink},
+    programs::{
+        CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, links::PinnedLink,
+    },
     util::nr_cpus,
 };
 use proxy_common::{
-    Backend, RevNat, ServiceKey, ServiceValue, SlotKey, SvcStats, backend_flags, progs, svc_flags,
+    Backend, Config, RevNat, ServiceKey, ServiceValue, SlotKey, SvcStats, backend_flags, progs,
+    svc_flags,
 };
 use tracing::{debug, info, warn};
 
@@ -152,6 +155,7 @@ pub struct EbpfDataplane {
     next_backend_id: u32,
     attached: HashMap<String, Attached>,
     socket_links: Vec<PinnedLink>,
+    xdp_links: Vec<PinnedLink>,
     /// Backends removed since the last conntrack sweep: their entries go.
     removed_backends: HashSet<u32>,
     last_gc: Instant,
@@ -163,6 +167,10 @@ pub struct EbpfDataplane {
 const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     (progs::TC_FROM_POD, TcAttachType::Ingress, "ingress"),
     (progs::TC_TO_POD, TcAttachType::Egress, "egress"),
+];
+const NETDEV_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (progs::TC_FROM_NETDEV, TcAttachType::Ingress, "ingress"),
+    (progs::TC_TO_NETDEV, TcAttachType::Egress, "egress"),
 ];
 const SOCK_PROGRAMS: [&str; 4] = [
     progs::SOCK_CONNECT4,
@@ -212,7 +220,7 @@ impl EbpfDataplane {
                 None
             }
         };
-        for (name, _, _) in TC_PROGRAMS {
+        for (name, _, _) in TC_PROGRAMS.into_iter().chain(NETDEV_PROGRAMS) {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|source| EbpfError::Program {
                 name,
@@ -221,6 +229,14 @@ impl EbpfDataplane {
         }
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| EbpfError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+        }
+        {
+            let name = progs::XDP_NODEPORT;
+            let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load().map_err(|source| EbpfError::Program {
                 name,
                 source: Box::new(source),
@@ -242,6 +258,7 @@ impl EbpfDataplane {
             next_backend_id: 1,
             attached: HashMap::new(),
             socket_links: Vec::new(),
+            xdp_links: Vec::new(),
             removed_backends: HashSet::new(),
             last_gc: Instant::now(),
             last_gc_stats: GcStats::default(),
@@ -303,6 +320,53 @@ impl EbpfDataplane {
             self.socket_links.push(link);
         }
         info!(cgroup = %cgroup.display(), "socket LB attached");
+        Ok(())
+    }
+
+    /// North-south: SNAT remote-backend flows to `node_addr` and attach XDP
+    /// to `devices` (the node's external interfaces).
+    pub fn set_north_south(
+        &mut self,
+        devices: &[String],
+        node_addr: Option<Ipv4Addr>,
+    ) -> Result<(), EbpfError> {
+        let cfg = Config {
+            node_addr: node_addr
+                .map(|a| u32::from_ne_bytes(a.octets()))
+                .unwrap_or(0),
+            _pad: 0,
+        };
+        self.maps
+            .config
+            .set(0, cfg, 0)
+            .map_err(|source| EbpfError::Update {
+                map: "CONFIG",
+                op: "set",
+                frontend: "(node address)".to_owned(),
+                source: Box::new(source),
+            })?;
+        let dir = links_dir(&self.cfg.bpffs_path);
+        for dev in devices {
+            let prog: &mut Xdp = program(&mut self.ebpf, progs::XDP_NODEPORT)?;
+            let (link, mode) = links::attach_xdp(prog, dev, &dir.join(format!("xdp-{dev}")))
+                .map_err(|source| EbpfError::Attach {
+                    program: progs::XDP_NODEPORT,
+                    source,
+                })?;
+            info!(iface = %dev, mode, "attached XDP");
+            self.xdp_links.push(link);
+            for (name, direction, dir_name) in NETDEV_PROGRAMS {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+                let pin = dir.join(format!("netdev-{dev}-{dir_name}"));
+                let link = links::attach_tc(prog, dev, direction, &pin).map_err(|source| {
+                    EbpfError::Attach {
+                        program: name,
+                        source,
+                    }
+                })?;
+                self.xdp_links.push(link);
+            }
+        }
         Ok(())
     }
 
@@ -835,6 +899,35 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
             (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
         }
     }
+}
+
+/// The interface holding IPv4 address `ip` in this network namespace.
+pub fn interface_with_address(ip: Ipv4Addr) -> io::Result<Option<String>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed by freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut p = head;
+    // SAFETY: walking the list getifaddrs returned; addresses of family
+    // AF_INET are sockaddr_in.
+    unsafe {
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                let sin = a as *const libc::sockaddr_in;
+                let addr = Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr));
+                if addr == ip && !(*p).ifa_name.is_null() {
+                    found = Some(CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned());
+                    break;
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(found)
 }
 
 /// Interfaces of this network namespace: name -> ifindex.

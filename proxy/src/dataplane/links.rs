@@ -132,3 +132,50 @@ pub fn unpin(link: PinnedLink) {
         drop(fd);
     }
 }
+
+/// Attach XDP to `iface` (native mode, generic as a logged fallback),
+/// replacing in place the program of a link pinned at `pin`, and pin it.
+pub fn attach_xdp(
+    prog: &mut aya::programs::Xdp,
+    iface: &str,
+    pin: &Path,
+) -> Result<(PinnedLink, &'static str), LinkPinError> {
+    use aya::programs::{XdpMode, xdp::XdpLink};
+    let mut attached = None;
+    if pin.exists() {
+        if let Ok(old) = PinnedLink::from_pin(pin) {
+            let fd: FdLink = old.into();
+            if let Ok(link) = XdpLink::try_from(fd)
+                && let Ok(id) = prog.attach_to_link(link)
+            {
+                attached = Some((id, "replaced"));
+            }
+        }
+        let _ = fs::remove_file(pin);
+    }
+    let (id, mode) = match attached {
+        Some(a) => a,
+        None => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, "native"),
+            Err(e) => {
+                tracing::warn!(iface, error = %e, "native XDP failed; using generic (skb) mode");
+                let id =
+                    prog.attach(iface, XdpMode::Skb)
+                        .map_err(|source| LinkPinError::Program {
+                            what: format!("attaching XDP to {iface}"),
+                            source: Box::new(source),
+                        })?;
+                (id, "generic")
+            }
+        },
+    };
+    let link = prog.take_link(id).map_err(|source| LinkPinError::Program {
+        what: format!("taking the XDP link of {iface}"),
+        source: Box::new(source),
+    })?;
+    let fd: FdLink = link.try_into().map_err(|source| LinkPinError::Link {
+        what: format!("XDP on {iface} is not an fd link"),
+        source: Box::new(source),
+    })?;
+    Ok((fd.pin(pin).map_err(pin_error(iface))?, mode))
+}

@@ -1,0 +1,337 @@
+//! XDP on the node's external interfaces: NodePort, ExternalIP and
+//! LoadBalancer traffic from outside the cluster, and the replies of flows
+//! it SNATed.
+//!
+//! Translated packets are handed to the stack with `XDP_PASS`, which routes
+//! them to the pod's interface (local backend) or back out to the other
+//! node (remote backend). That avoids the veth `XDP_REDIRECT` traps noted in
+//! DESIGN.md (receiving veth needs NAPI, sending side checksum offload) at
+//! the cost of the stack's routing step.
+//!
+//! * Local backend: DNAT only; the client's address is kept, and the pod's
+//!   reply is reverse-translated by `tc_from_pod` on the pod's interface.
+//! * Remote backend: XDP chooses the backend and records the flow (SNAT to
+//!   the node address from `CONFIG`, so the reply comes back through this
+//!   node); `tc_from_netdev` on the same interface rewrites it and its
+//!   replies and sends them out with `bpf_redirect_neigh`: with the node's
+//!   own address as source, the stack would drop them as martians, and on
+//!   veth an `XDP_TX` needs NAPI on the peer (DESIGN.md).
+//! * Local backend replies leave through the external interface, where
+//!   `tc_to_netdev` restores the frontend as source after routing.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::xdp,
+    programs::XdpContext,
+};
+use proxy_common::{
+    AffinityKey, CtKey, CtValue, ServiceKey, backend_flags, ct_dir, ct_flags, proto, stat,
+};
+
+use crate::{
+    lb,
+    maps::{BACKENDS, CONFIG, CONNTRACK, REVNAT, SERVICES, account, count},
+    packet::Error,
+};
+
+const ETH_HLEN: usize = 14;
+const L4_OFF: usize = ETH_HLEN + 20;
+
+#[xdp]
+pub fn xdp_nodeport(ctx: XdpContext) -> u32 {
+    match try_xdp(&ctx) {
+        Ok(v) => v,
+        Err(e) => {
+            count(e.stat());
+            if e.drops() { XDP_DROP } else { XDP_PASS }
+        }
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Error> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(Error::Malformed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// Pointers to the fields a translation touches, all bounds-checked.
+struct Hdrs {
+    saddr: *mut u32,
+    daddr: *mut u32,
+    ip_csum: *mut u16,
+    sport: *mut u16,
+    dport: *mut u16,
+    /// None for UDP without checksum.
+    l4_csum: Option<*mut u16>,
+    proto: u8,
+    tcp_flags: u8,
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Result<Option<Hdrs>, Error> {
+    let ethertype: *mut u16 = ptr_at(ctx, 12)?;
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be(unsafe { *ethertype }) != 0x0800 {
+        return Ok(None);
+    }
+    let ip: *mut [u8; 20] = ptr_at(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let protocol = ip[9];
+    if protocol != proto::TCP && protocol != proto::UDP {
+        return Ok(None);
+    }
+    if ip[0] >> 4 != 4 {
+        return Err(Error::Malformed);
+    }
+    if ip[0] & 0x0f != 5 {
+        return Err(Error::IpOptions);
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Err(Error::Fragment);
+    }
+    let (l4_csum, tcp_flags) = if protocol == proto::TCP {
+        let tcp: *mut [u8; 20] = ptr_at(ctx, L4_OFF)?;
+        // SAFETY: bounds checked by ptr_at.
+        let flags = unsafe { (*tcp)[13] };
+        (Some(ptr_at::<u16>(ctx, L4_OFF + 16)?), flags)
+    } else {
+        let c: *mut u16 = ptr_at(ctx, L4_OFF + 6)?;
+        // SAFETY: bounds checked by ptr_at.
+        (if unsafe { *c } == 0 { None } else { Some(c) }, 0)
+    };
+    Ok(Some(Hdrs {
+        saddr: ptr_at(ctx, ETH_HLEN + 12)?,
+        daddr: ptr_at(ctx, ETH_HLEN + 16)?,
+        ip_csum: ptr_at(ctx, ETH_HLEN + 10)?,
+        sport: ptr_at(ctx, L4_OFF)?,
+        dport: ptr_at(ctx, L4_OFF + 2)?,
+        l4_csum,
+        proto: protocol,
+        tcp_flags,
+    }))
+}
+
+/// RFC 1624 incremental update of a ones'-complement checksum, on raw
+/// (network-order) words: byte order does not matter to the arithmetic as
+/// long as everything is loaded the same way.
+#[inline(always)]
+fn csum_replace(check: u16, old: u32, new: u32) -> u16 {
+    let mut sum: u32 = (!check) as u32;
+    sum += (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32;
+    sum += (new as u16) as u32 + ((new >> 16) as u16) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let r = !(sum as u16);
+    // A UDP checksum that computes to 0 is sent as 0xffff.
+    if r == 0 { 0xffff } else { r }
+}
+
+impl Hdrs {
+    /// Rewrite one address (+ its port) and fix both checksums.
+    #[inline(always)]
+    fn rewrite(&self, addr: *mut u32, port: *mut u16, new_addr: u32, new_port: u16) {
+        // SAFETY: all pointers were bounds-checked by `parse`.
+        unsafe {
+            let (old_addr, old_port) = (*addr, *port);
+            *self.ip_csum = ip_csum_replace(*self.ip_csum, old_addr, new_addr);
+            if let Some(c) = self.l4_csum {
+                let mut v = csum_replace(*c, old_addr, new_addr);
+                v = csum_replace(v, old_port as u32, new_port as u32);
+                *c = v;
+            }
+            *addr = new_addr;
+            *port = new_port;
+        }
+    }
+
+    fn src(&self, addr: u32, port: u16) {
+        self.rewrite(self.saddr, self.sport, addr, port)
+    }
+
+    fn dst(&self, addr: u32, port: u16) {
+        self.rewrite(self.daddr, self.dport, addr, port)
+    }
+}
+
+/// IPv4 header checksum never carries the UDP 0 -> 0xffff rule.
+#[inline(always)]
+fn ip_csum_replace(check: u16, old: u32, new: u32) -> u16 {
+    let mut sum: u32 = (!check) as u32;
+    sum += (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32;
+    sum += (new as u16) as u32 + ((new >> 16) as u16) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
+    let Some(h) = parse(ctx)? else {
+        return Ok(XDP_PASS);
+    };
+    count(stat::PACKETS);
+    // SAFETY: pointers bounds-checked by parse; values copied out.
+    let (saddr, daddr, sport, dport) = unsafe { (*h.saddr, *h.daddr, *h.sport, *h.dport) };
+    let key = CtKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto: h.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(ct) = unsafe { CONNTRACK.get(&key) }.copied() {
+        // SNATed replies are finished by tc (they need a neighbour lookup);
+        // others (east-west replies from remote backends) are done here.
+        if ct.flags & ct_flags::SNAT == 0
+            // SAFETY: copied out at once.
+            && let Some(rev) = unsafe { REVNAT.get(&ct.service_id) }.copied()
+        {
+            h.src(rev.addr, rev.port);
+            count(stat::REV_NAT);
+        }
+        return Ok(XDP_PASS);
+    }
+
+    let skey = ServiceKey {
+        addr: daddr,
+        port: dport,
+        proto: h.proto,
+        scope: 0,
+    };
+    // SAFETY: copied out at once.
+    let Some(svc) = unsafe { SERVICES.get(&skey) }.copied() else {
+        return Ok(XDP_PASS);
+    };
+    if svc.count == 0 {
+        return Err(Error::NoBackend);
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let fwd = CtKey {
+        dir: ct_dir::SERVICE,
+        ..key
+    };
+    // SAFETY: copied out at once.
+    let existing = unsafe { CONNTRACK.get(&fwd) }.copied().and_then(|ct| {
+        // SAFETY: copied out at once.
+        let b = unsafe { BACKENDS.get(&ct.backend_id) }.copied()?;
+        (ct.service_id == svc.id).then_some((ct, b))
+    });
+    let (ct, backend) = match existing {
+        Some(c) => c,
+        None => {
+            if h.proto == proto::TCP && h.tcp_flags & 0x02 == 0 {
+                return Err(Error::CtInvalid);
+            }
+            let client = AffinityKey {
+                client_netns: 0,
+                client_addr: saddr,
+                service_id: svc.id,
+            };
+            let (id, b) = lb::select(&svc, client, now)?;
+            let ct = new_flow(&key, id, &b, svc.id, now)?;
+            (ct, b)
+        }
+    };
+    if ct.flags & ct_flags::SNAT != 0 {
+        // Remote backend: the flow is decided and tracked; tc on this
+        // interface rewrites it and sends it on with a neighbour lookup
+        // (routing it would drop it: its source becomes a local address).
+        return Ok(XDP_PASS);
+    }
+    h.dst(backend.addr, backend.port);
+    account(svc.id, (ctx.data_end() - ctx.data()) as u64);
+    count(stat::DNAT);
+    Ok(XDP_PASS)
+}
+
+/// Conntrack entries for a new north-south flow; SNAT to the node when the
+/// backend is on another node. Returns the SERVICE entry.
+#[inline(always)]
+fn new_flow(
+    key: &CtKey,
+    backend_id: u32,
+    b: &proxy_common::Backend,
+    service_id: u32,
+    now: u64,
+) -> Result<CtValue, Error> {
+    let mut value = CtValue {
+        last_seen_ns: now,
+        backend_id,
+        service_id,
+        flags: 0,
+        _pad: 0,
+        nat_addr: 0,
+        nat_port: 0,
+        _pad2: 0,
+    };
+    let mut reply_dst = (key.saddr, key.sport);
+    if b.flags & backend_flags::LOCAL == 0 {
+        let node = CONFIG.get(0).map(|c| c.node_addr).unwrap_or(0);
+        if node == 0 {
+            // No node address configured: a remote backend's reply could
+            // not find its way back here.
+            return Err(Error::NoSlot);
+        }
+        // Keep the client's port unless another client already holds it
+        // towards this backend.
+        let mut port = key.sport;
+        for _ in 0..4 {
+            let probe = CtKey {
+                saddr: b.addr,
+                daddr: node,
+                sport: b.port,
+                dport: port,
+                proto: key.proto,
+                dir: ct_dir::REPLY,
+                _pad: 0,
+            };
+            // SAFETY: copied out at once.
+            match unsafe { CONNTRACK.get(&probe) }.copied() {
+                Some(other) if other.nat_addr != key.saddr || other.nat_port != key.sport => {
+                    // SAFETY: no preconditions.
+                    let r = unsafe { bpf_get_prandom_u32() };
+                    port = ((32768 + r % 28232) as u16).to_be();
+                }
+                _ => break,
+            }
+        }
+        value.flags |= ct_flags::SNAT;
+        value.nat_addr = node;
+        value.nat_port = port;
+        reply_dst = (node, port);
+    }
+    let reply_key = CtKey {
+        saddr: b.addr,
+        daddr: reply_dst.0,
+        sport: b.port,
+        dport: reply_dst.1,
+        proto: key.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    let reply = CtValue {
+        nat_addr: key.saddr,
+        nat_port: key.sport,
+        ..value
+    };
+    let fwd = CtKey {
+        dir: ct_dir::SERVICE,
+        ..*key
+    };
+    if CONNTRACK.insert(&reply_key, &reply, 0).is_err()
+        || CONNTRACK.insert(&fwd, &value, 0).is_err()
+    {
+        count(stat::CT_INSERT_FAIL);
+    }
+    Ok(value)
+}

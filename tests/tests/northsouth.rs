@@ -1,0 +1,187 @@
+//! North-south through XDP: the external client (outside the cluster, on
+//! the underlay) reaches NodePort services on node addresses, with backends
+//! on the receiving node (DNAT only: the backend sees the client) and on the
+//! other node (DNAT + SNAT to the node: the backend sees the node).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use proxy_tests::{
+    agent::{Agent, AgentOptions},
+    apiserver::ApiServer,
+    cluster::{
+        ClientError, Cluster, ClusterSpec, TcpServer, UdpServer, parse_reply, tcp_request,
+        udp_request,
+    },
+    netns::Netns,
+};
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+fn nodes(cluster: &Cluster) -> String {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n---\n",
+                n.name, n.underlay_ip
+            )
+        })
+        .collect()
+}
+
+fn service(
+    name: &str,
+    vip: &str,
+    node_port: u16,
+    local: bool,
+    backends: &[(Ipv4Addr, &str)],
+) -> String {
+    let policy = if local { "Local" } else { "Cluster" };
+    let eps: String = backends
+        .iter()
+        .map(|(ip, node)| format!("- {{addresses: [\"{ip}\"], nodeName: {node}}}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {vip}
+  externalTrafficPolicy: {policy}
+  ports:
+  - {{name: http, port: 80, nodePort: {node_port}, protocol: TCP, targetPort: 8080}}
+  - {{name: dns, port: 53, nodePort: {node_port}, protocol: UDP, targetPort: 5353}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+{eps}---
+"#
+    )
+}
+
+/// backend name -> peer addresses it saw.
+fn tally(ns: &Netns, to: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut seen: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for i in 0..n {
+        let r = if udp {
+            udp_request(ns, to, TIMEOUT)
+        } else {
+            tcp_request(ns, to, TIMEOUT)
+        };
+        let line = r.unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
+        let (name, peer) = parse_reply(&line).unwrap_or_else(|| panic!("bad reply {line:?}"));
+        seen.entry(name.to_owned()).or_default().push(peer.ip());
+    }
+    seen
+}
+
+fn wait_up(ns: &Netns, to: SocketAddr, agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while let Err(e) = tcp_request(ns, to, Duration::from_millis(300)) {
+        assert!(
+            Instant::now() < deadline,
+            "{to} never answered ({e}); node1 maps:\n{}",
+            agent.proxyctl(&["dump-maps"]).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+#[test]
+fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
+    let mut servers = Vec::new();
+    let mut udp = Vec::new();
+    for p in [p12, p21] {
+        servers
+            .push(TcpServer::start(&p.ns, &p.name, SocketAddr::from((p.ip, 8080))).expect("tcp"));
+        udp.push(UdpServer::start(&p.ns, &p.name, SocketAddr::from((p.ip, 5353))).expect("udp"));
+    }
+    let api = ApiServer::start().expect("api");
+    let mut objects = nodes(&cluster);
+    objects += &service(
+        "both",
+        "10.96.1.1",
+        30080,
+        false,
+        &[(p12.ip, "node1"), (p21.ip, "node2")],
+    );
+    objects += &service("local", "10.96.1.2", 30081, true, &[(p12.ip, "node1")]);
+    api.apply_yaml(&objects).expect("objects");
+    let mut agents = [
+        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
+        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
+    ];
+    for a in &mut agents {
+        a.wait_for_log("attached XDP", Duration::from_secs(5))
+            .expect("XDP attached");
+    }
+    let ext = cluster.external();
+    let node1 = cluster.node(1).underlay_ip;
+    let node2 = cluster.node(2).underlay_ip;
+    let both = SocketAddr::from((node1, 30080));
+    wait_up(&ext.ns, both, &agents[0]);
+
+    // externalTrafficPolicy Cluster via node1: both backends; the local one
+    // sees the client, the remote one sees node1 (SNAT), as kube-proxy.
+    for udp in [false, true] {
+        let t = tally(&ext.ns, both, 40, udp);
+        assert_eq!(t.len(), 2, "udp={udp}: both backends serve: {t:?}");
+        assert!(
+            t["pod-1-2"].iter().all(|p| *p == IpAddr::V4(ext.ip)),
+            "udp={udp}: {t:?}"
+        );
+        assert!(
+            t["pod-2-1"].iter().all(|p| *p == IpAddr::V4(node1)),
+            "udp={udp}: {t:?}"
+        );
+    }
+    // The same service through node2's address.
+    let t = tally(&ext.ns, SocketAddr::from((node2, 30080)), 40, false);
+    assert_eq!(t.len(), 2, "{t:?}");
+
+    // externalTrafficPolicy Local: node1 has the endpoint, the client IP is
+    // kept; node2 has none and does not forward it anywhere.
+    let t = tally(&ext.ns, SocketAddr::from((node1, 30081)), 20, false);
+    assert_eq!(t.keys().collect::<Vec<_>>(), vec!["pod-1-2"]);
+    assert!(
+        t["pod-1-2"].iter().all(|p| *p == IpAddr::V4(ext.ip)),
+        "{t:?}"
+    );
+    let err = tcp_request(&ext.ns, SocketAddr::from((node2, 30081)), TIMEOUT)
+        .expect_err("no local endpoint on node2");
+    assert!(
+        !matches!(err, ClientError::Other { .. }),
+        "dropped or refused at node2: {err}"
+    );
+    let served_before: u64 = servers.iter().map(|s| s.served()).sum();
+    let _ = tcp_request(&ext.ns, SocketAddr::from((node2, 30081)), TIMEOUT);
+    let served_after: u64 = servers.iter().map(|s| s.served()).sum();
+    assert_eq!(
+        served_before, served_after,
+        "never sent to another node's endpoint"
+    );
+
+    // XDP did the work: its translations show on node1's counters.
+    let dump: serde_json::Value = serde_json::from_str(
+        &agents[0]
+            .proxyctl(&["dump-maps", "--output", "json"])
+            .expect("dump"),
+    )
+    .expect("json");
+    assert_eq!(
+        dump["config"]["node_address"].as_str(),
+        Some(node1.to_string().as_str())
+    );
+}
