@@ -31,7 +31,7 @@ use proxy_common::{
 
 use crate::{
     lb,
-    maps::{BACKENDS, CONFIG, CONNTRACK, REVNAT, SERVICES, account, count},
+    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, account, count},
     packet::Error,
 };
 
@@ -187,17 +187,11 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
         dir: ct_dir::REPLY,
         _pad: 0,
     };
-    // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { CONNTRACK.get(&key) }.copied() {
-        // SNATed replies are finished by tc (they need a neighbour lookup);
-        // others (east-west replies from remote backends) are done here.
-        if ct.flags & ct_flags::SNAT == 0
-            // SAFETY: copied out at once.
-            && let Some(rev) = unsafe { REVNAT.get(&ct.service_id) }.copied()
-        {
-            h.src(rev.addr, rev.port);
-            count(stat::REV_NAT);
-        }
+    if CONNTRACK.get_ptr(&key).is_some() {
+        // A reply of a tracked flow: SNATed ones are finished by tc (they
+        // need a neighbour lookup), east-west ones by tc after routing (a
+        // NodePort frontend is a local address, which the stack would drop
+        // as a martian source before routing).
         return Ok(XDP_PASS);
     }
 
