@@ -687,3 +687,138 @@ fn truncated_udp_and_bare_ethernet_pass_untouched() {
     }
     assert_eq!(fx.stat(stat::DNAT), 0);
 }
+
+// ---- north-south: XDP and the external interface's tc programs ----------
+
+const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// NodePort 30080: one local backend; NodePort 30081: one remote backend;
+/// NodePort 30082: none. The node address is configured for SNAT.
+fn north_south() -> Fixture {
+    let mut fx = fixture();
+    let np = |port, backends: Vec<BackendAddr>| {
+        Change::Upsert(
+            FrontendKey {
+                addr: NODE,
+                port,
+                proto: Protocol::Tcp,
+            },
+            Frontend {
+                kind: FrontendKind::NodePort,
+                backends,
+                affinity_timeout: 0,
+            },
+        )
+    };
+    let b = |addr, local| BackendAddr {
+        addr,
+        port: 8080,
+        terminating: false,
+        local,
+    };
+    fx.dp
+        .apply(&[
+            np(30080, vec![b(B1, true)]),
+            np(30081, vec![b(B2, false)]),
+            np(30082, vec![]),
+        ])
+        .expect("program node ports");
+    fx.dp
+        .set_north_south(&[], Some(NODE))
+        .expect("node address");
+    fx
+}
+
+impl Fixture {
+    fn run_xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let p = self.dp.xdp_program().expect("xdp loaded");
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("XDP test run: {e:?}"));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+}
+
+#[test]
+fn xdp_node_port_to_a_local_backend_is_dnated_and_keeps_the_client() {
+    let fx = north_south();
+    let (rc, out) = fx.run_xdp(&Frame::tcp(EXT_CLIENT, 50000, NODE, 30080).build());
+    assert_eq!(rc, XDP_PASS, "handed to the stack, which routes to the pod");
+    let p = parse_and_verify(&out);
+    assert_eq!((p.dst, p.dport), (B1, 8080));
+    assert_eq!((p.src, p.sport), (EXT_CLIENT, 50000), "client address kept");
+    // The pod's reply gets the frontend back on the external egress.
+    let (rc, out) = fx.run(
+        progs::TC_TO_NETDEV,
+        &Frame::tcp(B1, 8080, EXT_CLIENT, 50000).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.src, p.sport), (NODE, 30080));
+}
+
+#[test]
+fn xdp_node_port_to_a_remote_backend_is_snated_by_tc() {
+    let fx = north_south();
+    let syn = Frame::tcp(EXT_CLIENT, 50001, NODE, 30081).build();
+    let (rc, out) = fx.run_xdp(&syn);
+    assert_eq!((rc, &out), (XDP_PASS, &syn), "XDP decides; tc rewrites");
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT, "sent out with a neighbour lookup");
+    let p = parse_and_verify(&out);
+    assert_eq!((p.dst, p.dport), (B2, 8080));
+    assert_eq!(p.src, NODE, "SNAT to the node");
+    let nat_port = p.sport;
+
+    // The backend answers the node; XDP leaves it to tc, which restores
+    // the frontend as source and the client as destination.
+    let reply = Frame::tcp(B2, 8080, NODE, nat_port).build();
+    let (rc, out) = fx.run_xdp(&reply);
+    assert_eq!((rc, &out), (XDP_PASS, &reply));
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &reply);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.src, p.sport), (NODE, 30081));
+    assert_eq!((p.dst, p.dport), (EXT_CLIENT, 50001));
+}
+
+#[test]
+fn xdp_passes_what_it_does_not_handle_and_drops_services_without_backends() {
+    let fx = north_south();
+    let plain = Frame::tcp(EXT_CLIENT, 50002, NODE, 30080).build();
+    let mut vlan = plain[..12].to_vec();
+    vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    vlan.extend_from_slice(&plain[12..]);
+    let opts = Frame {
+        ip_options: true,
+        ..Frame::tcp(EXT_CLIENT, 50003, NODE, 30080)
+    }
+    .build();
+    let frag = Frame {
+        frag_off: 0x2000,
+        ..Frame::udp(EXT_CLIENT, 50004, NODE, 30080)
+    }
+    .build();
+    for (what, frame) in [
+        ("truncated", plain[..14 + 20 + 10].to_vec()),
+        ("vlan", vlan),
+        ("options", opts),
+        ("fragment", frag),
+        ("not ours", Frame::tcp(EXT_CLIENT, 50005, NODE, 22).build()),
+    ] {
+        let (rc, out) = fx.run_xdp(&frame);
+        assert_eq!((rc, &out), (XDP_PASS, &frame), "{what}");
+    }
+    let (rc, _) = fx.run_xdp(&Frame::tcp(EXT_CLIENT, 50006, NODE, 30082).build());
+    assert_eq!(rc, XDP_DROP, "no backend");
+    assert_eq!(fx.stat(stat::DROP_NO_BACKEND), 1);
+}

@@ -410,6 +410,13 @@ impl EbpfDataplane {
         self.last_gc_stats
     }
 
+    /// The loaded XDP program, for BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&self) -> Option<&Xdp> {
+        self.ebpf
+            .program(progs::XDP_NODEPORT)
+            .and_then(|p| p.try_into().ok())
+    }
+
     /// A loaded tc program, for BPF_PROG_TEST_RUN.
     pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
         self.ebpf.program(name).and_then(|p| p.try_into().ok())
