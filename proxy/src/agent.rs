@@ -1,6 +1,6 @@
 //! The agent's sync loop: stores -> model -> frontends -> diff -> dataplane.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::{sync::Notify, time::Instant};
 use tracing::{info, warn};
@@ -8,6 +8,7 @@ use tracing::{info, warn};
 use crate::{
     dataplane::Dataplane,
     diff::diff,
+    health::{self, HealthServers, ServiceHealth},
     k8s::Stores,
     lb::LbTable,
     model::{self, NodeContext},
@@ -18,13 +19,19 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// Housekeeping period (new interfaces, ...).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
+/// What one sync did.
+pub struct Synced {
+    pub changes: usize,
+    /// What the health-check node ports must report.
+    pub health: BTreeMap<u16, ServiceHealth>,
+}
+
 /// One sync: read the stores, build the desired table, apply the diff.
-/// Returns the number of changes applied.
 pub fn sync_once<D: Dataplane>(
     dp: &mut D,
     stores: &Stores,
     node: &NodeContext,
-) -> Result<usize, D::Error> {
+) -> Result<Synced, D::Error> {
     let services = stores.services.state();
     let slices = stores.slices.state();
     let mut node = node.clone();
@@ -45,8 +52,9 @@ pub fn sync_once<D: Dataplane>(
     }
     let desired = LbTable::from_services(&table, &node);
     let changes = diff(&dp.programmed(), &desired);
+    let health = health::desired(&table);
     if changes.is_empty() {
-        return Ok(0);
+        return Ok(Synced { changes: 0, health });
     }
     let stats = dp.apply(&changes)?;
     info!(
@@ -57,7 +65,10 @@ pub fn sync_once<D: Dataplane>(
         backends_removed = stats.backends_removed,
         "synced"
     );
-    Ok(changes.len())
+    Ok(Synced {
+        changes: changes.len(),
+        health,
+    })
 }
 
 /// Run until `shutdown` resolves.
@@ -73,14 +84,16 @@ pub async fn run<D: Dataplane>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = true;
     let mut failed = false;
+    let mut health_servers = HealthServers::default();
     loop {
         if dirty {
             let start = Instant::now();
             failed = match sync_once(&mut dp, &stores, &node) {
-                Ok(n) => {
-                    if n > 0 {
+                Ok(s) => {
+                    if s.changes > 0 {
                         info!(elapsed_ms = start.elapsed().as_millis() as u64, "sync done");
                     }
+                    health_servers.sync(s.health).await;
                     false
                 }
                 Err(e) => {

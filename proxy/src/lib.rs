@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod dataplane;
 pub mod diff;
+pub mod health;
 pub mod k8s;
 pub mod lb;
 pub mod maglev;

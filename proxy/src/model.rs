@@ -153,6 +153,8 @@ pub struct ServicePort {
     pub affinity_timeout: Option<u32>,
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
+    /// `healthCheckNodePort` (LoadBalancer with externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
     /// Ready and serving+terminating endpoints, sorted, without duplicates
     /// (an address ready in one slice is not repeated as terminating).
     pub endpoints: Vec<Endpoint>,
@@ -348,6 +350,22 @@ fn service_ports(
     };
     let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(p) => match u16::try_from(p) {
+            Ok(p) if external_policy_local => Some(p),
+            Ok(_) => None,
+            Err(_) => {
+                errors.push(err(
+                    &object,
+                    "spec.healthCheckNodePort",
+                    p.to_string(),
+                    "not a port number",
+                ));
+                None
+            }
+        },
+    };
 
     let mut out = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
@@ -412,6 +430,7 @@ fn service_ports(
             affinity_timeout,
             external_policy_local,
             internal_policy_local,
+            health_check_node_port,
             endpoints,
         });
     }

@@ -185,3 +185,81 @@ fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
         Some(node1.to_string().as_str())
     );
 }
+
+/// The health-check node port of an externalTrafficPolicy Local service
+/// answers as kube-proxy's: 200 with a ready local endpoint, 503 without,
+/// 503 when only a terminating one remains.
+#[test]
+fn health_check_node_port_follows_local_endpoints() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let p12 = cluster.pod(1, 2);
+    let api = ApiServer::start().expect("api");
+    let slice = |conditions: &str| {
+        format!(
+            r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: lb-1, namespace: default, labels: {{kubernetes.io/service-name: lb}}}}
+addressType: IPv4
+ports: [{{port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: ["{}"], nodeName: node1, conditions: {conditions}}}
+"#,
+            p12.ip
+        )
+    };
+    let objects = nodes(&cluster)
+        + r#"apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.3
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{port: 80, nodePort: 30090, protocol: TCP, targetPort: 8080}]
+---
+"# + &slice("{ready: true, serving: true, terminating: false}");
+    api.apply_yaml(&objects).expect("objects");
+    let _agents = [
+        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
+        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
+    ];
+    let ext = cluster.external();
+    let check = |node: usize| {
+        let to = SocketAddr::from((cluster.node(node).underlay_ip, 32000));
+        tcp_request(&ext.ns, to, TIMEOUT).map_err(|e| e.to_string())
+    };
+    let until = |node: usize, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match check(node) {
+                Ok(line) if line.starts_with(want) => return,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "node{node}: want {want:?}, got {other:?}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until(1, "HTTP/1.1 200 OK");
+    until(2, "HTTP/1.1 503 Service Unavailable");
+    // Only a terminating endpoint left on node1: 503.
+    api.apply_yaml(&slice("{ready: false, serving: true, terminating: true}"))
+        .expect("terminating");
+    until(1, "HTTP/1.1 503 Service Unavailable");
+    // Ready again, then gone.
+    api.apply_yaml(&slice("{ready: true, serving: true, terminating: false}"))
+        .expect("ready");
+    until(1, "HTTP/1.1 200 OK");
+    api.delete("Service", Some("default"), "lb")
+        .expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while check(1).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "health-check port still open after delete"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

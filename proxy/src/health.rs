@@ -1,0 +1,168 @@
+//! Health-check node ports for `externalTrafficPolicy: Local` services, as
+//! kube-proxy serves them: an HTTP listener on `healthCheckNodePort` that
+//! answers 200 while this node has a ready local endpoint of the service and
+//! 503 otherwise (also when only terminating ones remain), with kube-proxy's
+//! JSON body, so cloud load balancers send traffic only to nodes that can
+//! serve it locally.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, RwLock},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+use tracing::{debug, info, warn};
+
+use crate::model::ServiceTable;
+
+/// What a health-check port reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub namespace: String,
+    pub name: String,
+    /// Ready (not terminating) endpoints on this node.
+    pub local_endpoints: usize,
+}
+
+/// Health-check port -> what it reports, from the desired table.
+pub fn desired(table: &ServiceTable) -> BTreeMap<u16, ServiceHealth> {
+    let mut out: BTreeMap<u16, (ServiceHealth, Vec<Ipv4Addr>)> = BTreeMap::new();
+    for sp in table.services.values() {
+        let Some(port) = sp.health_check_node_port else {
+            continue;
+        };
+        let entry = out.entry(port).or_insert_with(|| {
+            (
+                ServiceHealth {
+                    namespace: sp.name.namespace.clone(),
+                    name: sp.name.name.clone(),
+                    local_endpoints: 0,
+                },
+                Vec::new(),
+            )
+        });
+        for e in &sp.endpoints {
+            if e.local && e.ready && !e.terminating && !entry.1.contains(&e.ip) {
+                entry.1.push(e.ip);
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(port, (mut h, ips))| {
+            h.local_endpoints = ips.len();
+            (port, h)
+        })
+        .collect()
+}
+
+/// The HTTP response for a health state.
+pub fn response(h: &ServiceHealth) -> String {
+    let body = serde_json::json!({
+        "service": {"namespace": h.namespace, "name": h.name},
+        "localEndpoints": h.local_endpoints,
+        "serviceProxyHealthy": true,
+    })
+    .to_string();
+    let status = if h.local_endpoints > 0 {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The listeners, one per health-check port, kept in line with the table.
+#[derive(Default)]
+pub struct HealthServers {
+    state: Arc<RwLock<BTreeMap<u16, ServiceHealth>>>,
+    listeners: HashMap<u16, JoinHandle<()>>,
+}
+
+impl HealthServers {
+    /// Update what every port reports; open new ports, close gone ones.
+    /// Must run inside a tokio runtime.
+    pub async fn sync(&mut self, desired: BTreeMap<u16, ServiceHealth>) {
+        let ports: Vec<u16> = desired.keys().copied().collect();
+        match self.state.write() {
+            Ok(mut s) => *s = desired,
+            Err(poisoned) => *poisoned.into_inner() = desired,
+        }
+        self.listeners.retain(|port, task| {
+            let keep = ports.contains(port);
+            if !keep {
+                task.abort();
+                info!(port, "health-check node port closed");
+            }
+            keep
+        });
+        for port in ports {
+            if self.listeners.contains_key(&port) {
+                continue;
+            }
+            match TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await {
+                Ok(listener) => {
+                    info!(port, "health-check node port open");
+                    let state = self.state.clone();
+                    self.listeners
+                        .insert(port, tokio::spawn(serve(listener, port, state)));
+                }
+                // Retried on the next sync.
+                Err(e) => warn!(port, error = %e, "cannot open health-check node port"),
+            }
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, port: u16, state: Arc<RwLock<BTreeMap<u16, ServiceHealth>>>) {
+    loop {
+        let Ok((mut conn, peer)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            // Read (and ignore) the request head; the answer does not
+            // depend on the path, as with kube-proxy.
+            let mut buf = [0u8; 1024];
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+            let h = state
+                .read()
+                .ok()
+                .and_then(|s| s.get(&port).cloned())
+                .unwrap_or_default();
+            if let Err(e) = conn.write_all(response(&h).as_bytes()).await {
+                debug!(%peer, error = %e, "health-check reply failed");
+            }
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_follows_local_ready_endpoints() {
+        let mut h = ServiceHealth {
+            namespace: "default".into(),
+            name: "web".into(),
+            local_endpoints: 2,
+        };
+        let r = response(&h);
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.ends_with(
+            r#"{"localEndpoints":2,"service":{"name":"web","namespace":"default"},"serviceProxyHealthy":true}"#
+        ));
+        h.local_endpoints = 0;
+        assert!(response(&h).starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+    }
+}
