@@ -287,6 +287,19 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
         count(stat::DNAT);
         return Ok(redirect_out(ctx));
     }
+    // A frontend without backends: reject, as for pods (XDP passed it on).
+    let key = ServiceKey {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        proto: pkt.proto,
+        scope: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(svc) = unsafe { SERVICES.get(&key) }.copied()
+        && svc.count == 0
+    {
+        return reject::reject(ctx, &pkt);
+    }
     Ok(TC_ACT_OK as i32)
 }
 

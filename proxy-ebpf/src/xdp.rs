@@ -206,7 +206,9 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
         return Ok(XDP_PASS);
     };
     if svc.count == 0 {
-        return Err(Error::NoBackend);
+        // Rejected by tc on this interface (a RST or ICMP reply needs the
+        // skb helpers to resize and send back).
+        return Ok(XDP_PASS);
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };

@@ -692,7 +692,6 @@ fn truncated_udp_and_bare_ethernet_pass_untouched() {
 
 const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
-const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
 /// NodePort 30080: one local backend; NodePort 30081: one remote backend;
@@ -792,7 +791,7 @@ fn xdp_node_port_to_a_remote_backend_is_snated_by_tc() {
 }
 
 #[test]
-fn xdp_passes_what_it_does_not_handle_and_drops_services_without_backends() {
+fn xdp_passes_what_it_does_not_handle_and_tc_rejects_services_without_backends() {
     let fx = north_south();
     let plain = Frame::tcp(EXT_CLIENT, 50002, NODE, 30080).build();
     let mut vlan = plain[..12].to_vec();
@@ -818,7 +817,17 @@ fn xdp_passes_what_it_does_not_handle_and_drops_services_without_backends() {
         let (rc, out) = fx.run_xdp(&frame);
         assert_eq!((rc, &out), (XDP_PASS, &frame), "{what}");
     }
-    let (rc, _) = fx.run_xdp(&Frame::tcp(EXT_CLIENT, 50006, NODE, 30082).build());
-    assert_eq!(rc, XDP_DROP, "no backend");
-    assert_eq!(fx.stat(stat::DROP_NO_BACKEND), 1);
+    // No backend: XDP leaves it to tc, which answers with a RST.
+    let syn = Frame::tcp(EXT_CLIENT, 50006, NODE, 30082).build();
+    let (rc, out) = fx.run_xdp(&syn);
+    assert_eq!((rc, &out), (XDP_PASS, &syn));
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT, "sent back out");
+    let p = parse_and_verify(&out);
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (NODE, 30082, EXT_CLIENT, 50006)
+    );
+    assert_eq!(out[34 + 13], 0x14, "RST|ACK");
+    assert_eq!(fx.stat(stat::REJECT_TCP_RST), 1);
 }

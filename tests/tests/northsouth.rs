@@ -263,3 +263,104 @@ spec:
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// 50 NodePort flows from outside (to a local and a remote backend) keep
+/// streaming across `kill -9` of the receiving node's agent; a NodePort
+/// without endpoints is refused at once.
+#[test]
+fn node_port_flows_survive_agent_restart_and_empty_service_is_refused() {
+    use std::io::Write;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
+    let sinks = [
+        TcpServer::start_sink(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("sink"),
+        TcpServer::start_sink(&p21.ns, &p21.name, SocketAddr::from((p21.ip, 8080))).expect("sink"),
+    ];
+    let api = ApiServer::start().expect("api");
+    let objects = nodes(&cluster)
+        + &service(
+            "stream",
+            "10.96.1.4",
+            30100,
+            false,
+            &[(p12.ip, "node1"), (p21.ip, "node2")],
+        )
+        + &service("empty", "10.96.1.5", 30101, false, &[]);
+    api.apply_yaml(&objects).expect("objects");
+    let mut agents = [
+        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
+        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
+    ];
+    for a in &mut agents {
+        a.wait_for_log("attached XDP", Duration::from_secs(5))
+            .expect("XDP attached");
+    }
+    let ext = cluster.external();
+    let node1 = cluster.node(1).underlay_ip;
+
+    // No endpoints: refused, not left to time out.
+    let empty = SocketAddr::from((node1, 30101));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tcp_request(&ext.ns, empty, TIMEOUT) {
+            Err(ClientError::Refused { elapsed }) => {
+                assert!(elapsed < Duration::from_secs(1));
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "want refused, got {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let udp = udp_request(&ext.ns, empty, TIMEOUT).expect_err("UDP refused");
+    assert!(matches!(udp, ClientError::Refused { .. }), "{udp}");
+
+    let to = SocketAddr::from((node1, 30100));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut flows = Vec::new();
+    while flows.len() < 50 {
+        match proxy_tests::cluster::tcp_connect(&ext.ns, to, Duration::from_secs(1)) {
+            Ok(s) => flows.push(s),
+            Err(e) => assert!(Instant::now() < deadline, "connect: {e}"),
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for (i, s) in flows.iter_mut().enumerate() {
+                    if let Err(e) = s.write_all(&[0x5a; 256]) {
+                        errors.push(format!("flow {i}: {e}"));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            errors
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let open: usize = sinks.iter().map(|s| s.open_connections()).sum();
+    assert_eq!(open, 50);
+    assert!(
+        sinks.iter().all(|s| s.open_connections() > 0),
+        "both backends carry flows"
+    );
+    let before: u64 = sinks.iter().map(|s| s.bytes_received()).sum();
+    agents[0].kill_and_restart().expect("restart");
+    std::thread::sleep(Duration::from_millis(500));
+    // Counted while the client still holds the flows (they close when the
+    // writer thread ends).
+    let open: usize = sinks.iter().map(|s| s.open_connections()).sum();
+    let after: u64 = sinks.iter().map(|s| s.bytes_received()).sum();
+    stop.store(true, Ordering::Relaxed);
+    let errors = writer.join().expect("writer");
+    assert!(errors.is_empty(), "flows broke: {errors:?}");
+    assert!(after > before, "traffic kept flowing ({before} -> {after})");
+    assert_eq!(open, 50, "0 reset");
+}
