@@ -14,7 +14,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Map names (also the file names under the pin directory). At most 15
 /// bytes: the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.
@@ -41,9 +41,12 @@ pub mod maps {
     pub const SVC_STATS: &str = "SVC_STATS";
     /// Array of one [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
+    /// LPM trie of [`super::SourceRangeKey`] -> `u8` (1): the client ranges
+    /// a frontend with `svc_flags::SOURCE_RANGES` accepts.
+    pub const SOURCE_RANGES: &str = "SRC_RANGES_V4";
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -53,6 +56,7 @@ pub mod maps {
         SOCK_REVNAT,
         SVC_STATS,
         CONFIG,
+        SOURCE_RANGES,
         STATS,
     ];
 }
@@ -108,6 +112,7 @@ pub const MAX_SLOTS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOCK_REVNAT: u32 = 65_536;
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Upper bound on backends per frontend (slot indices are `u16`).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 
@@ -138,6 +143,21 @@ pub mod svc_flags {
     pub const NODE_PORT: u16 = 1 << 1;
     pub const EXTERNAL_IP: u16 = 1 << 2;
     pub const LOAD_BALANCER: u16 = 1 << 3;
+    /// Only clients in the frontend's `SOURCE_RANGES` entries are served
+    /// (`loadBalancerSourceRanges`); others are dropped.
+    pub const SOURCE_RANGES: u16 = 1 << 4;
+}
+
+/// The data part of a [`maps::SOURCE_RANGES`] LPM key. The LPM prefix
+/// length is 32 (the whole frontend id) + the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// [`ServiceValue::id`], big-endian so the trie's bit order covers it
+    /// first, whole.
+    pub service_id_be: u32,
+    /// Client network, network byte order.
+    pub addr: u32,
 }
 
 /// What a frontend resolves to. Replaced as a whole (one map update) to switch
@@ -381,8 +401,11 @@ pub mod stat {
     /// TCP to a frontend that is neither a connection attempt nor part of a
     /// tracked flow (conntrack INVALID in kube-proxy's terms), dropped.
     pub const DROP_CT_INVALID: u32 = 16;
+    /// Client outside a LoadBalancer frontend's `loadBalancerSourceRanges`,
+    /// dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Counter names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -403,6 +426,7 @@ pub mod stat {
         "hairpin",
         "affinity_hit",
         "drop_ct_invalid",
+        "drop_source_range",
     ];
 }
 
@@ -420,6 +444,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 32);
     assert!(core::mem::size_of::<Config>() == 8);
+    assert!(core::mem::size_of::<SourceRangeKey>() == 8);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -442,6 +467,7 @@ mod user {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.

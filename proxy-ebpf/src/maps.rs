@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, RevNat, ServiceKey, ServiceValue,
-    SlotKey, SockRevNatKey, SockRevNatValue, SvcStats, stat,
+    MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, RevNat, ServiceKey,
+    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats, stat,
 };
 
 #[map(name = "SVC_V4")]
@@ -38,6 +38,9 @@ pub static SVC_STATS: PerCpuHashMap<u32, SvcStats> = PerCpuHashMap::pinned(MAX_S
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "SRC_RANGES_V4")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

@@ -39,6 +39,8 @@ pub enum Error {
     Rewrite,
     /// Mid-flow TCP to a frontend without a conntrack entry: dropped.
     CtInvalid,
+    /// Client outside the frontend's source ranges: dropped.
+    SourceRange,
 }
 
 impl Error {
@@ -51,13 +53,18 @@ impl Error {
             Error::NoSlot => stat::DROP_NO_SLOT,
             Error::Rewrite => stat::DROP_REWRITE,
             Error::CtInvalid => stat::DROP_CT_INVALID,
+            Error::SourceRange => stat::DROP_SOURCE_RANGE,
         }
     }
 
     pub fn drops(self) -> bool {
         matches!(
             self,
-            Error::NoBackend | Error::NoSlot | Error::Rewrite | Error::CtInvalid
+            Error::NoBackend
+                | Error::NoSlot
+                | Error::Rewrite
+                | Error::CtInvalid
+                | Error::SourceRange
         )
     }
 }

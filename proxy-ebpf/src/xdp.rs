@@ -23,15 +23,17 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::xdp,
+    maps::lpm_trie::Key as LpmKey,
     programs::XdpContext,
 };
 use proxy_common::{
-    AffinityKey, CtKey, CtValue, ServiceKey, backend_flags, ct_dir, ct_flags, proto, stat,
+    AffinityKey, CtKey, CtValue, ServiceKey, SourceRangeKey, backend_flags, ct_dir, ct_flags,
+    proto, stat, svc_flags,
 };
 
 use crate::{
     lb,
-    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, account, count},
+    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, SOURCE_RANGES, account, count},
     packet::Error,
 };
 
@@ -150,10 +152,6 @@ impl Hdrs {
         }
     }
 
-    fn src(&self, addr: u32, port: u16) {
-        self.rewrite(self.saddr, self.sport, addr, port)
-    }
-
     fn dst(&self, addr: u32, port: u16) {
         self.rewrite(self.daddr, self.dport, addr, port)
     }
@@ -205,6 +203,18 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
     let Some(svc) = unsafe { SERVICES.get(&skey) }.copied() else {
         return Ok(XDP_PASS);
     };
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 {
+        let k = LpmKey::new(
+            64,
+            SourceRangeKey {
+                service_id_be: svc.id.to_be(),
+                addr: saddr,
+            },
+        );
+        if SOURCE_RANGES.get(&k).is_none() {
+            return Err(Error::SourceRange);
+        }
+    }
     if svc.count == 0 {
         // Rejected by tc on this interface (a RST or ICMP reply needs the
         // skb helpers to resize and send back).

@@ -59,6 +59,7 @@ mod tests {
                 })
                 .collect(),
             affinity_timeout: 0,
+            source_ranges: vec![],
         }
     }
 

@@ -43,6 +43,9 @@ pub struct Frontend {
     pub backends: Vec<BackendAddr>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0: none.
     pub affinity_timeout: u32,
+    /// Client networks allowed (LoadBalancer frontends with
+    /// `loadBalancerSourceRanges`); empty: any client.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// Frontends with the service port they came from (for display only: the
@@ -88,12 +91,18 @@ impl LbTable {
                 if lb.frontends.contains_key(&key) {
                     return;
                 }
+                let source_ranges = if kind == FrontendKind::LoadBalancer {
+                    sp.source_ranges.clone()
+                } else {
+                    Vec::new()
+                };
                 lb.frontends.insert(
                     key,
                     Frontend {
                         kind,
                         backends: b.clone(),
                         affinity_timeout,
+                        source_ranges,
                     },
                 );
                 lb.owners.insert(key, name.clone());

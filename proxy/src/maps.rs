@@ -8,12 +8,12 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, LAYOUT_VERSION, RevNat,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SvcStats, backend_flags,
-    ct_dir, maps as names, stat, svc_flags,
+    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats,
+    backend_flags, ct_dir, maps as names, stat, svc_flags,
 };
 use serde::Serialize;
 
@@ -56,6 +56,7 @@ pub struct Maps {
     pub sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     pub svc_stats: PerCpuHashMap<MapData, u32, SvcStats>,
     pub config: Array<MapData, Config>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -72,6 +73,7 @@ impl Maps {
         let sock_revnat = take(names::SOCK_REVNAT)?;
         let svc_stats = take(names::SVC_STATS)?;
         let config = take(names::CONFIG)?;
+        let source_ranges = take(names::SOURCE_RANGES)?;
         let stats = take(names::STATS)?;
         Ok(Maps {
             services: typed(names::SERVICES, services)?,
@@ -83,6 +85,7 @@ impl Maps {
             sock_revnat: typed(names::SOCK_REVNAT, sock_revnat)?,
             svc_stats: typed(names::SVC_STATS, svc_stats)?,
             config: typed(names::CONFIG, config)?,
+            source_ranges: typed(names::SOURCE_RANGES, source_ranges)?,
             stats: typed(names::STATS, stats)?,
         })
     }
@@ -116,6 +119,7 @@ impl Maps {
             sock_revnat: typed(names::SOCK_REVNAT, open(names::SOCK_REVNAT)?)?,
             svc_stats: typed(names::SVC_STATS, open(names::SVC_STATS)?)?,
             config: typed(names::CONFIG, open(names::CONFIG)?)?,
+            source_ranges: typed(names::SOURCE_RANGES, open(names::SOURCE_RANGES)?)?,
             stats: typed(names::STATS, open(names::STATS)?)?,
         })
     }
@@ -221,6 +225,22 @@ impl Maps {
                 op: "lookup",
                 source: Box::new(source),
             })?;
+        let mut source_ranges: Vec<SourceRangeEntry> =
+            collect(names::SOURCE_RANGES, self.source_ranges.iter())?
+                .into_iter()
+                .map(|(k, _)| {
+                    let d = k.data();
+                    SourceRangeEntry {
+                        service_id: u32::from_be(d.service_id_be),
+                        cidr: format!(
+                            "{}/{}",
+                            Ipv4Addr::from(d.addr.to_ne_bytes()),
+                            k.prefix_len().saturating_sub(32)
+                        ),
+                    }
+                })
+                .collect();
+        source_ranges.sort_by(|a, b| (a.service_id, &a.cidr).cmp(&(b.service_id, &b.cidr)));
         let config = ConfigEntry {
             node_address: (node_addr != 0).then(|| Ipv4Addr::from(node_addr.to_ne_bytes())),
         };
@@ -249,6 +269,7 @@ impl Maps {
             sock_revnat,
             service_stats,
             config,
+            source_ranges,
             stats,
         };
         dump.sort();
@@ -333,6 +354,7 @@ pub struct Dump {
     pub sock_revnat: Vec<SockRevNatEntry>,
     pub service_stats: Vec<ServiceStatsEntry>,
     pub config: ConfigEntry,
+    pub source_ranges: Vec<SourceRangeEntry>,
     pub stats: Vec<StatEntry>,
 }
 
@@ -430,4 +452,10 @@ pub struct ServiceStatsEntry {
 pub struct ConfigEntry {
     /// Where north-south traffic to remote backends is SNATed to.
     pub node_address: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SourceRangeEntry {
+    pub service_id: u32,
+    pub cidr: String,
 }

@@ -155,6 +155,8 @@ pub struct ServicePort {
     pub internal_policy_local: bool,
     /// `healthCheckNodePort` (LoadBalancer with externalTrafficPolicy Local).
     pub health_check_node_port: Option<u16>,
+    /// `loadBalancerSourceRanges`: (network, prefix length); empty: any.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
     /// Ready and serving+terminating endpoints, sorted, without duplicates
     /// (an address ready in one slice is not repeated as terminating).
     pub endpoints: Vec<Endpoint>,
@@ -350,6 +352,25 @@ fn service_ports(
     };
     let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let mut source_ranges = Vec::new();
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match parse_cidr(r.trim()) {
+            Some(Some(c)) => source_ranges.push(c),
+            // IPv6 ranges apply to IPv6 frontends (dual stack, later).
+            Some(None) => {}
+            None => errors.push(err(
+                &object,
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                r.clone(),
+                "not a CIDR",
+            )),
+        }
+    }
     let health_check_node_port = match spec.health_check_node_port {
         None | Some(0) => None,
         Some(p) => match u16::try_from(p) {
@@ -431,10 +452,26 @@ fn service_ports(
             external_policy_local,
             internal_policy_local,
             health_check_node_port,
+            source_ranges: source_ranges.clone(),
             endpoints,
         });
     }
     out
+}
+
+/// `a.b.c.d/n` -> Some(Some((network, n))); an IPv6 CIDR -> Some(None);
+/// garbage -> None. Host bits are cleared.
+fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
+    let (ip, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    match ip.parse::<std::net::IpAddr>().ok()? {
+        std::net::IpAddr::V4(ip) if len <= 32 => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Some(Some((Ipv4Addr::from(u32::from(ip) & mask), len)))
+        }
+        std::net::IpAddr::V6(_) if len <= 128 => Some(None),
+        _ => None,
+    }
 }
 
 fn parse_ips(

@@ -68,6 +68,7 @@ fn fixture() -> Fixture {
         kind: FrontendKind::ClusterIp,
         backends,
         affinity_timeout: 0,
+        source_ranges: vec![],
     };
     let tcp = |addr| FrontendKey {
         addr,
@@ -126,6 +127,7 @@ fn fixture_with_empty_udp() -> Fixture {
                 kind: FrontendKind::ClusterIp,
                 backends: vec![],
                 affinity_timeout: 0,
+                source_ranges: vec![],
             },
         )])
         .expect("program frontend");
@@ -709,6 +711,7 @@ fn north_south() -> Fixture {
                 kind: FrontendKind::NodePort,
                 backends,
                 affinity_timeout: 0,
+                source_ranges: vec![],
             },
         )
     };

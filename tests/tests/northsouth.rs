@@ -364,3 +364,87 @@ fn node_port_flows_survive_agent_restart_and_empty_service_is_refused() {
     assert!(after > before, "traffic kept flowing ({before} -> {after})");
     assert_eq!(open, 50, "0 reset");
 }
+
+/// loadBalancerSourceRanges: only listed client networks reach the
+/// LoadBalancer IP; others are dropped (as kube-proxy does), and a change to
+/// the ranges takes effect.
+#[test]
+fn load_balancer_source_ranges() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let p12 = cluster.pod(1, 2);
+    let _server =
+        TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server");
+    let api = ApiServer::start().expect("api");
+    let lb_ip = Ipv4Addr::new(192, 0, 2, 50);
+    let svc = |range: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.6
+  loadBalancerSourceRanges: ["{range}"]
+  ports: [{{port: 80, nodePort: 30110, protocol: TCP, targetPort: 8080}}]
+status:
+  loadBalancer: {{ingress: [{{ip: {lb_ip}}}]}}
+---
+"#
+        )
+    };
+    let objects = nodes(&cluster)
+        + &svc("172.18.0.100/32")
+        + &format!(
+            r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: lb-1, namespace: default, labels: {{kubernetes.io/service-name: lb}}}}
+addressType: IPv4
+ports: [{{port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: ["{}"], nodeName: node1}}
+"#,
+            p12.ip
+        );
+    api.apply_yaml(&objects).expect("objects");
+    let mut agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
+    agent
+        .wait_for_log("attached XDP", Duration::from_secs(5))
+        .expect("XDP attached");
+    let ext = cluster.external();
+    ext.add_route(&format!("{lb_ip}/32"), cluster.node(1).underlay_ip)
+        .expect("route to the LB IP");
+    let to = SocketAddr::from((lb_ip, 80));
+    wait_up(&ext.ns, to, &agent);
+    let t = tally(&ext.ns, to, 10, false);
+    assert_eq!(t.keys().collect::<Vec<_>>(), vec!["pod-1-2"]);
+
+    // The client's network is no longer listed: dropped.
+    api.apply_yaml(&svc("10.0.0.0/8")).expect("ranges");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tcp_request(&ext.ns, to, Duration::from_millis(300)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "a source outside the ranges still served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dump: serde_json::Value = serde_json::from_str(
+        &agent
+            .proxyctl(&["dump-maps", "--output", "json"])
+            .expect("dump"),
+    )
+    .expect("json");
+    let dropped = dump["stats"]
+        .as_array()
+        .and_then(|s| s.iter().find(|e| e["name"] == "drop_source_range"))
+        .and_then(|e| e["value"].as_u64())
+        .unwrap_or(0);
+    assert!(dropped > 0, "counted as drop_source_range");
+    assert!(
+        dump["source_ranges"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|e| e["cidr"] == "10.0.0.0/8")),
+        "{}",
+        dump["source_ranges"]
+    );
+}

@@ -19,15 +19,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapError, PerCpuValues},
+    maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey},
     programs::{
         CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, links::PinnedLink,
     },
     util::nr_cpus,
 };
 use proxy_common::{
-    Backend, Config, RevNat, ServiceKey, ServiceValue, SlotKey, SvcStats, backend_flags, progs,
-    svc_flags,
+    Backend, Config, RevNat, ServiceKey, ServiceValue, SlotKey, SourceRangeKey, SvcStats,
+    backend_flags, progs, svc_flags,
 };
 use tracing::{debug, info, warn};
 
@@ -130,6 +130,7 @@ struct Programmed {
     generation: u8,
     flags: u16,
     affinity_timeout: u32,
+    source_ranges: Vec<(Ipv4Addr, u8)>,
     backend_ids: Vec<u32>,
 }
 
@@ -450,6 +451,17 @@ impl EbpfDataplane {
                 (id, b),
             );
         }
+        let mut ranges: HashMap<u32, Vec<(Ipv4Addr, u8)>> = HashMap::new();
+        for k in m.source_ranges.keys().filter_map(Result::ok) {
+            let d = k.data();
+            ranges
+                .entry(u32::from_be(d.service_id_be))
+                .or_default()
+                .push((
+                    Ipv4Addr::from(d.addr.to_ne_bytes()),
+                    k.prefix_len().saturating_sub(32) as u8,
+                ));
+        }
         let services: Vec<(ServiceKey, ServiceValue)> = collect(m.services.iter(), "SERVICES")?;
         let mut live_slots = BTreeSet::new();
         for (k, v) in services {
@@ -481,6 +493,7 @@ impl EbpfDataplane {
                     generation: v.generation,
                     flags: v.flags,
                     affinity_timeout: v.affinity_timeout,
+                    source_ranges: ranges.remove(&v.id).unwrap_or_default(),
                     backend_ids: ids,
                 },
             );
@@ -571,7 +584,10 @@ impl EbpfDataplane {
             .iter()
             .map(|b| self.backend_id(b, proto, stats))
             .collect::<Result<Vec<u32>, _>>()?;
-        let flags = kind_flags(fe.kind);
+        let mut flags = kind_flags(fe.kind);
+        if !fe.source_ranges.is_empty() {
+            flags |= svc_flags::SOURCE_RANGES;
+        }
         let update = |op: &'static str, map: &'static str| {
             let frontend = key.to_string();
             move |source| EbpfError::Update {
@@ -586,7 +602,8 @@ impl EbpfDataplane {
             Some(p)
                 if p.backend_ids == ids
                     && p.flags == flags
-                    && p.affinity_timeout == fe.affinity_timeout =>
+                    && p.affinity_timeout == fe.affinity_timeout
+                    && p.source_ranges == fe.source_ranges =>
             {
                 return Ok(());
             }
@@ -625,6 +642,13 @@ impl EbpfDataplane {
                 .insert(id, rev, 0)
                 .map_err(update("insert", "REVNAT"))?;
         }
+        // Allowed ranges before the service entry that enables the check.
+        for (addr, len) in &fe.source_ranges {
+            self.maps
+                .source_ranges
+                .insert(&range_key(id, *addr, *len), 1, 0)
+                .map_err(update("insert", "SRC_RANGES_V4"))?;
+        }
         let value = ServiceValue {
             id,
             count: ids.len() as u16,
@@ -640,6 +664,13 @@ impl EbpfDataplane {
             .map_err(update("insert", "SERVICES"))?;
         if let Some(old) = old {
             self.delete_slots(old.id, old.generation, old.backend_ids.len());
+            for (addr, len) in old
+                .source_ranges
+                .iter()
+                .filter(|r| !fe.source_ranges.contains(r))
+            {
+                let _ = self.maps.source_ranges.remove(&range_key(id, *addr, *len));
+            }
         }
         self.frontends.insert(
             *key,
@@ -648,6 +679,7 @@ impl EbpfDataplane {
                 generation,
                 flags,
                 affinity_timeout: fe.affinity_timeout,
+                source_ranges: fe.source_ranges.clone(),
                 backend_ids: ids,
             },
         );
@@ -674,6 +706,12 @@ impl EbpfDataplane {
         self.delete_slots(p.id, p.generation, p.backend_ids.len());
         let _ = self.maps.revnat.remove(&p.id);
         let _ = self.maps.svc_stats.remove(&p.id);
+        for (addr, len) in &p.source_ranges {
+            let _ = self
+                .maps
+                .source_ranges
+                .remove(&range_key(p.id, *addr, *len));
+        }
         stats.removed += 1;
         Ok(())
     }
@@ -822,6 +860,7 @@ impl Dataplane for EbpfDataplane {
                     kind: flags_kind(p.flags),
                     backends,
                     affinity_timeout: p.affinity_timeout,
+                    source_ranges: p.source_ranges.clone(),
                 },
             );
         }
@@ -856,6 +895,16 @@ impl Dataplane for EbpfDataplane {
         }
         Ok(())
     }
+}
+
+fn range_key(id: u32, addr: Ipv4Addr, len: u8) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        32 + u32::from(len),
+        SourceRangeKey {
+            service_id_be: id.to_be(),
+            addr: u32::from_ne_bytes(addr.octets()),
+        },
+    )
 }
 
 fn kind_flags(kind: FrontendKind) -> u16 {
