@@ -123,15 +123,23 @@ fn parse(ctx: &XdpContext) -> Result<Option<Hdrs>, Error> {
 /// (network-order) words: byte order does not matter to the arithmetic as
 /// long as everything is loaded the same way.
 #[inline(always)]
-fn csum_replace(check: u16, old: u32, new: u32) -> u16 {
+fn ip_csum_replace(check: u16, old: u32, new: u32) -> u16 {
     let mut sum: u32 = (!check) as u32;
     sum += (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32;
     sum += (new as u16) as u32 + ((new >> 16) as u16) as u32;
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    let r = !(sum as u16);
-    // A UDP checksum that computes to 0 is sent as 0xffff.
-    if r == 0 { 0xffff } else { r }
+    !(sum as u16)
+}
+
+/// The same for an L4 checksum: a result of 0 is sent as 0xffff (0 means
+/// "no checksum" for UDP; equivalent for TCP).
+#[inline(always)]
+fn csum_replace(check: u16, old: u32, new: u32) -> u16 {
+    match ip_csum_replace(check, old, new) {
+        0 => 0xffff,
+        r => r,
+    }
 }
 
 impl Hdrs {
@@ -155,17 +163,6 @@ impl Hdrs {
     fn dst(&self, addr: u32, port: u16) {
         self.rewrite(self.daddr, self.dport, addr, port)
     }
-}
-
-/// IPv4 header checksum never carries the UDP 0 -> 0xffff rule.
-#[inline(always)]
-fn ip_csum_replace(check: u16, old: u32, new: u32) -> u16 {
-    let mut sum: u32 = (!check) as u32;
-    sum += (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32;
-    sum += (new as u16) as u32 + ((new >> 16) as u16) as u32;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
 
 #[inline(always)]
