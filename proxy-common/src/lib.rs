@@ -14,7 +14,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Map names (also the file names under the pin directory). At most 15
 /// bytes: the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.
@@ -41,12 +41,14 @@ pub mod maps {
     pub const SVC_STATS: &str = "SVC_STATS";
     /// Array of one [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
+    /// [`super::MaglevKey`] -> backend id (`u32`): Maglev lookup tables.
+    pub const MAGLEV: &str = "MAGLEV_V4";
     /// LPM trie of [`super::SourceRangeKey`] -> `u8` (1): the client ranges
     /// a frontend with `svc_flags::SOURCE_RANGES` accepts.
     pub const SOURCE_RANGES: &str = "SRC_RANGES_V4";
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -57,6 +59,7 @@ pub mod maps {
         SVC_STATS,
         CONFIG,
         SOURCE_RANGES,
+        MAGLEV,
         STATS,
     ];
 }
@@ -113,6 +116,8 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOCK_REVNAT: u32 = 65_536;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Maglev slots over all north-south frontends (not preallocated).
+pub const MAX_MAGLEV_SLOTS: u32 = 1 << 22;
 /// Upper bound on backends per frontend (slot indices are `u16`).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 
@@ -178,7 +183,24 @@ pub struct ServiceValue {
     pub _pad1: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0: no affinity.
     pub affinity_timeout: u32,
+    /// Maglev table size `M` of this frontend (north-south frontends);
+    /// 0: random selection from the slots.
+    pub maglev_size: u32,
 }
+
+/// A Maglev table slot of a frontend: [`maps::MAGLEV`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    /// `flow_hash % M`.
+    pub slot: u32,
+}
+
+/// Seed of the Maglev flow hash (MurmurHash3 x86_32 over saddr, daddr,
+/// sport, dport as on the wire, then the protocol byte): the kernel and
+/// `proxy::maglev::flow_hash` must agree.
+pub const MAGLEV_FLOW_SEED: u32 = 0x666c_6f77;
 
 /// Index into a frontend's backend list.
 ///
@@ -432,7 +454,8 @@ pub mod stat {
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<ServiceValue>() == 20);
+    assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SockRevNatKey>() == 16);
@@ -468,6 +491,7 @@ mod user {
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for MaglevKey {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.

@@ -1,12 +1,74 @@
 //! Backend selection shared by the per-packet and the socket paths.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{AffinityKey, AffinityValue, Backend, ServiceValue, SlotKey, stat};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, MAGLEV_FLOW_SEED, MaglevKey, ServiceValue, SlotKey, stat,
+};
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, SLOTS, count},
+    maps::{AFFINITY, BACKENDS, MAGLEV, SLOTS, count},
     packet::Error,
 };
+
+/// A flow's tuple as on the wire (addresses and ports raw, network order).
+pub struct Flow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+#[inline(always)]
+fn mixk(k: u32) -> u32 {
+    k.wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593)
+}
+
+/// MurmurHash3 x86_32 over saddr, daddr, sport, dport (13 bytes with the
+/// protocol), exactly as `proxy::maglev::flow_hash`.
+#[inline(always)]
+pub fn flow_hash(f: &Flow) -> u32 {
+    let mut h = MAGLEV_FLOW_SEED;
+    let ports = f.sport as u32 | (f.dport as u32) << 16;
+    for k in [f.saddr, f.daddr, ports] {
+        h ^= mixk(k);
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+    }
+    h ^= mixk(f.proto as u32);
+    h ^= 13;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// North-south selection: the frontend's Maglev table when it has one (so
+/// every node picks the same backend for a flow), else [`select`].
+#[inline(always)]
+pub fn select_flow(
+    svc: &ServiceValue,
+    flow: &Flow,
+    client: AffinityKey,
+    now: u64,
+) -> Result<(u32, Backend), Error> {
+    if svc.maglev_size != 0 && svc.affinity_timeout == 0 {
+        let key = MaglevKey {
+            service_id: svc.id,
+            slot: flow_hash(flow) % svc.maglev_size,
+        };
+        // SAFETY: values copied out at once.
+        if let Some(id) = unsafe { MAGLEV.get(&key) }.copied()
+            && let Some(b) = unsafe { BACKENDS.get(&id) }.copied()
+        {
+            return Ok((id, b));
+        }
+    }
+    select(svc, client, now)
+}
 
 /// Pick a backend for a new flow: the client's affinity backend while it is
 /// fresh and still exists, otherwise a random slot of the live generation.

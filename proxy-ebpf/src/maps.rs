@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, RevNat, ServiceKey,
-    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats, stat,
+    MAX_CONNTRACK, MAX_MAGLEV_SLOTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+    MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
+    SourceRangeKey, SvcStats, stat,
 };
 
 #[map(name = "SVC_V4")]
@@ -41,6 +42,10 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "SRC_RANGES_V4")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+#[map(name = "MAGLEV_V4")]
+pub static MAGLEV: HashMap<MaglevKey, u32> =
+    HashMap::pinned(MAX_MAGLEV_SLOTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

@@ -240,7 +240,14 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
                 client_addr: saddr,
                 service_id: svc.id,
             };
-            let (id, b) = lb::select(&svc, client, now)?;
+            let flow = lb::Flow {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto: h.proto,
+            };
+            let (id, b) = lb::select_flow(&svc, &flow, client, now)?;
             let ct = new_flow(&key, id, &b, svc.id, now)?;
             (ct, b)
         }

@@ -11,7 +11,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, LAYOUT_VERSION, RevNat,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, LAYOUT_VERSION, MaglevKey, RevNat,
     ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats,
     backend_flags, ct_dir, maps as names, stat, svc_flags,
 };
@@ -57,6 +57,7 @@ pub struct Maps {
     pub svc_stats: PerCpuHashMap<MapData, u32, SvcStats>,
     pub config: Array<MapData, Config>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub maglev: HashMap<MapData, MaglevKey, u32>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -74,6 +75,7 @@ impl Maps {
         let svc_stats = take(names::SVC_STATS)?;
         let config = take(names::CONFIG)?;
         let source_ranges = take(names::SOURCE_RANGES)?;
+        let maglev = take(names::MAGLEV)?;
         let stats = take(names::STATS)?;
         Ok(Maps {
             services: typed(names::SERVICES, services)?,
@@ -86,6 +88,7 @@ impl Maps {
             svc_stats: typed(names::SVC_STATS, svc_stats)?,
             config: typed(names::CONFIG, config)?,
             source_ranges: typed(names::SOURCE_RANGES, source_ranges)?,
+            maglev: typed(names::MAGLEV, maglev)?,
             stats: typed(names::STATS, stats)?,
         })
     }
@@ -120,6 +123,7 @@ impl Maps {
             svc_stats: typed(names::SVC_STATS, open(names::SVC_STATS)?)?,
             config: typed(names::CONFIG, open(names::CONFIG)?)?,
             source_ranges: typed(names::SOURCE_RANGES, open(names::SOURCE_RANGES)?)?,
+            maglev: typed(names::MAGLEV, open(names::MAGLEV)?)?,
             stats: typed(names::STATS, open(names::STATS)?)?,
         })
     }
@@ -241,6 +245,19 @@ impl Maps {
                 })
                 .collect();
         source_ranges.sort_by(|a, b| (a.service_id, &a.cidr).cmp(&(b.service_id, &b.cidr)));
+        let mut maglev_slots: std::collections::BTreeMap<u32, usize> = Default::default();
+        for k in self.maglev.keys() {
+            let k = k.map_err(|source| MapsError::Op {
+                name: names::MAGLEV,
+                op: "iterate",
+                source: Box::new(source),
+            })?;
+            *maglev_slots.entry(k.service_id).or_default() += 1;
+        }
+        let maglev = maglev_slots
+            .into_iter()
+            .map(|(service_id, slots)| MaglevEntry { service_id, slots })
+            .collect();
         let config = ConfigEntry {
             node_address: (node_addr != 0).then(|| Ipv4Addr::from(node_addr.to_ne_bytes())),
         };
@@ -270,6 +287,7 @@ impl Maps {
             service_stats,
             config,
             source_ranges,
+            maglev,
             stats,
         };
         dump.sort();
@@ -355,6 +373,9 @@ pub struct Dump {
     pub service_stats: Vec<ServiceStatsEntry>,
     pub config: ConfigEntry,
     pub source_ranges: Vec<SourceRangeEntry>,
+    /// Maglev table sizes per frontend (the slots themselves are too many
+    /// to print).
+    pub maglev: Vec<MaglevEntry>,
     pub stats: Vec<StatEntry>,
 }
 
@@ -458,4 +479,10 @@ pub struct ConfigEntry {
 pub struct SourceRangeEntry {
     pub service_id: u32,
     pub cidr: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MaglevEntry {
+    pub service_id: u32,
+    pub slots: usize,
 }

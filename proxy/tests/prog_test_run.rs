@@ -834,3 +834,75 @@ fn xdp_passes_what_it_does_not_handle_and_tc_rejects_services_without_backends()
     assert_eq!(out[34 + 13], 0x14, "RST|ACK");
     assert_eq!(fx.stat(stat::REJECT_TCP_RST), 1);
 }
+
+// ---- Maglev -----------------------------------------------------------------
+
+/// A NodePort frontend with five remote backends, in a fresh dataplane: a
+/// "node" of its own (its own pins, ids allocated in its own order).
+fn maglev_node(reverse: bool) -> Fixture {
+    let mut fx = fixture();
+    let mut backends: Vec<BackendAddr> = (2..7)
+        .map(|i| BackendAddr {
+            addr: Ipv4Addr::new(10, 244, 9, i),
+            port: 8080,
+            terminating: false,
+            local: false,
+        })
+        .collect();
+    if reverse {
+        backends.reverse();
+    }
+    fx.dp
+        .apply(&[Change::Upsert(
+            FrontendKey {
+                addr: NODE,
+                port: 30090,
+                proto: Protocol::Tcp,
+            },
+            Frontend {
+                kind: FrontendKind::NodePort,
+                backends,
+                affinity_timeout: 0,
+                source_ranges: vec![],
+            },
+        )])
+        .expect("program");
+    fx.dp
+        .set_north_south(&[], Some(NODE))
+        .expect("node address");
+    fx
+}
+
+/// The backend the kernel chose for a flow (XDP decides, tc rewrites).
+fn chosen(fx: &Fixture, sport: u16) -> Ipv4Addr {
+    let syn = Frame::tcp(EXT_CLIENT, sport, NODE, 30090).build();
+    let (rc, _) = fx.run_xdp(&syn);
+    assert_eq!(rc, XDP_PASS);
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    parse_and_verify(&out).dst
+}
+
+#[test]
+fn maglev_two_nodes_pick_the_same_backend_and_match_userspace() {
+    let (a, b) = (maglev_node(false), maglev_node(true));
+    let keys: Vec<proxy::maglev::MaglevBackend> = (2..7)
+        .map(|i| proxy::maglev::MaglevBackend::from_addr((Ipv4Addr::new(10, 244, 9, i), 8080), 1))
+        .collect();
+    let table = proxy::maglev::build(&keys, proxy::maglev::DEFAULT_TABLE_SIZE).expect("table");
+    let mut used = std::collections::BTreeSet::new();
+    for sport in 51000..51200 {
+        let (x, y) = (chosen(&a, sport), chosen(&b, sport));
+        assert_eq!(
+            x, y,
+            "flow from port {sport}: both nodes choose the same backend"
+        );
+        // The kernel's flow hash and table are userspace's.
+        let h = proxy::maglev::flow_hash(EXT_CLIENT, NODE, sport, 30090, 6);
+        let want = table.lookup(h).expect("slot");
+        assert_eq!(want, format!("{x}:8080"), "flow from port {sport}");
+        used.insert(x);
+    }
+    assert_eq!(used.len(), 5, "200 flows spread over all 5 backends");
+    assert_eq!(proxy_common::MAGLEV_FLOW_SEED, proxy::maglev::FLOW_SEED);
+}

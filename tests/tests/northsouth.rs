@@ -148,6 +148,7 @@ fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
         );
     }
     // The same service through node2's address.
+    wait_up(&ext.ns, SocketAddr::from((node2, 30080)), &agents[1]);
     let t = tally(&ext.ns, SocketAddr::from((node2, 30080)), 40, false);
     assert_eq!(t.len(), 2, "{t:?}");
 

@@ -54,6 +54,11 @@ struct Args {
     /// holding the node's InternalIP.
     #[arg(long = "devices", value_delimiter = ',')]
     devices: Vec<String>,
+    /// Maglev table size (prime) for NodePort, ExternalIP and LoadBalancer
+    /// frontends, so every node picks the same backend for a flow; 0 turns
+    /// Maglev off (random selection).
+    #[arg(long, default_value_t = proxy::maglev::DEFAULT_TABLE_SIZE)]
+    maglev_table_size: u32,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -88,6 +93,14 @@ async fn main() -> Result<()> {
     let Mode::Ebpf = args.mode;
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
+    if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
+        bail!(
+            "--maglev-table-size {} is not a prime number (default {})",
+            args.maglev_table_size,
+            proxy::maglev::DEFAULT_TABLE_SIZE
+        );
+    }
+    cfg.maglev_table_size = args.maglev_table_size;
     if args.socket_lb {
         cfg.socket_lb_cgroup = Some(match &args.cgroup_path {
             Some(p) => p.clone(),

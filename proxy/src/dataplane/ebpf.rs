@@ -26,10 +26,12 @@ use aya::{
     util::nr_cpus,
 };
 use proxy_common::{
-    Backend, Config, RevNat, ServiceKey, ServiceValue, SlotKey, SourceRangeKey, SvcStats,
-    backend_flags, progs, svc_flags,
+    Backend, Config, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SourceRangeKey,
+    SvcStats, backend_flags, progs, svc_flags,
 };
 use tracing::{debug, info, warn};
+
+use crate::maglev::MaglevBackend;
 
 use super::{
     ApplyStats, Dataplane,
@@ -110,6 +112,8 @@ pub struct EbpfConfig {
     pub ct_timeouts: Timeouts,
     /// How often conntrack is swept for idle entries.
     pub ct_gc_interval: Duration,
+    /// Maglev table size for north-south frontends (prime); 0: random.
+    pub maglev_table_size: u32,
 }
 
 impl EbpfConfig {
@@ -120,6 +124,7 @@ impl EbpfConfig {
             socket_lb_cgroup: None,
             ct_timeouts: Timeouts::default(),
             ct_gc_interval: Duration::from_secs(10),
+            maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
         }
     }
 }
@@ -132,6 +137,8 @@ struct Programmed {
     affinity_timeout: u32,
     source_ranges: Vec<(Ipv4Addr, u8)>,
     backend_ids: Vec<u32>,
+    /// Backend id per Maglev slot (empty: no table).
+    maglev: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -462,6 +469,19 @@ impl EbpfDataplane {
                     k.prefix_len().saturating_sub(32) as u8,
                 ));
         }
+        let sizes: HashMap<u32, u32> = m
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| (v.id, v.maglev_size))
+            .collect();
+        let mut maglev: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (k, id) in m.maglev.iter().filter_map(Result::ok) {
+            let size = sizes.get(&k.service_id).copied().unwrap_or(0) as usize;
+            if (k.slot as usize) < size {
+                maglev.entry(k.service_id).or_insert_with(|| vec![0; size])[k.slot as usize] = id;
+            }
+        }
         let services: Vec<(ServiceKey, ServiceValue)> = collect(m.services.iter(), "SERVICES")?;
         let mut live_slots = BTreeSet::new();
         for (k, v) in services {
@@ -495,6 +515,10 @@ impl EbpfDataplane {
                     affinity_timeout: v.affinity_timeout,
                     source_ranges: ranges.remove(&v.id).unwrap_or_default(),
                     backend_ids: ids,
+                    maglev: maglev
+                        .remove(&v.id)
+                        .filter(|t| t.len() == v.maglev_size as usize && !t.contains(&0))
+                        .unwrap_or_default(),
                 },
             );
         }
@@ -598,12 +622,14 @@ impl EbpfDataplane {
             }
         };
 
+        let maglev = self.maglev_table(key, fe, &ids);
         let (id, generation, old) = match self.frontends.get(key) {
             Some(p)
                 if p.backend_ids == ids
                     && p.flags == flags
                     && p.affinity_timeout == fe.affinity_timeout
-                    && p.source_ranges == fe.source_ranges =>
+                    && p.source_ranges == fe.source_ranges
+                    && p.maglev == maglev =>
             {
                 return Ok(());
             }
@@ -642,6 +668,27 @@ impl EbpfDataplane {
                 .insert(id, rev, 0)
                 .map_err(update("insert", "REVNAT"))?;
         }
+        // Maglev slots that change (each flips atomically to a backend that
+        // exists), before the service entry that may enable the table.
+        let old_table = old
+            .as_ref()
+            .map(|o| o.maglev.as_slice())
+            .unwrap_or_default();
+        for (slot, backend_id) in maglev.iter().enumerate() {
+            if old_table.get(slot) != Some(backend_id) {
+                self.maps
+                    .maglev
+                    .insert(
+                        MaglevKey {
+                            service_id: id,
+                            slot: slot as u32,
+                        },
+                        *backend_id,
+                        0,
+                    )
+                    .map_err(update("insert", "MAGLEV_V4"))?;
+            }
+        }
         // Allowed ranges before the service entry that enables the check.
         for (addr, len) in &fe.source_ranges {
             self.maps
@@ -657,6 +704,7 @@ impl EbpfDataplane {
             flags,
             _pad1: 0,
             affinity_timeout: fe.affinity_timeout,
+            maglev_size: maglev.len() as u32,
         };
         self.maps
             .services
@@ -681,10 +729,47 @@ impl EbpfDataplane {
                 affinity_timeout: fe.affinity_timeout,
                 source_ranges: fe.source_ranges.clone(),
                 backend_ids: ids,
+                maglev,
             },
         );
         stats.upserted += 1;
         Ok(())
+    }
+
+    /// The Maglev table (backend id per slot) of a north-south frontend;
+    /// empty for ClusterIP frontends, with Maglev off, or without backends.
+    fn maglev_table(&self, key: &FrontendKey, fe: &Frontend, ids: &[u32]) -> Vec<u32> {
+        let m = self.cfg.maglev_table_size;
+        if m == 0 || fe.kind == FrontendKind::ClusterIp || ids.is_empty() {
+            return Vec::new();
+        }
+        let mut by_key = HashMap::new();
+        let backends: Vec<MaglevBackend> = fe
+            .backends
+            .iter()
+            .zip(ids)
+            .map(|(b, id)| {
+                let k = MaglevBackend::from_addr((b.addr, b.port), 1);
+                by_key.insert(k.key.clone(), *id);
+                k
+            })
+            .collect();
+        match crate::maglev::build(&backends, m) {
+            Ok(t) => t
+                .slots
+                .iter()
+                .filter_map(|i| {
+                    t.backends
+                        .get(*i as usize)
+                        .and_then(|k| by_key.get(k))
+                        .copied()
+                })
+                .collect(),
+            Err(e) => {
+                warn!(frontend = %key, error = %e, "no Maglev table; random selection");
+                Vec::new()
+            }
+        }
     }
 
     fn remove(&mut self, key: &FrontendKey, stats: &mut ApplyStats) -> Result<(), EbpfError> {
