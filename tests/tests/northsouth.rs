@@ -449,3 +449,99 @@ endpoints:
         dump["source_ranges"]
     );
 }
+
+/// Maglev: a flow to an ExternalIP (same client address and port, same
+/// destination) that the outside network sends to node1 or to node2 reaches
+/// the same backend, without the nodes sharing any state.
+#[test]
+fn two_nodes_send_the_same_flow_to_the_same_backend() {
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 3,
+        external_client: true,
+    })
+    .expect("cluster");
+    let mut udp = Vec::new();
+    let mut eps = String::new();
+    for p in cluster.pods() {
+        udp.push(UdpServer::start(&p.ns, &p.name, SocketAddr::from((p.ip, 5353))).expect("udp"));
+        eps += &format!(
+            "- {{addresses: [\"{}\"], nodeName: {}}}\n",
+            p.ip, p.node_name
+        );
+    }
+    let ext_ip = Ipv4Addr::new(192, 0, 2, 60);
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(
+        &(nodes(&cluster)
+            + &format!(
+                r#"apiVersion: v1
+kind: Service
+metadata: {{name: mag, namespace: default}}
+spec:
+  clusterIP: 10.96.1.7
+  externalIPs: ["{ext_ip}"]
+  ports: [{{port: 53, protocol: UDP, targetPort: 5353}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: mag-1, namespace: default, labels: {{kubernetes.io/service-name: mag}}}}
+addressType: IPv4
+ports: [{{port: 5353, protocol: UDP}}]
+endpoints:
+{eps}"#
+            )),
+    )
+    .expect("objects");
+    let mut agents = [
+        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
+        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
+    ];
+    for a in &mut agents {
+        a.wait_for_log("sync done", Duration::from_secs(10))
+            .expect("synced");
+    }
+    let ext = cluster.external();
+    let podclient = proxy_tests::scenario::podclient_path().expect("podclient");
+    let to = SocketAddr::from((ext_ip, 53));
+    // The outside network's choice of node: a route to the ExternalIP.
+    let ask = |node: usize, sport: u16| -> String {
+        let via = cluster.node(node).underlay_ip.to_string();
+        ext.ns
+            .exec(&[
+                "ip",
+                "route",
+                "replace",
+                &format!("{ext_ip}/32"),
+                "via",
+                &via,
+            ])
+            .expect("route");
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ext.ns.path().display()))
+            .arg("--")
+            .arg(&podclient)
+            .args(["--proto", "udp", "--to", &to.to_string(), "--count", "1"])
+            .args(["--timeout-ms", "1000", "--sport", &sport.to_string()])
+            .output()
+            .expect("podclient");
+        let r: proxy_tests::scenario::ClientResult =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        r.backend()
+            .unwrap_or_else(|| panic!("via node{node}, sport {sport}: {r}"))
+            .to_owned()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 42000..42016 {
+        let (a, b) = (ask(1, sport), ask(2, sport));
+        assert_eq!(
+            a, b,
+            "flow from port {sport}: node1 chose {a}, node2 chose {b}"
+        );
+        seen.insert(a);
+    }
+    assert!(
+        seen.len() >= 3,
+        "16 flows spread over the 6 backends: {seen:?}"
+    );
+}
