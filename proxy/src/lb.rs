@@ -111,8 +111,8 @@ impl LbTable {
                 add(*ip, sp.port, FrontendKind::ClusterIp, &internal);
             }
             if let Some(np) = sp.node_port {
-                for ip in &node.addresses {
-                    add(*ip, np, FrontendKind::NodePort, &external);
+                for ip in node.nodeport_addresses() {
+                    add(ip, np, FrontendKind::NodePort, &external);
                 }
             }
             for ip in &sp.external_ips {

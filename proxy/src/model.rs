@@ -187,6 +187,37 @@ pub struct NodeContext {
     /// The node's IPv4 addresses (InternalIP and ExternalIP of its Node
     /// object): where NodePorts are served.
     pub addresses: Vec<Ipv4Addr>,
+    /// `--nodeport-addresses`: only addresses inside these networks serve
+    /// NodePorts; empty: all of them.
+    pub nodeport_cidrs: Vec<(Ipv4Addr, u8)>,
+}
+
+impl NodeContext {
+    /// The addresses NodePorts are served on.
+    pub fn nodeport_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.addresses.iter().copied().filter(|a| {
+            self.nodeport_cidrs.is_empty()
+                || self.nodeport_cidrs.iter().any(|(net, len)| {
+                    let mask = if *len == 0 {
+                        0
+                    } else {
+                        u32::MAX << (32 - u32::from(*len))
+                    };
+                    u32::from(*a) & mask == u32::from(*net)
+                })
+        })
+    }
+}
+
+/// Parse `--nodeport-addresses` style CIDRs (`a.b.c.d/n`); the error names
+/// the bad value.
+pub fn parse_cidrs(list: &[String]) -> Result<Vec<(Ipv4Addr, u8)>, String> {
+    list.iter()
+        .map(|s| match parse_cidr(s.trim()) {
+            Some(Some(c)) => Ok(c),
+            _ => Err(format!("{s:?} is not an IPv4 CIDR")),
+        })
+        .collect()
 }
 
 /// IPv4 InternalIP/ExternalIP addresses of a Node; others are skipped,

@@ -248,6 +248,7 @@ status:
     let node = NodeContext {
         node_name: "node1".into(),
         addresses,
+        ..Default::default()
     };
     let (table, errors) = model::build(&svc, &slices, &node);
     assert!(errors.is_empty(), "{errors:?}");
@@ -273,4 +274,21 @@ status:
             ("198.51.100.7:80/TCP LoadBalancer".to_string(), local),
         ]
     );
+}
+
+#[test]
+fn nodeport_addresses_limit_where_node_ports_are_served() {
+    let mut node = NodeContext {
+        node_name: "node1".into(),
+        addresses: vec![Ipv4Addr::new(172, 18, 0, 11), Ipv4Addr::new(192, 168, 5, 1)],
+        nodeport_cidrs: model::parse_cidrs(&["192.168.0.0/16".to_string()]).expect("cidr"),
+    };
+    assert_eq!(
+        node.nodeport_addresses().collect::<Vec<_>>(),
+        vec![Ipv4Addr::new(192, 168, 5, 1)]
+    );
+    node.nodeport_cidrs.clear();
+    assert_eq!(node.nodeport_addresses().count(), 2);
+    let err = model::parse_cidrs(&["10.0.0.0/33".to_string()]).expect_err("bad");
+    assert!(err.contains("\"10.0.0.0/33\""), "{err}");
 }

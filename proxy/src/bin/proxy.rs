@@ -54,6 +54,11 @@ struct Args {
     /// holding the node's InternalIP.
     #[arg(long = "devices", value_delimiter = ',')]
     devices: Vec<String>,
+    /// Networks whose node addresses serve NodePorts (comma-separated
+    /// CIDRs, as kube-proxy's --nodeport-addresses); default: all of the
+    /// node's addresses.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
     /// Maglev table size (prime) for NodePort, ExternalIP and LoadBalancer
     /// frontends, so every node picks the same backend for a flow; 0 turns
     /// Maglev off (random selection).
@@ -86,6 +91,8 @@ async fn main() -> Result<()> {
         .init();
     let node = NodeContext {
         node_name: node_name(&args)?,
+        nodeport_cidrs: proxy::model::parse_cidrs(&args.nodeport_addresses)
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?,
         ..Default::default()
     };
     info!(node = %node.node_name, mode = ?args.mode, "starting");
