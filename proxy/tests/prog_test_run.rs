@@ -501,6 +501,17 @@ fn non_ipv4_passes_untouched() {
     assert_eq!((rc, out), (TC_ACT_OK, frame));
 }
 
+/// IPv6 with a hop-by-hop extension header, then the TCP header of `v4`.
+fn ipv6_with_hop_by_hop(v4: &[u8]) -> Vec<u8> {
+    let mut v6 = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    v6.extend_from_slice(&[0x60, 0, 0, 0, 0, 28, 0, 64]); // next header: hop-by-hop
+    v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    v6.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // HBH -> TCP, PadN
+    v6.extend_from_slice(&v4[34..54]);
+    v6
+}
+
 #[test]
 fn vlan_tagged_and_ipv6_frames_pass_untouched() {
     let fx = fixture();
@@ -509,13 +520,7 @@ fn vlan_tagged_and_ipv6_frames_pass_untouched() {
     let mut vlan = plain[..12].to_vec();
     vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
     vlan.extend_from_slice(&plain[12..]);
-    // IPv6 with a hop-by-hop extension header, then TCP.
-    let mut v6 = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
-    v6.extend_from_slice(&[0x60, 0, 0, 0, 0, 28, 0, 64]); // next header: hop-by-hop
-    v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-    v6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-    v6.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // HBH -> TCP, PadN
-    v6.extend_from_slice(&plain[34..54]);
+    let v6 = ipv6_with_hop_by_hop(&plain);
     for (what, frame) in [("vlan", vlan), ("ipv6+ext", v6)] {
         for prog in [progs::TC_FROM_POD, progs::TC_TO_POD] {
             let (rc, out) = fx.run(prog, &frame);
@@ -816,6 +821,7 @@ fn xdp_passes_what_it_does_not_handle_and_tc_rejects_services_without_backends()
         ("options", opts),
         ("fragment", frag),
         ("not ours", Frame::tcp(EXT_CLIENT, 50005, NODE, 22).build()),
+        ("ipv6+ext", ipv6_with_hop_by_hop(&plain)),
     ] {
         let (rc, out) = fx.run_xdp(&frame);
         assert_eq!((rc, &out), (XDP_PASS, &frame), "{what}");
