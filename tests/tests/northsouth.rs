@@ -69,6 +69,19 @@ endpoints:
     )
 }
 
+/// An agent on each of the two nodes, each having logged `ready`.
+fn start_agents(cluster: &Cluster, api: &ApiServer, ready: &str) -> [Agent; 2] {
+    let mut agents = [
+        Agent::start(cluster.node(1), api, AgentOptions::default()).expect("agent1"),
+        Agent::start(cluster.node(2), api, AgentOptions::default()).expect("agent2"),
+    ];
+    for a in &mut agents {
+        a.wait_for_log(ready, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{ready}: {e:#}"));
+    }
+    agents
+}
+
 /// backend name -> peer addresses it saw.
 fn tally(ns: &Netns, to: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, Vec<IpAddr>> {
     let mut seen: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
@@ -119,14 +132,7 @@ fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
     );
     objects += &service("local", "10.96.1.2", 30081, true, &[(p12.ip, "node1")]);
     api.apply_yaml(&objects).expect("objects");
-    let mut agents = [
-        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
-        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
-    ];
-    for a in &mut agents {
-        a.wait_for_log("attached XDP", Duration::from_secs(5))
-            .expect("XDP attached");
-    }
+    let agents = start_agents(&cluster, &api, "attached XDP");
     let ext = cluster.external();
     let node1 = cluster.node(1).underlay_ip;
     let node2 = cluster.node(2).underlay_ip;
@@ -221,10 +227,7 @@ spec:
 ---
 "# + &slice("{ready: true, serving: true, terminating: false}");
     api.apply_yaml(&objects).expect("objects");
-    let _agents = [
-        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
-        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
-    ];
+    let _agents = start_agents(&cluster, &api, "caches synced");
     let ext = cluster.external();
     let check = |node: usize| {
         let to = SocketAddr::from((cluster.node(node).underlay_ip, 32000));
@@ -293,14 +296,7 @@ fn node_port_flows_survive_agent_restart_and_empty_service_is_refused() {
         )
         + &service("empty", "10.96.1.5", 30101, false, &[]);
     api.apply_yaml(&objects).expect("objects");
-    let mut agents = [
-        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
-        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
-    ];
-    for a in &mut agents {
-        a.wait_for_log("attached XDP", Duration::from_secs(5))
-            .expect("XDP attached");
-    }
+    let mut agents = start_agents(&cluster, &api, "attached XDP");
     let ext = cluster.external();
     let node1 = cluster.node(1).underlay_ip;
 
@@ -493,14 +489,7 @@ endpoints:
             )),
     )
     .expect("objects");
-    let mut agents = [
-        Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent1"),
-        Agent::start(cluster.node(2), &api, AgentOptions::default()).expect("agent2"),
-    ];
-    for a in &mut agents {
-        a.wait_for_log("sync done", Duration::from_secs(10))
-            .expect("synced");
-    }
+    let _agents = start_agents(&cluster, &api, "sync done");
     let ext = cluster.external();
     let podclient = proxy_tests::scenario::podclient_path().expect("podclient");
     let to = SocketAddr::from((ext_ip, 53));
