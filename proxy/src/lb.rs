@@ -91,7 +91,9 @@ impl LbTable {
                 if lb.frontends.contains_key(&key) {
                     return;
                 }
-                let source_ranges = if kind == FrontendKind::LoadBalancer {
+                let guarded = kind == FrontendKind::LoadBalancer
+                    || (node.source_ranges_all && kind != FrontendKind::ClusterIp);
+                let source_ranges = if guarded {
                     sp.source_ranges.clone()
                 } else {
                     Vec::new()

@@ -190,6 +190,9 @@ pub struct NodeContext {
     /// `--nodeport-addresses`: only addresses inside these networks serve
     /// NodePorts; empty: all of them.
     pub nodeport_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// `--source-ranges-all`: `loadBalancerSourceRanges` also guard the
+    /// service's NodePorts and ExternalIPs, not only its LoadBalancer IPs.
+    pub source_ranges_all: bool,
 }
 
 impl NodeContext {

@@ -282,6 +282,7 @@ fn nodeport_addresses_limit_where_node_ports_are_served() {
         node_name: "node1".into(),
         addresses: vec![Ipv4Addr::new(172, 18, 0, 11), Ipv4Addr::new(192, 168, 5, 1)],
         nodeport_cidrs: model::parse_cidrs(&["192.168.0.0/16".to_string()]).expect("cidr"),
+        ..Default::default()
     };
     assert_eq!(
         node.nodeport_addresses().collect::<Vec<_>>(),
@@ -291,4 +292,55 @@ fn nodeport_addresses_limit_where_node_ports_are_served() {
     assert_eq!(node.nodeport_addresses().count(), 2);
     let err = model::parse_cidrs(&["10.0.0.0/33".to_string()]).expect_err("bad");
     assert!(err.contains("\"10.0.0.0/33\""), "{err}");
+}
+
+#[test]
+fn source_ranges_guard_load_balancer_ips_and_with_the_flag_node_ports_too() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: guarded, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  loadBalancerSourceRanges: [203.0.113.0/24, "2001:db8::/32", not-a-cidr]
+  ports: [{port: 80, nodePort: 30500, protocol: TCP}]
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.9}]}
+"#,
+    );
+    let mut node = NodeContext {
+        node_name: "node1".into(),
+        addresses: vec![Ipv4Addr::new(172, 18, 0, 11)],
+        ..Default::default()
+    };
+    let (table, errors) = model::build(&svc, &[], &node);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("spec.loadBalancerSourceRanges[2] = \"not-a-cidr\"")
+    );
+    let guarded = |lb: &LbTable| -> Vec<String> {
+        lb.frontends
+            .iter()
+            .filter(|(_, f)| !f.source_ranges.is_empty())
+            .map(|(k, _)| k.to_string())
+            .collect()
+    };
+    let lb = LbTable::from_services(&table, &node);
+    assert_eq!(guarded(&lb), ["198.51.100.9:80/TCP"]);
+    let fe = lb
+        .frontends
+        .values()
+        .find(|f| !f.source_ranges.is_empty())
+        .expect("guarded");
+    assert_eq!(fe.source_ranges, vec![(Ipv4Addr::new(203, 0, 113, 0), 24)]);
+    node.source_ranges_all = true;
+    let lb = LbTable::from_services(&table, &node);
+    assert_eq!(
+        guarded(&lb),
+        ["172.18.0.11:30500/TCP", "198.51.100.9:80/TCP"]
+    );
 }

@@ -59,6 +59,10 @@ struct Args {
     /// node's addresses.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
+    /// Apply loadBalancerSourceRanges to the service's NodePorts and
+    /// ExternalIPs too (by default only to its LoadBalancer IPs).
+    #[arg(long)]
+    source_ranges_all: bool,
     /// Maglev table size (prime) for NodePort, ExternalIP and LoadBalancer
     /// frontends, so every node picks the same backend for a flow; 0 turns
     /// Maglev off (random selection).
@@ -93,6 +97,7 @@ async fn main() -> Result<()> {
         node_name: node_name(&args)?,
         nodeport_cidrs: proxy::model::parse_cidrs(&args.nodeport_addresses)
             .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?,
+        source_ranges_all: args.source_ranges_all,
         ..Default::default()
     };
     info!(node = %node.node_name, mode = ?args.mode, "starting");
