@@ -373,6 +373,10 @@ pub mod ct_flags {
     /// North-south flow to a backend on another node: the source is NATed
     /// to the node (see `CtValue::nat_addr`).
     pub const SNAT: u32 = 1 << 5;
+    /// North-south flow to a backend on another node in DSR mode: on the
+    /// receiving node the SERVICE entry; on the backend's node the REPLY
+    /// entry whose `nat_addr`/`nat_port` is the frontend to answer from.
+    pub const DSR: u32 = 1 << 6;
 }
 
 /// Node-wide settings the agent writes into [`maps::CONFIG`] (index 0).
@@ -383,8 +387,21 @@ pub struct Config {
     /// to; network byte order. 0: not configured (no SNAT, no remote
     /// north-south backends).
     pub node_addr: u32,
-    pub _pad: u32,
+    /// [`config_flags`] bits.
+    pub flags: u32,
 }
+
+/// [`Config::flags`] bits.
+pub mod config_flags {
+    /// Remote north-south backends answer the client directly (DSR): the
+    /// frontend travels to the backend's node in an IPv4 option
+    /// ([`super::DSR_OPT_TYPE`]) instead of the flow being SNATed.
+    pub const DSR: u32 = 1 << 0;
+}
+
+/// IPv4 option type carrying the frontend for DSR (copied flag set,
+/// experimental number, as Cilium's): type, length 8, port (2), address (4).
+pub const DSR_OPT_TYPE: u8 = 0x9a;
 
 /// Indices into the per-CPU [`maps::STATS`] array.
 pub mod stat {

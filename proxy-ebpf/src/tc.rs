@@ -10,15 +10,15 @@
 //!   backend is rewritten back to the frontend.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
     helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    AffinityKey, Backend, CtKey, CtValue, HAIRPIN_ADDR, ServiceKey, ServiceValue, ct_dir, ct_flags,
-    stat,
+    AffinityKey, Backend, CtKey, CtValue, DSR_OPT_TYPE, HAIRPIN_ADDR, ServiceKey, ServiceValue,
+    ct_dir, ct_flags, stat,
 };
 
 use crate::{
@@ -76,7 +76,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     // SAFETY: the value is copied out at once; a concurrent update replaces
     // the whole value, so the copy is either the old or the new one.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
+        return dsr_reply(ctx, &pkt);
     };
     if svc.count == 0 {
         return reject::reject(ctx, &pkt);
@@ -255,8 +255,143 @@ pub fn tc_to_netdev(ctx: TcContext) -> i32 {
     verdict(try_to_netdev(&ctx))
 }
 
+/// A backend on this node answering a DSR flow: the reply leaves from the
+/// frontend (on another node) straight to the client. Only DSR entries are
+/// rewritten here, before routing: the frontend is not a local address on
+/// this node, so that is safe (east-west replies wait for `tc_to_pod`).
+#[inline(always)]
+fn dsr_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
+    let Some(ct) = CONNTRACK.get_ptr_mut(&pkt.ct_key(ct_dir::REPLY)) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: pointer from a successful lookup; plain integers.
+    let (flags, addr, port) = unsafe { ((*ct).flags, (*ct).nat_addr, (*ct).nat_port) };
+    if flags & ct_flags::DSR == 0 {
+        return Ok(TC_ACT_OK as i32);
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*ct).last_seen_ns = bpf_ktime_get_ns();
+        (*ct).flags |= pkt.tcp_ct_flags();
+    }
+    pkt.rewrite_src(ctx, addr, port)?;
+    count(stat::REV_NAT);
+    Ok(TC_ACT_OK as i32)
+}
+
+/// On the backend's node: a DSR packet (IPv4 header + our 8-byte option)
+/// records which frontend the backend must answer from, then goes on to
+/// the pod with the option (Linux ignores unknown options on receive).
+#[inline(always)]
+fn dsr_ingress(ctx: &TcContext) -> Result<Option<i32>, Error> {
+    let hdr: *const [u8; 28] = crate::packet::ptr_at(ctx, crate::packet::ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { hdr.read_unaligned() };
+    if h[0] != 0x47 || h[20] != DSR_OPT_TYPE || h[21] != 8 {
+        return Ok(None);
+    }
+    let protocol = h[9];
+    if (protocol != proxy_common::proto::TCP && protocol != proxy_common::proto::UDP)
+        || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0
+    {
+        return Ok(None);
+    }
+    let ports: *const [u16; 2] = crate::packet::ptr_at(ctx, crate::packet::L4_OFF + 8)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { ports.read_unaligned() };
+    let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let key = CtKey {
+        saddr: word(16),
+        daddr: word(12),
+        sport: ports[1],
+        dport: ports[0],
+        proto: protocol,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { (*ct).last_seen_ns = now };
+        return Ok(Some(TC_ACT_OK as i32));
+    }
+    let value = CtValue {
+        last_seen_ns: now,
+        backend_id: 0,
+        service_id: 0,
+        flags: ct_flags::DSR | ct_flags::TCP_ESTABLISHED,
+        _pad: 0,
+        nat_addr: word(24),
+        nat_port: u16::from_ne_bytes([h[22], h[23]]),
+        _pad2: 0,
+    };
+    if CONNTRACK.insert(&key, &value, 0).is_err() {
+        count(stat::CT_INSERT_FAIL);
+    }
+    Ok(Some(TC_ACT_OK as i32))
+}
+
+/// On the receiving node: DNAT a DSR flow and add the option carrying the
+/// frontend, then send it to the backend's node.
+#[inline(always)]
+fn dsr_forward(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<i32, Error> {
+    // SAFETY: copied out at once.
+    let Some(b) = (unsafe { BACKENDS.get(&ct.backend_id) }).copied() else {
+        return Err(Error::NoSlot);
+    };
+    // SAFETY: copied out at once.
+    let Some(rev) = (unsafe { REVNAT.get(&ct.service_id) }).copied() else {
+        return Err(Error::NoSlot);
+    };
+    pkt.rewrite_dst(ctx, b.addr, b.port)?;
+    ctx.adjust_room(8, BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| Error::Rewrite)?;
+    let p = rev.port.to_ne_bytes();
+    let a = rev.addr.to_ne_bytes();
+    let opt = [DSR_OPT_TYPE, 8, p[0], p[1], a[0], a[1], a[2], a[3]];
+    ctx.store(crate::packet::L4_OFF, &opt, 0)
+        .map_err(|_| Error::Rewrite)?;
+    // The IPv4 header: IHL 7, total length + 8, checksum over 28 bytes.
+    let hdr: *const [u8; 20] = crate::packet::ptr_at(ctx, crate::packet::ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut h = unsafe { hdr.read_unaligned() };
+    let tot = u16::from_be_bytes([h[2], h[3]])
+        .wrapping_add(8)
+        .to_be_bytes();
+    h[0] = 0x47;
+    h[2] = tot[0];
+    h[3] = tot[1];
+    h[10] = 0;
+    h[11] = 0;
+    let mut words = [0u32; 7];
+    for (i, w) in words.iter_mut().take(5).enumerate() {
+        *w = u32::from_ne_bytes([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]);
+    }
+    words[5] = u32::from_ne_bytes([opt[0], opt[1], opt[2], opt[3]]);
+    words[6] = u32::from_ne_bytes([opt[4], opt[5], opt[6], opt[7]]);
+    // SAFETY: a stack buffer of the stated size.
+    let sum = unsafe {
+        aya_ebpf::helpers::bpf_csum_diff(core::ptr::null_mut(), 0, words.as_mut_ptr(), 28, 0)
+    };
+    let mut s = sum as u64 as u32;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    let c = (!(s as u16)).to_ne_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    ctx.store(crate::packet::ETH_HLEN, &h, 0)
+        .map_err(|_| Error::Rewrite)?;
+    account(ct.service_id, ctx.len() as u64);
+    count(stat::DNAT);
+    Ok(redirect_out(ctx))
+}
+
 #[inline(always)]
 fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
+    if let Some(v) = dsr_ingress(ctx)? {
+        return Ok(v);
+    }
     let Some(pkt) = Packet::parse(ctx)? else {
         return Ok(TC_ACT_OK as i32);
     };
@@ -272,6 +407,12 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
         pkt.rewrite_dst(ctx, ct.nat_addr, ct.nat_port)?;
         count(stat::REV_NAT);
         return Ok(redirect_out(ctx));
+    }
+    // SAFETY: copied out at once.
+    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }.copied()
+        && ct.flags & ct_flags::DSR != 0
+    {
+        return dsr_forward(ctx, &pkt, &ct);
     }
     // SAFETY: copied out at once.
     if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }.copied()

@@ -27,8 +27,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    AffinityKey, CtKey, CtValue, ServiceKey, SourceRangeKey, backend_flags, ct_dir, ct_flags,
-    proto, stat, svc_flags,
+    AffinityKey, CtKey, CtValue, ServiceKey, SourceRangeKey, backend_flags, config_flags, ct_dir,
+    ct_flags, proto, stat, svc_flags,
 };
 
 use crate::{
@@ -252,7 +252,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
             (ct, b)
         }
     };
-    if ct.flags & ct_flags::SNAT != 0 {
+    if ct.flags & (ct_flags::SNAT | ct_flags::DSR) != 0 {
         // Remote backend: the flow is decided and tracked; tc on this
         // interface rewrites it and sends it on with a neighbour lookup
         // (routing it would drop it: its source becomes a local address).
@@ -285,8 +285,22 @@ fn new_flow(
         _pad2: 0,
     };
     let mut reply_dst = (key.saddr, key.sport);
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    if b.flags & backend_flags::LOCAL == 0 && cfg.flags & config_flags::DSR != 0 {
+        // DSR: the backend's node answers the client; nothing comes back
+        // here, so only the forward entry is kept.
+        value.flags |= ct_flags::DSR;
+        let fwd = CtKey {
+            dir: ct_dir::SERVICE,
+            ..*key
+        };
+        if CONNTRACK.insert(&fwd, &value, 0).is_err() {
+            count(stat::CT_INSERT_FAIL);
+        }
+        return Ok(value);
+    }
     if b.flags & backend_flags::LOCAL == 0 {
-        let node = CONFIG.get(0).map(|c| c.node_addr).unwrap_or(0);
+        let node = cfg.node_addr;
         if node == 0 {
             // No node address configured: a remote backend's reply could
             // not find its way back here.

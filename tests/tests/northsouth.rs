@@ -534,3 +534,42 @@ endpoints:
         "16 flows spread over the 6 backends: {seen:?}"
     );
 }
+
+/// `--dsr`: a remote backend sees the outside client's own address and
+/// answers it directly (the frontend travels in an IPv4 option), TCP and
+/// UDP; the client gets its replies from the address it asked.
+#[test]
+fn dsr_remote_backend_sees_the_client_and_answers_directly() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let p21 = cluster.pod(2, 1);
+    let _tcp = TcpServer::start(&p21.ns, &p21.name, SocketAddr::from((p21.ip, 8080))).expect("tcp");
+    let _udp = UdpServer::start(&p21.ns, &p21.name, SocketAddr::from((p21.ip, 5353))).expect("udp");
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(
+        &(nodes(&cluster) + &service("dsr", "10.96.1.8", 30130, false, &[(p21.ip, "node2")])),
+    )
+    .expect("objects");
+    let opts = || AgentOptions {
+        args: vec!["--dsr".into()],
+        ..Default::default()
+    };
+    let mut agents = [
+        Agent::start(cluster.node(1), &api, opts()).expect("agent1"),
+        Agent::start(cluster.node(2), &api, opts()).expect("agent2"),
+    ];
+    for a in &mut agents {
+        a.wait_for_log("sync done", Duration::from_secs(10))
+            .expect("synced");
+    }
+    let ext = cluster.external();
+    let to = SocketAddr::from((cluster.node(1).underlay_ip, 30130));
+    wait_up(&ext.ns, to, &agents[0]);
+    for udp in [false, true] {
+        let t = tally(&ext.ns, to, 20, udp);
+        assert_eq!(t.keys().collect::<Vec<_>>(), vec!["pod-2-1"]);
+        assert!(
+            t["pod-2-1"].iter().all(|p| *p == IpAddr::V4(ext.ip)),
+            "udp={udp}: the remote backend sees the client, not node1: {t:?}"
+        );
+    }
+}

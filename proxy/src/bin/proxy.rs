@@ -59,6 +59,12 @@ struct Args {
     /// node's addresses.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
+    /// Direct server return for NodePort/ExternalIP/LoadBalancer traffic to
+    /// backends on other nodes: the backend answers the client directly
+    /// (the frontend travels in an IPv4 option) instead of the flow being
+    /// SNATed to this node. Every node must run with the same setting.
+    #[arg(long)]
+    dsr: bool,
     /// Apply loadBalancerSourceRanges to the service's NodePorts and
     /// ExternalIPs too (by default only to its LoadBalancer IPs).
     #[arg(long)]
@@ -113,6 +119,7 @@ async fn main() -> Result<()> {
         );
     }
     cfg.maglev_table_size = args.maglev_table_size;
+    cfg.dsr = args.dsr;
     if args.socket_lb {
         cfg.socket_lb_cgroup = Some(match &args.cgroup_path {
             Some(p) => p.clone(),

@@ -27,7 +27,7 @@ use aya::{
 };
 use proxy_common::{
     Backend, Config, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SourceRangeKey,
-    SvcStats, backend_flags, progs, svc_flags,
+    SvcStats, backend_flags, config_flags, progs, svc_flags,
 };
 use tracing::{debug, info, warn};
 
@@ -114,6 +114,8 @@ pub struct EbpfConfig {
     pub ct_gc_interval: Duration,
     /// Maglev table size for north-south frontends (prime); 0: random.
     pub maglev_table_size: u32,
+    /// Direct server return for remote north-south backends.
+    pub dsr: bool,
 }
 
 impl EbpfConfig {
@@ -125,6 +127,7 @@ impl EbpfConfig {
             ct_timeouts: Timeouts::default(),
             ct_gc_interval: Duration::from_secs(10),
             maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+            dsr: false,
         }
     }
 }
@@ -342,7 +345,7 @@ impl EbpfDataplane {
             node_addr: node_addr
                 .map(|a| u32::from_ne_bytes(a.octets()))
                 .unwrap_or(0),
-            _pad: 0,
+            flags: if self.cfg.dsr { config_flags::DSR } else { 0 },
         };
         self.maps
             .config
