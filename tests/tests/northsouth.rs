@@ -573,3 +573,54 @@ fn dsr_remote_backend_sees_the_client_and_answers_directly() {
         );
     }
 }
+
+/// Session affinity ClientIP on a NodePort from outside: every connection
+/// of the client goes to one backend, local or remote.
+#[test]
+fn node_port_session_affinity_from_outside() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let mut servers = Vec::new();
+    let mut eps = String::new();
+    for p in cluster.pods() {
+        servers
+            .push(TcpServer::start(&p.ns, &p.name, SocketAddr::from((p.ip, 8080))).expect("tcp"));
+        eps += &format!(
+            "- {{addresses: [\"{}\"], nodeName: {}}}\n",
+            p.ip, p.node_name
+        );
+    }
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(
+        &(nodes(&cluster)
+            + &format!(
+                r#"apiVersion: v1
+kind: Service
+metadata: {{name: sticky, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.1.9
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}
+  ports: [{{port: 80, nodePort: 30140, protocol: TCP, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: sticky-1, namespace: default, labels: {{kubernetes.io/service-name: sticky}}}}
+addressType: IPv4
+ports: [{{port: 8080, protocol: TCP}}]
+endpoints:
+{eps}"#
+            )),
+    )
+    .expect("objects");
+    let agents = start_agents(&cluster, &api, "sync done");
+    let ext = cluster.external();
+    let to = SocketAddr::from((cluster.node(1).underlay_ip, 30140));
+    wait_up(&ext.ns, to, &agents[0]);
+    let t = tally(&ext.ns, to, 50, false);
+    assert_eq!(
+        t.len(),
+        1,
+        "50 connections of one client, one backend: {t:?}"
+    );
+}
