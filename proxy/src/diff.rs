@@ -60,6 +60,7 @@ mod tests {
                 .collect(),
             affinity_timeout: 0,
             source_ranges: vec![],
+            maglev_table_size: None,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Frontend {
     /// Client networks allowed (LoadBalancer frontends with
     /// `loadBalancerSourceRanges`); empty: any client.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// Per-service Maglev table size (annotation); None: the agent's.
+    pub maglev_table_size: Option<u32>,
 }
 
 /// Frontends with the service port they came from (for display only: the
@@ -105,6 +107,7 @@ impl LbTable {
                         backends: b.clone(),
                         affinity_timeout,
                         source_ranges,
+                        maglev_table_size: sp.maglev_table_size,
                     },
                 );
                 lb.owners.insert(key, name.clone());

@@ -29,6 +29,8 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label linking an EndpointSlice to its service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Annotation overriding `--maglev-table-size` for one service (a prime).
+pub const ANNOTATION_MAGLEV_TABLE_SIZE: &str = "kube-proxy-ebpf.io/maglev-table-size";
 /// The label selector the agent watches services and slices with.
 pub const WATCH_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
@@ -157,6 +159,8 @@ pub struct ServicePort {
     pub health_check_node_port: Option<u16>,
     /// `loadBalancerSourceRanges`: (network, prefix length); empty: any.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// Maglev table size from [`ANNOTATION_MAGLEV_TABLE_SIZE`].
+    pub maglev_table_size: Option<u32>,
     /// Ready and serving+terminating endpoints, sorted, without duplicates
     /// (an address ready in one slice is not repeated as terminating).
     pub endpoints: Vec<Endpoint>,
@@ -386,6 +390,23 @@ fn service_ports(
     };
     let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let maglev_table_size = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_MAGLEV_TABLE_SIZE))
+        .and_then(|v| match v.trim().parse::<u32>() {
+            Ok(n) if crate::maglev::is_prime(n) && n <= crate::maglev::MAX_TABLE_SIZE => Some(n),
+            _ => {
+                errors.push(err(
+                    &object,
+                    format!("metadata.annotations[{ANNOTATION_MAGLEV_TABLE_SIZE}]"),
+                    v.clone(),
+                    "must be a prime number no larger than 1048576",
+                ));
+                None
+            }
+        });
     let mut source_ranges = Vec::new();
     for (i, r) in spec
         .load_balancer_source_ranges
@@ -487,6 +508,7 @@ fn service_ports(
             internal_policy_local,
             health_check_node_port,
             source_ranges: source_ranges.clone(),
+            maglev_table_size,
             endpoints,
         });
     }

@@ -344,3 +344,48 @@ status:
         ["172.18.0.11:30500/TCP", "198.51.100.9:80/TCP"]
     );
 }
+
+#[test]
+fn maglev_table_size_annotation() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: a
+  namespace: default
+  annotations: {kube-proxy-ebpf.io/maglev-table-size: "65521"}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  ports: [{port: 80, nodePort: 30600, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: b
+  namespace: default
+  annotations: {kube-proxy-ebpf.io/maglev-table-size: "1000"}
+spec:
+  clusterIP: 10.96.0.51
+  ports: [{port: 80, protocol: TCP}]
+"#,
+    );
+    let (table, errors) = model::build(&svc, &[], &NodeContext::default());
+    assert_eq!(
+        table.services[&spn("a", "", Protocol::Tcp)].maglev_table_size,
+        Some(65521)
+    );
+    assert_eq!(
+        table.services[&spn("b", "", Protocol::Tcp)].maglev_table_size,
+        None
+    );
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("metadata.annotations[kube-proxy-ebpf.io/maglev-table-size] = \"1000\""),
+        "{}",
+        errors[0]
+    );
+}

@@ -69,6 +69,7 @@ fn fixture() -> Fixture {
         backends,
         affinity_timeout: 0,
         source_ranges: vec![],
+        maglev_table_size: None,
     };
     let tcp = |addr| FrontendKey {
         addr,
@@ -128,6 +129,7 @@ fn fixture_with_empty_udp() -> Fixture {
                 backends: vec![],
                 affinity_timeout: 0,
                 source_ranges: vec![],
+                maglev_table_size: None,
             },
         )])
         .expect("program frontend");
@@ -717,6 +719,7 @@ fn north_south() -> Fixture {
                 backends,
                 affinity_timeout: 0,
                 source_ranges: vec![],
+                maglev_table_size: None,
             },
         )
     };
@@ -870,6 +873,7 @@ fn maglev_node(reverse: bool) -> Fixture {
                 backends,
                 affinity_timeout: 0,
                 source_ranges: vec![],
+                maglev_table_size: None,
             },
         )])
         .expect("program");
@@ -911,4 +915,31 @@ fn maglev_two_nodes_pick_the_same_backend_and_match_userspace() {
     }
     assert_eq!(used.len(), 5, "200 flows spread over all 5 backends");
     assert_eq!(proxy_common::MAGLEV_FLOW_SEED, proxy::maglev::FLOW_SEED);
+}
+
+#[test]
+fn maglev_table_size_can_be_set_per_frontend() {
+    let mut fx = maglev_node(false);
+    let key = FrontendKey {
+        addr: NODE,
+        port: 30091,
+        proto: Protocol::Tcp,
+    };
+    let fe = Frontend {
+        kind: FrontendKind::NodePort,
+        backends: vec![BackendAddr {
+            addr: B2,
+            port: 8080,
+            terminating: false,
+            local: false,
+        }],
+        affinity_timeout: 0,
+        source_ranges: vec![],
+        maglev_table_size: Some(13),
+    };
+    fx.dp.apply(&[Change::Upsert(key, fe)]).expect("program");
+    let d = fx.dp.maps().dump().expect("dump");
+    let mut sizes: Vec<usize> = d.maglev.iter().map(|m| m.slots).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![13, proxy::maglev::DEFAULT_TABLE_SIZE as usize]);
 }

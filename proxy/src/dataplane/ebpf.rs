@@ -142,6 +142,8 @@ struct Programmed {
     backend_ids: Vec<u32>,
     /// Backend id per Maglev slot (empty: no table).
     maglev: Vec<u32>,
+    /// The frontend's own table size (annotation), as last applied.
+    maglev_override: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -522,6 +524,11 @@ impl EbpfDataplane {
                         .remove(&v.id)
                         .filter(|t| t.len() == v.maglev_size as usize && !t.contains(&0))
                         .unwrap_or_default(),
+                    // Not pinned: a size other than the agent's must have
+                    // come from an annotation.
+                    maglev_override: (v.maglev_size != 0
+                        && v.maglev_size != self.cfg.maglev_table_size)
+                        .then_some(v.maglev_size),
                 },
             );
         }
@@ -632,7 +639,8 @@ impl EbpfDataplane {
                     && p.flags == flags
                     && p.affinity_timeout == fe.affinity_timeout
                     && p.source_ranges == fe.source_ranges
-                    && p.maglev == maglev =>
+                    && p.maglev == maglev
+                    && p.maglev_override == fe.maglev_table_size =>
             {
                 return Ok(());
             }
@@ -733,6 +741,7 @@ impl EbpfDataplane {
                 source_ranges: fe.source_ranges.clone(),
                 backend_ids: ids,
                 maglev,
+                maglev_override: fe.maglev_table_size,
             },
         );
         stats.upserted += 1;
@@ -742,7 +751,7 @@ impl EbpfDataplane {
     /// The Maglev table (backend id per slot) of a north-south frontend;
     /// empty for ClusterIP frontends, with Maglev off, or without backends.
     fn maglev_table(&self, key: &FrontendKey, fe: &Frontend, ids: &[u32]) -> Vec<u32> {
-        let m = self.cfg.maglev_table_size;
+        let m = fe.maglev_table_size.unwrap_or(self.cfg.maglev_table_size);
         if m == 0 || fe.kind == FrontendKind::ClusterIp || ids.is_empty() {
             return Vec::new();
         }
@@ -949,6 +958,7 @@ impl Dataplane for EbpfDataplane {
                     backends,
                     affinity_timeout: p.affinity_timeout,
                     source_ranges: p.source_ranges.clone(),
+                    maglev_table_size: p.maglev_override,
                 },
             );
         }
