@@ -58,7 +58,7 @@ fn fold(c: i64) -> u16 {
 
 /// Checksum of a buffer on the stack (size a multiple of 4).
 #[inline(always)]
-fn csum<T>(v: &mut T) -> u16 {
+pub(crate) fn csum<T>(v: &mut T) -> u16 {
     // SAFETY: `v` is a live stack object of the size given.
     let r = unsafe {
         bpf_csum_diff(

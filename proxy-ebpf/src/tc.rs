@@ -370,14 +370,7 @@ fn dsr_forward(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<i32, Error
     }
     words[5] = u32::from_ne_bytes([opt[0], opt[1], opt[2], opt[3]]);
     words[6] = u32::from_ne_bytes([opt[4], opt[5], opt[6], opt[7]]);
-    // SAFETY: a stack buffer of the stated size.
-    let sum = unsafe {
-        aya_ebpf::helpers::bpf_csum_diff(core::ptr::null_mut(), 0, words.as_mut_ptr(), 28, 0)
-    };
-    let mut s = sum as u64 as u32;
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    let c = (!(s as u16)).to_ne_bytes();
+    let c = reject::csum(&mut words).to_ne_bytes();
     h[10] = c[0];
     h[11] = c[1];
     ctx.store(crate::packet::ETH_HLEN, &h, 0)
