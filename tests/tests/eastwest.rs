@@ -695,10 +695,18 @@ fn type_changes_and_headless_ignored(lb: SocketLb) -> Scenario {
     let both = ["pod-1-2", "pod-2-1"];
     until_up(&c, &tcp(at(ip, 80), 1));
     until_backends(&c, &tcp(at(ip, 80), 30), &both, CONVERGE);
-    // The headless service programs nothing: only web's frontend exists.
+    // The headless service programs nothing: only web's frontend exists
+    // (node2's agent may still be on its first sync: wait for it).
     for node in 1..=2 {
-        let f = s.frontends(node);
-        assert_eq!(f, [format!("{ip}:80/TCP")], "node{node}");
+        let want = vec![format!("{ip}:80/TCP")];
+        scenario_eventually(CONVERGE, || {
+            let f = s.frontends(node);
+            if f == want {
+                Ok(())
+            } else {
+                Err(format!("node{node}: {f:?}"))
+            }
+        });
     }
 
     // ClusterIP -> ExternalName: ignored, so the old ClusterIP is gone.
