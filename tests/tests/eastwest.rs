@@ -467,8 +467,10 @@ fn source_ip_preserved_across_nodes(lb: SocketLb) -> Scenario {
             .iter()
             .all(|p| p.ip() == IpAddr::V4(c.ip))
     );
-    // And from a pod on the backend's own node.
+    // And from a pod on the backend's own node (once node2's agent has
+    // synced).
     let c22 = s.client(2, 2);
+    until_backends(&c22, &tcp(at(ip, 80), 5), &["pod-2-1"], CONVERGE);
     let t = tally(
         &c22.run(&tcp(at(ip, 80), 10)).expect("tcp"),
         c22.ip,
