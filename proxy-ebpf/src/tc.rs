@@ -401,25 +401,23 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
         count(stat::REV_NAT);
         return Ok(redirect_out(ctx));
     }
+    // One lookup of the client's tuple serves both remote-backend kinds.
     // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }.copied()
-        && ct.flags & ct_flags::DSR != 0
-    {
-        return dsr_forward(ctx, &pkt, &ct);
-    }
-    // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }.copied()
-        && ct.flags & ct_flags::SNAT != 0
-    {
-        // SAFETY: copied out at once.
-        let Some(b) = (unsafe { BACKENDS.get(&ct.backend_id) }).copied() else {
-            return Err(Error::NoSlot);
-        };
-        pkt.rewrite_dst(ctx, b.addr, b.port)?;
-        pkt.rewrite_src(ctx, ct.nat_addr, ct.nat_port)?;
-        account(ct.service_id, ctx.len() as u64);
-        count(stat::DNAT);
-        return Ok(redirect_out(ctx));
+    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }.copied() {
+        if ct.flags & ct_flags::DSR != 0 {
+            return dsr_forward(ctx, &pkt, &ct);
+        }
+        if ct.flags & ct_flags::SNAT != 0 {
+            // SAFETY: copied out at once.
+            let Some(b) = (unsafe { BACKENDS.get(&ct.backend_id) }).copied() else {
+                return Err(Error::NoSlot);
+            };
+            pkt.rewrite_dst(ctx, b.addr, b.port)?;
+            pkt.rewrite_src(ctx, ct.nat_addr, ct.nat_port)?;
+            account(ct.service_id, ctx.len() as u64);
+            count(stat::DNAT);
+            return Ok(redirect_out(ctx));
+        }
     }
     // A frontend without backends: reject, as for pods (XDP passed it on).
     let key = ServiceKey {
