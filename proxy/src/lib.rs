@@ -4,6 +4,7 @@
 //! (frontends, pure) -> [`diff`] (pure) -> [`dataplane`] -> kernel.
 
 pub mod agent;
+pub mod cli;
 pub mod dataplane;
 pub mod diff;
 pub mod health;
