@@ -14,7 +14,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Map names (also the file names under the pin directory). At most 15
 /// bytes: the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.
@@ -46,9 +46,13 @@ pub mod maps {
     /// LPM trie of [`super::SourceRangeKey`] -> `u8` (1): the client ranges
     /// a frontend with `svc_flags::SOURCE_RANGES` accepts.
     pub const SOURCE_RANGES: &str = "SRC_RANGES_V4";
+    /// [`super::FragKey`] -> [`super::FragValue`], LRU: the ports of
+    /// fragmented datagrams whose first fragment was translated, so the
+    /// later fragments (which carry no L4 header) follow the same flow.
+    pub const FRAGMENTS: &str = "FRAGS_V4";
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -60,6 +64,7 @@ pub mod maps {
         CONFIG,
         SOURCE_RANGES,
         MAGLEV,
+        FRAGMENTS,
         STATS,
     ];
 }
@@ -116,6 +121,8 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOCK_REVNAT: u32 = 65_536;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Fragmented datagrams in flight whose first fragment was translated.
+pub const MAX_FRAGMENTS: u32 = 8_192;
 /// Maglev slots over all north-south frontends (not preallocated).
 pub const MAX_MAGLEV_SLOTS: u32 = 1 << 22;
 /// Upper bound on backends per frontend (slot indices are `u16`).
@@ -163,6 +170,30 @@ pub struct SourceRangeKey {
     pub service_id_be: u32,
     /// Client network, network byte order.
     pub addr: u32,
+}
+
+/// A fragmented IPv4 datagram, as its fragments carry it on the wire at the
+/// hook that records it: [`maps::FRAGMENTS`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The L4 ports of a fragmented datagram (from its first fragment), as on
+/// the wire before translation: network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// What a frontend resolves to. Replaced as a whole (one map update) to switch
@@ -419,7 +450,9 @@ pub mod stat {
     pub const PASS_MALFORMED: u32 = 5;
     /// IPv4 packets with options, passed untouched.
     pub const PASS_IP_OPTIONS: u32 = 6;
-    /// IPv4 fragments, passed untouched.
+    /// IPv4 non-first fragments whose first fragment was not translated
+    /// here (not a service flow, or it has not arrived yet), passed
+    /// untouched.
     pub const PASS_FRAGMENT: u32 = 7;
     /// Slot or backend missing for a frontend (a race or a bug), dropped.
     pub const DROP_NO_SLOT: u32 = 8;
@@ -443,8 +476,16 @@ pub mod stat {
     /// Client outside a LoadBalancer frontend's `loadBalancerSourceRanges`,
     /// dropped.
     pub const DROP_SOURCE_RANGE: u32 = 17;
+    /// Non-first IPv4 fragments matched to their first fragment's ports
+    /// ([`super::maps::FRAGMENTS`]), so they follow its flow (counted at
+    /// each hook that matches one).
+    pub const FRAG_MATCHED: u32 = 18;
+    /// DSR packets that the 8-byte option would push over the egress MTU:
+    /// dropped, and answered with ICMP "fragmentation needed" (next-hop MTU
+    /// less 8) when they carry DF, so the client's path MTU adapts.
+    pub const DROP_DSR_MTU: u32 = 19;
     /// Number of counters.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
 
     /// Counter names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -466,6 +507,8 @@ pub mod stat {
         "affinity_hit",
         "drop_ct_invalid",
         "drop_source_range",
+        "frag_matched",
+        "drop_dsr_mtu",
     ];
 }
 
@@ -485,6 +528,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 32);
     assert!(core::mem::size_of::<Config>() == 8);
     assert!(core::mem::size_of::<SourceRangeKey>() == 8);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -509,6 +554,8 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.

@@ -1,14 +1,35 @@
 //! Backend selection shared by the per-packet and the socket paths.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key as LpmKey};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, MAGLEV_FLOW_SEED, MaglevKey, ServiceValue, SlotKey, stat,
+    AffinityKey, AffinityValue, Backend, MAGLEV_FLOW_SEED, MaglevKey, ServiceValue, SlotKey,
+    SourceRangeKey, stat, svc_flags,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MAGLEV, SLOTS, count},
+    maps::{AFFINITY, BACKENDS, MAGLEV, SLOTS, SOURCE_RANGES, count},
     packet::Error,
 };
+
+/// `loadBalancerSourceRanges`: a frontend flagged `SOURCE_RANGES` serves
+/// only clients inside one of its ranges; others are dropped.
+#[inline(always)]
+pub fn check_source(svc: &ServiceValue, saddr: u32) -> Result<(), Error> {
+    if svc.flags & svc_flags::SOURCE_RANGES == 0 {
+        return Ok(());
+    }
+    let k = LpmKey::new(
+        64,
+        SourceRangeKey {
+            service_id_be: svc.id.to_be(),
+            addr: saddr,
+        },
+    );
+    if SOURCE_RANGES.get(&k).is_none() {
+        return Err(Error::SourceRange);
+    }
+    Ok(())
+}
 
 /// A flow's tuple as on the wire (addresses and ports raw, network order).
 pub struct Flow {

@@ -5,8 +5,10 @@
 //! * [`sock`]: socket LB, cgroup hooks translating at connect() time.
 //! * [`xdp`]: NodePort / ExternalIP / LoadBalancer from outside.
 //!
-//! Anything that is not IPv4 TCP/UDP, or is malformed, truncated, fragmented
-//! or carries IP options, passes untouched and is counted.
+//! Anything that is not IPv4 TCP/UDP, or is malformed, truncated or carries
+//! IP options, passes untouched and is counted. Fragmented datagrams of
+//! service flows are translated whole: the later fragments follow their
+//! first fragment (see `packet::Frag`).
 #![no_std]
 #![no_main]
 

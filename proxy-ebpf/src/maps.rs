@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_MAGLEV_SLOTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
-    MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
-    SourceRangeKey, SvcStats, stat,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_SLOTS, MAX_SERVICES, MAX_SLOTS,
+    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats, stat,
 };
 
 #[map(name = "SVC_V4")]
@@ -46,6 +46,9 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(MAX_SOUR
 #[map(name = "MAGLEV_V4")]
 pub static MAGLEV: HashMap<MaglevKey, u32> =
     HashMap::pinned(MAX_MAGLEV_SLOTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map(name = "FRAGS_V4")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);

@@ -6,7 +6,9 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{ct_flags, proto, stat};
+use proxy_common::{FragKey, FragValue, ct_flags, proto, stat};
+
+use crate::maps::{FRAGMENTS, count};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -19,8 +21,94 @@ const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_CSUM_OFF: usize = L4_OFF + 16;
 const UDP_CSUM_OFF: usize = L4_OFF + 6;
-/// Fragment offset and "more fragments" bits of `frag_off`.
-const IP_FRAG_MASK: u16 = 0x3fff;
+/// Fragment offset bits of `frag_off`.
+const IP_OFFSET_MASK: u16 = 0x1fff;
+/// "More fragments" bit of `frag_off`.
+const IP_MF: u16 = 0x2000;
+/// "Don't fragment" bit of `frag_off`.
+const IP_DF: u16 = 0x4000;
+
+/// Where a packet stands in a fragmented IPv4 datagram.
+///
+/// Only the first fragment carries the L4 header. When a hook translates a
+/// first fragment it records the datagram's ports in `FRAGMENTS` under the
+/// tuple the fragments carry at that hook ([`remember_fragment`]); the later
+/// fragments find their ports there ([`later_fragment_ports`]), take the
+/// same conntrack path and get the same address rewrite (their L4 checksum
+/// lives in the first fragment, which was already fixed for the whole
+/// datagram). A later fragment that arrives before its first one, or whose
+/// datagram is not a service flow, passes untouched (`pass_fragment`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    Whole,
+    /// Offset 0, more fragments follow: has the L4 header.
+    First,
+    /// Offset > 0: no L4 header.
+    Later,
+}
+
+impl Frag {
+    #[inline(always)]
+    pub fn of(frag_off_be: u16) -> Frag {
+        let f = u16::from_be(frag_off_be);
+        if f & IP_OFFSET_MASK != 0 {
+            Frag::Later
+        } else if f & IP_MF != 0 {
+            Frag::First
+        } else {
+            Frag::Whole
+        }
+    }
+}
+
+#[inline(always)]
+fn frag_key(saddr: u32, daddr: u32, id: u16, proto: u8) -> FragKey {
+    FragKey {
+        saddr,
+        daddr,
+        id,
+        proto,
+        _pad: 0,
+    }
+}
+
+/// The ports of a later fragment's datagram, if its first fragment was
+/// translated at this hook; `Err(Fragment)` (pass untouched) otherwise.
+#[inline(always)]
+pub fn later_fragment_ports(
+    saddr: u32,
+    daddr: u32,
+    id: u16,
+    proto: u8,
+) -> Result<FragValue, Error> {
+    // SAFETY: copied out at once.
+    let v = unsafe { FRAGMENTS.get(&frag_key(saddr, daddr, id, proto)) }
+        .copied()
+        .ok_or(Error::Fragment)?;
+    count(stat::FRAG_MATCHED);
+    Ok(v)
+}
+
+/// A first fragment was translated: its later fragments must follow.
+#[inline(always)]
+pub fn remember_fragment(
+    frag: Frag,
+    saddr: u32,
+    daddr: u32,
+    id: u16,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+) {
+    if frag == Frag::First {
+        let _ = FRAGMENTS.insert(
+            &frag_key(saddr, daddr, id, proto),
+            &FragValue { sport, dport },
+            0,
+        );
+    }
+}
 
 /// Why a packet was not translated. Each maps to a counter and a verdict.
 #[derive(Clone, Copy)]
@@ -41,6 +129,9 @@ pub enum Error {
     CtInvalid,
     /// Client outside the frontend's source ranges: dropped.
     SourceRange,
+    /// DSR packet too large for the egress MTU once the option is added:
+    /// dropped.
+    DsrMtu,
 }
 
 impl Error {
@@ -54,6 +145,7 @@ impl Error {
             Error::Rewrite => stat::DROP_REWRITE,
             Error::CtInvalid => stat::DROP_CT_INVALID,
             Error::SourceRange => stat::DROP_SOURCE_RANGE,
+            Error::DsrMtu => stat::DROP_DSR_MTU,
         }
     }
 
@@ -65,6 +157,7 @@ impl Error {
                 | Error::Rewrite
                 | Error::CtInvalid
                 | Error::SourceRange
+                | Error::DsrMtu
         )
     }
 }
@@ -106,6 +199,11 @@ pub struct Packet {
     /// IPv4 total length.
     pub tot_len: u16,
     tcp_flags: u8,
+    /// IPv4 identification, network byte order.
+    id: u16,
+    pub frag: Frag,
+    /// The sender forbade fragmentation (DF).
+    pub dont_fragment: bool,
 }
 
 impl Packet {
@@ -136,8 +234,21 @@ impl Packet {
         if ip.version_ihl & 0x0f != 5 {
             return Err(Error::IpOptions);
         }
-        if u16::from_be(ip.frag_off) & IP_FRAG_MASK != 0 {
-            return Err(Error::Fragment);
+        let frag = Frag::of(ip.frag_off);
+        if frag == Frag::Later {
+            let ports = later_fragment_ports(ip.saddr, ip.daddr, ip.id, ip.protocol)?;
+            return Ok(Some(Packet {
+                saddr: ip.saddr,
+                daddr: ip.daddr,
+                sport: ports.sport,
+                dport: ports.dport,
+                proto: ip.protocol,
+                tot_len: u16::from_be(ip.tot_len),
+                tcp_flags: 0,
+                id: ip.id,
+                frag,
+                dont_fragment: false,
+            }));
         }
         let l4_len = if ip.protocol == proto::TCP {
             TCP_HLEN
@@ -166,7 +277,16 @@ impl Packet {
             proto: ip.protocol,
             tot_len: u16::from_be(ip.tot_len),
             tcp_flags,
+            id: ip.id,
+            frag,
+            dont_fragment: u16::from_be(ip.frag_off) & IP_DF != 0,
         }))
+    }
+
+    /// A non-first fragment: no L4 header (ports from its first fragment).
+    #[inline(always)]
+    pub fn later_fragment(&self) -> bool {
+        self.frag == Frag::Later
     }
 
     /// Conntrack key for this packet's own tuple, seen in direction `dir`.
@@ -193,6 +313,9 @@ impl Packet {
     #[inline(always)]
     pub fn tcp_ct_flags(&self) -> u32 {
         let mut f = 0;
+        if self.frag == Frag::Later {
+            return f;
+        }
         if self.proto == proto::TCP && self.tcp_flags & 0x02 == 0 {
             f |= ct_flags::TCP_ESTABLISHED;
         }
@@ -286,25 +409,32 @@ impl Packet {
         old_port: u16,
         new_port: u16,
     ) -> Result<(), Error> {
-        let (csum_off, mangled) = self.l4_csum();
-        // L4 checksum covers the pseudo-header (addresses) and the ports.
-        ctx.l4_csum_replace(
-            csum_off,
-            old_addr as u64,
-            new_addr as u64,
-            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-        )
-        .map_err(|_| Error::Rewrite)?;
-        if old_port != new_port {
-            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
-                .map_err(|_| Error::Rewrite)?;
-            ctx.store(port_off, &new_port, 0)
-                .map_err(|_| Error::Rewrite)?;
+        // A later fragment has no L4 header: only the addresses change
+        // (the first fragment's L4 checksum covers the whole datagram).
+        if self.frag != Frag::Later {
+            let (csum_off, mangled) = self.l4_csum();
+            // L4 checksum covers the pseudo-header (addresses) and the ports.
+            ctx.l4_csum_replace(
+                csum_off,
+                old_addr as u64,
+                new_addr as u64,
+                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+            )
+            .map_err(|_| Error::Rewrite)?;
+            if old_port != new_port {
+                ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
+                    .map_err(|_| Error::Rewrite)?;
+                ctx.store(port_off, &new_port, 0)
+                    .map_err(|_| Error::Rewrite)?;
+            }
         }
         ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
             .map_err(|_| Error::Rewrite)?;
         ctx.store(addr_off, &new_addr, 0)
             .map_err(|_| Error::Rewrite)?;
+        remember_fragment(
+            self.frag, self.saddr, self.daddr, self.id, self.proto, self.sport, self.dport,
+        );
         Ok(())
     }
 }

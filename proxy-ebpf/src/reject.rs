@@ -41,9 +41,13 @@ struct Pseudo {
 /// Reject the packet; the verdict to return.
 #[inline(always)]
 pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
+    if pkt.later_fragment() {
+        // No L4 header to answer: the first fragment was answered.
+        return Err(Error::NoBackend);
+    }
     match pkt.proto {
         proto::TCP => tcp_rst(ctx, pkt),
-        proto::UDP => icmp_port_unreachable(ctx, pkt),
+        proto::UDP => icmp_unreachable(ctx, pkt, ICMP_PORT_UNREACHABLE, 0),
         _ => Err(Error::NoBackend),
     }
 }
@@ -165,25 +169,48 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
     send_back(ctx, &eth, &ip, &tcp)
 }
 
+/// ICMP destination unreachable codes.
+const ICMP_PORT_UNREACHABLE: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// Answer a packet that cannot go on without fragmentation (it carries DF)
+/// with ICMP "fragmentation needed" and the next-hop MTU, from the address
+/// it was sent to (this node is the router that cannot forward it).
 #[inline(always)]
-fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
+pub fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Result<i32, Error> {
+    icmp_unreachable(ctx, pkt, ICMP_FRAG_NEEDED, mtu)
+}
+
+/// ICMP destination unreachable (type 3) with `code`, quoting the IPv4
+/// header and 8 bytes of the packet; `mtu` is the next-hop MTU field
+/// (code 4 only, else 0).
+#[inline(always)]
+fn icmp_unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<i32, Error> {
     let orig: *const [u32; 7] = ptr_at(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by ptr_at (IPv4 header + 8 bytes of UDP).
     let orig = unsafe { orig.read_unaligned() };
     let eth = eth_swapped(ctx)?;
+    let m = mtu.to_be_bytes();
     let mut body = IcmpBody {
-        // type 3 (destination unreachable), code 3 (port unreachable).
-        icmp: [u32::from_ne_bytes([3, 3, 0, 0]), 0],
+        // type 3 (destination unreachable); unused, next-hop MTU.
+        icmp: [
+            u32::from_ne_bytes([3, code, 0, 0]),
+            u32::from_ne_bytes([0, 0, m[0], m[1]]),
+        ],
         orig,
     };
     let c = csum(&mut body).to_ne_bytes();
-    body.icmp[0] = u32::from_ne_bytes([3, 3, c[0], c[1]]);
+    body.icmp[0] = u32::from_ne_bytes([3, code, c[0], c[1]]);
     let ip = ip_header(
         (20 + mem::size_of::<IcmpBody>()) as u16,
         1,
         pkt.daddr,
         pkt.saddr,
     );
-    count(stat::REJECT_ICMP);
+    count(if code == ICMP_FRAG_NEEDED {
+        stat::DROP_DSR_MTU
+    } else {
+        stat::REJECT_ICMP
+    });
     send_back(ctx, &eth, &ip, &body)
 }

@@ -13,7 +13,9 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use proxy_common::{AffinityKey, ServiceKey, SockRevNatKey, SockRevNatValue, proto, stat};
+use proxy_common::{
+    AffinityKey, ServiceKey, SockRevNatKey, SockRevNatValue, proto, stat, svc_flags,
+};
 
 use crate::{
     lb,
@@ -66,6 +68,11 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
         return ALLOW;
     };
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 {
+        // loadBalancerSourceRanges: the client's source address is not
+        // known at connect() time; the per-packet path checks it.
+        return ALLOW;
+    }
     if svc.count == 0 {
         count(stat::SOCK_REFUSED);
         // SAFETY: plain helper call; makes the syscall fail with

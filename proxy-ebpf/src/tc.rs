@@ -10,8 +10,11 @@
 //!   backend is rewritten back to the frontend.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
-    helpers::bpf_ktime_get_ns,
+    bindings::{
+        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
+    },
+    helpers::{bpf_check_mtu, bpf_ktime_get_ns},
     macros::classifier,
     programs::TcContext,
 };
@@ -29,6 +32,8 @@ use crate::{
 };
 
 const HAIRPIN: u32 = u32::from_ne_bytes(HAIRPIN_ADDR);
+/// Bytes the DSR option adds to the IPv4 header.
+const DSR_OPT_LEN: i32 = 8;
 
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
@@ -78,6 +83,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
         return dsr_reply(ctx, &pkt);
     };
+    // loadBalancerSourceRanges hold for clients inside the cluster too
+    // (kube-proxy's firewall chain sees pods' traffic to the LB IP).
+    lb::check_source(&svc, pkt.saddr)?;
     if svc.count == 0 {
         return reject::reject(ctx, &pkt);
     }
@@ -110,6 +118,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     let (backend, flags) = match chosen {
         Some(c) => c,
         None => {
+            if pkt.later_fragment() {
+                // Its datagram's flow is gone: nothing to follow.
+                return Err(Error::Fragment);
+            }
             // Only a connection attempt may start a TCP flow (as kube-proxy
             // drops conntrack-INVALID packets).
             if pkt.proto == proxy_common::proto::TCP && pkt.tcp_flags() & 0x02 == 0 {
@@ -291,8 +303,10 @@ fn dsr_ingress(ctx: &TcContext) -> Result<Option<i32>, Error> {
         return Ok(None);
     }
     let protocol = h[9];
+    // A later fragment carries no ports: its first fragment recorded the
+    // flow, and the pod reassembles the datagram.
     if (protocol != proxy_common::proto::TCP && protocol != proxy_common::proto::UDP)
-        || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0
+        || crate::packet::Frag::of(u16::from_ne_bytes([h[6], h[7]])) == crate::packet::Frag::Later
     {
         return Ok(None);
     }
@@ -344,8 +358,22 @@ fn dsr_forward(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<i32, Error
     let Some(rev) = (unsafe { REVNAT.get(&ct.service_id) }).copied() else {
         return Err(Error::NoSlot);
     };
+    // The option must fit the egress MTU (GSO packets are segmented later
+    // and are not checked here). Too large: a DF packet learns the MTU it
+    // must use from an ICMP "fragmentation needed"; others are dropped.
+    let mut mtu: u32 = 0;
+    // SAFETY: the skb pointer is the program's context; `mtu` is a live
+    // stack variable the helper writes.
+    let over = unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, 0, &mut mtu, DSR_OPT_LEN, 0) }
+        == BPF_MTU_CHK_RET_FRAG_NEEDED as i64;
+    if over {
+        if pkt.dont_fragment && !pkt.later_fragment() {
+            return reject::frag_needed(ctx, pkt, (mtu as u16).saturating_sub(DSR_OPT_LEN as u16));
+        }
+        return Err(Error::DsrMtu);
+    }
     pkt.rewrite_dst(ctx, b.addr, b.port)?;
-    ctx.adjust_room(8, BPF_ADJ_ROOM_NET, 0)
+    ctx.adjust_room(DSR_OPT_LEN, BPF_ADJ_ROOM_NET, 0)
         .map_err(|_| Error::Rewrite)?;
     let p = rev.port.to_ne_bytes();
     let a = rev.addr.to_ne_bytes();

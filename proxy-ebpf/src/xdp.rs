@@ -23,18 +23,17 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::xdp,
-    maps::lpm_trie::Key as LpmKey,
     programs::XdpContext,
 };
 use proxy_common::{
-    AffinityKey, CtKey, CtValue, ServiceKey, SourceRangeKey, backend_flags, config_flags, ct_dir,
-    ct_flags, proto, stat, svc_flags,
+    AffinityKey, CtKey, CtValue, ServiceKey, backend_flags, config_flags, ct_dir, ct_flags, proto,
+    stat,
 };
 
 use crate::{
     lb,
-    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, SOURCE_RANGES, account, count},
-    packet::Error,
+    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, account, count},
+    packet::{Error, Frag, later_fragment_ports, remember_fragment},
 };
 
 const ETH_HLEN: usize = 14;
@@ -61,17 +60,25 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Error> {
     Ok((start + offset) as *mut T)
 }
 
-/// Pointers to the fields a translation touches, all bounds-checked.
+/// Pointers to the fields a translation touches, all bounds-checked, and
+/// the tuple as it arrived.
 struct Hdrs {
-    saddr: *mut u32,
-    daddr: *mut u32,
+    daddr_p: *mut u32,
     ip_csum: *mut u16,
-    sport: *mut u16,
-    dport: *mut u16,
-    /// None for UDP without checksum.
+    /// Source and destination port; None for a later fragment (no L4
+    /// header: its ports come from the first fragment).
+    ports: Option<(*mut u16, *mut u16)>,
+    /// None for UDP without checksum and for later fragments.
     l4_csum: Option<*mut u16>,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
     proto: u8,
     tcp_flags: u8,
+    /// IPv4 identification, network byte order.
+    id: u16,
+    frag: Frag,
 }
 
 #[inline(always)]
@@ -94,29 +101,47 @@ fn parse(ctx: &XdpContext) -> Result<Option<Hdrs>, Error> {
     if ip[0] & 0x0f != 5 {
         return Err(Error::IpOptions);
     }
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-        return Err(Error::Fragment);
+    let word = |i: usize| u32::from_ne_bytes([ip[i], ip[i + 1], ip[i + 2], ip[i + 3]]);
+    let (saddr, daddr) = (word(12), word(16));
+    let id = u16::from_ne_bytes([ip[4], ip[5]]);
+    let frag = Frag::of(u16::from_ne_bytes([ip[6], ip[7]]));
+    let mut h = Hdrs {
+        daddr_p: ptr_at(ctx, ETH_HLEN + 16)?,
+        ip_csum: ptr_at(ctx, ETH_HLEN + 10)?,
+        ports: None,
+        l4_csum: None,
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        proto: protocol,
+        tcp_flags: 0,
+        id,
+        frag,
+    };
+    if frag == Frag::Later {
+        let ports = later_fragment_ports(saddr, daddr, id, protocol)?;
+        h.sport = ports.sport;
+        h.dport = ports.dport;
+        return Ok(Some(h));
     }
-    let (l4_csum, tcp_flags) = if protocol == proto::TCP {
+    if protocol == proto::TCP {
         let tcp: *mut [u8; 20] = ptr_at(ctx, L4_OFF)?;
         // SAFETY: bounds checked by ptr_at.
-        let flags = unsafe { (*tcp)[13] };
-        (Some(ptr_at::<u16>(ctx, L4_OFF + 16)?), flags)
+        h.tcp_flags = unsafe { (*tcp)[13] };
+        h.l4_csum = Some(ptr_at::<u16>(ctx, L4_OFF + 16)?);
     } else {
         let c: *mut u16 = ptr_at(ctx, L4_OFF + 6)?;
         // SAFETY: bounds checked by ptr_at.
-        (if unsafe { *c } == 0 { None } else { Some(c) }, 0)
-    };
-    Ok(Some(Hdrs {
-        saddr: ptr_at(ctx, ETH_HLEN + 12)?,
-        daddr: ptr_at(ctx, ETH_HLEN + 16)?,
-        ip_csum: ptr_at(ctx, ETH_HLEN + 10)?,
-        sport: ptr_at(ctx, L4_OFF)?,
-        dport: ptr_at(ctx, L4_OFF + 2)?,
-        l4_csum,
-        proto: protocol,
-        tcp_flags,
-    }))
+        if unsafe { *c } != 0 {
+            h.l4_csum = Some(c);
+        }
+    }
+    let (sport, dport): (*mut u16, *mut u16) = (ptr_at(ctx, L4_OFF)?, ptr_at(ctx, L4_OFF + 2)?);
+    // SAFETY: bounds checked by ptr_at.
+    (h.sport, h.dport) = unsafe { (*sport, *dport) };
+    h.ports = Some((sport, dport));
+    Ok(Some(h))
 }
 
 /// RFC 1624 incremental update of a ones'-complement checksum, on raw
@@ -143,25 +168,27 @@ fn csum_replace(check: u16, old: u32, new: u32) -> u16 {
 }
 
 impl Hdrs {
-    /// Rewrite one address (+ its port) and fix both checksums.
+    /// DNAT: the destination becomes `addr:port`, both checksums fixed
+    /// (a later fragment has neither ports nor L4 checksum). A translated
+    /// first fragment is remembered so its later fragments follow.
     #[inline(always)]
-    fn rewrite(&self, addr: *mut u32, port: *mut u16, new_addr: u32, new_port: u16) {
+    fn dst(&self, new_addr: u32, new_port: u16) {
         // SAFETY: all pointers were bounds-checked by `parse`.
         unsafe {
-            let (old_addr, old_port) = (*addr, *port);
-            *self.ip_csum = ip_csum_replace(*self.ip_csum, old_addr, new_addr);
+            *self.ip_csum = ip_csum_replace(*self.ip_csum, self.daddr, new_addr);
             if let Some(c) = self.l4_csum {
-                let mut v = csum_replace(*c, old_addr, new_addr);
-                v = csum_replace(v, old_port as u32, new_port as u32);
+                let mut v = csum_replace(*c, self.daddr, new_addr);
+                v = csum_replace(v, self.dport as u32, new_port as u32);
                 *c = v;
             }
-            *addr = new_addr;
-            *port = new_port;
+            *self.daddr_p = new_addr;
+            if let Some((_, dport)) = self.ports {
+                *dport = new_port;
+            }
         }
-    }
-
-    fn dst(&self, addr: u32, port: u16) {
-        self.rewrite(self.daddr, self.dport, addr, port)
+        remember_fragment(
+            self.frag, self.saddr, self.daddr, self.id, self.proto, self.sport, self.dport,
+        );
     }
 }
 
@@ -171,8 +198,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
         return Ok(XDP_PASS);
     };
     count(stat::PACKETS);
-    // SAFETY: pointers bounds-checked by parse; values copied out.
-    let (saddr, daddr, sport, dport) = unsafe { (*h.saddr, *h.daddr, *h.sport, *h.dport) };
+    let (saddr, daddr, sport, dport) = (h.saddr, h.daddr, h.sport, h.dport);
     let key = CtKey {
         saddr,
         daddr,
@@ -200,18 +226,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
     let Some(svc) = unsafe { SERVICES.get(&skey) }.copied() else {
         return Ok(XDP_PASS);
     };
-    if svc.flags & svc_flags::SOURCE_RANGES != 0 {
-        let k = LpmKey::new(
-            64,
-            SourceRangeKey {
-                service_id_be: svc.id.to_be(),
-                addr: saddr,
-            },
-        );
-        if SOURCE_RANGES.get(&k).is_none() {
-            return Err(Error::SourceRange);
-        }
-    }
+    lb::check_source(&svc, saddr)?;
     if svc.count == 0 {
         // Rejected by tc on this interface (a RST or ICMP reply needs the
         // skb helpers to resize and send back).
@@ -232,6 +247,10 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
     let (ct, backend) = match existing {
         Some(c) => c,
         None => {
+            if h.frag == Frag::Later {
+                // Its datagram's flow is gone: nothing to follow.
+                return Err(Error::Fragment);
+            }
             if h.proto == proto::TCP && h.tcp_flags & 0x02 == 0 {
                 return Err(Error::CtInvalid);
             }

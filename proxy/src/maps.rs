@@ -11,9 +11,10 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, LAYOUT_VERSION, MaglevKey, RevNat,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats,
-    backend_flags, ct_dir, maps as names, stat, svc_flags,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue,
+    LAYOUT_VERSION, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
+    SockRevNatValue, SourceRangeKey, SvcStats, backend_flags, ct_dir, maps as names, stat,
+    svc_flags,
 };
 use serde::Serialize;
 
@@ -58,6 +59,7 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub maglev: HashMap<MapData, MaglevKey, u32>,
+    pub fragments: HashMap<MapData, FragKey, FragValue>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -76,6 +78,7 @@ impl Maps {
         let config = take(names::CONFIG)?;
         let source_ranges = take(names::SOURCE_RANGES)?;
         let maglev = take(names::MAGLEV)?;
+        let fragments = take(names::FRAGMENTS)?;
         let stats = take(names::STATS)?;
         Ok(Maps {
             services: typed(names::SERVICES, services)?,
@@ -89,6 +92,7 @@ impl Maps {
             config: typed(names::CONFIG, config)?,
             source_ranges: typed(names::SOURCE_RANGES, source_ranges)?,
             maglev: typed(names::MAGLEV, maglev)?,
+            fragments: typed(names::FRAGMENTS, fragments)?,
             stats: typed(names::STATS, stats)?,
         })
     }
@@ -124,6 +128,7 @@ impl Maps {
             config: typed(names::CONFIG, open(names::CONFIG)?)?,
             source_ranges: typed(names::SOURCE_RANGES, open(names::SOURCE_RANGES)?)?,
             maglev: typed(names::MAGLEV, open(names::MAGLEV)?)?,
+            fragments: typed(names::FRAGMENTS, open(names::FRAGMENTS)?)?,
             stats: typed(names::STATS, open(names::STATS)?)?,
         })
     }
@@ -258,6 +263,23 @@ impl Maps {
             .into_iter()
             .map(|(service_id, slots)| MaglevEntry { service_id, slots })
             .collect();
+        let fragments = collect(names::FRAGMENTS, self.fragments.iter())?
+            .into_iter()
+            .map(|(k, v)| FragmentEntry {
+                proto: proto_name(k.proto),
+                src: format!(
+                    "{}:{}",
+                    Ipv4Addr::from(k.saddr.to_ne_bytes()),
+                    u16::from_be(v.sport)
+                ),
+                dst: format!(
+                    "{}:{}",
+                    Ipv4Addr::from(k.daddr.to_ne_bytes()),
+                    u16::from_be(v.dport)
+                ),
+                ip_id: u16::from_be(k.id),
+            })
+            .collect();
         let config = ConfigEntry {
             node_address: (node_addr != 0).then(|| Ipv4Addr::from(node_addr.to_ne_bytes())),
         };
@@ -288,6 +310,7 @@ impl Maps {
             config,
             source_ranges,
             maglev,
+            fragments,
             stats,
         };
         dump.sort();
@@ -376,6 +399,8 @@ pub struct Dump {
     /// Maglev table sizes per frontend (the slots themselves are too many
     /// to print).
     pub maglev: Vec<MaglevEntry>,
+    /// Fragmented datagrams in flight whose first fragment was translated.
+    pub fragments: Vec<FragmentEntry>,
     pub stats: Vec<StatEntry>,
 }
 
@@ -393,6 +418,8 @@ impl Dump {
         self.sock_revnat
             .sort_by(|a, b| (a.cookie, &a.backend).cmp(&(b.cookie, &b.backend)));
         self.service_stats.sort_by_key(|s| s.service_id);
+        self.fragments
+            .sort_by(|a, b| (&a.src, &a.dst, a.ip_id).cmp(&(&b.src, &b.dst, b.ip_id)));
     }
 }
 
@@ -479,6 +506,15 @@ pub struct ConfigEntry {
 pub struct SourceRangeEntry {
     pub service_id: u32,
     pub cidr: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FragmentEntry {
+    pub proto: String,
+    /// Source address and port, as the fragments carry them.
+    pub src: String,
+    pub dst: String,
+    pub ip_id: u16,
 }
 
 #[derive(Debug, Serialize)]

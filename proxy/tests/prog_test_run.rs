@@ -415,17 +415,160 @@ fn truncated_frames_pass_untouched() {
 }
 
 #[test]
-fn options_and_fragments_pass_untouched() {
+fn ip_options_pass_untouched() {
     let fx = fixture();
     let mut opts = Frame::tcp(CLIENT, 46000, VIP, 80);
     opts.ip_options = true;
-    let mut frag = Frame::udp(CLIENT, 46000, VIP, 53);
-    frag.frag_off = 0x2000; // more fragments
-    for frame in [opts.build(), frag.build()] {
-        let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
-        assert_eq!((rc, out), (TC_ACT_OK, frame));
-    }
+    let frame = opts.build();
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!((rc, out), (TC_ACT_OK, frame));
     assert_eq!(fx.stat(stat::PASS_IP_OPTIONS), 1);
+}
+
+// ---- fragments ----------------------------------------------------------------
+
+/// A UDP datagram of `payload` split in two IPv4 fragments: the first
+/// carries the UDP header and the first `first_l4` bytes of L4 (a multiple
+/// of 8), the later one the rest. The UDP checksum covers the whole
+/// datagram, as a sender computes it.
+fn udp_fragments(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    id: u16,
+    payload: &[u8],
+    first_l4: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_l4 % 8, 0);
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(payload);
+    let c = l4_checksum(src, dst, 17, &l4);
+    l4[6..8].copy_from_slice(&c.to_be_bytes());
+    let fragment = |part: &[u8], offset: usize, more: bool| {
+        let frag_off = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&id.to_be_bytes());
+        ip.extend_from_slice(&frag_off.to_be_bytes());
+        ip.extend_from_slice(&[64, 17, 0, 0]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let c = csum_fold(sum16(&ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(part);
+        f
+    };
+    (
+        fragment(&l4[..first_l4], 0, true),
+        fragment(&l4[first_l4..], first_l4, false),
+    )
+}
+
+/// Reassemble two translated fragments (as the receiver would) and verify
+/// both IPv4 header checksums and the datagram's UDP checksum; returns the
+/// datagram's tuple.
+fn reassemble_and_verify(first: &[u8], later: &[u8]) -> Parsed {
+    for f in [first, later] {
+        assert_eq!(csum_fold(sum16(&f[14..34])), 0, "IPv4 header checksum");
+    }
+    assert_eq!(
+        first[26..34],
+        later[26..34],
+        "both fragments must carry the same addresses"
+    );
+    let mut whole = first.to_vec();
+    whole.extend_from_slice(&later[34..]);
+    let tot = (whole.len() - 14) as u16;
+    whole[16..18].copy_from_slice(&tot.to_be_bytes());
+    whole[20..22].copy_from_slice(&[0, 0]); // no longer a fragment
+    whole[24..26].copy_from_slice(&[0, 0]);
+    let c = csum_fold(sum16(&whole[14..34]));
+    whole[24..26].copy_from_slice(&c.to_be_bytes());
+    parse_and_verify(&whole)
+}
+
+const FRAG_PAYLOAD: &[u8] = b"a datagram too large for one frame, split in two parts";
+
+#[test]
+fn fragmented_udp_to_a_clusterip_is_translated_whole() {
+    let fx = fixture();
+    let (first, later) = udp_fragments(CLIENT, 47000, VIP, 53, 0x4242, FRAG_PAYLOAD, 32);
+    let (rc, first_out) = fx.run(progs::TC_FROM_POD, &first);
+    assert_eq!(rc, TC_ACT_OK);
+    let (rc, later_out) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(&later_out[34..], &later[34..], "payload untouched");
+    let p = reassemble_and_verify(&first_out, &later_out);
+    assert_eq!((p.src, p.sport), (CLIENT, 47000));
+    assert_eq!((p.dst, p.dport), (B1, 5353));
+    assert_eq!(fx.stat(stat::FRAG_MATCHED), 1);
+    assert_eq!(fx.stat(stat::DNAT), 2);
+    assert_eq!(
+        fx.dp.maps().dump().expect("dump").fragments.len(),
+        1,
+        "the datagram is remembered"
+    );
+
+    // The backend's fragmented reply comes back from the service.
+    let (first, later) = udp_fragments(B1, 5353, CLIENT, 47000, 0x0707, FRAG_PAYLOAD, 24);
+    let (rc, first_out) = fx.run(progs::TC_TO_POD, &first);
+    assert_eq!(rc, TC_ACT_OK);
+    let (rc, later_out) = fx.run(progs::TC_TO_POD, &later);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = reassemble_and_verify(&first_out, &later_out);
+    assert_eq!((p.src, p.sport), (VIP, 53), "reply from the service");
+    assert_eq!((p.dst, p.dport), (CLIENT, 47000));
+    assert_eq!(fx.stat(stat::REV_NAT), 2);
+}
+
+#[test]
+fn later_fragments_without_their_first_pass_untouched() {
+    let fx = fixture();
+    let (first, later) = udp_fragments(CLIENT, 47100, VIP, 53, 0x1111, FRAG_PAYLOAD, 32);
+    // Out of order: the later fragment first. Nothing is known of it yet.
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!((rc, &out), (TC_ACT_OK, &later));
+    assert_eq!(fx.stat(stat::PASS_FRAGMENT), 1);
+    // Another datagram's fragment (other IP id) does not match this one.
+    fx.run(progs::TC_FROM_POD, &first);
+    let (_, other) = udp_fragments(CLIENT, 47100, VIP, 53, 0x1112, FRAG_PAYLOAD, 32);
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &other);
+    assert_eq!((rc, &out), (TC_ACT_OK, &other));
+    assert_eq!(fx.stat(stat::PASS_FRAGMENT), 2);
+    // Fragments of traffic that is no service flow are not remembered.
+    let (first, later) = udp_fragments(
+        CLIENT,
+        47101,
+        Ipv4Addr::new(10, 244, 2, 9),
+        53,
+        0x2222,
+        FRAG_PAYLOAD,
+        32,
+    );
+    for f in [&first, &later] {
+        let (rc, out) = fx.run(progs::TC_FROM_POD, f);
+        assert_eq!((rc, &out), (TC_ACT_OK, f));
+    }
+    assert_eq!(fx.dp.maps().dump().expect("dump").fragments.len(), 1);
+}
+
+#[test]
+fn fragments_to_a_frontend_without_backends_are_refused() {
+    let fx = fixture_with_empty_udp();
+    let (first, later) = udp_fragments(CLIENT, 47200, EMPTY_VIP, 53, 0x3333, FRAG_PAYLOAD, 32);
+    let (rc, _) = fx.run(progs::TC_FROM_POD, &first);
+    assert_eq!(rc, TC_ACT_REDIRECT, "ICMP port unreachable for the first");
+    assert_eq!(fx.stat(stat::REJECT_ICMP), 1);
+    // The later one is not remembered (nothing was translated): passes.
+    let (rc, _) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!(rc, TC_ACT_OK);
     assert_eq!(fx.stat(stat::PASS_FRAGMENT), 1);
 }
 
@@ -842,6 +985,128 @@ fn xdp_passes_what_it_does_not_handle_and_tc_rejects_services_without_backends()
     );
     assert_eq!(out[34 + 13], 0x14, "RST|ACK");
     assert_eq!(fx.stat(stat::REJECT_TCP_RST), 1);
+}
+
+/// UDP NodePorts on [`north_south`]'s node: 30090 with a local backend,
+/// 30091 with a remote one.
+fn north_south_udp() -> Fixture {
+    let mut fx = north_south();
+    let np = |port, addr, local| {
+        Change::Upsert(
+            FrontendKey {
+                addr: NODE,
+                port,
+                proto: Protocol::Udp,
+            },
+            Frontend {
+                kind: FrontendKind::NodePort,
+                backends: vec![BackendAddr {
+                    addr,
+                    port: 8080,
+                    terminating: false,
+                    local,
+                }],
+                affinity_timeout: 0,
+                source_ranges: vec![],
+                maglev_table_size: None,
+            },
+        )
+    };
+    fx.dp
+        .apply(&[np(30090, B1, true), np(30091, B2, false)])
+        .expect("program UDP node ports");
+    fx
+}
+
+#[test]
+fn xdp_translates_fragmented_datagrams_to_a_local_backend_whole() {
+    let fx = north_south_udp();
+    let (first, later) = udp_fragments(EXT_CLIENT, 51000, NODE, 30090, 0x5151, FRAG_PAYLOAD, 32);
+    let (rc, first_out) = fx.run_xdp(&first);
+    assert_eq!(rc, XDP_PASS);
+    let (rc, later_out) = fx.run_xdp(&later);
+    assert_eq!(rc, XDP_PASS);
+    let p = reassemble_and_verify(&first_out, &later_out);
+    assert_eq!((p.src, p.sport), (EXT_CLIENT, 51000), "client kept");
+    assert_eq!((p.dst, p.dport), (B1, 8080));
+    assert_eq!(fx.stat(stat::FRAG_MATCHED), 1);
+
+    // The pod's fragmented reply leaves from the NodePort.
+    let (first, later) = udp_fragments(B1, 8080, EXT_CLIENT, 51000, 0x0808, FRAG_PAYLOAD, 16);
+    let (_, first_out) = fx.run(progs::TC_TO_NETDEV, &first);
+    let (_, later_out) = fx.run(progs::TC_TO_NETDEV, &later);
+    let p = reassemble_and_verify(&first_out, &later_out);
+    assert_eq!((p.src, p.sport), (NODE, 30090));
+    assert_eq!((p.dst, p.dport), (EXT_CLIENT, 51000));
+}
+
+#[test]
+fn fragmented_datagrams_to_a_remote_backend_are_snated_whole() {
+    let fx = north_south_udp();
+    let (first, later) = udp_fragments(EXT_CLIENT, 51100, NODE, 30091, 0x6161, FRAG_PAYLOAD, 32);
+    // XDP decides and leaves both fragments to tc.
+    let (rc, out) = fx.run_xdp(&first);
+    assert_eq!((rc, &out), (XDP_PASS, &first));
+    let (rc, first_out) = fx.run(progs::TC_FROM_NETDEV, &first);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let (rc, out) = fx.run_xdp(&later);
+    assert_eq!((rc, &out), (XDP_PASS, &later));
+    let (rc, later_out) = fx.run(progs::TC_FROM_NETDEV, &later);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let p = reassemble_and_verify(&first_out, &later_out);
+    assert_eq!(p.src, NODE, "SNAT to the node");
+    assert_eq!((p.dst, p.dport), (B2, 8080));
+    let nat_port = p.sport;
+
+    // The backend's fragmented reply goes back to the client from the
+    // NodePort.
+    let (first, later) = udp_fragments(B2, 8080, NODE, nat_port, 0x0909, FRAG_PAYLOAD, 24);
+    let (rc, first_out) = fx.run(progs::TC_FROM_NETDEV, &first);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let (rc, later_out) = fx.run(progs::TC_FROM_NETDEV, &later);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let p = reassemble_and_verify(&first_out, &later_out);
+    assert_eq!((p.src, p.sport), (NODE, 30091));
+    assert_eq!((p.dst, p.dport), (EXT_CLIENT, 51100));
+}
+
+#[test]
+fn source_ranges_hold_for_pods_reaching_a_load_balancer_ip() {
+    let mut fx = fixture();
+    let lb_ip = Ipv4Addr::new(192, 0, 2, 10);
+    fx.dp
+        .apply(&[Change::Upsert(
+            FrontendKey {
+                addr: lb_ip,
+                port: 80,
+                proto: Protocol::Tcp,
+            },
+            Frontend {
+                kind: FrontendKind::LoadBalancer,
+                backends: vec![BackendAddr {
+                    addr: B2,
+                    port: 8080,
+                    terminating: false,
+                    local: false,
+                }],
+                affinity_timeout: 0,
+                source_ranges: vec![(CLIENT, 32)],
+                maglev_table_size: None,
+            },
+        )])
+        .expect("program LB frontend");
+    let (rc, out) = fx.run(
+        progs::TC_FROM_POD,
+        &Frame::tcp(CLIENT, 48000, lb_ip, 80).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(parse_and_verify(&out).dst, B2, "listed client served");
+    let (rc, _) = fx.run(
+        progs::TC_FROM_POD,
+        &Frame::tcp(B1, 48000, lb_ip, 80).build(),
+    );
+    assert_eq!(rc, TC_ACT_SHOT, "unlisted pod dropped");
+    assert_eq!(fx.stat(stat::DROP_SOURCE_RANGE), 1);
 }
 
 // ---- Maglev -----------------------------------------------------------------

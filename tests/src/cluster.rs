@@ -812,7 +812,8 @@ impl Drop for UdpServer {
 }
 
 fn udp_loop(socket: &UdpSocket, name: &str, pktinfo: bool, stop: &AtomicBool, stats: &ServerStats) {
-    let mut buf = [0u8; 2048];
+    // Room for a whole (reassembled) datagram.
+    let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::SeqCst) {
         let received = if pktinfo {
             recv_with_dst(socket.as_raw_fd(), &mut buf)
@@ -1109,6 +1110,17 @@ pub fn tcp_request(ns: &Netns, to: SocketAddr, timeout: Duration) -> Result<Stri
 /// ([`ClientError::WrongSource`] otherwise). ICMP errors are reported via
 /// `IP_RECVERR` ([`ClientError::Refused`] for port unreachable).
 pub fn udp_request(ns: &Netns, to: SocketAddr, timeout: Duration) -> Result<String, ClientError> {
+    udp_request_payload(ns, to, b"hi\n", timeout)
+}
+
+/// [`udp_request`] with a datagram of the caller's (larger than the MTU:
+/// the sender fragments it).
+pub fn udp_request_payload(
+    ns: &Netns,
+    to: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<String, ClientError> {
     let started = Instant::now();
     run_in(ns, started, || {
         let io = |e: std::io::Error| ClientError::from_io(&e, started);
@@ -1130,7 +1142,7 @@ pub fn udp_request(ns: &Netns, to: SocketAddr, timeout: Duration) -> Result<Stri
             )
             .map_err(io)?;
         }
-        socket.send_to(b"hi\n", to).map_err(io)?;
+        socket.send_to(payload, to).map_err(io)?;
         let mut buf = [0u8; 2048];
         let remaining = timeout.saturating_sub(started.elapsed());
         if remaining.is_zero() {

@@ -986,6 +986,9 @@ pub struct Service {
     /// Port name -> nodePort; non-empty makes the service `type: NodePort`.
     node_ports: BTreeMap<String, u16>,
     external_ips: Vec<Ipv4Addr>,
+    /// `type: LoadBalancer` with these ingress IPs (in `status`).
+    lb_ingress: Vec<Ipv4Addr>,
+    source_ranges: Vec<String>,
 }
 
 impl Service {
@@ -1001,6 +1004,8 @@ impl Service {
             internal_policy: None,
             node_ports: BTreeMap::new(),
             external_ips: Vec::new(),
+            lb_ingress: Vec::new(),
+            source_ranges: Vec::new(),
         }
     }
 
@@ -1087,6 +1092,14 @@ impl Service {
         self.external_ips.push(ip);
         self
     }
+
+    /// `type: LoadBalancer`, the load balancer's ingress IP in `status`,
+    /// and `loadBalancerSourceRanges` (CIDRs; empty: any client).
+    pub fn load_balancer(mut self, ingress: Ipv4Addr, source_ranges: &[&str]) -> Service {
+        self.lb_ingress.push(ingress);
+        self.source_ranges = source_ranges.iter().map(|r| (*r).to_owned()).collect();
+        self
+    }
 }
 
 impl KubeObject for Service {
@@ -1118,6 +1131,19 @@ impl KubeObject for Service {
             }
         }
         spec.insert("ports".into(), Value::Array(ports));
+        let mut status = json!({});
+        if !self.lb_ingress.is_empty() && matches!(self.kind, ServiceKind::ClusterIp(_)) {
+            spec.insert("type".into(), json!("LoadBalancer"));
+            if !self.source_ranges.is_empty() {
+                spec.insert("loadBalancerSourceRanges".into(), json!(self.source_ranges));
+            }
+            let ingress: Vec<Value> = self
+                .lb_ingress
+                .iter()
+                .map(|ip| json!({"ip": ip.to_string()}))
+                .collect();
+            status = json!({"loadBalancer": {"ingress": ingress}});
+        }
         if !self.external_ips.is_empty() {
             let ips: Vec<String> = self.external_ips.iter().map(|i| i.to_string()).collect();
             spec.insert("externalIPs".into(), json!(ips));
@@ -1155,6 +1181,7 @@ impl KubeObject for Service {
             "kind": "Service",
             "metadata": meta,
             "spec": spec,
+            "status": status,
         })
     }
 }

@@ -224,6 +224,7 @@ macro_rules! both_socket_lb_modes {
 }
 
 both_socket_lb_modes!(
+    load_balancer_source_ranges_from_pods,
     endpoints_added_and_removed,
     multiport_named_target_ports,
     ports_added_and_removed_on_a_live_service,
@@ -1425,5 +1426,48 @@ fn node_port_and_external_ip_from_pods_then_released(lb: SocketLb) -> Scenario {
     s.delete("Service", "np");
     // Released: the node port is refused at once (nothing listens there).
     until_refused(&c, Protocol::Tcp, at(node1, 30080), CONVERGE);
+    s
+}
+
+/// SERVICE-BEHAVIOURS 22 from inside the cluster: `loadBalancerSourceRanges`
+/// hold for pods reaching the LoadBalancer IP too (kube-proxy's firewall
+/// chain sees their traffic). With socket LB on, the socket hooks leave such
+/// frontends to the per-packet path, which knows the client's address.
+fn load_balancer_source_ranges_from_pods(lb: SocketLb) -> Scenario {
+    let ip = vip(43);
+    let lb_ip = Ipv4Addr::new(192, 0, 2, 43);
+    let s = Scenario::builder("lbranges", lb)
+        .tcp_server((2, 1), TCP_PORT)
+        .build()
+        .expect("scenario");
+    let allowed = s.pod(1, 1).ip;
+    s.apply(
+        &Service::cluster_ip("lbr", ip)
+            .tcp("http", 80, TCP_PORT)
+            .load_balancer(lb_ip, &[&format!("{allowed}/32")]),
+    );
+    s.apply(
+        &EndpointSlice::new("lbr-1", "lbr")
+            .tcp_port("http", TCP_PORT)
+            .endpoints([Endpoint::ready(s.pod(2, 1))]),
+    );
+    let c = s.client(1, 1);
+    until_up(&c, &tcp(at(lb_ip, 80), 1));
+    until_backends(&c, &tcp(at(lb_ip, 80), 5), &["pod-2-1"], CONVERGE);
+    // Another pod is not listed: dropped (not refused: kube-proxy drops).
+    let other = s.client(1, 2);
+    let rs = other
+        .run(&tcp(at(lb_ip, 80), 3).timeout(Duration::from_millis(300)))
+        .expect("run");
+    assert!(
+        rs.iter().all(|r| !r.ok),
+        "a pod outside loadBalancerSourceRanges was served: {rs:?}"
+    );
+    assert!(
+        s.stats(1).get("drop_source_range").copied().unwrap_or(0) > 0,
+        "counted as drop_source_range"
+    );
+    // The ClusterIP of the same service is not guarded.
+    until_backends(&other, &tcp(at(ip, 80), 3), &["pod-2-1"], CONVERGE);
     s
 }

@@ -14,7 +14,7 @@ use proxy_tests::{
     apiserver::ApiServer,
     cluster::{
         ClientError, Cluster, ClusterSpec, TcpServer, UdpServer, parse_reply, tcp_request,
-        udp_request,
+        udp_request, udp_request_payload,
     },
     netns::Netns,
 };
@@ -623,4 +623,131 @@ endpoints:
         1,
         "50 connections of one client, one backend: {t:?}"
     );
+}
+
+/// Datagrams larger than the underlay's MTU arrive in fragments; only the
+/// first carries the ports. Every fragment must reach the same backend, or
+/// the pod never reassembles the datagram and never answers. Checked for a
+/// local backend (XDP DNAT), a remote one (SNAT by tc), and with `--dsr`.
+#[test]
+fn fragmented_udp_reaches_local_and_remote_backends() {
+    for dsr in [false, true] {
+        let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+        let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
+        let mut servers = (Vec::new(), Vec::new());
+        for p in [p12, p21] {
+            servers.0.push(
+                TcpServer::start(&p.ns, &p.name, SocketAddr::from((p.ip, 8080))).expect("tcp"),
+            );
+            servers.1.push(
+                UdpServer::start(&p.ns, &p.name, SocketAddr::from((p.ip, 5353))).expect("udp"),
+            );
+        }
+        let api = ApiServer::start().expect("api");
+        api.apply_yaml(
+            &(nodes(&cluster)
+                + &service(
+                    "frag",
+                    "10.96.1.9",
+                    30140,
+                    false,
+                    &[(p12.ip, "node1"), (p21.ip, "node2")],
+                )),
+        )
+        .expect("objects");
+        let opts = || AgentOptions {
+            args: if dsr { vec!["--dsr".into()] } else { vec![] },
+            ..Default::default()
+        };
+        let mut agents = [
+            Agent::start(cluster.node(1), &api, opts()).expect("agent1"),
+            Agent::start(cluster.node(2), &api, opts()).expect("agent2"),
+        ];
+        for a in &mut agents {
+            a.wait_for_log("sync done", Duration::from_secs(10))
+                .expect("synced");
+        }
+        let ext = cluster.external();
+        let to = SocketAddr::from((cluster.node(1).underlay_ip, 30140));
+        wait_up(&ext.ns, to, &agents[0]);
+        let payload = vec![b'x'; 4000];
+        if dsr {
+            // DSR adds an 8-byte IPv4 option on the way to the backend's
+            // node, so full-size frames do not fit (as with Cilium's DSR).
+            // Fragments of flows to the remote backend are dropped and
+            // counted; a datagram with DF is answered with ICMP
+            // "fragmentation needed", so the client's path MTU adapts.
+            for _ in 0..20 {
+                let _ = udp_request_payload(&ext.ns, to, &payload, Duration::from_millis(150));
+            }
+            let dropped = proxy_tests::scenario::stats(&agents[0])
+                .expect("stats")
+                .get("drop_dsr_mtu")
+                .copied()
+                .unwrap_or(0);
+            assert!(dropped > 0, "fragments too large for DSR are counted");
+            for _ in 0..20 {
+                send_full_size_with_df(&ext.ns, to);
+            }
+            let route = ext
+                .ns
+                .ip(&["-o", "route", "get", &to.ip().to_string()])
+                .expect("route");
+            assert!(
+                route.contains("mtu 1492"),
+                "the client learned the MTU DSR leaves (1500 - 8): {route}"
+            );
+            // With that headroom on the client's link, every fragment fits.
+            let dev = route
+                .split_whitespace()
+                .skip_while(|w| *w != "dev")
+                .nth(1)
+                .expect("route device")
+                .to_owned();
+            ext.ns
+                .ip(&["link", "set", "dev", &dev, "mtu", "1492"])
+                .expect("client MTU");
+        }
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..30 {
+            let line = udp_request_payload(&ext.ns, to, &payload, TIMEOUT)
+                .unwrap_or_else(|e| panic!("dsr={dsr}: fragmented datagram {i} to {to}: {e}"));
+            let (name, _) = parse_reply(&line).unwrap_or_else(|| panic!("bad reply {line:?}"));
+            *seen.entry(name.to_owned()).or_default() += 1;
+        }
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            vec!["pod-1-2", "pod-2-1"],
+            "dsr={dsr}: local and remote backends both reassembled datagrams: {seen:?}"
+        );
+        let matched = proxy_tests::scenario::stats(&agents[0])
+            .expect("stats")
+            .get("frag_matched")
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            matched >= 30 * 2,
+            "dsr={dsr}: node1 matched {matched} later fragments (>= 2 per datagram expected)"
+        );
+    }
+}
+
+/// One UDP datagram that fills a 1500-byte frame, with DF set (path MTU
+/// discovery on); sent from a fresh source port, reply not awaited.
+fn send_full_size_with_df(ns: &Netns, to: SocketAddr) {
+    ns.run(|| -> std::io::Result<()> {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        proxy_tests::cluster::setsockopt_int(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )?;
+        // An EMSGSIZE once the path MTU is known is fine.
+        let _ = socket.send_to(&[b'y'; 1472], to);
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(())
+    })
+    .expect("entering the client namespace")
+    .expect("DF datagram");
 }

@@ -163,6 +163,19 @@ fn print_table(out: &mut impl Write, d: &Dump) -> std::io::Result<()> {
             s.service_id, s.packets, s.bytes
         )?;
     }
+    writeln!(out, "\nFRAGMENTS ({} entries)", d.fragments.len())?;
+    writeln!(
+        out,
+        "  {:<5} {:<22} {:<22} {:>6}",
+        "PROTO", "SRC", "DST", "IP_ID"
+    )?;
+    for f in &d.fragments {
+        writeln!(
+            out,
+            "  {:<5} {:<22} {:<22} {:>6}",
+            f.proto, f.src, f.dst, f.ip_id
+        )?;
+    }
     writeln!(out, "\nSTATS")?;
     for s in &d.stats {
         writeln!(out, "  {:<20} {}", s.name, s.value)?;
