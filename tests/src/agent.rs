@@ -99,7 +99,12 @@ impl Default for AgentOptions {
 impl Agent {
     /// Serve the fixture inside `node`'s namespace, write a kubeconfig for
     /// it and start `proxy --mode ebpf` there.
+    ///
+    /// Unless the test installed its own authorizer, `api` enforces
+    /// deploy/'s ClusterRole from now on and fails the test if it refuses
+    /// any request ([`crate::rbac::enforce_deploy_role`]).
     pub fn start(node: &Node, api: &ApiServer, opts: AgentOptions) -> Result<Agent> {
+        crate::rbac::enforce_deploy_role(api)?;
         let scratch = Scratch::new(&format!("agent-{}", node.name))?;
         let listener = node
             .ns

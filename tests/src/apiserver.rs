@@ -73,6 +73,8 @@ pub struct RequestAttributes {
     pub api_version: String,
     /// Plural resource name: `services`, `endpointslices`, `nodes`.
     pub resource: String,
+    /// Subresource (`status`, ...); the fixture serves none, so `None`.
+    pub subresource: Option<String>,
     /// Namespace of the request, if namespaced.
     pub namespace: Option<String>,
     /// Object name; for list/watch it comes from a `metadata.name=` field
@@ -950,6 +952,10 @@ struct Shared {
     bookmark_interval_ms: AtomicU64,
     authorizer: RwLock<Option<Authorizer>>,
     requests: Mutex<VecDeque<RequestRecord>>,
+    /// Requests the authorizer refused, oldest first.
+    denied: Mutex<Vec<RequestAttributes>>,
+    /// Panic when the last handle is dropped if `denied` is not empty.
+    fail_on_denied: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -989,6 +995,26 @@ impl Drop for RuntimeOwner {
     }
 }
 
+/// Fails the test (panics) when the last [`ApiServer`] handle goes away
+/// with denied requests recorded while [`ApiServer::fail_on_denied`] is on.
+struct DeniedCheck(Arc<Shared>);
+
+impl Drop for DeniedCheck {
+    fn drop(&mut self) {
+        if !self.0.fail_on_denied.load(Ordering::Relaxed) || std::thread::panicking() {
+            return;
+        }
+        let denied = lock(&self.0.denied);
+        if !denied.is_empty() {
+            panic!(
+                "the API server fixture denied {} request(s) the authorizer (deploy/'s ClusterRole) does not allow: {:#?}",
+                denied.len(),
+                *denied
+            );
+        }
+    }
+}
+
 /// The API server fixture. Cheap to clone; the server (and its runtime) stops
 /// when the last clone is dropped.
 #[derive(Clone)]
@@ -996,6 +1022,7 @@ pub struct ApiServer {
     shared: Arc<Shared>,
     handle: tokio::runtime::Handle,
     _runtime: Arc<RuntimeOwner>,
+    _denied_check: Arc<DeniedCheck>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -1022,8 +1049,11 @@ impl ApiServer {
             bookmark_interval_ms: AtomicU64::new(1000),
             authorizer: RwLock::new(None),
             requests: Mutex::new(VecDeque::new()),
+            denied: Mutex::new(Vec::new()),
+            fail_on_denied: AtomicBool::new(false),
         });
         Ok(ApiServer {
+            _denied_check: Arc::new(DeniedCheck(shared.clone())),
             shared,
             handle: rt.handle().clone(),
             _runtime: Arc::new(RuntimeOwner(Some(rt))),
@@ -1196,6 +1226,32 @@ impl ApiServer {
         self.shared
             .bookmark_interval_ms
             .store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether an authorization hook is installed.
+    pub fn has_authorizer(&self) -> bool {
+        self.shared
+            .authorizer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Requests the authorizer refused (403) so far.
+    pub fn denied_requests(&self) -> Vec<RequestAttributes> {
+        lock(&self.shared.denied).clone()
+    }
+
+    /// Return and forget the refused requests.
+    pub fn take_denied_requests(&self) -> Vec<RequestAttributes> {
+        std::mem::take(&mut *lock(&self.shared.denied))
+    }
+
+    /// With `on`, dropping the last handle of this fixture panics (fails the
+    /// test) if any request was refused and not taken with
+    /// [`take_denied_requests`](Self::take_denied_requests).
+    pub fn fail_on_denied(&self, on: bool) {
+        self.shared.fail_on_denied.store(on, Ordering::Relaxed);
     }
 
     /// Install (or remove) the authorization hook for resource requests.
@@ -1659,12 +1715,16 @@ fn resource_request(
             api_group: group.to_owned(),
             api_version: "v1".to_owned(),
             resource: target.res.plural().to_owned(),
+            subresource: None,
             namespace: target.namespace.clone(),
             name,
             token,
         };
         if !authorize(&attrs) {
-            return Err(ApiError::forbidden(&attrs));
+            tracing::warn!(?attrs, "fixture API server: request denied (403)");
+            let e = ApiError::forbidden(&attrs);
+            lock(&shared.denied).push(attrs);
+            return Err(e);
         }
     }
 
@@ -3312,6 +3372,9 @@ mod tests {
             assert_eq!(l.items.len(), 1);
             Ok(())
         })?;
+        let denied = f.server.take_denied_requests();
+        assert_eq!(denied.len(), 1, "{denied:?}");
+        assert_eq!(denied[0].resource, "endpointslices");
         let seen = lock(&seen).clone();
         assert_eq!(
             seen,
@@ -3321,6 +3384,7 @@ mod tests {
                     api_group: "discovery.k8s.io".into(),
                     api_version: "v1".into(),
                     resource: "endpointslices".into(),
+                    subresource: None,
                     namespace: Some("default".into()),
                     name: None,
                     token: Some("fixture-token".into()),
@@ -3330,6 +3394,7 @@ mod tests {
                     api_group: "".into(),
                     api_version: "v1".into(),
                     resource: "nodes".into(),
+                    subresource: None,
                     namespace: None,
                     name: Some("node-a".into()),
                     token: Some("fixture-token".into()),

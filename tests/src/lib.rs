@@ -6,10 +6,12 @@
 //! * [`agent`]: the agent binary run in a node namespace, and proxyctl.
 //! * [`apiserver`]: a Kubernetes API server fixture speaking the real
 //!   list/watch protocol for Services, EndpointSlices and Nodes.
+//! * [`rbac`]: deploy/'s ClusterRole as the fixture's authorizer.
 
 pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
 pub mod netns;
+pub mod rbac;
 pub mod scenario;
