@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | demo | test`.
+//! Project tasks: `cargo xtask setup | demo | test | kind`.
 
+mod kind;
 mod setup;
 
 use std::process::Command;
@@ -27,6 +28,10 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// kind cluster without kube-proxy (deploy/kind-config.yaml), image
+    /// built and loaded, manifests applied, smoke check. Needs docker, kind
+    /// and kubectl.
+    Kind,
 }
 
 fn main() -> Result<()> {
@@ -43,6 +48,7 @@ fn main() -> Result<()> {
             build_bins()?;
             run(cargo().arg("test").args(&args))
         }
+        Cmd::Kind => kind::kind(),
     }
 }
 

@@ -30,6 +30,9 @@ const APT_PACKAGES: &[&str] = &[
 pub const NIGHTLY: &str = "nightly";
 /// bpf-linker release known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// kubernetes-validate (PyPI): offline strict validation of deploy/ against
+/// the Kubernetes JSON schemas it ships (tests/tests/deploy.rs).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 pub fn setup() -> Result<()> {
     if !is_root() {
@@ -39,6 +42,7 @@ pub fn setup() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     bpffs()?;
+    kubernetes_validate()?;
     eprintln!("setup: ready");
     Ok(())
 }
@@ -176,4 +180,34 @@ fn bpffs() -> Result<()> {
     eprintln!("setup: mounting bpffs at /sys/fs/bpf");
     fs::create_dir_all("/sys/fs/bpf")?;
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let installed = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == KUBERNETES_VALIDATE_VERSION)
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    if !cmd_ok(Command::new("python3").args(["-m", "pip", "--version"])) {
+        bail!("kubernetes-validate needs pip: `python3 -m pip --version` does not run");
+    }
+    eprintln!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} from PyPI");
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--root-user-action=ignore",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))?;
+    if !cmd_ok(Command::new("kubernetes-validate").arg("--version")) {
+        bail!(
+            "kubernetes-validate was installed but is not on PATH (see `python3 -m pip show -f kubernetes-validate`)"
+        );
+    }
+    Ok(())
 }
