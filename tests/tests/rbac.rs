@@ -194,3 +194,50 @@ fn removing_any_rule_or_verb_of_the_deploy_role_breaks_the_agent() -> Result<()>
     eprintln!("{} variants of the role, each refused", all.len());
     Ok(())
 }
+
+/// Agents started by the harness run under deploy/'s role without the test
+/// asking for it: a request outside the role is refused.
+#[test]
+fn the_harness_enforces_the_deploy_role_on_its_agents() -> Result<()> {
+    use std::io::{Read, Write};
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 0,
+        external_client: false,
+    })
+    .context("cluster")?;
+    let node = cluster.node(1);
+    let api = ApiServer::start()?;
+    api.create(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": node.underlay_ip.to_string()},
+        ]},
+    }))?;
+    assert!(!api.has_authorizer());
+    let agent = Agent::start(node, &api, AgentOptions::default())?;
+    assert!(api.has_authorizer(), "Agent::start installed no authorizer");
+    assert!(
+        api.denied_requests().is_empty(),
+        "{:#?}",
+        api.denied_requests()
+    );
+    // Outside the role: `get` of one Node (the agent only lists/watches).
+    let addr = api.serve_local()?;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET /api/v1/nodes/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        node.name
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    // Taken, so dropping the fixture does not fail this test.
+    let denied = api.take_denied_requests();
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    drop(agent);
+    Ok(())
+}
