@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Make this machine ready: Debian packages, rust-src, bpf-linker, bpffs. Idempotent.
+    /// Make this machine ready: Debian packages, rust-src, bpf-linker, bpffs,
+    /// kubernetes-validate. Idempotent.
     Setup,
     /// Setup, build, then run the demo: netns cluster + API server fixture +
     /// agent, requests to a ClusterIP, `proxyctl dump-maps`.
