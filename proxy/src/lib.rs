@@ -8,6 +8,7 @@ pub mod cli;
 pub mod dataplane;
 pub mod diff;
 pub mod health;
+pub mod inspect;
 pub mod k8s;
 pub mod lb;
 pub mod maglev;

@@ -8,7 +8,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    },
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, LAYOUT_VERSION, MaglevKey, RevNat,
@@ -21,7 +23,10 @@ use crate::model::Protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
-    #[error("no pinned maps at {0}: is the agent running in ebpf mode with this --bpffs-path?")]
+    #[error(
+        "no maps are pinned at {} (is the agent running in ebpf mode with this --bpffs-path?)",
+        .0.display()
+    )]
     NotPinned(PathBuf),
     #[error("map {name} at {path}: {source}")]
     Open {
@@ -138,6 +143,9 @@ impl Maps {
                 count: v.count,
                 generation: v.generation,
                 kind: kind_name(v.flags),
+                flags: flag_names(v.flags),
+                affinity_timeout: v.affinity_timeout,
+                maglev_size: v.maglev_size,
             })
             .collect();
         let slots = collect(names::SLOTS, self.slots.iter())?
@@ -180,6 +188,13 @@ impl Maps {
                 backend_id: v.backend_id,
                 flags: v.flags,
                 last_seen_ns: v.last_seen_ns,
+                nat: (v.nat_addr != 0).then(|| {
+                    format!(
+                        "{}:{}",
+                        Ipv4Addr::from(v.nat_addr.to_ne_bytes()),
+                        u16::from_be(v.nat_port)
+                    )
+                }),
             })
             .collect();
         let affinity = collect(names::AFFINITY, self.affinity.iter())?
@@ -277,6 +292,7 @@ impl Maps {
             });
         }
         let mut dump = Dump {
+            maps: Vec::new(),
             services,
             slots,
             backends,
@@ -291,7 +307,86 @@ impl Maps {
             stats,
         };
         dump.sort();
+        let maglev_entries: usize = dump.maglev.iter().map(|m| m.slots).sum();
+        let counts = [
+            (names::SERVICES, dump.services.len()),
+            (names::SLOTS, dump.slots.len()),
+            (names::BACKENDS, dump.backends.len()),
+            (names::REVNAT, dump.revnat.len()),
+            (names::CONNTRACK, dump.conntrack.len()),
+            (names::AFFINITY, dump.affinity.len()),
+            (names::SOCK_REVNAT, dump.sock_revnat.len()),
+            (names::SVC_STATS, dump.service_stats.len()),
+            (names::CONFIG, 1),
+            (names::SOURCE_RANGES, dump.source_ranges.len()),
+            (names::MAGLEV, maglev_entries),
+            (names::STATS, dump.stats.len()),
+        ];
+        let caps = self.capacities()?;
+        dump.maps = counts
+            .into_iter()
+            .map(|(name, entries)| MapSummary {
+                name,
+                entries,
+                max_entries: caps.iter().find(|c| c.0 == name).map(|c| c.1).unwrap_or(0),
+            })
+            .collect();
         Ok(dump)
+    }
+
+    /// Each map's capacity (`max_entries`), as the kernel reports it.
+    pub fn capacities(&self) -> Result<Vec<(&'static str, u32)>, MapsError> {
+        fn cap<K: aya::Pod, V>(
+            name: &'static str,
+            m: &impl IterableMap<K, V>,
+        ) -> Result<(&'static str, u32), MapsError> {
+            m.map()
+                .info()
+                .map(|i| (name, i.max_entries()))
+                .map_err(|source| MapsError::Op {
+                    name,
+                    op: "info",
+                    source: Box::new(source),
+                })
+        }
+        Ok(vec![
+            cap(names::SERVICES, &self.services)?,
+            cap(names::SLOTS, &self.slots)?,
+            cap(names::BACKENDS, &self.backends)?,
+            cap(names::REVNAT, &self.revnat)?,
+            cap(names::CONNTRACK, &self.conntrack)?,
+            cap(names::AFFINITY, &self.affinity)?,
+            cap(names::SOCK_REVNAT, &self.sock_revnat)?,
+            cap(names::SVC_STATS, &self.svc_stats)?,
+            cap(names::CONFIG, &self.config)?,
+            cap(names::SOURCE_RANGES, &self.source_ranges)?,
+            cap(names::MAGLEV, &self.maglev)?,
+            cap(names::STATS, &self.stats)?,
+        ])
+    }
+
+    /// Number of entries of the conntrack map (walks the keys).
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// Read access to Maglev tables, for `explain` (the maps, or a table in a
+/// unit test).
+pub trait MaglevSource {
+    /// Backend id in slot `slot` of frontend `service_id`'s table.
+    fn maglev_slot(&self, service_id: u32, slot: u32) -> Option<u32>;
+}
+
+impl MaglevSource for Maps {
+    fn maglev_slot(&self, service_id: u32, slot: u32) -> Option<u32> {
+        self.maglev.get(&MaglevKey { service_id, slot }, 0).ok()
+    }
+}
+
+impl MaglevSource for std::collections::HashMap<(u32, u32), u32> {
+    fn maglev_slot(&self, service_id: u32, slot: u32) -> Option<u32> {
+        self.get(&(service_id, slot)).copied()
     }
 }
 
@@ -318,10 +413,21 @@ fn collect<K, V>(
         })
 }
 
-fn proto_name(p: u8) -> String {
+pub fn proto_name(p: u8) -> String {
     Protocol::from_number(p)
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| p.to_string())
+}
+
+fn flag_names(flags: u16) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if flags & svc_flags::SOURCE_RANGES != 0 {
+        v.push("source-ranges");
+    }
+    if flags & svc_flags::LOCAL_ONLY != 0 {
+        v.push("local-only");
+    }
+    v
 }
 
 fn kind_name(flags: u16) -> &'static str {
@@ -345,7 +451,7 @@ pub struct Addr {
 }
 
 impl Addr {
-    fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Addr {
+    pub fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Addr {
         Addr {
             ip,
             port,
@@ -361,8 +467,11 @@ impl std::fmt::Display for Addr {
 }
 
 /// Decoded contents of every map (the JSON of `proxyctl dump-maps`).
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Dump {
+    /// Every map with its entry count and capacity, in
+    /// `proxy_common::maps::ALL` order.
+    pub maps: Vec<MapSummary>,
     pub services: Vec<ServiceEntry>,
     pub slots: Vec<SlotEntry>,
     pub backends: Vec<BackendEntry>,
@@ -396,16 +505,33 @@ impl Dump {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// One map's fill level.
+#[derive(Clone, Debug, Serialize)]
+pub struct MapSummary {
+    pub name: &'static str,
+    /// Entries now (for `STATS` and `CONFIG`, the fixed array length).
+    pub entries: usize,
+    /// Capacity (`max_entries`).
+    pub max_entries: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct ServiceEntry {
     pub frontend: Addr,
     pub id: u32,
+    /// Backend slots in the live generation (0: traffic is refused).
     pub count: u16,
     pub generation: u8,
     pub kind: &'static str,
+    /// Other flag bits set: `source-ranges`, `local-only`.
+    pub flags: Vec<&'static str>,
+    /// ClientIP affinity timeout in seconds; 0: none.
+    pub affinity_timeout: u32,
+    /// Maglev table size; 0: random selection.
+    pub maglev_size: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SlotEntry {
     pub service_id: u32,
     pub generation: u16,
@@ -413,7 +539,7 @@ pub struct SlotEntry {
     pub backend_id: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct BackendEntry {
     pub id: u32,
     pub backend: Addr,
@@ -421,13 +547,13 @@ pub struct BackendEntry {
     pub local: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RevNatEntry {
     pub service_id: u32,
     pub address: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct CtEntry {
     pub direction: &'static str,
     pub proto: String,
@@ -437,15 +563,18 @@ pub struct CtEntry {
     pub backend_id: u32,
     pub flags: u32,
     pub last_seen_ns: u64,
+    /// SNAT/DSR flows: on the service entry the address the client was
+    /// rewritten to, on the reply entry the client's own address.
+    pub nat: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct StatEntry {
     pub name: &'static str,
     pub value: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct AffinityEntry {
     pub service_id: u32,
     /// Client IP (per-packet path) or `netns:<cookie>` (socket path).
@@ -454,7 +583,7 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SockRevNatEntry {
     pub cookie: u64,
     pub backend: String,
@@ -462,26 +591,26 @@ pub struct SockRevNatEntry {
     pub service_id: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct ServiceStatsEntry {
     pub service_id: u32,
     pub packets: u64,
     pub bytes: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ConfigEntry {
     /// Where north-south traffic to remote backends is SNATed to.
     pub node_address: Option<Ipv4Addr>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SourceRangeEntry {
     pub service_id: u32,
     pub cidr: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct MaglevEntry {
     pub service_id: u32,
     pub slots: usize,

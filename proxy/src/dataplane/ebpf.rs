@@ -622,6 +622,9 @@ impl EbpfDataplane {
         if !fe.source_ranges.is_empty() {
             flags |= svc_flags::SOURCE_RANGES;
         }
+        if fe.local_only {
+            flags |= svc_flags::LOCAL_ONLY;
+        }
         let update = |op: &'static str, map: &'static str| {
             let frontend = key.to_string();
             move |source| EbpfError::Update {
@@ -959,6 +962,7 @@ impl Dataplane for EbpfDataplane {
                     affinity_timeout: p.affinity_timeout,
                     source_ranges: p.source_ranges.clone(),
                     maglev_table_size: p.maglev_override,
+                    local_only: p.flags & svc_flags::LOCAL_ONLY != 0,
                 },
             );
         }
