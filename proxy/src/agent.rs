@@ -8,10 +8,12 @@ use tracing::{info, warn};
 use crate::{
     dataplane::Dataplane,
     diff::diff,
+    events::EventRecorder,
     health::{self, HealthServers, ServiceHealth},
     k8s::Stores,
     lb::LbTable,
-    model::{self, NodeContext},
+    metrics::Telemetry,
+    model::{self, ModelError, NodeContext},
 };
 
 /// How long to let a burst of watch events settle before syncing.
@@ -19,11 +21,22 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// Housekeeping period (new interfaces, ...).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
+/// kube-proxy's default `syncPeriod`.
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+
 /// What one sync did.
 pub struct Synced {
     pub changes: usize,
     /// What the health-check node ports must report.
     pub health: BTreeMap<u16, ServiceHealth>,
+    /// Objects (or parts) that could not be programmed.
+    pub errors: Vec<ModelError>,
+    /// Service ports in the desired state.
+    pub services: usize,
+    /// Distinct backends (address, port) in the desired state.
+    pub endpoints: usize,
+    /// Frontend (`ip:port/PROTO`) -> service port name.
+    pub owners: BTreeMap<String, String>,
 }
 
 /// One sync: read the stores, build the desired table, apply the diff.
@@ -52,9 +65,25 @@ pub fn sync_once<D: Dataplane>(
     }
     let desired = LbTable::from_services(&table, &node);
     let changes = diff(&dp.programmed(), &desired);
-    let health = health::desired(&table);
+    let endpoints: std::collections::BTreeSet<_> = desired
+        .frontends
+        .values()
+        .flat_map(|f| f.backends.iter().map(|b| (b.addr, b.port)))
+        .collect();
+    let mut synced = Synced {
+        changes: changes.len(),
+        health: health::desired(&table),
+        errors,
+        services: table.services.len(),
+        endpoints: endpoints.len(),
+        owners: desired
+            .owners
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
     if changes.is_empty() {
-        return Ok(Synced { changes: 0, health });
+        return Ok(synced);
     }
     let stats = dp.apply(&changes)?;
     info!(
@@ -65,10 +94,18 @@ pub fn sync_once<D: Dataplane>(
         backends_removed = stats.backends_removed,
         "synced"
     );
-    Ok(Synced {
-        changes: changes.len(),
-        health,
-    })
+    synced.changes = changes.len();
+    Ok(synced)
+}
+
+/// What [`run`] needs besides the dataplane and the stores.
+pub struct RunOptions {
+    /// Full resync period (kube-proxy's `syncPeriod`); also sets when
+    /// `/healthz` calls the agent stale (2x).
+    pub sync_period: Duration,
+    pub telemetry: Arc<Telemetry>,
+    /// Kubernetes Events for objects that cannot be programmed.
+    pub events: Option<EventRecorder>,
 }
 
 /// Run until `shutdown` resolves.
@@ -77,6 +114,7 @@ pub async fn run<D: Dataplane>(
     stores: Stores,
     changed: Arc<Notify>,
     node: NodeContext,
+    mut opts: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -84,23 +122,37 @@ pub async fn run<D: Dataplane>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = true;
     let mut failed = false;
+    let mut last_sync = Instant::now();
     let mut health_servers = HealthServers::default();
+    let telemetry = opts.telemetry.clone();
+    telemetry.set_reader(dp.stats_reader());
     loop {
         if dirty {
             let start = Instant::now();
+            last_sync = start;
+            // Read before syncing: a watch that recovered after this point
+            // is picked up by the next sync it triggers.
+            let api_failing = stores.watch_health.failing_since();
             failed = match sync_once(&mut dp, &stores, &node) {
                 Ok(s) => {
                     if s.changes > 0 {
                         info!(elapsed_ms = start.elapsed().as_millis() as u64, "sync done");
                     }
+                    telemetry.sync_succeeded(start.elapsed(), s.services, s.endpoints, s.owners);
+                    telemetry.set_invalid_objects(s.errors.len());
+                    if let Some(ev) = opts.events.as_mut() {
+                        ev.report(&s.errors);
+                    }
                     health_servers.sync(s.health).await;
                     false
                 }
                 Err(e) => {
+                    telemetry.sync_failed(start.elapsed());
                     warn!(error = %e, "sync failed; retrying on the next event or tick");
                     true
                 }
             };
+            telemetry.set_api_failing_since(api_failing);
         }
         tokio::select! {
             _ = &mut shutdown => return,
@@ -110,9 +162,12 @@ pub async fn run<D: Dataplane>(
             }
             _ = tick.tick() => {
                 if let Err(e) = dp.housekeeping() {
+                    telemetry.error("housekeeping", 1);
                     warn!(error = %e, "housekeeping failed");
                 }
-                dirty = failed;
+                telemetry.set_api_failing_since(stores.watch_health.failing_since());
+                // Periodic full resync, as kube-proxy's syncPeriod.
+                dirty = failed || last_sync.elapsed() >= opts.sync_period;
             }
         }
     }

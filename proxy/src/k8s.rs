@@ -1,7 +1,7 @@
 //! Kubernetes side: reflectors for Services, EndpointSlices and this Node.
 //! Produces stores and a change signal; knows nothing of dataplanes.
 
-use std::{fmt::Debug, path::Path, sync::Arc};
+use std::{fmt::Debug, path::Path, sync::Arc, time::Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -65,29 +65,65 @@ pub struct Stores {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
+    /// Whether the watches reach the API server.
+    pub watch_health: WatchHealth,
+}
+
+/// Per watched kind, since when its watch has been failing (None: fine).
+/// A failing watch means changes may be pending that the agent cannot see.
+#[derive(Clone, Default)]
+pub struct WatchHealth(Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<Instant>>>>);
+
+impl WatchHealth {
+    fn set(&self, kind: &str, ok: bool) {
+        let mut m = match self.0.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let e = m.entry(kind.to_owned()).or_insert(None);
+        if ok {
+            *e = None;
+        } else if e.is_none() {
+            *e = Some(Instant::now());
+        }
+    }
+
+    /// Since when some watch has been failing (the earliest), if one is.
+    pub fn failing_since(&self) -> Option<Instant> {
+        let m = match self.0.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.values().flatten().min().copied()
+    }
 }
 
 /// Start the three reflectors; `changed` is notified after every event.
 pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
+    let health = WatchHealth::default();
     let services = spawn_reflector::<Service>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
         changed.clone(),
+        health.clone(),
     );
     let slices = spawn_reflector::<EndpointSlice>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
         changed.clone(),
+        health.clone(),
     );
     let nodes = spawn_reflector::<Node>(
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         changed,
+        health.clone(),
     );
     Stores {
         services,
         slices,
         nodes,
+        watch_health: health,
     }
 }
 
@@ -110,7 +146,12 @@ impl Stores {
     }
 }
 
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    health: WatchHealth,
+) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -124,11 +165,15 @@ where
             match event {
                 Ok(ev) => {
                     debug!(kind = %kind, event = ?event_name(&ev), "watch event");
+                    health.set(&kind, true);
                     changed.notify_one();
                 }
                 // The watcher retries with backoff; the store keeps serving
                 // the last known state meanwhile.
-                Err(e) => warn!(kind = %kind, error = %e, "watch failed, retrying"),
+                Err(e) => {
+                    health.set(&kind, false);
+                    warn!(kind = %kind, error = %e, "watch failed, retrying");
+                }
             }
         }
     });
