@@ -10,6 +10,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config, Resource,
+    api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
@@ -56,6 +57,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
         }
         None => Config::infer().await?,
     };
+    // No request-level retries of 429/503/504: kube's default retries a
+    // request for many minutes, which would hide an unavailable API server
+    // from the watchers (they back off and retry on their own) and so from
+    // /healthz.
+    let mut config = config;
+    config.default_retry = false;
     Ok(Client::try_from(config)?)
 }
 
@@ -88,6 +95,17 @@ impl WatchHealth {
         }
     }
 
+    fn failing(&self) -> Vec<String> {
+        let m = match self.0.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Since when some watch has been failing (the earliest), if one is.
     pub fn failing_since(&self) -> Option<Instant> {
         let m = match self.0.lock() {
@@ -113,18 +131,59 @@ pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
         changed.clone(),
         health.clone(),
     );
+    let client_probe = client.clone();
     let nodes = spawn_reflector::<Node>(
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         changed,
         health.clone(),
     );
+    spawn_probe(client_probe, node_name.to_owned(), health.clone());
     Stores {
         services,
         slices,
         nodes,
         watch_health: health,
     }
+}
+
+/// A watch that resumes after an outage says nothing until the next change,
+/// so while a kind's watch is failing, a one-item list of what it watches is
+/// tried every second; when it succeeds the API server is back for that kind.
+fn spawn_probe(client: Client, node_name: String, health: WatchHealth) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for kind in health.failing() {
+                let labels = ListParams::default().labels(WATCH_LABEL_SELECTOR).limit(1);
+                let ok = match kind.as_str() {
+                    "Service" => Api::<Service>::all(client.clone())
+                        .list(&labels)
+                        .await
+                        .is_ok(),
+                    "EndpointSlice" => Api::<EndpointSlice>::all(client.clone())
+                        .list(&labels)
+                        .await
+                        .is_ok(),
+                    "Node" => Api::<Node>::all(client.clone())
+                        .list(
+                            &ListParams::default()
+                                .fields(&format!("metadata.name={node_name}"))
+                                .limit(1),
+                        )
+                        .await
+                        .is_ok(),
+                    _ => false,
+                };
+                if ok {
+                    debug!(kind = %kind, "API server reachable again");
+                    health.set(&kind, true);
+                }
+            }
+        }
+    });
 }
 
 impl Stores {
