@@ -416,6 +416,30 @@ endpoints: [{{addresses: ["{p12}"], nodeName: node1}}, {{addresses: ["{p21}"], n
         seen.insert(got);
     }
     eprintln!("Maglev choices matched for 8 source ports; backends used: {seen:?}");
+    for args in [
+        &["services"][..],
+        &[
+            "explain",
+            "192.0.2.60:80/tcp",
+            "--from",
+            "172.18.0.100:45000",
+        ],
+        &[
+            "explain",
+            "192.0.2.60:80/tcp",
+            "--from",
+            "172.18.0.100:40001",
+        ],
+        &["explain", "192.0.2.60:80/tcp", "--from", "10.1.2.3"],
+        &["explain", "10.96.5.1:80/tcp"],
+        &["explain", &np],
+    ] {
+        eprintln!(
+            "$ proxyctl {}\n{}",
+            args.join(" "),
+            agent.proxyctl(args).expect("proxyctl")
+        );
+    }
     // Without the source port: both backends are candidates with their
     // shares of the 16381 slots.
     let e = explain(&agent, "192.0.2.60:80/tcp", Some("172.18.0.100"));

@@ -155,7 +155,11 @@ fn print_services(out: &mut dyn Write, v: &[ServiceView]) -> std::io::Result<()>
         );
         let pad = " ".repeat(head.len());
         if s.backends.is_empty() {
-            writeln!(out, "{head} -  {}", extra.join(" "))?;
+            writeln!(
+                out,
+                "{}",
+                format!("{head} -  {}", extra.join(" ")).trim_end()
+            )?;
         }
         for (i, b) in s.backends.iter().enumerate() {
             let mut state = b.state.to_owned();
@@ -167,13 +171,13 @@ fn print_services(out: &mut dyn Write, v: &[ServiceView]) -> std::io::Result<()>
             } else {
                 String::new()
             };
-            writeln!(
-                out,
+            let line = format!(
                 "{} {} => {} ({state})  {tail}",
                 if i == 0 { &head } else { &pad },
                 b.id,
                 b.address
-            )?;
+            );
+            writeln!(out, "{}", line.trim_end())?;
         }
     }
     Ok(())
