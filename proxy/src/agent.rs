@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::{sync::Notify, time::Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     dataplane::Dataplane,
@@ -60,9 +60,6 @@ pub fn sync_once<D: Dataplane>(
         &node,
     );
     errors.extend(errs);
-    for e in &errors {
-        warn!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
-    }
     let desired = LbTable::from_services(&table, &node);
     let changes = diff(&dp.programmed(), &desired);
     let endpoints: std::collections::BTreeSet<_> = desired
@@ -124,6 +121,7 @@ pub async fn run<D: Dataplane>(
     let mut failed = false;
     let mut last_sync = Instant::now();
     let mut health_servers = HealthServers::default();
+    let mut problems = std::collections::HashSet::new();
     let telemetry = opts.telemetry.clone();
     telemetry.set_reader(dp.stats_reader());
     loop {
@@ -140,6 +138,18 @@ pub async fn run<D: Dataplane>(
                     }
                     telemetry.sync_succeeded(start.elapsed(), s.services, s.endpoints, s.owners);
                     telemetry.set_invalid_objects(s.errors.len());
+                    // Warn once per problem while it lasts (syncs repeat
+                    // every period); debug on later syncs.
+                    let now_problems: std::collections::HashSet<String> =
+                        s.errors.iter().map(|e| e.to_string()).collect();
+                    for e in &s.errors {
+                        if problems.contains(&e.to_string()) {
+                            debug!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
+                        } else {
+                            warn!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
+                        }
+                    }
+                    problems = now_problems;
                     if let Some(ev) = opts.events.as_mut() {
                         ev.report(&s.errors);
                     }
