@@ -205,9 +205,9 @@ impl Telemetry {
     /// does not count (restarting the agent would not bring it back).
     pub fn livez(&self) -> HealthAnswer {
         let h = lock(&self.health);
-        let healthy = !h
+        let healthy = h
             .sync_failing_since
-            .is_some_and(|t| t.elapsed() > self.timeout);
+            .is_none_or(|t| t.elapsed() <= self.timeout);
         answer(healthy, h.last_updated)
     }
 

@@ -786,3 +786,131 @@ spec:
         "the log line too"
     );
 }
+
+/// `--config`: the file's settings apply (healthz address, sync period, XDP
+/// mode, JSON logs), a flag on the command line wins over the file, and a
+/// kube-proxy field that does not apply is only warned about.
+#[test]
+fn config_file_flags_win_and_json_logs() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(&nodes(&cluster)).expect("nodes");
+    let dir = std::env::temp_dir().join(format!("proxy-tests-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("kube-proxy.yaml");
+    std::fs::write(
+        &path,
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: ebpf
+metricsBindAddress: 127.0.0.1:19249
+healthzBindAddress: 127.0.0.1:19256
+syncPeriod: 1s
+iptables:
+  masqueradeAll: false
+kubeProxyEbpf:
+  xdpMode: generic
+  logFormat: json
+"#,
+    )
+    .expect("write config");
+    let mut agent = Agent::start(
+        cluster.node(1),
+        &api,
+        AgentOptions {
+            args: vec![
+                "--config".into(),
+                path.display().to_string(),
+                "--metrics-bind-address".into(),
+                "127.0.0.1:19250".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .expect("agent");
+    agent
+        .wait_for_log("attached XDP", Duration::from_secs(10))
+        .expect("XDP attached");
+    let ns = &cluster.node(1).ns;
+    let mode = poll(Duration::from_secs(10), || {
+        http_get(ns, SocketAddr::from(([127, 0, 0, 1], 19250)), "/proxyMode")
+    });
+    assert_eq!(
+        (mode.0, mode.1.trim()),
+        (200, "ebpf"),
+        "the flag's metrics address"
+    );
+    assert!(
+        http_get(ns, SocketAddr::from(([127, 0, 0, 1], 19249)), "/proxyMode").is_err(),
+        "the file's metrics address is overridden"
+    );
+    let (code, _) = poll(Duration::from_secs(10), || {
+        http_get(ns, SocketAddr::from(([127, 0, 0, 1], 19256)), "/healthz").and_then(|r| {
+            if r.0 == 200 {
+                Ok(r)
+            } else {
+                Err(format!("status {}", r.0))
+            }
+        })
+    });
+    assert_eq!(code, 200, "the file's healthz address");
+    // Every line is JSON; XDP went on in the file's mode; the n/a field was
+    // warned about.
+    let log = agent.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "attached XDP" && l["fields"]["mode"] == "generic"),
+        "XDP in generic mode:\n{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("iptables does not apply"))),
+        "warning for iptables:\n{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A bad --config stops the agent at once with one line naming the field
+/// and value.
+#[test]
+fn bad_config_names_field_and_value() {
+    let dir = std::env::temp_dir().join(format!("proxy-tests-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (yaml, want) in [
+        (
+            "metricsBindAdress: 0.0.0.0:10249\n",
+            "field metricsBindAdress = \"0.0.0.0:10249\": unknown field",
+        ),
+        (
+            "kubeProxyEbpf:\n  xdpMode: turbo\n",
+            "field kubeProxyEbpf.xdpMode = \"turbo\": must be one of native, generic, auto",
+        ),
+    ] {
+        let path = dir.join("c.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{yaml}"
+            ),
+        )
+        .expect("write");
+        let out = Command::new(binary("proxy").expect("proxy built"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run proxy");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.contains(want), "{err:?} lacks {want:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
