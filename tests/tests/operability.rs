@@ -634,6 +634,42 @@ fn metrics_follow_syncs_and_traffic() {
             .any(|l| l == "kubeproxy_ebpf_programmed_services 2")
     );
 
+    // proxyctl sees the same flows and counters.
+    let st = proxyctl_json(&agent, &["stats"]);
+    let web = st["services"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|x| addr(&x["frontend"]) == "10.96.6.1:80/TCP")
+        })
+        .expect("web in stats");
+    assert!(
+        web["packets"].as_f64() >= Some(p1),
+        "stats {web} vs metrics {p1}"
+    );
+    let ct = proxyctl_json(
+        &agent,
+        &[
+            "conntrack",
+            "--service",
+            "10.96.6.1:80/tcp",
+            "--address",
+            &client.ip.to_string(),
+        ],
+    );
+    let ct = ct.as_array().expect("entries");
+    assert!(!ct.is_empty(), "the client's flows are tracked");
+    for e in ct {
+        assert_eq!(addr(&e["frontend"]), "10.96.6.1:80/TCP", "{e}");
+        assert_eq!(e["backend"]["ip"], p12.ip.to_string(), "{e}");
+    }
+    let none = proxyctl_json(&agent, &["conntrack", "--backend", "10.244.9.9"]);
+    assert_eq!(
+        none.as_array().map(Vec::len),
+        Some(0),
+        "filter by another backend"
+    );
+
     let (code, mode) = http_get(ns, metrics_addr, "/proxyMode").expect("proxyMode");
     assert_eq!((code, mode.trim()), (200, "ebpf"));
     drop(agent);
