@@ -651,7 +651,7 @@ pub fn explain(
             return e;
         }
         e.reasons.push(format!(
-            "sessionAffinity ClientIP ({}s): no fresh entry for this client; a new flow picks a slot at random and sticks to it",
+            "sessionAffinity ClientIP ({}s): no fresh entry for this client IP (clients of the socket path are keyed by network namespace: see dump-maps affinity); a new flow picks a slot at random and sticks to it",
             s.affinity_timeout
         ));
     }
