@@ -124,13 +124,14 @@ pub async fn run<D: Dataplane>(
     let mut problems = std::collections::HashSet::new();
     let telemetry = opts.telemetry.clone();
     telemetry.set_reader(dp.stats_reader());
+    let wh = stores.watch_health.clone();
+    telemetry.set_pending_source(Box::new(move || wh.stale_since()));
     loop {
         if dirty {
             let start = Instant::now();
             last_sync = start;
-            // Read before syncing: a watch that recovered after this point
-            // is picked up by the next sync it triggers.
-            let api_failing = stores.watch_health.failing_since();
+            // Every change queued so far is in the stores this sync reads.
+            stores.watch_health.take_pending();
             failed = match sync_once(&mut dp, &stores, &node) {
                 Ok(s) => {
                     if s.changes > 0 {
@@ -162,7 +163,6 @@ pub async fn run<D: Dataplane>(
                     true
                 }
             };
-            telemetry.set_api_failing_since(api_failing);
         }
         tokio::select! {
             _ = &mut shutdown => return,
@@ -175,7 +175,6 @@ pub async fn run<D: Dataplane>(
                     telemetry.error("housekeeping", 1);
                     warn!(error = %e, "housekeeping failed");
                 }
-                telemetry.set_api_failing_since(stores.watch_health.failing_since());
                 // Periodic full resync, as kube-proxy's syncPeriod.
                 dirty = failed || last_sync.elapsed() >= opts.sync_period;
             }

@@ -78,10 +78,47 @@ pub struct Stores {
 
 /// Per watched kind, since when its watch has been failing (None: fine).
 /// A failing watch means changes may be pending that the agent cannot see.
+/// Also since when a change has been waiting for a sync (kube-proxy's
+/// "queued update"): set by watch events, taken by the sync loop.
 #[derive(Clone, Default)]
-pub struct WatchHealth(Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<Instant>>>>);
+pub struct WatchHealth(
+    Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<Instant>>>>,
+    Arc<std::sync::Mutex<Option<Instant>>>,
+);
 
 impl WatchHealth {
+    fn queue(&self) {
+        let mut p = match self.1.lock() {
+            Ok(p) => p,
+            Err(e) => e.into_inner(),
+        };
+        p.get_or_insert_with(Instant::now);
+    }
+
+    /// Since when the oldest change not yet taken by a sync has been waiting.
+    pub fn pending_since(&self) -> Option<Instant> {
+        match self.1.lock() {
+            Ok(p) => *p,
+            Err(e) => *e.into_inner(),
+        }
+    }
+
+    /// A sync starts: every change queued so far is in the stores it reads.
+    pub fn take_pending(&self) -> Option<Instant> {
+        match self.1.lock() {
+            Ok(mut p) => p.take(),
+            Err(e) => e.into_inner().take(),
+        }
+    }
+
+    /// The oldest of: a change waiting for a sync, a failing watch.
+    pub fn stale_since(&self) -> Option<Instant> {
+        [self.pending_since(), self.failing_since()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
     fn set(&self, kind: &str, ok: bool) {
         let mut m = match self.0.lock() {
             Ok(m) => m,
@@ -225,6 +262,7 @@ where
                 Ok(ev) => {
                     debug!(kind = %kind, event = ?event_name(&ev), "watch event");
                     health.set(&kind, true);
+                    health.queue();
                     changed.notify_one();
                 }
                 // The watcher retries with backoff; the store keeps serving

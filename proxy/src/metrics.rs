@@ -58,10 +58,11 @@ struct Health {
     last_updated: Option<SystemTime>,
     /// Since when syncs have been failing (the dataplane refuses updates).
     sync_failing_since: Option<Instant>,
-    /// Since when the watches have been failing (changes may be pending
-    /// that the agent cannot see).
-    api_failing_since: Option<Instant>,
 }
+
+/// Since when a change has been pending (a change not yet synced, or an
+/// unreachable API server); None: nothing pending.
+pub type PendingSource = Box<dyn Fn() -> Option<Instant> + Send + Sync>;
 
 #[derive(Debug)]
 struct State {
@@ -93,6 +94,7 @@ pub struct Telemetry {
     health: Mutex<Health>,
     state: Mutex<State>,
     reader: Mutex<Option<Box<dyn StatsReader>>>,
+    pending: Mutex<Option<PendingSource>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,6 +124,7 @@ impl Telemetry {
                 owners: BTreeMap::new(),
             }),
             reader: Mutex::new(None),
+            pending: Mutex::new(None),
         }
     }
 
@@ -185,19 +188,21 @@ impl Telemetry {
         *lock(&self.state).errors.entry(kind.to_owned()).or_default() += n;
     }
 
-    /// Whether the API server's watches work (from [`crate::k8s::WatchHealth`]).
-    pub fn set_api_failing_since(&self, since: Option<Instant>) {
-        lock(&self.health).api_failing_since = since;
+    /// Where `/healthz` learns since when a change has been pending (read at
+    /// every request, so a stuck sync loop shows too).
+    pub fn set_pending_source(&self, f: PendingSource) {
+        *lock(&self.pending) = Some(f);
     }
 
-    /// `/healthz`: 200 while syncs succeed and nothing has been pending
-    /// (a failing sync or an unreachable API server) longer than 2x the
-    /// sync period; 503 before the first sync and when stale.
+    /// `/healthz`: 200 while syncs succeed and nothing has been pending (a
+    /// change not yet synced, a failing sync, an unreachable API server)
+    /// longer than 2x the sync period; 503 before the first sync and when
+    /// stale.
     pub fn healthz(&self) -> HealthAnswer {
+        let pending = lock(&self.pending).as_ref().and_then(|f| f());
         let h = lock(&self.health);
         let stale = |since: Option<Instant>| since.is_some_and(|t| t.elapsed() > self.timeout);
-        let healthy =
-            h.last_updated.is_some() && !stale(h.sync_failing_since) && !stale(h.api_failing_since);
+        let healthy = h.last_updated.is_some() && !stale(h.sync_failing_since) && !stale(pending);
         answer(healthy, h.last_updated)
     }
 
@@ -493,12 +498,14 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
         assert!(v["lastUpdated"].as_str().is_some_and(|s| s.ends_with('Z')));
         assert!(v["currentTime"].is_string());
-        t.set_api_failing_since(Some(Instant::now()));
+        let since = std::sync::Arc::new(Mutex::new(Some(Instant::now())));
+        let s2 = since.clone();
+        t.set_pending_source(Box::new(move || *lock(&s2)));
         assert!(t.healthz().healthy, "not yet stale");
         std::thread::sleep(Duration::from_millis(15));
-        assert!(!t.healthz().healthy, "API down longer than 2x the period");
+        assert!(!t.healthz().healthy, "pending longer than 2x the period");
         assert!(t.livez().healthy, "livez ignores the API server");
-        t.set_api_failing_since(None);
+        *lock(&since) = None;
         assert!(t.healthz().healthy);
         t.sync_failed(Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(15));
