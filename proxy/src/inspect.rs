@@ -996,6 +996,63 @@ mod tests {
         assert!(conntrack(&d, &f).is_empty());
     }
 
+    fn keys(v: &serde_json::Value) -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+
+    /// The JSON shapes docs/operations.md documents as stable.
+    #[test]
+    fn json_shapes_are_the_documented_ones() {
+        let d = dump();
+        let s = serde_json::to_value(&services(&d)[0]).expect("json");
+        assert_eq!(
+            keys(&s),
+            [
+                "affinity_timeout",
+                "backends",
+                "frontend",
+                "id",
+                "kind",
+                "maglev_table_size",
+                "source_ranges",
+                "state",
+                "traffic_policy"
+            ]
+        );
+        assert_eq!(keys(&s["frontend"]), ["ip", "port", "proto"]);
+        assert_eq!(keys(&s["backends"][0]), ["address", "id", "local", "state"]);
+        let e = serde_json::to_value(ask(&d, "10.96.0.10:80/TCP", None)).expect("json");
+        assert_eq!(
+            keys(&e),
+            [
+                "backend",
+                "candidates",
+                "client",
+                "reasons",
+                "refusal",
+                "selection",
+                "service",
+                "target",
+                "verdict"
+            ]
+        );
+        assert_eq!(
+            keys(&e["candidates"][0]),
+            ["address", "id", "local", "maglev_slots", "state"]
+        );
+        let st = serde_json::to_value(stats(&d)).expect("json");
+        assert_eq!(keys(&st), ["counters", "drops", "rejects", "services"]);
+        assert_eq!(
+            keys(&st["services"][0]),
+            ["bytes", "frontend", "id", "kind", "packets"]
+        );
+    }
+
     #[test]
     fn stats_split_drops_and_rejects() {
         let s = stats(&dump());
