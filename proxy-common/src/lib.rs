@@ -158,6 +158,12 @@ pub mod svc_flags {
     /// Only clients in the frontend's `SOURCE_RANGES` entries are served
     /// (`loadBalancerSourceRanges`); others are dropped.
     pub const SOURCE_RANGES: u16 = 1 << 4;
+    /// The service's traffic policy for this kind of frontend is `Local`
+    /// (`internalTrafficPolicy` for ClusterIP, `externalTrafficPolicy` for
+    /// the others): the backends are this node's endpoints only. The data
+    /// path does not read it; it lets `proxyctl explain` tell "no
+    /// endpoints" from "no endpoint on this node" when the count is 0.
+    pub const LOCAL_ONLY: u16 = 1 << 5;
 }
 
 /// The data part of a [`maps::SOURCE_RANGES`] LPM key. The LPM prefix

@@ -5,17 +5,56 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     /// eBPF programs and pinned maps.
     Ebpf,
 }
 
+impl Mode {
+    /// The name `/proxyMode` answers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// How XDP attaches to the external interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpMode {
+    /// In the driver; fail if the driver cannot.
+    Native,
+    /// Generic (skb) mode, after the stack allocated the skb.
+    Generic,
+    /// Native, falling back to generic with a warning.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Service proxy node agent: watches Services, EndpointSlices and its Node and
 /// programs the data path so service traffic reaches ready pods.
-#[derive(Parser, Debug)]
+///
+/// Flags named as kube-proxy's mean the same thing. Command-line flags
+/// (and their environment variables) override the --config file.
+#[derive(Parser, Debug, Clone)]
 #[command(version)]
 pub struct Args {
+    /// KubeProxyConfiguration YAML (apiVersion
+    /// kubeproxy.config.k8s.io/v1alpha1): mode, clusterCIDR,
+    /// hostnameOverride, metricsBindAddress, healthzBindAddress,
+    /// nodePortAddresses, syncPeriod, clientConnection.kubeconfig, and this
+    /// agent's own settings under `kubeProxyEbpf` (see docs/operations.md).
+    /// Flags given on the command line win over the file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Which dataplane programs the services.
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: Mode,
@@ -66,9 +105,74 @@ pub struct Args {
     /// Maglev off (random selection).
     #[arg(long, default_value_t = crate::maglev::DEFAULT_TABLE_SIZE)]
     pub maglev_table_size: u32,
+    /// The pod network(s), comma-separated CIDRs (kube-proxy's
+    /// --cluster-cidr). Validated; the eBPF mode never masquerades
+    /// east-west traffic, so it does not need it to tell pod traffic
+    /// apart.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<String>,
+    /// Where /healthz and /livez are served (ip:port, or ip for port
+    /// 10256; empty disables). /healthz answers 200 with lastUpdated and
+    /// currentTime while syncs succeed, 503 before the first sync or when a
+    /// change (or an unreachable API server) has been pending longer than
+    /// twice --sync-period.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// Where /metrics (Prometheus) and /proxyMode are served (ip:port, or
+    /// ip for port 10249; empty disables).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// Full resync period (e.g. 30s, 1m, 500ms); the health staleness
+    /// limit is twice this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: std::time::Duration,
+    /// XDP attach mode on the external interfaces: native (driver),
+    /// generic (skb), or auto (native, generic as a logged fallback).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpMode,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+/// A Go-style duration: a sequence of `<number><unit>` with units ns, us,
+/// ms, s, m, h (e.g. `30s`, `1m30s`, `500ms`); a bare `0` is zero.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 30s, 1m, 500ms)");
+    let t = s.trim();
+    if t == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let scale = match &rest[..u] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[u..];
+    }
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -80,6 +184,18 @@ mod tests {
         let a = Args::try_parse_from(["proxy"]).expect("no arguments parse");
         assert!(a.socket_lb);
         assert_eq!(a.maglev_table_size, crate::maglev::DEFAULT_TABLE_SIZE);
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
     }
 
     #[test]

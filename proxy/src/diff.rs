@@ -61,6 +61,7 @@ mod tests {
             affinity_timeout: 0,
             source_ranges: vec![],
             maglev_table_size: None,
+            local_only: false,
         }
     }
 

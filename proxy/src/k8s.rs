@@ -1,7 +1,7 @@
 //! Kubernetes side: reflectors for Services, EndpointSlices and this Node.
 //! Produces stores and a change signal; knows nothing of dataplanes.
 
-use std::{fmt::Debug, path::Path, sync::Arc};
+use std::{fmt::Debug, path::Path, sync::Arc, time::Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -10,6 +10,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config, Resource,
+    api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
@@ -56,6 +57,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
         }
         None => Config::infer().await?,
     };
+    // No request-level retries of 429/503/504: kube's default retries a
+    // request for many minutes, which would hide an unavailable API server
+    // from the watchers (they back off and retry on their own) and so from
+    // /healthz.
+    let mut config = config;
+    config.default_retry = false;
     Ok(Client::try_from(config)?)
 }
 
@@ -65,30 +72,155 @@ pub struct Stores {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
+    /// Whether the watches reach the API server.
+    pub watch_health: WatchHealth,
+}
+
+/// Per watched kind, since when its watch has been failing (None: fine).
+/// A failing watch means changes may be pending that the agent cannot see.
+/// Also since when a change has been waiting for a sync (kube-proxy's
+/// "queued update"): set by watch events, taken by the sync loop.
+#[derive(Clone, Default)]
+pub struct WatchHealth(
+    Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<Instant>>>>,
+    Arc<std::sync::Mutex<Option<Instant>>>,
+);
+
+impl WatchHealth {
+    fn queue(&self) {
+        let mut p = match self.1.lock() {
+            Ok(p) => p,
+            Err(e) => e.into_inner(),
+        };
+        p.get_or_insert_with(Instant::now);
+    }
+
+    /// Since when the oldest change not yet taken by a sync has been waiting.
+    pub fn pending_since(&self) -> Option<Instant> {
+        match self.1.lock() {
+            Ok(p) => *p,
+            Err(e) => *e.into_inner(),
+        }
+    }
+
+    /// A sync starts: every change queued so far is in the stores it reads.
+    pub fn take_pending(&self) -> Option<Instant> {
+        match self.1.lock() {
+            Ok(mut p) => p.take(),
+            Err(e) => e.into_inner().take(),
+        }
+    }
+
+    /// The oldest of: a change waiting for a sync, a failing watch.
+    pub fn stale_since(&self) -> Option<Instant> {
+        [self.pending_since(), self.failing_since()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn set(&self, kind: &str, ok: bool) {
+        let mut m = match self.0.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let e = m.entry(kind.to_owned()).or_insert(None);
+        if ok {
+            *e = None;
+        } else if e.is_none() {
+            *e = Some(Instant::now());
+        }
+    }
+
+    fn failing(&self) -> Vec<String> {
+        let m = match self.0.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Since when some watch has been failing (the earliest), if one is.
+    pub fn failing_since(&self) -> Option<Instant> {
+        let m = match self.0.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.values().flatten().min().copied()
+    }
 }
 
 /// Start the three reflectors; `changed` is notified after every event.
 pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
+    let health = WatchHealth::default();
     let services = spawn_reflector::<Service>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
         changed.clone(),
+        health.clone(),
     );
     let slices = spawn_reflector::<EndpointSlice>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
         changed.clone(),
+        health.clone(),
     );
+    let client_probe = client.clone();
     let nodes = spawn_reflector::<Node>(
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         changed,
+        health.clone(),
     );
+    spawn_probe(client_probe, node_name.to_owned(), health.clone());
     Stores {
         services,
         slices,
         nodes,
+        watch_health: health,
     }
+}
+
+/// A watch that resumes after an outage says nothing until the next change,
+/// so while a kind's watch is failing, a one-item list of what it watches is
+/// tried every second; when it succeeds the API server is back for that kind.
+fn spawn_probe(client: Client, node_name: String, health: WatchHealth) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for kind in health.failing() {
+                let labels = ListParams::default().labels(WATCH_LABEL_SELECTOR).limit(1);
+                let ok = match kind.as_str() {
+                    "Service" => Api::<Service>::all(client.clone())
+                        .list(&labels)
+                        .await
+                        .is_ok(),
+                    "EndpointSlice" => Api::<EndpointSlice>::all(client.clone())
+                        .list(&labels)
+                        .await
+                        .is_ok(),
+                    "Node" => Api::<Node>::all(client.clone())
+                        .list(
+                            &ListParams::default()
+                                .fields(&format!("metadata.name={node_name}"))
+                                .limit(1),
+                        )
+                        .await
+                        .is_ok(),
+                    _ => false,
+                };
+                if ok {
+                    debug!(kind = %kind, "API server reachable again");
+                    health.set(&kind, true);
+                }
+            }
+        }
+    });
 }
 
 impl Stores {
@@ -110,7 +242,12 @@ impl Stores {
     }
 }
 
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    health: WatchHealth,
+) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -124,11 +261,16 @@ where
             match event {
                 Ok(ev) => {
                     debug!(kind = %kind, event = ?event_name(&ev), "watch event");
+                    health.set(&kind, true);
+                    health.queue();
                     changed.notify_one();
                 }
                 // The watcher retries with backoff; the store keeps serving
                 // the last known state meanwhile.
-                Err(e) => warn!(kind = %kind, error = %e, "watch failed, retrying"),
+                Err(e) => {
+                    health.set(&kind, false);
+                    warn!(kind = %kind, error = %e, "watch failed, retrying");
+                }
             }
         }
     });

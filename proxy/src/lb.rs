@@ -48,6 +48,10 @@ pub struct Frontend {
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
     /// Per-service Maglev table size (annotation); None: the agent's.
     pub maglev_table_size: Option<u32>,
+    /// The traffic policy that applies to this frontend is `Local`
+    /// (internal for ClusterIP, external for the others): `backends` are
+    /// this node's endpoints only.
+    pub local_only: bool,
 }
 
 /// Frontends with the service port they came from (for display only: the
@@ -89,6 +93,11 @@ impl LbTable {
             let proto = sp.name.protocol;
             let affinity_timeout = sp.affinity_timeout.unwrap_or(0);
             let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, b: &Vec<BackendAddr>| {
+                let local_only = if kind == FrontendKind::ClusterIp {
+                    sp.internal_policy_local
+                } else {
+                    sp.external_policy_local
+                };
                 let key = FrontendKey { addr, port, proto };
                 if lb.frontends.contains_key(&key) {
                     return;
@@ -108,6 +117,7 @@ impl LbTable {
                         affinity_timeout,
                         source_ranges,
                         maglev_table_size: sp.maglev_table_size,
+                        local_only,
                     },
                 );
                 lb.owners.insert(key, name.clone());

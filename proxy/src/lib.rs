@@ -5,11 +5,16 @@
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod dataplane;
 pub mod diff;
+pub mod events;
 pub mod health;
+pub mod http;
+pub mod inspect;
 pub mod k8s;
 pub mod lb;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod model;

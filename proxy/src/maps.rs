@@ -8,7 +8,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    },
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue,
@@ -22,7 +24,10 @@ use crate::model::Protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
-    #[error("no pinned maps at {0}: is the agent running in ebpf mode with this --bpffs-path?")]
+    #[error(
+        "no maps are pinned at {} (is the agent running in ebpf mode with this --bpffs-path?)",
+        .0.display()
+    )]
     NotPinned(PathBuf),
     #[error("map {name} at {path}: {source}")]
     Open {
@@ -143,6 +148,9 @@ impl Maps {
                 count: v.count,
                 generation: v.generation,
                 kind: kind_name(v.flags),
+                flags: flag_names(v.flags),
+                affinity_timeout: v.affinity_timeout,
+                maglev_size: v.maglev_size,
             })
             .collect();
         let slots = collect(names::SLOTS, self.slots.iter())?
@@ -185,6 +193,13 @@ impl Maps {
                 backend_id: v.backend_id,
                 flags: v.flags,
                 last_seen_ns: v.last_seen_ns,
+                nat: (v.nat_addr != 0).then(|| {
+                    format!(
+                        "{}:{}",
+                        Ipv4Addr::from(v.nat_addr.to_ne_bytes()),
+                        u16::from_be(v.nat_port)
+                    )
+                }),
             })
             .collect();
         let affinity = collect(names::AFFINITY, self.affinity.iter())?
@@ -299,6 +314,7 @@ impl Maps {
             });
         }
         let mut dump = Dump {
+            maps: Vec::new(),
             services,
             slots,
             backends,
@@ -314,7 +330,211 @@ impl Maps {
             stats,
         };
         dump.sort();
+        let maglev_entries: usize = dump.maglev.iter().map(|m| m.slots).sum();
+        let counts = [
+            (names::SERVICES, dump.services.len()),
+            (names::SLOTS, dump.slots.len()),
+            (names::BACKENDS, dump.backends.len()),
+            (names::REVNAT, dump.revnat.len()),
+            (names::CONNTRACK, dump.conntrack.len()),
+            (names::AFFINITY, dump.affinity.len()),
+            (names::SOCK_REVNAT, dump.sock_revnat.len()),
+            (names::SVC_STATS, dump.service_stats.len()),
+            (names::CONFIG, 1),
+            (names::SOURCE_RANGES, dump.source_ranges.len()),
+            (names::MAGLEV, maglev_entries),
+            (names::FRAGMENTS, dump.fragments.len()),
+            (names::STATS, dump.stats.len()),
+        ];
+        let caps = self.capacities()?;
+        dump.maps = counts
+            .into_iter()
+            .map(|(name, entries)| MapSummary {
+                name,
+                entries,
+                max_entries: caps.iter().find(|c| c.0 == name).map(|c| c.1).unwrap_or(0),
+            })
+            .collect();
         Ok(dump)
+    }
+
+    /// Each map's capacity (`max_entries`), as the kernel reports it.
+    pub fn capacities(&self) -> Result<Vec<(&'static str, u32)>, MapsError> {
+        fn cap<K: aya::Pod, V>(
+            name: &'static str,
+            m: &impl IterableMap<K, V>,
+        ) -> Result<(&'static str, u32), MapsError> {
+            m.map()
+                .info()
+                .map(|i| (name, i.max_entries()))
+                .map_err(|source| MapsError::Op {
+                    name,
+                    op: "info",
+                    source: Box::new(source),
+                })
+        }
+        Ok(vec![
+            cap(names::SERVICES, &self.services)?,
+            cap(names::SLOTS, &self.slots)?,
+            cap(names::BACKENDS, &self.backends)?,
+            cap(names::REVNAT, &self.revnat)?,
+            cap(names::CONNTRACK, &self.conntrack)?,
+            cap(names::AFFINITY, &self.affinity)?,
+            cap(names::SOCK_REVNAT, &self.sock_revnat)?,
+            cap(names::SVC_STATS, &self.svc_stats)?,
+            cap(names::CONFIG, &self.config)?,
+            cap(names::SOURCE_RANGES, &self.source_ranges)?,
+            cap(names::MAGLEV, &self.maglev)?,
+            cap(names::FRAGMENTS, &self.fragments)?,
+            cap(names::STATS, &self.stats)?,
+        ])
+    }
+
+    /// Number of entries of the conntrack map (walks the keys).
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+}
+
+impl crate::dataplane::StatsReader for Maps {
+    fn read(
+        &self,
+    ) -> Result<crate::dataplane::DataplaneStats, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.stats()?)
+    }
+}
+
+impl Maps {
+    /// Counters and fill levels for `/metrics`: cheaper than [`Maps::dump`]
+    /// (no Maglev walk: a frontend's table is always full, so its entries
+    /// are the sum of the table sizes).
+    pub fn stats(&self) -> Result<crate::dataplane::DataplaneStats, MapsError> {
+        use crate::dataplane::{DataplaneStats, FrontendCounters, MapFill};
+        let services = collect(names::SERVICES, self.services.iter())?;
+        let per_service: std::collections::HashMap<u32, (u64, u64)> =
+            collect(names::SVC_STATS, self.svc_stats.iter())?
+                .into_iter()
+                .map(|(id, per_cpu)| {
+                    (
+                        id,
+                        (
+                            per_cpu.iter().map(|s| s.packets).sum(),
+                            per_cpu.iter().map(|s| s.bytes).sum(),
+                        ),
+                    )
+                })
+                .collect();
+        let count = |n: usize| n as u64;
+        let entries = [
+            (names::SERVICES, count(services.len())),
+            (
+                names::SLOTS,
+                count(self.slots.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                names::BACKENDS,
+                count(self.backends.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                names::REVNAT,
+                count(self.revnat.keys().filter(Result::is_ok).count()),
+            ),
+            (names::CONNTRACK, count(self.conntrack_entries())),
+            (
+                names::AFFINITY,
+                count(self.affinity.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                names::SOCK_REVNAT,
+                count(self.sock_revnat.keys().filter(Result::is_ok).count()),
+            ),
+            (names::SVC_STATS, count(per_service.len())),
+            (names::CONFIG, 1),
+            (
+                names::SOURCE_RANGES,
+                count(self.source_ranges.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                names::MAGLEV,
+                services.iter().map(|(_, v)| u64::from(v.maglev_size)).sum(),
+            ),
+            (
+                names::FRAGMENTS,
+                count(self.fragments.keys().filter(Result::is_ok).count()),
+            ),
+            (names::STATS, u64::from(stat::COUNT)),
+        ];
+        let caps = self.capacities()?;
+        let maps: Vec<MapFill> = entries
+            .into_iter()
+            .map(|(name, entries)| MapFill {
+                name: name.to_owned(),
+                entries,
+                capacity: caps
+                    .iter()
+                    .find(|c| c.0 == name)
+                    .map(|c| u64::from(c.1))
+                    .unwrap_or(0),
+            })
+            .collect();
+        let conntrack = maps.iter().find(|m| m.name == names::CONNTRACK).cloned();
+        let mut frontends: Vec<FrontendCounters> = services
+            .iter()
+            .map(|(k, v)| {
+                let (packets, bytes) = per_service.get(&v.id).copied().unwrap_or((0, 0));
+                FrontendCounters {
+                    frontend: Addr::new(k.ip(), k.host_port(), k.proto).to_string(),
+                    kind: kind_name(v.flags).to_owned(),
+                    packets,
+                    bytes,
+                }
+            })
+            .collect();
+        frontends.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+        let mut drops = Vec::new();
+        let mut counters = Vec::new();
+        for (i, name) in stat::NAMES.iter().enumerate() {
+            let value: u64 = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| MapsError::Op {
+                    name: names::STATS,
+                    op: "lookup",
+                    source: Box::new(source),
+                })?
+                .iter()
+                .sum();
+            match name.strip_prefix("drop_") {
+                Some(reason) => drops.push((reason.to_owned(), value)),
+                None => counters.push(((*name).to_owned(), value)),
+            }
+        }
+        Ok(DataplaneStats {
+            maps,
+            conntrack,
+            frontends,
+            drops,
+            counters,
+        })
+    }
+}
+
+/// Read access to Maglev tables, for `explain` (the maps, or a table in a
+/// unit test).
+pub trait MaglevSource {
+    /// Backend id in slot `slot` of frontend `service_id`'s table.
+    fn maglev_slot(&self, service_id: u32, slot: u32) -> Option<u32>;
+}
+
+impl MaglevSource for Maps {
+    fn maglev_slot(&self, service_id: u32, slot: u32) -> Option<u32> {
+        self.maglev.get(&MaglevKey { service_id, slot }, 0).ok()
+    }
+}
+
+impl MaglevSource for std::collections::HashMap<(u32, u32), u32> {
+    fn maglev_slot(&self, service_id: u32, slot: u32) -> Option<u32> {
+        self.get(&(service_id, slot)).copied()
     }
 }
 
@@ -341,10 +561,21 @@ fn collect<K, V>(
         })
 }
 
-fn proto_name(p: u8) -> String {
+pub fn proto_name(p: u8) -> String {
     Protocol::from_number(p)
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| p.to_string())
+}
+
+fn flag_names(flags: u16) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if flags & svc_flags::SOURCE_RANGES != 0 {
+        v.push("source-ranges");
+    }
+    if flags & svc_flags::LOCAL_ONLY != 0 {
+        v.push("local-only");
+    }
+    v
 }
 
 fn kind_name(flags: u16) -> &'static str {
@@ -368,7 +599,7 @@ pub struct Addr {
 }
 
 impl Addr {
-    fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Addr {
+    pub fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Addr {
         Addr {
             ip,
             port,
@@ -384,8 +615,11 @@ impl std::fmt::Display for Addr {
 }
 
 /// Decoded contents of every map (the JSON of `proxyctl dump-maps`).
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Dump {
+    /// Every map with its entry count and capacity, in
+    /// `proxy_common::maps::ALL` order.
+    pub maps: Vec<MapSummary>,
     pub services: Vec<ServiceEntry>,
     pub slots: Vec<SlotEntry>,
     pub backends: Vec<BackendEntry>,
@@ -423,16 +657,33 @@ impl Dump {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// One map's fill level.
+#[derive(Clone, Debug, Serialize)]
+pub struct MapSummary {
+    pub name: &'static str,
+    /// Entries now (for `STATS` and `CONFIG`, the fixed array length).
+    pub entries: usize,
+    /// Capacity (`max_entries`).
+    pub max_entries: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct ServiceEntry {
     pub frontend: Addr,
     pub id: u32,
+    /// Backend slots in the live generation (0: traffic is refused).
     pub count: u16,
     pub generation: u8,
     pub kind: &'static str,
+    /// Other flag bits set: `source-ranges`, `local-only`.
+    pub flags: Vec<&'static str>,
+    /// ClientIP affinity timeout in seconds; 0: none.
+    pub affinity_timeout: u32,
+    /// Maglev table size; 0: random selection.
+    pub maglev_size: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SlotEntry {
     pub service_id: u32,
     pub generation: u16,
@@ -440,7 +691,7 @@ pub struct SlotEntry {
     pub backend_id: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct BackendEntry {
     pub id: u32,
     pub backend: Addr,
@@ -448,13 +699,13 @@ pub struct BackendEntry {
     pub local: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RevNatEntry {
     pub service_id: u32,
     pub address: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct CtEntry {
     pub direction: &'static str,
     pub proto: String,
@@ -464,15 +715,18 @@ pub struct CtEntry {
     pub backend_id: u32,
     pub flags: u32,
     pub last_seen_ns: u64,
+    /// SNAT/DSR flows: on the service entry the address the client was
+    /// rewritten to, on the reply entry the client's own address.
+    pub nat: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct StatEntry {
     pub name: &'static str,
     pub value: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct AffinityEntry {
     pub service_id: u32,
     /// Client IP (per-packet path) or `netns:<cookie>` (socket path).
@@ -481,7 +735,7 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SockRevNatEntry {
     pub cookie: u64,
     pub backend: String,
@@ -489,26 +743,26 @@ pub struct SockRevNatEntry {
     pub service_id: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct ServiceStatsEntry {
     pub service_id: u32,
     pub packets: u64,
     pub bytes: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ConfigEntry {
     /// Where north-south traffic to remote backends is SNATed to.
     pub node_address: Option<Ipv4Addr>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct SourceRangeEntry {
     pub service_id: u32,
     pub cidr: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct FragmentEntry {
     pub proto: String,
     /// Source address and port, as the fragments carry them.
@@ -517,7 +771,7 @@ pub struct FragmentEntry {
     pub ip_id: u16,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct MaglevEntry {
     pub service_id: u32,
     pub slots: usize,

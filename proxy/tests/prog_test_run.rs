@@ -70,6 +70,7 @@ fn fixture() -> Fixture {
         affinity_timeout: 0,
         source_ranges: vec![],
         maglev_table_size: None,
+        local_only: false,
     };
     let tcp = |addr| FrontendKey {
         addr,
@@ -130,6 +131,7 @@ fn fixture_with_empty_udp() -> Fixture {
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
+                local_only: false,
             },
         )])
         .expect("program frontend");
@@ -863,6 +865,7 @@ fn north_south() -> Fixture {
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
+                local_only: false,
             },
         )
     };
@@ -1139,6 +1142,7 @@ fn maglev_node(reverse: bool) -> Fixture {
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
+                local_only: false,
             },
         )])
         .expect("program");
@@ -1201,6 +1205,7 @@ fn maglev_table_size_can_be_set_per_frontend() {
         affinity_timeout: 0,
         source_ranges: vec![],
         maglev_table_size: Some(13),
+        local_only: false,
     };
     fx.dp.apply(&[Change::Upsert(key, fe)]).expect("program");
     let d = fx.dp.maps().dump().expect("dump");

@@ -264,16 +264,19 @@ enum Res {
     Service,
     EndpointSlice,
     Node,
+    /// core/v1 Events (what the agent posts about objects it cannot program).
+    Event,
 }
 
 impl Res {
-    const ALL: [Res; 3] = [Res::Service, Res::EndpointSlice, Res::Node];
+    const ALL: [Res; 4] = [Res::Service, Res::EndpointSlice, Res::Node, Res::Event];
 
     fn kind(self) -> &'static str {
         match self {
             Res::Service => "Service",
             Res::EndpointSlice => "EndpointSlice",
             Res::Node => "Node",
+            Res::Event => "Event",
         }
     }
 
@@ -282,12 +285,13 @@ impl Res {
             Res::Service => "ServiceList",
             Res::EndpointSlice => "EndpointSliceList",
             Res::Node => "NodeList",
+            Res::Event => "EventList",
         }
     }
 
     fn group(self) -> &'static str {
         match self {
-            Res::Service | Res::Node => "",
+            Res::Service | Res::Node | Res::Event => "",
             Res::EndpointSlice => "discovery.k8s.io",
         }
     }
@@ -302,7 +306,7 @@ impl Res {
 
     fn api_version(self) -> &'static str {
         match self {
-            Res::Service | Res::Node => "v1",
+            Res::Service | Res::Node | Res::Event => "v1",
             Res::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -312,6 +316,7 @@ impl Res {
             Res::Service => "services",
             Res::EndpointSlice => "endpointslices",
             Res::Node => "nodes",
+            Res::Event => "events",
         }
     }
 
@@ -320,6 +325,7 @@ impl Res {
             Res::Service => "service",
             Res::EndpointSlice => "endpointslice",
             Res::Node => "node",
+            Res::Event => "event",
         }
     }
 
@@ -328,6 +334,7 @@ impl Res {
             Res::Service => &["svc"],
             Res::EndpointSlice => &[],
             Res::Node => &["no"],
+            Res::Event => &["ev"],
         }
     }
 
@@ -356,7 +363,7 @@ impl Res {
     fn parse(kind: &str) -> Result<Res, ApiError> {
         Res::from_name(kind).ok_or_else(|| {
             ApiError::bad_request(format!(
-                "unsupported kind {kind:?} (supported: Service, EndpointSlice, Node)"
+                "unsupported kind {kind:?} (supported: Service, EndpointSlice, Node, Event)"
             ))
         })
     }
@@ -3234,7 +3241,7 @@ mod tests {
         let (_, v) = http(f.addr, "GET", "/apis/discovery.k8s.io/v1", None)?;
         assert_eq!(v["resources"][0]["name"], "endpointslices");
         let (_, v) = http(f.addr, "GET", "/api/v1", None)?;
-        assert_eq!(v["resources"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["resources"].as_array().map(Vec::len), Some(3)); // services, nodes, events
 
         // List document shape.
         f.server.create(slice("default", "s", "svc", "10.0.0.1"))?;

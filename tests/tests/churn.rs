@@ -49,7 +49,8 @@ fn counts(agent: &Agent) -> Vec<(String, usize)> {
     let v: Value = serde_json::from_str(&out).expect("json");
     let obj = v.as_object().expect("object");
     obj.iter()
-        .filter(|(k, _)| *k != "stats")
+        // `stats` is a fixed array; `maps` is the per-map summary.
+        .filter(|(k, _)| *k != "stats" && *k != "maps")
         .map(|(k, v)| (k.clone(), v.as_array().map(Vec::len).unwrap_or(0)))
         .collect()
 }

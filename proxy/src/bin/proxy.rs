@@ -3,12 +3,17 @@
 use std::{io::IsTerminal, sync::Arc};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::CommandFactory;
 use proxy::{
-    agent,
-    cli::{Args, Mode},
-    dataplane::ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
+    agent::{self, RunOptions},
+    cli::{Args, LogFormat, Mode, XdpMode},
+    dataplane::{
+        ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
+        links::XdpAttach,
+    },
+    events::EventRecorder,
     k8s,
+    metrics::Telemetry,
     model::NodeContext,
 };
 use tokio::sync::Notify;
@@ -27,23 +32,19 @@ fn node_name(args: &Args) -> Result<String> {
     Ok(h)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level)?)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
-    let node = NodeContext {
-        node_name: node_name(&args)?,
-        nodeport_cidrs: proxy::model::parse_cidrs(&args.nodeport_addresses)
-            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?,
-        source_ranges_all: args.source_ranges_all,
-        ..Default::default()
-    };
-    info!(node = %node.node_name, mode = ?args.mode, "starting");
+fn init_logging(args: &Args) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?}", args.log_level))?;
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => b.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => b.json().with_current_span(false).init(),
+    }
+    Ok(())
+}
 
-    let Mode::Ebpf = args.mode;
+/// The eBPF dataplane as the flags configure it.
+fn ebpf_dataplane(args: &Args) -> Result<EbpfDataplane> {
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
     if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
@@ -55,6 +56,11 @@ async fn main() -> Result<()> {
     }
     cfg.maglev_table_size = args.maglev_table_size;
     cfg.dsr = args.dsr;
+    cfg.xdp_mode = match args.xdp_mode {
+        XdpMode::Native => XdpAttach::Native,
+        XdpMode::Generic => XdpAttach::Generic,
+        XdpMode::Auto => XdpAttach::Auto,
+    };
     if args.socket_lb {
         cfg.socket_lb_cgroup = Some(match &args.cgroup_path {
             Some(p) => p.clone(),
@@ -63,45 +69,102 @@ async fn main() -> Result<()> {
     }
     let mut dp = EbpfDataplane::load(cfg).context("setting up the eBPF dataplane")?;
     proxy::dataplane::Dataplane::housekeeping(&mut dp)?;
+    Ok(dp)
+}
 
-    let client = k8s::client(args.kubeconfig.as_deref()).await?;
-    let changed = Arc::new(Notify::new());
-    let stores = k8s::start(client, &node.node_name, changed.clone());
-    stores.ready().await?;
-    info!("caches synced");
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
 
-    // North-south: the node's first address is where remote-backend flows
-    // are SNATed to; XDP goes on the interface that holds it.
-    let node_addr = stores
-        .nodes
-        .state()
-        .first()
-        .and_then(|n| proxy::model::node_addresses(n).0.first().copied());
-    let mut devices = args.devices.clone();
-    if devices.is_empty()
-        && let Some(ip) = node_addr
-    {
-        match interface_with_address(ip) {
-            Ok(Some(dev)) => devices.push(dev),
-            Ok(None) => warn!(%ip, "no interface holds the node address; no XDP"),
-            Err(e) => warn!(error = %e, "listing addresses; no XDP"),
+fn main() {
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+        .and_then(|rt| rt.block_on(run()));
+    if let Err(e) = result {
+        // One line, with the causes; also after logging is set up.
+        eprintln!("proxy: {e:#}");
+        tracing::error!("{e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> Result<()> {
+    let matches = Args::command().get_matches();
+    let (args, config_warnings) = proxy::config::resolve(&matches)?;
+    init_logging(&args)?;
+    for w in config_warnings {
+        warn!(config = ?args.config, "{w}");
+    }
+    let healthz = proxy::http::parse_bind_address(&args.healthz_bind_address, 10256)
+        .map_err(|e| anyhow::anyhow!("--healthz-bind-address: {e}"))?;
+    let metrics = proxy::http::parse_bind_address(&args.metrics_bind_address, 10249)
+        .map_err(|e| anyhow::anyhow!("--metrics-bind-address: {e}"))?;
+    let cluster_cidrs = proxy::model::parse_cidrs(&args.cluster_cidr)
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
+    let node = NodeContext {
+        node_name: node_name(&args)?,
+        nodeport_cidrs: proxy::model::parse_cidrs(&args.nodeport_addresses)
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?,
+        source_ranges_all: args.source_ranges_all,
+        ..Default::default()
+    };
+    info!(node = %node.node_name, mode = args.mode.name(), cluster_cidrs = ?cluster_cidrs, "starting");
+
+    // Health and metrics come up first: /healthz answers 503 until the
+    // first sync, /livez 200 (the process is alive).
+    let telemetry = Arc::new(Telemetry::new(args.mode.name(), args.sync_period));
+    let _servers = proxy::http::start(telemetry.clone(), healthz, metrics);
+
+    match args.mode {
+        Mode::Ebpf => {
+            let mut dp = ebpf_dataplane(&args)?;
+            let client = k8s::client(args.kubeconfig.as_deref()).await?;
+            let changed = Arc::new(Notify::new());
+            let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
+            stores.ready().await?;
+            info!("caches synced");
+
+            // North-south: the node's first address is where remote-backend
+            // flows are SNATed to; XDP goes on the interface that holds it.
+            let node_addr = stores
+                .nodes
+                .state()
+                .first()
+                .and_then(|n| proxy::model::node_addresses(n).0.first().copied());
+            let mut devices = args.devices.clone();
+            if devices.is_empty()
+                && let Some(ip) = node_addr
+            {
+                match interface_with_address(ip) {
+                    Ok(Some(dev)) => devices.push(dev),
+                    Ok(None) => warn!(%ip, "no interface holds the node address; no XDP"),
+                    Err(e) => warn!(error = %e, "listing addresses; no XDP"),
+                }
+            }
+            dp.set_north_south(&devices, node_addr)
+                .context("setting up north-south XDP")?;
+
+            let opts = RunOptions {
+                sync_period: args.sync_period,
+                telemetry: telemetry.clone(),
+                events: Some(EventRecorder::new(
+                    client,
+                    node.node_name.clone(),
+                    telemetry.clone(),
+                )),
+            };
+            agent::run(dp, stores, changed, node, opts, shutdown_signal()).await;
         }
     }
-    dp.set_north_south(&devices, node_addr)
-        .context("setting up north-south XDP")?;
-
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-    };
-    agent::run(dp, stores, changed, node, shutdown).await;
     info!("stopped");
     Ok(())
 }

@@ -116,6 +116,8 @@ pub struct EbpfConfig {
     pub maglev_table_size: u32,
     /// Direct server return for remote north-south backends.
     pub dsr: bool,
+    /// How XDP attaches to the external interfaces.
+    pub xdp_mode: links::XdpAttach,
 }
 
 impl EbpfConfig {
@@ -128,6 +130,7 @@ impl EbpfConfig {
             ct_gc_interval: Duration::from_secs(10),
             maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
             dsr: false,
+            xdp_mode: links::XdpAttach::Auto,
         }
     }
 }
@@ -361,11 +364,16 @@ impl EbpfDataplane {
         let dir = links_dir(&self.cfg.bpffs_path);
         for dev in devices {
             let prog: &mut Xdp = program(&mut self.ebpf, progs::XDP_NODEPORT)?;
-            let (link, mode) = links::attach_xdp(prog, dev, &dir.join(format!("xdp-{dev}")))
-                .map_err(|source| EbpfError::Attach {
-                    program: progs::XDP_NODEPORT,
-                    source,
-                })?;
+            let (link, mode) = links::attach_xdp(
+                prog,
+                dev,
+                &dir.join(format!("xdp-{dev}")),
+                self.cfg.xdp_mode,
+            )
+            .map_err(|source| EbpfError::Attach {
+                program: progs::XDP_NODEPORT,
+                source,
+            })?;
             info!(iface = %dev, mode, "attached XDP");
             self.xdp_links.push(link);
             for (name, direction, dir_name) in NETDEV_PROGRAMS {
@@ -621,6 +629,9 @@ impl EbpfDataplane {
         let mut flags = kind_flags(fe.kind);
         if !fe.source_ranges.is_empty() {
             flags |= svc_flags::SOURCE_RANGES;
+        }
+        if fe.local_only {
+            flags |= svc_flags::LOCAL_ONLY;
         }
         let update = |op: &'static str, map: &'static str| {
             let frontend = key.to_string();
@@ -959,6 +970,7 @@ impl Dataplane for EbpfDataplane {
                     affinity_timeout: p.affinity_timeout,
                     source_ranges: p.source_ranges.clone(),
                     maglev_table_size: p.maglev_override,
+                    local_only: p.flags & svc_flags::LOCAL_ONLY != 0,
                 },
             );
         }
@@ -992,6 +1004,18 @@ impl Dataplane for EbpfDataplane {
             self.sweep_conntrack()?;
         }
         Ok(())
+    }
+
+    fn stats_reader(&self) -> Option<Box<dyn super::StatsReader>> {
+        // Its own handles on the pinned maps: reads need no access to the
+        // dataplane the sync loop owns.
+        match Maps::open_pinned(&self.cfg.bpffs_path) {
+            Ok(maps) => Some(Box::new(maps)),
+            Err(e) => {
+                warn!(error = %e, "no map statistics for /metrics");
+                None
+            }
+        }
     }
 }
 

@@ -133,12 +133,25 @@ pub fn unpin(link: PinnedLink) {
     }
 }
 
-/// Attach XDP to `iface` (native mode, generic as a logged fallback),
-/// replacing in place the program of a link pinned at `pin`, and pin it.
+/// How [`attach_xdp`] attaches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// Driver mode only.
+    Native,
+    /// Generic (skb) mode only.
+    Generic,
+    /// Native, generic as a logged fallback.
+    #[default]
+    Auto,
+}
+
+/// Attach XDP to `iface` in `mode`, replacing in place the program of a
+/// link pinned at `pin`, and pin it.
 pub fn attach_xdp(
     prog: &mut aya::programs::Xdp,
     iface: &str,
     pin: &Path,
+    mode: XdpAttach,
 ) -> Result<(PinnedLink, &'static str), LinkPinError> {
     use aya::programs::{XdpMode, xdp::XdpLink};
     let mut attached = None;
@@ -153,19 +166,29 @@ pub fn attach_xdp(
         }
         let _ = fs::remove_file(pin);
     }
-    let (id, mode) = match attached {
-        Some(a) => a,
-        None => match prog.attach(iface, XdpMode::Driver) {
+    let generic = |prog: &mut aya::programs::Xdp| {
+        prog.attach(iface, XdpMode::Skb)
+            .map_err(|source| LinkPinError::Program {
+                what: format!("attaching XDP to {iface} in generic mode"),
+                source: Box::new(source),
+            })
+    };
+    let (id, how) = match (attached, mode) {
+        (Some(a), _) => a,
+        (None, XdpAttach::Generic) => (generic(prog)?, "generic"),
+        (None, XdpAttach::Native) => (
+            prog.attach(iface, XdpMode::Driver)
+                .map_err(|source| LinkPinError::Program {
+                    what: format!("attaching XDP to {iface} in native mode (--xdp-mode native)"),
+                    source: Box::new(source),
+                })?,
+            "native",
+        ),
+        (None, XdpAttach::Auto) => match prog.attach(iface, XdpMode::Driver) {
             Ok(id) => (id, "native"),
             Err(e) => {
                 tracing::warn!(iface, error = %e, "native XDP failed; using generic (skb) mode");
-                let id =
-                    prog.attach(iface, XdpMode::Skb)
-                        .map_err(|source| LinkPinError::Program {
-                            what: format!("attaching XDP to {iface}"),
-                            source: Box::new(source),
-                        })?;
-                (id, "generic")
+                (generic(prog)?, "generic")
             }
         },
     };
@@ -177,5 +200,5 @@ pub fn attach_xdp(
         what: format!("XDP on {iface} is not an fd link"),
         source: Box::new(source),
     })?;
-    Ok((fd.pin(pin).map_err(pin_error(iface))?, mode))
+    Ok((fd.pin(pin).map_err(pin_error(iface))?, how))
 }

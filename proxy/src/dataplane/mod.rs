@@ -16,6 +16,44 @@ pub struct ApplyStats {
     pub backends_removed: usize,
 }
 
+/// One map's (or table's) fill level.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Traffic counters of one frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendCounters {
+    /// `ip:port/PROTO`, as [`crate::lb::FrontendKey`] displays.
+    pub frontend: String,
+    pub kind: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What a dataplane can tell about its own state for `/metrics`. Every
+/// part is optional: a mode fills in what it has.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneStats {
+    pub maps: Vec<MapFill>,
+    /// Connection-tracking entries and capacity.
+    pub conntrack: Option<MapFill>,
+    pub frontends: Vec<FrontendCounters>,
+    /// Dropped packets by reason.
+    pub drops: Vec<(String, u64)>,
+    /// Other data-path counters by name.
+    pub counters: Vec<(String, u64)>,
+}
+
+/// Reads [`DataplaneStats`] concurrently with the sync loop (the metrics
+/// endpoint owns it; the dataplane itself stays with the sync loop).
+pub trait StatsReader: Send + Sync {
+    fn read(&self) -> Result<DataplaneStats, Box<dyn std::error::Error + Send + Sync>>;
+}
+
 pub trait Dataplane {
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -31,4 +69,11 @@ pub trait Dataplane {
 
     /// Periodic work: attach to new interfaces, and so on.
     fn housekeeping(&mut self) -> Result<(), Self::Error>;
+
+    /// A reader of this dataplane's counters and fill levels for
+    /// `/metrics`; None: the mode has none (only the agent's own metrics
+    /// are served).
+    fn stats_reader(&self) -> Option<Box<dyn StatsReader>> {
+        None
+    }
 }

@@ -1,0 +1,197 @@
+//! Kubernetes Events (core/v1) for objects that cannot be programmed: one
+//! Warning per distinct problem (object, field, value, reason) while it
+//! lasts, posted in the background through a token bucket so a flood of bad
+//! objects cannot flood the API server. A problem that goes away and comes
+//! back is reported again.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::core::v1::{Event, EventSource, ObjectReference},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
+    jiff::Timestamp,
+};
+use kube::{Api, Client, api::PostParams};
+use tracing::{info, warn};
+
+use crate::{metrics::Telemetry, model::ModelError};
+
+/// `source.component` / `reportingComponent` of our Events.
+pub const COMPONENT: &str = "kube-proxy-ebpf";
+/// `reason` of our Events.
+pub const REASON: &str = "FailedToProgram";
+
+/// Token bucket: at most `burst` Events at once, then one per `refill`.
+const BURST: f64 = 25.0;
+const REFILL: Duration = Duration::from_secs(3);
+
+type Key = (String, String, String, String, String);
+
+fn key(e: &ModelError) -> Key {
+    (
+        e.kind.to_owned(),
+        e.object.clone(),
+        e.field.clone(),
+        e.value.clone(),
+        e.reason.clone(),
+    )
+}
+
+/// The Event for a model error (pure; the namespace it goes to is the
+/// object's, `default` for cluster-scoped objects, as kubelet does for Nodes).
+pub fn event_for(e: &ModelError, node: &str, now: Timestamp) -> Event {
+    let (namespace, name) = match e.object.split_once('/') {
+        Some((ns, n)) => (Some(ns.to_owned()), n.to_owned()),
+        None => (None, e.object.clone()),
+    };
+    let api_version = match e.kind {
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => "v1",
+    };
+    Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{name}.")),
+            namespace: Some(namespace.clone().unwrap_or_else(|| "default".to_owned())),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(api_version.to_owned()),
+            kind: Some(e.kind.to_owned()),
+            name: Some(name),
+            namespace,
+            field_path: Some(e.field.clone()),
+            ..Default::default()
+        },
+        reason: Some(REASON.to_owned()),
+        message: Some(format!(
+            "cannot program {} {}: field {} = {:?}: {}",
+            e.kind, e.object, e.field, e.value, e.reason
+        )),
+        type_: Some("Warning".to_owned()),
+        source: Some(EventSource {
+            component: Some(COMPONENT.to_owned()),
+            host: Some(node.to_owned()),
+        }),
+        reporting_component: Some(COMPONENT.to_owned()),
+        reporting_instance: Some(node.to_owned()),
+        action: Some("Program".to_owned()),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        ..Default::default()
+    }
+}
+
+/// Posts Events for model errors; call [`EventRecorder::report`] after
+/// every sync with that sync's errors.
+pub struct EventRecorder {
+    client: Client,
+    node: String,
+    telemetry: Arc<Telemetry>,
+    /// Problems reported (or being reported) and still present.
+    reported: Arc<Mutex<HashSet<Key>>>,
+    tokens: f64,
+    last_refill: Instant,
+}
+
+impl EventRecorder {
+    pub fn new(client: Client, node: String, telemetry: Arc<Telemetry>) -> EventRecorder {
+        EventRecorder {
+            client,
+            node,
+            telemetry,
+            reported: Arc::default(),
+            tokens: BURST,
+            last_refill: Instant::now(),
+        }
+    }
+
+    /// Post an Event for each problem not reported yet (as far as the rate
+    /// limit allows; the rest wait for a later sync) and forget problems
+    /// that are gone. Must run inside a tokio runtime.
+    pub fn report(&mut self, errors: &[ModelError]) {
+        let elapsed = self.last_refill.elapsed();
+        self.tokens = (self.tokens + elapsed.as_secs_f64() / REFILL.as_secs_f64()).min(BURST);
+        self.last_refill = Instant::now();
+        let current: HashSet<Key> = errors.iter().map(key).collect();
+        let mut reported = match self.reported.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        reported.retain(|k| current.contains(k));
+        for e in errors {
+            let k = key(e);
+            if reported.contains(&k) {
+                continue;
+            }
+            if self.tokens < 1.0 {
+                warn!("Event rate limit reached; remaining problems are reported later");
+                break;
+            }
+            self.tokens -= 1.0;
+            reported.insert(k.clone());
+            let ev = event_for(e, &self.node, Timestamp::now());
+            let ns = ev
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned());
+            let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
+            let reported = self.reported.clone();
+            let telemetry = self.telemetry.clone();
+            let object = format!("{} {}", e.kind, e.object);
+            tokio::spawn(async move {
+                match api.create(&PostParams::default(), &ev).await {
+                    Ok(_) => info!(%object, "posted Event {REASON}"),
+                    Err(err) => {
+                        warn!(%object, error = %err, "posting an Event failed");
+                        telemetry.error("event", 1);
+                        // Try again on a later sync.
+                        if let Ok(mut r) = reported.lock() {
+                            r.remove(&k);
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_object_field_and_value() {
+        let e = ModelError {
+            kind: "Service",
+            object: "default/web".into(),
+            field: "spec.ports[0].port".into(),
+            value: "70000".into(),
+            reason: "not a port number".into(),
+        };
+        let ev = event_for(&e, "node1", Timestamp::UNIX_EPOCH);
+        assert_eq!(ev.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(ev.involved_object.name.as_deref(), Some("web"));
+        assert_eq!(ev.involved_object.kind.as_deref(), Some("Service"));
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
+        let msg = ev.message.unwrap_or_default();
+        assert!(
+            msg.contains("spec.ports[0].port") && msg.contains("70000"),
+            "{msg}"
+        );
+        let node = ModelError {
+            kind: "Node",
+            object: "node1".into(),
+            ..e
+        };
+        let ev = event_for(&node, "node1", Timestamp::UNIX_EPOCH);
+        assert_eq!(ev.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(ev.involved_object.namespace, None);
+    }
+}
