@@ -1012,6 +1012,7 @@ fn north_south_udp() -> Fixture {
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
+                local_only: false,
             },
         )
     };
@@ -1095,6 +1096,7 @@ fn source_ranges_hold_for_pods_reaching_a_load_balancer_ip() {
                 affinity_timeout: 0,
                 source_ranges: vec![(CLIENT, 32)],
                 maglev_table_size: None,
+                local_only: false,
             },
         )])
         .expect("program LB frontend");

@@ -139,7 +139,7 @@ fn removing_any_rule_or_verb_of_the_deploy_role_breaks_the_agent() -> Result<()>
                 });
             let event = reqs
                 .iter()
-                .any(|r| r.path.ends_with("/events") && (200..300).contains(&r.status));
+                .any(|r| r.method == "POST" && r.path.contains("/events") && r.status == 201);
             (all && event).then_some(())
         });
         if watching.is_none() {
