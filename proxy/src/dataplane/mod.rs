@@ -3,7 +3,12 @@
 
 pub mod conntrack;
 pub mod ebpf;
+pub mod fallback;
+pub mod iptables;
+pub mod iptables_rules;
 pub mod links;
+pub mod nftables;
+pub mod nftables_rules;
 
 use crate::{diff::Change, lb::LbTable};
 
