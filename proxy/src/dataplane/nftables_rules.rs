@@ -195,7 +195,7 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Ruleset {
     for (_, name, _) in CONTAINERS {
         r.elements.insert(name, BTreeMap::new());
     }
-    let mut elem = |r: &mut Ruleset, map: &'static str, key: String, v: Option<String>| {
+    let elem = |r: &mut Ruleset, map: &'static str, key: String, v: Option<String>| {
         r.elements.entry(map).or_default().insert(key, v);
     };
     for (k, f) in frontends {
