@@ -863,11 +863,17 @@ impl Scenario {
     }
 }
 
-/// Packets of our DNAT and REJECT rules in `iptables-save -c` output
-/// (`[packets:bytes] -A KUBE-... -j DNAT|REJECT ...`).
+/// Packets of our DNAT, REDIRECT and REJECT rules and of the jump to
+/// `KUBE-NODEPORTS` (which outlives a deleted service) in `iptables-save
+/// -c` output (`[packets:bytes] -A KUBE-... -j ...`).
 pub fn iptables_counter(save: &str) -> u64 {
     save.lines()
-        .filter(|l| l.contains("] -A KUBE-") && (l.contains("-j DNAT") || l.contains("-j REJECT")))
+        .filter(|l| {
+            l.contains("] -A KUBE-")
+                && ["-j DNAT", "-j REJECT", "-j REDIRECT", "-j KUBE-NODEPORTS"]
+                    .iter()
+                    .any(|t| l.contains(t))
+        })
         .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
         .sum()
 }

@@ -70,11 +70,13 @@ async fn main() -> Result<()> {
     match args.mode {
         Mode::Ebpf => {}
         Mode::Iptables => {
-            let dp = IptablesDataplane::new().context("setting up the iptables dataplane")?;
+            let dp = IptablesDataplane::new(rule_options(&args))
+                .context("setting up the iptables dataplane")?;
             return run_fallback(dp, &args, node).await;
         }
         Mode::Nftables => {
-            let dp = NftablesDataplane::new().context("setting up the nftables dataplane")?;
+            let dp = NftablesDataplane::new(rule_options(&args))
+                .context("setting up the nftables dataplane")?;
             return run_fallback(dp, &args, node).await;
         }
         Mode::Ipvs => {
@@ -130,6 +132,11 @@ async fn main() -> Result<()> {
     agent::run(dp, stores, changed, node, shutdown()).await;
     info!("stopped");
     Ok(())
+}
+
+/// Pod interfaces for the fallback modes' local-traffic detection.
+fn rule_options(args: &Args) -> proxy::dataplane::fallback::RuleOptions {
+    proxy::dataplane::fallback::RuleOptions::from_pod_device_globs(&args.pod_devices)
 }
 
 /// SIGINT or SIGTERM.

@@ -7,13 +7,14 @@ use tracing::{debug, info};
 
 use super::{
     ApplyStats, Dataplane,
-    fallback::{self, FallbackError, applied, flush_udp_flows, stale_udp_flows},
+    fallback::{self, FallbackError, RuleOptions, applied, flush_udp_flows, stale_udp_flows},
     iptables_rules::{self, JUMP_COMMENT, Tables},
 };
 use crate::{diff::Change, lb::LbTable};
 
 pub struct IptablesDataplane {
     programmed: LbTable,
+    opts: RuleOptions,
     /// What the kernel holds in our chains (as last written).
     written: Tables,
     ticks: u32,
@@ -74,7 +75,7 @@ pub fn cleanup() -> Result<bool, FallbackError> {
 impl IptablesDataplane {
     /// Checks the tools work, installs the jumps and learns which of our
     /// chains an earlier run left (the first sync rewrites or deletes them).
-    pub fn new() -> Result<IptablesDataplane, FallbackError> {
+    pub fn new(opts: RuleOptions) -> Result<IptablesDataplane, FallbackError> {
         let filter = iptables_rules::our_chains(&save("filter")?, "filter");
         let nat = iptables_rules::our_chains(&save("nat")?, "nat");
         if !filter.is_empty() || !nat.is_empty() {
@@ -86,6 +87,7 @@ impl IptablesDataplane {
         // The jumps need the chains to exist: write the fixed ones first.
         let mut dp = IptablesDataplane {
             programmed: LbTable::default(),
+            opts,
             written: Tables::unknown(&filter, &nat),
             ticks: 0,
         };
@@ -95,7 +97,7 @@ impl IptablesDataplane {
     }
 
     fn write(&mut self, next: &LbTable) -> Result<iptables_rules::Plan, FallbackError> {
-        let tables = iptables_rules::generate(&next.frontends);
+        let tables = iptables_rules::generate(&next.frontends, &self.opts);
         let (input, plan) = iptables_rules::render(&tables, &self.written);
         if !input.is_empty() {
             debug!(bytes = input.len(), "iptables-restore");

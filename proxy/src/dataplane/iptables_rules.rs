@@ -14,7 +14,9 @@
 //! * `KUBE-EXT-<h>`: external traffic; masquerade it (`KUBE-MARK-MASQ`) when
 //!   some backend is on another node (so the reply comes back through this
 //!   node), then `KUBE-SVC-<h>`. With only local backends (as with
-//!   `externalTrafficPolicy: Local`) the client's address is kept.
+//!   `externalTrafficPolicy: Local`) the client's address is kept, and so
+//!   it is for local pods (`-i <pod interface prefix>+`, kube-proxy's
+//!   interface-name local detection).
 //! * `KUBE-FW-<h>`: listed source ranges go on to `KUBE-EXT-<h>`, the rest
 //!   is marked for the filter table's `KUBE-FIREWALL` to drop.
 //! * `KUBE-SVC-<h>`: `-m recent` affinity checks, then one rule per backend
@@ -22,8 +24,13 @@
 //! * `KUBE-SEP-<h>`: hairpin (`-s backend`) masquerade, affinity `--set`,
 //!   DNAT to the backend.
 //! * `KUBE-POSTROUTING` (from POSTROUTING): masquerade marked packets.
-//! * filter `KUBE-SERVICES` (FORWARD, OUTPUT) and `KUBE-EXTERNAL-SERVICES`
-//!   (INPUT, FORWARD): REJECT for frontends without endpoints.
+//! * filter `KUBE-SERVICES` (INPUT, FORWARD, OUTPUT) and
+//!   `KUBE-EXTERNAL-SERVICES` (INPUT, FORWARD): REJECT for frontends
+//!   without endpoints, matched on the conntrack original destination.
+//!   Unlike kube-proxy, such traffic to a non-local address is first
+//!   REDIRECTed in nat `KUBE-SERVICES`, so the reject also works on a node
+//!   without a route for the service range (where FORWARD is never
+//!   reached); TCP is refused with a reset (not rate-limited like ICMP).
 //!
 //! `<h>` is [`frontend_hash`] / [`endpoint_hash`]: one chain per frontend
 //! (a ClusterIP and each node address of a NodePort are separate frontends
@@ -31,7 +38,9 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::fallback::{DROP_MARK, MASQ_MARK, endpoint_hash, frontend_hash, proto_lower};
+use super::fallback::{
+    DROP_MARK, MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash, proto_lower,
+};
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
 /// Chains we own in the nat table whatever the services.
@@ -69,6 +78,7 @@ pub fn jumps() -> Vec<(&'static str, &'static str, String)> {
             "FORWARD",
             format!("{c} {new} -j KUBE-EXTERNAL-SERVICES"),
         ),
+        ("filter", "INPUT", format!("{c} {new} -j KUBE-SERVICES")),
         ("filter", "FORWARD", format!("{c} {new} -j KUBE-SERVICES")),
         ("filter", "OUTPUT", format!("{c} {new} -j KUBE-SERVICES")),
         ("filter", "INPUT", format!("{c} -j KUBE-FIREWALL")),
@@ -124,7 +134,7 @@ fn probability(i: usize, n: usize) -> String {
 }
 
 /// The rules for `frontends`.
-pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
+pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> Tables {
     let mut t = Tables::default();
     for c in FILTER_FIXED {
         t.filter.insert(c.to_owned(), Vec::new());
@@ -147,11 +157,30 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
                 FrontendKind::ClusterIp => "KUBE-SERVICES",
                 _ => "KUBE-EXTERNAL-SERVICES",
             };
+            // A node without a route for the service address would drop
+            // the packet before FORWARD: REDIRECT makes it local (the
+            // incoming interface's address), and the filter rule below,
+            // matching the original destination, rejects it on INPUT.
+            if f.kind != FrontendKind::NodePort {
+                push(
+                    &mut t.nat,
+                    "KUBE-SERVICES",
+                    format!("-m comment --comment \"{k} has no endpoints\" {m} -j REDIRECT"),
+                );
+            }
+            // TCP gets a reset: ICMP errors are rate-limited per peer
+            // (net.ipv4.icmp_ratelimit), so a client retrying quickly
+            // would wait for its SYN retransmit instead of being refused.
+            let with = match k.proto {
+                crate::model::Protocol::Tcp => "tcp-reset",
+                _ => "icmp-port-unreachable",
+            };
             push(
                 &mut t.filter,
                 chain,
                 format!(
-                    "-m comment --comment \"{k} has no endpoints\" {m} -j REJECT --reject-with icmp-port-unreachable"
+                    "-m comment --comment \"{k} has no endpoints\" -p {p} -m conntrack --ctorigdst {}/32 --ctorigdstport {} -j REJECT --reject-with {with}",
+                    k.addr, k.port
                 ),
             );
             continue;
@@ -186,6 +215,15 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
                 );
             }
             if f.backends.iter().any(|b| !b.local) {
+                for prefix in &opts.pod_interface_prefixes {
+                    push(
+                        &mut t.nat,
+                        &ext,
+                        format!(
+                            "-m comment --comment \"pod traffic for external destinations\" -i {prefix}+ -j {svc}"
+                        ),
+                    );
+                }
                 push(
                     &mut t.nat,
                     &ext,
@@ -401,7 +439,7 @@ mod tests {
 
     #[test]
     fn unchanged_tables_render_nothing() {
-        let t = generate(&BTreeMap::new());
+        let t = generate(&BTreeMap::new(), &RuleOptions::default());
         assert_eq!(render(&t, &t).0, "");
         let (full, plan) = render(&t, &Tables::default());
         assert!(full.contains("*nat") && full.contains("*filter"), "{full}");

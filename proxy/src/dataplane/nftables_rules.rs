@@ -15,7 +15,8 @@
 //!             vmap @no-endpoint-services / @no-endpoint-nodeports -> reject
 //!   nat-postrouting (srcnat)              -> masquerading (mark 0x4000)
 //!   svc-<h>:  affinity (ip saddr @aff-*), numgen random mod n vmap { i: goto sep-* }
-//!   ext-<h>:  mark for masquerade when some backend is remote; goto svc-<h>
+//!   ext-<h>:  local pods (iifname prefix): goto svc-<h>; mark for
+//!             masquerade when some backend is remote; goto svc-<h>
 //!   fw-<h>:   ip saddr in ranges: return; else drop
 //!   sep-<h>:  hairpin masquerade, affinity update, counter, dnat
 //! ```
@@ -25,7 +26,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
-use super::fallback::{MASQ_MARK, endpoint_hash, frontend_hash, proto_lower};
+use super::fallback::{MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash, proto_lower};
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
 /// Our table (family `ip`).
@@ -134,7 +135,7 @@ fn fixed_chains() -> BTreeMap<String, Chain> {
                 None,
                 &[
                     "ip daddr . meta l4proto . th dport vmap @service-ips",
-                    "fib daddr type local ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+                    "fib daddr type local ip daddr @nodeport-ips counter meta l4proto . th dport vmap @service-nodeports",
                 ],
             ),
         ),
@@ -155,7 +156,16 @@ fn fixed_chains() -> BTreeMap<String, Chain> {
                 ],
             ),
         ),
-        ("reject-chain".to_owned(), c(None, &["counter reject"])),
+        (
+            "reject-chain".to_owned(),
+            c(
+                None,
+                &[
+                    "meta l4proto tcp counter reject with tcp reset",
+                    "counter reject",
+                ],
+            ),
+        ),
         (
             "masquerading".to_owned(),
             Chain {
@@ -187,7 +197,7 @@ fn chain_hash(k: &FrontendKey, f: &Frontend) -> String {
 }
 
 /// Our table's content for `frontends`.
-pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Ruleset {
+pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> Ruleset {
     let mut r = Ruleset {
         chains: fixed_chains(),
         ..Default::default()
@@ -247,6 +257,9 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Ruleset {
             let ext = format!("ext-{h}");
             let mut rules = Vec::new();
             if f.backends.iter().any(|b| !b.local) {
+                for prefix in &opts.pod_interface_prefixes {
+                    rules.push(format!("iifname \"{prefix}*\" goto {svc}"));
+                }
                 rules.push("jump mark-for-masquerade".to_owned());
             }
             rules.push(format!("goto {svc}"));
@@ -442,7 +455,7 @@ mod tests {
 
     #[test]
     fn unchanged_ruleset_renders_nothing() {
-        let r = generate(&BTreeMap::new());
+        let r = generate(&BTreeMap::new(), &RuleOptions::default());
         assert_eq!(render(&r, Some(&r)).0, "");
         let (full, _) = render(&r, None);
         assert!(
