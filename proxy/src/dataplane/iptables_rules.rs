@@ -11,14 +11,17 @@
 //!   `KUBE-SVC-*` (ClusterIP), `KUBE-EXT-*` (ExternalIP, LoadBalancer) or
 //!   `KUBE-FW-*` (with `loadBalancerSourceRanges`); last, local
 //!   destinations go to `KUBE-NODEPORTS` (the NodePort frontends).
-//! * `KUBE-EXT-<h>`: external traffic; masquerade it (`KUBE-MARK-MASQ`) when
-//!   some backend is on another node (so the reply comes back through this
-//!   node), then `KUBE-SVC-<h>`. With only local backends (as with
-//!   `externalTrafficPolicy: Local`) the client's address is kept, and so
-//!   it is for local pods (`-i <pod interface prefix>+`, kube-proxy's
-//!   interface-name local detection).
+//! * `KUBE-EXT-<h>`: external traffic (NodePort, ExternalIP, LoadBalancer),
+//!   on to `KUBE-SVC-<h>`; its `KUBE-SEP-*` chains send traffic to a backend
+//!   on another node through `KUBE-MARK-MASQ-EXT`, which masquerades unless
+//!   it came from a local pod (`-i <pod interface prefix>+`, kube-proxy's
+//!   interface-name local detection), so the reply comes back through this
+//!   node. Local backends see the client (kube-proxy masquerades all
+//!   external traffic under `externalTrafficPolicy: Cluster`; the eBPF mode
+//!   and this one only what must be).
 //! * `KUBE-FW-<h>`: listed source ranges go on to `KUBE-EXT-<h>`, the rest
-//!   is marked for the filter table's `KUBE-FIREWALL` to drop.
+//!   is marked for the filter table's `KUBE-FIREWALL` to drop (and
+//!   REDIRECTed, so it reaches INPUT on a node without a route for it).
 //! * `KUBE-SVC-<h>`: `-m recent` affinity checks, then one rule per backend
 //!   with `-m statistic --mode random --probability 1/(n-i)` (uniform).
 //! * `KUBE-SEP-<h>`: hairpin (`-s backend`) masquerade, affinity `--set`,
@@ -44,7 +47,8 @@ use super::fallback::{
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
 /// Chains we own in the nat table whatever the services.
-pub const NAT_FIXED: [&str; 5] = [
+pub const NAT_FIXED: [&str; 6] = [
+    "KUBE-MARK-MASQ-EXT",
     "KUBE-SERVICES",
     "KUBE-NODEPORTS",
     "KUBE-POSTROUTING",
@@ -213,23 +217,9 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
                     "-m comment --comment \"source not in loadBalancerSourceRanges\" -j KUBE-MARK-DROP"
                         .to_owned(),
                 );
-            }
-            if f.backends.iter().any(|b| !b.local) {
-                for prefix in &opts.pod_interface_prefixes {
-                    push(
-                        &mut t.nat,
-                        &ext,
-                        format!(
-                            "-m comment --comment \"pod traffic for external destinations\" -i {prefix}+ -j {svc}"
-                        ),
-                    );
-                }
-                push(
-                    &mut t.nat,
-                    &ext,
-                    "-m comment --comment \"masquerade traffic for external destinations\" -j KUBE-MARK-MASQ"
-                        .to_owned(),
-                );
+                // Made local so that filter INPUT's KUBE-FIREWALL sees and
+                // drops it even on a node without a route for the address.
+                push(&mut t.nat, &fw, "-j REDIRECT".to_owned());
             }
             push(&mut t.nat, &ext, format!("-j {svc}"));
         }
@@ -275,6 +265,9 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
                 sep,
                 format!("-s {}/32 -j KUBE-MARK-MASQ", b.addr),
             );
+            if f.kind != FrontendKind::ClusterIp && !b.local {
+                push(&mut t.nat, sep, "-j KUBE-MARK-MASQ-EXT".to_owned());
+            }
             let affinity = if f.affinity_timeout > 0 {
                 format!("-m recent --name {sep} --mask 255.255.255.255 --rsource --set ")
             } else {
@@ -300,6 +293,20 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
         &mut t.nat,
         "KUBE-MARK-MASQ",
         format!("-j MARK --or-mark {MASQ_MARK:#x}"),
+    );
+    for prefix in &opts.pod_interface_prefixes {
+        push(
+            &mut t.nat,
+            "KUBE-MARK-MASQ-EXT",
+            format!(
+                "-m comment --comment \"local pods keep their address\" -i {prefix}+ -j RETURN"
+            ),
+        );
+    }
+    push(
+        &mut t.nat,
+        "KUBE-MARK-MASQ-EXT",
+        "-j KUBE-MARK-MASQ".to_owned(),
     );
     push(
         &mut t.nat,

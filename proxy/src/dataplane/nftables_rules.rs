@@ -15,10 +15,11 @@
 //!             vmap @no-endpoint-services / @no-endpoint-nodeports -> reject
 //!   nat-postrouting (srcnat)              -> masquerading (mark 0x4000)
 //!   svc-<h>:  affinity (ip saddr @aff-*), numgen random mod n vmap { i: goto sep-* }
-//!   ext-<h>:  local pods (iifname prefix): goto svc-<h>; mark for
-//!             masquerade when some backend is remote; goto svc-<h>
+//!   ext-<h>:  goto svc-<h> (external frontends)
 //!   fw-<h>:   ip saddr in ranges: return; else drop
-//!   sep-<h>:  hairpin masquerade, affinity update, counter, dnat
+//!   sep-<h>:  hairpin masquerade; for an external frontend and a remote
+//!             backend, masquerade unless from a local pod (iifname
+//!             prefix); affinity update, counter, dnat
 //! ```
 //!
 //! No-endpoint rejects sit in prerouting (nft allows `reject` there), so
@@ -202,6 +203,16 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
         chains: fixed_chains(),
         ..Default::default()
     };
+    let mut rules: Vec<String> = opts
+        .pod_interface_prefixes
+        .iter()
+        .map(|p| format!("iifname \"{p}*\" return"))
+        .collect();
+    rules.push("jump mark-for-masquerade".to_owned());
+    r.chains.insert(
+        "mark-for-masquerade-external".to_owned(),
+        Chain { hook: None, rules },
+    );
     for (_, name, _) in CONTAINERS {
         r.elements.insert(name, BTreeMap::new());
     }
@@ -255,15 +266,13 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             svc.clone()
         } else {
             let ext = format!("ext-{h}");
-            let mut rules = Vec::new();
-            if f.backends.iter().any(|b| !b.local) {
-                for prefix in &opts.pod_interface_prefixes {
-                    rules.push(format!("iifname \"{prefix}*\" goto {svc}"));
-                }
-                rules.push("jump mark-for-masquerade".to_owned());
-            }
-            rules.push(format!("goto {svc}"));
-            r.chains.insert(ext.clone(), Chain { hook: None, rules });
+            r.chains.insert(
+                ext.clone(),
+                Chain {
+                    hook: None,
+                    rules: vec![format!("goto {svc}")],
+                },
+            );
             ext
         };
         if nodeport {
@@ -296,6 +305,9 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             let eh = endpoint_hash(&ck, b);
             let sep = format!("sep-{eh}");
             let mut sep_rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.addr)];
+            if f.kind != FrontendKind::ClusterIp && !b.local {
+                sep_rules.push("jump mark-for-masquerade-external".to_owned());
+            }
             if f.affinity_timeout > 0 {
                 let set = format!("aff-{eh}-{}", f.affinity_timeout);
                 r.sets.insert(
