@@ -69,7 +69,45 @@ pub fn cleanup() -> Result<bool, FallbackError> {
         let input = iptables_rules::render_cleanup(&filter, &nat);
         fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(&input))?;
     }
+    if found {
+        remove_empty_nft_builtins();
+    }
     Ok(found)
+}
+
+/// iptables-nft creates a built-in chain (as an nftables base chain) the
+/// first time a rule goes in; once our jumps are gone it may be left empty.
+/// An empty base chain with policy accept is a no-op and iptables-nft
+/// recreates it on demand, so removing it (and a table left with nothing)
+/// brings `nft list ruleset` back to what it was; `iptables-save` shows
+/// built-in chains either way.
+fn remove_empty_nft_builtins() {
+    let nf_tables =
+        fallback::run("iptables", &["--version"], None).is_ok_and(|v| v.contains("nf_tables"));
+    if !nf_tables {
+        return;
+    }
+    for (table, chains) in [
+        ("nat", &["PREROUTING", "OUTPUT", "POSTROUTING"][..]),
+        ("filter", &["INPUT", "FORWARD", "OUTPUT"][..]),
+    ] {
+        for chain in chains {
+            let Ok(list) = fallback::run("nft", &["list", "chain", "ip", table, chain], None)
+            else {
+                continue;
+            };
+            if iptables_rules::is_empty_accept_base_chain(&list) {
+                let _ = fallback::run("nft", &["delete", "chain", "ip", table, chain], None);
+            }
+        }
+        if let Ok(list) = fallback::run("nft", &["list", "table", "ip", table], None)
+            && !list.contains("chain ")
+            && !list.contains("set ")
+            && !list.contains("map ")
+        {
+            let _ = fallback::run("nft", &["delete", "table", "ip", table], None);
+        }
+    }
 }
 
 impl IptablesDataplane {

@@ -423,8 +423,28 @@ pub fn our_chains(save: &str, table: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether `nft list chain` output is a base chain with policy accept and
+/// no rules.
+pub fn is_empty_accept_base_chain(list: &str) -> bool {
+    let mut body = list.lines().map(str::trim).filter(|l| {
+        !l.is_empty() && !l.starts_with("table ") && !l.starts_with("chain ") && *l != "}"
+    });
+    matches!(body.next(), Some(l) if l.starts_with("type ") && l.ends_with("policy accept;"))
+        && body.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn empty_base_chains() {
+        let empty = "table ip nat {\n\tchain PREROUTING {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t}\n}\n";
+        assert!(super::is_empty_accept_base_chain(empty));
+        let rule = "table ip nat {\n\tchain PREROUTING {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tcounter\n\t}\n}\n";
+        assert!(!super::is_empty_accept_base_chain(rule));
+        let drop = "table ip filter {\n\tchain INPUT {\n\t\ttype filter hook input priority filter; policy drop;\n\t}\n}\n";
+        assert!(!super::is_empty_accept_base_chain(drop));
+    }
+
     use super::*;
 
     #[test]
