@@ -136,7 +136,7 @@ fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
     node_port_from_outside(DataplaneMode::EbpfTc)
 }
 
-/// SERVICE-BEHAVIOURS 8, 9 (LoadBalancer IP), 18 and 22 in the kube-proxy
+/// SERVICE-BEHAVIOURS 8, 9 (LoadBalancer IP), 14 (NodePort), 18 and 22 in the kube-proxy
 /// fallback modes: the same test bodies.
 mod fallback {
     use super::*;
@@ -149,6 +149,16 @@ mod fallback {
     #[test]
     fn nftables_node_port_from_outside_and_etp_local() {
         node_port_from_outside(DataplaneMode::Nftables)
+    }
+
+    #[test]
+    fn iptables_node_port_session_affinity() {
+        node_port_session_affinity(DataplaneMode::Iptables)
+    }
+
+    #[test]
+    fn nftables_node_port_session_affinity() {
+        node_port_session_affinity(DataplaneMode::Nftables)
     }
 
     #[test]
@@ -691,6 +701,10 @@ fn dsr_remote_backend_sees_the_client_and_answers_directly() {
 /// of the client goes to one backend, local or remote.
 #[test]
 fn node_port_session_affinity_from_outside() {
+    node_port_session_affinity(DataplaneMode::EbpfTc)
+}
+
+fn node_port_session_affinity(mode: DataplaneMode) {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let mut servers = Vec::new();
     let mut eps = String::new();
@@ -726,7 +740,7 @@ endpoints:
             )),
     )
     .expect("objects");
-    let agents = start_agents(&cluster, &api, "sync done");
+    let agents = start_agents_in(mode, &cluster, &api, "sync done");
     let ext = cluster.external();
     let to = SocketAddr::from((cluster.node(1).underlay_ip, 30140));
     wait_up(&ext.ns, to, &agents[0]);
