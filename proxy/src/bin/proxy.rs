@@ -11,6 +11,7 @@ use proxy::{
         Dataplane, cleanup,
         ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
         iptables::IptablesDataplane,
+        ipvs::IpvsDataplane,
         nftables::NftablesDataplane,
     },
     k8s,
@@ -59,11 +60,19 @@ async fn main() -> Result<()> {
     if let Mode::Ipvs = args.mode {
         // Before touching any state: a kernel without IP_VS ends here.
         proxy::dataplane::ipvs::probe()?;
+        if !proxy::dataplane::ipvs::valid_scheduler(&args.ipvs_scheduler) {
+            bail!(
+                "--ipvs-scheduler {}: not one of {}",
+                args.ipvs_scheduler,
+                proxy::dataplane::ipvs::SCHEDULERS.join(", ")
+            );
+        }
     }
     // Switching modes: what another mode left goes first.
     let keep = match args.mode {
         Mode::Ebpf => cleanup::StateOf::Ebpf,
-        Mode::Iptables | Mode::Ipvs => cleanup::StateOf::Iptables,
+        Mode::Iptables => cleanup::StateOf::Iptables,
+        Mode::Ipvs => cleanup::StateOf::Ipvs,
         Mode::Nftables => cleanup::StateOf::Nftables,
     };
     cleanup::all_but(Some(keep), &args.bpffs_path);
@@ -80,7 +89,9 @@ async fn main() -> Result<()> {
             return run_fallback(dp, &args, node).await;
         }
         Mode::Ipvs => {
-            bail!("--mode ipvs: only the netlink probe is implemented; use iptables or nftables")
+            let dp = IpvsDataplane::new(&args.ipvs_scheduler)
+                .context("setting up the ipvs dataplane")?;
+            return run_fallback(dp, &args, node).await;
         }
     }
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());

@@ -45,6 +45,14 @@ pub enum IpvsError {
     Malformed(&'static str),
     #[error("netlink: kernel error {0}")]
     Kernel(i32),
+    #[error("{op}: {source}")]
+    Op {
+        op: String,
+        #[source]
+        source: Box<IpvsError>,
+    },
+    #[error(transparent)]
+    Command(#[from] super::fallback::FallbackError),
 }
 
 /// Appends one attribute (`struct nlattr`: u16 length incl. header, u16
@@ -180,6 +188,20 @@ fn roundtrip(req: &[u8]) -> Result<Vec<u8>, IpvsError> {
     }
     buf.truncate(n as usize);
     Ok(buf)
+}
+
+/// The outcome in an acknowledgement (`NLMSG_ERROR`; code 0 is success).
+pub fn decode_ack(msg: &[u8]) -> Result<(), IpvsError> {
+    if msg.len() < 20 {
+        return Err(IpvsError::Malformed("short acknowledgement"));
+    }
+    if u16::from_ne_bytes([msg[4], msg[5]]) != NLMSG_ERROR {
+        return Err(IpvsError::Malformed("not an acknowledgement"));
+    }
+    match i32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]) {
+        0 => Ok(()),
+        code => Err(IpvsError::Kernel(code)),
+    }
 }
 
 /// Resolve the IPVS family: its id, or [`IpvsError::NotAvailable`].
@@ -464,10 +486,152 @@ pub fn valid_scheduler(name: &str) -> bool {
     SCHEDULERS.contains(&name)
 }
 
+/// The dummy interface holding service addresses (kube-proxy's name).
+pub const DUMMY: &str = "kube-ipvs0";
+
+/// `--mode ipvs` as a [`super::Dataplane`]: the plan between the last
+/// state and the desired one, one acknowledged generic netlink request per
+/// operation, addresses on [`DUMMY`] with `ip`. Not exercised against a
+/// live IPVS kernel yet (none here); the iptables/ipset glue kube-proxy's
+/// ipvs mode adds for masquerade and node ports is not there either.
+pub struct IpvsDataplane {
+    family: u16,
+    scheduler: String,
+    seq: u32,
+    state: IpvsState,
+    programmed: crate::lb::LbTable,
+}
+
+impl IpvsDataplane {
+    /// Resolves the family (failing in one sentence without IP_VS), creates
+    /// the dummy interface and starts from an empty IPVS table.
+    pub fn new(scheduler: &str) -> Result<IpvsDataplane, IpvsError> {
+        let family = probe()?;
+        let mut dp = IpvsDataplane {
+            family,
+            scheduler: scheduler.to_owned(),
+            seq: 1,
+            state: IpvsState::default(),
+            programmed: crate::lb::LbTable::default(),
+        };
+        dp.reset()?;
+        Ok(dp)
+    }
+
+    /// Flush IPVS and the dummy interface's addresses.
+    fn reset(&mut self) -> Result<(), IpvsError> {
+        self.seq = self.seq.wrapping_add(1);
+        decode_ack(&roundtrip(&encode_flush(self.family, self.seq))?)?;
+        if super::fallback::run("ip", &["link", "show", DUMMY], None).is_err() {
+            super::fallback::run("ip", &["link", "add", DUMMY, "type", "dummy"], None)?;
+        }
+        super::fallback::run("ip", &["addr", "flush", "dev", DUMMY], None)?;
+        self.state = IpvsState::default();
+        Ok(())
+    }
+
+    fn execute(&mut self, op: &IpvsOp) -> Result<(), IpvsError> {
+        let wrap = |e: IpvsError| IpvsError::Op {
+            op: format!("{op:?}"),
+            source: Box::new(e),
+        };
+        match op {
+            IpvsOp::AddAddress(a) | IpvsOp::DelAddress(a) => {
+                let verb = if matches!(op, IpvsOp::AddAddress(_)) {
+                    "add"
+                } else {
+                    "del"
+                };
+                let cidr = format!("{a}/32");
+                super::fallback::run("ip", &["addr", verb, &cidr, "dev", DUMMY], None)
+                    .map(|_| ())
+                    .map_err(|e| wrap(e.into()))
+            }
+            _ => {
+                self.seq = self.seq.wrapping_add(1);
+                let msg = encode(op, self.family, self.seq)
+                    .ok_or_else(|| wrap(IpvsError::Malformed("no message")))?;
+                roundtrip(&msg).and_then(|r| decode_ack(&r)).map_err(wrap)
+            }
+        }
+    }
+}
+
+impl super::Dataplane for IpvsDataplane {
+    type Error = IpvsError;
+
+    fn mode(&self) -> &'static str {
+        "ipvs"
+    }
+
+    fn programmed(&self) -> crate::lb::LbTable {
+        self.programmed.clone()
+    }
+
+    fn apply(&mut self, changes: &[crate::diff::Change]) -> Result<super::ApplyStats, IpvsError> {
+        let next = super::fallback::applied(&self.programmed, changes);
+        let want = desired(&next.frontends, &self.scheduler);
+        for op in plan(&self.state, &want) {
+            if let Err(e) = self.execute(&op) {
+                // State unknown: start over on the next sync.
+                let _ = self.reset();
+                self.programmed = crate::lb::LbTable::default();
+                return Err(e);
+            }
+        }
+        self.state = want;
+        super::fallback::flush_udp_flows(&super::fallback::stale_udp_flows(
+            &self.programmed.frontends,
+            &next.frontends,
+        ));
+        let stats = super::iptables::stats(&self.programmed, changes);
+        self.programmed = next;
+        Ok(stats)
+    }
+
+    fn housekeeping(&mut self) -> Result<(), IpvsError> {
+        Ok(())
+    }
+}
+
+/// Remove our IPVS state (`--cleanup`): flush the table and delete the
+/// dummy interface. Nothing to do (false) without IP_VS.
+pub fn cleanup() -> Result<bool, IpvsError> {
+    let family = match probe() {
+        Ok(f) => f,
+        Err(IpvsError::NotAvailable) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    decode_ack(&roundtrip(&encode_flush(family, 1))?)?;
+    let had_dummy = super::fallback::run("ip", &["link", "show", DUMMY], None).is_ok();
+    if had_dummy {
+        super::fallback::run("ip", &["link", "del", DUMMY], None)?;
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::lb::BackendAddr;
+
+    #[test]
+    fn acks() {
+        let ack = |code: i32| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&36u32.to_ne_bytes());
+            m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+            m.extend_from_slice(&[0; 10]);
+            m.extend_from_slice(&code.to_ne_bytes());
+            m.extend_from_slice(&[0; 16]);
+            m
+        };
+        assert!(decode_ack(&ack(0)).is_ok());
+        assert!(
+            matches!(decode_ack(&ack(-libc::EEXIST)), Err(IpvsError::Kernel(c)) if c == -libc::EEXIST)
+        );
+        assert!(decode_ack(&[0; 8]).is_err());
+    }
 
     fn vs() -> VirtualServer {
         VirtualServer {
