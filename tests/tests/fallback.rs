@@ -254,3 +254,136 @@ fn ipvs_mode_without_ip_vs_exits_with_one_sentence() {
         "{out}"
     );
 }
+
+/// The last log line containing `needle`, and the value of `key=` in it.
+fn last_field(log: &str, needle: &str, key: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(needle))?;
+    let strip = |s: &str| {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "=_. ".contains(*c))
+            .collect::<String>()
+    };
+    strip(line)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}="))?.parse().ok())
+}
+
+/// 1000 services (TCP + UDP, two endpoints each) programmed in one sync,
+/// then one endpoint of one service replaced: the partial sync rewrites
+/// only that service's two KUBE-SVC / svc- chains, writes the two new
+/// endpoint chains and deletes the two old ones. Prints both sync times
+/// (measured, not asserted).
+fn thousand_services_then_one_endpoint(mode: &str) {
+    const N: usize = 1000;
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 0,
+        external_client: false,
+    })
+    .expect("cluster");
+    let node = cluster.node(1);
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n",
+        node.name
+    ))
+    .expect("node");
+    let service = |i: usize| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "churn"},
+            "spec": {
+                "clusterIP": format!("10.97.{}.{}", i / 250, i % 250 + 1),
+                "ports": [
+                    {"name": "tcp", "port": 80, "protocol": "TCP"},
+                    {"name": "udp", "port": 53, "protocol": "UDP"}
+                ]
+            }
+        })
+    };
+    let slice = |i: usize, hosts: [u8; 2]| {
+        let endpoints: Vec<serde_json::Value> = hosts
+            .iter()
+            .map(|h| serde_json::json!({"addresses": [format!("10.{}.{}.{}", 100 + i / 250, i % 250, h)], "conditions": {"ready": true}}))
+            .collect();
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("svc-{i}-1"), "namespace": "churn",
+                         "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+            "addressType": "IPv4",
+            "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"},
+                      {"name": "udp", "port": 5353, "protocol": "UDP"}],
+            "endpoints": endpoints,
+        })
+    };
+    for i in 0..N {
+        api.create(service(i)).expect("service");
+        api.create(slice(i, [2, 3])).expect("slice");
+    }
+    let mut agent = start(node, &api, mode);
+    let count_seps = || -> usize {
+        match mode {
+            "iptables" => node
+                .ns
+                .exec(&["iptables-save", "-t", "nat"])
+                .expect("iptables-save")
+                .lines()
+                .filter(|l| l.starts_with(":KUBE-SEP-"))
+                .count(),
+            _ => node
+                .ns
+                .exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])
+                .expect("nft list")
+                .lines()
+                .filter(|l| l.trim_start().starts_with("chain sep-"))
+                .count(),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_seps() < 4 * N {
+        assert!(
+            Instant::now() < deadline,
+            "{mode}: {} endpoint chains",
+            count_seps()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(count_seps(), 4 * N);
+    let full_ms = last_field(&agent.log(), "sync done", "elapsed_ms");
+
+    let syncs = agent.log().matches("sync done").count();
+    api.update(slice(7, [2, 9])).expect("update slice");
+    agent
+        .wait_for_log_count("sync done", syncs + 1, Duration::from_secs(20))
+        .expect("partial sync");
+    let log = agent.log();
+    let partial_ms = last_field(&log, "sync done", "elapsed_ms");
+    let (needle, written, deleted) = match mode {
+        "iptables" => ("iptables chains", "written", "deleted"),
+        _ => ("nft table", "chains_written", "chains_deleted"),
+    };
+    assert_eq!(
+        last_field(&log, needle, written),
+        Some(4),
+        "{mode}: 2 svc + 2 new sep chains:\n{log}"
+    );
+    assert_eq!(
+        last_field(&log, needle, deleted),
+        Some(2),
+        "{mode}: 2 old sep chains:\n{log}"
+    );
+    assert_eq!(count_seps(), 4 * N);
+    println!(
+        "{mode}: 1000 services x 2 ports: full sync {full_ms:?} ms, one-endpoint sync {partial_ms:?} ms"
+    );
+}
+
+#[test]
+fn iptables_thousand_services_partial_sync() {
+    thousand_services_then_one_endpoint("iptables")
+}
+
+#[test]
+fn nftables_thousand_services_partial_sync() {
+    thousand_services_then_one_endpoint("nftables")
+}

@@ -163,7 +163,8 @@ pub fn applied(table: &LbTable, changes: &[Change]) -> LbTable {
 }
 
 /// kube-proxy's UDP conntrack cleanup for a sync from `old` to `new`:
-/// entries to a frontend that had no backend (they may hold the reject) and
+/// entries to a frontend that had no backend (they may hold the reject; a
+/// frontend new to the table had no rules, so nothing to flush) and
 /// entries DNATed to a backend that is gone (so a long-lived UDP flow moves
 /// to a live backend instead of blackholing). Returns the deletions to run
 /// as (frontend address, port, backend address if any).
@@ -177,7 +178,7 @@ pub fn stale_udp_flows(
             continue;
         }
         let before = old.get(k);
-        if !f.backends.is_empty() && before.is_none_or(|b| b.backends.is_empty()) {
+        if !f.backends.is_empty() && before.is_some_and(|b| b.backends.is_empty()) {
             out.push((k.addr, k.port, None));
         }
     }
