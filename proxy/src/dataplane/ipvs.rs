@@ -5,10 +5,8 @@
 //! rule computation (which virtual servers and real servers an
 //! [`LbTable`](crate::lb::LbTable) needs, which addresses go on the dummy
 //! interface `kube-ipvs0`, and the ordered operations from one state to
-//! the next), and the probe that resolves the "IPVS" family so that a
-//! kernel without IP_VS is reported in one sentence. Programming a live
-//! kernel with these messages is not wired into the agent yet (this
-//! machine's kernel has no IP_VS to test it against).
+//! the next), the probe that resolves the "IPVS" family so that a kernel
+//! without IP_VS is reported in one sentence, and [`IpvsDataplane`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -491,9 +489,10 @@ pub const DUMMY: &str = "kube-ipvs0";
 
 /// `--mode ipvs` as a [`super::Dataplane`]: the plan between the last
 /// state and the desired one, one acknowledged generic netlink request per
-/// operation, addresses on [`DUMMY`] with `ip`. Not exercised against a
-/// live IPVS kernel yet (none here); the iptables/ipset glue kube-proxy's
-/// ipvs mode adds for masquerade and node ports is not there either.
+/// operation, addresses on [`DUMMY`] with `ip`. Exercised live only in the
+/// VM test (`tests/tests/vm_ipvs.rs`: local clients, local real servers);
+/// the iptables/ipset glue kube-proxy's ipvs mode adds for masquerade and
+/// node ports is not there.
 pub struct IpvsDataplane {
     family: u16,
     scheduler: String,
