@@ -9,6 +9,12 @@ use clap::{Parser, ValueEnum};
 pub enum Mode {
     /// eBPF programs and pinned maps.
     Ebpf,
+    /// kube-proxy's iptables rules (iptables-restore).
+    Iptables,
+    /// kube-proxy's nftables mode (one table of ours, nft -f).
+    Nftables,
+    /// IPVS virtual servers over generic netlink (needs the kernel's IP_VS).
+    Ipvs,
 }
 
 impl Mode {
@@ -16,6 +22,9 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+            Mode::Ipvs => "ipvs",
         }
     }
 }
@@ -58,6 +67,10 @@ pub struct Args {
     /// Which dataplane programs the services.
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: Mode,
+    /// Remove what every mode left in the kernel (eBPF pins under
+    /// --bpffs-path, our iptables chains, our nftables table) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
     /// Path to a kubeconfig; in-cluster configuration when omitted.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -133,6 +146,9 @@ pub struct Args {
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// IPVS scheduler for `--mode ipvs` (rr, wrr, lc, wlc, sh, mh, ...).
+    #[arg(long, default_value = "rr")]
+    pub ipvs_scheduler: String,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
@@ -201,5 +217,14 @@ mod tests {
     #[test]
     fn unknown_flags_are_refused() {
         assert!(Args::try_parse_from(["proxy", "--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn fallback_modes_parse() {
+        for m in ["iptables", "nftables", "ipvs", "ebpf"] {
+            assert!(Args::try_parse_from(["proxy", "--mode", m]).is_ok(), "{m}");
+        }
+        let a = Args::try_parse_from(["proxy", "--cleanup"]).expect("--cleanup parses");
+        assert!(a.cleanup);
     }
 }

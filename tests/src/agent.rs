@@ -98,7 +98,7 @@ impl Default for AgentOptions {
 
 impl Agent {
     /// Serve the fixture inside `node`'s namespace, write a kubeconfig for
-    /// it and start `proxy --mode ebpf` there.
+    /// it and start `proxy` there (`--mode ebpf` unless the options say).
     ///
     /// Unless the test installed its own authorizer, `api` enforces
     /// deploy/'s ClusterRole from now on and fails the test if it refuses
@@ -134,8 +134,6 @@ impl Agent {
             format!("--net={}", node.ns.path().display()).into(),
             "--".into(),
             binary("proxy")?.into(),
-            "--mode".into(),
-            "ebpf".into(),
             "--kubeconfig".into(),
             kubeconfig.clone().into(),
             "--hostname-override".into(),
@@ -143,6 +141,9 @@ impl Agent {
             "--bpffs-path".into(),
             bpffs_path.clone().into(),
         ];
+        if !args.iter().any(|a| a == "--mode") {
+            argv.extend(["--mode".into(), "ebpf".into()]);
+        }
         argv.extend(args.into_iter().map(Into::into));
         let mut agent = Agent {
             child: None,

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test | kind`.
+//! Project tasks: `cargo xtask setup | demo | test | kind | vm-test ipvs`.
 
 mod kind;
 mod setup;
@@ -33,6 +33,18 @@ enum Cmd {
     /// built and loaded, manifests applied, smoke check. Needs docker, kind
     /// and kubectl.
     Kind,
+    /// Tests needing a kernel feature this machine lacks, in a qemu VM
+    /// (software emulation) booting Debian's kernel: `ipvs`.
+    VmTest {
+        #[arg(value_enum)]
+        target: VmTarget,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum VmTarget {
+    /// `--mode ipvs` serving a ClusterIP and a NodePort (ip_vs modules).
+    Ipvs,
 }
 
 fn main() -> Result<()> {
@@ -47,10 +59,47 @@ fn main() -> Result<()> {
             setup::setup()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
             build_bins()?;
-            run(cargo().arg("test").args(&args))
+            run(cargo().arg("test").args(&args))?;
+            // The whole suite includes the VM test; a filtered run does not.
+            if args.is_empty() {
+                vm_test(VmTarget::Ipvs)?;
+            }
+            Ok(())
+        }
+        Cmd::VmTest { target } => {
+            build_bins()?;
+            vm_test(target)
         }
         Cmd::Kind => kind::kind(),
     }
+}
+
+/// qemu (installed on first use) and the ignored VM test, which downloads
+/// the kernel and busybox .debs through apt on first use.
+fn vm_test(target: VmTarget) -> Result<()> {
+    if !cmd_ok(Command::new("qemu-system-x86_64").arg("--version")) {
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "qemu-system-x86",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let test = match target {
+        VmTarget::Ipvs => "vm_ipvs",
+    };
+    run(cargo().args([
+        "test",
+        "-p",
+        "proxy-tests",
+        "--test",
+        test,
+        "--",
+        "--ignored",
+        "--nocapture",
+    ]))
 }
 
 fn cargo() -> Command {

@@ -8,8 +8,12 @@ use proxy::{
     agent::{self, RunOptions},
     cli::{Args, LogFormat, Mode, XdpMode},
     dataplane::{
+        Dataplane, cleanup,
         ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
+        iptables::IptablesDataplane,
+        ipvs::IpvsDataplane,
         links::XdpAttach,
+        nftables::NftablesDataplane,
     },
     events::EventRecorder,
     k8s,
@@ -119,6 +123,34 @@ async fn run() -> Result<()> {
     };
     info!(node = %node.node_name, mode = args.mode.name(), cluster_cidrs = ?cluster_cidrs, "starting");
 
+    if args.cleanup {
+        let failures = cleanup::all_but(None, &args.bpffs_path);
+        if failures > 0 {
+            bail!("cleanup: {failures} mode(s) could not be cleaned up (see the log)");
+        }
+        info!("cleanup done");
+        return Ok(());
+    }
+    if let Mode::Ipvs = args.mode {
+        // Before touching any state: a kernel without IP_VS ends here.
+        proxy::dataplane::ipvs::probe()?;
+        if !proxy::dataplane::ipvs::valid_scheduler(&args.ipvs_scheduler) {
+            bail!(
+                "--ipvs-scheduler {}: not one of {}",
+                args.ipvs_scheduler,
+                proxy::dataplane::ipvs::SCHEDULERS.join(", ")
+            );
+        }
+    }
+    // Switching modes: what another mode left goes first.
+    let keep = match args.mode {
+        Mode::Ebpf => cleanup::StateOf::Ebpf,
+        Mode::Iptables => cleanup::StateOf::Iptables,
+        Mode::Ipvs => cleanup::StateOf::Ipvs,
+        Mode::Nftables => cleanup::StateOf::Nftables,
+    };
+    cleanup::all_but(Some(keep), &args.bpffs_path);
+
     // Health and metrics come up first: /healthz answers 503 until the
     // first sync, /livez 200 (the process is alive).
     let telemetry = Arc::new(Telemetry::new(args.mode.name(), args.sync_period));
@@ -153,18 +185,65 @@ async fn run() -> Result<()> {
             dp.set_north_south(&devices, node_addr)
                 .context("setting up north-south XDP")?;
 
-            let opts = RunOptions {
-                sync_period: args.sync_period,
-                telemetry: telemetry.clone(),
-                events: Some(EventRecorder::new(
-                    client,
-                    node.node_name.clone(),
-                    telemetry.clone(),
-                )),
-            };
+            let opts = run_options(&args, client, &node, &telemetry);
             agent::run(dp, stores, changed, node, opts, shutdown_signal()).await;
+        }
+        Mode::Iptables => {
+            let dp = IptablesDataplane::new(rule_options(&args))
+                .context("setting up the iptables dataplane")?;
+            run_fallback(dp, &args, node, &telemetry).await?;
+        }
+        Mode::Nftables => {
+            let dp = NftablesDataplane::new(rule_options(&args))
+                .context("setting up the nftables dataplane")?;
+            run_fallback(dp, &args, node, &telemetry).await?;
+        }
+        Mode::Ipvs => {
+            let dp = IpvsDataplane::new(&args.ipvs_scheduler)
+                .context("setting up the ipvs dataplane")?;
+            run_fallback(dp, &args, node, &telemetry).await?;
         }
     }
     info!("stopped");
+    Ok(())
+}
+
+/// What the sync loop needs besides the dataplane, whatever the mode.
+fn run_options(
+    args: &Args,
+    client: kube::Client,
+    node: &NodeContext,
+    telemetry: &Arc<Telemetry>,
+) -> RunOptions {
+    RunOptions {
+        sync_period: args.sync_period,
+        telemetry: telemetry.clone(),
+        events: Some(EventRecorder::new(
+            client,
+            node.node_name.clone(),
+            telemetry.clone(),
+        )),
+    }
+}
+
+/// Pod interfaces for the fallback modes' local-traffic detection.
+fn rule_options(args: &Args) -> proxy::dataplane::fallback::RuleOptions {
+    proxy::dataplane::fallback::RuleOptions::from_pod_device_globs(&args.pod_devices)
+}
+
+/// The iptables / nftables / ipvs modes: same watch, same agent loop.
+async fn run_fallback<D: Dataplane>(
+    dp: D,
+    args: &Args,
+    node: NodeContext,
+    telemetry: &Arc<Telemetry>,
+) -> Result<()> {
+    let client = k8s::client(args.kubeconfig.as_deref()).await?;
+    let changed = Arc::new(Notify::new());
+    let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
+    stores.ready().await?;
+    info!(mode = dp.mode(), "caches synced");
+    let opts = run_options(args, client, &node, telemetry);
+    agent::run(dp, stores, changed, node, opts, shutdown_signal()).await;
     Ok(())
 }
