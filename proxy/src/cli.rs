@@ -9,6 +9,12 @@ use clap::{Parser, ValueEnum};
 pub enum Mode {
     /// eBPF programs and pinned maps.
     Ebpf,
+    /// kube-proxy's iptables rules (iptables-restore).
+    Iptables,
+    /// kube-proxy's nftables mode (one table of ours, nft -f).
+    Nftables,
+    /// IPVS virtual servers over generic netlink (needs the kernel's IP_VS).
+    Ipvs,
 }
 
 /// Service proxy node agent: watches Services, EndpointSlices and its Node and
@@ -19,6 +25,10 @@ pub struct Args {
     /// Which dataplane programs the services.
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: Mode,
+    /// Remove what every mode left in the kernel (eBPF pins under
+    /// --bpffs-path, our iptables chains, our nftables table) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
     /// Path to a kubeconfig; in-cluster configuration when omitted.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -85,5 +95,14 @@ mod tests {
     #[test]
     fn unknown_flags_are_refused() {
         assert!(Args::try_parse_from(["proxy", "--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn fallback_modes_parse() {
+        for m in ["iptables", "nftables", "ipvs", "ebpf"] {
+            assert!(Args::try_parse_from(["proxy", "--mode", m]).is_ok(), "{m}");
+        }
+        let a = Args::try_parse_from(["proxy", "--cleanup"]).expect("--cleanup parses");
+        assert!(a.cleanup);
     }
 }

@@ -98,7 +98,7 @@ impl Default for AgentOptions {
 
 impl Agent {
     /// Serve the fixture inside `node`'s namespace, write a kubeconfig for
-    /// it and start `proxy --mode ebpf` there.
+    /// it and start `proxy` there (`--mode ebpf` unless the options say).
     pub fn start(node: &Node, api: &ApiServer, opts: AgentOptions) -> Result<Agent> {
         let scratch = Scratch::new(&format!("agent-{}", node.name))?;
         let listener = node
@@ -129,8 +129,6 @@ impl Agent {
             format!("--net={}", node.ns.path().display()).into(),
             "--".into(),
             binary("proxy")?.into(),
-            "--mode".into(),
-            "ebpf".into(),
             "--kubeconfig".into(),
             kubeconfig.clone().into(),
             "--hostname-override".into(),
@@ -138,6 +136,9 @@ impl Agent {
             "--bpffs-path".into(),
             bpffs_path.clone().into(),
         ];
+        if !args.iter().any(|a| a == "--mode") {
+            argv.extend(["--mode".into(), "ebpf".into()]);
+        }
         argv.extend(args.into_iter().map(Into::into));
         let mut agent = Agent {
             child: None,

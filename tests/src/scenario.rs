@@ -430,20 +430,46 @@ impl Drop for RunningClient {
 // Scenario
 // ---------------------------------------------------------------------------
 
-/// Whether the agents run the socket-LB hooks.
+/// The dataplane the agents run: eBPF with the socket-LB hooks on or off,
+/// or one of the kube-proxy fallback modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SocketLb {
-    On,
-    Off,
+pub enum DataplaneMode {
+    EbpfSocketLb,
+    EbpfTc,
+    Iptables,
+    Nftables,
 }
 
-impl SocketLb {
+/// The scenarios' parameter, named for the two eBPF variants it started
+/// with (`SocketLb::On` / `SocketLb::Off`).
+pub type SocketLb = DataplaneMode;
+
+#[allow(non_upper_case_globals)]
+impl DataplaneMode {
+    /// eBPF, socket LB on.
+    pub const On: DataplaneMode = DataplaneMode::EbpfSocketLb;
+    /// eBPF, socket LB off (tc programs only).
+    pub const Off: DataplaneMode = DataplaneMode::EbpfTc;
+
     /// The value of `--socket-lb`.
     pub fn flag(self) -> &'static str {
         match self {
-            SocketLb::On => "true",
-            SocketLb::Off => "false",
+            DataplaneMode::EbpfSocketLb => "true",
+            _ => "false",
         }
+    }
+
+    /// The value of `--mode`.
+    pub fn mode(self) -> &'static str {
+        match self {
+            DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => "ebpf",
+            DataplaneMode::Iptables => "iptables",
+            DataplaneMode::Nftables => "nftables",
+        }
+    }
+
+    pub fn is_ebpf(self) -> bool {
+        self.mode() == "ebpf"
     }
 }
 
@@ -570,6 +596,8 @@ impl ScenarioBuilder {
                 .zip(&cgroups)
                 .map(|(node, cg)| {
                     let mut args = vec![
+                        "--mode".to_owned(),
+                        self.socket_lb.mode().to_owned(),
                         "--socket-lb".to_owned(),
                         self.socket_lb.flag().to_owned(),
                         "--cgroup-path".to_owned(),
@@ -734,6 +762,21 @@ impl Scenario {
     /// a flow whose connect() came before its service was programmed; see
     /// [`Scenario::assert_path`] for a strict check.)
     pub fn assert_datapath(&self) {
+        if !self.socket_lb.is_ebpf() {
+            let per_node = self.fallback_counters();
+            assert!(
+                per_node.iter().sum::<u64>() > 0,
+                "{:?}: our rules' packet counters are all zero: {per_node:?}",
+                self.socket_lb
+            );
+            for a in &self.agents {
+                let pinned = std::fs::read_dir(&a.bpffs_path)
+                    .map(|d| d.count())
+                    .unwrap_or(0);
+                assert_eq!(pinned, 0, "{:?} mode pinned eBPF objects", self.socket_lb);
+            }
+            return;
+        }
         let (socket, tc, per_node) = self.path_counters();
         match self.socket_lb {
             SocketLb::On => {
@@ -742,7 +785,7 @@ impl Scenario {
                     "socket LB on but no socket translation: {per_node:?}"
                 );
             }
-            SocketLb::Off => {
+            _ => {
                 assert_eq!(socket, 0, "socket LB off, yet hooks ran: {per_node:?}");
                 assert!(
                     tc > 0,
@@ -759,6 +802,21 @@ impl Scenario {
     /// reverse. Returns the results, which the caller still has to check.
     #[track_caller]
     pub fn assert_path(&self, c: &PodClient, req: &Request) -> Vec<ClientResult> {
+        if !self.socket_lb.is_ebpf() {
+            let before: u64 = self.fallback_counters().iter().sum();
+            let rs = c
+                .run(req)
+                .unwrap_or_else(|e| panic!("running {req:?}: {e:#}"));
+            let after = self.fallback_counters();
+            let n = u64::try_from(req.count).unwrap_or(u64::MAX);
+            let d = after.iter().sum::<u64>().saturating_sub(before);
+            assert!(
+                d >= n,
+                "{req:?} in {:?} mode: our rules counted +{d} packets: {after:?}",
+                self.socket_lb
+            );
+            return rs;
+        }
         let (socket0, tc0, _) = self.path_counters();
         let rs = c
             .run(req)
@@ -771,13 +829,55 @@ impl Scenario {
                 ds >= n && dt == 0,
                 "{req:?} with socket LB on: socket counters +{ds}, tc counters +{dt}: {per_node:?}"
             ),
-            SocketLb::Off => assert!(
+            _ => assert!(
                 ds == 0 && dt >= n,
                 "{req:?} with socket LB off: socket counters +{ds}, tc counters +{dt}: {per_node:?}"
             ),
         }
         rs
     }
+}
+
+impl Scenario {
+    /// Per node, the packets the fallback mode's rules translated or
+    /// rejected: in iptables mode the counters of our DNAT (`KUBE-SEP-*`)
+    /// and REJECT rules (`iptables-save -c`), in nftables mode the
+    /// `counter`s of our table (DNAT, reject, source-range drop).
+    pub fn fallback_counters(&self) -> Vec<u64> {
+        (1..=self.agents.len())
+            .map(|i| {
+                let ns = &self.cluster.node(i).ns;
+                match self.socket_lb {
+                    DataplaneMode::Iptables => ns
+                        .exec(&["iptables-save", "-c"])
+                        .map(|out| iptables_counter(&out))
+                        .unwrap_or_else(|e| panic!("iptables-save on node {i}: {e:#}")),
+                    DataplaneMode::Nftables => ns
+                        .exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])
+                        .map(|out| nft_counter(&out))
+                        .unwrap_or_else(|e| panic!("nft list on node {i}: {e:#}")),
+                    _ => 0,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Packets of our DNAT and REJECT rules in `iptables-save -c` output
+/// (`[packets:bytes] -A KUBE-... -j DNAT|REJECT ...`).
+pub fn iptables_counter(save: &str) -> u64 {
+    save.lines()
+        .filter(|l| l.contains("] -A KUBE-") && (l.contains("-j DNAT") || l.contains("-j REJECT")))
+        .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Sum of `counter packets N` in `nft list` output.
+pub fn nft_counter(list: &str) -> u64 {
+    list.split("counter packets ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// An agent's datapath counters by name (`proxyctl dump-maps` `stats`).

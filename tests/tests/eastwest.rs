@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use proxy_tests::cgroup::{Cgroup, cgroup_of};
 use proxy_tests::cluster::{Cluster, ClusterSpec, TcpServer, UdpServer, tcp_request};
 use proxy_tests::scenario::{
-    ClientResult, Endpoint, EndpointSlice, ErrorKind, PodClient, Protocol, Request, Scenario,
-    Service, SocketLb, StreamResult, TrafficPolicy, names, tally, try_tally,
+    ClientResult, DataplaneMode, Endpoint, EndpointSlice, ErrorKind, PodClient, Protocol, Request,
+    Scenario, Service, SocketLb, StreamResult, TrafficPolicy, names, tally, try_tally,
 };
 
 // ---------------------------------------------------------------------------
@@ -222,6 +222,36 @@ macro_rules! both_socket_lb_modes {
         }
     };
 }
+
+/// The scenarios of SERVICE-BEHAVIOURS.md lines 1-6, 8-10, 12, 14, 16-19,
+/// run unchanged in the kube-proxy fallback modes; their evidence is our
+/// rules' packet counters (and nothing pinned in bpffs).
+macro_rules! fallback_modes {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
+            $( #[test] fn $name() { super::$name(super::DataplaneMode::Iptables).assert_datapath() } )*
+        }
+        mod nftables {
+            $( #[test] fn $name() { super::$name(super::DataplaneMode::Nftables).assert_datapath() } )*
+        }
+    };
+}
+
+fallback_modes!(
+    endpoints_added_and_removed,
+    multiport_named_target_ports,
+    ports_added_and_removed_on_a_live_service,
+    source_ip_preserved_across_nodes,
+    hairpin_pod_reaches_itself,
+    service_deleted_and_recreated,
+    same_port_tcp_and_udp,
+    no_endpoints_refused_at_once,
+    internal_traffic_policy_local,
+    terminating_fallback,
+    terminating_fallback_internal_local,
+    session_affinity_client_ip,
+    node_port_and_external_ip_from_pods_then_released,
+);
 
 both_socket_lb_modes!(
     load_balancer_source_ranges_from_pods,

@@ -7,7 +7,12 @@ use clap::Parser;
 use proxy::{
     agent,
     cli::{Args, Mode},
-    dataplane::ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
+    dataplane::{
+        Dataplane, cleanup,
+        ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
+        iptables::IptablesDataplane,
+        nftables::NftablesDataplane,
+    },
     k8s,
     model::NodeContext,
 };
@@ -43,7 +48,39 @@ async fn main() -> Result<()> {
     };
     info!(node = %node.node_name, mode = ?args.mode, "starting");
 
-    let Mode::Ebpf = args.mode;
+    if args.cleanup {
+        let failures = cleanup::all_but(None, &args.bpffs_path);
+        if failures > 0 {
+            bail!("cleanup: {failures} mode(s) could not be cleaned up (see the log)");
+        }
+        info!("cleanup done");
+        return Ok(());
+    }
+    if let Mode::Ipvs = args.mode {
+        // Before touching any state: a kernel without IP_VS ends here.
+        proxy::dataplane::ipvs::probe()?;
+    }
+    // Switching modes: what another mode left goes first.
+    let keep = match args.mode {
+        Mode::Ebpf => cleanup::StateOf::Ebpf,
+        Mode::Iptables | Mode::Ipvs => cleanup::StateOf::Iptables,
+        Mode::Nftables => cleanup::StateOf::Nftables,
+    };
+    cleanup::all_but(Some(keep), &args.bpffs_path);
+    match args.mode {
+        Mode::Ebpf => {}
+        Mode::Iptables => {
+            let dp = IptablesDataplane::new().context("setting up the iptables dataplane")?;
+            return run_fallback(dp, &args, node).await;
+        }
+        Mode::Nftables => {
+            let dp = NftablesDataplane::new().context("setting up the nftables dataplane")?;
+            return run_fallback(dp, &args, node).await;
+        }
+        Mode::Ipvs => {
+            bail!("--mode ipvs: only the netlink probe is implemented; use iptables or nftables")
+        }
+    }
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
     if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
@@ -90,18 +127,31 @@ async fn main() -> Result<()> {
     dp.set_north_south(&devices, node_addr)
         .context("setting up north-south XDP")?;
 
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
+    agent::run(dp, stores, changed, node, shutdown()).await;
+    info!("stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
     };
-    agent::run(dp, stores, changed, node, shutdown).await;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// The iptables / nftables modes: same watch, same agent loop.
+async fn run_fallback<D: Dataplane>(dp: D, args: &Args, node: NodeContext) -> Result<()> {
+    let client = k8s::client(args.kubeconfig.as_deref()).await?;
+    let changed = Arc::new(Notify::new());
+    let stores = k8s::start(client, &node.node_name, changed.clone());
+    stores.ready().await?;
+    info!(mode = dp.mode(), "caches synced");
+    agent::run(dp, stores, changed, node, shutdown()).await;
     info!("stopped");
     Ok(())
 }

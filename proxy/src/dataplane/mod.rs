@@ -1,9 +1,16 @@
 //! Dataplanes: one trait, one implementation per mode. A dataplane knows
 //! frontends and backends ([`crate::lb`]), never Kubernetes objects.
 
+pub mod cleanup;
 pub mod conntrack;
 pub mod ebpf;
+pub mod fallback;
+pub mod iptables;
+pub mod iptables_rules;
+pub mod ipvs;
 pub mod links;
+pub mod nftables;
+pub mod nftables_rules;
 
 use crate::{diff::Change, lb::LbTable};
 

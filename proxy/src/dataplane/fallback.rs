@@ -1,0 +1,264 @@
+//! What the kube-proxy-style fallback dataplanes (iptables, nftables) share:
+//! stable chain-name hashes, the running state they diff against, the
+//! external commands they run, and the UDP conntrack flush kube-proxy does
+//! for removed endpoints.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use tracing::{debug, warn};
+
+use crate::{
+    diff::Change,
+    lb::{BackendAddr, Frontend, FrontendKey, LbTable},
+    model::Protocol,
+};
+
+/// The packet mark bit that asks POSTROUTING to masquerade (kube-proxy's
+/// default `--iptables-masquerade-bit` 14).
+pub const MASQ_MARK: u32 = 0x4000;
+/// The packet mark bit that asks the filter table to drop (source ranges).
+pub const DROP_MARK: u32 = 0x8000;
+
+/// Errors of the fallback dataplanes.
+#[derive(Debug, thiserror::Error)]
+pub enum FallbackError {
+    #[error("running {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// Runs `program args...` with `stdin` fed in; returns stdout.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, FallbackError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    debug!(%cmd, "running");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| FallbackError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| FallbackError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| FallbackError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(FallbackError::Failed {
+            cmd,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A stable 16-character name suffix (base32 of a 80-bit FNV-1a based
+/// hash), as kube-proxy derives its `KUBE-SVC-<hash>` names from a SHA-256.
+/// Stable across agent restarts and releases: the golden files pin it.
+pub fn hash16(input: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let fnv = |seed: u64| -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+        for b in input.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    };
+    let (a, b) = (fnv(0), fnv(0x9e37_79b9_7f4a_7c15));
+    // 64 bits of `a` and 16 of `b`: 16 base32 digits.
+    let bits = (u128::from(a) << 16) | u128::from(b & 0xffff);
+    (0..16)
+        .map(|i| ALPHABET[((bits >> (75 - 5 * i)) & 31) as usize] as char)
+        .collect()
+}
+
+/// The chain-name hash of a frontend.
+pub fn frontend_hash(key: &FrontendKey) -> String {
+    hash16(&key.to_string())
+}
+
+/// The chain-name hash of one backend of a frontend.
+pub fn endpoint_hash(key: &FrontendKey, b: &BackendAddr) -> String {
+    hash16(&format!("{key}>{}:{}", b.addr, b.port))
+}
+
+/// Lower-case protocol name for iptables/nft (`tcp`, `udp`, `sctp`).
+pub fn proto_lower(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// `table` with `changes` applied (what the dataplane programs next).
+pub fn applied(table: &LbTable, changes: &[Change]) -> LbTable {
+    let mut next = table.clone();
+    for c in changes {
+        match c {
+            Change::Upsert(k, f) => {
+                next.frontends.insert(*k, f.clone());
+            }
+            Change::Remove(k) => {
+                next.frontends.remove(k);
+                next.owners.remove(k);
+            }
+        }
+    }
+    next
+}
+
+/// kube-proxy's UDP conntrack cleanup for a sync from `old` to `new`:
+/// entries to a frontend that had no backend (they may hold the reject) and
+/// entries DNATed to a backend that is gone (so a long-lived UDP flow moves
+/// to a live backend instead of blackholing). Returns the deletions to run
+/// as (frontend address, port, backend address if any).
+pub fn stale_udp_flows(
+    old: &BTreeMap<FrontendKey, Frontend>,
+    new: &BTreeMap<FrontendKey, Frontend>,
+) -> Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)> {
+    let mut out = Vec::new();
+    for (k, f) in new {
+        if k.proto != Protocol::Udp {
+            continue;
+        }
+        let before = old.get(k);
+        if !f.backends.is_empty() && before.is_none_or(|b| b.backends.is_empty()) {
+            out.push((k.addr, k.port, None));
+        }
+    }
+    for (k, f) in old {
+        if k.proto != Protocol::Udp {
+            continue;
+        }
+        let now: Vec<Ipv4Addr> = new
+            .get(k)
+            .map(|n| n.backends.iter().map(|b| b.addr).collect())
+            .unwrap_or_default();
+        let mut gone: Vec<Ipv4Addr> = f
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .filter(|a| !now.contains(a))
+            .collect();
+        gone.dedup();
+        out.extend(gone.into_iter().map(|a| (k.addr, k.port, Some(a))));
+    }
+    out
+}
+
+/// Deletes conntrack entries with the `conntrack` tool (as kube-proxy does).
+/// "0 flow entries" exits 1: not an error.
+pub fn flush_udp_flows(flows: &[(Ipv4Addr, u16, Option<Ipv4Addr>)]) {
+    for (vip, port, backend) in flows {
+        let (vip, port) = (vip.to_string(), port.to_string());
+        let mut args = vec![
+            "-D",
+            "-p",
+            "udp",
+            "--orig-dst",
+            &vip,
+            "--orig-port-dst",
+            &port,
+        ];
+        let b;
+        if let Some(a) = backend {
+            b = a.to_string();
+            args.extend(["--dst-nat", &b]);
+        }
+        match run("conntrack", &args, None) {
+            Ok(_) => debug!(?args, "flushed conntrack entries"),
+            Err(FallbackError::Failed { .. }) => {}
+            Err(e) => warn!(error = %e, "conntrack flush"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash16_is_stable_and_distinct() {
+        let a = hash16("10.96.0.10:80/TCP");
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, hash16("10.96.0.10:80/TCP"));
+        assert_ne!(a, hash16("10.96.0.10:80/UDP"));
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_uppercase() || (b'2'..=b'7').contains(&c))
+        );
+    }
+
+    fn fe(backends: &[u8]) -> Frontend {
+        Frontend {
+            kind: crate::lb::FrontendKind::ClusterIp,
+            backends: backends
+                .iter()
+                .map(|b| BackendAddr {
+                    addr: Ipv4Addr::new(10, 244, 1, *b),
+                    port: 53,
+                    terminating: false,
+                    local: true,
+                })
+                .collect(),
+            affinity_timeout: 0,
+            source_ranges: vec![],
+            maglev_table_size: None,
+        }
+    }
+
+    #[test]
+    fn udp_flows_to_flush() {
+        let k = FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 53,
+            proto: Protocol::Udp,
+        };
+        let old = BTreeMap::from([(k, fe(&[2, 3]))]);
+        let new = BTreeMap::from([(k, fe(&[3]))]);
+        assert_eq!(
+            stale_udp_flows(&old, &new),
+            vec![(k.addr, 53, Some(Ipv4Addr::new(10, 244, 1, 2)))]
+        );
+        let empty = BTreeMap::from([(k, fe(&[]))]);
+        assert_eq!(stale_udp_flows(&empty, &new), vec![(k.addr, 53, None)]);
+        let tcp = FrontendKey {
+            proto: Protocol::Tcp,
+            ..k
+        };
+        let old = BTreeMap::from([(tcp, fe(&[2]))]);
+        assert!(stale_udp_flows(&old, &BTreeMap::new()).is_empty());
+    }
+}

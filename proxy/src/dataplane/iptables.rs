@@ -1,0 +1,185 @@
+//! `--mode iptables`: kube-proxy's iptables rules ([`super::iptables_rules`])
+//! written with one `iptables-restore --noflush` per sync, only changed
+//! chains rewritten; removed UDP backends get their conntrack entries
+//! flushed. Nothing outside our chains and our jumps into them is touched.
+
+use tracing::{debug, info};
+
+use super::{
+    ApplyStats, Dataplane,
+    fallback::{self, FallbackError, applied, flush_udp_flows, stale_udp_flows},
+    iptables_rules::{self, JUMP_COMMENT, Tables},
+};
+use crate::{diff::Change, lb::LbTable};
+
+pub struct IptablesDataplane {
+    programmed: LbTable,
+    /// What the kernel holds in our chains (as last written).
+    written: Tables,
+    ticks: u32,
+}
+
+fn save(table: &str) -> Result<String, FallbackError> {
+    fallback::run("iptables-save", &["-t", table], None)
+}
+
+/// Insert the jumps from the built-in chains unless present.
+fn ensure_jumps() -> Result<(), FallbackError> {
+    for (table, chain, spec) in iptables_rules::jumps() {
+        let spec: Vec<&str> = spec.split_whitespace().collect();
+        let mut check = vec!["-w", "5", "-t", table, "-C", chain];
+        check.extend(&spec);
+        if fallback::run("iptables", &check, None).is_ok() {
+            continue;
+        }
+        let mut insert = vec!["-w", "5", "-t", table, "-I", chain, "1"];
+        insert.extend(&spec);
+        fallback::run("iptables", &insert, None)?;
+    }
+    Ok(())
+}
+
+/// Remove every jump into our chains from the built-in chains, and all our
+/// chains. Returns whether anything was found.
+pub fn cleanup() -> Result<bool, FallbackError> {
+    let mut found = false;
+    for table in ["filter", "nat"] {
+        // Jumps carry our comment; delete each by its saved spec.
+        for line in save(table)?.lines() {
+            let Some(rest) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            if !line.contains(&format!("--comment {JUMP_COMMENT}")) {
+                continue;
+            }
+            let mut words = rest.split_whitespace();
+            let Some(chain) = words.next() else { continue };
+            let spec: Vec<&str> = words.collect();
+            let mut del = vec!["-w", "5", "-t", table, "-D", chain];
+            del.extend(&spec);
+            fallback::run("iptables", &del, None)?;
+            found = true;
+        }
+    }
+    let filter = iptables_rules::our_chains(&save("filter")?, "filter");
+    let nat = iptables_rules::our_chains(&save("nat")?, "nat");
+    if !filter.is_empty() || !nat.is_empty() {
+        found = true;
+        let input = iptables_rules::render_cleanup(&filter, &nat);
+        fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(&input))?;
+    }
+    Ok(found)
+}
+
+impl IptablesDataplane {
+    /// Checks the tools work, installs the jumps and learns which of our
+    /// chains an earlier run left (the first sync rewrites or deletes them).
+    pub fn new() -> Result<IptablesDataplane, FallbackError> {
+        let filter = iptables_rules::our_chains(&save("filter")?, "filter");
+        let nat = iptables_rules::our_chains(&save("nat")?, "nat");
+        if !filter.is_empty() || !nat.is_empty() {
+            info!(
+                chains = filter.len() + nat.len(),
+                "found chains of an earlier run; the first sync replaces them"
+            );
+        }
+        // The jumps need the chains to exist: write the fixed ones first.
+        let mut dp = IptablesDataplane {
+            programmed: LbTable::default(),
+            written: Tables::unknown(&filter, &nat),
+            ticks: 0,
+        };
+        dp.write(&LbTable::default())?;
+        ensure_jumps()?;
+        Ok(dp)
+    }
+
+    fn write(&mut self, next: &LbTable) -> Result<iptables_rules::Plan, FallbackError> {
+        let tables = iptables_rules::generate(&next.frontends);
+        let (input, plan) = iptables_rules::render(&tables, &self.written);
+        if !input.is_empty() {
+            debug!(bytes = input.len(), "iptables-restore");
+            fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(&input))?;
+        }
+        self.written = tables;
+        Ok(plan)
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    type Error = FallbackError;
+
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn programmed(&self) -> LbTable {
+        self.programmed.clone()
+    }
+
+    fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {
+        let next = applied(&self.programmed, changes);
+        let plan = match self.write(&next) {
+            Ok(p) => p,
+            Err(e) => {
+                // Kernel state unknown now: the next write rewrites all of
+                // our chains found there.
+                if let (Ok(f), Ok(n)) = (save("filter"), save("nat")) {
+                    self.written = Tables::unknown(
+                        &iptables_rules::our_chains(&f, "filter"),
+                        &iptables_rules::our_chains(&n, "nat"),
+                    );
+                }
+                return Err(e);
+            }
+        };
+        debug!(
+            written = plan.written.len(),
+            deleted = plan.deleted.len(),
+            "iptables chains"
+        );
+        flush_udp_flows(&stale_udp_flows(
+            &self.programmed.frontends,
+            &next.frontends,
+        ));
+        let stats = stats(&self.programmed, changes);
+        self.programmed = next;
+        Ok(stats)
+    }
+
+    fn housekeeping(&mut self) -> Result<(), FallbackError> {
+        // Someone flushing the built-in chains drops our jumps: put them
+        // back (every 30 ticks: each check is a process).
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % 30 == 0 {
+            ensure_jumps()?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts for the sync log line (shared with the nftables mode).
+pub fn stats(before: &LbTable, changes: &[Change]) -> ApplyStats {
+    let mut s = ApplyStats::default();
+    for c in changes {
+        match c {
+            Change::Upsert(k, f) => {
+                s.upserted += 1;
+                let old = before.frontends.get(k).map(|o| &o.backends);
+                s.backends_added += f
+                    .backends
+                    .iter()
+                    .filter(|b| old.is_none_or(|o| !o.contains(b)))
+                    .count();
+                if let Some(o) = old {
+                    s.backends_removed += o.iter().filter(|b| !f.backends.contains(b)).count();
+                }
+            }
+            Change::Remove(k) => {
+                s.removed += 1;
+                s.backends_removed += before.frontends.get(k).map_or(0, |f| f.backends.len());
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,177 @@
+//! Golden files for the iptables and nftables modes: the rules generated
+//! for a fixture set of frontends equal files under
+//! `tests/fixtures/fallback/` (regenerate with `UPDATE_GOLDEN=1`), and a
+//! one-endpoint change rewrites only the affected chains / elements.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use proxy::{
+    dataplane::{iptables_rules, nftables_rules},
+    lb::{BackendAddr, Frontend, FrontendKey, FrontendKind},
+    model::Protocol,
+};
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fallback")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).expect("writing golden file");
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 creates it)", path.display()));
+    assert!(
+        want == actual,
+        "{} differs (UPDATE_GOLDEN=1 to accept):\n--- want\n{want}\n--- got\n{actual}",
+        path.display()
+    );
+}
+
+fn key(a: [u8; 4], port: u16, proto: Protocol) -> FrontendKey {
+    FrontendKey {
+        addr: Ipv4Addr::from(a),
+        port,
+        proto,
+    }
+}
+
+fn be(last: u8, node: u8, port: u16, local_node: u8) -> BackendAddr {
+    BackendAddr {
+        addr: Ipv4Addr::new(10, 244, node, last),
+        port,
+        terminating: false,
+        local: node == local_node,
+    }
+}
+
+fn fe(kind: FrontendKind, backends: Vec<BackendAddr>) -> Frontend {
+    Frontend {
+        kind,
+        backends,
+        affinity_timeout: 0,
+        source_ranges: vec![],
+        maglev_table_size: None,
+    }
+}
+
+/// Node 1's view of: `web` (TCP 80 + UDP 53, two backends, NodePort 30080
+/// on the node's address), `sticky` (ClientIP affinity, three backends),
+/// `empty` (no endpoints, ClusterIP + NodePort 30081), an ExternalIP with a
+/// local-only backend (as externalTrafficPolicy Local) and a LoadBalancer
+/// IP with loadBalancerSourceRanges.
+fn fixture() -> BTreeMap<FrontendKey, Frontend> {
+    use FrontendKind::*;
+    use Protocol::*;
+    let web = || vec![be(2, 1, 8080, 1), be(2, 2, 8080, 1)];
+    let dns = vec![be(2, 1, 5353, 1), be(2, 2, 5353, 1)];
+    let mut sticky = fe(
+        ClusterIp,
+        vec![be(3, 1, 8080, 1), be(3, 2, 8080, 1), be(4, 2, 8080, 1)],
+    );
+    sticky.affinity_timeout = 10800;
+    let mut lb = fe(LoadBalancer, web());
+    lb.source_ranges = vec![(Ipv4Addr::new(203, 0, 113, 0), 24)];
+    BTreeMap::from([
+        (key([10, 96, 0, 10], 80, Tcp), fe(ClusterIp, web())),
+        (key([10, 96, 0, 10], 53, Udp), fe(ClusterIp, dns)),
+        (key([172, 18, 0, 11], 30080, Tcp), fe(NodePort, web())),
+        (key([10, 96, 0, 20], 80, Tcp), sticky),
+        (key([10, 96, 0, 30], 80, Tcp), fe(ClusterIp, vec![])),
+        (key([172, 18, 0, 11], 30081, Tcp), fe(NodePort, vec![])),
+        (
+            key([192, 0, 2, 10], 80, Tcp),
+            fe(ExternalIp, vec![be(2, 1, 8080, 1)]),
+        ),
+        (key([198, 51, 100, 1], 80, Tcp), lb),
+    ])
+}
+
+/// The fixture with one endpoint (10.244.2.3) removed from `sticky`.
+fn one_endpoint_removed() -> BTreeMap<FrontendKey, Frontend> {
+    let mut f = fixture();
+    let sticky = f
+        .get_mut(&key([10, 96, 0, 20], 80, Protocol::Tcp))
+        .expect("fixture has sticky");
+    sticky
+        .backends
+        .retain(|b| b.addr != Ipv4Addr::new(10, 244, 2, 3));
+    f
+}
+
+#[test]
+fn iptables_full_sync_matches_golden() {
+    let t = iptables_rules::generate(&fixture());
+    let (input, plan) = iptables_rules::render(&t, &iptables_rules::Tables::default());
+    golden("iptables-full.rules", &input);
+    assert!(plan.deleted.is_empty());
+}
+
+#[test]
+fn iptables_one_endpoint_change_rewrites_only_its_chains() {
+    let old = iptables_rules::generate(&fixture());
+    let new = iptables_rules::generate(&one_endpoint_removed());
+    let (input, plan) = iptables_rules::render(&new, &old);
+    golden("iptables-partial.rules", &input);
+    let svc = format!(
+        "nat/KUBE-SVC-{}",
+        proxy::dataplane::fallback::frontend_hash(&key([10, 96, 0, 20], 80, Protocol::Tcp))
+    );
+    assert_eq!(plan.written, vec![svc], "{input}");
+    assert_eq!(plan.deleted.len(), 1, "{input}");
+    assert!(plan.deleted[0].starts_with("nat/KUBE-SEP-"), "{input}");
+    // Nothing else is declared (declaring flushes).
+    assert_eq!(
+        input.lines().filter(|l| l.starts_with(':')).count(),
+        2,
+        "{input}"
+    );
+}
+
+#[test]
+fn nftables_full_sync_matches_golden() {
+    let r = nftables_rules::generate(&fixture());
+    let (input, plan) = nftables_rules::render(&r, None);
+    golden("nftables-full.nft", &input);
+    assert!(plan.chains_deleted.is_empty());
+}
+
+#[test]
+fn nftables_one_endpoint_change_rewrites_only_its_chains() {
+    let old = nftables_rules::generate(&fixture());
+    let new = nftables_rules::generate(&one_endpoint_removed());
+    let (input, plan) = nftables_rules::render(&new, Some(&old));
+    golden("nftables-partial.nft", &input);
+    let h = proxy::dataplane::fallback::frontend_hash(&key([10, 96, 0, 20], 80, Protocol::Tcp));
+    assert_eq!(plan.chains_written, vec![format!("svc-{h}")], "{input}");
+    assert_eq!(plan.chains_deleted.len(), 1, "{input}");
+    assert!(plan.chains_deleted[0].starts_with("sep-"), "{input}");
+    assert!(
+        plan.elements_added.is_empty() && plan.elements_deleted.is_empty(),
+        "{input}"
+    );
+    assert!(!input.contains("table ip kube-proxy-rs\ndelete"), "{input}");
+}
+
+#[test]
+fn nftables_endpoints_appearing_swap_one_map_element() {
+    let mut before = fixture();
+    before
+        .get_mut(&key([10, 96, 0, 10], 80, Protocol::Tcp))
+        .expect("web")
+        .backends
+        .clear();
+    let old = nftables_rules::generate(&before);
+    let new = nftables_rules::generate(&fixture());
+    let (input, plan) = nftables_rules::render(&new, Some(&old));
+    assert_eq!(plan.elements_deleted.len(), 1, "{input}");
+    assert!(
+        plan.elements_deleted[0].starts_with("no-endpoint-services 10.96.0.10 . tcp . 80"),
+        "{input}"
+    );
+    assert_eq!(plan.elements_added.len(), 1, "{input}");
+    assert!(
+        plan.elements_added[0].starts_with("service-ips 10.96.0.10 . tcp . 80 : goto svc-"),
+        "{input}"
+    );
+}
