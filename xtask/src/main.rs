@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test`.
+//! Project tasks: `cargo xtask setup | demo | test | bench`.
 
 mod setup;
 
@@ -27,6 +27,15 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, release build, then benchmark every mode side by side
+    /// (iperf3, connection rate, latency, 1 to 10k services); writes
+    /// docs/benchmarks.{md,json} and PNG plots. Flags go to the runner:
+    /// `--quick`, `--repeat N`, `--duration S`, `--scales 1,1000,10000`,
+    /// `--modes direct,ebpf-socket,...`, `--changes N`, `--out DIR`.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -41,9 +50,46 @@ fn main() -> Result<()> {
             setup::setup()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
             build_bins()?;
-            run(cargo().arg("test").args(&args))
+            run(cargo().arg("test").args(&args))?;
+            // Benchmark smoke run (every mode produces numbers; no
+            // performance assertion), into a scratch directory.
+            let out =
+                std::env::temp_dir().join(format!("proxy-bench-quick-{}", std::process::id()));
+            bench(&[
+                "--quick".to_owned(),
+                "--out".to_owned(),
+                out.display().to_string(),
+            ])
+        }
+        Cmd::Bench { args } => {
+            setup::setup()?;
+            bench(&args)
         }
     }
+}
+
+/// Release-build the agent and the benchmark tools, then run the runner
+/// (tests/src/bin/bench.rs) against target/release. xtask itself depends
+/// on neither crate: setup must work before bpf-linker exists.
+fn bench(args: &[String]) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "proxy", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-tests",
+        "--bin",
+        "bench",
+        "--bin",
+        "connrate",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let release = target.join("release");
+    run(Command::new(release.join("bench"))
+        .args(args)
+        .env("PROXY_BIN_DIR", &release))
 }
 
 fn cargo() -> Command {
