@@ -231,15 +231,35 @@ fn first_sync_ms(log: &str) -> Option<f64> {
     digits.parse().ok()
 }
 
-/// The last meaningful line of an agent log (why it exited).
-fn last_line(log: &str) -> String {
-    strip_ansi(log)
-        .lines()
+/// Why an agent exited: its `Error:` line and causes (anyhow's report,
+/// without a backtrace), else its last ERROR log line, else its last line.
+fn exit_reason(log: &str) -> String {
+    let log = strip_ansi(log);
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    if let Some(i) = lines.iter().position(|l| l.starts_with("Error:")) {
+        let mut out = vec![lines[i].trim_start_matches("Error:").trim().to_owned()];
+        for l in &lines[i + 1..] {
+            if l.starts_with("Stack backtrace") {
+                break;
+            }
+            if l.is_empty() || *l == "Caused by:" {
+                continue;
+            }
+            out.push(
+                l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ':')
+                    .trim()
+                    .to_owned(),
+            );
+        }
+        return out.join(": ");
+    }
+    lines
+        .iter()
         .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("(empty log)")
-        .trim()
-        .to_owned()
+        .find(|l| l.contains("ERROR"))
+        .or_else(|| lines.iter().rev().find(|l| !l.is_empty()))
+        .map(|l| (*l).to_owned())
+        .unwrap_or_else(|| "(empty log)".into())
 }
 
 /// The agent process behind an `Agent` (nsenter execs; if it ever forks,
@@ -534,7 +554,7 @@ impl<'a> Bench<'a> {
                 .spawn()
                 .context("starting iperf3 -s")?,
         );
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(200));
         let secs = (self.args.duration.round() as u64).max(1);
         let mut a: Vec<String> = vec![
             "-c".into(),
@@ -824,7 +844,7 @@ impl<'a> Bench<'a> {
                 let reason = if log.is_empty() {
                     format!("{e:#}")
                 } else {
-                    format!("the agent exited: {}", last_line(&log))
+                    format!("the agent exited: {}", exit_reason(&log))
                 };
                 drop(a1);
                 if si == 0 {
