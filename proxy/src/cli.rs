@@ -76,6 +76,9 @@ pub struct Args {
     /// Maglev off (random selection).
     #[arg(long, default_value_t = crate::maglev::DEFAULT_TABLE_SIZE)]
     pub maglev_table_size: u32,
+    /// IPVS scheduler for `--mode ipvs` (rr, wrr, lc, wlc, sh, mh, ...).
+    #[arg(long, default_value = "rr")]
+    pub ipvs_scheduler: String,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,

@@ -28,6 +28,12 @@ fn golden(name: &str, actual: &str) {
     );
 }
 
+fn opts() -> proxy::dataplane::fallback::RuleOptions {
+    proxy::dataplane::fallback::RuleOptions {
+        pod_interface_prefixes: vec!["veth".into()],
+    }
+}
+
 fn key(a: [u8; 4], port: u16, proto: Protocol) -> FrontendKey {
     FrontendKey {
         addr: Ipv4Addr::from(a),
@@ -101,7 +107,7 @@ fn one_endpoint_removed() -> BTreeMap<FrontendKey, Frontend> {
 
 #[test]
 fn iptables_full_sync_matches_golden() {
-    let t = iptables_rules::generate(&fixture());
+    let t = iptables_rules::generate(&fixture(), &opts());
     let (input, plan) = iptables_rules::render(&t, &iptables_rules::Tables::default());
     golden("iptables-full.rules", &input);
     assert!(plan.deleted.is_empty());
@@ -109,8 +115,8 @@ fn iptables_full_sync_matches_golden() {
 
 #[test]
 fn iptables_one_endpoint_change_rewrites_only_its_chains() {
-    let old = iptables_rules::generate(&fixture());
-    let new = iptables_rules::generate(&one_endpoint_removed());
+    let old = iptables_rules::generate(&fixture(), &opts());
+    let new = iptables_rules::generate(&one_endpoint_removed(), &opts());
     let (input, plan) = iptables_rules::render(&new, &old);
     golden("iptables-partial.rules", &input);
     let svc = format!(
@@ -130,7 +136,7 @@ fn iptables_one_endpoint_change_rewrites_only_its_chains() {
 
 #[test]
 fn nftables_full_sync_matches_golden() {
-    let r = nftables_rules::generate(&fixture());
+    let r = nftables_rules::generate(&fixture(), &opts());
     let (input, plan) = nftables_rules::render(&r, None);
     golden("nftables-full.nft", &input);
     assert!(plan.chains_deleted.is_empty());
@@ -138,8 +144,8 @@ fn nftables_full_sync_matches_golden() {
 
 #[test]
 fn nftables_one_endpoint_change_rewrites_only_its_chains() {
-    let old = nftables_rules::generate(&fixture());
-    let new = nftables_rules::generate(&one_endpoint_removed());
+    let old = nftables_rules::generate(&fixture(), &opts());
+    let new = nftables_rules::generate(&one_endpoint_removed(), &opts());
     let (input, plan) = nftables_rules::render(&new, Some(&old));
     golden("nftables-partial.nft", &input);
     let h = proxy::dataplane::fallback::frontend_hash(&key([10, 96, 0, 20], 80, Protocol::Tcp));
@@ -161,8 +167,8 @@ fn nftables_endpoints_appearing_swap_one_map_element() {
         .expect("web")
         .backends
         .clear();
-    let old = nftables_rules::generate(&before);
-    let new = nftables_rules::generate(&fixture());
+    let old = nftables_rules::generate(&before, &opts());
+    let new = nftables_rules::generate(&fixture(), &opts());
     let (input, plan) = nftables_rules::render(&new, Some(&old));
     assert_eq!(plan.elements_deleted.len(), 1, "{input}");
     assert!(

@@ -230,6 +230,10 @@ impl Cluster {
                 ("net.ipv4.ip_forward", "1"),
                 ("net.ipv4.conf.all.rp_filter", "0"),
                 ("net.ipv4.conf.default.rp_filter", "0"),
+                // Tests ask many times a second; the kernel's per-peer ICMP
+                // rate limit (burst 6, then 1/s) would turn a refusal sent
+                // with icmp_send() (iptables/nft REJECT) into a timeout.
+                ("net.ipv4.icmp_ratelimit", "0"),
             ] {
                 ns.sysctl(key, value)?;
             }

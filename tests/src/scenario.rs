@@ -846,28 +846,35 @@ impl Scenario {
     pub fn fallback_counters(&self) -> Vec<u64> {
         (1..=self.agents.len())
             .map(|i| {
-                let ns = &self.cluster.node(i).ns;
-                match self.socket_lb {
-                    DataplaneMode::Iptables => ns
-                        .exec(&["iptables-save", "-c"])
-                        .map(|out| iptables_counter(&out))
-                        .unwrap_or_else(|e| panic!("iptables-save on node {i}: {e:#}")),
-                    DataplaneMode::Nftables => ns
-                        .exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])
-                        .map(|out| nft_counter(&out))
-                        .unwrap_or_else(|e| panic!("nft list on node {i}: {e:#}")),
-                    _ => 0,
-                }
+                fallback_counter(self.socket_lb, &self.cluster.node(i).ns)
+                    .unwrap_or_else(|e| panic!("rule counters on node {i}: {e:#}"))
             })
             .collect()
     }
 }
 
-/// Packets of our DNAT and REJECT rules in `iptables-save -c` output
-/// (`[packets:bytes] -A KUBE-... -j DNAT|REJECT ...`).
+/// [`Scenario::fallback_counters`] for one node namespace (0 for eBPF).
+pub fn fallback_counter(mode: DataplaneMode, ns: &crate::netns::Netns) -> Result<u64> {
+    Ok(match mode {
+        DataplaneMode::Iptables => iptables_counter(&ns.exec(&["iptables-save", "-c"])?),
+        DataplaneMode::Nftables => {
+            nft_counter(&ns.exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])?)
+        }
+        _ => 0,
+    })
+}
+
+/// Packets of our DNAT, REDIRECT and REJECT rules and of the jump to
+/// `KUBE-NODEPORTS` (which outlives a deleted service) in `iptables-save
+/// -c` output (`[packets:bytes] -A KUBE-... -j ...`).
 pub fn iptables_counter(save: &str) -> u64 {
     save.lines()
-        .filter(|l| l.contains("] -A KUBE-") && (l.contains("-j DNAT") || l.contains("-j REJECT")))
+        .filter(|l| {
+            l.contains("] -A KUBE-")
+                && ["-j DNAT", "-j REJECT", "-j REDIRECT", "-j KUBE-NODEPORTS"]
+                    .iter()
+                    .any(|t| l.contains(t))
+        })
         .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
         .sum()
 }

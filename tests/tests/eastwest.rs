@@ -224,8 +224,9 @@ macro_rules! both_socket_lb_modes {
 }
 
 /// The scenarios of SERVICE-BEHAVIOURS.md lines 1-6, 8-10, 12, 14, 16-19,
-/// run unchanged in the kube-proxy fallback modes; their evidence is our
-/// rules' packet counters (and nothing pinned in bpffs).
+/// plus 20 (UDP backend replaced: conntrack flushed) and the agent half of
+/// 7 (`kill -9`), run unchanged in the kube-proxy fallback modes; their
+/// evidence is our rules' packet counters (and nothing pinned in bpffs).
 macro_rules! fallback_modes {
     ($($name:ident),* $(,)?) => {
         mod iptables {
@@ -251,6 +252,8 @@ fallback_modes!(
     terminating_fallback_internal_local,
     session_affinity_client_ip,
     node_port_and_external_ip_from_pods_then_released,
+    udp_flow_survives_backend_replacement,
+    agent_kill_9_keeps_streams_and_new_connections,
 );
 
 both_socket_lb_modes!(

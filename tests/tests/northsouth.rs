@@ -17,6 +17,7 @@ use proxy_tests::{
         udp_request, udp_request_payload,
     },
     netns::Netns,
+    scenario::{DataplaneMode, fallback_counter},
 };
 
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -71,9 +72,29 @@ endpoints:
 
 /// An agent on each of the two nodes, each having logged `ready`.
 fn start_agents(cluster: &Cluster, api: &ApiServer, ready: &str) -> [Agent; 2] {
+    start_agents_in(DataplaneMode::EbpfTc, cluster, api, ready)
+}
+
+/// Agent options for `mode`.
+fn options(mode: DataplaneMode) -> AgentOptions {
+    AgentOptions {
+        args: vec!["--mode".into(), mode.mode().into()],
+        ..Default::default()
+    }
+}
+
+/// [`start_agents`] in `mode`; the fallback modes have no XDP to wait
+/// for, their `ready` is the first sync.
+fn start_agents_in(
+    mode: DataplaneMode,
+    cluster: &Cluster,
+    api: &ApiServer,
+    ready: &str,
+) -> [Agent; 2] {
+    let ready = if mode.is_ebpf() { ready } else { "sync done" };
     let mut agents = [
-        Agent::start(cluster.node(1), api, AgentOptions::default()).expect("agent1"),
-        Agent::start(cluster.node(2), api, AgentOptions::default()).expect("agent2"),
+        Agent::start(cluster.node(1), api, options(mode)).expect("agent1"),
+        Agent::start(cluster.node(2), api, options(mode)).expect("agent2"),
     ];
     for a in &mut agents {
         a.wait_for_log(ready, Duration::from_secs(10))
@@ -112,6 +133,56 @@ fn wait_up(ns: &Netns, to: SocketAddr, agent: &Agent) {
 
 #[test]
 fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
+    node_port_from_outside(DataplaneMode::EbpfTc)
+}
+
+/// SERVICE-BEHAVIOURS 8, 9 (LoadBalancer IP), 14 (NodePort), 18 and 22 in the kube-proxy
+/// fallback modes: the same test bodies.
+mod fallback {
+    use super::*;
+
+    #[test]
+    fn iptables_node_port_from_outside_and_etp_local() {
+        node_port_from_outside(DataplaneMode::Iptables)
+    }
+
+    #[test]
+    fn nftables_node_port_from_outside_and_etp_local() {
+        node_port_from_outside(DataplaneMode::Nftables)
+    }
+
+    #[test]
+    fn iptables_node_port_session_affinity() {
+        node_port_session_affinity(DataplaneMode::Iptables)
+    }
+
+    #[test]
+    fn nftables_node_port_session_affinity() {
+        node_port_session_affinity(DataplaneMode::Nftables)
+    }
+
+    #[test]
+    fn iptables_health_check_node_port() {
+        health_check_node_port(DataplaneMode::Iptables)
+    }
+
+    #[test]
+    fn nftables_health_check_node_port() {
+        health_check_node_port(DataplaneMode::Nftables)
+    }
+
+    #[test]
+    fn iptables_load_balancer_source_ranges() {
+        source_ranges(DataplaneMode::Iptables)
+    }
+
+    #[test]
+    fn nftables_load_balancer_source_ranges() {
+        source_ranges(DataplaneMode::Nftables)
+    }
+}
+
+fn node_port_from_outside(mode: DataplaneMode) {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
     let mut servers = Vec::new();
@@ -132,7 +203,7 @@ fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
     );
     objects += &service("local", "10.96.1.2", 30081, true, &[(p12.ip, "node1")]);
     api.apply_yaml(&objects).expect("objects");
-    let agents = start_agents(&cluster, &api, "attached XDP");
+    let agents = start_agents_in(mode, &cluster, &api, "attached XDP");
     let ext = cluster.external();
     let node1 = cluster.node(1).underlay_ip;
     let node2 = cluster.node(2).underlay_ip;
@@ -180,6 +251,11 @@ fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
         "never sent to another node's endpoint"
     );
 
+    if !mode.is_ebpf() {
+        let n = fallback_counter(mode, &cluster.node(1).ns).expect("counters");
+        assert!(n > 0, "{mode:?}: node1's rules counted nothing");
+        return;
+    }
     // XDP did the work: its translations show on node1's counters.
     let dump: serde_json::Value = serde_json::from_str(
         &agents[0]
@@ -198,6 +274,10 @@ fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
 /// 503 when only a terminating one remains.
 #[test]
 fn health_check_node_port_follows_local_endpoints() {
+    health_check_node_port(DataplaneMode::EbpfTc)
+}
+
+fn health_check_node_port(mode: DataplaneMode) {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let p12 = cluster.pod(1, 2);
     let api = ApiServer::start().expect("api");
@@ -227,7 +307,7 @@ spec:
 ---
 "# + &slice("{ready: true, serving: true, terminating: false}");
     api.apply_yaml(&objects).expect("objects");
-    let _agents = start_agents(&cluster, &api, "caches synced");
+    let _agents = start_agents_in(mode, &cluster, &api, "caches synced");
     let ext = cluster.external();
     let check = |node: usize| {
         let to = SocketAddr::from((cluster.node(node).underlay_ip, 32000));
@@ -367,6 +447,10 @@ fn node_port_flows_survive_agent_restart_and_empty_service_is_refused() {
 /// the ranges takes effect.
 #[test]
 fn load_balancer_source_ranges() {
+    source_ranges(DataplaneMode::EbpfTc)
+}
+
+fn source_ranges(mode: DataplaneMode) {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let p12 = cluster.pod(1, 2);
     let _server =
@@ -403,10 +487,17 @@ endpoints:
             p12.ip
         );
     api.apply_yaml(&objects).expect("objects");
-    let mut agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
+    let mut agent = Agent::start(cluster.node(1), &api, options(mode)).expect("agent");
     agent
-        .wait_for_log("attached XDP", Duration::from_secs(5))
-        .expect("XDP attached");
+        .wait_for_log(
+            if mode.is_ebpf() {
+                "attached XDP"
+            } else {
+                "synced"
+            },
+            Duration::from_secs(5),
+        )
+        .expect("XDP attached / first sync");
     let ext = cluster.external();
     ext.add_route(&format!("{lb_ip}/32"), cluster.node(1).underlay_ip)
         .expect("route to the LB IP");
@@ -424,6 +515,38 @@ endpoints:
             "a source outside the ranges still served"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if !mode.is_ebpf() {
+        // Our drop rule counted them (iptables: KUBE-FIREWALL's DROP;
+        // nftables: the fw-* chain's counter).
+        let ns = &cluster.node(1).ns;
+        let dropped = match mode {
+            DataplaneMode::Iptables => ns
+                .exec(&["iptables-save", "-c", "-t", "filter"])
+                .expect("iptables-save")
+                .lines()
+                .filter(|l| l.contains("-A KUBE-FIREWALL") && l.contains("-j DROP"))
+                .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
+                .sum::<u64>(),
+            _ => {
+                let list = ns
+                    .exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])
+                    .expect("nft list");
+                list.lines()
+                    .filter(|l| l.contains("counter packets") && l.contains("drop"))
+                    .filter_map(|l| {
+                        l.split("counter packets ")
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .sum::<u64>()
+            }
+        };
+        assert!(dropped > 0, "{mode:?}: no drop counted");
+        return;
     }
     let dump: serde_json::Value = serde_json::from_str(
         &agent
@@ -578,6 +701,10 @@ fn dsr_remote_backend_sees_the_client_and_answers_directly() {
 /// of the client goes to one backend, local or remote.
 #[test]
 fn node_port_session_affinity_from_outside() {
+    node_port_session_affinity(DataplaneMode::EbpfTc)
+}
+
+fn node_port_session_affinity(mode: DataplaneMode) {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let mut servers = Vec::new();
     let mut eps = String::new();
@@ -613,7 +740,7 @@ endpoints:
             )),
     )
     .expect("objects");
-    let agents = start_agents(&cluster, &api, "sync done");
+    let agents = start_agents_in(mode, &cluster, &api, "sync done");
     let ext = cluster.external();
     let to = SocketAddr::from((cluster.node(1).underlay_ip, 30140));
     wait_up(&ext.ns, to, &agents[0]);

@@ -11,6 +11,7 @@ use proxy::{
         Dataplane, cleanup,
         ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
         iptables::IptablesDataplane,
+        ipvs::IpvsDataplane,
         nftables::NftablesDataplane,
     },
     k8s,
@@ -59,26 +60,38 @@ async fn main() -> Result<()> {
     if let Mode::Ipvs = args.mode {
         // Before touching any state: a kernel without IP_VS ends here.
         proxy::dataplane::ipvs::probe()?;
+        if !proxy::dataplane::ipvs::valid_scheduler(&args.ipvs_scheduler) {
+            bail!(
+                "--ipvs-scheduler {}: not one of {}",
+                args.ipvs_scheduler,
+                proxy::dataplane::ipvs::SCHEDULERS.join(", ")
+            );
+        }
     }
     // Switching modes: what another mode left goes first.
     let keep = match args.mode {
         Mode::Ebpf => cleanup::StateOf::Ebpf,
-        Mode::Iptables | Mode::Ipvs => cleanup::StateOf::Iptables,
+        Mode::Iptables => cleanup::StateOf::Iptables,
+        Mode::Ipvs => cleanup::StateOf::Ipvs,
         Mode::Nftables => cleanup::StateOf::Nftables,
     };
     cleanup::all_but(Some(keep), &args.bpffs_path);
     match args.mode {
         Mode::Ebpf => {}
         Mode::Iptables => {
-            let dp = IptablesDataplane::new().context("setting up the iptables dataplane")?;
+            let dp = IptablesDataplane::new(rule_options(&args))
+                .context("setting up the iptables dataplane")?;
             return run_fallback(dp, &args, node).await;
         }
         Mode::Nftables => {
-            let dp = NftablesDataplane::new().context("setting up the nftables dataplane")?;
+            let dp = NftablesDataplane::new(rule_options(&args))
+                .context("setting up the nftables dataplane")?;
             return run_fallback(dp, &args, node).await;
         }
         Mode::Ipvs => {
-            bail!("--mode ipvs: only the netlink probe is implemented; use iptables or nftables")
+            let dp = IpvsDataplane::new(&args.ipvs_scheduler)
+                .context("setting up the ipvs dataplane")?;
+            return run_fallback(dp, &args, node).await;
         }
     }
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
@@ -130,6 +143,11 @@ async fn main() -> Result<()> {
     agent::run(dp, stores, changed, node, shutdown()).await;
     info!("stopped");
     Ok(())
+}
+
+/// Pod interfaces for the fallback modes' local-traffic detection.
+fn rule_options(args: &Args) -> proxy::dataplane::fallback::RuleOptions {
+    proxy::dataplane::fallback::RuleOptions::from_pod_device_globs(&args.pod_devices)
 }
 
 /// SIGINT or SIGTERM.

@@ -1,13 +1,13 @@
 //! Removing what each mode leaves in the kernel, so a node can switch modes
 //! (as kube-proxy's `--cleanup`): eBPF pins (maps and links: unpinning a
 //! link detaches its program), our iptables chains and jumps, our nftables
-//! table.
+//! table, IPVS virtual servers and `kube-ipvs0`.
 
 use std::{fs, io, path::Path};
 
 use tracing::{info, warn};
 
-use super::{iptables, nftables};
+use super::{iptables, ipvs, nftables};
 
 /// The modes with kernel state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +15,7 @@ pub enum StateOf {
     Ebpf,
     Iptables,
     Nftables,
+    Ipvs,
 }
 
 /// Remove everything pinned under `bpffs_path`. Returns whether it existed.
@@ -55,6 +56,10 @@ pub fn all_but(keep: Option<StateOf>, bpffs_path: &Path) -> usize {
             "nftables table",
             nftables::cleanup().map_err(|e| e.to_string()),
         );
+    }
+    if keep != Some(StateOf::Ipvs) {
+        // Flushes every virtual server, as kube-proxy's ipvs cleanup does.
+        report("IPVS", ipvs::cleanup().map_err(|e| e.to_string()));
     }
     failures
 }

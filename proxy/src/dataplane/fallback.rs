@@ -24,6 +24,29 @@ pub const MASQ_MARK: u32 = 0x4000;
 /// The packet mark bit that asks the filter table to drop (source ranges).
 pub const DROP_MARK: u32 = 0x8000;
 
+/// What the rule generators need beyond the frontends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleOptions {
+    /// Name prefixes of the pod-facing interfaces (kube-proxy's
+    /// `--detect-local-mode=InterfaceNamePrefix`): traffic from local pods
+    /// to external frontends is not masqueraded, so backends see the pod.
+    pub pod_interface_prefixes: Vec<String>,
+}
+
+impl RuleOptions {
+    /// From `--pod-device` globs: those of the form `prefix*` count.
+    pub fn from_pod_device_globs(globs: &[String]) -> RuleOptions {
+        RuleOptions {
+            pod_interface_prefixes: globs
+                .iter()
+                .filter_map(|g| g.strip_suffix('*'))
+                .filter(|p| !p.is_empty() && !p.contains(['*', '?', '[']))
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
 /// Errors of the fallback dataplanes.
 #[derive(Debug, thiserror::Error)]
 pub enum FallbackError {
@@ -140,7 +163,8 @@ pub fn applied(table: &LbTable, changes: &[Change]) -> LbTable {
 }
 
 /// kube-proxy's UDP conntrack cleanup for a sync from `old` to `new`:
-/// entries to a frontend that had no backend (they may hold the reject) and
+/// entries to a frontend that had no backend (they may hold the reject; a
+/// frontend new to the table had no rules, so nothing to flush) and
 /// entries DNATed to a backend that is gone (so a long-lived UDP flow moves
 /// to a live backend instead of blackholing). Returns the deletions to run
 /// as (frontend address, port, backend address if any).
@@ -154,7 +178,7 @@ pub fn stale_udp_flows(
             continue;
         }
         let before = old.get(k);
-        if !f.backends.is_empty() && before.is_none_or(|b| b.backends.is_empty()) {
+        if !f.backends.is_empty() && before.is_some_and(|b| b.backends.is_empty()) {
             out.push((k.addr, k.port, None));
         }
     }
@@ -208,6 +232,12 @@ pub fn flush_udp_flows(flows: &[(Ipv4Addr, u16, Option<Ipv4Addr>)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_interface_prefixes_from_globs() {
+        let o = RuleOptions::from_pod_device_globs(&["veth*".into(), "eth0".into(), "c?i*".into()]);
+        assert_eq!(o.pod_interface_prefixes, vec!["veth"]);
+    }
 
     #[test]
     fn hash16_is_stable_and_distinct() {

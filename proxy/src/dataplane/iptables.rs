@@ -7,13 +7,14 @@ use tracing::{debug, info};
 
 use super::{
     ApplyStats, Dataplane,
-    fallback::{self, FallbackError, applied, flush_udp_flows, stale_udp_flows},
+    fallback::{self, FallbackError, RuleOptions, applied, flush_udp_flows, stale_udp_flows},
     iptables_rules::{self, JUMP_COMMENT, Tables},
 };
 use crate::{diff::Change, lb::LbTable};
 
 pub struct IptablesDataplane {
     programmed: LbTable,
+    opts: RuleOptions,
     /// What the kernel holds in our chains (as last written).
     written: Tables,
     ticks: u32,
@@ -68,13 +69,51 @@ pub fn cleanup() -> Result<bool, FallbackError> {
         let input = iptables_rules::render_cleanup(&filter, &nat);
         fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(&input))?;
     }
+    if found {
+        remove_empty_nft_builtins();
+    }
     Ok(found)
+}
+
+/// iptables-nft creates a built-in chain (as an nftables base chain) the
+/// first time a rule goes in; once our jumps are gone it may be left empty.
+/// An empty base chain with policy accept is a no-op and iptables-nft
+/// recreates it on demand, so removing it (and a table left with nothing)
+/// brings `nft list ruleset` back to what it was; `iptables-save` shows
+/// built-in chains either way.
+fn remove_empty_nft_builtins() {
+    let nf_tables =
+        fallback::run("iptables", &["--version"], None).is_ok_and(|v| v.contains("nf_tables"));
+    if !nf_tables {
+        return;
+    }
+    for (table, chains) in [
+        ("nat", &["PREROUTING", "OUTPUT", "POSTROUTING"][..]),
+        ("filter", &["INPUT", "FORWARD", "OUTPUT"][..]),
+    ] {
+        for chain in chains {
+            let Ok(list) = fallback::run("nft", &["list", "chain", "ip", table, chain], None)
+            else {
+                continue;
+            };
+            if iptables_rules::is_empty_accept_base_chain(&list) {
+                let _ = fallback::run("nft", &["delete", "chain", "ip", table, chain], None);
+            }
+        }
+        if let Ok(list) = fallback::run("nft", &["list", "table", "ip", table], None)
+            && !list.contains("chain ")
+            && !list.contains("set ")
+            && !list.contains("map ")
+        {
+            let _ = fallback::run("nft", &["delete", "table", "ip", table], None);
+        }
+    }
 }
 
 impl IptablesDataplane {
     /// Checks the tools work, installs the jumps and learns which of our
     /// chains an earlier run left (the first sync rewrites or deletes them).
-    pub fn new() -> Result<IptablesDataplane, FallbackError> {
+    pub fn new(opts: RuleOptions) -> Result<IptablesDataplane, FallbackError> {
         let filter = iptables_rules::our_chains(&save("filter")?, "filter");
         let nat = iptables_rules::our_chains(&save("nat")?, "nat");
         if !filter.is_empty() || !nat.is_empty() {
@@ -86,6 +125,7 @@ impl IptablesDataplane {
         // The jumps need the chains to exist: write the fixed ones first.
         let mut dp = IptablesDataplane {
             programmed: LbTable::default(),
+            opts,
             written: Tables::unknown(&filter, &nat),
             ticks: 0,
         };
@@ -95,7 +135,7 @@ impl IptablesDataplane {
     }
 
     fn write(&mut self, next: &LbTable) -> Result<iptables_rules::Plan, FallbackError> {
-        let tables = iptables_rules::generate(&next.frontends);
+        let tables = iptables_rules::generate(&next.frontends, &self.opts);
         let (input, plan) = iptables_rules::render(&tables, &self.written);
         if !input.is_empty() {
             debug!(bytes = input.len(), "iptables-restore");

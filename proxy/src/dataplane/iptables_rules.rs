@@ -11,19 +11,29 @@
 //!   `KUBE-SVC-*` (ClusterIP), `KUBE-EXT-*` (ExternalIP, LoadBalancer) or
 //!   `KUBE-FW-*` (with `loadBalancerSourceRanges`); last, local
 //!   destinations go to `KUBE-NODEPORTS` (the NodePort frontends).
-//! * `KUBE-EXT-<h>`: external traffic; masquerade it (`KUBE-MARK-MASQ`) when
-//!   some backend is on another node (so the reply comes back through this
-//!   node), then `KUBE-SVC-<h>`. With only local backends (as with
-//!   `externalTrafficPolicy: Local`) the client's address is kept.
+//! * `KUBE-EXT-<h>`: external traffic (NodePort, ExternalIP, LoadBalancer),
+//!   on to `KUBE-SVC-<h>`; its `KUBE-SEP-*` chains send traffic to a backend
+//!   on another node through `KUBE-MARK-MASQ-EXT`, which masquerades unless
+//!   it came from a local pod (`-i <pod interface prefix>+`, kube-proxy's
+//!   interface-name local detection), so the reply comes back through this
+//!   node. Local backends see the client (kube-proxy masquerades all
+//!   external traffic under `externalTrafficPolicy: Cluster`; the eBPF mode
+//!   and this one only what must be).
 //! * `KUBE-FW-<h>`: listed source ranges go on to `KUBE-EXT-<h>`, the rest
-//!   is marked for the filter table's `KUBE-FIREWALL` to drop.
+//!   is marked for the filter table's `KUBE-FIREWALL` to drop (and
+//!   REDIRECTed, so it reaches INPUT on a node without a route for it).
 //! * `KUBE-SVC-<h>`: `-m recent` affinity checks, then one rule per backend
 //!   with `-m statistic --mode random --probability 1/(n-i)` (uniform).
 //! * `KUBE-SEP-<h>`: hairpin (`-s backend`) masquerade, affinity `--set`,
 //!   DNAT to the backend.
 //! * `KUBE-POSTROUTING` (from POSTROUTING): masquerade marked packets.
-//! * filter `KUBE-SERVICES` (FORWARD, OUTPUT) and `KUBE-EXTERNAL-SERVICES`
-//!   (INPUT, FORWARD): REJECT for frontends without endpoints.
+//! * filter `KUBE-SERVICES` (INPUT, FORWARD, OUTPUT) and
+//!   `KUBE-EXTERNAL-SERVICES` (INPUT, FORWARD): REJECT for frontends
+//!   without endpoints, matched on the conntrack original destination.
+//!   Unlike kube-proxy, such traffic to a non-local address is first
+//!   REDIRECTed in nat `KUBE-SERVICES`, so the reject also works on a node
+//!   without a route for the service range (where FORWARD is never
+//!   reached); TCP is refused with a reset (not rate-limited like ICMP).
 //!
 //! `<h>` is [`frontend_hash`] / [`endpoint_hash`]: one chain per frontend
 //! (a ClusterIP and each node address of a NodePort are separate frontends
@@ -31,11 +41,14 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::fallback::{DROP_MARK, MASQ_MARK, endpoint_hash, frontend_hash, proto_lower};
+use super::fallback::{
+    DROP_MARK, MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash, proto_lower,
+};
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
 /// Chains we own in the nat table whatever the services.
-pub const NAT_FIXED: [&str; 5] = [
+pub const NAT_FIXED: [&str; 6] = [
+    "KUBE-MARK-MASQ-EXT",
     "KUBE-SERVICES",
     "KUBE-NODEPORTS",
     "KUBE-POSTROUTING",
@@ -69,6 +82,7 @@ pub fn jumps() -> Vec<(&'static str, &'static str, String)> {
             "FORWARD",
             format!("{c} {new} -j KUBE-EXTERNAL-SERVICES"),
         ),
+        ("filter", "INPUT", format!("{c} {new} -j KUBE-SERVICES")),
         ("filter", "FORWARD", format!("{c} {new} -j KUBE-SERVICES")),
         ("filter", "OUTPUT", format!("{c} {new} -j KUBE-SERVICES")),
         ("filter", "INPUT", format!("{c} -j KUBE-FIREWALL")),
@@ -124,7 +138,7 @@ fn probability(i: usize, n: usize) -> String {
 }
 
 /// The rules for `frontends`.
-pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
+pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> Tables {
     let mut t = Tables::default();
     for c in FILTER_FIXED {
         t.filter.insert(c.to_owned(), Vec::new());
@@ -147,11 +161,30 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
                 FrontendKind::ClusterIp => "KUBE-SERVICES",
                 _ => "KUBE-EXTERNAL-SERVICES",
             };
+            // A node without a route for the service address would drop
+            // the packet before FORWARD: REDIRECT makes it local (the
+            // incoming interface's address), and the filter rule below,
+            // matching the original destination, rejects it on INPUT.
+            if f.kind != FrontendKind::NodePort {
+                push(
+                    &mut t.nat,
+                    "KUBE-SERVICES",
+                    format!("-m comment --comment \"{k} has no endpoints\" {m} -j REDIRECT"),
+                );
+            }
+            // TCP gets a reset: ICMP errors are rate-limited per peer
+            // (net.ipv4.icmp_ratelimit), so a client retrying quickly
+            // would wait for its SYN retransmit instead of being refused.
+            let with = match k.proto {
+                crate::model::Protocol::Tcp => "tcp-reset",
+                _ => "icmp-port-unreachable",
+            };
             push(
                 &mut t.filter,
                 chain,
                 format!(
-                    "-m comment --comment \"{k} has no endpoints\" {m} -j REJECT --reject-with icmp-port-unreachable"
+                    "-m comment --comment \"{k} has no endpoints\" -p {p} -m conntrack --ctorigdst {}/32 --ctorigdstport {} -j REJECT --reject-with {with}",
+                    k.addr, k.port
                 ),
             );
             continue;
@@ -184,14 +217,9 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
                     "-m comment --comment \"source not in loadBalancerSourceRanges\" -j KUBE-MARK-DROP"
                         .to_owned(),
                 );
-            }
-            if f.backends.iter().any(|b| !b.local) {
-                push(
-                    &mut t.nat,
-                    &ext,
-                    "-m comment --comment \"masquerade traffic for external destinations\" -j KUBE-MARK-MASQ"
-                        .to_owned(),
-                );
+                // Made local so that filter INPUT's KUBE-FIREWALL sees and
+                // drops it even on a node without a route for the address.
+                push(&mut t.nat, &fw, "-j REDIRECT".to_owned());
             }
             push(&mut t.nat, &ext, format!("-j {svc}"));
         }
@@ -237,6 +265,9 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
                 sep,
                 format!("-s {}/32 -j KUBE-MARK-MASQ", b.addr),
             );
+            if f.kind != FrontendKind::ClusterIp && !b.local {
+                push(&mut t.nat, sep, "-j KUBE-MARK-MASQ-EXT".to_owned());
+            }
             let affinity = if f.affinity_timeout > 0 {
                 format!("-m recent --name {sep} --mask 255.255.255.255 --rsource --set ")
             } else {
@@ -262,6 +293,20 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Tables {
         &mut t.nat,
         "KUBE-MARK-MASQ",
         format!("-j MARK --or-mark {MASQ_MARK:#x}"),
+    );
+    for prefix in &opts.pod_interface_prefixes {
+        push(
+            &mut t.nat,
+            "KUBE-MARK-MASQ-EXT",
+            format!(
+                "-m comment --comment \"local pods keep their address\" -i {prefix}+ -j RETURN"
+            ),
+        );
+    }
+    push(
+        &mut t.nat,
+        "KUBE-MARK-MASQ-EXT",
+        "-j KUBE-MARK-MASQ".to_owned(),
     );
     push(
         &mut t.nat,
@@ -378,8 +423,28 @@ pub fn our_chains(save: &str, table: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether `nft list chain` output is a base chain with policy accept and
+/// no rules.
+pub fn is_empty_accept_base_chain(list: &str) -> bool {
+    let mut body = list.lines().map(str::trim).filter(|l| {
+        !l.is_empty() && !l.starts_with("table ") && !l.starts_with("chain ") && *l != "}"
+    });
+    matches!(body.next(), Some(l) if l.starts_with("type ") && l.ends_with("policy accept;"))
+        && body.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn empty_base_chains() {
+        let empty = "table ip nat {\n\tchain PREROUTING {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t}\n}\n";
+        assert!(super::is_empty_accept_base_chain(empty));
+        let rule = "table ip nat {\n\tchain PREROUTING {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tcounter\n\t}\n}\n";
+        assert!(!super::is_empty_accept_base_chain(rule));
+        let drop = "table ip filter {\n\tchain INPUT {\n\t\ttype filter hook input priority filter; policy drop;\n\t}\n}\n";
+        assert!(!super::is_empty_accept_base_chain(drop));
+    }
+
     use super::*;
 
     #[test]
@@ -401,7 +466,7 @@ mod tests {
 
     #[test]
     fn unchanged_tables_render_nothing() {
-        let t = generate(&BTreeMap::new());
+        let t = generate(&BTreeMap::new(), &RuleOptions::default());
         assert_eq!(render(&t, &t).0, "");
         let (full, plan) = render(&t, &Tables::default());
         assert!(full.contains("*nat") && full.contains("*filter"), "{full}");

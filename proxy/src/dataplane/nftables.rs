@@ -7,7 +7,7 @@ use tracing::debug;
 
 use super::{
     ApplyStats, Dataplane,
-    fallback::{self, FallbackError, applied, flush_udp_flows, stale_udp_flows},
+    fallback::{self, FallbackError, RuleOptions, applied, flush_udp_flows, stale_udp_flows},
     iptables::stats,
     nftables_rules::{self, Ruleset},
 };
@@ -15,6 +15,7 @@ use crate::{diff::Change, lb::LbTable};
 
 pub struct NftablesDataplane {
     programmed: LbTable,
+    opts: RuleOptions,
     /// Our table as last written; None until the first write (which
     /// recreates the table, dropping whatever an earlier run left).
     written: Option<Ruleset>,
@@ -37,9 +38,10 @@ pub fn cleanup() -> Result<bool, FallbackError> {
 
 impl NftablesDataplane {
     /// Creates our (empty) table, replacing one an earlier run left.
-    pub fn new() -> Result<NftablesDataplane, FallbackError> {
+    pub fn new(opts: RuleOptions) -> Result<NftablesDataplane, FallbackError> {
         let mut dp = NftablesDataplane {
             programmed: LbTable::default(),
+            opts,
             written: None,
         };
         dp.write(&LbTable::default())?;
@@ -47,7 +49,7 @@ impl NftablesDataplane {
     }
 
     fn write(&mut self, next: &LbTable) -> Result<nftables_rules::Plan, FallbackError> {
-        let rules = nftables_rules::generate(&next.frontends);
+        let rules = nftables_rules::generate(&next.frontends, &self.opts);
         let (input, plan) = nftables_rules::render(&rules, self.written.as_ref());
         if !input.is_empty() {
             nft(&input)?;

@@ -15,9 +15,11 @@
 //!             vmap @no-endpoint-services / @no-endpoint-nodeports -> reject
 //!   nat-postrouting (srcnat)              -> masquerading (mark 0x4000)
 //!   svc-<h>:  affinity (ip saddr @aff-*), numgen random mod n vmap { i: goto sep-* }
-//!   ext-<h>:  mark for masquerade when some backend is remote; goto svc-<h>
+//!   ext-<h>:  goto svc-<h> (external frontends)
 //!   fw-<h>:   ip saddr in ranges: return; else drop
-//!   sep-<h>:  hairpin masquerade, affinity update, counter, dnat
+//!   sep-<h>:  hairpin masquerade; for an external frontend and a remote
+//!             backend, masquerade unless from a local pod (iifname
+//!             prefix); affinity update, counter, dnat
 //! ```
 //!
 //! No-endpoint rejects sit in prerouting (nft allows `reject` there), so
@@ -25,7 +27,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
-use super::fallback::{MASQ_MARK, endpoint_hash, frontend_hash, proto_lower};
+use super::fallback::{MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash, proto_lower};
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
 /// Our table (family `ip`).
@@ -134,7 +136,7 @@ fn fixed_chains() -> BTreeMap<String, Chain> {
                 None,
                 &[
                     "ip daddr . meta l4proto . th dport vmap @service-ips",
-                    "fib daddr type local ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+                    "fib daddr type local ip daddr @nodeport-ips counter meta l4proto . th dport vmap @service-nodeports",
                 ],
             ),
         ),
@@ -155,7 +157,16 @@ fn fixed_chains() -> BTreeMap<String, Chain> {
                 ],
             ),
         ),
-        ("reject-chain".to_owned(), c(None, &["counter reject"])),
+        (
+            "reject-chain".to_owned(),
+            c(
+                None,
+                &[
+                    "meta l4proto tcp counter reject with tcp reset",
+                    "counter reject",
+                ],
+            ),
+        ),
         (
             "masquerading".to_owned(),
             Chain {
@@ -187,11 +198,21 @@ fn chain_hash(k: &FrontendKey, f: &Frontend) -> String {
 }
 
 /// Our table's content for `frontends`.
-pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Ruleset {
+pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> Ruleset {
     let mut r = Ruleset {
         chains: fixed_chains(),
         ..Default::default()
     };
+    let mut rules: Vec<String> = opts
+        .pod_interface_prefixes
+        .iter()
+        .map(|p| format!("iifname \"{p}*\" return"))
+        .collect();
+    rules.push("jump mark-for-masquerade".to_owned());
+    r.chains.insert(
+        "mark-for-masquerade-external".to_owned(),
+        Chain { hook: None, rules },
+    );
     for (_, name, _) in CONTAINERS {
         r.elements.insert(name, BTreeMap::new());
     }
@@ -245,12 +266,13 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Ruleset {
             svc.clone()
         } else {
             let ext = format!("ext-{h}");
-            let mut rules = Vec::new();
-            if f.backends.iter().any(|b| !b.local) {
-                rules.push("jump mark-for-masquerade".to_owned());
-            }
-            rules.push(format!("goto {svc}"));
-            r.chains.insert(ext.clone(), Chain { hook: None, rules });
+            r.chains.insert(
+                ext.clone(),
+                Chain {
+                    hook: None,
+                    rules: vec![format!("goto {svc}")],
+                },
+            );
             ext
         };
         if nodeport {
@@ -283,6 +305,9 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>) -> Ruleset {
             let eh = endpoint_hash(&ck, b);
             let sep = format!("sep-{eh}");
             let mut sep_rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.addr)];
+            if f.kind != FrontendKind::ClusterIp && !b.local {
+                sep_rules.push("jump mark-for-masquerade-external".to_owned());
+            }
             if f.affinity_timeout > 0 {
                 let set = format!("aff-{eh}-{}", f.affinity_timeout);
                 r.sets.insert(
@@ -442,7 +467,7 @@ mod tests {
 
     #[test]
     fn unchanged_ruleset_renders_nothing() {
-        let r = generate(&BTreeMap::new());
+        let r = generate(&BTreeMap::new(), &RuleOptions::default());
         assert_eq!(render(&r, Some(&r)).0, "");
         let (full, _) = render(&r, None);
         assert!(

@@ -1,0 +1,389 @@
+//! The kube-proxy fallback modes' kernel state: `--cleanup` leaves
+//! `iptables-save` and `nft list ruleset` as they were before the agent
+//! started (other software's rules included), switching modes removes the
+//! previous mode's state, and `--mode ipvs` on a kernel without IP_VS exits
+//! with one clear sentence.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use proxy_tests::{
+    agent::{Agent, AgentOptions, binary},
+    apiserver::ApiServer,
+    cluster::{Cluster, ClusterSpec, TcpServer, tcp_request},
+    netns::Netns,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 1);
+
+/// `iptables-save` (filter and nat) and `nft list ruleset` of `ns`, with
+/// the volatile parts (comment lines with dates, counters) removed.
+fn snapshot(ns: &Netns) -> String {
+    let strip_counters = |l: &str| {
+        // `:CHAIN POLICY [p:b]` -> `:CHAIN POLICY`
+        match l.find(" [") {
+            Some(i) if l.starts_with(':') => l[..i].to_owned(),
+            _ => l.to_owned(),
+        }
+    };
+    let mut out = String::new();
+    for table in ["filter", "nat"] {
+        let save = ns
+            .exec(&["iptables-save", "-t", table])
+            .expect("iptables-save");
+        for l in save.lines().filter(|l| !l.starts_with('#')) {
+            out.push_str(&strip_counters(l));
+            out.push('\n');
+        }
+    }
+    out.push_str("--- nft\n");
+    let nft = ns.exec(&["nft", "list", "ruleset"]).expect("nft list");
+    // iptables-nft's own tables are compared above, in iptables syntax.
+    out.push_str(&nft);
+    out
+}
+
+fn objects(node: &str, backend: Ipv4Addr) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: {node}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP}
+  ports: [{{name: http, port: 80, nodePort: 30777, protocol: TCP, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  clusterIP: 10.96.7.2
+  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: ["{backend}"], nodeName: {node}}}
+"#
+    )
+}
+
+fn start(node: &proxy_tests::cluster::Node, api: &ApiServer, mode: &str) -> Agent {
+    let mut a = Agent::start(
+        node,
+        api,
+        AgentOptions {
+            args: vec!["--mode".into(), mode.into()],
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{mode} agent: {e:#}"));
+    a.wait_for_log("sync done", Duration::from_secs(10))
+        .expect("first sync");
+    a
+}
+
+/// Run the agent binary once in `node`'s namespace (nsenter, so bpffs
+/// stays visible) and return (success, stdout+stderr).
+fn run_proxy(node: &proxy_tests::cluster::Node, args: &[&str]) -> (bool, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path().display()))
+        .arg("--")
+        .arg(binary("proxy").expect("proxy binary"))
+        .args(["--hostname-override", &node.name])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running proxy");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn until_served(client: &Netns, to: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tcp_request(client, to, Duration::from_millis(500)) {
+            Ok(_) => return,
+            Err(e) => assert!(Instant::now() < deadline, "{to} not served: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cleanup_restores_iptables_and_nft_rulesets_and_switching_modes_cleans_up() {
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 1,
+        ..Default::default()
+    })
+    .expect("cluster");
+    let node = cluster.node(1);
+    let pod = cluster.pod(1, 2);
+    let _server =
+        TcpServer::start(&pod.ns, &pod.name, SocketAddr::from((pod.ip, 8080))).expect("server");
+    // Someone else's rules, in the tables and chains we use too.
+    for rule in [
+        "iptables -t nat -A POSTROUTING -s 192.168.99.0/24 -j MASQUERADE",
+        "iptables -t filter -A INPUT -p tcp --dport 2222 -j DROP",
+        "iptables -t filter -N OTHER-CHAIN",
+        "iptables -t filter -A OTHER-CHAIN -j RETURN",
+        "nft add table inet other",
+        "nft add chain inet other input { type filter hook input priority 0; policy accept; }",
+        "nft add rule inet other input tcp dport 2223 drop",
+    ] {
+        node.ns
+            .exec(&rule.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|e| panic!("{rule}: {e:#}"));
+    }
+    let before = snapshot(&node.ns);
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(&objects(&node.name, pod.ip))
+        .expect("objects");
+    let client = &cluster.pod(1, 1).ns;
+
+    // iptables mode programs its chains and serves.
+    let mut ipt = start(node, &api, "iptables");
+    until_served(client, SocketAddr::from((VIP, 80)));
+    let during = snapshot(&node.ns);
+    assert!(during.contains(":KUBE-SERVICES"), "{during}");
+    assert!(during.contains("-j KUBE-SVC-"), "{during}");
+    ipt.stop().expect("stop");
+
+    // nftables mode: starting it removes the iptables mode's chains.
+    let mut nft = start(node, &api, "nftables");
+    until_served(client, SocketAddr::from((VIP, 80)));
+    let during = snapshot(&node.ns);
+    assert!(!during.contains("KUBE-"), "iptables state left: {during}");
+    assert!(during.contains("table ip kube-proxy-rs"), "{during}");
+    nft.stop().expect("stop");
+
+    // --cleanup removes our table; the rest is as before.
+    let (ok, out) = run_proxy(
+        node,
+        &["--cleanup", "--bpffs-path", "/sys/fs/bpf/proxy-tests-none"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(snapshot(&node.ns), before, "after nftables --cleanup");
+
+    // And after iptables mode (stopped without cleanup), likewise.
+    let mut ipt = start(node, &api, "iptables");
+    until_served(client, SocketAddr::from((VIP, 80)));
+    ipt.stop().expect("stop");
+    assert_ne!(snapshot(&node.ns), before);
+    let (ok, out) = run_proxy(
+        node,
+        &["--cleanup", "--bpffs-path", "/sys/fs/bpf/proxy-tests-none"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(snapshot(&node.ns), before, "after iptables --cleanup");
+    // A second cleanup finds nothing and changes nothing.
+    let (ok, out) = run_proxy(
+        node,
+        &["--cleanup", "--bpffs-path", "/sys/fs/bpf/proxy-tests-none"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(snapshot(&node.ns), before);
+}
+
+#[test]
+fn cleanup_removes_ebpf_pins() {
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 1,
+        ..Default::default()
+    })
+    .expect("cluster");
+    let node = cluster.node(1);
+    let pod = cluster.pod(1, 2);
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(&objects(&node.name, pod.ip))
+        .expect("objects");
+    let mut ebpf = Agent::start(node, &api, AgentOptions::default()).expect("ebpf agent");
+    ebpf.wait_for_log("sync done", Duration::from_secs(10))
+        .expect("first sync");
+    ebpf.stop().expect("stop");
+    let pins = ebpf.bpffs_path.clone();
+    assert!(
+        pins.join("links").is_dir(),
+        "links pinned by the eBPF agent"
+    );
+    let (ok, out) = run_proxy(
+        node,
+        &["--cleanup", "--bpffs-path", &pins.display().to_string()],
+    );
+    assert!(ok, "{out}");
+    assert!(!pins.exists(), "{} still there: {out}", pins.display());
+}
+
+#[test]
+fn ipvs_mode_without_ip_vs_exits_with_one_sentence() {
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 1,
+        ..Default::default()
+    })
+    .expect("cluster");
+    let node = cluster.node(1);
+    // This machine's kernel has no IP_VS (no module either).
+    let (ok, out) = run_proxy(
+        node,
+        &[
+            "--mode",
+            "ipvs",
+            "--bpffs-path",
+            "/sys/fs/bpf/proxy-tests-none",
+        ],
+    );
+    assert!(!ok, "ipvs mode must fail here: {out}");
+    let err: Vec<&str> = out.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(
+        err,
+        vec![
+            "Error: IPVS is not available in this kernel (no \"IPVS\" generic netlink family: IP_VS not built in and no module loaded); use --mode iptables or --mode nftables"
+        ],
+        "{out}"
+    );
+}
+
+/// The last log line containing `needle`, and the value of `key=` in it.
+fn last_field(log: &str, needle: &str, key: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(needle))?;
+    let strip = |s: &str| {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "=_. ".contains(*c))
+            .collect::<String>()
+    };
+    strip(line)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}="))?.parse().ok())
+}
+
+/// 1000 services (TCP + UDP, two endpoints each) programmed in one sync,
+/// then one endpoint of one service replaced: the partial sync rewrites
+/// only that service's two KUBE-SVC / svc- chains, writes the two new
+/// endpoint chains and deletes the two old ones. Prints both sync times
+/// (measured, not asserted).
+fn thousand_services_then_one_endpoint(mode: &str) {
+    const N: usize = 1000;
+    let cluster = Cluster::new(ClusterSpec {
+        nodes: 1,
+        pods_per_node: 0,
+        external_client: false,
+    })
+    .expect("cluster");
+    let node = cluster.node(1);
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n",
+        node.name
+    ))
+    .expect("node");
+    let service = |i: usize| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "churn"},
+            "spec": {
+                "clusterIP": format!("10.97.{}.{}", i / 250, i % 250 + 1),
+                "ports": [
+                    {"name": "tcp", "port": 80, "protocol": "TCP"},
+                    {"name": "udp", "port": 53, "protocol": "UDP"}
+                ]
+            }
+        })
+    };
+    let slice = |i: usize, hosts: [u8; 2]| {
+        let endpoints: Vec<serde_json::Value> = hosts
+            .iter()
+            .map(|h| serde_json::json!({"addresses": [format!("10.{}.{}.{}", 100 + i / 250, i % 250, h)], "conditions": {"ready": true}}))
+            .collect();
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("svc-{i}-1"), "namespace": "churn",
+                         "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+            "addressType": "IPv4",
+            "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"},
+                      {"name": "udp", "port": 5353, "protocol": "UDP"}],
+            "endpoints": endpoints,
+        })
+    };
+    for i in 0..N {
+        api.create(service(i)).expect("service");
+        api.create(slice(i, [2, 3])).expect("slice");
+    }
+    let mut agent = start(node, &api, mode);
+    let count_seps = || -> usize {
+        match mode {
+            "iptables" => node
+                .ns
+                .exec(&["iptables-save", "-t", "nat"])
+                .expect("iptables-save")
+                .lines()
+                .filter(|l| l.starts_with(":KUBE-SEP-"))
+                .count(),
+            _ => node
+                .ns
+                .exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])
+                .expect("nft list")
+                .lines()
+                .filter(|l| l.trim_start().starts_with("chain sep-"))
+                .count(),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_seps() < 4 * N {
+        assert!(
+            Instant::now() < deadline,
+            "{mode}: {} endpoint chains",
+            count_seps()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(count_seps(), 4 * N);
+    let full_ms = last_field(&agent.log(), "sync done", "elapsed_ms");
+
+    let syncs = agent.log().matches("sync done").count();
+    api.update(slice(7, [2, 9])).expect("update slice");
+    agent
+        .wait_for_log_count("sync done", syncs + 1, Duration::from_secs(20))
+        .expect("partial sync");
+    let log = agent.log();
+    let partial_ms = last_field(&log, "sync done", "elapsed_ms");
+    let (needle, written, deleted) = match mode {
+        "iptables" => ("iptables chains", "written", "deleted"),
+        _ => ("nft table", "chains_written", "chains_deleted"),
+    };
+    assert_eq!(
+        last_field(&log, needle, written),
+        Some(4),
+        "{mode}: 2 svc + 2 new sep chains:\n{log}"
+    );
+    assert_eq!(
+        last_field(&log, needle, deleted),
+        Some(2),
+        "{mode}: 2 old sep chains:\n{log}"
+    );
+    assert_eq!(count_seps(), 4 * N);
+    println!(
+        "{mode}: 1000 services x 2 ports: full sync {full_ms:?} ms, one-endpoint sync {partial_ms:?} ms"
+    );
+}
+
+#[test]
+fn iptables_thousand_services_partial_sync() {
+    thousand_services_then_one_endpoint("iptables")
+}
+
+#[test]
+fn nftables_thousand_services_partial_sync() {
+    thousand_services_then_one_endpoint("nftables")
+}
