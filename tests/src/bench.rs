@@ -228,6 +228,13 @@ pub struct Params {
     pub scales: Vec<usize>,
     pub changes: usize,
     pub threads: usize,
+    /// Endpoints per service (besides the measured one).
+    #[serde(default = "ten")]
+    pub endpoints: u32,
+}
+
+fn ten() -> u32 {
+    10
 }
 
 /// Everything one run produced (`benchmarks.json`).
@@ -531,8 +538,8 @@ pub fn render_markdown(run: &Run) -> String {
     );
     let _ = writeln!(
         s,
-        "- Parameters: {} repeat(s) of {} s per measurement; scales {:?} services (10 endpoints each, the measured service among them); {} changes per scale; {} connection-rate client threads.\n",
-        p.repeat, p.duration_s, p.scales, p.changes, p.threads
+        "- Parameters: {} repeat(s) of {} s per measurement; scales {:?} services ({} endpoints each, the measured service among them); {} changes per scale; {} connection-rate client threads.\n",
+        p.repeat, p.duration_s, p.scales, p.endpoints, p.changes, p.threads
     );
     s.push_str(METHOD);
     s.push_str("\n## Modes\n\n| mode | status |\n|---|---|\n");
@@ -656,7 +663,7 @@ const METHOD: &str = "## Method
 - Throughput: iperf3 `-J`, TCP with 1 and 4 streams, via the ClusterIP (from the client pod) and via the NodePort (from the external client); UDP with 64-byte payloads at unlimited rate (`-b 0 -l 64`) via the NodePort, rate = datagrams the server received / seconds. Measured with 1 service programmed. `direct` uses the pod IP (the external client routes the pod network through node1).
 - Connection rate: our `connrate rate` tool, N client threads each looping connect, one 16-byte request, its echo, abortive close (SO_LINGER 0, so no TIME_WAIT reuse collapse), against an echo server (`connrate serve`) in pod-2-1. Its per-connection times give the connect+request latency percentiles.
 - Request/response latency: `connrate latency`, one persistent TCP connection (TCP_NODELAY), back-to-back 16-byte round trips; p50/p99 of all round trips.
-- Scale: N services (the measured one plus N-1 others, each a ClusterIP with one TCP port and an EndpointSlice of 10 endpoints) are in the fixture before the agents start.
+- Scale: N services (the measured one plus N-1 others, each a ClusterIP with one TCP port and an EndpointSlice of `--endpoints` endpoints, 10 by default) are in the fixture before the agents start. A scale at which an agent's first sync fails is reported under failed measurements, with the agent's error, and not measured.
 - Control plane, at each scale: full sync (wall time from starting node1's agent to its first `sync done` log line, and the agent's own `elapsed_ms` of that sync); change to data path (the fixture accepts a new ClusterIP service whose EndpointSlice already exists; a `connrate probe` process in the client pod, in the cgroup, connects with a 20 ms timeout every millisecond until it succeeds; p50/p99 over the changes); agent peak RSS (VmHWM of node1's agent after all measurements at that scale); eBPF map memory (sum of `memlock` over the distinct BPF maps the agent holds, from /proc/<pid>/fdinfo).
 - Repeats of one mode run back to back (agents are not restarted between repeats); medians, min and max are over the repeats.
 ";

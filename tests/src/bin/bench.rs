@@ -45,6 +45,9 @@ struct Args {
     /// Changes timed (new service -> data path) per mode and scale.
     #[arg(long, default_value_t = 100)]
     changes: usize,
+    /// Endpoints of every service besides the measured one.
+    #[arg(long, default_value_t = 10)]
+    endpoints: u32,
     /// Client threads of the connection-rate test.
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -262,6 +265,68 @@ fn exit_reason(log: &str) -> String {
         .unwrap_or_else(|| "(empty log)".into())
 }
 
+/// How an agent's first sync ended.
+enum SyncWait {
+    Done,
+    /// The agent logged `sync failed` (it keeps retrying; we stop waiting).
+    Failed(String),
+    /// The agent exited.
+    Exited(String),
+}
+
+/// Wait for node's agent's first `sync done`, reading its log
+/// incrementally; a `sync failed` or an exit ends the wait at once.
+fn wait_sync(a: &Agent, timeout: Duration) -> Result<SyncWait> {
+    use std::io::{Read, Seek, SeekFrom};
+    let deadline = Instant::now() + timeout;
+    let mut offset = 0u64;
+    let mut pending = String::new();
+    loop {
+        if let Ok(mut f) = std::fs::File::open(&a.log_path) {
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            offset += buf.len() as u64;
+            pending.push_str(&String::from_utf8_lossy(&buf));
+            let (complete, rest) = match pending.rfind('\n') {
+                Some(i) => (pending[..=i].to_owned(), pending[i + 1..].to_owned()),
+                None => (String::new(), pending.clone()),
+            };
+            pending = rest;
+            for line in complete.lines() {
+                let line = strip_ansi(line);
+                if line.contains("sync done") {
+                    return Ok(SyncWait::Done);
+                }
+                if line.contains("sync failed") {
+                    let why = line
+                        .find("error=")
+                        .map(|i| line[i + "error=".len()..].to_owned())
+                        .unwrap_or(line.clone());
+                    return Ok(SyncWait::Failed(why));
+                }
+            }
+        }
+        let alive = a.pid().is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|st| {
+                    st.rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().next())
+                        != Some("Z")
+                })
+                .unwrap_or(false)
+        });
+        if !alive {
+            return Ok(SyncWait::Exited(exit_reason(&a.log())));
+        }
+        if Instant::now() > deadline {
+            bail!("no `sync done` within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The agent process behind an `Agent` (nsenter execs; if it ever forks,
 /// take its child).
 fn agent_pid(a: &Agent) -> Option<u32> {
@@ -467,6 +532,7 @@ impl<'a> Bench<'a> {
                     scales: args.scales.clone(),
                     changes: args.changes,
                     threads: args.threads,
+                    endpoints: args.endpoints,
                 },
                 modes: Vec::new(),
                 samples: Vec::new(),
@@ -726,7 +792,7 @@ impl<'a> Bench<'a> {
     }
 
     /// The fixture for one scale: Nodes, the measured service and
-    /// `scale - 1` others with 10 endpoints each.
+    /// `scale - 1` others with `--endpoints` endpoints each.
     fn fixture(&self, scale: usize) -> Result<ApiServer> {
         let api = ApiServer::start()?;
         for node in self.cluster.nodes() {
@@ -763,11 +829,10 @@ impl<'a> Bench<'a> {
             api.create(
                 EndpointSlice::new(&format!("{name}-1"), &name)
                     .tcp_port("http", 8080)
-                    .endpoints(
-                        (0..10).map(|k| {
-                            Endpoint::at(add(Ipv4Addr::new(10, 248, 0, 0), i * 10 + k), None)
-                        }),
-                    )
+                    .endpoints((0..self.args.endpoints).map(|k| {
+                        let n = i * self.args.endpoints + k;
+                        Endpoint::at(add(Ipv4Addr::new(10, 248, 0, 0), n), None)
+                    }))
                     .to_json(),
             )?;
             api.create(
@@ -839,15 +904,24 @@ impl<'a> Bench<'a> {
             };
             let t = Instant::now();
             let mut a1 = Agent::start(self.cluster.node(1), &api, opts(self.agent_args(mode, 1)))?;
-            if let Err(e) = a1.wait_for_log("sync done", Duration::from_secs(300)) {
-                let log = a1.log();
-                let reason = if log.is_empty() {
-                    format!("{e:#}")
-                } else {
-                    format!("the agent exited: {}", exit_reason(&log))
-                };
+            let waited = wait_sync(&a1, Duration::from_secs(300));
+            let wall = t.elapsed().as_secs_f64() * 1000.0;
+            let problem = match waited {
+                Ok(SyncWait::Done) => None,
+                Ok(SyncWait::Exited(why)) => Some((true, format!("the agent exited: {why}"))),
+                Ok(SyncWait::Failed(why)) => Some((
+                    false,
+                    format!(
+                        "the agent's first sync failed ({} services, {} endpoints each): {why}",
+                        scale, self.args.endpoints
+                    ),
+                )),
+                Err(e) => Some((false, format!("{e:#}"))),
+            };
+            if let Some((exited, reason)) = problem {
+                let _ = a1.stop();
                 drop(a1);
-                if si == 0 {
+                if si == 0 && exited {
                     self.progress(
                         mode,
                         Some(scale),
@@ -858,10 +932,9 @@ impl<'a> Bench<'a> {
                     available = false;
                     break;
                 }
-                self.fail(mode, "agent start", Some(scale), &reason);
+                self.fail(mode, "agent sync", Some(scale), &reason);
                 continue;
             }
-            let wall = t.elapsed().as_secs_f64() * 1000.0;
             self.record(mode, "full_sync_wall", Some(scale), 0, wall);
             match first_sync_ms(&a1.log()) {
                 Some(ms) => self.record(mode, "full_sync_agent", Some(scale), 0, ms),
@@ -873,8 +946,12 @@ impl<'a> Bench<'a> {
                 ),
             }
             let mut a2 = Agent::start(self.cluster.node(2), &api, opts(self.agent_args(mode, 2)))?;
-            if let Err(e) = a2.wait_for_log("sync done", Duration::from_secs(300)) {
-                self.fail(mode, "node2 agent", Some(scale), &format!("{e:#}"));
+            match wait_sync(&a2, Duration::from_secs(300)) {
+                Ok(SyncWait::Done) => {}
+                Ok(SyncWait::Failed(why) | SyncWait::Exited(why)) => {
+                    self.fail(mode, "node2 agent", Some(scale), &why)
+                }
+                Err(e) => self.fail(mode, "node2 agent", Some(scale), &format!("{e:#}")),
             }
             let measured = SocketAddr::from((VIP, CONN_PORT));
             if let Err(e) = prober.wait_up(measured) {
