@@ -148,6 +148,14 @@ pub const METRICS: &[Metric] = &[
         false,
     ),
     m(
+        "change_n",
+        "Changes timed (fewer than asked when the change budget ran out)",
+        "changes",
+        true,
+        true,
+        false,
+    ),
+    m(
         "full_sync_wall",
         "Full sync, wall: agent start -> first `sync done` (list + watch + program)",
         "ms",
@@ -227,6 +235,9 @@ pub struct Params {
     pub repeat: usize,
     pub scales: Vec<usize>,
     pub changes: usize,
+    /// Seconds the change timing may take per mode and scale.
+    #[serde(default)]
+    pub change_budget_s: f64,
     pub threads: usize,
     /// Endpoints per service (besides the measured one).
     #[serde(default = "ten")]
@@ -538,8 +549,8 @@ pub fn render_markdown(run: &Run) -> String {
     );
     let _ = writeln!(
         s,
-        "- Parameters: {} repeat(s) of {} s per measurement; scales {:?} services ({} endpoints each, the measured service among them); {} changes per scale; {} connection-rate client threads.\n",
-        p.repeat, p.duration_s, p.scales, p.endpoints, p.changes, p.threads
+        "- Parameters: {} repeat(s) of {} s per measurement; scales {:?} services ({} endpoints each, the measured service among them); up to {} changes per mode and scale, within {} s; {} connection-rate client threads.\n",
+        p.repeat, p.duration_s, p.scales, p.endpoints, p.changes, p.change_budget_s, p.threads
     );
     s.push_str(METHOD);
     s.push_str("\n## Modes\n\n| mode | status |\n|---|---|\n");
@@ -664,7 +675,7 @@ const METHOD: &str = "## Method
 - Connection rate: our `connrate rate` tool, N client threads each looping connect, one 16-byte request, its echo, abortive close (SO_LINGER 0, so no TIME_WAIT reuse collapse), against an echo server (`connrate serve`) in pod-2-1. Its per-connection times give the connect+request latency percentiles.
 - Request/response latency: `connrate latency`, one persistent TCP connection (TCP_NODELAY), back-to-back 16-byte round trips; p50/p99 of all round trips.
 - Scale: N services (the measured one plus N-1 others, each a ClusterIP with one TCP port and an EndpointSlice of `--endpoints` endpoints, 10 by default) are in the fixture before the agents start. A scale at which an agent's first sync fails is reported under failed measurements, with the agent's error, and not measured.
-- Control plane, at each scale: full sync (wall time from starting node1's agent to its first `sync done` log line, and the agent's own `elapsed_ms` of that sync); change to data path (the fixture accepts a new ClusterIP service whose EndpointSlice already exists; a `connrate probe` process in the client pod, in the cgroup, connects with a 20 ms timeout every millisecond until it succeeds; p50/p99 over the changes); agent peak RSS (VmHWM of node1's agent after all measurements at that scale); eBPF map memory (sum of `memlock` over the distinct BPF maps the agent holds, from /proc/<pid>/fdinfo).
+- Control plane, at each scale: full sync (wall time from starting node1's agent to its first `sync done` log line, and the agent's own `elapsed_ms` of that sync); change to data path (the fixture accepts a new ClusterIP service whose EndpointSlice already exists; a `connrate probe` process in the client pod, in the cgroup, connects with a 20 ms timeout every millisecond until it succeeds; p50/p99 over the changes, as many as `--changes` asks for or as fit in `--change-budget` seconds); agent peak RSS (VmHWM of node1's agent after all measurements at that scale); eBPF map memory (sum of `memlock` over the distinct BPF maps the agent holds, from /proc/<pid>/fdinfo).
 - Repeats of one mode run back to back (agents are not restarted between repeats); medians, min and max are over the repeats.
 ";
 
@@ -759,6 +770,7 @@ pub fn plot_connrate(run: &Run, path: &Path) -> Result<()> {
         .x_desc("services (log scale)")
         .y_desc("connections/s (median)")
         .x_label_formatter(&|x| format!("{:.0}", x))
+        .y_label_formatter(&|y| format!("{:.0}", y))
         .label_style(("sans-serif", 14))
         .draw()?;
     if let Some(d) = direct {
@@ -837,6 +849,7 @@ pub fn plot_throughput(run: &Run, path: &Path) -> Result<()> {
             }
         })
         .y_desc("Gbit/s (median; whiskers: min - max)")
+        .y_label_formatter(&|y| format!("{:.1}", y))
         .label_style(("sans-serif", 14))
         .draw()?;
     let w = 0.8 / modes.len().max(1) as f64;

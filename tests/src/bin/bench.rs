@@ -48,6 +48,14 @@ struct Args {
     /// Endpoints of every service besides the measured one.
     #[arg(long, default_value_t = 10)]
     endpoints: u32,
+    /// Seconds the change timing may take per mode and scale; fewer
+    /// changes are timed when it runs out (the report gives the count).
+    #[arg(long, default_value_t = 45.0)]
+    change_budget: f64,
+    /// Seconds an agent's first sync may take before the scale is
+    /// reported as not synced (and not measured).
+    #[arg(long, default_value_t = 60.0)]
+    sync_timeout: f64,
     /// Client threads of the connection-rate test.
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -321,7 +329,7 @@ fn wait_sync(a: &Agent, timeout: Duration) -> Result<SyncWait> {
             return Ok(SyncWait::Exited(exit_reason(&a.log())));
         }
         if Instant::now() > deadline {
-            bail!("no `sync done` within {timeout:?}");
+            bail!("the first sync did not finish within {timeout:?} (--sync-timeout)");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -337,6 +345,26 @@ fn agent_pid(a: &Agent) -> Option<u32> {
         return kids.split_whitespace().next()?.parse().ok();
     }
     Some(pid)
+}
+
+/// SIGKILL the agent's child processes (an iptables-restore still
+/// running when we give up on a sync), so stopping the agent is prompt.
+fn kill_children(a: &Agent) {
+    let Some(pid) = agent_pid(a) else { return };
+    let mut kids = String::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            kids += &std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            kids.push(' ');
+        }
+    }
+    for k in kids
+        .split_whitespace()
+        .filter_map(|k| k.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) on a child of our own child.
+        unsafe { libc::kill(k, libc::SIGKILL) };
+    }
 }
 
 /// VmHWM in MiB.
@@ -531,6 +559,7 @@ impl<'a> Bench<'a> {
                     repeat: args.repeat,
                     scales: args.scales.clone(),
                     changes: args.changes,
+                    change_budget_s: args.change_budget,
                     threads: args.threads,
                     endpoints: args.endpoints,
                 },
@@ -904,7 +933,8 @@ impl<'a> Bench<'a> {
             };
             let t = Instant::now();
             let mut a1 = Agent::start(self.cluster.node(1), &api, opts(self.agent_args(mode, 1)))?;
-            let waited = wait_sync(&a1, Duration::from_secs(300));
+            let sync_timeout = Duration::from_secs_f64(self.args.sync_timeout);
+            let waited = wait_sync(&a1, sync_timeout);
             let wall = t.elapsed().as_secs_f64() * 1000.0;
             let problem = match waited {
                 Ok(SyncWait::Done) => None,
@@ -919,6 +949,7 @@ impl<'a> Bench<'a> {
                 Err(e) => Some((false, format!("{e:#}"))),
             };
             if let Some((exited, reason)) = problem {
+                kill_children(&a1);
                 let _ = a1.stop();
                 drop(a1);
                 if si == 0 && exited {
@@ -946,7 +977,7 @@ impl<'a> Bench<'a> {
                 ),
             }
             let mut a2 = Agent::start(self.cluster.node(2), &api, opts(self.agent_args(mode, 2)))?;
-            match wait_sync(&a2, Duration::from_secs(300)) {
+            match wait_sync(&a2, sync_timeout) {
                 Ok(SyncWait::Done) => {}
                 Ok(SyncWait::Failed(why) | SyncWait::Exited(why)) => {
                     self.fail(mode, "node2 agent", Some(scale), &why)
@@ -991,7 +1022,11 @@ impl<'a> Bench<'a> {
     fn changes(&mut self, mode: &str, scale: usize, api: &ApiServer, prober: &mut Prober) {
         let backend = self.cluster.pod(2, 1);
         let mut ms = Vec::new();
+        let budget = Instant::now() + Duration::from_secs_f64(self.args.change_budget);
         for c in 0..self.args.changes as u32 {
+            if Instant::now() > budget {
+                break;
+            }
             let name = format!("chg-{c}");
             let vip = add(Ipv4Addr::new(10, 101, 0, 0), c + 1);
             let slice = EndpointSlice::new(&format!("{name}-1"), &name)
@@ -1023,6 +1058,7 @@ impl<'a> Bench<'a> {
             return;
         }
         let pct = |p: f64| ms[(((ms.len() - 1) as f64) * p).round() as usize];
+        self.record(mode, "change_n", Some(scale), 0, ms.len() as f64);
         self.record(mode, "change_p50", Some(scale), 0, pct(0.5));
         self.record(mode, "change_p99", Some(scale), 0, pct(0.99));
     }
