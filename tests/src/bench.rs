@@ -635,7 +635,25 @@ pub fn render_markdown(run: &Run) -> String {
                 if m { "yes" } else { "**no**" }.to_owned(),
                 format!("{:+.1}%", g * 100.0),
             ),
-            _ => ("not measured".into(), "-".into(), "-".into()),
+            _ => {
+                let scale = if t.target.contains("10k") || t.target.contains("at 10000") {
+                    Some(10_000)
+                } else {
+                    None
+                };
+                let failed = run
+                    .failures
+                    .iter()
+                    .find(|f| f.mode == t.mode && (scale.is_none() || f.scale == scale));
+                let why = match (failed, scale) {
+                    (Some(f), _) => format!("not measured: {}", f.error.replace('|', "\\|")),
+                    (None, Some(_)) if !run.params.scales.contains(&10_000) => {
+                        "not measured (10000 not among the scales)".into()
+                    }
+                    _ => "not measured".into(),
+                };
+                (why, "-".into(), "-".into())
+            }
         };
         let _ = writeln!(
             s,
@@ -966,7 +984,8 @@ mod tests {
         {"mode": "ebpf-socket", "metric": "rss", "scale": 10000, "repeat": 0, "value": 40.0}
       ],
       "failures": [
-        {"mode": "iptables", "what": "udp64_nodeport", "scale": null, "error": "iperf3 exited 1"}
+        {"mode": "iptables", "what": "udp64_nodeport", "scale": null, "error": "iperf3 exited 1"},
+        {"mode": "ebpf-tc", "what": "agent sync", "scale": 10000, "error": "map BACKENDS full"}
       ]
     }"#;
 
@@ -1033,6 +1052,11 @@ mod tests {
         assert_eq!(find("ebpf-socket", "agent peak RSS").met(), Some(true));
         // Not measured: no verdict.
         assert_eq!(find("ebpf-tc", "agent peak RSS").met(), None);
+        let md = render_markdown(&run);
+        assert!(
+            md.contains("| agent peak RSS at 10k services <= 64 MiB | ebpf-tc | not measured: map BACKENDS full |"),
+            "{md}"
+        );
         let md = render_markdown(&run);
         assert!(md.contains("| 10k-service full sync (agent's elapsed_ms) <= 1000 ms | ebpf-socket | 1500 ms | <= 1000 ms | **no** | -50.0% |"), "{md}");
     }
