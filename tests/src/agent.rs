@@ -191,6 +191,12 @@ impl Agent {
         self.spawn()
     }
 
+    /// The agent's process id (nsenter execs the agent without forking, so
+    /// this is the agent itself), None once stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()

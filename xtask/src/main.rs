@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test | kind | vm-test ipvs`.
+//! Project tasks: `cargo xtask setup | demo | test | bench | kind | vm-test ipvs`.
 
 mod kind;
 mod setup;
@@ -27,6 +27,15 @@ enum Cmd {
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, release build, then benchmark every mode side by side
+    /// (iperf3, connection rate, latency, 1 to 10k services); writes
+    /// docs/benchmarks.{md,json} and PNG plots. Flags go to the runner:
+    /// `--quick`, `--repeat N`, `--duration S`, `--scales 1,1000,10000`,
+    /// `--modes direct,ebpf-socket,...`, `--changes N`, `--out DIR`.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// kind cluster without kube-proxy (deploy/kind-config.yaml), image
@@ -60,11 +69,27 @@ fn main() -> Result<()> {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             build_bins()?;
             run(cargo().arg("test").args(&args))?;
-            // The whole suite includes the VM test; a filtered run does not.
+            // The whole suite includes the VM test and a benchmark smoke
+            // run (every mode produces numbers; no performance assertion,
+            // debug binaries, scratch output); a filtered run does not.
             if args.is_empty() {
                 vm_test(VmTarget::Ipvs)?;
+                let out =
+                    std::env::temp_dir().join(format!("proxy-bench-quick-{}", std::process::id()));
+                bench(
+                    Profile::Debug,
+                    &[
+                        "--quick".to_owned(),
+                        "--out".to_owned(),
+                        out.display().to_string(),
+                    ],
+                )?;
             }
             Ok(())
+        }
+        Cmd::Bench { args } => {
+            setup::setup()?;
+            bench(Profile::Release, &args)
         }
         Cmd::VmTest { target } => {
             build_bins()?;
@@ -100,6 +125,40 @@ fn vm_test(target: VmTarget) -> Result<()> {
         "--ignored",
         "--nocapture",
     ]))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+/// Build the agent and the benchmark tools (release for real numbers,
+/// debug for the smoke run in `test`), then run the runner
+/// (tests/src/bin/bench.rs) against those binaries. xtask itself depends on
+/// neither crate: setup must work before bpf-linker exists.
+fn bench(profile: Profile, args: &[String]) -> Result<()> {
+    let release = profile == Profile::Release;
+    let flag: &[&str] = if release { &["--release"] } else { &[] };
+    run(cargo()
+        .arg("build")
+        .args(flag)
+        .args(["-p", "proxy", "--bins"]))?;
+    run(cargo().arg("build").args(flag).args([
+        "-p",
+        "proxy-tests",
+        "--bin",
+        "bench",
+        "--bin",
+        "connrate",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join(if release { "release" } else { "debug" });
+    run(Command::new(dir.join("bench"))
+        .args(args)
+        .env("PROXY_BIN_DIR", &dir))
 }
 
 fn cargo() -> Command {

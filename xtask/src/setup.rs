@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     "bpftool",
     "ethtool",
+    // The benchmark plots' text (plotters loads DejaVuSans.ttf at runtime).
+    "fonts-dejavu-core",
 ];
 
 /// The nightly toolchain that builds the eBPF crate (preinstalled on this kind).

@@ -1,0 +1,1065 @@
+//! `cargo xtask bench`: every mode side by side in one run (see
+//! `proxy_tests::bench` for the report and `docs/benchmarks.md` for the
+//! method). The agent binaries come from `PROXY_BIN_DIR` (xtask points it
+//! at `target/release`); `connrate` is expected next to this binary.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use proxy_tests::{
+    agent::{Agent, AgentOptions, binary},
+    apiserver::ApiServer,
+    bench::{self, Failure, Machine, ModeStatus, Params, Run, Sample, metric},
+    cgroup::Cgroup,
+    cluster::{Cluster, ClusterSpec},
+    scenario::{Endpoint, EndpointSlice, KubeObject, Service},
+};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark every dataplane mode side by side")]
+struct Args {
+    /// Modes to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,ebpf-socket,ebpf-tc,iptables,nftables,ipvs"
+    )]
+    modes: Vec<String>,
+    /// Numbers of services programmed, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    scales: Vec<usize>,
+    /// Repeats of every data-path measurement.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Seconds per measurement (iperf3 takes whole seconds, at least 1).
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Changes timed (new service -> data path) per mode and scale.
+    #[arg(long, default_value_t = 100)]
+    changes: usize,
+    /// Endpoints of every service besides the measured one.
+    #[arg(long, default_value_t = 10)]
+    endpoints: u32,
+    /// Seconds the change timing may take per mode and scale; fewer
+    /// changes are timed when it runs out (the report gives the count).
+    #[arg(long, default_value_t = 45.0)]
+    change_budget: f64,
+    /// Seconds an agent's first sync may take before the scale is
+    /// reported as not synced (and not measured).
+    #[arg(long, default_value_t = 60.0)]
+    sync_timeout: f64,
+    /// Client threads of the connection-rate test.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// CI smoke run: 1 s measurements, scales 1 and 100, one repeat, 10 changes.
+    #[arg(long)]
+    quick: bool,
+    /// Where the report, JSON and plots go.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs"))]
+    out: PathBuf,
+    /// Only regenerate the report and plots from this benchmarks.json.
+    #[arg(long)]
+    report_from: Option<PathBuf>,
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const CONN_PORT: u16 = 7000;
+const IPERF_PORT: u16 = 5201;
+const NODE_PORT: u16 = 30201;
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if let Some(json) = &args.report_from {
+        let run: Run = serde_json::from_slice(
+            &std::fs::read(json).with_context(|| format!("reading {}", json.display()))?,
+        )
+        .with_context(|| format!("parsing {}", json.display()))?;
+        bench::write_report(&run, &args.out)?;
+        println!("report regenerated in {}", args.out.display());
+        return Ok(());
+    }
+    if args.quick {
+        args.duration = 1.0;
+        args.scales = vec![1, 100];
+        args.repeat = 1;
+        args.changes = 10;
+    }
+    args.scales.sort_unstable();
+    args.scales.dedup();
+    if args.scales.is_empty() || args.scales[0] == 0 {
+        bail!("--scales needs at least one number of services >= 1");
+    }
+    for m in &args.modes {
+        if !bench::MODES.contains(&m.as_str()) {
+            bail!("unknown mode {m:?}; known: {:?}", bench::MODES);
+        }
+    }
+    let command = {
+        let rest: Vec<String> = std::env::args().skip(1).collect();
+        if rest.is_empty() {
+            "cargo xtask bench".to_owned()
+        } else {
+            format!("cargo xtask bench {}", rest.join(" "))
+        }
+    };
+    let mut b = Bench::new(&args, command)?;
+    for mode in args.modes.clone() {
+        let res = if mode == "direct" {
+            b.direct()
+        } else {
+            b.mode(&mode)
+        };
+        if let Err(e) = res {
+            b.fail(&mode, "mode", None, &format!("{e:#}"));
+        }
+    }
+    b.run.wall_s = b.start.elapsed().as_secs_f64();
+    bench::write_report(&b.run, &args.out)?;
+    println!(
+        "==> done in {:.0} s; report: {}",
+        b.run.wall_s,
+        args.out.join("benchmarks.md").display()
+    );
+    // Smoke check for CI: every available mode produced numbers.
+    let mut empty = Vec::new();
+    for st in b.run.modes.iter().filter(|s| s.available) {
+        if !b.run.samples.iter().any(|s| s.mode == st.mode) {
+            empty.push(st.mode.clone());
+        }
+    }
+    if !empty.is_empty() {
+        bail!("modes ran but produced no numbers: {empty:?}");
+    }
+    Ok(())
+}
+
+/// A child process killed (and reaped) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `prog args` in network namespace `ns` (nsenter execs: one pid).
+fn in_ns(ns: &Path, prog: &Path, args: &[String]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", ns.display()))
+        .arg("--")
+        .arg(prog)
+        .args(args);
+    c
+}
+
+/// `prog args` in `ns`, already a member of `cgroup` when it execs (so
+/// the socket-LB hooks see it from its first connect).
+fn in_pod(cgroup: &Path, ns: &Path, prog: &Path, args: &[String]) -> Command {
+    let script = r#"cg=$1; ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" -- "$@""#;
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(script)
+        .arg("bench-sh")
+        .arg(cgroup)
+        .arg(ns)
+        .arg(prog)
+        .args(args);
+    c
+}
+
+/// Run to completion with a deadline; stdout on success, an error with
+/// stderr otherwise.
+fn output_within(mut cmd: Command, within: Duration) -> Result<String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let deadline = Instant::now() + within;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "exited {}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            stdout.chars().take(400).collect::<String>()
+        );
+    }
+    Ok(stdout)
+}
+
+fn add(ip: Ipv4Addr, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) + n)
+}
+
+/// Strip ANSI escapes (the agent's log has none when not on a terminal,
+/// but be safe).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `elapsed_ms` of the first `sync done` line.
+fn first_sync_ms(log: &str) -> Option<f64> {
+    let log = strip_ansi(log);
+    let line = log.lines().find(|l| l.contains("sync done"))?;
+    let rest = &line[line.find("elapsed_ms=")? + "elapsed_ms=".len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Why an agent exited: its `Error:` line and causes (anyhow's report,
+/// without a backtrace), else its last ERROR log line, else its last line.
+fn exit_reason(log: &str) -> String {
+    let log = strip_ansi(log);
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    if let Some(i) = lines.iter().position(|l| l.starts_with("Error:")) {
+        let mut out = vec![lines[i].trim_start_matches("Error:").trim().to_owned()];
+        for l in &lines[i + 1..] {
+            if l.starts_with("Stack backtrace") {
+                break;
+            }
+            if l.is_empty() || *l == "Caused by:" {
+                continue;
+            }
+            out.push(
+                l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ':')
+                    .trim()
+                    .to_owned(),
+            );
+        }
+        return out.join(": ");
+    }
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("ERROR"))
+        .or_else(|| lines.iter().rev().find(|l| !l.is_empty()))
+        .map(|l| (*l).to_owned())
+        .unwrap_or_else(|| "(empty log)".into())
+}
+
+/// How an agent's first sync ended.
+enum SyncWait {
+    Done,
+    /// The agent logged `sync failed` (it keeps retrying; we stop waiting).
+    Failed(String),
+    /// The agent exited.
+    Exited(String),
+}
+
+/// Wait for node's agent's first `sync done`, reading its log
+/// incrementally; a `sync failed` or an exit ends the wait at once.
+fn wait_sync(a: &Agent, timeout: Duration) -> Result<SyncWait> {
+    use std::io::{Read, Seek, SeekFrom};
+    let deadline = Instant::now() + timeout;
+    let mut offset = 0u64;
+    let mut pending = String::new();
+    loop {
+        if let Ok(mut f) = std::fs::File::open(&a.log_path) {
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            offset += buf.len() as u64;
+            pending.push_str(&String::from_utf8_lossy(&buf));
+            let (complete, rest) = match pending.rfind('\n') {
+                Some(i) => (pending[..=i].to_owned(), pending[i + 1..].to_owned()),
+                None => (String::new(), pending.clone()),
+            };
+            pending = rest;
+            for line in complete.lines() {
+                let line = strip_ansi(line);
+                if line.contains("sync done") {
+                    return Ok(SyncWait::Done);
+                }
+                if line.contains("sync failed") {
+                    let why = line
+                        .find("error=")
+                        .map(|i| line[i + "error=".len()..].to_owned())
+                        .unwrap_or(line.clone());
+                    return Ok(SyncWait::Failed(why));
+                }
+            }
+        }
+        let alive = a.pid().is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|st| {
+                    st.rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().next())
+                        != Some("Z")
+                })
+                .unwrap_or(false)
+        });
+        if !alive {
+            return Ok(SyncWait::Exited(exit_reason(&a.log())));
+        }
+        if Instant::now() > deadline {
+            bail!("the first sync did not finish within {timeout:?} (--sync-timeout)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The agent process behind an `Agent` (nsenter execs; if it ever forks,
+/// take its child).
+fn agent_pid(a: &Agent) -> Option<u32> {
+    let pid = a.pid()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "nsenter" {
+        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        return kids.split_whitespace().next()?.parse().ok();
+    }
+    Some(pid)
+}
+
+/// SIGKILL the agent's child processes (an iptables-restore still
+/// running when we give up on a sync), so stopping the agent is prompt.
+fn kill_children(a: &Agent) {
+    let Some(pid) = agent_pid(a) else { return };
+    let mut kids = String::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            kids += &std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            kids.push(' ');
+        }
+    }
+    for k in kids
+        .split_whitespace()
+        .filter_map(|k| k.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) on a child of our own child.
+        unsafe { libc::kill(k, libc::SIGKILL) };
+    }
+}
+
+/// VmHWM in MiB.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Sum of `memlock` over the distinct BPF maps the process holds.
+fn bpf_map_mib(pid: u32) -> Result<Option<f64>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0u64;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let e = e?;
+        let Ok(link) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if link.to_string_lossy() != "anon_inode:bpf-map" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let field = |k: &str| {
+            info.lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let (Some(id), Some(mem)) = (field("map_id:"), field("memlock:"))
+            && seen.insert(id)
+        {
+            total += mem;
+        }
+    }
+    Ok(if seen.is_empty() {
+        None
+    } else {
+        Some(total as f64 / (1024.0 * 1024.0))
+    })
+}
+
+/// A `connrate probe` in the client pod and cgroup: connects to each
+/// address written to it until it answers.
+struct Prober {
+    _proc: Proc,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Prober {
+    fn start(cmd: Command) -> Result<Prober> {
+        let mut cmd = cmd;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting connrate probe")?;
+        let stdin = child.stdin.take().context("probe stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("probe stdout")?);
+        Ok(Prober {
+            _proc: Proc(child),
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Ask for `to`; Ok when a connect succeeded.
+    fn wait_up(&mut self, to: SocketAddr) -> Result<()> {
+        writeln!(self.stdin, "{to}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.starts_with("ok ") {
+            Ok(())
+        } else {
+            bail!("{to}: probe said {:?}", line.trim())
+        }
+    }
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    start: Instant,
+    run: Run,
+    connrate: PathBuf,
+    cluster: Cluster,
+    cgroups: Vec<Cgroup>,
+    _server: Proc,
+}
+
+impl<'a> Bench<'a> {
+    fn new(args: &'a Args, command: String) -> Result<Bench<'a>> {
+        let start = Instant::now();
+        let connrate = std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .join("connrate");
+        if !connrate.is_file() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p proxy-tests --bins`",
+                connrate.display()
+            );
+        }
+        binary("proxy")?;
+        let machine = Machine {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model: std::fs::read_to_string("/proc/cpuinfo")
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .unwrap_or("unknown")
+                .trim()
+                .to_owned(),
+        };
+        let date = Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        println!(
+            "==> bench: modes {:?}, scales {:?}, {} repeat(s) x {} s, {} changes; kernel {}, {} CPUs ({})",
+            args.modes,
+            args.scales,
+            args.repeat,
+            args.duration,
+            args.changes,
+            machine.kernel,
+            machine.cpus,
+            machine.cpu_model
+        );
+        let cluster = Cluster::new(ClusterSpec::default()).context("building the cluster")?;
+        // The external client reaches pods through node1 (for `direct`).
+        cluster
+            .external()
+            .add_route("10.244.0.0/16", cluster.node(1).underlay_ip)?;
+        let cgroups = cluster
+            .nodes()
+            .iter()
+            .map(|n| Cgroup::new(&format!("bench-{}", n.name)))
+            .collect::<Result<Vec<_>>>()?;
+        let server_pod = cluster.pod(2, 1);
+        let mut child = in_ns(
+            &server_pod.ns.path(),
+            &connrate,
+            &[
+                "serve".into(),
+                "--bind".into(),
+                format!("0.0.0.0:{CONN_PORT}"),
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting connrate serve")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+        let server = Proc(child);
+        if !line.starts_with("listening") {
+            bail!("connrate serve did not start: {line:?}");
+        }
+        Ok(Bench {
+            args,
+            start,
+            run: Run {
+                date,
+                wall_s: 0.0,
+                machine,
+                params: Params {
+                    command,
+                    duration_s: args.duration,
+                    repeat: args.repeat,
+                    scales: args.scales.clone(),
+                    changes: args.changes,
+                    change_budget_s: args.change_budget,
+                    threads: args.threads,
+                    endpoints: args.endpoints,
+                },
+                modes: Vec::new(),
+                samples: Vec::new(),
+                failures: Vec::new(),
+            },
+            connrate,
+            cluster,
+            cgroups,
+            _server: server,
+        })
+    }
+
+    fn progress(&self, mode: &str, scale: Option<usize>, what: &str, text: &str) {
+        println!(
+            "[{:>5.0}s] {mode:<11} {:>6} svc  {what:<18} {text}",
+            self.start.elapsed().as_secs_f64(),
+            scale.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+        );
+    }
+
+    fn record(&mut self, mode: &str, key: &str, scale: Option<usize>, repeat: usize, value: f64) {
+        let unit = metric(key).map(|m| m.unit).unwrap_or("");
+        let r = if self.args.repeat > 1 && metric(key).is_some_and(|m| m.data_path) {
+            format!(" (r{}/{})", repeat + 1, self.args.repeat)
+        } else {
+            String::new()
+        };
+        self.progress(mode, scale, key, &format!("{value:.3} {unit}{r}"));
+        self.run.samples.push(Sample {
+            mode: mode.to_owned(),
+            metric: key.to_owned(),
+            scale,
+            repeat,
+            value,
+        });
+    }
+
+    fn fail(&mut self, mode: &str, what: &str, scale: Option<usize>, error: &str) {
+        self.progress(mode, scale, what, &format!("FAILED: {error}"));
+        self.run.failures.push(Failure {
+            mode: mode.to_owned(),
+            what: what.to_owned(),
+            scale,
+            error: error.to_owned(),
+        });
+    }
+
+    fn status(&mut self, mode: &str, available: bool, reason: Option<String>) {
+        self.run.modes.push(ModeStatus {
+            mode: mode.to_owned(),
+            available,
+            reason,
+        });
+    }
+
+    fn client_cmd(&self, prog: &Path, args: &[String]) -> Command {
+        let pod = self.cluster.pod(1, 1);
+        in_pod(self.cgroups[0].path(), &pod.ns.path(), prog, args)
+    }
+
+    fn secs(&self) -> String {
+        format!("{}", self.args.duration)
+    }
+
+    /// iperf3 against a one-off server in pod-2-1; returns Gbit/s (TCP) or
+    /// received kpps (UDP 64 B).
+    fn iperf(&self, from_external: bool, to: SocketAddr, streams: usize, udp: bool) -> Result<f64> {
+        let server_ns = self.cluster.pod(2, 1).ns.path();
+        let iperf3 = PathBuf::from("iperf3");
+        let mut server = in_ns(
+            &server_ns,
+            &iperf3,
+            &[
+                "-s".into(),
+                "-1".into(),
+                "-p".into(),
+                IPERF_PORT.to_string(),
+            ],
+        );
+        let server = Proc(
+            server
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting iperf3 -s")?,
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let secs = (self.args.duration.round() as u64).max(1);
+        let mut a: Vec<String> = vec![
+            "-c".into(),
+            to.ip().to_string(),
+            "-p".into(),
+            to.port().to_string(),
+            "-t".into(),
+            secs.to_string(),
+            "-P".into(),
+            streams.to_string(),
+            "-J".into(),
+            "--connect-timeout".into(),
+            "3000".into(),
+        ];
+        if udp {
+            a.extend(["-u", "-b", "0", "-l", "64"].map(String::from));
+        }
+        let cmd = if from_external {
+            in_ns(&self.cluster.external().ns.path(), &iperf3, &a)
+        } else {
+            self.client_cmd(&iperf3, &a)
+        };
+        let out = output_within(cmd, Duration::from_secs(secs + 20));
+        drop(server);
+        let out = out?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        if let Some(e) = v.get("error").and_then(Value::as_str) {
+            bail!("iperf3: {e}");
+        }
+        let recv = &v["end"]["sum_received"];
+        if udp {
+            let bytes = recv["bytes"].as_f64().context("sum_received.bytes")?;
+            let s = recv["seconds"].as_f64().context("sum_received.seconds")?;
+            Ok(bytes / 64.0 / s / 1000.0)
+        } else {
+            Ok(recv["bits_per_second"]
+                .as_f64()
+                .context("sum_received.bits_per_second")?
+                / 1e9)
+        }
+    }
+
+    /// The five iperf3 figures, `repeat` times.
+    fn throughput(&mut self, mode: &str, cip: Ipv4Addr, np: SocketAddr) {
+        let cip = SocketAddr::from((cip, IPERF_PORT));
+        for r in 0..self.args.repeat {
+            for (key, ext, to, streams, udp) in [
+                ("tcp_clusterip_1", false, cip, 1, false),
+                ("tcp_clusterip_4", false, cip, 4, false),
+                ("tcp_nodeport_1", true, np, 1, false),
+                ("tcp_nodeport_4", true, np, 4, false),
+                ("udp64_nodeport", true, np, 1, true),
+            ] {
+                match self.iperf(ext, to, streams, udp) {
+                    Ok(v) => self.record(mode, key, None, r, v),
+                    Err(e) => self.fail(mode, key, None, &format!("{e:#}")),
+                }
+            }
+        }
+    }
+
+    /// Connection rate and latencies, `repeat` times.
+    fn conn(&mut self, mode: &str, scale: Option<usize>, to: SocketAddr) {
+        for r in 0..self.args.repeat {
+            let cmd = self.client_cmd(
+                &self.connrate,
+                &[
+                    "rate".into(),
+                    "--to".into(),
+                    to.to_string(),
+                    "--threads".into(),
+                    self.args.threads.to_string(),
+                    "--duration".into(),
+                    self.secs(),
+                ],
+            );
+            let res = output_within(cmd, Duration::from_secs_f64(self.args.duration + 20.0))
+                .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?));
+            match res {
+                Ok(v) => {
+                    let ok = v["connections"].as_u64().unwrap_or(0);
+                    let errors = v["errors"].as_u64().unwrap_or(0);
+                    if ok == 0 {
+                        self.fail(
+                            mode,
+                            "conn_rate",
+                            scale,
+                            &format!(
+                                "no connection succeeded ({errors} errors, last: {})",
+                                v["last_error"]
+                            ),
+                        );
+                        continue;
+                    }
+                    if errors * 100 > ok {
+                        self.fail(
+                            mode,
+                            "conn_rate errors",
+                            scale,
+                            &format!("{errors} errors beside {ok} connections (last: {}); the rate counts successes only", v["last_error"]),
+                        );
+                    }
+                    self.record(
+                        mode,
+                        "conn_rate",
+                        scale,
+                        r,
+                        v["rate"].as_f64().unwrap_or(0.0),
+                    );
+                    self.record(
+                        mode,
+                        "conn_p50",
+                        scale,
+                        r,
+                        v["p50_us"].as_f64().unwrap_or(0.0),
+                    );
+                    self.record(
+                        mode,
+                        "conn_p99",
+                        scale,
+                        r,
+                        v["p99_us"].as_f64().unwrap_or(0.0),
+                    );
+                }
+                Err(e) => self.fail(mode, "conn_rate", scale, &format!("{e:#}")),
+            }
+            let cmd = self.client_cmd(
+                &self.connrate,
+                &[
+                    "latency".into(),
+                    "--to".into(),
+                    to.to_string(),
+                    "--duration".into(),
+                    self.secs(),
+                ],
+            );
+            let res = output_within(cmd, Duration::from_secs_f64(self.args.duration + 20.0))
+                .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?));
+            match res {
+                Ok(v) => {
+                    self.record(
+                        mode,
+                        "rr_p50",
+                        scale,
+                        r,
+                        v["p50_us"].as_f64().unwrap_or(0.0),
+                    );
+                    self.record(
+                        mode,
+                        "rr_p99",
+                        scale,
+                        r,
+                        v["p99_us"].as_f64().unwrap_or(0.0),
+                    );
+                }
+                Err(e) => self.fail(mode, "rr_latency", scale, &format!("{e:#}")),
+            }
+        }
+    }
+
+    /// `direct`: no agent, no service; the pod IP.
+    fn direct(&mut self) -> Result<()> {
+        println!("==> mode direct (no agent; client -> pod IP)");
+        self.status("direct", true, None);
+        let ip = self.cluster.pod(2, 1).ip;
+        self.throughput("direct", ip, SocketAddr::from((ip, IPERF_PORT)));
+        self.conn("direct", None, SocketAddr::from((ip, CONN_PORT)));
+        Ok(())
+    }
+
+    /// The fixture for one scale: Nodes, the measured service and
+    /// `scale - 1` others with `--endpoints` endpoints each.
+    fn fixture(&self, scale: usize) -> Result<ApiServer> {
+        let api = ApiServer::start()?;
+        for node in self.cluster.nodes() {
+            api.create(json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node.name},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": node.underlay_ip.to_string()},
+                    {"type": "Hostname", "address": node.name},
+                ]},
+            }))?;
+        }
+        let backend = self.cluster.pod(2, 1);
+        api.create(
+            EndpointSlice::new("bench-1", "bench")
+                .tcp_port("conn", CONN_PORT)
+                .tcp_port("iperf-tcp", IPERF_PORT)
+                .udp_port("iperf-udp", IPERF_PORT)
+                .endpoint(Endpoint::ready(backend))
+                .to_json(),
+        )?;
+        api.create(
+            Service::cluster_ip("bench", VIP)
+                .tcp("conn", CONN_PORT, CONN_PORT)
+                .tcp("iperf-tcp", IPERF_PORT, IPERF_PORT)
+                .udp("iperf-udp", IPERF_PORT, IPERF_PORT)
+                .node_port("iperf-tcp", NODE_PORT)
+                .node_port("iperf-udp", NODE_PORT)
+                .to_json(),
+        )?;
+        for i in 1..scale as u32 {
+            let name = format!("svc-{i}");
+            api.create(
+                EndpointSlice::new(&format!("{name}-1"), &name)
+                    .tcp_port("http", 8080)
+                    .endpoints((0..self.args.endpoints).map(|k| {
+                        let n = i * self.args.endpoints + k;
+                        Endpoint::at(add(Ipv4Addr::new(10, 248, 0, 0), n), None)
+                    }))
+                    .to_json(),
+            )?;
+            api.create(
+                Service::cluster_ip(&name, add(Ipv4Addr::new(10, 100, 0, 0), i))
+                    .tcp("http", 80, 8080)
+                    .to_json(),
+            )?;
+        }
+        Ok(api)
+    }
+
+    fn agent_args(&self, mode: &str, node: usize) -> Vec<String> {
+        let (m, lb) = match mode {
+            "ebpf-socket" => ("ebpf", "true"),
+            "ebpf-tc" => ("ebpf", "false"),
+            other => (other, "false"),
+        };
+        vec![
+            "--mode".into(),
+            m.into(),
+            "--socket-lb".into(),
+            lb.into(),
+            "--cgroup-path".into(),
+            self.cgroups[node - 1].path().display().to_string(),
+        ]
+    }
+
+    /// `proxy --cleanup` on every node: whatever a mode left goes.
+    fn cleanup(&self) {
+        let Ok(proxy) = binary("proxy") else { return };
+        for n in self.cluster.nodes() {
+            let cmd = in_ns(
+                &n.ns.path(),
+                &proxy,
+                &[
+                    "--cleanup".into(),
+                    "--hostname-override".into(),
+                    n.name.clone(),
+                    "--bpffs-path".into(),
+                    format!("/sys/fs/bpf/proxy-bench-cleanup-{}", std::process::id()),
+                ],
+            );
+            if let Err(e) = output_within(cmd, Duration::from_secs(30)) {
+                println!("    warning: proxy --cleanup on {}: {e:#}", n.name);
+            }
+        }
+    }
+
+    /// One agent mode at every scale. An agent that cannot start makes the
+    /// mode "not available" with the agent's own last words.
+    fn mode(&mut self, mode: &str) -> Result<()> {
+        println!("==> mode {mode}");
+        self.cleanup();
+        let mut prober = Prober::start(self.client_cmd(&self.connrate, &["probe".into()]))?;
+        let mut available = true;
+        for (si, &scale) in self.args.scales.clone().iter().enumerate() {
+            let t = Instant::now();
+            let api = self.fixture(scale)?;
+            self.progress(
+                mode,
+                Some(scale),
+                "fixture",
+                &format!("{scale} services loaded in {} ms", t.elapsed().as_millis()),
+            );
+            let opts = |args| AgentOptions {
+                args,
+                ready_line: None,
+                ready_timeout: Duration::from_secs(300),
+            };
+            let t = Instant::now();
+            let mut a1 = Agent::start(self.cluster.node(1), &api, opts(self.agent_args(mode, 1)))?;
+            let sync_timeout = Duration::from_secs_f64(self.args.sync_timeout);
+            let waited = wait_sync(&a1, sync_timeout);
+            let wall = t.elapsed().as_secs_f64() * 1000.0;
+            let problem = match waited {
+                Ok(SyncWait::Done) => None,
+                Ok(SyncWait::Exited(why)) => Some((true, format!("the agent exited: {why}"))),
+                Ok(SyncWait::Failed(why)) => Some((
+                    false,
+                    format!(
+                        "the agent's first sync failed ({} services, {} endpoints each): {why}",
+                        scale, self.args.endpoints
+                    ),
+                )),
+                Err(e) => Some((false, format!("{e:#}"))),
+            };
+            if let Some((exited, reason)) = problem {
+                kill_children(&a1);
+                let _ = a1.stop();
+                drop(a1);
+                if si == 0 && exited {
+                    self.progress(
+                        mode,
+                        Some(scale),
+                        "agent",
+                        &format!("NOT AVAILABLE: {reason}"),
+                    );
+                    self.status(mode, false, Some(reason));
+                    available = false;
+                    break;
+                }
+                self.fail(mode, "agent sync", Some(scale), &reason);
+                continue;
+            }
+            self.record(mode, "full_sync_wall", Some(scale), 0, wall);
+            match first_sync_ms(&a1.log()) {
+                Some(ms) => self.record(mode, "full_sync_agent", Some(scale), 0, ms),
+                None => self.fail(
+                    mode,
+                    "full_sync_agent",
+                    Some(scale),
+                    "no elapsed_ms in `sync done`",
+                ),
+            }
+            let mut a2 = Agent::start(self.cluster.node(2), &api, opts(self.agent_args(mode, 2)))?;
+            match wait_sync(&a2, sync_timeout) {
+                Ok(SyncWait::Done) => {}
+                Ok(SyncWait::Failed(why) | SyncWait::Exited(why)) => {
+                    self.fail(mode, "node2 agent", Some(scale), &why)
+                }
+                Err(e) => self.fail(mode, "node2 agent", Some(scale), &format!("{e:#}")),
+            }
+            let measured = SocketAddr::from((VIP, CONN_PORT));
+            if let Err(e) = prober.wait_up(measured) {
+                self.fail(mode, "service up", Some(scale), &format!("{e:#}"));
+                continue;
+            }
+            if si == 0 {
+                let np = SocketAddr::from((self.cluster.node(1).underlay_ip, NODE_PORT));
+                self.throughput(mode, VIP, np);
+            }
+            self.conn(mode, Some(scale), measured);
+            self.changes(mode, scale, &api, &mut prober);
+            if let Some(pid) = agent_pid(&a1) {
+                match peak_rss_mib(pid) {
+                    Ok(v) => self.record(mode, "rss", Some(scale), 0, v),
+                    Err(e) => self.fail(mode, "rss", Some(scale), &format!("{e:#}")),
+                }
+                match bpf_map_mib(pid) {
+                    Ok(Some(v)) => self.record(mode, "map_mem", Some(scale), 0, v),
+                    Ok(None) => {}
+                    Err(e) => self.fail(mode, "map_mem", Some(scale), &format!("{e:#}")),
+                }
+            }
+            let _ = a1.stop();
+            let _ = a2.stop();
+            drop((a1, a2));
+        }
+        if available {
+            self.status(mode, true, None);
+        }
+        self.cleanup();
+        Ok(())
+    }
+
+    /// `changes` new services, one at a time: fixture accepts -> connect
+    /// succeeds.
+    fn changes(&mut self, mode: &str, scale: usize, api: &ApiServer, prober: &mut Prober) {
+        let backend = self.cluster.pod(2, 1);
+        let mut ms = Vec::new();
+        let budget = Instant::now() + Duration::from_secs_f64(self.args.change_budget);
+        for c in 0..self.args.changes as u32 {
+            if Instant::now() > budget {
+                break;
+            }
+            let name = format!("chg-{c}");
+            let vip = add(Ipv4Addr::new(10, 101, 0, 0), c + 1);
+            let slice = EndpointSlice::new(&format!("{name}-1"), &name)
+                .tcp_port("conn", CONN_PORT)
+                .endpoint(Endpoint::ready(backend))
+                .to_json();
+            let svc = Service::cluster_ip(&name, vip)
+                .tcp("conn", CONN_PORT, CONN_PORT)
+                .to_json();
+            if let Err(e) = api.create(slice) {
+                self.fail(mode, "change", Some(scale), &format!("{e:#}"));
+                return;
+            }
+            if let Err(e) = api.create(svc) {
+                self.fail(mode, "change", Some(scale), &format!("{e:#}"));
+                return;
+            }
+            let t0 = Instant::now();
+            match prober.wait_up(SocketAddr::from((vip, CONN_PORT))) {
+                Ok(()) => ms.push(t0.elapsed().as_secs_f64() * 1000.0),
+                Err(e) => {
+                    self.fail(mode, "change", Some(scale), &format!("{e:#}"));
+                    return;
+                }
+            }
+        }
+        ms.sort_by(f64::total_cmp);
+        if ms.is_empty() {
+            return;
+        }
+        let pct = |p: f64| ms[(((ms.len() - 1) as f64) * p).round() as usize];
+        self.record(mode, "change_n", Some(scale), 0, ms.len() as f64);
+        self.record(mode, "change_p50", Some(scale), 0, pct(0.5));
+        self.record(mode, "change_p99", Some(scale), 0, pct(0.99));
+    }
+}
