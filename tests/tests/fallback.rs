@@ -245,11 +245,11 @@ fn ipvs_mode_without_ip_vs_exits_with_one_sentence() {
         ],
     );
     assert!(!ok, "ipvs mode must fail here: {out}");
-    let err: Vec<&str> = out.lines().filter(|l| l.starts_with("Error:")).collect();
+    let err: Vec<&str> = out.lines().filter(|l| l.starts_with("proxy: ")).collect();
     assert_eq!(
         err,
         vec![
-            "Error: IPVS is not available in this kernel (no \"IPVS\" generic netlink family: IP_VS not built in and no module loaded); use --mode iptables or --mode nftables"
+            "proxy: IPVS is not available in this kernel (no \"IPVS\" generic netlink family: IP_VS not built in and no module loaded); use --mode iptables or --mode nftables"
         ],
         "{out}"
     );
