@@ -114,7 +114,7 @@ pub mod ct_timeout {
 
 /// Capacities.
 pub const MAX_SERVICES: u32 = 65_536;
-pub const MAX_BACKENDS: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
 /// Two generations of slots per frontend (see [`SlotKey`]).
 pub const MAX_SLOTS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;

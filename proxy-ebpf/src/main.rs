@@ -14,6 +14,7 @@
 
 mod lb;
 mod maps;
+mod nodeport;
 mod packet;
 mod reject;
 mod sock;

@@ -27,6 +27,7 @@ use proxy_common::{
 use crate::{
     lb,
     maps::{BACKENDS, CONNTRACK, REVNAT, SERVICES, account, count},
+    nodeport,
     packet::{Error, Packet},
     reject,
 };
@@ -417,9 +418,12 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
         return Ok(TC_ACT_OK as i32);
     };
     // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::REPLY)) }.copied()
-        && ct.flags & ct_flags::SNAT != 0
-    {
+    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::REPLY)) }.copied() {
+        if ct.flags & ct_flags::SNAT == 0 {
+            // Another tracked flow's reply (east-west, or a local
+            // backend's): rewritten after routing, as XDP leaves it.
+            return Ok(TC_ACT_OK as i32);
+        }
         // SAFETY: copied out at once.
         let Some(rev) = (unsafe { REVNAT.get(&ct.service_id) }).copied() else {
             return Ok(TC_ACT_OK as i32);
@@ -429,37 +433,57 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
         count(stat::REV_NAT);
         return Ok(redirect_out(ctx));
     }
-    // One lookup of the client's tuple serves both remote-backend kinds.
+    // One lookup of the client's tuple serves every kind of flow XDP (or
+    // this program) started.
     // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }.copied() {
-        if ct.flags & ct_flags::DSR != 0 {
-            return dsr_forward(ctx, &pkt, &ct);
-        }
-        if ct.flags & ct_flags::SNAT != 0 {
-            // SAFETY: copied out at once.
-            let Some(b) = (unsafe { BACKENDS.get(&ct.backend_id) }).copied() else {
-                return Err(Error::NoSlot);
+    let existing = unsafe { CONNTRACK.get(&pkt.ct_key(ct_dir::SERVICE)) }
+        .copied()
+        // SAFETY: copied out at once.
+        .and_then(|ct| Some((ct, unsafe { BACKENDS.get(&ct.backend_id) }.copied()?)));
+    let (ct, backend) = match existing {
+        Some(c) => c,
+        None => {
+            // Not started by XDP (not attached: `--xdp-mode none`, or it
+            // passed a packet it could not finish): a frontend's new flow
+            // is set up here, as XDP would.
+            let key = ServiceKey {
+                addr: pkt.daddr,
+                port: pkt.dport,
+                proto: pkt.proto,
+                scope: 0,
             };
-            pkt.rewrite_dst(ctx, b.addr, b.port)?;
-            pkt.rewrite_src(ctx, ct.nat_addr, ct.nat_port)?;
-            account(ct.service_id, ctx.len() as u64);
-            count(stat::DNAT);
-            return Ok(redirect_out(ctx));
+            // SAFETY: copied out at once.
+            let Some(svc) = unsafe { SERVICES.get(&key) }.copied() else {
+                return Ok(TC_ACT_OK as i32);
+            };
+            lb::check_source(&svc, pkt.saddr)?;
+            if svc.count == 0 {
+                // A frontend without backends: reject, as for pods.
+                return reject::reject(ctx, &pkt);
+            }
+            let flow = lb::Flow {
+                saddr: pkt.saddr,
+                daddr: pkt.daddr,
+                sport: pkt.sport,
+                dport: pkt.dport,
+                proto: pkt.proto,
+            };
+            // SAFETY: no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            nodeport::start_flow(&svc, &flow, pkt.frag, pkt.tcp_flags(), now)?
         }
-    }
-    // A frontend without backends: reject, as for pods (XDP passed it on).
-    let key = ServiceKey {
-        addr: pkt.daddr,
-        port: pkt.dport,
-        proto: pkt.proto,
-        scope: 0,
     };
-    // SAFETY: copied out at once.
-    if let Some(svc) = unsafe { SERVICES.get(&key) }.copied()
-        && svc.count == 0
-    {
-        return reject::reject(ctx, &pkt);
+    if ct.flags & ct_flags::DSR != 0 {
+        return dsr_forward(ctx, &pkt, &ct);
     }
+    pkt.rewrite_dst(ctx, backend.addr, backend.port)?;
+    account(ct.service_id, ctx.len() as u64);
+    count(stat::DNAT);
+    if ct.flags & ct_flags::SNAT != 0 {
+        pkt.rewrite_src(ctx, ct.nat_addr, ct.nat_port)?;
+        return Ok(redirect_out(ctx));
+    }
+    // A local backend: the stack routes the packet to the pod.
     Ok(TC_ACT_OK as i32)
 }
 

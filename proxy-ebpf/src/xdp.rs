@@ -21,18 +21,16 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::xdp,
     programs::XdpContext,
 };
-use proxy_common::{
-    AffinityKey, CtKey, CtValue, ServiceKey, backend_flags, config_flags, ct_dir, ct_flags, proto,
-    stat,
-};
+use proxy_common::{CtKey, ServiceKey, ct_dir, ct_flags, proto, stat};
 
 use crate::{
     lb,
-    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, account, count},
+    maps::{BACKENDS, CONNTRACK, SERVICES, account, count},
+    nodeport,
     packet::{Error, Frag, later_fragment_ports, remember_fragment},
 };
 
@@ -247,18 +245,6 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
     let (ct, backend) = match existing {
         Some(c) => c,
         None => {
-            if h.frag == Frag::Later {
-                // Its datagram's flow is gone: nothing to follow.
-                return Err(Error::Fragment);
-            }
-            if h.proto == proto::TCP && h.tcp_flags & 0x02 == 0 {
-                return Err(Error::CtInvalid);
-            }
-            let client = AffinityKey {
-                client_netns: 0,
-                client_addr: saddr,
-                service_id: svc.id,
-            };
             let flow = lb::Flow {
                 saddr,
                 daddr,
@@ -266,9 +252,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
                 dport,
                 proto: h.proto,
             };
-            let (id, b) = lb::select_flow(&svc, &flow, client, now)?;
-            let ct = new_flow(&key, id, &b, svc.id, now)?;
-            (ct, b)
+            nodeport::start_flow(&svc, &flow, h.frag, h.tcp_flags, now)?
         }
     };
     if ct.flags & (ct_flags::SNAT | ct_flags::DSR) != 0 {
@@ -281,100 +265,4 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Error> {
     account(svc.id, (ctx.data_end() - ctx.data()) as u64);
     count(stat::DNAT);
     Ok(XDP_PASS)
-}
-
-/// Conntrack entries for a new north-south flow; SNAT to the node when the
-/// backend is on another node. Returns the SERVICE entry.
-#[inline(always)]
-fn new_flow(
-    key: &CtKey,
-    backend_id: u32,
-    b: &proxy_common::Backend,
-    service_id: u32,
-    now: u64,
-) -> Result<CtValue, Error> {
-    let mut value = CtValue {
-        last_seen_ns: now,
-        backend_id,
-        service_id,
-        flags: 0,
-        _pad: 0,
-        nat_addr: 0,
-        nat_port: 0,
-        _pad2: 0,
-    };
-    let mut reply_dst = (key.saddr, key.sport);
-    let cfg = CONFIG.get(0).copied().unwrap_or_default();
-    if b.flags & backend_flags::LOCAL == 0 && cfg.flags & config_flags::DSR != 0 {
-        // DSR: the backend's node answers the client; nothing comes back
-        // here, so only the forward entry is kept.
-        value.flags |= ct_flags::DSR;
-        let fwd = CtKey {
-            dir: ct_dir::SERVICE,
-            ..*key
-        };
-        if CONNTRACK.insert(&fwd, &value, 0).is_err() {
-            count(stat::CT_INSERT_FAIL);
-        }
-        return Ok(value);
-    }
-    if b.flags & backend_flags::LOCAL == 0 {
-        let node = cfg.node_addr;
-        if node == 0 {
-            // No node address configured: a remote backend's reply could
-            // not find its way back here.
-            return Err(Error::NoSlot);
-        }
-        // Keep the client's port unless another client already holds it
-        // towards this backend.
-        let mut port = key.sport;
-        for _ in 0..4 {
-            let probe = CtKey {
-                saddr: b.addr,
-                daddr: node,
-                sport: b.port,
-                dport: port,
-                proto: key.proto,
-                dir: ct_dir::REPLY,
-                _pad: 0,
-            };
-            // SAFETY: copied out at once.
-            match unsafe { CONNTRACK.get(&probe) }.copied() {
-                Some(other) if other.nat_addr != key.saddr || other.nat_port != key.sport => {
-                    // SAFETY: no preconditions.
-                    let r = unsafe { bpf_get_prandom_u32() };
-                    port = ((32768 + r % 28232) as u16).to_be();
-                }
-                _ => break,
-            }
-        }
-        value.flags |= ct_flags::SNAT;
-        value.nat_addr = node;
-        value.nat_port = port;
-        reply_dst = (node, port);
-    }
-    let reply_key = CtKey {
-        saddr: b.addr,
-        daddr: reply_dst.0,
-        sport: b.port,
-        dport: reply_dst.1,
-        proto: key.proto,
-        dir: ct_dir::REPLY,
-        _pad: 0,
-    };
-    let reply = CtValue {
-        nat_addr: key.saddr,
-        nat_port: key.sport,
-        ..value
-    };
-    let fwd = CtKey {
-        dir: ct_dir::SERVICE,
-        ..*key
-    };
-    if CONNTRACK.insert(&reply_key, &reply, 0).is_err()
-        || CONNTRACK.insert(&fwd, &value, 0).is_err()
-    {
-        count(stat::CT_INSERT_FAIL);
-    }
-    Ok(value)
 }

@@ -38,6 +38,11 @@ pub enum XdpMode {
     Generic,
     /// Native, falling back to generic with a warning.
     Auto,
+    /// No XDP: the external interfaces' tc programs do the whole
+    /// north-south job (as Cilium without XDP acceleration). On veth-based
+    /// nodes (kind) this keeps TSO on the veth peer, which any XDP program
+    /// turns off.
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -140,7 +145,8 @@ pub struct Args {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: std::time::Duration,
     /// XDP attach mode on the external interfaces: native (driver),
-    /// generic (skb), or auto (native, generic as a logged fallback).
+    /// generic (skb), auto (native, generic as a logged fallback), or none
+    /// (tc only).
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpMode,
     /// Log line format.

@@ -990,6 +990,39 @@ fn xdp_passes_what_it_does_not_handle_and_tc_rejects_services_without_backends()
     assert_eq!(fx.stat(stat::REJECT_TCP_RST), 1);
 }
 
+#[test]
+fn tc_alone_translates_north_south_flows_without_xdp() {
+    let fx = north_south();
+    // Local backend: DNAT, client kept, handed to the stack.
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 52000, NODE, 30080).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.dst, p.dport), (B1, 8080));
+    assert_eq!((p.src, p.sport), (EXT_CLIENT, 52000));
+    // The same flow's next packet follows conntrack.
+    let mut ack = Frame::tcp(EXT_CLIENT, 52000, NODE, 30080);
+    ack.tcp_flags = 0x10;
+    let (_, out) = fx.run(progs::TC_FROM_NETDEV, &ack.build());
+    assert_eq!(parse_and_verify(&out).dst, B1);
+    // Remote backend: DNAT + SNAT to the node, sent out.
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 52001, NODE, 30081).build(),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.src, p.dst, p.dport), (NODE, B2, 8080));
+    // Mid-flow TCP of no known flow is dropped, as XDP does.
+    let mut stray = Frame::tcp(EXT_CLIENT, 52002, NODE, 30080);
+    stray.tcp_flags = 0x10;
+    let (rc, _) = fx.run(progs::TC_FROM_NETDEV, &stray.build());
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(fx.stat(stat::DNAT), 3);
+}
+
 /// UDP NodePorts on [`north_south`]'s node: 30090 with a local backend,
 /// 30091 with a remote one.
 fn north_south_udp() -> Fixture {

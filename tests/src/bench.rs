@@ -15,6 +15,7 @@ pub const MODES: &[&str] = &[
     "direct",
     "ebpf-socket",
     "ebpf-tc",
+    "ebpf-xdp",
     "iptables",
     "nftables",
     "ipvs",
@@ -688,7 +689,7 @@ const METHOD: &str = "## Method
 
 - Topology: the test cluster of network namespaces (2 nodes on an underlay bridge, 2 pods per node, an external client on the underlay). The client pod is pod-1-1 on node1; the server is pod-2-1 on node2 (cross-node); NodePort traffic comes from the external client to node1's address and is forwarded (SNAT) to pod-2-1.
 - Client processes run in the client pod's network namespace *and* in node1's test cgroup, the cgroup the agent's socket-LB hooks are attached to in `ebpf-socket` mode (never the machine's root cgroup).
-- Modes, one after the other in the same run, each with a fresh API server fixture and freshly started agents on both nodes (stopped afterwards; `proxy --cleanup` then removes whatever a mode left): `direct` (no service, no agent: client to the pod IP, the physical limit of this path), `ebpf-socket` (`--mode ebpf --socket-lb true`), `ebpf-tc` (`--mode ebpf --socket-lb false`: tc per-packet path, XDP for north-south), `iptables`, `nftables`, `ipvs`.
+- Modes, one after the other in the same run, each with a fresh API server fixture and freshly started agents on both nodes (stopped afterwards; `proxy --cleanup` then removes whatever a mode left): `direct` (no service, no agent: client to the pod IP, the physical limit of this path), `ebpf-socket` (`--mode ebpf --socket-lb true --xdp-mode none`: north-south by tc), `ebpf-tc` (`--mode ebpf --socket-lb false --xdp-mode none`: tc per-packet path), `ebpf-xdp` (`ebpf-socket` with XDP on the nodes' external veths; any XDP program there turns TSO off on the veth's peer, so cross-node TCP is segmented in software: the cost shows here), `iptables`, `nftables`, `ipvs`.
 - Throughput: iperf3 `-J`, TCP with 1 and 4 streams, via the ClusterIP (from the client pod) and via the NodePort (from the external client); UDP with 64-byte payloads at unlimited rate (`-b 0 -l 64`) via the NodePort, rate = datagrams the server received / seconds. Measured with 1 service programmed. `direct` uses the pod IP (the external client routes the pod network through node1).
 - Connection rate: our `connrate rate` tool, N client threads each looping connect, one 16-byte request, its echo, abortive close (SO_LINGER 0, so no TIME_WAIT reuse collapse), against an echo server (`connrate serve`) in pod-2-1. Its per-connection times give the connect+request latency percentiles.
 - Request/response latency: `connrate latency`, one persistent TCP connection (TCP_NODELAY), back-to-back 16-byte round trips; p50/p99 of all round trips.

@@ -91,10 +91,26 @@ fn start_agents_in(
     api: &ApiServer,
     ready: &str,
 ) -> [Agent; 2] {
+    start_agents_with(mode, &[], cluster, api, ready)
+}
+
+/// [`start_agents_in`] with extra agent flags.
+fn start_agents_with(
+    mode: DataplaneMode,
+    extra: &[&str],
+    cluster: &Cluster,
+    api: &ApiServer,
+    ready: &str,
+) -> [Agent; 2] {
     let ready = if mode.is_ebpf() { ready } else { "sync done" };
+    let opts = || {
+        let mut o = options(mode);
+        o.args.extend(extra.iter().map(|a| (*a).to_owned()));
+        o
+    };
     let mut agents = [
-        Agent::start(cluster.node(1), api, options(mode)).expect("agent1"),
-        Agent::start(cluster.node(2), api, options(mode)).expect("agent2"),
+        Agent::start(cluster.node(1), api, opts()).expect("agent1"),
+        Agent::start(cluster.node(2), api, opts()).expect("agent2"),
     ];
     for a in &mut agents {
         a.wait_for_log(ready, Duration::from_secs(10))
@@ -134,6 +150,13 @@ fn wait_up(ns: &Netns, to: SocketAddr, agent: &Agent) {
 #[test]
 fn node_port_from_outside_local_and_remote_backends_and_etp_local() {
     node_port_from_outside(DataplaneMode::EbpfTc)
+}
+
+/// The same without XDP (`--xdp-mode none`): the external interface's tc
+/// ingress sets up and translates every north-south flow on its own.
+#[test]
+fn node_port_from_outside_by_tc_alone() {
+    node_port_from_outside_with(DataplaneMode::EbpfTc, &["--xdp-mode", "none"])
 }
 
 /// SERVICE-BEHAVIOURS 8, 9 (LoadBalancer IP), 14 (NodePort), 18 and 22 in the kube-proxy
@@ -183,6 +206,10 @@ mod fallback {
 }
 
 fn node_port_from_outside(mode: DataplaneMode) {
+    node_port_from_outside_with(mode, &[])
+}
+
+fn node_port_from_outside_with(mode: DataplaneMode, extra: &[&str]) {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
     let mut servers = Vec::new();
@@ -203,7 +230,20 @@ fn node_port_from_outside(mode: DataplaneMode) {
     );
     objects += &service("local", "10.96.1.2", 30081, true, &[(p12.ip, "node1")]);
     api.apply_yaml(&objects).expect("objects");
-    let agents = start_agents_in(mode, &cluster, &api, "attached XDP");
+    let xdp = !extra.contains(&"none");
+    let ready = if xdp {
+        "attached XDP"
+    } else {
+        "north-south by tc only"
+    };
+    let agents = start_agents_with(mode, extra, &cluster, &api, ready);
+    for a in &agents {
+        assert_eq!(
+            a.log().contains("attached XDP"),
+            xdp && mode.is_ebpf(),
+            "XDP attached or not as asked"
+        );
+    }
     let ext = cluster.external();
     let node1 = cluster.node(1).underlay_ip;
     let node2 = cluster.node(2).underlay_ip;

@@ -64,6 +64,7 @@ fn ebpf_dataplane(args: &Args) -> Result<EbpfDataplane> {
         XdpMode::Native => XdpAttach::Native,
         XdpMode::Generic => XdpAttach::Generic,
         XdpMode::Auto => XdpAttach::Auto,
+        XdpMode::None => XdpAttach::None,
     };
     if args.socket_lb {
         cfg.socket_lb_cgroup = Some(match &args.cgroup_path {

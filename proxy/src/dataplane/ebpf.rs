@@ -363,19 +363,26 @@ impl EbpfDataplane {
             })?;
         let dir = links_dir(&self.cfg.bpffs_path);
         for dev in devices {
-            let prog: &mut Xdp = program(&mut self.ebpf, progs::XDP_NODEPORT)?;
-            let (link, mode) = links::attach_xdp(
-                prog,
-                dev,
-                &dir.join(format!("xdp-{dev}")),
-                self.cfg.xdp_mode,
-            )
-            .map_err(|source| EbpfError::Attach {
-                program: progs::XDP_NODEPORT,
-                source,
-            })?;
-            info!(iface = %dev, mode, "attached XDP");
-            self.xdp_links.push(link);
+            let pin = dir.join(format!("xdp-{dev}"));
+            if self.cfg.xdp_mode == links::XdpAttach::None {
+                // tc alone; an earlier agent's XDP goes with its pin.
+                if let Ok(old) = aya::programs::links::PinnedLink::from_pin(&pin) {
+                    links::unpin(old);
+                    info!(iface = %dev, "removed XDP pinned by an earlier agent");
+                }
+                info!(iface = %dev, "north-south by tc only (--xdp-mode none)");
+            } else {
+                let prog: &mut Xdp = program(&mut self.ebpf, progs::XDP_NODEPORT)?;
+                let (link, mode) =
+                    links::attach_xdp(prog, dev, &pin, self.cfg.xdp_mode).map_err(|source| {
+                        EbpfError::Attach {
+                            program: progs::XDP_NODEPORT,
+                            source,
+                        }
+                    })?;
+                info!(iface = %dev, mode, "attached XDP");
+                self.xdp_links.push(link);
+            }
             for (name, direction, dir_name) in NETDEV_PROGRAMS {
                 let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
                 let pin = dir.join(format!("netdev-{dev}-{dir_name}"));
@@ -980,6 +987,7 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
         let mut first_error = None;
+        let mut failed = 0usize;
         for change in changes {
             // One bad frontend must not stop the others.
             let r = match change {
@@ -987,9 +995,21 @@ impl Dataplane for EbpfDataplane {
                 Change::Remove(k) => self.remove(k, &mut stats),
             };
             if let Err(e) = r {
-                warn!(error = %e, "programming a frontend failed");
+                // A full map fails every frontend after it: a few lines
+                // and a count, not one line per frontend per retry.
+                if failed < 3 {
+                    warn!(error = %e, "programming a frontend failed");
+                }
+                failed += 1;
                 first_error.get_or_insert(e);
             }
+        }
+        if failed > 3 {
+            warn!(
+                failed,
+                of = changes.len(),
+                "programming frontends failed (first 3 logged)"
+            );
         }
         self.release_backends(&mut stats);
         match first_error {

@@ -143,6 +143,8 @@ pub enum XdpAttach {
     /// Native, generic as a logged fallback.
     #[default]
     Auto,
+    /// Not attached (an earlier agent's pinned XDP link is removed).
+    None,
 }
 
 /// Attach XDP to `iface` in `mode`, replacing in place the program of a
@@ -184,6 +186,13 @@ pub fn attach_xdp(
                 })?,
             "native",
         ),
+        (None, XdpAttach::None) => {
+            // Callers skip the attach for this mode.
+            return Err(LinkPinError::Program {
+                what: format!("XDP on {iface} with attach mode none"),
+                source: Box::new(aya::programs::ProgramError::NotAttached),
+            });
+        }
         (None, XdpAttach::Auto) => match prog.attach(iface, XdpMode::Driver) {
             Ok(id) => (id, "native"),
             Err(e) => {

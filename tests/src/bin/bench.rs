@@ -30,7 +30,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,ebpf-socket,ebpf-tc,iptables,nftables,ipvs"
+        default_value = "direct,ebpf-socket,ebpf-tc,ebpf-xdp,iptables,nftables,ipvs"
     )]
     modes: Vec<String>,
     /// Numbers of services programmed, comma-separated.
@@ -874,16 +874,22 @@ impl<'a> Bench<'a> {
     }
 
     fn agent_args(&self, mode: &str, node: usize) -> Vec<String> {
-        let (m, lb) = match mode {
-            "ebpf-socket" => ("ebpf", "true"),
-            "ebpf-tc" => ("ebpf", "false"),
-            other => (other, "false"),
+        // ebpf-socket and ebpf-tc leave north-south to tc (no XDP: on
+        // these veths any XDP program turns TSO off on the peer, which
+        // costs every cross-node stream); ebpf-xdp is ebpf-socket with XDP.
+        let (m, lb, xdp) = match mode {
+            "ebpf-socket" => ("ebpf", "true", "none"),
+            "ebpf-tc" => ("ebpf", "false", "none"),
+            "ebpf-xdp" => ("ebpf", "true", "auto"),
+            other => (other, "false", "none"),
         };
         vec![
             "--mode".into(),
             m.into(),
             "--socket-lb".into(),
             lb.into(),
+            "--xdp-mode".into(),
+            xdp.into(),
             "--cgroup-path".into(),
             self.cgroups[node - 1].path().display().to_string(),
         ]
