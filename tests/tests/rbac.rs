@@ -90,13 +90,10 @@ fn matches(d: &RequestAttributes, (verb, group, res): &(String, String, String))
     d.verb == *verb && d.api_group == *group && d.resource == *res
 }
 
-#[test]
-fn removing_any_rule_or_verb_of_the_deploy_role_breaks_the_agent() -> Result<()> {
-    let role = deploy_cluster_role()?;
-    let rules = role.rules.clone().unwrap_or_default();
-    if rules.is_empty() {
-        bail!("deploy/'s ClusterRole has no rules");
-    }
+/// A one-node cluster and a fixture holding its Node and a service the
+/// agent cannot program (a port protocol it does not know): the agent
+/// reports that with an Event, which the role must allow.
+fn one_node_with_a_bad_service() -> Result<(Cluster, ApiServer)> {
     let cluster = Cluster::new(ClusterSpec {
         nodes: 1,
         pods_per_node: 0,
@@ -105,8 +102,6 @@ fn removing_any_rule_or_verb_of_the_deploy_role_breaks_the_agent() -> Result<()>
     .context("cluster")?;
     let node = cluster.node(1);
     let api = ApiServer::start()?;
-    // A service the agent cannot program (a port without protocol it knows):
-    // the agent reports it with an Event, which the role must allow.
     api.create(json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -122,6 +117,18 @@ fn removing_any_rule_or_verb_of_the_deploy_role_breaks_the_agent() -> Result<()>
             {"type": "InternalIP", "address": node.underlay_ip.to_string()},
         ]},
     }))?;
+    Ok((cluster, api))
+}
+
+#[test]
+fn removing_any_rule_or_verb_of_the_deploy_role_breaks_the_agent() -> Result<()> {
+    let role = deploy_cluster_role()?;
+    let rules = role.rules.clone().unwrap_or_default();
+    if rules.is_empty() {
+        bail!("deploy/'s ClusterRole has no rules");
+    }
+    let (cluster, api) = one_node_with_a_bad_service()?;
+    let node = cluster.node(1);
 
     // The whole role: the agent syncs, watches all three kinds, and is
     // refused nothing.
@@ -212,31 +219,8 @@ fn removing_any_rule_or_verb_of_the_deploy_role_breaks_the_agent() -> Result<()>
 #[test]
 fn the_harness_enforces_the_deploy_role_on_its_agents() -> Result<()> {
     use std::io::{Read, Write};
-    let cluster = Cluster::new(ClusterSpec {
-        nodes: 1,
-        pods_per_node: 0,
-        external_client: false,
-    })
-    .context("cluster")?;
+    let (cluster, api) = one_node_with_a_bad_service()?;
     let node = cluster.node(1);
-    let api = ApiServer::start()?;
-    // A service the agent cannot program (a port without protocol it knows):
-    // the agent reports it with an Event, which the role must allow.
-    api.create(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "bad", "namespace": "default"},
-        "spec": {"type": "ClusterIP", "clusterIP": "10.96.77.1", "clusterIPs": ["10.96.77.1"],
-                 "ports": [{"name": "x", "port": 80, "protocol": "ICMP", "targetPort": 80}]},
-    }))?;
-    api.create(json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": node.name},
-        "status": {"addresses": [
-            {"type": "InternalIP", "address": node.underlay_ip.to_string()},
-        ]},
-    }))?;
     assert!(!api.has_authorizer());
     let agent = Agent::start(node, &api, AgentOptions::default())?;
     assert!(api.has_authorizer(), "Agent::start installed no authorizer");
