@@ -193,13 +193,7 @@ impl Maps {
                 backend_id: v.backend_id,
                 flags: v.flags,
                 last_seen_ns: v.last_seen_ns,
-                nat: (v.nat_addr != 0).then(|| {
-                    format!(
-                        "{}:{}",
-                        Ipv4Addr::from(v.nat_addr.to_ne_bytes()),
-                        u16::from_be(v.nat_port)
-                    )
-                }),
+                nat: (v.nat_addr != 0).then(|| wire_addr(v.nat_addr, v.nat_port)),
             })
             .collect();
         let affinity = collect(names::AFFINITY, self.affinity.iter())?
@@ -219,16 +213,8 @@ impl Maps {
             .into_iter()
             .map(|(k, v)| SockRevNatEntry {
                 cookie: k.cookie,
-                backend: format!(
-                    "{}:{}",
-                    Ipv4Addr::from(k.addr.to_ne_bytes()),
-                    u16::from_be(k.port)
-                ),
-                frontend: format!(
-                    "{}:{}",
-                    Ipv4Addr::from(v.addr.to_ne_bytes()),
-                    u16::from_be(v.port)
-                ),
+                backend: wire_addr(k.addr, k.port),
+                frontend: wire_addr(v.addr, v.port),
                 service_id: v.service_id,
             })
             .collect();
@@ -282,16 +268,8 @@ impl Maps {
             .into_iter()
             .map(|(k, v)| FragmentEntry {
                 proto: proto_name(k.proto),
-                src: format!(
-                    "{}:{}",
-                    Ipv4Addr::from(k.saddr.to_ne_bytes()),
-                    u16::from_be(v.sport)
-                ),
-                dst: format!(
-                    "{}:{}",
-                    Ipv4Addr::from(k.daddr.to_ne_bytes()),
-                    u16::from_be(v.dport)
-                ),
+                src: wire_addr(k.saddr, v.sport),
+                dst: wire_addr(k.daddr, v.dport),
                 ip_id: u16::from_be(k.id),
             })
             .collect();
@@ -559,6 +537,15 @@ fn collect<K, V>(
             op: "iterate",
             source: Box::new(source),
         })
+}
+
+/// `ip:port` of an address and port stored in network byte order.
+fn wire_addr(addr: u32, port: u16) -> String {
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(addr.to_ne_bytes()),
+        u16::from_be(port)
+    )
 }
 
 pub fn proto_name(p: u8) -> String {

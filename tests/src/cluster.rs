@@ -197,6 +197,20 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A `v1/Node` object per node (name and InternalIP = underlay address),
+    /// as multi-document YAML for the API server fixture.
+    pub fn node_objects_yaml(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n---\n",
+                    n.name, n.underlay_ip
+                )
+            })
+            .collect()
+    }
+
     /// Builds the cluster described by `spec`.
     pub fn new(spec: ClusterSpec) -> Result<Self> {
         if spec.nodes == 0 || spec.nodes > 89 {

@@ -22,19 +22,6 @@ use proxy_tests::{
 
 const TIMEOUT: Duration = Duration::from_millis(500);
 
-fn nodes(cluster: &Cluster) -> String {
-    cluster
-        .nodes()
-        .iter()
-        .map(|n| {
-            format!(
-                "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n---\n",
-                n.name, n.underlay_ip
-            )
-        })
-        .collect()
-}
-
 fn service(
     name: &str,
     vip: &str,
@@ -220,7 +207,7 @@ fn node_port_from_outside_with(mode: DataplaneMode, extra: &[&str]) {
         udp.push(UdpServer::start(&p.ns, &p.name, SocketAddr::from((p.ip, 5353))).expect("udp"));
     }
     let api = ApiServer::start().expect("api");
-    let mut objects = nodes(&cluster);
+    let mut objects = cluster.node_objects_yaml();
     objects += &service(
         "both",
         "10.96.1.1",
@@ -334,7 +321,7 @@ endpoints:
             p12.ip
         )
     };
-    let objects = nodes(&cluster)
+    let objects = cluster.node_objects_yaml()
         + r#"apiVersion: v1
 kind: Service
 metadata: {name: lb, namespace: default}
@@ -406,7 +393,7 @@ fn node_port_flows_survive_agent_restart_and_empty_service_is_refused() {
         TcpServer::start_sink(&p21.ns, &p21.name, SocketAddr::from((p21.ip, 8080))).expect("sink"),
     ];
     let api = ApiServer::start().expect("api");
-    let objects = nodes(&cluster)
+    let objects = cluster.node_objects_yaml()
         + &service(
             "stream",
             "10.96.1.4",
@@ -513,7 +500,7 @@ status:
 "#
         )
     };
-    let objects = nodes(&cluster)
+    let objects = cluster.node_objects_yaml()
         + &svc("172.18.0.100/32")
         + &format!(
             r#"apiVersion: discovery.k8s.io/v1
@@ -632,7 +619,7 @@ fn two_nodes_send_the_same_flow_to_the_same_backend() {
     let ext_ip = Ipv4Addr::new(192, 0, 2, 60);
     let api = ApiServer::start().expect("api");
     api.apply_yaml(
-        &(nodes(&cluster)
+        &(cluster.node_objects_yaml()
             + &format!(
                 r#"apiVersion: v1
 kind: Service
@@ -709,7 +696,8 @@ fn dsr_remote_backend_sees_the_client_and_answers_directly() {
     let _udp = UdpServer::start(&p21.ns, &p21.name, SocketAddr::from((p21.ip, 5353))).expect("udp");
     let api = ApiServer::start().expect("api");
     api.apply_yaml(
-        &(nodes(&cluster) + &service("dsr", "10.96.1.8", 30130, false, &[(p21.ip, "node2")])),
+        &(cluster.node_objects_yaml()
+            + &service("dsr", "10.96.1.8", 30130, false, &[(p21.ip, "node2")])),
     )
     .expect("objects");
     let opts = || AgentOptions {
@@ -758,7 +746,7 @@ fn node_port_session_affinity(mode: DataplaneMode) {
     }
     let api = ApiServer::start().expect("api");
     api.apply_yaml(
-        &(nodes(&cluster)
+        &(cluster.node_objects_yaml()
             + &format!(
                 r#"apiVersion: v1
 kind: Service
@@ -812,7 +800,7 @@ fn fragmented_udp_reaches_local_and_remote_backends() {
         }
         let api = ApiServer::start().expect("api");
         api.apply_yaml(
-            &(nodes(&cluster)
+            &(cluster.node_objects_yaml()
                 + &service(
                     "frag",
                     "10.96.1.9",

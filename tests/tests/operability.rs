@@ -21,19 +21,6 @@ use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_millis(500);
 
-fn nodes(cluster: &Cluster) -> String {
-    cluster
-        .nodes()
-        .iter()
-        .map(|n| {
-            format!(
-                "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n---\n",
-                n.name, n.underlay_ip
-            )
-        })
-        .collect()
-}
-
 /// A ClusterIP service `name` on `vip:80` -> 8080 and its slice.
 fn cluster_ip(name: &str, vip: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
     let eps: String = endpoints
@@ -150,7 +137,7 @@ fn proxyctl_services_and_dump_follow_the_fixture() {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let (p11, p12, p21) = (cluster.pod(1, 1), cluster.pod(1, 2), cluster.pod(2, 1));
     let api = ApiServer::start().expect("api");
-    api.apply_yaml(&nodes(&cluster)).expect("nodes");
+    api.apply_yaml(&cluster.node_objects_yaml()).expect("nodes");
     let agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
 
     let check = |names: &[&str], gone: &[&str]| {
@@ -268,7 +255,7 @@ fn explain_tells_why() {
     let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
     let api = ApiServer::start().expect("api");
     let node1 = cluster.node(1).underlay_ip;
-    let objects = nodes(&cluster)
+    let objects = cluster.node_objects_yaml()
         + &cluster_ip("web", "10.96.5.1", &[(p12.ip, "node1")])
         + &cluster_ip("empty", "10.96.5.2", &[])
         + &format!(
@@ -570,8 +557,10 @@ fn metrics_follow_syncs_and_traffic() {
     let _server =
         TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server");
     let api = ApiServer::start().expect("api");
-    api.apply_yaml(&(nodes(&cluster) + &cluster_ip("web", "10.96.6.1", &[(p12.ip, "node1")])))
-        .expect("objects");
+    api.apply_yaml(
+        &(cluster.node_objects_yaml() + &cluster_ip("web", "10.96.6.1", &[(p12.ip, "node1")])),
+    )
+    .expect("objects");
     let agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
     let ns = &cluster.node(1).ns;
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 10249));
@@ -686,7 +675,7 @@ fn metrics_follow_syncs_and_traffic() {
 fn healthz_goes_stale_without_the_api_server_and_recovers() {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let api = ApiServer::start().expect("api");
-    api.apply_yaml(&nodes(&cluster)).expect("nodes");
+    api.apply_yaml(&cluster.node_objects_yaml()).expect("nodes");
     let agent = Agent::start(
         cluster.node(1),
         &api,
@@ -765,7 +754,7 @@ fn bad_object_produces_one_event() {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let p12 = cluster.pod(1, 2);
     let api = ApiServer::start().expect("api");
-    api.apply_yaml(&nodes(&cluster)).expect("nodes");
+    api.apply_yaml(&cluster.node_objects_yaml()).expect("nodes");
     let agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
     api.apply_yaml(
         r#"apiVersion: v1
@@ -834,7 +823,7 @@ spec:
 fn config_file_flags_win_and_json_logs() {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let api = ApiServer::start().expect("api");
-    api.apply_yaml(&nodes(&cluster)).expect("nodes");
+    api.apply_yaml(&cluster.node_objects_yaml()).expect("nodes");
     let dir = std::env::temp_dir().join(format!("proxy-tests-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("kube-proxy.yaml");
