@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "ipvsadm",
+    // kube-proxy's ipvs mode keeps its addresses and ports in ip sets.
+    "ipset",
     "conntrack",
     "bpftool",
     "ethtool",
