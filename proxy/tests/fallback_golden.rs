@@ -1,12 +1,13 @@
-//! Golden files for the iptables and nftables modes: the rules generated
-//! for a fixture set of frontends equal files under
-//! `tests/fixtures/fallback/` (regenerate with `UPDATE_GOLDEN=1`), and a
-//! one-endpoint change rewrites only the affected chains / elements.
+//! Golden files for the iptables and nftables modes and the ipvs mode's
+//! iptables/ipset glue: the rules generated for a fixture set of frontends
+//! equal files under `tests/fixtures/fallback/` (regenerate with
+//! `UPDATE_GOLDEN=1`), and a one-endpoint change rewrites only the affected
+//! chains / elements / set entries.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use proxy::{
-    dataplane::{iptables_rules, nftables_rules},
+    dataplane::{iptables_rules, ipvs, ipvs_glue, nftables_rules},
     lb::{BackendAddr, Frontend, FrontendKey, FrontendKind},
     model::Protocol,
 };
@@ -180,5 +181,32 @@ fn nftables_endpoints_appearing_swap_one_map_element() {
     assert!(
         plan.elements_added[0].starts_with("service-ips 10.96.0.10 . tcp . 80 : goto svc-"),
         "{input}"
+    );
+}
+
+/// The ipvs mode's glue for the fixture: the (fixed) chains and the ip set
+/// contents, with the `kube-ipvs0` addresses the ipvs plan puts there.
+fn ipvs_sets(f: &BTreeMap<FrontendKey, Frontend>) -> ipvs_glue::IpSets {
+    ipvs_glue::sets(f, &ipvs::desired(f, "rr").addresses)
+}
+
+#[test]
+fn ipvs_glue_matches_golden() {
+    golden("ipvs-glue.rules", &ipvs_glue::rules(&opts()));
+    golden(
+        "ipvs-glue.ipset",
+        &ipvs_glue::render_sets(None, &ipvs_sets(&fixture())),
+    );
+}
+
+#[test]
+fn ipvs_glue_one_endpoint_change_is_one_set_entry() {
+    let old = ipvs_sets(&fixture());
+    let new = ipvs_sets(&one_endpoint_removed());
+    // Only the hairpin entry of the removed endpoint goes; the rules are
+    // fixed and IPVS itself loses one real server (tested in ipvs.rs).
+    assert_eq!(
+        ipvs_glue::render_sets(Some(&old), &new),
+        "del KUBE-LOOP-BACK 10.244.2.3,tcp:8080,10.244.2.3\n"
     );
 }

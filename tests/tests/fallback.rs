@@ -387,3 +387,214 @@ fn iptables_thousand_services_partial_sync() {
 fn nftables_thousand_services_partial_sync() {
     thousand_services_then_one_endpoint("nftables")
 }
+
+/// `ipset save` of our sets plus `iptables-save` (filter, nat), counters
+/// and comments stripped, via [`snapshot`].
+fn snapshot_with_sets(ns: &Netns) -> String {
+    let mut s = snapshot(ns);
+    s.push_str("--- ipset\n");
+    s.push_str(&ns.exec(&["ipset", "save"]).expect("ipset save"));
+    s
+}
+
+/// The packets counted by the first rule of `iptables-save -c -t table`
+/// that contains `needle`.
+fn rule_packets(ns: &Netns, table: &str, needle: &str) -> u64 {
+    let save = ns
+        .exec(&["iptables-save", "-c", "-t", table])
+        .expect("iptables-save");
+    let line = save
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no rule with {needle:?} in:\n{save}"));
+    line.trim_start_matches('[')
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no counters in {line}"))
+}
+
+/// One TCP connect from `ns` to `to`: Ok on accept, else the error kind.
+fn connect(ns: &Netns, to: SocketAddr) -> Result<(), std::io::ErrorKind> {
+    ns.run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_millis(700)))
+        .expect("run in netns")
+        .map(drop)
+        .map_err(|e| e.kind())
+}
+
+/// The iptables/ipset glue of `--mode ipvs`, live on this kernel (which has
+/// ip sets but no IP_VS, so there are no virtual servers: the node's own
+/// listeners stand in for them, and the service addresses go on `lo`: this
+/// kernel has no dummy interfaces either). Two clients reach the node on
+/// their own links.
+/// Shows: a new connection to a `kube-ipvs0` address on a port that is no
+/// service is rejected at once (without the glue the node's listener on
+/// that port would answer); a service port is exempt; a LoadBalancer
+/// frontend with source ranges drops unlisted clients; traffic from
+/// outside to ClusterIPs and node ports is marked for masquerade, from a
+/// pod interface it is not; set updates follow the frontends; cleanup
+/// (library and `proxy --cleanup`) leaves iptables and ipset as before.
+#[test]
+fn ipvs_glue_rejects_guards_marks_and_cleans_up() {
+    use proxy::{
+        dataplane::{fallback::RuleOptions, ipvs_glue},
+        lb::{BackendAddr, Frontend, FrontendKey, FrontendKind},
+        model::Protocol,
+    };
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let node = Netns::new("glue-node").expect("node ns");
+    let listed = Netns::new("glue-listed").expect("client ns");
+    let other = Netns::new("glue-other").expect("client ns");
+    let (cip, lbip) = (
+        Ipv4Addr::new(10, 96, 9, 10),
+        Ipv4Addr::new(198, 51, 100, 10),
+    );
+    let node_ip = Ipv4Addr::new(192, 168, 61, 1);
+    // `listed` is on a link named like a pod interface (`vethg…`), `other`
+    // on `ext0`: the masquerade rules tell them apart by that.
+    node.ip_batch(&format!(
+        "link set lo up
+         link add vethglue type veth peer name eth0 netns {listed}
+         link add ext0 type veth peer name eth0 netns {other}
+         addr add {node_ip}/24 dev vethglue
+         addr add 192.168.62.1/24 dev ext0
+         link set vethglue up
+         link set ext0 up
+         addr add {cip}/32 dev lo
+         addr add {lbip}/32 dev lo",
+        listed = listed.name(),
+        other = other.name()
+    ))
+    .expect("node links");
+    for (ns, me, gw) in [
+        (&listed, "192.168.61.2/24", "192.168.61.1"),
+        (&other, "192.168.62.2/24", "192.168.62.1"),
+    ] {
+        ns.ip_batch(&format!(
+            "link set lo up
+             addr add {me} dev eth0
+             link set eth0 up
+             route add default via {gw}"
+        ))
+        .expect("client links");
+    }
+    // Stand-ins: port 80 for the service port IPVS would take, 2222 for
+    // some host-network listener (sshd, say), 30080 for the node port.
+    let _servers: Vec<TcpServer> = [80, 2222, 30080]
+        .into_iter()
+        .map(|p| {
+            TcpServer::start(&node, "node", SocketAddr::from(([0, 0, 0, 0], p))).expect("listener")
+        })
+        .collect();
+    let before = snapshot_with_sets(&node);
+
+    let be = BackendAddr {
+        addr: Ipv4Addr::new(10, 244, 0, 2),
+        port: 8080,
+        terminating: false,
+        local: true,
+    };
+    let fe = |kind, ranges: Vec<(Ipv4Addr, u8)>| Frontend {
+        kind,
+        backends: vec![be],
+        affinity_timeout: 0,
+        source_ranges: ranges,
+        maglev_table_size: None,
+        local_only: false,
+    };
+    let key = |addr, port| FrontendKey {
+        addr,
+        port,
+        proto: Protocol::Tcp,
+    };
+    let mut frontends = BTreeMap::new();
+    frontends.insert(key(cip, 80), fe(FrontendKind::ClusterIp, vec![]));
+    frontends.insert(key(node_ip, 30080), fe(FrontendKind::NodePort, vec![]));
+    frontends.insert(
+        key(lbip, 80),
+        fe(
+            FrontendKind::LoadBalancer,
+            vec![(Ipv4Addr::new(192, 168, 61, 0), 24)],
+        ),
+    );
+    let dummy: BTreeSet<Ipv4Addr> = [cip, lbip].into();
+    let opts = RuleOptions {
+        pod_interface_prefixes: vec!["veth".into()],
+    };
+    let mut glue = node
+        .run(|| {
+            let mut g = ipvs_glue::Glue::install(opts)?;
+            g.sync(&frontends, &dummy)?;
+            Ok::<_, proxy::dataplane::fallback::FallbackError>(g)
+        })
+        .expect("run")
+        .expect("glue installed");
+
+    use std::io::ErrorKind::{ConnectionRefused, TimedOut};
+    let to = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
+    // Service ports are exempt from the reject, other ports refused at once.
+    for c in [&listed, &other] {
+        assert_eq!(connect(c, to(cip, 80)), Ok(()), "ClusterIP service port");
+        let t = Instant::now();
+        assert_eq!(connect(c, to(cip, 2222)), Err(ConnectionRefused));
+        assert!(t.elapsed() < Duration::from_millis(500), "refused at once");
+        assert_eq!(connect(c, to(node_ip, 30080)), Ok(()), "node port");
+    }
+    // Source ranges: 192.168.61.0/24 only.
+    assert_eq!(connect(&listed, to(lbip, 80)), Ok(()));
+    assert_eq!(connect(&other, to(lbip, 80)), Err(TimedOut));
+    assert!(rule_packets(&node, "filter", "SOURCE-CIDR dst,dst,src -j DROP") >= 1);
+    // Masquerade marks: the ClusterIP from `ext0` (not a pod) went through
+    // KUBE-IPVS-MARK-MASQ, from `vethglue` returned before it; node ports
+    // are marked from anywhere; the LB IP too (externalTrafficPolicy
+    // Cluster).
+    let cluster_ret = rule_packets(&node, "nat", "KUBE-IPVS-CLUSTER-IP -i veth+ -j RETURN");
+    let cluster_masq = rule_packets(
+        &node,
+        "nat",
+        "-A KUBE-IPVS-CLUSTER-IP -j KUBE-IPVS-MARK-MASQ",
+    );
+    // (One connection each: the sets hold the service port, not 2222.)
+    assert_eq!((cluster_ret, cluster_masq), (1, 1), "ClusterIP marks");
+    assert_eq!(
+        rule_packets(
+            &node,
+            "nat",
+            "-p tcp -m set --match-set KUBE-NODE-PORT-TCP dst"
+        ),
+        2,
+        "node port marks"
+    );
+    assert!(rule_packets(&node, "nat", "-A KUBE-IPVS-MARK-MASQ -j MARK") >= 5);
+
+    // The LB frontend goes: its address, still on kube-ipvs0, is no
+    // service any more and refuses; the ClusterIP is untouched.
+    frontends.remove(&key(lbip, 80));
+    node.run(|| glue.sync(&frontends, &dummy))
+        .expect("run")
+        .expect("sync");
+    assert_eq!(connect(&listed, to(lbip, 80)), Err(ConnectionRefused));
+    assert_eq!(connect(&other, to(lbip, 80)), Err(ConnectionRefused));
+    assert_eq!(connect(&other, to(cip, 80)), Ok(()));
+    let sets = node.exec(&["ipset", "save"]).expect("ipset save");
+    assert!(!sets.contains(&format!("{lbip},tcp:80")), "{sets}");
+
+    // Cleanup: everything as before, by the library and by the binary.
+    assert!(node.run(ipvs_glue::cleanup).expect("run").expect("cleanup"));
+    assert_eq!(snapshot_with_sets(&node), before);
+    assert_eq!(connect(&other, to(cip, 2222)), Ok(()), "no reject left");
+    node.run(|| ipvs_glue::Glue::install(RuleOptions::default()))
+        .expect("run")
+        .expect("glue installed again");
+    assert_ne!(snapshot_with_sets(&node), before);
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", node.path().display()))
+        .arg("--")
+        .arg(binary("proxy").expect("proxy binary"))
+        .args(["--cleanup", "--bpffs-path", "/sys/fs/bpf/proxy-tests-none"])
+        .output()
+        .expect("proxy --cleanup");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(snapshot_with_sets(&node), before, "after proxy --cleanup");
+}

@@ -200,7 +200,7 @@ async fn run() -> Result<()> {
             run_fallback(dp, &args, node, &telemetry).await?;
         }
         Mode::Ipvs => {
-            let dp = IpvsDataplane::new(&args.ipvs_scheduler)
+            let dp = IpvsDataplane::new(&args.ipvs_scheduler, rule_options(&args))
                 .context("setting up the ipvs dataplane")?;
             run_fallback(dp, &args, node, &telemetry).await?;
         }

@@ -24,9 +24,9 @@ fn save(table: &str) -> Result<String, FallbackError> {
     fallback::run("iptables-save", &["-t", table], None)
 }
 
-/// Insert the jumps from the built-in chains unless present.
-fn ensure_jumps() -> Result<(), FallbackError> {
-    for (table, chain, spec) in iptables_rules::jumps() {
+/// Insert `jumps` (table, built-in chain, rule spec) unless present.
+pub(super) fn ensure_jumps(jumps: &[(&str, &str, String)]) -> Result<(), FallbackError> {
+    for (table, chain, spec) in jumps {
         let spec: Vec<&str> = spec.split_whitespace().collect();
         let mut check = vec!["-w", "5", "-t", table, "-C", chain];
         check.extend(&spec);
@@ -43,25 +43,7 @@ fn ensure_jumps() -> Result<(), FallbackError> {
 /// Remove every jump into our chains from the built-in chains, and all our
 /// chains. Returns whether anything was found.
 pub fn cleanup() -> Result<bool, FallbackError> {
-    let mut found = false;
-    for table in ["filter", "nat"] {
-        // Jumps carry our comment; delete each by its saved spec.
-        for line in save(table)?.lines() {
-            let Some(rest) = line.strip_prefix("-A ") else {
-                continue;
-            };
-            if !line.contains(&format!("--comment {JUMP_COMMENT}")) {
-                continue;
-            }
-            let mut words = rest.split_whitespace();
-            let Some(chain) = words.next() else { continue };
-            let spec: Vec<&str> = words.collect();
-            let mut del = vec!["-w", "5", "-t", table, "-D", chain];
-            del.extend(&spec);
-            fallback::run("iptables", &del, None)?;
-            found = true;
-        }
-    }
+    let mut found = remove_jumps(JUMP_COMMENT)?;
     let filter = iptables_rules::our_chains(&save("filter")?, "filter");
     let nat = iptables_rules::our_chains(&save("nat")?, "nat");
     if !filter.is_empty() || !nat.is_empty() {
@@ -75,13 +57,38 @@ pub fn cleanup() -> Result<bool, FallbackError> {
     Ok(found)
 }
 
+/// Delete every rule of the filter and nat tables whose comment is exactly
+/// `comment` (our jumps from the built-in chains), each by its saved spec.
+/// Returns whether there was any.
+pub(super) fn remove_jumps(comment: &str) -> Result<bool, FallbackError> {
+    let mut found = false;
+    for table in ["filter", "nat"] {
+        for line in save(table)?.lines() {
+            let Some(rest) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let Some(chain) = words.next() else { continue };
+            let spec: Vec<&str> = words.collect();
+            if !spec.windows(2).any(|w| w == ["--comment", comment]) {
+                continue;
+            }
+            let mut del = vec!["-w", "5", "-t", table, "-D", chain];
+            del.extend(&spec);
+            fallback::run("iptables", &del, None)?;
+            found = true;
+        }
+    }
+    Ok(found)
+}
+
 /// iptables-nft creates a built-in chain (as an nftables base chain) the
 /// first time a rule goes in; once our jumps are gone it may be left empty.
 /// An empty base chain with policy accept is a no-op and iptables-nft
 /// recreates it on demand, so removing it (and a table left with nothing)
 /// brings `nft list ruleset` back to what it was; `iptables-save` shows
 /// built-in chains either way.
-fn remove_empty_nft_builtins() {
+pub(super) fn remove_empty_nft_builtins() {
     let nf_tables =
         fallback::run("iptables", &["--version"], None).is_ok_and(|v| v.contains("nf_tables"));
     if !nf_tables {
@@ -130,7 +137,7 @@ impl IptablesDataplane {
             ticks: 0,
         };
         dp.write(&LbTable::default())?;
-        ensure_jumps()?;
+        ensure_jumps(&iptables_rules::jumps())?;
         Ok(dp)
     }
 
@@ -191,8 +198,8 @@ impl Dataplane for IptablesDataplane {
         // Someone flushing the built-in chains drops our jumps: put them
         // back (every 30 ticks: each check is a process).
         self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks % 30 == 0 {
-            ensure_jumps()?;
+        if self.ticks.is_multiple_of(30) {
+            ensure_jumps(&iptables_rules::jumps())?;
         }
         Ok(())
     }

@@ -489,29 +489,39 @@ pub const DUMMY: &str = "kube-ipvs0";
 
 /// `--mode ipvs` as a [`super::Dataplane`]: the plan between the last
 /// state and the desired one, one acknowledged generic netlink request per
-/// operation, addresses on [`DUMMY`] with `ip`. Exercised live only in the
-/// VM test (`tests/tests/vm_ipvs.rs`: local clients, local real servers);
-/// the iptables/ipset glue kube-proxy's ipvs mode adds for masquerade and
-/// node ports is not there.
+/// operation, addresses on [`DUMMY`] with `ip`, and kube-proxy's
+/// iptables/ipset glue ([`super::ipvs_glue`]) for masquerade, source
+/// ranges and rejects. Exercised live in the VM test
+/// (`tests/tests/vm_ipvs.rs`).
 pub struct IpvsDataplane {
     family: u16,
     scheduler: String,
     seq: u32,
     state: IpvsState,
     programmed: crate::lb::LbTable,
+    glue: super::ipvs_glue::Glue,
+    ticks: u32,
 }
 
 impl IpvsDataplane {
-    /// Resolves the family (failing in one sentence without IP_VS), creates
-    /// the dummy interface and starts from an empty IPVS table.
-    pub fn new(scheduler: &str) -> Result<IpvsDataplane, IpvsError> {
+    /// Resolves the family (failing in one sentence without IP_VS), sets
+    /// kube-proxy's sysctls, creates the dummy interface, starts from an
+    /// empty IPVS table and installs the iptables/ipset glue.
+    pub fn new(
+        scheduler: &str,
+        opts: super::fallback::RuleOptions,
+    ) -> Result<IpvsDataplane, IpvsError> {
         let family = probe()?;
+        super::ipvs_glue::set_sysctls()?;
+        let glue = super::ipvs_glue::Glue::install(opts)?;
         let mut dp = IpvsDataplane {
             family,
             scheduler: scheduler.to_owned(),
             seq: 1,
             state: IpvsState::default(),
             programmed: crate::lb::LbTable::default(),
+            glue,
+            ticks: 0,
         };
         dp.reset()?;
         Ok(dp)
@@ -570,6 +580,9 @@ impl super::Dataplane for IpvsDataplane {
     fn apply(&mut self, changes: &[crate::diff::Change]) -> Result<super::ApplyStats, IpvsError> {
         let next = super::fallback::applied(&self.programmed, changes);
         let want = desired(&next.frontends, &self.scheduler);
+        // The sets first: a new service's rules (masquerade, the reject
+        // exemption) hold before its virtual server takes traffic.
+        self.glue.sync(&next.frontends, &want.addresses)?;
         for op in plan(&self.state, &want) {
             if let Err(e) = self.execute(&op) {
                 // State unknown: start over on the next sync.
@@ -589,16 +602,24 @@ impl super::Dataplane for IpvsDataplane {
     }
 
     fn housekeeping(&mut self) -> Result<(), IpvsError> {
+        // Someone flushing the built-in chains drops our jumps: put them
+        // back (every 30 ticks: each check is a process).
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(30) {
+            self.glue.housekeeping()?;
+        }
         Ok(())
     }
 }
 
-/// Remove our IPVS state (`--cleanup`): flush the table and delete the
-/// dummy interface. Nothing to do (false) without IP_VS.
+/// Remove our ipvs-mode state (`--cleanup`): the iptables/ipset glue, then
+/// (with IP_VS) flush the table and delete the dummy interface. Returns
+/// whether anything was found.
 pub fn cleanup() -> Result<bool, IpvsError> {
+    let glue = super::ipvs_glue::cleanup()?;
     let family = match probe() {
         Ok(f) => f,
-        Err(IpvsError::NotAvailable) => return Ok(false),
+        Err(IpvsError::NotAvailable) => return Ok(glue),
         Err(e) => return Err(e),
     };
     decode_ack(&roundtrip(&encode_flush(family, 1))?)?;

@@ -8,6 +8,7 @@ pub mod fallback;
 pub mod iptables;
 pub mod iptables_rules;
 pub mod ipvs;
+pub mod ipvs_glue;
 pub mod links;
 pub mod nftables;
 pub mod nftables_rules;
