@@ -734,13 +734,8 @@ impl Scenario {
     /// (`proxyctl dump-maps`); iptables: [`iptables_frontends`] of
     /// `iptables-save`; nftables: [`nft_frontends`] of our table.
     pub fn frontends(&self, i: usize) -> Vec<String> {
-        let ns = &self.cluster.node(i).ns;
-        match self.socket_lb {
-            DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => frontends(self.agent(i)),
-            DataplaneMode::Iptables => ns.exec(&["iptables-save"]).map(|s| iptables_frontends(&s)),
-            DataplaneMode::Nftables => nft_table_json(ns).and_then(|j| nft_frontends(&j)),
-        }
-        .unwrap_or_else(|e| panic!("{:?} frontends on node {i}: {e:#}", self.socket_lb))
+        mode_frontends(self.socket_lb, self.agent(i), &self.cluster.node(i).ns)
+            .unwrap_or_else(|e| panic!("{:?} frontends on node {i}: {e:#}", self.socket_lb))
     }
 
     /// Packets node `i` dropped because their source was not in a
@@ -926,6 +921,20 @@ pub fn nft_counter(list: &str) -> u64 {
         .skip(1)
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Frontends `agent` (running in `mode` in node namespace `ns`) programmed
+/// in the kernel, as `ip:port/PROTO`, sorted; see [`Scenario::frontends`].
+pub fn mode_frontends(
+    mode: DataplaneMode,
+    agent: &Agent,
+    ns: &crate::netns::Netns,
+) -> Result<Vec<String>> {
+    match mode {
+        DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => frontends(agent),
+        DataplaneMode::Iptables => ns.exec(&["iptables-save"]).map(|s| iptables_frontends(&s)),
+        DataplaneMode::Nftables => nft_table_json(ns).and_then(|j| nft_frontends(&j)),
+    }
 }
 
 /// The nftables mode's table (proxy's `nftables_rules::TABLE`).
