@@ -191,7 +191,7 @@ impl Dataplane for IptablesDataplane {
         // Someone flushing the built-in chains drops our jumps: put them
         // back (every 30 ticks: each check is a process).
         self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks % 30 == 0 {
+        if self.ticks.is_multiple_of(30) {
             ensure_jumps()?;
         }
         Ok(())
