@@ -738,6 +738,39 @@ impl Scenario {
             .unwrap_or_else(|e| panic!("{:?} frontends on node {i}: {e:#}", self.socket_lb))
     }
 
+    /// Whether anything node `i`'s agent programmed refers to `ip` as a
+    /// service address: in the fallback modes any of our rules, chains or
+    /// map elements (the whole `iptables-save` of the nat and filter tables
+    /// / our nftables table, as text); in eBPF the services map (the other
+    /// maps are keyed by service id, and conntrack outlives services).
+    /// An ignored service (headless, ExternalName, another proxy's) must
+    /// not be mentioned at all.
+    pub fn programmed_mentions(&self, i: usize, ip: Ipv4Addr) -> bool {
+        let ns = &self.cluster.node(i).ns;
+        let text = match self.socket_lb {
+            DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => {
+                frontends(self.agent(i)).map(|f| f.join("\n"))
+            }
+            DataplaneMode::Iptables => ["nat", "filter"]
+                .iter()
+                .map(|t| ns.exec(&["iptables-save", "-t", t]))
+                .collect::<Result<Vec<_>>>()
+                .map(|v| v.concat()),
+            DataplaneMode::Nftables => {
+                ns.exec(&["nft", "list", "table", "ip", NFT_TABLE])
+                    .or_else(|e| {
+                        if format!("{e:#}").contains("No such file or directory") {
+                            Ok(String::new())
+                        } else {
+                            Err(e)
+                        }
+                    })
+            }
+        }
+        .unwrap_or_else(|e| panic!("{:?} state on node {i}: {e:#}", self.socket_lb));
+        mentions_ip(&text, ip)
+    }
+
     /// Packets node `i` dropped because their source was not in a
     /// service's `loadBalancerSourceRanges`, from the mode's kernel state:
     /// eBPF: the `drop_source_range` counter; iptables: our filter
@@ -1007,6 +1040,27 @@ pub fn iptables_frontends(save: &str) -> Vec<String> {
         }
     }
     out.into_iter().collect()
+}
+
+/// Whether `text` contains `ip` as a whole address (not as the start of
+/// a longer one: 10.0.0.1 is not in 10.0.0.12).
+pub fn mentions_ip(text: &str, ip: Ipv4Addr) -> bool {
+    let needle = ip.to_string();
+    text.match_indices(&needle).any(|(at, _)| {
+        let mut before = text[..at].chars().rev();
+        let mut after = text[at + needle.len()..].chars();
+        // Not preceded by a digit or a dot (x.10.96.0.1), not followed by
+        // a digit (10.96.0.12) or a dot and a digit (10.96.0.1.5).
+        let b = before.next();
+        let a = after.next();
+        let clean_before = !b.is_some_and(|c| c.is_ascii_digit() || c == '.');
+        let clean_after = match a {
+            Some(c) if c.is_ascii_digit() => false,
+            Some('.') => !after.next().is_some_and(|c| c.is_ascii_digit()),
+            _ => true,
+        };
+        clean_before && clean_after
+    })
 }
 
 /// A JSON scalar of an nft element key as text (`"tcp"`, `80`).
@@ -1838,6 +1892,20 @@ COMMIT
         assert!(iptables_frontends("*nat\nCOMMIT\n").is_empty());
         let counted = "*filter\n[7:420] -A KUBE-FIREWALL -m comment --comment \"dropped by loadBalancerSourceRanges\" -m mark --mark 0x8000/0x8000 -j DROP\n[3:1] -A KUBE-SERVICES -j REJECT\nCOMMIT\n";
         assert_eq!(iptables_source_range_drops(counted), 7);
+    }
+
+    #[test]
+    fn whole_addresses_are_mentioned() {
+        let ip = Ipv4Addr::new(10, 96, 200, 16);
+        assert!(mentions_ip("-d 10.96.200.16/32 -p tcp", ip));
+        assert!(mentions_ip("10.96.200.16 . tcp . 80 : goto svc-A", ip));
+        assert!(mentions_ip("\"10.96.200.16:80/TCP has no endpoints\"", ip));
+        assert!(mentions_ip("10.96.200.16", ip));
+        assert!(!mentions_ip("-d 10.96.200.160/32", ip));
+        assert!(!mentions_ip("110.96.200.16", ip));
+        assert!(!mentions_ip("1.10.96.200.16", ip));
+        assert!(!mentions_ip("10.96.200.16.7", ip));
+        assert!(mentions_ip("ends with 10.96.200.16.", ip));
     }
 
     #[test]

@@ -762,19 +762,25 @@ fn type_changes_and_headless_ignored(lb: SocketLb) -> Scenario {
     s.apply(&svc.clone().with_external_name("web.example.com"));
     until_fails(&c, &tcp(at(ip, 80), 1), CONVERGE);
     all_fail(&c, &tcp(at(ip, 80), 5));
-    scenario_eventually(CONVERGE, || {
-        let f = s.frontends(1);
-        if f.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{f:?}"))
-        }
-    });
+    // Nothing of it is left: no frontend, and no rule or element of ours
+    // refers to the old address.
+    for node in 1..=2 {
+        scenario_eventually(CONVERGE, || {
+            let f = s.frontends(node);
+            if f.is_empty() && !s.programmed_mentions(node, ip) {
+                Ok(())
+            } else {
+                Err(format!("node{node}: {f:?}, or {ip} still in our rules"))
+            }
+        });
+    }
 
     // ExternalName -> ClusterIP: the API allocates a new address.
     s.apply(&svc.with_cluster_ip(ip2));
     until_backends(&c, &tcp(at(ip2, 80), 30), &both, CONVERGE);
     all_fail(&c, &tcp(at(ip, 80), 3));
+    assert_eq!(s.frontends(1), [format!("{ip2}:80/TCP")]);
+    assert!(!s.programmed_mentions(1, ip), "{ip} is programmed again");
     on_path(&s, &c, &tcp(at(ip2, 80), 10), &both);
     s
 }
@@ -879,7 +885,25 @@ fn foreign_proxy_name_and_headless_labels_ignored(lb: SocketLb) -> Scenario {
     until_backends(&c, &tcp(at(ours, 80), 30), &both, CONVERGE);
     all_fail(&c, &tcp(at(foreign, 80), 5));
     all_fail(&c, &tcp(at(labelled, 80), 5));
-    assert_eq!(s.frontends(1), [format!("{ours}:80/TCP")]);
+    // Only our service is programmed; the others have no rules at all
+    // (node2's agent may still be on its first sync: wait for it).
+    for node in 1..=2 {
+        let want = vec![format!("{ours}:80/TCP")];
+        scenario_eventually(CONVERGE, || {
+            let f = s.frontends(node);
+            if f == want {
+                Ok(())
+            } else {
+                Err(format!("node{node}: {f:?}"))
+            }
+        });
+        for ip in [foreign, labelled] {
+            assert!(
+                !s.programmed_mentions(node, ip),
+                "node{node}: {ip} of an ignored service is in our rules"
+            );
+        }
+    }
 
     // The label removed: now it is ours.
     s.apply(&foreign_svc.clone().without_label(PROXY_NAME));
@@ -890,6 +914,15 @@ fn foreign_proxy_name_and_headless_labels_ignored(lb: SocketLb) -> Scenario {
     s.apply(&foreign_slice);
     until_fails(&c, &tcp(at(foreign, 80), 1), CONVERGE);
     all_fail(&c, &tcp(at(foreign, 80), 5));
+    for node in 1..=2 {
+        scenario_eventually(CONVERGE, || {
+            if s.programmed_mentions(node, foreign) {
+                Err(format!("node{node}: {foreign} still in our rules"))
+            } else {
+                Ok(())
+            }
+        });
+    }
     until_backends(&c, &tcp(at(ours, 80), 30), &both, CONVERGE);
     on_path(&s, &c, &tcp(at(ours, 80), 10), &both);
     s
