@@ -727,14 +727,75 @@ impl Scenario {
             .unwrap_or_else(|e| panic!("deleting {kind} {name}: {e:#}"));
     }
 
-    /// Frontends node `i`'s agent programmed, as `ip:port/PROTO`, sorted.
+    /// Frontends node `i`'s agent programmed, as `ip:port/PROTO`, sorted,
+    /// read from the kernel state of the scenario's mode: a frontend is
+    /// programmed when traffic to it is ours to handle, dispatched to
+    /// backends or (no endpoints) rejected. eBPF: the services map
+    /// (`proxyctl dump-maps`); iptables: [`iptables_frontends`] of
+    /// `iptables-save`; nftables: [`nft_frontends`] of our table.
     pub fn frontends(&self, i: usize) -> Vec<String> {
-        frontends(self.agent(i)).unwrap_or_else(|e| panic!("dump-maps on node {i}: {e:#}"))
+        mode_frontends(self.socket_lb, self.agent(i), &self.cluster.node(i).ns)
+            .unwrap_or_else(|e| panic!("{:?} frontends on node {i}: {e:#}", self.socket_lb))
+    }
+
+    /// Whether anything node `i`'s agent programmed refers to `ip` as a
+    /// service address: in the fallback modes any of our rules, chains or
+    /// map elements (the whole `iptables-save` of the nat and filter tables
+    /// / our nftables table, as text); in eBPF the services map (the other
+    /// maps are keyed by service id, and conntrack outlives services).
+    /// An ignored service (headless, ExternalName, another proxy's) must
+    /// not be mentioned at all.
+    pub fn programmed_mentions(&self, i: usize, ip: Ipv4Addr) -> bool {
+        let ns = &self.cluster.node(i).ns;
+        let text = match self.socket_lb {
+            DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => {
+                frontends(self.agent(i)).map(|f| f.join("\n"))
+            }
+            DataplaneMode::Iptables => ["nat", "filter"]
+                .iter()
+                .map(|t| ns.exec(&["iptables-save", "-t", t]))
+                .collect::<Result<Vec<_>>>()
+                .map(|v| v.concat()),
+            DataplaneMode::Nftables => {
+                ns.exec(&["nft", "list", "table", "ip", NFT_TABLE])
+                    .or_else(|e| {
+                        if format!("{e:#}").contains("No such file or directory") {
+                            Ok(String::new())
+                        } else {
+                            Err(e)
+                        }
+                    })
+            }
+        }
+        .unwrap_or_else(|e| panic!("{:?} state on node {i}: {e:#}", self.socket_lb));
+        mentions_ip(&text, ip)
+    }
+
+    /// Packets node `i` dropped because their source was not in a
+    /// service's `loadBalancerSourceRanges`, from the mode's kernel state:
+    /// eBPF: the `drop_source_range` counter; iptables: our filter
+    /// `KUBE-FIREWALL` DROP rule's packet counter; nftables: the `counter
+    /// drop` of our `fw-*` chains.
+    pub fn source_range_drops(&self, i: usize) -> u64 {
+        let ns = &self.cluster.node(i).ns;
+        match self.socket_lb {
+            DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => {
+                stats(self.agent(i)).map(|m| m.get("drop_source_range").copied().unwrap_or(0))
+            }
+            DataplaneMode::Iptables => ns
+                .exec(&["iptables-save", "-c", "-t", "filter"])
+                .map(|s| iptables_source_range_drops(&s)),
+            DataplaneMode::Nftables => ns
+                .exec(&["nft", "list", "table", "ip", NFT_TABLE])
+                .map(|s| nft_source_range_drops(&s)),
+        }
+        .unwrap_or_else(|e| panic!("{:?} source-range drops on node {i}: {e:#}", self.socket_lb))
     }
 }
 
 impl Scenario {
-    /// Node `i`'s datapath counters (`proxyctl dump-maps` `stats`, by name).
+    /// Node `i`'s datapath counters (`proxyctl dump-maps` `stats`, by name;
+    /// eBPF only).
     pub fn stats(&self, i: usize) -> BTreeMap<String, u64> {
         stats(self.agent(i)).unwrap_or_else(|e| panic!("dump-maps on node {i}: {e:#}"))
     }
@@ -866,7 +927,7 @@ pub fn fallback_counter(mode: DataplaneMode, ns: &crate::netns::Netns) -> Result
     Ok(match mode {
         DataplaneMode::Iptables => iptables_counter(&ns.exec(&["iptables-save", "-c"])?),
         DataplaneMode::Nftables => {
-            nft_counter(&ns.exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])?)
+            nft_counter(&ns.exec(&["nft", "list", "table", "ip", NFT_TABLE])?)
         }
         _ => 0,
     })
@@ -893,6 +954,202 @@ pub fn nft_counter(list: &str) -> u64 {
         .skip(1)
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Frontends `agent` (running in `mode` in node namespace `ns`) programmed
+/// in the kernel, as `ip:port/PROTO`, sorted; see [`Scenario::frontends`].
+pub fn mode_frontends(
+    mode: DataplaneMode,
+    agent: &Agent,
+    ns: &crate::netns::Netns,
+) -> Result<Vec<String>> {
+    match mode {
+        DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => frontends(agent),
+        DataplaneMode::Iptables => ns.exec(&["iptables-save"]).map(|s| iptables_frontends(&s)),
+        DataplaneMode::Nftables => nft_table_json(ns).and_then(|j| nft_frontends(&j)),
+    }
+}
+
+/// The nftables mode's table (proxy's `nftables_rules::TABLE`).
+pub const NFT_TABLE: &str = "kube-proxy-rs";
+
+/// `nft -j list table ip kube-proxy-rs` in `ns`; a missing table (nothing
+/// programmed yet, or cleaned up) reads as an empty ruleset.
+pub fn nft_table_json(ns: &crate::netns::Netns) -> Result<Value> {
+    match ns.exec(&["nft", "-j", "list", "table", "ip", NFT_TABLE]) {
+        Ok(out) => serde_json::from_str(&out).context("parsing nft -j output"),
+        Err(e) if format!("{e:#}").contains("No such file or directory") => {
+            Ok(json!({"nftables": []}))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The value following `flag` among `tokens`.
+fn after<'a>(tokens: &[&'a str], flag: &str) -> Option<&'a str> {
+    tokens
+        .iter()
+        .position(|t| *t == flag)
+        .and_then(|i| tokens.get(i + 1).copied())
+}
+
+/// Frontends our iptables rules handle, as `ip:port/PROTO`, sorted, from
+/// `iptables-save` output (nat and filter tables): the `-d IP/32 -p proto
+/// --dport N` matches of the nat `KUBE-SERVICES` / `KUBE-NODEPORTS` jumps
+/// to a service's `KUBE-SVC-*`, `KUBE-EXT-*` or `KUBE-FW-*` chain
+/// (frontends with endpoints), and the `--ctorigdst IP/32 --ctorigdstport
+/// N` of the filter `KUBE-SERVICES` / `KUBE-EXTERNAL-SERVICES` REJECT rules
+/// (frontends without endpoints). A service we ignore has neither.
+pub fn iptables_frontends(save: &str) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut table = "";
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = if t.trim() == "nat" {
+                "nat"
+            } else if t.trim() == "filter" {
+                "filter"
+            } else {
+                ""
+            };
+            continue;
+        }
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        let (Some(&"-A"), Some(chain)) = (tokens.first(), tokens.get(1)) else {
+            continue;
+        };
+        let target = after(&tokens, "-j").unwrap_or("");
+        let proto = after(&tokens, "-p").unwrap_or("");
+        let (addr, port) = match (table, *chain) {
+            ("nat", "KUBE-SERVICES" | "KUBE-NODEPORTS")
+                if ["KUBE-SVC-", "KUBE-EXT-", "KUBE-FW-"]
+                    .iter()
+                    .any(|p| target.starts_with(p)) =>
+            {
+                (after(&tokens, "-d"), after(&tokens, "--dport"))
+            }
+            ("filter", "KUBE-SERVICES" | "KUBE-EXTERNAL-SERVICES") if target == "REJECT" => (
+                after(&tokens, "--ctorigdst"),
+                after(&tokens, "--ctorigdstport"),
+            ),
+            _ => continue,
+        };
+        if let (Some(addr), Some(port), false) = (addr, port, proto.is_empty()) {
+            let addr = addr.strip_suffix("/32").unwrap_or(addr);
+            out.insert(format!("{addr}:{port}/{}", proto.to_uppercase()));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Whether `text` contains `ip` as a whole address (not as the start of
+/// a longer one: 10.0.0.1 is not in 10.0.0.12).
+pub fn mentions_ip(text: &str, ip: Ipv4Addr) -> bool {
+    let needle = ip.to_string();
+    text.match_indices(&needle).any(|(at, _)| {
+        let mut before = text[..at].chars().rev();
+        let mut after = text[at + needle.len()..].chars();
+        // Not preceded by a digit or a dot (x.10.96.0.1), not followed by
+        // a digit (10.96.0.12) or a dot and a digit (10.96.0.1.5).
+        let b = before.next();
+        let a = after.next();
+        let clean_before = !b.is_some_and(|c| c.is_ascii_digit() || c == '.');
+        let clean_after = match a {
+            Some(c) if c.is_ascii_digit() => false,
+            Some('.') => !after.next().is_some_and(|c| c.is_ascii_digit()),
+            _ => true,
+        };
+        clean_before && clean_after
+    })
+}
+
+/// A JSON scalar of an nft element key as text (`"tcp"`, `80`).
+fn nft_scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Frontends our nftables table handles, as `ip:port/PROTO`, sorted, from
+/// `nft -j list table ip kube-proxy-rs`: the keys of the `service-ips`
+/// (with endpoints), `no-endpoint-services` (rejected) and `firewall-ips`
+/// maps, and the `proto . port` keys of `service-nodeports` /
+/// `no-endpoint-nodeports` on every address of the `nodeport-ips` set.
+pub fn nft_frontends(list: &Value) -> Result<Vec<String>> {
+    let objects = list["nftables"]
+        .as_array()
+        .context("nft -j: no nftables array")?;
+    let elems = |kind: &str, name: &str| -> Vec<Value> {
+        objects
+            .iter()
+            .filter_map(|o| o.get(kind))
+            .filter(|m| m["name"] == name)
+            .filter_map(|m| m["elem"].as_array())
+            .flatten()
+            .cloned()
+            .collect()
+    };
+    // A map element is `[key, verdict]`; a concatenated key is
+    // `{"concat": [...]}`.
+    let key_parts = |e: &Value| -> Vec<String> {
+        e.get(0)
+            .and_then(|k| k["concat"].as_array())
+            .map(|parts| parts.iter().map(nft_scalar).collect())
+            .unwrap_or_default()
+    };
+    let mut out = std::collections::BTreeSet::new();
+    for map in ["service-ips", "no-endpoint-services", "firewall-ips"] {
+        for e in elems("map", map) {
+            match key_parts(&e).as_slice() {
+                [addr, proto, port] => {
+                    out.insert(format!("{addr}:{port}/{}", proto.to_uppercase()));
+                }
+                other => bail!("nft map {map}: unexpected element key {other:?} in {e}"),
+            }
+        }
+    }
+    let node_ips: Vec<String> = elems("set", "nodeport-ips")
+        .iter()
+        .map(nft_scalar)
+        .collect();
+    for map in ["service-nodeports", "no-endpoint-nodeports"] {
+        for e in elems("map", map) {
+            match key_parts(&e).as_slice() {
+                [proto, port] => {
+                    for addr in &node_ips {
+                        out.insert(format!("{addr}:{port}/{}", proto.to_uppercase()));
+                    }
+                }
+                other => bail!("nft map {map}: unexpected element key {other:?} in {e}"),
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Packets counted by the filter `KUBE-FIREWALL` DROP rule (the
+/// `loadBalancerSourceRanges` drop) in `iptables-save -c -t filter` output.
+pub fn iptables_source_range_drops(save: &str) -> u64 {
+    save.lines()
+        .filter(|l| l.contains("] -A KUBE-FIREWALL ") && l.contains("-j DROP"))
+        .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Packets counted in our `fw-*` chains (`counter drop` for sources not in
+/// `loadBalancerSourceRanges`) in `nft list table` output.
+pub fn nft_source_range_drops(list: &str) -> u64 {
+    let mut in_fw = false;
+    let mut sum = 0;
+    for line in list.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("chain ") {
+            in_fw = rest.starts_with("fw-");
+        } else if in_fw && line.ends_with(" drop") {
+            sum += nft_counter(line);
+        }
+    }
+    sum
 }
 
 /// An agent's datapath counters by name (`proxyctl dump-maps` `stats`).
@@ -1597,6 +1854,97 @@ mod tests {
             .to_yaml();
         api.apply_yaml(&y).expect("apply service yaml");
         assert!(api.get("Service", Some("default"), "web").is_some());
+    }
+
+    #[test]
+    fn iptables_frontends_from_save() {
+        let save = r#"# Generated by iptables-save
+*filter
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FIREWALL - [0:0]
+-A KUBE-EXTERNAL-SERVICES -p tcp -m comment --comment "172.18.0.11:30081/TCP has no endpoints" -m conntrack --ctorigdst 172.18.0.11 --ctorigdstport 30081 -j REJECT --reject-with tcp-reset
+-A KUBE-SERVICES -p udp -m comment --comment "10.96.0.30:53/UDP has no endpoints" -m conntrack --ctorigdst 10.96.0.30 --ctorigdstport 53 -j REJECT --reject-with icmp-port-unreachable
+-A KUBE-FIREWALL -m comment --comment "dropped by loadBalancerSourceRanges" -m mark --mark 0x8000/0x8000 -j DROP
+-A OTHER -d 10.1.1.1/32 -p tcp -m tcp --dport 1 -j REJECT
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+-A KUBE-SERVICES -d 10.96.0.30/32 -p udp -m comment --comment "10.96.0.30:53/UDP has no endpoints" -m udp --dport 53 -j REDIRECT
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "10.96.0.10:80/TCP ClusterIp" -m tcp --dport 80 -j KUBE-SVC-WESOCUMFJNA3TIAO
+-A KUBE-SERVICES -d 192.0.2.43/32 -p tcp -m comment --comment "192.0.2.43:80/TCP LoadBalancer" -m tcp --dport 80 -j KUBE-FW-3LSLERTCZJ4MGUEI
+-A KUBE-SERVICES -m comment --comment "node ports; must be last" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-NODEPORTS -d 172.18.0.11/32 -p tcp -m comment --comment "172.18.0.11:30080/TCP NodePort" -m tcp --dport 30080 -j KUBE-EXT-2MZXRD3S3POEDILG
+-A KUBE-SEP-6EPOP7AGCIGFPQNE -p tcp -m tcp -j DNAT --to-destination 10.244.2.2:8080
+-A DOCKER -d 10.9.9.9/32 -p tcp -m tcp --dport 9 -j KUBE-SVC-X
+COMMIT
+"#;
+        assert_eq!(
+            iptables_frontends(save),
+            [
+                "10.96.0.10:80/TCP",
+                "10.96.0.30:53/UDP",
+                "172.18.0.11:30080/TCP",
+                "172.18.0.11:30081/TCP",
+                "192.0.2.43:80/TCP",
+            ]
+        );
+        assert!(iptables_frontends("*nat\nCOMMIT\n").is_empty());
+        let counted = "*filter\n[7:420] -A KUBE-FIREWALL -m comment --comment \"dropped by loadBalancerSourceRanges\" -m mark --mark 0x8000/0x8000 -j DROP\n[3:1] -A KUBE-SERVICES -j REJECT\nCOMMIT\n";
+        assert_eq!(iptables_source_range_drops(counted), 7);
+    }
+
+    #[test]
+    fn whole_addresses_are_mentioned() {
+        let ip = Ipv4Addr::new(10, 96, 200, 16);
+        assert!(mentions_ip("-d 10.96.200.16/32 -p tcp", ip));
+        assert!(mentions_ip("10.96.200.16 . tcp . 80 : goto svc-A", ip));
+        assert!(mentions_ip("\"10.96.200.16:80/TCP has no endpoints\"", ip));
+        assert!(mentions_ip("10.96.200.16", ip));
+        assert!(!mentions_ip("-d 10.96.200.160/32", ip));
+        assert!(!mentions_ip("110.96.200.16", ip));
+        assert!(!mentions_ip("1.10.96.200.16", ip));
+        assert!(!mentions_ip("10.96.200.16.7", ip));
+        assert!(mentions_ip("ends with 10.96.200.16.", ip));
+    }
+
+    #[test]
+    fn nft_frontends_from_json() {
+        let list = json!({"nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "ip", "name": "kube-proxy-rs"}},
+            {"map": {"name": "service-ips", "elem": [
+                [{"concat": ["10.96.0.10", "tcp", 80]}, {"goto": {"target": "svc-A"}}],
+            ]}},
+            {"map": {"name": "no-endpoint-services", "elem": [
+                [{"concat": ["10.96.0.30", "udp", 53]}, {"goto": {"target": "reject-chain"}}],
+            ]}},
+            {"map": {"name": "firewall-ips", "elem": [
+                [{"concat": ["192.0.2.43", "tcp", 80]}, {"goto": {"target": "fw-B"}}],
+            ]}},
+            {"map": {"name": "service-nodeports", "elem": [
+                [{"concat": ["tcp", 30080]}, {"goto": {"target": "ext-C"}}],
+            ]}},
+            {"map": {"name": "no-endpoint-nodeports"}},
+            {"set": {"name": "nodeport-ips", "elem": ["172.18.0.11", "172.18.0.12"]}},
+        ]});
+        assert_eq!(
+            nft_frontends(&list).expect("parse"),
+            [
+                "10.96.0.10:80/TCP",
+                "10.96.0.30:53/UDP",
+                "172.18.0.11:30080/TCP",
+                "172.18.0.12:30080/TCP",
+                "192.0.2.43:80/TCP",
+            ]
+        );
+        assert!(
+            nft_frontends(&json!({"nftables": []}))
+                .expect("empty")
+                .is_empty()
+        );
+        let text = "table ip kube-proxy-rs {\n\tchain fw-B {\n\t\tip saddr { 10.244.1.2/32 } return\n\t\tcounter packets 4 bytes 240 drop\n\t}\n\tchain reject-chain {\n\t\tmeta l4proto tcp counter packets 9 bytes 1 reject with tcp reset\n\t\tcounter packets 2 bytes 1 drop\n\t}\n}\n";
+        assert_eq!(nft_source_range_drops(text), 4);
     }
 
     #[test]

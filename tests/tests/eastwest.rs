@@ -1,16 +1,24 @@
 //! East-west service behaviours (shared/SERVICE-BEHAVIOURS.md lines 1-6,
-//! 10, 11, 13-17, 19; 14 for ClusterIP) end to end: API server fixture ->
-//! agent on every node -> pods talking to ClusterIPs.
+//! the agent half of 7, 8-9 and 22 from pods, 10-17, 19, 20; 14 for
+//! ClusterIP) end to end: API server fixture -> agent on every node -> pods
+//! talking to service addresses.
 //!
-//! Every scenario runs twice, with socket LB on and off. Clients are always
-//! `podclient` processes in the client pod's network namespace *and* in its
-//! node's test cgroup, which is the cgroup the agent attaches its socket
-//! hooks to: with socket LB on they take the connect()/sendmsg() path, with
-//! it off the per-packet tc path. The agents' counters prove it: each
+//! Every scenario is one function of the [`DataplaneMode`] and runs in all
+//! four modes: eBPF with socket LB on and off (`socket_lb_on::*`,
+//! `socket_lb_off::*`, [`both_socket_lb_modes!`]) and the kube-proxy
+//! fallback modes (`iptables::*`, `nftables::*`, [`fallback_modes!`]).
+//! Clients are always `podclient` processes in the client pod's network
+//! namespace *and* in its node's test cgroup, which is the cgroup the agent
+//! attaches its socket hooks to: with socket LB on they take the
+//! connect()/sendmsg() path, with it off the per-packet tc path, in the
+//! fallback modes the kernel's NAT rules. The kernel proves it: each
 //! scenario ends with a probe that must be handled by the path under test
-//! alone (`Scenario::assert_path`), and the totals must show the socket
-//! hooks ran with socket LB on and never with it off
-//! (`Scenario::assert_datapath`).
+//! (`Scenario::assert_path`), and the totals must show it did the work
+//! (`Scenario::assert_datapath`: the eBPF counters, or our rules' packet
+//! counters and nothing pinned). Evidence about what is programmed is read
+//! from the mode's kernel state too (`Scenario::frontends`: the eBPF
+//! services map, our `iptables-save` rules, our nftables maps;
+//! `Scenario::source_range_drops`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -223,10 +231,11 @@ macro_rules! both_socket_lb_modes {
     };
 }
 
-/// The scenarios of SERVICE-BEHAVIOURS.md lines 1-6, 8-10, 12, 14, 16-19,
-/// plus 20 (UDP backend replaced: conntrack flushed) and the agent half of
-/// 7 (`kill -9`), run unchanged in the kube-proxy fallback modes; their
-/// evidence is our rules' packet counters (and nothing pinned in bpffs).
+/// Instantiates each scenario function in the kube-proxy fallback modes
+/// (`--mode iptables`, `--mode nftables`). Every scenario of this file runs
+/// here too, unchanged: its evidence is our rules' packet counters (and
+/// nothing pinned in bpffs), and [`Scenario::frontends`] /
+/// [`Scenario::source_range_drops`] read the mode's rules.
 macro_rules! fallback_modes {
     ($($name:ident),* $(,)?) => {
         mod iptables {
@@ -254,6 +263,10 @@ fallback_modes!(
     node_port_and_external_ip_from_pods_then_released,
     udp_flow_survives_backend_replacement,
     agent_kill_9_keeps_streams_and_new_connections,
+    type_changes_and_headless_ignored,
+    only_ready_endpoints_and_publish_not_ready,
+    foreign_proxy_name_and_headless_labels_ignored,
+    load_balancer_source_ranges_from_pods,
 );
 
 both_socket_lb_modes!(
@@ -749,19 +762,25 @@ fn type_changes_and_headless_ignored(lb: SocketLb) -> Scenario {
     s.apply(&svc.clone().with_external_name("web.example.com"));
     until_fails(&c, &tcp(at(ip, 80), 1), CONVERGE);
     all_fail(&c, &tcp(at(ip, 80), 5));
-    scenario_eventually(CONVERGE, || {
-        let f = s.frontends(1);
-        if f.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{f:?}"))
-        }
-    });
+    // Nothing of it is left: no frontend, and no rule or element of ours
+    // refers to the old address.
+    for node in 1..=2 {
+        scenario_eventually(CONVERGE, || {
+            let f = s.frontends(node);
+            if f.is_empty() && !s.programmed_mentions(node, ip) {
+                Ok(())
+            } else {
+                Err(format!("node{node}: {f:?}, or {ip} still in our rules"))
+            }
+        });
+    }
 
     // ExternalName -> ClusterIP: the API allocates a new address.
     s.apply(&svc.with_cluster_ip(ip2));
     until_backends(&c, &tcp(at(ip2, 80), 30), &both, CONVERGE);
     all_fail(&c, &tcp(at(ip, 80), 3));
+    assert_eq!(s.frontends(1), [format!("{ip2}:80/TCP")]);
+    assert!(!s.programmed_mentions(1, ip), "{ip} is programmed again");
     on_path(&s, &c, &tcp(at(ip2, 80), 10), &both);
     s
 }
@@ -866,7 +885,25 @@ fn foreign_proxy_name_and_headless_labels_ignored(lb: SocketLb) -> Scenario {
     until_backends(&c, &tcp(at(ours, 80), 30), &both, CONVERGE);
     all_fail(&c, &tcp(at(foreign, 80), 5));
     all_fail(&c, &tcp(at(labelled, 80), 5));
-    assert_eq!(s.frontends(1), [format!("{ours}:80/TCP")]);
+    // Only our service is programmed; the others have no rules at all
+    // (node2's agent may still be on its first sync: wait for it).
+    for node in 1..=2 {
+        let want = vec![format!("{ours}:80/TCP")];
+        scenario_eventually(CONVERGE, || {
+            let f = s.frontends(node);
+            if f == want {
+                Ok(())
+            } else {
+                Err(format!("node{node}: {f:?}"))
+            }
+        });
+        for ip in [foreign, labelled] {
+            assert!(
+                !s.programmed_mentions(node, ip),
+                "node{node}: {ip} of an ignored service is in our rules"
+            );
+        }
+    }
 
     // The label removed: now it is ours.
     s.apply(&foreign_svc.clone().without_label(PROXY_NAME));
@@ -877,6 +914,15 @@ fn foreign_proxy_name_and_headless_labels_ignored(lb: SocketLb) -> Scenario {
     s.apply(&foreign_slice);
     until_fails(&c, &tcp(at(foreign, 80), 1), CONVERGE);
     all_fail(&c, &tcp(at(foreign, 80), 5));
+    for node in 1..=2 {
+        scenario_eventually(CONVERGE, || {
+            if s.programmed_mentions(node, foreign) {
+                Err(format!("node{node}: {foreign} still in our rules"))
+            } else {
+                Ok(())
+            }
+        });
+    }
     until_backends(&c, &tcp(at(ours, 80), 30), &both, CONVERGE);
     on_path(&s, &c, &tcp(at(ours, 80), 10), &both);
     s
@@ -1493,12 +1539,15 @@ fn load_balancer_source_ranges_from_pods(lb: SocketLb) -> Scenario {
         .run(&tcp(at(lb_ip, 80), 3).timeout(Duration::from_millis(300)))
         .expect("run");
     assert!(
-        rs.iter().all(|r| !r.ok),
-        "a pod outside loadBalancerSourceRanges was served: {rs:?}"
+        rs.iter().all(|r| r.error == Some(ErrorKind::TimedOut)),
+        "a pod outside loadBalancerSourceRanges was served or refused, not dropped: {rs:?}"
     );
+    // Dropped by our source-range check on the client's node (the eBPF
+    // drop counter, or the packet counter of the mode's drop rule).
+    let drops = s.source_range_drops(1);
     assert!(
-        s.stats(1).get("drop_source_range").copied().unwrap_or(0) > 0,
-        "counted as drop_source_range"
+        drops > 0,
+        "{lb:?}: no source-range drop counted on node1 ({drops})"
     );
     // The ClusterIP of the same service is not guarded.
     until_backends(&other, &tcp(at(ip, 80), 3), &["pod-2-1"], CONVERGE);

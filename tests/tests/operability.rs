@@ -2,6 +2,9 @@
 //! dump-maps, explain), the agent's kube-proxy endpoints (/metrics,
 //! /proxyMode, /healthz through an API server outage), proxyctl without
 //! pins, and Kubernetes Events for objects that cannot be programmed.
+//! The kube-proxy endpoints (SERVICE-BEHAVIOURS line 21) are also checked
+//! in every mode with one function (`ebpf::`, `iptables::`, `nftables::`
+//! `kube_proxy_endpoints`).
 
 use std::{
     collections::BTreeSet,
@@ -16,6 +19,7 @@ use proxy_tests::{
     apiserver::ApiServer,
     cluster::{Cluster, ClusterSpec, TcpServer, tcp_request},
     netns::Netns,
+    scenario::{DataplaneMode, mode_frontends},
 };
 use serde_json::Value;
 
@@ -666,6 +670,156 @@ fn metrics_follow_syncs_and_traffic() {
     let (code, mode) = http_get(ns, metrics_addr, "/proxyMode").expect("proxyMode");
     assert_eq!((code, mode.trim()), (200, "ebpf"));
     drop(agent);
+}
+
+/// SERVICE-BEHAVIOURS line 21 in every mode, with the same code: `/healthz`
+/// on the node's address :10256 answers 200 with `lastUpdated`, `/metrics`
+/// on :10249 carries kube-proxy's sync histogram (moving with syncs) and the
+/// programmed counts, which match the frontends read from the kernel (the
+/// eBPF services map, our iptables rules, our nftables maps), and
+/// `/proxyMode` names the mode.
+fn kube_proxy_endpoints(mode: DataplaneMode) {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let (client, p12) = (cluster.pod(1, 1), cluster.pod(1, 2));
+    let _server =
+        TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server");
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(
+        &(cluster.node_objects_yaml() + &cluster_ip("web", "10.96.6.11", &[(p12.ip, "node1")])),
+    )
+    .expect("objects");
+    let agent = Agent::start(
+        cluster.node(1),
+        &api,
+        AgentOptions {
+            args: vec![
+                "--mode".into(),
+                mode.mode().into(),
+                "--socket-lb".into(),
+                mode.flag().into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .expect("agent");
+    let ns = &cluster.node(1).ns;
+    let vip = SocketAddr::from((Ipv4Addr::new(10, 96, 6, 11), 80));
+    poll(Duration::from_secs(10), || {
+        tcp_request(&client.ns, vip, TIMEOUT).map_err(|e| e.to_string())
+    });
+
+    // /healthz on the node's address (0.0.0.0:10256 by default).
+    let healthz = SocketAddr::from((cluster.node(1).underlay_ip, 10256));
+    let body = poll(Duration::from_secs(10), || {
+        let (code, body) = http_get(ns, healthz, "/healthz")?;
+        if code == 200 {
+            Ok(body)
+        } else {
+            Err(format!("status {code}: {body}"))
+        }
+    });
+    let v: Value = serde_json::from_str(&body).expect("healthz JSON body");
+    assert!(
+        v["lastUpdated"].as_str().is_some_and(|s| s.ends_with('Z')),
+        "{mode:?}: {v}"
+    );
+    assert!(v["currentTime"].is_string(), "{mode:?}: {v}");
+
+    // /metrics: kube-proxy's sync histogram and what is programmed.
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 10249));
+    let scrape = || {
+        poll(Duration::from_secs(10), || {
+            let (code, body) = http_get(ns, metrics_addr, "/metrics")?;
+            (code == 200)
+                .then_some(body)
+                .ok_or(format!("status {code}"))
+        })
+    };
+    let hist = "kubeproxy_sync_proxy_rules_duration_seconds";
+    let syncs = format!("{hist}_count");
+    let frontends_metric = "kubeproxy_ebpf_programmed_frontends";
+    let before = scrape();
+    for l in [
+        format!("# TYPE {hist} histogram"),
+        format!("kubeproxy_ebpf_info{{mode=\"{}\"}} 1", mode.mode()),
+        "kubeproxy_ebpf_programmed_services 1".to_owned(),
+        "kubeproxy_ebpf_programmed_endpoints 1".to_owned(),
+    ] {
+        assert!(
+            before.lines().any(|x| x == l),
+            "{mode:?}: missing {l:?} in\n{before}"
+        );
+    }
+    let s0 = sample(&before, &syncs).unwrap_or_else(|| panic!("no {syncs} in\n{before}"));
+    assert!(s0 >= 1.0, "{mode:?}: at least one sync observed");
+    assert_eq!(
+        sample(&before, &format!("{hist}_bucket{{le=\"+Inf\"}}")),
+        Some(s0),
+        "{mode:?}: the +Inf bucket counts every sync"
+    );
+    assert!(
+        sample(&before, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+            .is_some_and(|t| t > 0.0),
+        "{mode:?}: last sync timestamp in\n{before}"
+    );
+    let kernel = mode_frontends(mode, &agent, ns).expect("frontends from the kernel");
+    assert_eq!(kernel, ["10.96.6.11:80/TCP"], "{mode:?}");
+    assert_eq!(sample(&before, frontends_metric), Some(1.0), "{mode:?}");
+
+    // A change makes another sync, and both the metrics and the kernel
+    // follow it.
+    api.apply_yaml(&cluster_ip("web2", "10.96.6.12", &[(p12.ip, "node1")]))
+        .expect("second service");
+    let after = poll(Duration::from_secs(10), || {
+        let m = scrape();
+        match (
+            sample(&m, &syncs),
+            sample(&m, "kubeproxy_ebpf_programmed_services"),
+        ) {
+            (Some(s), Some(n)) if s > s0 && n == 2.0 => Ok(m),
+            (s, n) => Err(format!(
+                "sync count {s:?} (before: {s0}), programmed services {n:?}"
+            )),
+        }
+    });
+    let kernel = mode_frontends(mode, &agent, ns).expect("frontends from the kernel");
+    assert_eq!(
+        kernel,
+        ["10.96.6.11:80/TCP", "10.96.6.12:80/TCP"],
+        "{mode:?}"
+    );
+    assert_eq!(sample(&after, frontends_metric), Some(2.0), "{mode:?}");
+    tcp_request(
+        &client.ns,
+        SocketAddr::from((Ipv4Addr::new(10, 96, 6, 12), 80)),
+        TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{mode:?}: the second service: {e}"));
+
+    let (code, answer) = http_get(ns, metrics_addr, "/proxyMode").expect("proxyMode");
+    assert_eq!((code, answer.trim()), (200, mode.mode()), "{mode:?}");
+    drop(agent);
+}
+
+mod ebpf {
+    #[test]
+    fn kube_proxy_endpoints() {
+        super::kube_proxy_endpoints(super::DataplaneMode::EbpfTc);
+    }
+}
+
+mod iptables {
+    #[test]
+    fn kube_proxy_endpoints() {
+        super::kube_proxy_endpoints(super::DataplaneMode::Iptables);
+    }
+}
+
+mod nftables {
+    #[test]
+    fn kube_proxy_endpoints() {
+        super::kube_proxy_endpoints(super::DataplaneMode::Nftables);
+    }
 }
 
 /// /healthz: 200 with lastUpdated and currentTime while syncs succeed, 503

@@ -1,7 +1,12 @@
 //! Agent kill -9 and restart while 50 TCP flows stream through a ClusterIP
 //! on the per-packet path (socket LB off): the pinned maps and links keep
 //! the data path alive, the new agent adopts them, and no flow is reset.
-//! New connections made while the agent is down succeed too.
+//! New connections made while the agent is down succeed too. (The fallback
+//! modes' `kill -9` scenario is eastwest's
+//! `agent_kill_9_keeps_streams_and_new_connections`.)
+//!
+//! API server outage (SERVICE-BEHAVIOURS line 7, second half), in every
+//! mode: eBPF (socket LB off), iptables and nftables, with the same code.
 
 use std::{
     io::Write,
@@ -17,6 +22,8 @@ use proxy_tests::{
     agent::{Agent, AgentOptions},
     apiserver::ApiServer,
     cluster::{Cluster, ClusterSpec, TcpServer, tcp_connect, tcp_request},
+    netns::Netns,
+    scenario::{DataplaneMode, fallback_counter, stats},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
@@ -159,11 +166,43 @@ fn kill_9_and_restart_resets_no_flow() {
     eprintln!("agent restarted in {restarted:?}; 50 flows, 0 reset");
 }
 
-/// The API server goes away and comes back: traffic keeps flowing meanwhile
-/// (the data path does not depend on the agent's connection), and changes
-/// made after it returns are programmed.
+/// Packets the mode's data path translated on the node so far: the eBPF
+/// per-packet `dnat` counter, or our fallback rules' packet counters.
+fn translated(mode: DataplaneMode, agent: &Agent, ns: &Netns) -> u64 {
+    if mode.is_ebpf() {
+        stats(agent)
+            .expect("dump-maps stats")
+            .get("dnat")
+            .copied()
+            .unwrap_or(0)
+    } else {
+        fallback_counter(mode, ns).expect("our rules' counters")
+    }
+}
+
 #[test]
 fn api_server_outage_keeps_traffic_and_resyncs() {
+    api_server_outage(DataplaneMode::EbpfTc);
+}
+
+mod iptables {
+    #[test]
+    fn api_server_outage_keeps_traffic_and_resyncs() {
+        super::api_server_outage(super::DataplaneMode::Iptables);
+    }
+}
+
+mod nftables {
+    #[test]
+    fn api_server_outage_keeps_traffic_and_resyncs() {
+        super::api_server_outage(super::DataplaneMode::Nftables);
+    }
+}
+
+/// The API server goes away and comes back: traffic keeps flowing meanwhile
+/// through the mode's data path (which does not depend on the agent's
+/// connection), and changes made after it returns are programmed.
+fn api_server_outage(mode: DataplaneMode) {
     let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
     let (p12, p21) = (cluster.pod(1, 2), cluster.pod(2, 1));
     let _servers = [
@@ -195,7 +234,21 @@ endpoints:
         p12.ip, p21.ip
     );
     api.apply_yaml(&objects).expect("objects");
-    let _agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
+    let agent = Agent::start(
+        cluster.node(1),
+        &api,
+        AgentOptions {
+            args: vec![
+                "--mode".into(),
+                mode.mode().into(),
+                "--socket-lb".into(),
+                mode.flag().into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .expect("agent");
+    let node_ns = &cluster.node(1).ns;
     let client = cluster.pod(1, 1);
     let to = SocketAddr::from((VIP, 81));
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -205,12 +258,21 @@ endpoints:
     }
 
     api.set_available(false);
+    let before = translated(mode, &agent, node_ns);
     let outage = Instant::now();
+    let mut requests = 0;
     while outage.elapsed() < Duration::from_secs(3) {
         tcp_request(&client.ns, to, Duration::from_millis(500))
             .expect("traffic flows while the API server is down");
+        requests += 1;
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Every connection's first packet went through the mode's translation.
+    let during = translated(mode, &agent, node_ns).saturating_sub(before);
+    assert!(
+        during >= requests,
+        "{mode:?}: {requests} connections during the outage, data path counted +{during}"
+    );
     api.set_available(true);
 
     // A change after the outage is picked up (watch re-established).
@@ -232,8 +294,14 @@ endpoints:
         }
         assert!(
             Instant::now() < deadline,
-            "the change after the outage was not programmed"
+            "{mode:?}: the change after the outage was not programmed"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if !mode.is_ebpf() {
+        let pinned = std::fs::read_dir(&agent.bpffs_path)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(pinned, 0, "{mode:?} mode pinned eBPF objects");
     }
 }
