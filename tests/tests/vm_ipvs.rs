@@ -720,7 +720,7 @@ fn ipvs_mode_in_a_vm_masquerades_guards_rejects_and_follows_endpoints() {
         if let Err(e) = invariants(&round) {
             vm.fail(&format!("round {synced_rounds} after sync: {e}: {line}"));
         }
-        seen.extend(round.into_iter());
+        seen.extend(round);
     }
     let phase1 = started.elapsed();
 
