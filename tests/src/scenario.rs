@@ -471,6 +471,13 @@ impl DataplaneMode {
     pub fn is_ebpf(self) -> bool {
         self.mode() == "ebpf"
     }
+
+    /// The agent's `--mode` and `--socket-lb` arguments for this mode.
+    pub fn agent_args(self) -> Vec<String> {
+        ["--mode", self.mode(), "--socket-lb", self.flag()]
+            .map(str::to_owned)
+            .to_vec()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -595,14 +602,8 @@ impl ScenarioBuilder {
                 .iter()
                 .zip(&cgroups)
                 .map(|(node, cg)| {
-                    let mut args = vec![
-                        "--mode".to_owned(),
-                        self.socket_lb.mode().to_owned(),
-                        "--socket-lb".to_owned(),
-                        self.socket_lb.flag().to_owned(),
-                        "--cgroup-path".to_owned(),
-                        cg.path().display().to_string(),
-                    ];
+                    let mut args = self.socket_lb.agent_args();
+                    args.extend(["--cgroup-path".to_owned(), cg.path().display().to_string()]);
                     args.extend(self.agent_args.iter().cloned());
                     let api = &api;
                     s.spawn(move || {

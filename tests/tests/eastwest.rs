@@ -170,6 +170,20 @@ fn scenario_eventually<T>(within: Duration, f: impl FnMut() -> Result<T, String>
     proxy_tests::scenario::eventually(within, f)
 }
 
+/// Waits until node `node` has programmed exactly the frontends `want`
+/// (its agent may still be on its first sync).
+#[track_caller]
+fn until_frontends(s: &Scenario, node: usize, want: &[String]) {
+    scenario_eventually(CONVERGE, || {
+        let f = s.frontends(node);
+        if f == want {
+            Ok(())
+        } else {
+            Err(format!("node{node}: {f:?}, want {want:?}"))
+        }
+    });
+}
+
 /// Waits until the service answers at all (the agents synced).
 #[track_caller]
 fn until_up(c: &PodClient, req: &Request) {
@@ -747,15 +761,7 @@ fn type_changes_and_headless_ignored(lb: SocketLb) -> Scenario {
     // The headless service programs nothing: only web's frontend exists
     // (node2's agent may still be on its first sync: wait for it).
     for node in 1..=2 {
-        let want = vec![format!("{ip}:80/TCP")];
-        scenario_eventually(CONVERGE, || {
-            let f = s.frontends(node);
-            if f == want {
-                Ok(())
-            } else {
-                Err(format!("node{node}: {f:?}"))
-            }
-        });
+        until_frontends(&s, node, &[format!("{ip}:80/TCP")]);
     }
 
     // ClusterIP -> ExternalName: ignored, so the old ClusterIP is gone.
@@ -888,15 +894,7 @@ fn foreign_proxy_name_and_headless_labels_ignored(lb: SocketLb) -> Scenario {
     // Only our service is programmed; the others have no rules at all
     // (node2's agent may still be on its first sync: wait for it).
     for node in 1..=2 {
-        let want = vec![format!("{ours}:80/TCP")];
-        scenario_eventually(CONVERGE, || {
-            let f = s.frontends(node);
-            if f == want {
-                Ok(())
-            } else {
-                Err(format!("node{node}: {f:?}"))
-            }
-        });
+        until_frontends(&s, node, &[format!("{ours}:80/TCP")]);
         for ip in [foreign, labelled] {
             assert!(
                 !s.programmed_mentions(node, ip),

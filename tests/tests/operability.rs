@@ -692,12 +692,7 @@ fn kube_proxy_endpoints(mode: DataplaneMode) {
         cluster.node(1),
         &api,
         AgentOptions {
-            args: vec![
-                "--mode".into(),
-                mode.mode().into(),
-                "--socket-lb".into(),
-                mode.flag().into(),
-            ],
+            args: mode.agent_args(),
             ..Default::default()
         },
     )

@@ -238,12 +238,7 @@ endpoints:
         cluster.node(1),
         &api,
         AgentOptions {
-            args: vec![
-                "--mode".into(),
-                mode.mode().into(),
-                "--socket-lb".into(),
-                mode.flag().into(),
-            ],
+            args: mode.agent_args(),
             ..Default::default()
         },
     )
