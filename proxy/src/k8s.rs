@@ -22,7 +22,34 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
-use crate::model::WATCH_LABEL_SELECTOR;
+use crate::model::{self, SliceView, WATCH_LABEL_SELECTOR};
+
+/// EndpointSlices are watched as [`SliceView`]: only the fields the model
+/// reads are deserialized and kept (a tenth of a k8s-openapi
+/// `EndpointSlice`'s memory at 10 endpoints per slice).
+impl Resource for SliceView {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::KIND.into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::GROUP.into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::VERSION.into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+    }
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
@@ -70,7 +97,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
 #[derive(Clone)]
 pub struct Stores {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub slices: Store<SliceView>,
     pub nodes: Store<Node>,
     /// Whether the watches reach the API server.
     pub watch_health: WatchHealth,
@@ -159,12 +186,14 @@ pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
     let services = spawn_reflector::<Service>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
+        model::trim_service,
         changed.clone(),
         health.clone(),
     );
-    let slices = spawn_reflector::<EndpointSlice>(
+    let slices = spawn_reflector::<SliceView>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
+        model::trim_slice,
         changed.clone(),
         health.clone(),
     );
@@ -172,6 +201,7 @@ pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
     let nodes = spawn_reflector::<Node>(
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        model::trim_node,
         changed,
         health.clone(),
     );
@@ -242,9 +272,12 @@ impl Stores {
     }
 }
 
+/// A reflector whose store keeps each object as `trim` leaves it (what the
+/// model reads: the agent holds every service and slice of the cluster).
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
+    trim: fn(&mut K),
     changed: Arc<Notify>,
     health: WatchHealth,
 ) -> Store<K>
@@ -254,7 +287,8 @@ where
 {
     let (store, writer) = reflector::store::<K>();
     let kind = K::kind(&Default::default()).into_owned();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = watcher(api, config).default_backoff().modify(trim);
+    let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {

@@ -21,7 +21,14 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{
+        core::v1::Service,
+        discovery::v1::{EndpointConditions, EndpointPort},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::{Deserialize, Deserializer};
 
 /// Label kube-proxy uses to let another proxy own a service.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -34,6 +41,128 @@ pub const ANNOTATION_MAGLEV_TABLE_SIZE: &str = "kube-proxy-ebpf.io/maglev-table-
 /// The label selector the agent watches services and slices with.
 pub const WATCH_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// The parts of a `discovery.k8s.io/v1` EndpointSlice the model reads,
+/// deserialized straight from the API server's JSON (the agent watches
+/// EndpointSlices as this type): a k8s-openapi `EndpointSlice` costs 352
+/// bytes per endpoint before its strings, an [`EndpointView`] 80. Field
+/// names and meanings are the API's; everything else is skipped.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceView {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The `kubernetes.io/service-name` label, moved here by
+    /// [`trim_slice`] (a label map costs a B-tree node).
+    #[serde(skip)]
+    pub service: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub address_type: String,
+    #[serde(default)]
+    pub ports: Option<Vec<EndpointPort>>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// One endpoint of a [`SliceView`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointView {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: Option<EndpointConditions>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+impl SliceView {
+    /// The service this slice belongs to.
+    pub fn service_name(&self) -> Option<&str> {
+        self.service.as_deref().or_else(|| {
+            self.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                .map(String::as_str)
+        })
+    }
+}
+
+/// Keeps of a watched slice only what [`build`] reads (name, namespace,
+/// service, address type, ports, endpoints), sized to fit: the agent holds
+/// every slice of the cluster.
+pub fn trim_slice(s: &mut SliceView) {
+    if s.service.is_none() {
+        s.service = s
+            .metadata
+            .labels
+            .as_mut()
+            .and_then(|l| l.remove(LABEL_SERVICE_NAME));
+    }
+    s.metadata = ObjectMeta {
+        name: s.metadata.name.take(),
+        namespace: s.metadata.namespace.take(),
+        ..Default::default()
+    };
+    s.endpoints.shrink_to_fit();
+    for e in &mut s.endpoints {
+        e.addresses.shrink_to_fit();
+    }
+}
+
+/// Keeps of a watched service's metadata only what [`build`] reads (name,
+/// namespace, our labels and annotation); spec and status stay.
+pub fn trim_service(s: &mut Service) {
+    let keep = |m: Option<BTreeMap<String, String>>, keys: &[&str]| {
+        m.map(|mut m| {
+            m.retain(|k, _| keys.contains(&k.as_str()));
+            m
+        })
+        .filter(|m| !m.is_empty())
+    };
+    s.metadata = ObjectMeta {
+        name: s.metadata.name.take(),
+        namespace: s.metadata.namespace.take(),
+        labels: keep(
+            s.metadata.labels.take(),
+            &[LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS],
+        ),
+        annotations: keep(
+            s.metadata.annotations.take(),
+            &[ANNOTATION_MAGLEV_TABLE_SIZE],
+        ),
+        ..Default::default()
+    };
+}
+
+/// Keeps of the watched Node only its name and addresses (what
+/// [`node_addresses`] reads; a node's status also lists every image it
+/// holds).
+pub fn trim_node(n: &mut k8s_openapi::api::core::v1::Node) {
+    n.metadata = ObjectMeta {
+        name: n.metadata.name.take(),
+        ..Default::default()
+    };
+    n.spec = None;
+    n.status = n
+        .status
+        .take()
+        .map(|s| k8s_openapi::api::core::v1::NodeStatus {
+            addresses: s.addresses,
+            ..Default::default()
+        });
+}
+
+/// `null` reads as the type's default, as an absent field does (the API
+/// server writes `"endpoints": null` for an empty slice).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -262,21 +391,23 @@ pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<Ipv4Addr>
 /// everything that was usable.
 pub fn build<'a>(
     services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a SliceView>,
     node: &NodeContext,
 ) -> (ServiceTable, Vec<ModelError>) {
     let mut errors = Vec::new();
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut by_service: BTreeMap<(String, String), Vec<&SliceView>> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
         }
-        let meta = &slice.metadata;
-        let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+        let Some(svc) = slice.service_name() else {
             continue;
         };
-        let ns = meta.namespace.clone().unwrap_or_default();
-        by_service.entry((ns, svc.clone())).or_default().push(slice);
+        let ns = slice.metadata.namespace.clone().unwrap_or_default();
+        by_service
+            .entry((ns, svc.to_owned()))
+            .or_default()
+            .push(slice);
     }
 
     let mut table = ServiceTable::default();
@@ -313,7 +444,7 @@ fn service_ports(
     svc: &Service,
     ns: &str,
     name: &str,
-    slices: &[&EndpointSlice],
+    slices: &[&SliceView],
     node: &NodeContext,
     errors: &mut Vec<ModelError>,
 ) -> Vec<ServicePort> {
@@ -556,7 +687,7 @@ fn parse_ips(
 /// The candidate endpoints of `port_name`/`protocol`: ready ones and
 /// serving+terminating ones.
 fn endpoints_for(
-    slices: &[&EndpointSlice],
+    slices: &[&SliceView],
     port_name: &str,
     protocol: Protocol,
     node: &NodeContext,

@@ -2,10 +2,10 @@
 
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use proxy::{
     lb::LbTable,
-    model::{self, Endpoint, NodeContext, Protocol, ServicePortName, ServiceTable},
+    model::{self, Endpoint, NodeContext, Protocol, ServicePortName, ServiceTable, SliceView},
 };
 use serde::Deserialize;
 
@@ -17,7 +17,7 @@ fn load<T: for<'de> Deserialize<'de>>(yaml: &str) -> Vec<T> {
 
 fn build() -> (ServiceTable, Vec<model::ModelError>) {
     let services: Vec<Service> = load(include_str!("fixtures/model/services.yaml"));
-    let slices: Vec<EndpointSlice> = load(include_str!("fixtures/model/slices.yaml"));
+    let slices: Vec<SliceView> = load(include_str!("fixtures/model/slices.yaml"));
     model::build(
         &services,
         &slices,
@@ -133,7 +133,7 @@ spec:
   ports: [{port: 80, protocol: TCP}]
 "#,
     );
-    let slices: Vec<EndpointSlice> = load(
+    let slices: Vec<SliceView> = load(
         r#"
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -213,7 +213,7 @@ status:
   loadBalancer: {ingress: [{ip: 198.51.100.7}]}
 "#,
     );
-    let slices: Vec<EndpointSlice> = load(
+    let slices: Vec<SliceView> = load(
         r#"
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -388,4 +388,64 @@ spec:
         "{}",
         errors[0]
     );
+}
+
+/// What the agent keeps of each watched object ([`model::trim_service`],
+/// [`model::trim_slice`], [`model::trim_node`]) builds the same table with
+/// the same errors as the objects as they came (the fixtures carry labels,
+/// annotations and fields the model does not read).
+#[test]
+fn trimmed_objects_build_the_same_table() {
+    let services: Vec<Service> = load(include_str!("fixtures/model/services.yaml"));
+    let slices: Vec<SliceView> = load(include_str!("fixtures/model/slices.yaml"));
+    let node = NodeContext {
+        node_name: "node1".into(),
+        ..Default::default()
+    };
+    let (want, want_errors) = model::build(&services, &slices, &node);
+    let mut services = services;
+    let mut slices = slices;
+    services.iter_mut().for_each(model::trim_service);
+    slices.iter_mut().for_each(model::trim_slice);
+    assert!(slices.iter().all(|s| s.metadata.labels.is_none()));
+    assert!(slices.iter().any(|s| s.service.is_some()));
+    let (got, got_errors) = model::build(&services, &slices, &node);
+    assert_eq!(got, want);
+    assert_eq!(format!("{got_errors:?}"), format!("{want_errors:?}"));
+
+    let mut n: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+        "metadata: {name: node1, labels: {a: b}, annotations: {c: d}}\nstatus:\n  addresses: [{type: InternalIP, address: 172.18.0.2}]\n  images: [{names: [busybox], sizeBytes: 1}]\n",
+    )
+    .expect("node");
+    let want = model::node_addresses(&n).0;
+    model::trim_node(&mut n);
+    assert_eq!(model::node_addresses(&n).0, want);
+    assert!(n.status.as_ref().is_some_and(|s| s.images.is_none()));
+}
+
+/// EndpointSlices are read as [`SliceView`] straight from the API's JSON:
+/// the fields it keeps, `null` lists, and everything else skipped.
+#[test]
+fn slice_view_reads_api_json() {
+    let v: SliceView = serde_json::from_str(
+        r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice",
+            "metadata":{"name":"web-1","namespace":"default","labels":{"kubernetes.io/service-name":"web"},
+                        "managedFields":[{"manager":"x"}]},
+            "addressType":"IPv4","ports":[{"name":"http","port":8080,"protocol":"TCP"}],
+            "endpoints":[{"addresses":["10.244.1.2"],"conditions":{"ready":false,"terminating":true},
+                          "nodeName":"node1","zone":"z","hints":{"forZones":[{"name":"z"}]},
+                          "targetRef":{"kind":"Pod","name":"p"}}]}"#,
+    )
+    .expect("slice");
+    assert_eq!(v.service_name(), Some("web"));
+    assert_eq!(v.address_type, "IPv4");
+    assert_eq!(v.endpoints.len(), 1);
+    assert_eq!(v.endpoints[0].addresses, ["10.244.1.2"]);
+    assert_eq!(v.endpoints[0].node_name.as_deref(), Some("node1"));
+    let c = v.endpoints[0].conditions.as_ref().expect("conditions");
+    assert_eq!((c.ready, c.terminating), (Some(false), Some(true)));
+    let empty: SliceView =
+        serde_json::from_str(r#"{"metadata":{"name":"e"},"addressType":"IPv4","endpoints":null}"#)
+            .expect("null endpoints");
+    assert!(empty.endpoints.is_empty());
 }
