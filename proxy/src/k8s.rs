@@ -25,8 +25,8 @@ use tracing::{debug, warn};
 use crate::model::{self, SliceView, WATCH_LABEL_SELECTOR};
 
 /// EndpointSlices are watched as [`SliceView`]: only the fields the model
-/// reads are deserialized and kept (a tenth of a k8s-openapi
-/// `EndpointSlice`'s memory at 10 endpoints per slice).
+/// reads are deserialized and kept (about 80 bytes an endpoint where a
+/// k8s-openapi `Endpoint` takes 352 before its strings).
 impl Resource for SliceView {
     type DynamicType = ();
     type Scope = k8s_openapi::NamespaceResourceScope;
