@@ -700,18 +700,13 @@ fn dsr_remote_backend_sees_the_client_and_answers_directly() {
             + &service("dsr", "10.96.1.8", 30130, false, &[(p21.ip, "node2")])),
     )
     .expect("objects");
-    let opts = || AgentOptions {
-        args: vec!["--dsr".into()],
-        ..Default::default()
-    };
-    let mut agents = [
-        Agent::start(cluster.node(1), &api, opts()).expect("agent1"),
-        Agent::start(cluster.node(2), &api, opts()).expect("agent2"),
-    ];
-    for a in &mut agents {
-        a.wait_for_log("sync done", Duration::from_secs(10))
-            .expect("synced");
-    }
+    let agents = start_agents_with(
+        DataplaneMode::EbpfTc,
+        &["--dsr"],
+        &cluster,
+        &api,
+        "sync done",
+    );
     let ext = cluster.external();
     let to = SocketAddr::from((cluster.node(1).underlay_ip, 30130));
     wait_up(&ext.ns, to, &agents[0]);
@@ -810,18 +805,8 @@ fn fragmented_udp_reaches_local_and_remote_backends() {
                 )),
         )
         .expect("objects");
-        let opts = || AgentOptions {
-            args: if dsr { vec!["--dsr".into()] } else { vec![] },
-            ..Default::default()
-        };
-        let mut agents = [
-            Agent::start(cluster.node(1), &api, opts()).expect("agent1"),
-            Agent::start(cluster.node(2), &api, opts()).expect("agent2"),
-        ];
-        for a in &mut agents {
-            a.wait_for_log("sync done", Duration::from_secs(10))
-                .expect("synced");
-        }
+        let extra: &[&str] = if dsr { &["--dsr"] } else { &[] };
+        let agents = start_agents_with(DataplaneMode::EbpfTc, extra, &cluster, &api, "sync done");
         let ext = cluster.external();
         let to = SocketAddr::from((cluster.node(1).underlay_ip, 30140));
         wait_up(&ext.ns, to, &agents[0]);

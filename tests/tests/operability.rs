@@ -63,6 +63,20 @@ fn proxyctl_json(agent: &Agent, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("proxyctl {args:?} JSON: {e}\n{out}"))
 }
 
+/// The default cluster with a server on pod-1-2:8080 and the API fixture
+/// holding the nodes and ClusterIP service `web` at `vip` (port 80) with
+/// pod-1-2 as its one endpoint.
+fn web_cluster(vip: &str) -> (Cluster, TcpServer, ApiServer) {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let p12 = cluster.pod(1, 2);
+    let server =
+        TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server");
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(&(cluster.node_objects_yaml() + &cluster_ip("web", vip, &[(p12.ip, "node1")])))
+        .expect("objects");
+    (cluster, server, api)
+}
+
 fn poll<T>(within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + within;
     loop {
@@ -556,15 +570,8 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
 /// counters grow with traffic; /proxyMode says ebpf.
 #[test]
 fn metrics_follow_syncs_and_traffic() {
-    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let (cluster, _server, api) = web_cluster("10.96.6.1");
     let (client, p12) = (cluster.pod(1, 1), cluster.pod(1, 2));
-    let _server =
-        TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server");
-    let api = ApiServer::start().expect("api");
-    api.apply_yaml(
-        &(cluster.node_objects_yaml() + &cluster_ip("web", "10.96.6.1", &[(p12.ip, "node1")])),
-    )
-    .expect("objects");
     let agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
     let ns = &cluster.node(1).ns;
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 10249));
@@ -679,15 +686,8 @@ fn metrics_follow_syncs_and_traffic() {
 /// eBPF services map, our iptables rules, our nftables maps), and
 /// `/proxyMode` names the mode.
 fn kube_proxy_endpoints(mode: DataplaneMode) {
-    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let (cluster, _server, api) = web_cluster("10.96.6.11");
     let (client, p12) = (cluster.pod(1, 1), cluster.pod(1, 2));
-    let _server =
-        TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server");
-    let api = ApiServer::start().expect("api");
-    api.apply_yaml(
-        &(cluster.node_objects_yaml() + &cluster_ip("web", "10.96.6.11", &[(p12.ip, "node1")])),
-    )
-    .expect("objects");
     let agent = Agent::start(
         cluster.node(1),
         &api,

@@ -584,6 +584,22 @@ impl<'a> Bench<'a> {
         );
     }
 
+    /// Records `<prefix>_p50` and `<prefix>_p99` from a `connrate` report's
+    /// `p50_us` and `p99_us`.
+    fn record_percentiles(
+        &mut self,
+        mode: &str,
+        prefix: &str,
+        scale: Option<usize>,
+        repeat: usize,
+        v: &Value,
+    ) {
+        for (q, field) in [("p50", "p50_us"), ("p99", "p99_us")] {
+            let value = v[field].as_f64().unwrap_or(0.0);
+            self.record(mode, &format!("{prefix}_{q}"), scale, repeat, value);
+        }
+    }
+
     fn record(&mut self, mode: &str, key: &str, scale: Option<usize>, repeat: usize, value: f64) {
         let unit = metric(key).map(|m| m.unit).unwrap_or("");
         let r = if self.args.repeat > 1 && metric(key).is_some_and(|m| m.data_path) {
@@ -761,20 +777,7 @@ impl<'a> Bench<'a> {
                         r,
                         v["rate"].as_f64().unwrap_or(0.0),
                     );
-                    self.record(
-                        mode,
-                        "conn_p50",
-                        scale,
-                        r,
-                        v["p50_us"].as_f64().unwrap_or(0.0),
-                    );
-                    self.record(
-                        mode,
-                        "conn_p99",
-                        scale,
-                        r,
-                        v["p99_us"].as_f64().unwrap_or(0.0),
-                    );
+                    self.record_percentiles(mode, "conn", scale, r, &v);
                 }
                 Err(e) => self.fail(mode, "conn_rate", scale, &format!("{e:#}")),
             }
@@ -792,20 +795,7 @@ impl<'a> Bench<'a> {
                 .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?));
             match res {
                 Ok(v) => {
-                    self.record(
-                        mode,
-                        "rr_p50",
-                        scale,
-                        r,
-                        v["p50_us"].as_f64().unwrap_or(0.0),
-                    );
-                    self.record(
-                        mode,
-                        "rr_p99",
-                        scale,
-                        r,
-                        v["p99_us"].as_f64().unwrap_or(0.0),
-                    );
+                    self.record_percentiles(mode, "rr", scale, r, &v);
                 }
                 Err(e) => self.fail(mode, "rr_latency", scale, &format!("{e:#}")),
             }
