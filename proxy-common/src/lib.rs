@@ -14,58 +14,225 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
-/// Map names (also the file names under the pin directory). At most 15
-/// bytes: the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.
+/// How the kernel stores a map ([`MapDef::kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    PerCpuHash,
+    Array,
+    PerCpuArray,
+    LpmTrie,
+}
+
+/// One map, described once: its pinned name, how the kernel stores it, its
+/// key and value types (`K`, `V`) and its default capacity. The kernel
+/// declares its statics from these (`proxy-ebpf`'s `maps.rs`), and the
+/// agent loads, adopts, sizes, dumps and counts every map from
+/// [`maps::ALL`].
+pub struct MapDef<K, V> {
+    /// Name, also the file name under the pin directory. At most 15 bytes:
+    /// the kernel truncates map names to `BPF_OBJ_NAME_LEN - 1`.
+    pub name: &'static str,
+    pub kind: MapKind,
+    /// Default `max_entries` (the agent may override it at load time).
+    pub max_entries: u32,
+    /// `map_flags` (`BPF_F_NO_PREALLOC` ...).
+    pub flags: u32,
+    /// One line on what an entry is, for docs and `proxyctl`.
+    pub doc: &'static str,
+    _types: core::marker::PhantomData<(K, V)>,
+}
+
+impl<K, V> MapDef<K, V> {
+    pub const fn new(
+        name: &'static str,
+        kind: MapKind,
+        max_entries: u32,
+        flags: u32,
+        doc: &'static str,
+    ) -> Self {
+        assert!(
+            name.len() <= 15,
+            "map name longer than BPF_OBJ_NAME_LEN - 1"
+        );
+        MapDef {
+            name,
+            kind,
+            max_entries,
+            flags,
+            doc,
+            _types: core::marker::PhantomData,
+        }
+    }
+
+    /// The untyped description, for code that walks every map.
+    pub const fn info(&self) -> MapInfo {
+        MapInfo {
+            name: self.name,
+            kind: self.kind,
+            max_entries: self.max_entries,
+            flags: self.flags,
+            doc: self.doc,
+            key_size: core::mem::size_of::<K>() as u32,
+            value_size: core::mem::size_of::<V>() as u32,
+        }
+    }
+}
+
+/// [`MapDef`] without its types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub max_entries: u32,
+    pub flags: u32,
+    pub doc: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+}
+
+/// `const` string equality (the kernel side asserts its `#[map(name)]`
+/// literals against the descriptors with it).
+pub const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated on insert.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Every map: the one place that lists them.
 pub mod maps {
-    /// [`super::ServiceKey`] -> [`super::ServiceValue`]: one entry per frontend.
-    pub const SERVICES: &str = "SVC_V4";
-    /// [`super::SlotKey`] -> backend id (`u32`): the frontend's backend list.
-    pub const SLOTS: &str = "SLOTS_V4";
-    /// backend id (`u32`) -> [`super::Backend`].
-    pub const BACKENDS: &str = "BACKENDS_V4";
-    /// frontend id (`u32`) -> [`super::RevNat`]: the address replies must carry.
-    pub const REVNAT: &str = "REVNAT_V4";
-    /// [`super::CtKey`] -> [`super::CtValue`], LRU.
-    pub const CONNTRACK: &str = "CT_V4";
-    /// Per-CPU array of `u64` counters indexed by [`super::stat`].
-    pub const STATS: &str = "STATS";
-    /// [`super::AffinityKey`] -> [`super::AffinityValue`], LRU: ClientIP
-    /// session affinity.
-    pub const AFFINITY: &str = "AFFINITY_V4";
-    /// [`super::SockRevNatKey`] -> [`super::SockRevNatValue`], LRU: what a
-    /// connected-at-connect() UDP socket must see as its peer.
-    pub const SOCK_REVNAT: &str = "SOCK_RNAT_V4";
-    /// frontend id (`u32`) -> [`super::SvcStats`], per-CPU.
-    pub const SVC_STATS: &str = "SVC_STATS";
-    /// Array of one [`super::Config`].
-    pub const CONFIG: &str = "CONFIG";
-    /// [`super::MaglevKey`] -> backend id (`u32`): Maglev lookup tables.
-    pub const MAGLEV: &str = "MAGLEV_V4";
-    /// LPM trie of [`super::SourceRangeKey`] -> `u8` (1): the client ranges
-    /// a frontend with `svc_flags::SOURCE_RANGES` accepts.
-    pub const SOURCE_RANGES: &str = "SRC_RANGES_V4";
-    /// [`super::FragKey`] -> [`super::FragValue`], LRU: the ports of
-    /// fragmented datagrams whose first fragment was translated, so the
-    /// later fragments (which carry no L4 header) follow the same flow.
-    pub const FRAGMENTS: &str = "FRAGS_V4";
+    use super::*;
+
+    pub const SERVICES: MapDef<ServiceKey, ServiceValue> = MapDef::new(
+        "SVC_V4",
+        MapKind::Hash,
+        MAX_SERVICES,
+        0,
+        "frontend (addr, port, proto) -> id, backend count, live slot generation, kind flags, Maglev table",
+    );
+    pub const SLOTS: MapDef<SlotKey, u32> = MapDef::new(
+        "SLOTS_V4",
+        MapKind::Hash,
+        MAX_SLOTS,
+        0,
+        "(frontend id, generation, index) -> backend id",
+    );
+    pub const BACKENDS: MapDef<u32, Backend> = MapDef::new(
+        "BACKENDS_V4",
+        MapKind::Hash,
+        MAX_BACKENDS,
+        0,
+        "backend id -> addr, port, proto, flags (local, terminating)",
+    );
+    pub const REVNAT: MapDef<u32, RevNat> = MapDef::new(
+        "REVNAT_V4",
+        MapKind::Hash,
+        MAX_SERVICES,
+        0,
+        "frontend id -> frontend addr, port (what replies must carry)",
+    );
+    pub const CONNTRACK: MapDef<CtKey, CtValue> = MapDef::new(
+        "CT_V4",
+        MapKind::LruHash,
+        MAX_CONNTRACK,
+        0,
+        "(saddr, daddr, sport, dport, proto, direction) -> backend id, frontend id, last seen, TCP flags, NAT",
+    );
+    pub const AFFINITY: MapDef<AffinityKey, AffinityValue> = MapDef::new(
+        "AFFINITY_V4",
+        MapKind::LruHash,
+        MAX_AFFINITY,
+        0,
+        "(client netns cookie or client IP, frontend id) -> backend id, last used",
+    );
+    pub const AFFINITY_MATCH: MapDef<AffinityMatchKey, u8> = MapDef::new(
+        "AFF_MATCH_V4",
+        MapKind::Hash,
+        MAX_BACKENDS,
+        0,
+        "(frontend id, backend id) -> 1 while the backend is in the frontend's live set (affinity check)",
+    );
+    pub const SOCK_REVNAT: MapDef<SockRevNatKey, SockRevNatValue> = MapDef::new(
+        "SOCK_RNAT_V4",
+        MapKind::LruHash,
+        MAX_SOCK_REVNAT,
+        0,
+        "(socket cookie, backend addr, port) -> frontend addr, port, id (socket LB reverse)",
+    );
+    pub const SVC_STATS: MapDef<u32, SvcStats> = MapDef::new(
+        "SVC_STATS",
+        MapKind::PerCpuHash,
+        MAX_SERVICES,
+        0,
+        "frontend id -> packets, bytes (per CPU)",
+    );
+    pub const CONFIG: MapDef<u32, Config> = MapDef::new(
+        "CONFIG",
+        MapKind::Array,
+        1,
+        0,
+        "0 -> node address for north-south SNAT and DSR, flags",
+    );
+    pub const SOURCE_RANGES: MapDef<SourceRangeKey, u8> = MapDef::new(
+        "SRC_RANGES_V4",
+        MapKind::LpmTrie,
+        MAX_SOURCE_RANGES,
+        0, // LPM tries are always BPF_F_NO_PREALLOC (the loaders add it)
+        "(frontend id, client network) -> 1: the clients a guarded frontend serves",
+    );
+    pub const MAGLEV: MapDef<MaglevKey, u32> = MapDef::new(
+        "MAGLEV_V4",
+        MapKind::Hash,
+        MAX_MAGLEV_SLOTS,
+        BPF_F_NO_PREALLOC,
+        "(Maglev table id, slot) -> backend id; one table per distinct (backends, size)",
+    );
+    pub const FRAGMENTS: MapDef<FragKey, FragValue> = MapDef::new(
+        "FRAGS_V4",
+        MapKind::LruHash,
+        MAX_FRAGMENTS,
+        0,
+        "(saddr, daddr, IP id, proto) of a fragmented datagram -> its ports (from the first fragment)",
+    );
+    pub const STATS: MapDef<u32, u64> = MapDef::new(
+        "STATS",
+        MapKind::PerCpuArray,
+        stat::COUNT,
+        0,
+        "counter index -> count (per CPU): packets, translations, rejects, drops and passes by reason",
+    );
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [&str; 13] = [
-        SERVICES,
-        SLOTS,
-        BACKENDS,
-        REVNAT,
-        CONNTRACK,
-        AFFINITY,
-        SOCK_REVNAT,
-        SVC_STATS,
-        CONFIG,
-        SOURCE_RANGES,
-        MAGLEV,
-        FRAGMENTS,
-        STATS,
+    pub const ALL: [MapInfo; 14] = [
+        SERVICES.info(),
+        SLOTS.info(),
+        BACKENDS.info(),
+        REVNAT.info(),
+        CONNTRACK.info(),
+        AFFINITY.info(),
+        AFFINITY_MATCH.info(),
+        SOCK_REVNAT.info(),
+        SVC_STATS.info(),
+        CONFIG.info(),
+        SOURCE_RANGES.info(),
+        MAGLEV.info(),
+        FRAGMENTS.info(),
+        STATS.info(),
     ];
 }
 
@@ -92,6 +259,9 @@ pub mod progs {
     /// XDP on the node's external interfaces: NodePort, ExternalIP and
     /// LoadBalancer traffic from outside, and its replies.
     pub const XDP_NODEPORT: &str = "xdp_nodeport";
+    /// cgroup sock_release: forget a closing socket's socket-LB reverse
+    /// entry.
+    pub const SOCK_RELEASE: &str = "sock_release";
 }
 
 /// Source address the per-packet path uses for hairpin traffic (a pod
@@ -164,6 +334,18 @@ pub mod svc_flags {
     /// path does not read it; it lets `proxyctl explain` tell "no
     /// endpoints" from "no endpoint on this node" when the count is 0.
     pub const LOCAL_ONLY: u16 = 1 << 5;
+
+    /// The kind bits by the Kubernetes name of the frontend kind (first
+    /// match wins; none set reads as ClusterIP).
+    pub const KIND_NAMES: [(u16, &str); 4] = [
+        (NODE_PORT, "NodePort"),
+        (EXTERNAL_IP, "ExternalIP"),
+        (LOAD_BALANCER, "LoadBalancer"),
+        (CLUSTER_IP, "ClusterIP"),
+    ];
+    /// The other bits, as `proxyctl` prints them.
+    pub const OTHER_NAMES: [(u16, &str); 2] =
+        [(SOURCE_RANGES, "source-ranges"), (LOCAL_ONLY, "local-only")];
 }
 
 /// The data part of a [`maps::SOURCE_RANGES`] LPM key. The LPM prefix
@@ -223,13 +405,20 @@ pub struct ServiceValue {
     /// Maglev table size `M` of this frontend (north-south frontends);
     /// 0: random selection from the slots.
     pub maglev_size: u32,
+    /// [`MaglevKey::table_id`] of the frontend's Maglev table (valid when
+    /// `maglev_size != 0`). Frontends with the same backends and size share
+    /// one table.
+    pub maglev_table: u32,
 }
 
-/// A Maglev table slot of a frontend: [`maps::MAGLEV`] key.
+/// A Maglev table slot: [`maps::MAGLEV`] key.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MaglevKey {
-    pub service_id: u32,
+    /// Table id ([`ServiceValue::maglev_table`]), owned by the agent: one
+    /// table per distinct (backend list, size), shared by the frontends
+    /// that use it and deleted with the last of them.
+    pub table_id: u32,
     /// `flow_hash % M`.
     pub slot: u32,
 }
@@ -255,6 +444,17 @@ pub struct SlotKey {
     pub generation: u16,
     /// 0-based slot, less than the [`ServiceValue::count`] of that generation.
     pub index: u16,
+}
+
+/// [`maps::AFFINITY_MATCH`] key: backend `backend_id` is in the live
+/// backend set of frontend `service_id`. The affinity check is one lookup
+/// for any service size; the agent writes an entry with the slots and
+/// deletes it when the backend leaves the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    pub service_id: u32,
+    pub backend_id: u32,
 }
 
 /// Session affinity: which backend a client was last sent to.
@@ -414,6 +614,17 @@ pub mod ct_flags {
     /// receiving node the SERVICE entry; on the backend's node the REPLY
     /// entry whose `nat_addr`/`nat_port` is the frontend to answer from.
     pub const DSR: u32 = 1 << 6;
+
+    /// Every bit by the name `proxyctl` prints.
+    pub const NAMES: [(u32, &str); 7] = [
+        (TCP_SYN, "syn"),
+        (TCP_FIN, "fin"),
+        (TCP_RST, "rst"),
+        (TCP_ESTABLISHED, "established"),
+        (HAIRPIN, "hairpin"),
+        (SNAT, "snat"),
+        (DSR, "dsr"),
+    ];
 }
 
 /// Node-wide settings the agent writes into [`maps::CONFIG`] (index 0).
@@ -490,8 +701,11 @@ pub mod stat {
     /// dropped, and answered with ICMP "fragmentation needed" (next-hop MTU
     /// less 8) when they carry DF, so the client's path MTU adapts.
     pub const DROP_DSR_MTU: u32 = 19;
+    /// North-south SNAT found no free node port for a (node, backend) pair
+    /// within its bounded probe: the new flow is dropped.
+    pub const DROP_SNAT_EXHAUSTED: u32 = 20;
     /// Number of counters.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Counter names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -515,12 +729,14 @@ pub mod stat {
         "drop_source_range",
         "frag_matched",
         "drop_dsr_mtu",
+        "drop_snat_exhausted",
     ];
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<ServiceValue>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 24);
+    assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
@@ -560,6 +776,7 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
 }
@@ -622,3 +839,145 @@ impl CtKey {
         )
     }
 }
+
+/// Decoders: what `proxyctl`, the dump and the agent read out of map
+/// entries, as typed values (the one place that knows each field's byte
+/// order and each flag bit's name).
+#[cfg(feature = "user")]
+mod decode {
+    use core::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+
+    fn ip(addr: u32) -> Ipv4Addr {
+        Ipv4Addr::from(addr.to_ne_bytes())
+    }
+
+    fn sock(addr: u32, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(ip(addr), u16::from_be(port))
+    }
+
+    /// Names of the bits of `flags` set in `bits`, in table order.
+    fn names<T: Copy + core::ops::BitAnd<Output = T> + PartialEq + Default>(
+        table: &'static [(T, &'static str)],
+        bits: T,
+    ) -> impl Iterator<Item = &'static str> {
+        table
+            .iter()
+            .filter(move |(b, _)| bits & *b != T::default())
+            .map(|(_, n)| *n)
+    }
+
+    /// `TCP`, `UDP`, `SCTP`; None for other protocol numbers.
+    pub fn proto_name(p: u8) -> Option<&'static str> {
+        match p {
+            proto::TCP => Some("TCP"),
+            proto::UDP => Some("UDP"),
+            proto::SCTP => Some("SCTP"),
+            _ => None,
+        }
+    }
+
+    impl ServiceValue {
+        /// `ClusterIP`, `NodePort`, `ExternalIP` or `LoadBalancer`.
+        pub fn kind_name(&self) -> &'static str {
+            svc_flags::KIND_NAMES
+                .iter()
+                .find(|(b, _)| self.flags & b != 0)
+                .map(|(_, n)| *n)
+                .unwrap_or("ClusterIP")
+        }
+        /// Names of the non-kind flag bits set: `source-ranges`, `local-only`.
+        pub fn flag_names(&self) -> impl Iterator<Item = &'static str> {
+            names(&svc_flags::OTHER_NAMES, self.flags)
+        }
+        pub fn local_only(&self) -> bool {
+            self.flags & svc_flags::LOCAL_ONLY != 0
+        }
+        pub fn has_source_ranges(&self) -> bool {
+            self.flags & svc_flags::SOURCE_RANGES != 0
+        }
+    }
+
+    impl Backend {
+        pub fn is_terminating(&self) -> bool {
+            self.flags & backend_flags::TERMINATING != 0
+        }
+        pub fn is_local(&self) -> bool {
+            self.flags & backend_flags::LOCAL != 0
+        }
+    }
+
+    impl RevNat {
+        /// The frontend replies must carry.
+        pub fn frontend(&self) -> SocketAddrV4 {
+            sock(self.addr, self.port)
+        }
+    }
+
+    impl CtKey {
+        pub fn is_reply(&self) -> bool {
+            self.dir == ct_dir::REPLY
+        }
+    }
+
+    impl CtValue {
+        /// Names of the flag bits set: syn, fin, rst, established, hairpin,
+        /// snat, dsr.
+        pub fn flag_names(&self) -> impl Iterator<Item = &'static str> {
+            names(&ct_flags::NAMES, self.flags)
+        }
+        /// SNAT/DSR address (see the field); None when not NATed.
+        pub fn nat(&self) -> Option<SocketAddrV4> {
+            (self.nat_addr != 0).then(|| sock(self.nat_addr, self.nat_port))
+        }
+    }
+
+    impl AffinityKey {
+        /// The per-packet path's client IP (None: socket path).
+        pub fn client_ip(&self) -> Option<Ipv4Addr> {
+            (self.client_netns == 0).then(|| ip(self.client_addr))
+        }
+    }
+
+    impl SockRevNatKey {
+        pub fn backend(&self) -> SocketAddrV4 {
+            sock(self.addr, self.port)
+        }
+    }
+
+    impl SockRevNatValue {
+        pub fn frontend(&self) -> SocketAddrV4 {
+            sock(self.addr, self.port)
+        }
+    }
+
+    impl SourceRangeKey {
+        pub fn service_id(&self) -> u32 {
+            u32::from_be(self.service_id_be)
+        }
+        pub fn ip(&self) -> Ipv4Addr {
+            ip(self.addr)
+        }
+    }
+
+    impl FragKey {
+        /// Source and destination with the ports of `v`.
+        pub fn endpoints(&self, v: &FragValue) -> (SocketAddrV4, SocketAddrV4) {
+            (sock(self.saddr, v.sport), sock(self.daddr, v.dport))
+        }
+        pub fn ip_id(&self) -> u16 {
+            u16::from_be(self.id)
+        }
+    }
+
+    impl Config {
+        /// The node address; None when not configured.
+        pub fn node_ip(&self) -> Option<Ipv4Addr> {
+            (self.node_addr != 0).then(|| ip(self.node_addr))
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use decode::proto_name;
