@@ -2,13 +2,14 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key as LpmKey};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, MAGLEV_FLOW_SEED, MaglevKey, ServiceValue, SlotKey,
-    SourceRangeKey, stat, svc_flags,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, MAGLEV_FLOW_SEED, MaglevKey,
+    ServiceValue, SlotKey, SourceRangeKey, stat, svc_flags,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MAGLEV, SLOTS, SOURCE_RANGES, count},
-    packet::Error,
+    error::Error,
+    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, SLOTS, SOURCE_RANGES, count},
+    tuple::Tuple,
 };
 
 /// `loadBalancerSourceRanges`: a frontend flagged `SOURCE_RANGES` serves
@@ -31,15 +32,6 @@ pub fn check_source(svc: &ServiceValue, saddr: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// A flow's tuple as on the wire (addresses and ports raw, network order).
-pub struct Flow {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-}
-
 #[inline(always)]
 fn mixk(k: u32) -> u32 {
     k.wrapping_mul(0xcc9e_2d51)
@@ -50,7 +42,7 @@ fn mixk(k: u32) -> u32 {
 /// MurmurHash3 x86_32 over saddr, daddr, sport, dport (13 bytes with the
 /// protocol), exactly as `proxy::maglev::flow_hash`.
 #[inline(always)]
-pub fn flow_hash(f: &Flow) -> u32 {
+pub fn flow_hash(f: &Tuple<u32>) -> u32 {
     let mut h = MAGLEV_FLOW_SEED;
     let ports = f.sport as u32 | (f.dport as u32) << 16;
     for k in [f.saddr, f.daddr, ports] {
@@ -72,18 +64,18 @@ pub fn flow_hash(f: &Flow) -> u32 {
 #[inline(always)]
 pub fn select_flow(
     svc: &ServiceValue,
-    flow: &Flow,
+    flow: &Tuple<u32>,
     client: AffinityKey,
     now: u64,
 ) -> Result<(u32, Backend), Error> {
     if svc.maglev_size != 0 && svc.affinity_timeout == 0 {
         let key = MaglevKey {
-            service_id: svc.id,
+            table_id: svc.maglev_table,
             slot: flow_hash(flow) % svc.maglev_size,
         };
         // SAFETY: values copied out at once.
-        if let Some(id) = unsafe { MAGLEV.get(&key) }.copied()
-            && let Some(b) = unsafe { BACKENDS.get(&id) }.copied()
+        if let Some(id) = unsafe { MAGLEV.get(key) }.copied()
+            && let Some(b) = unsafe { BACKENDS.get(id) }.copied()
         {
             return Ok((id, b));
         }
@@ -95,21 +87,21 @@ pub fn select_flow(
 /// fresh and still exists, otherwise a random slot of the live generation.
 #[inline(always)]
 pub fn select(svc: &ServiceValue, client: AffinityKey, now: u64) -> Result<(u32, Backend), Error> {
-    if svc.affinity_timeout != 0 {
-        if let Some(a) = AFFINITY.get_ptr_mut(&client) {
-            // SAFETY: pointer from a successful lookup; plain integers.
-            let (last, id) = unsafe { ((*a).last_used_ns, (*a).backend_id) };
-            let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
-            if now.wrapping_sub(last) < timeout
+    if svc.affinity_timeout != 0
+        && let Some(a) = AFFINITY.get_ptr_mut(client)
+    {
+        // SAFETY: pointer from a successful lookup; plain integers.
+        let (last, id) = unsafe { ((*a).last_used_ns, (*a).backend_id) };
+        let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
+        if now.wrapping_sub(last) < timeout
                 // SAFETY: copied out at once.
-                && let Some(b) = unsafe { BACKENDS.get(&id) }.copied()
+                && let Some(b) = unsafe { BACKENDS.get(id) }.copied()
                 && is_slot_member(svc, id)
-            {
-                // SAFETY: as above.
-                unsafe { (*a).last_used_ns = now };
-                count(stat::AFFINITY_HIT);
-                return Ok((id, b));
-            }
+        {
+            // SAFETY: as above.
+            unsafe { (*a).last_used_ns = now };
+            count(stat::AFFINITY_HIT);
+            return Ok((id, b));
         }
     }
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
@@ -120,35 +112,28 @@ pub fn select(svc: &ServiceValue, client: AffinityKey, now: u64) -> Result<(u32,
         index: (r % svc.count as u32) as u16,
     };
     // SAFETY: values are copied out at once.
-    let id = unsafe { SLOTS.get(&slot) }.copied().ok_or(Error::NoSlot)?;
-    let b = unsafe { BACKENDS.get(&id) }.copied().ok_or(Error::NoSlot)?;
+    let id = unsafe { SLOTS.get(slot) }.copied().ok_or(Error::NoSlot)?;
+    let b = unsafe { BACKENDS.get(id) }.copied().ok_or(Error::NoSlot)?;
     if svc.affinity_timeout != 0 {
         let v = AffinityValue {
             last_used_ns: now,
             backend_id: id,
             _pad: 0,
         };
-        let _ = AFFINITY.insert(&client, &v, 0);
+        let _ = AFFINITY.insert(client, v, 0);
     }
     Ok((id, b))
 }
 
-/// Whether backend `id` is still among the frontend's live slots (a backend
-/// that left this service may live on for another one). Bounded scan.
+/// Whether backend `id` is still in the frontend's live backend set (a
+/// backend that left this service may live on for another one): one lookup
+/// in the membership map the agent keeps with the slots, for any size.
 #[inline(always)]
 fn is_slot_member(svc: &ServiceValue, id: u32) -> bool {
-    let n = if svc.count > 64 { 64 } else { svc.count };
-    for index in 0..n {
-        let slot = SlotKey {
-            service_id: svc.id,
-            generation: svc.generation as u16,
-            index,
-        };
-        // SAFETY: copied out at once.
-        if unsafe { SLOTS.get(&slot) }.copied() == Some(id) {
-            return true;
-        }
-    }
-    // Large services: trust that the backend exists.
-    svc.count > 64
+    let key = AffinityMatchKey {
+        service_id: svc.id,
+        backend_id: id,
+    };
+    // SAFETY: only presence is read.
+    unsafe { AFFINITY_MATCH.get(key) }.is_some()
 }

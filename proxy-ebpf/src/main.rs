@@ -1,24 +1,44 @@
 //! Kernel side of the service proxy.
 //!
-//! * [`tc`]: the per-packet path on pods' host interfaces (DNAT, conntrack,
-//!   reverse NAT, reject, hairpin, affinity).
+//! Programs, one module per hook:
+//! * [`pod`]: tc on pods' host interfaces (DNAT, conntrack, reverse NAT,
+//!   reject, hairpin, affinity).
+//! * [`netdev`]: tc on the node's external interfaces (north-south
+//!   rewrites that need the skb: SNAT, DSR, reject).
+//! * [`xdp`]: XDP on the external interfaces (decides north-south flows,
+//!   DNATs local backends).
 //! * [`sock`]: socket LB, cgroup hooks translating at connect() time.
-//! * [`xdp`]: NodePort / ExternalIP / LoadBalancer from outside.
+//!
+//! Shared by the per-packet programs:
+//! * [`ctx`]: one packet view over tc and XDP contexts; [`hdr`]: header
+//!   layouts and constants; [`packet`]: the parser and NAT rewrites;
+//!   [`tuple`]: the 5-tuple and the map keys built from it; [`flow`]:
+//!   conntrack lookups and the one flow-start path; [`lb`]: backend
+//!   selection; [`frag`]: fragments; [`dsr`]: direct server return;
+//!   [`reject`]: RST / ICMP answers; [`error`]: why a packet was not
+//!   translated (a counter and a verdict each).
 //!
 //! Anything that is not IPv4 TCP/UDP, or is malformed, truncated or carries
 //! IP options, passes untouched and is counted. Fragmented datagrams of
 //! service flows are translated whole: the later fragments follow their
-//! first fragment (see `packet::Frag`).
+//! first fragment (see [`frag`]).
 #![no_std]
 #![no_main]
 
+mod ctx;
+mod dsr;
+mod error;
+mod flow;
+mod frag;
+mod hdr;
 mod lb;
 mod maps;
-mod nodeport;
+mod netdev;
 mod packet;
+mod pod;
 mod reject;
 mod sock;
-mod tc;
+mod tuple;
 mod xdp;
 
 #[cfg(not(test))]

@@ -1,4 +1,4 @@
-//! The maps, declared once with the names and layouts from `proxy-common`.
+//! The maps, declared from their `proxy-common` descriptors.
 //! All are pinned by name so a restarted agent finds them again.
 
 use aya_ebpf::{
@@ -6,52 +6,36 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_MAGLEV_SLOTS, MAX_SERVICES, MAX_SLOTS,
-    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats, stat,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey,
+    FragValue, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
+    SockRevNatValue, SourceRangeKey, SvcStats, maps as def, str_eq,
 };
 
-#[map(name = "SVC_V4")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+/// Declares a map static from its `proxy_common::maps` descriptor. The
+/// `#[map(name)]` attribute needs a literal: it is checked against the
+/// descriptor's name at compile time.
+macro_rules! map_from_def {
+    ($name:literal, $static:ident: $ty:ty = $def:expr) => {
+        const _: () = assert!(str_eq($name, $def.name));
+        #[map(name = $name)]
+        pub static $static: $ty = <$ty>::pinned($def.max_entries, $def.flags);
+    };
+}
 
-#[map(name = "SLOTS_V4")]
-pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, 0);
-
-#[map(name = "BACKENDS_V4")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
-
-#[map(name = "REVNAT_V4")]
-pub static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(MAX_SERVICES, 0);
-
-#[map(name = "CT_V4")]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
-
-#[map(name = "AFFINITY_V4")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
-
-#[map(name = "SOCK_RNAT_V4")]
-pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
-    LruHashMap::pinned(MAX_SOCK_REVNAT, 0);
-
-#[map(name = "SVC_STATS")]
-pub static SVC_STATS: PerCpuHashMap<u32, SvcStats> = PerCpuHashMap::pinned(MAX_SERVICES, 0);
-
-#[map(name = "CONFIG")]
-pub static CONFIG: Array<Config> = Array::pinned(1, 0);
-
-#[map(name = "SRC_RANGES_V4")]
-pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
-
-#[map(name = "MAGLEV_V4")]
-pub static MAGLEV: HashMap<MaglevKey, u32> =
-    HashMap::pinned(MAX_MAGLEV_SLOTS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
-
-#[map(name = "FRAGS_V4")]
-pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
-
-#[map(name = "STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+map_from_def!("SVC_V4", SERVICES: HashMap<ServiceKey, ServiceValue> = def::SERVICES);
+map_from_def!("SLOTS_V4", SLOTS: HashMap<SlotKey, u32> = def::SLOTS);
+map_from_def!("BACKENDS_V4", BACKENDS: HashMap<u32, Backend> = def::BACKENDS);
+map_from_def!("REVNAT_V4", REVNAT: HashMap<u32, RevNat> = def::REVNAT);
+map_from_def!("CT_V4", CONNTRACK: LruHashMap<CtKey, CtValue> = def::CONNTRACK);
+map_from_def!("AFFINITY_V4", AFFINITY: LruHashMap<AffinityKey, AffinityValue> = def::AFFINITY);
+map_from_def!("AFF_MATCH_V4", AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> = def::AFFINITY_MATCH);
+map_from_def!("SOCK_RNAT_V4", SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> = def::SOCK_REVNAT);
+map_from_def!("SVC_STATS", SVC_STATS: PerCpuHashMap<u32, SvcStats> = def::SVC_STATS);
+map_from_def!("CONFIG", CONFIG: Array<Config> = def::CONFIG);
+map_from_def!("SRC_RANGES_V4", SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = def::SOURCE_RANGES);
+map_from_def!("MAGLEV_V4", MAGLEV: HashMap<MaglevKey, u32> = def::MAGLEV);
+map_from_def!("FRAGS_V4", FRAGMENTS: LruHashMap<FragKey, FragValue> = def::FRAGMENTS);
+map_from_def!("STATS", STATS: PerCpuArray<u64> = def::STATS);
 
 /// Bump a per-CPU counter (no atomics needed: the slot is this CPU's).
 #[inline(always)]
@@ -67,7 +51,7 @@ pub fn count(index: u32) {
 /// packet simply goes uncounted.
 #[inline(always)]
 pub fn account(service_id: u32, bytes: u64) {
-    if let Some(s) = SVC_STATS.get_ptr_mut(&service_id) {
+    if let Some(s) = SVC_STATS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU value, valid pointer from a successful lookup.
         unsafe {
             (*s).packets += 1;

@@ -6,12 +6,14 @@
 //!   backend: the call fails with ECONNREFUSED.
 //! * recvmsg4 / getpeername4: the backend a socket was pointed at shows as
 //!   the frontend, from the LRU keyed by socket cookie.
+//! * sock_release: a closing socket's reverse entry goes with it (keyed by
+//!   its cookie and its peer, the backend connect() pointed it at).
 
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
     AffinityKey, ServiceKey, SockRevNatKey, SockRevNatValue, proto, stat, svc_flags,
@@ -48,6 +50,30 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// A socket is going away: forget its reverse entry. Only a connected
+/// socket has a peer; an unconnected UDP socket's `sendmsg4` entries (one
+/// per backend it sent to) are left to the LRU.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run; plain
+    // fields read as copies.
+    let (addr, port) = unsafe { ((*ctx.sock).dst_ip4, (*ctx.sock).dst_port) };
+    if addr != 0 {
+        // SAFETY: helper on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // `dst_ip4` and `dst_port` are in network order, as connect4 stored
+        // the backend (`user_port`'s low 16 bits).
+        let key = SockRevNatKey {
+            cookie,
+            addr,
+            port,
+            _pad: 0,
+        };
+        let _ = SOCK_REVNAT.remove(key);
+    }
+    ALLOW
+}
+
 #[inline(always)]
 fn translate(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
@@ -65,7 +91,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         scope: 0,
     };
     // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
         return ALLOW;
     };
     if svc.flags & svc_flags::SOURCE_RANGES != 0 {
@@ -107,7 +133,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
         service_id: svc.id,
     };
-    let _ = SOCK_REVNAT.insert(&rev_key, &rev, 0);
+    let _ = SOCK_REVNAT.insert(rev_key, rev, 0);
     sa.user_ip4 = backend.addr;
     sa.user_port = backend.port as u32;
     account(svc.id, 0);
@@ -128,7 +154,7 @@ fn reverse(ctx: &SockAddrContext) {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    if let Some(rev) = (unsafe { SOCK_REVNAT.get(&key) }).copied() {
+    if let Some(rev) = (unsafe { SOCK_REVNAT.get(key) }).copied() {
         sa.user_ip4 = rev.addr;
         sa.user_port = rev.port as u32;
     }
