@@ -1,5 +1,5 @@
 //! Builds the eBPF object (`proxy-ebpf`, nightly + bpf-linker) into OUT_DIR
-//! so `src/ebpf_object.rs` can embed it.
+//! as `proxy`, which `src/dataplane/ebpf.rs` embeds (`EBPF_OBJECT`).
 //!
 //! Under clippy, or with `PROXY_SKIP_EBPF=1`, an empty object is written
 //! instead so checks stay cheap; the agent then refuses to start with a

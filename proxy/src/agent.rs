@@ -39,11 +39,64 @@ pub struct Synced {
     pub owners: BTreeMap<String, String>,
 }
 
+/// Agent limits a sync enforces on what objects ask for.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `--maglev-max-table-size`: the largest Maglev table size a Service
+    /// may ask for with [`model::ANNOTATION_MAGLEV_TABLE_SIZE`].
+    pub maglev_max_table_size: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            maglev_max_table_size: crate::maglev::DEFAULT_MAX_ANNOTATED_SIZE,
+        }
+    }
+}
+
+/// Service ports asking for a Maglev table larger than `max` get the
+/// default size instead; one error per Service.
+pub fn cap_maglev_sizes(table: &mut model::ServiceTable, max: u32) -> Vec<ModelError> {
+    let mut errors: Vec<ModelError> = Vec::new();
+    for (name, port) in table.services.iter_mut() {
+        let Some(size) = port.maglev_table_size.filter(|s| *s > max) else {
+            continue;
+        };
+        port.maglev_table_size = None;
+        let object = format!("{}/{}", name.namespace, name.name);
+        if errors.iter().any(|e| e.object == object) {
+            continue;
+        }
+        errors.push(ModelError {
+            kind: "Service",
+            object,
+            field: format!(
+                "metadata.annotations[{}]",
+                model::ANNOTATION_MAGLEV_TABLE_SIZE
+            ),
+            value: size.to_string(),
+            reason: format!(
+                "larger than --maglev-max-table-size {max}; the default table size is used"
+            ),
+        });
+    }
+    errors
+}
+
+/// The address north-south flows to remote backends are SNATed to (and
+/// DSR answers from): the node's first address, as the Node object lists
+/// it now.
+pub fn node_address(node: &NodeContext) -> Option<std::net::Ipv4Addr> {
+    node.addresses.first().copied()
+}
+
 /// One sync: read the stores, build the desired table, apply the diff.
 pub fn sync_once<D: Dataplane>(
     dp: &mut D,
     stores: &Stores,
     node: &NodeContext,
+    limits: &Limits,
 ) -> Result<Synced, D::Error> {
     let services = stores.services.state();
     let slices = stores.slices.state();
@@ -54,12 +107,16 @@ pub fn sync_once<D: Dataplane>(
         node.addresses = addresses;
         errors.extend(errs);
     }
-    let (table, errs) = model::build(
+    let (mut table, errs) = model::build(
         services.iter().map(|s| s.as_ref()),
         slices.iter().map(|s| s.as_ref()),
         &node,
     );
     errors.extend(errs);
+    errors.extend(cap_maglev_sizes(&mut table, limits.maglev_max_table_size));
+    // The node address follows the Node object (before frontends that
+    // may need it for SNAT).
+    dp.set_node_address(node_address(&node))?;
     let desired = LbTable::from_services(&table, &node);
     let changes = diff(&dp.programmed(), &desired);
     let endpoints: std::collections::BTreeSet<_> = desired
@@ -103,6 +160,7 @@ pub struct RunOptions {
     pub telemetry: Arc<Telemetry>,
     /// Kubernetes Events for objects that cannot be programmed.
     pub events: Option<EventRecorder>,
+    pub limits: Limits,
 }
 
 /// Run until `shutdown` resolves.
@@ -132,7 +190,7 @@ pub async fn run<D: Dataplane>(
             last_sync = start;
             // Every change queued so far is in the stores this sync reads.
             stores.watch_health.take_pending();
-            failed = match sync_once(&mut dp, &stores, &node) {
+            failed = match sync_once(&mut dp, &stores, &node, &opts.limits) {
                 Ok(s) => {
                     if s.changes > 0 {
                         info!(elapsed_ms = start.elapsed().as_millis() as u64, "sync done");
@@ -179,5 +237,79 @@ pub async fn run<D: Dataplane>(
                 dirty = failed || last_sync.elapsed() >= opts.sync_period;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServicePort, ServicePortName, ServiceTable, ServiceType};
+
+    fn port(name: &str, port: &str, size: Option<u32>) -> (ServicePortName, ServicePort) {
+        let n = ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: port.into(),
+            protocol: Protocol::Tcp,
+        };
+        let p = ServicePort {
+            name: n.clone(),
+            service_type: ServiceType::NodePort,
+            cluster_ips: vec![],
+            port: 80,
+            node_port: Some(30080),
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            affinity_timeout: None,
+            external_policy_local: false,
+            internal_policy_local: false,
+            health_check_node_port: None,
+            source_ranges: vec![],
+            maglev_table_size: size,
+            endpoints: vec![],
+        };
+        (n, p)
+    }
+
+    #[test]
+    fn maglev_sizes_above_the_flag_are_reported_once_per_service_and_dropped() {
+        let mut t = ServiceTable::default();
+        t.services.extend([
+            port("big", "http", Some(65_537)),
+            port("big", "https", Some(65_537)),
+            port("ok", "", Some(251)),
+        ]);
+        let errors = cap_maglev_sizes(&mut t, 16_381);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0];
+        assert_eq!(e.object, "default/big");
+        assert_eq!(
+            e.field,
+            "metadata.annotations[kube-proxy-ebpf.io/maglev-table-size]"
+        );
+        assert_eq!(e.value, "65537");
+        assert!(e.reason.contains("--maglev-max-table-size 16381"), "{e:?}");
+        let sizes: Vec<Option<u32>> = t.services.values().map(|p| p.maglev_table_size).collect();
+        assert_eq!(sizes, vec![None, None, Some(251)], "default size instead");
+        // At the limit is fine.
+        let mut t = ServiceTable::default();
+        t.services.extend([port("edge", "", Some(16_381))]);
+        assert!(cap_maglev_sizes(&mut t, 16_381).is_empty());
+    }
+
+    #[test]
+    fn the_node_address_is_the_nodes_first() {
+        let node = NodeContext {
+            addresses: vec![
+                std::net::Ipv4Addr::new(172, 18, 0, 3),
+                std::net::Ipv4Addr::new(192, 0, 2, 1),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            node_address(&node),
+            Some(std::net::Ipv4Addr::new(172, 18, 0, 3))
+        );
+        assert_eq!(node_address(&NodeContext::default()), None);
     }
 }

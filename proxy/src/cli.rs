@@ -123,6 +123,16 @@ pub struct Args {
     /// Maglev off (random selection).
     #[arg(long, default_value_t = crate::maglev::DEFAULT_TABLE_SIZE)]
     pub maglev_table_size: u32,
+    /// Largest Maglev table size a Service may ask for with the
+    /// `kube-proxy-ebpf.io/maglev-table-size` annotation; larger requests
+    /// are reported (Event, log) and get --maglev-table-size.
+    #[arg(long, default_value_t = crate::maglev::DEFAULT_MAX_ANNOTATED_SIZE)]
+    pub maglev_max_table_size: u32,
+    /// Capacity of the Maglev slot map (`MAGLEV_V4`, entries over all
+    /// distinct tables: a table of size M takes M). Takes effect on a fresh
+    /// pin directory (`--cleanup`, or a layout change).
+    #[arg(long, default_value_t = proxy_common::maps::MAGLEV.max_entries)]
+    pub maglev_map_max: u32,
     /// The pod network(s), comma-separated CIDRs (kube-proxy's
     /// --cluster-cidr). Validated; the eBPF mode never masquerades
     /// east-west traffic, so it does not need it to tell pod traffic

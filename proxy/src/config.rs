@@ -52,6 +52,8 @@ pub struct FileConfig {
     pub devices: Option<Vec<String>>,
     pub xdp_mode: Option<XdpMode>,
     pub maglev_table_size: Option<u32>,
+    pub maglev_max_table_size: Option<u32>,
+    pub maglev_map_max: Option<u32>,
     pub dsr: Option<bool>,
     pub source_ranges_all: Option<bool>,
     pub log_format: Option<LogFormat>,
@@ -126,6 +128,12 @@ impl Reader<'_> {
                 .collect(),
             _ => Err(self.err(field, v, "must be a list of strings")),
         }
+    }
+
+    fn number(&self, field: &str, v: &Value) -> Result<u32, ConfigError> {
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| self.err(field, v, "must be a number"))
     }
 
     fn boolean(&self, field: &str, v: &Value) -> Result<bool, ConfigError> {
@@ -242,6 +250,20 @@ pub fn parse(path: &Path, text: &str) -> Result<(FileConfig, Vec<String>), Confi
                             }
                             c.maglev_table_size = Some(n);
                         }
+                        "maglevMaxTableSize" => {
+                            let n = r.number(f, ev)?;
+                            if n == 0 || n > crate::maglev::MAX_TABLE_SIZE {
+                                return Err(r.err(f, ev, "must be between 1 and 1048576"));
+                            }
+                            c.maglev_max_table_size = Some(n);
+                        }
+                        "maglevMapMax" => {
+                            let n = r.number(f, ev)?;
+                            if n == 0 {
+                                return Err(r.err(f, ev, "must be at least 1"));
+                            }
+                            c.maglev_map_max = Some(n);
+                        }
                         "dsr" => c.dsr = Some(r.boolean(f, ev)?),
                         "sourceRangesAll" => c.source_ranges_all = Some(r.boolean(f, ev)?),
                         "logFormat" => c.log_format = Some(r.choice(f, ev)?),
@@ -302,6 +324,8 @@ pub fn merge(args: &mut Args, file: FileConfig, explicit: impl Fn(&str) -> bool)
     take!(devices);
     take!(xdp_mode);
     take!(maglev_table_size);
+    take!(maglev_max_table_size);
+    take!(maglev_map_max);
     take!(dsr);
     take!(source_ranges_all);
     take!(log_format);
@@ -357,6 +381,8 @@ kubeProxyEbpf:
   socketLB: false
   xdpMode: generic
   maglevTableSize: 251
+  maglevMaxTableSize: 4099
+  maglevMapMax: 100000
   dsr: true
   logFormat: json
 "#;
@@ -378,6 +404,8 @@ kubeProxyEbpf:
         );
         assert_eq!(c.xdp_mode, Some(XdpMode::Generic));
         assert_eq!(c.maglev_table_size, Some(251));
+        assert_eq!(c.maglev_max_table_size, Some(4099));
+        assert_eq!(c.maglev_map_max, Some(100_000));
         assert_eq!(c.socket_lb, Some(false));
         assert_eq!(c.log_format, Some(LogFormat::Json));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
@@ -396,6 +424,12 @@ kubeProxyEbpf:
         assert!(
             e.to_string()
                 .contains("field mode = \"userspace\": must be one of ebpf"),
+            "{e}"
+        );
+        let e = parse(p, &with("kubeProxyEbpf:\n  maglevMaxTableSize: 0")).expect_err("zero");
+        assert!(
+            e.to_string()
+                .contains("kubeProxyEbpf.maglevMaxTableSize = 0: must be between 1 and 1048576"),
             "{e}"
         );
         let e = parse(p, &with("kubeProxyEbpf:\n  maglevTableSize: 100")).expect_err("not prime");

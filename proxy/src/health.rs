@@ -11,12 +11,13 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    task::JoinHandle,
+use axum::{
+    Router,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
 };
-use tracing::{debug, info, warn};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
 
 use crate::model::ServiceTable;
 
@@ -60,8 +61,9 @@ pub fn desired(table: &ServiceTable) -> BTreeMap<u16, ServiceHealth> {
         .collect()
 }
 
-/// The HTTP response for a health state.
-pub fn response(h: &ServiceHealth) -> String {
+/// Status and JSON body for a health state, as kube-proxy answers (any
+/// path): 200 with a ready local endpoint, 503 without.
+pub fn answer(h: &ServiceHealth) -> (StatusCode, String) {
     let body = serde_json::json!({
         "service": {"namespace": h.namespace, "name": h.name},
         "localEndpoints": h.local_endpoints,
@@ -69,14 +71,39 @@ pub fn response(h: &ServiceHealth) -> String {
     })
     .to_string();
     let status = if h.local_endpoints > 0 {
-        "200 OK"
+        StatusCode::OK
     } else {
-        "503 Service Unavailable"
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+    (status, body)
+}
+
+type State = Arc<RwLock<BTreeMap<u16, ServiceHealth>>>;
+
+/// The router of one health-check port: every path answers [`answer`] for
+/// the port's current state.
+pub fn router(state: State, port: u16) -> Router {
+    Router::new().fallback(move || {
+        let state = state.clone();
+        async move {
+            let h = state
+                .read()
+                .ok()
+                .and_then(|s| s.get(&port).cloned())
+                .unwrap_or_default();
+            let (status, body) = answer(&h);
+            let r: Response = (
+                status,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                ],
+                body,
+            )
+                .into_response();
+            r
+        }
+    })
 }
 
 /// The listeners, one per health-check port, kept in line with the table.
@@ -110,39 +137,21 @@ impl HealthServers {
             match TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await {
                 Ok(listener) => {
                     info!(port, "health-check node port open");
-                    let state = self.state.clone();
-                    self.listeners
-                        .insert(port, tokio::spawn(serve(listener, port, state)));
+                    // The same HTTP stack and bounds as /healthz.
+                    let router = router(self.state.clone(), port);
+                    self.listeners.insert(
+                        port,
+                        tokio::spawn(async move {
+                            if let Err(e) = crate::http::serve(listener, router).await {
+                                warn!(port, error = %e, "health-check node port failed");
+                            }
+                        }),
+                    );
                 }
                 // Retried on the next sync.
                 Err(e) => warn!(port, error = %e, "cannot open health-check node port"),
             }
         }
-    }
-}
-
-async fn serve(listener: TcpListener, port: u16, state: Arc<RwLock<BTreeMap<u16, ServiceHealth>>>) {
-    loop {
-        let Ok((mut conn, peer)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            // Read (and ignore) the request head; the answer does not
-            // depend on the path, as with kube-proxy.
-            let mut buf = [0u8; 1024];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
-            let h = state
-                .read()
-                .ok()
-                .and_then(|s| s.get(&port).cloned())
-                .unwrap_or_default();
-            if let Err(e) = conn.write_all(response(&h).as_bytes()).await {
-                debug!(%peer, error = %e, "health-check reply failed");
-            }
-            let _ = conn.shutdown().await;
-        });
     }
 }
 
@@ -157,12 +166,13 @@ mod tests {
             name: "web".into(),
             local_endpoints: 2,
         };
-        let r = response(&h);
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
-        assert!(r.ends_with(
+        let (status, body) = answer(&h);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
             r#"{"localEndpoints":2,"service":{"name":"web","namespace":"default"},"serviceProxyHealthy":true}"#
-        ));
+        );
         h.local_endpoints = 0;
-        assert!(response(&h).starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert_eq!(answer(&h).0, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -13,8 +13,12 @@ use proxy_common::{ct_flags, stat};
 use serde::Serialize;
 
 use crate::{
+    lb::FrontendKind,
     maglev,
-    maps::{Addr, BackendEntry, CtEntry, Dump, MaglevSource, ServiceEntry},
+    maps::{
+        Addr, AffinityClient, BackendEntry, Cidr, CtEntry, Direction, Dump, MaglevSource, Proto,
+        ServiceEntry, kind_name, ser_kind,
+    },
     model::Protocol,
 };
 
@@ -77,13 +81,60 @@ impl FromStr for Client {
 // services
 // ---------------------------------------------------------------------------
 
+/// A backend's state as `proxyctl services` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Ready.
+    Active,
+    /// Serving and terminating (used only when nothing is ready).
+    Terminating,
+}
+
+/// Whether a frontend forwards or refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceState {
+    /// Has backends.
+    Active,
+    /// Refused: no endpoints.
+    NoEndpoints,
+    /// Refused: the traffic policy is Local and this node has none.
+    NoLocalEndpoints,
+}
+
+/// The traffic policy of the frontend's kind (internal for ClusterIP,
+/// external for the others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+/// `Display` as the JSON spells it.
+macro_rules! display_as_json {
+    ($t:ident { $($v:ident => $s:literal),* $(,)? }) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(match self { $($t::$v => $s),* })
+            }
+        }
+    };
+}
+display_as_json!(BackendState { Active => "active", Terminating => "terminating" });
+display_as_json!(ServiceState {
+    Active => "active",
+    NoEndpoints => "no-endpoints",
+    NoLocalEndpoints => "no-local-endpoints",
+});
+display_as_json!(TrafficPolicy { Cluster => "Cluster", Local => "Local" });
+
 /// A backend of a frontend, as `proxyctl services` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendView {
     pub id: u32,
     pub address: Addr,
-    /// `active` (ready) or `terminating` (serving+terminating fallback).
-    pub state: &'static str,
+    pub state: BackendState,
     /// On this node.
     pub local: bool,
 }
@@ -94,19 +145,16 @@ pub struct ServiceView {
     pub id: u32,
     pub frontend: Addr,
     /// ClusterIP, NodePort, ExternalIP or LoadBalancer.
-    pub kind: &'static str,
-    /// `active`: has backends; `no-endpoints`: refused; `no-local-endpoints`:
-    /// refused because the traffic policy is Local and this node has none.
-    pub state: &'static str,
-    /// `Cluster` or `Local` (internal policy for ClusterIP, external for
-    /// the other kinds).
-    pub traffic_policy: &'static str,
+    #[serde(serialize_with = "ser_kind")]
+    pub kind: FrontendKind,
+    pub state: ServiceState,
+    pub traffic_policy: TrafficPolicy,
     /// ClientIP session affinity timeout in seconds; 0: none.
     pub affinity_timeout: u32,
     /// Maglev table size; 0: random selection.
     pub maglev_table_size: u32,
     /// `loadBalancerSourceRanges` enforced on this frontend; empty: any.
-    pub source_ranges: Vec<String>,
+    pub source_ranges: Vec<Cidr>,
     pub backends: Vec<BackendView>,
 }
 
@@ -119,16 +167,16 @@ fn view_of(b: &BackendEntry) -> BackendView {
         id: b.id,
         address: b.backend.clone(),
         state: if b.terminating {
-            "terminating"
+            BackendState::Terminating
         } else {
-            "active"
+            BackendState::Active
         },
         local: b.local,
     }
 }
 
 fn service_view(d: &Dump, s: &ServiceEntry) -> ServiceView {
-    let local_only = s.flags.contains(&"local-only");
+    let local_only = s.flags.local_only();
     let backends = d
         .slots
         .iter()
@@ -138,23 +186,27 @@ fn service_view(d: &Dump, s: &ServiceEntry) -> ServiceView {
         .filter_map(|sl| backend_view(d, sl.backend_id))
         .collect::<Vec<_>>();
     let state = match (backends.is_empty(), local_only) {
-        (false, _) => "active",
-        (true, false) => "no-endpoints",
-        (true, true) => "no-local-endpoints",
+        (false, _) => ServiceState::Active,
+        (true, false) => ServiceState::NoEndpoints,
+        (true, true) => ServiceState::NoLocalEndpoints,
     };
     ServiceView {
         id: s.id,
         frontend: s.frontend.clone(),
         kind: s.kind,
         state,
-        traffic_policy: if local_only { "Local" } else { "Cluster" },
+        traffic_policy: if local_only {
+            TrafficPolicy::Local
+        } else {
+            TrafficPolicy::Cluster
+        },
         affinity_timeout: s.affinity_timeout,
         maglev_table_size: s.maglev_size,
-        source_ranges: if s.flags.contains(&"source-ranges") {
+        source_ranges: if s.flags.source_ranges() {
             d.source_ranges
                 .iter()
                 .filter(|r| r.service_id == s.id)
-                .map(|r| r.cidr.clone())
+                .map(|r| r.cidr)
                 .collect()
         } else {
             Vec::new()
@@ -232,7 +284,7 @@ impl AddrFilter {
             AddrFilter::Addr { ip, port, proto } => a.is_some_and(|a| {
                 a.ip == *ip
                     && port.is_none_or(|p| p == a.port)
-                    && proto.is_none_or(|p| p.as_str() == a.proto)
+                    && proto.is_none_or(|p| Proto::from(p) == a.proto)
             }),
         }
     }
@@ -252,23 +304,11 @@ pub struct CtView {
 }
 
 fn ct_flag_names(f: u32) -> Vec<&'static str> {
-    [
-        (ct_flags::TCP_SYN, "syn"),
-        (ct_flags::TCP_FIN, "fin"),
-        (ct_flags::TCP_RST, "rst"),
-        (ct_flags::TCP_ESTABLISHED, "established"),
-        (ct_flags::HAIRPIN, "hairpin"),
-        (ct_flags::SNAT, "snat"),
-        (ct_flags::DSR, "dsr"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| f & bit != 0)
-    .map(|(_, n)| n)
-    .collect()
-}
-
-fn ip_of(s: &str) -> Option<Ipv4Addr> {
-    SocketAddrV4::from_str(s).ok().map(|a| *a.ip())
+    ct_flags::NAMES
+        .iter()
+        .filter(|(bit, _)| f & bit != 0)
+        .map(|(_, n)| *n)
+        .collect()
 }
 
 /// Conntrack entries matching every given filter.
@@ -297,10 +337,10 @@ pub fn conntrack(d: &Dump, f: &CtFilter) -> Vec<CtView> {
                 return None;
             }
             if let Some(a) = f.address {
-                let hit = [Some(c.src.as_str()), Some(c.dst.as_str()), c.nat.as_deref()]
+                let hit = [Some(c.src), Some(c.dst), c.nat]
                     .into_iter()
                     .flatten()
-                    .any(|s| ip_of(s) == Some(a));
+                    .any(|s| *s.ip() == a);
                 if !hit {
                     return None;
                 }
@@ -323,7 +363,8 @@ pub fn conntrack(d: &Dump, f: &CtFilter) -> Vec<CtView> {
 pub struct ServiceStatsView {
     pub id: u32,
     pub frontend: Addr,
-    pub kind: &'static str,
+    #[serde(serialize_with = "ser_kind")]
+    pub kind: FrontendKind,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -471,19 +512,30 @@ pub struct Explanation {
     pub reasons: Vec<String>,
 }
 
-fn cidr_contains(cidr: &str, ip: Ipv4Addr) -> bool {
-    let Some((net, len)) = cidr.split_once('/') else {
-        return false;
-    };
-    let (Ok(net), Ok(len)) = (Ipv4Addr::from_str(net), len.parse::<u32>()) else {
-        return false;
-    };
-    if len > 32 {
-        return false;
-    }
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    u32::from(ip) & mask == u32::from(net) & mask
+/// What the rules of [`explain`] look at.
+struct Ask<'a> {
+    d: &'a Dump,
+    maglev: &'a dyn MaglevSource,
+    target: Target,
+    client: Option<Client>,
+    now_ns: u64,
+    service: &'a ServiceEntry,
+    view: &'a ServiceView,
 }
+
+/// One step of the data path's decision, in the order the data path takes
+/// them: true when it decides the packet's fate (the explanation is
+/// complete), false to go on.
+type Rule = fn(&Ask, &mut Explanation) -> bool;
+
+const RULES: [Rule; 6] = [
+    source_ranges,
+    no_backend,
+    tracked_flow,
+    affinity,
+    maglev_slot,
+    random,
+];
 
 /// Explain what the data path does with a packet to `target` from `client`.
 /// `now_ns` is `CLOCK_MONOTONIC` (the clock of the affinity timestamps).
@@ -509,34 +561,19 @@ pub fn explain(
         candidates: Vec::new(),
         reasons: Vec::new(),
     };
-    let Some(s) = d.services.iter().find(|s| {
-        s.frontend.ip == target.ip
-            && s.frontend.port == target.port
-            && s.frontend.proto == target.proto.as_str()
-    }) else {
-        e.reasons.push(format!(
-            "no frontend {target_s} is programmed: the packet passes untouched"
-        ));
-        let backends: Vec<String> = d
-            .backends
-            .iter()
-            .filter(|b| b.backend.ip == target.ip)
-            .map(|b| b.backend.to_string())
-            .collect();
-        if !backends.is_empty() {
-            e.reasons.push(format!(
-                "{} is a backend address ({}), reached directly",
-                target.ip,
-                backends.join(", ")
-            ));
-        }
+    let wanted = Addr {
+        ip: target.ip,
+        port: target.port,
+        proto: target.proto.into(),
+    };
+    let Some(s) = d.services.iter().find(|s| s.frontend == wanted) else {
+        not_a_service(d, target, &mut e);
         return e;
     };
     let view = service_view(d, s);
-    let north_south = s.kind != "ClusterIP";
     e.reasons.push(format!(
         "{target_s} is {} frontend {} (traffic policy {}){}",
-        s.kind,
+        kind_name(s.kind),
         s.id,
         view.traffic_policy,
         if view.backends.is_empty() {
@@ -545,176 +582,255 @@ pub fn explain(
             format!(" with {} backend(s)", view.backends.len())
         }
     ));
-
-    // 1. loadBalancerSourceRanges (checked first, in XDP).
-    if !view.source_ranges.is_empty() {
-        match client {
-            Some(c) => {
-                if view.source_ranges.iter().any(|r| cidr_contains(r, c.ip)) {
-                    e.reasons.push(format!(
-                        "client {} is inside loadBalancerSourceRanges ({})",
-                        c.ip,
-                        view.source_ranges.join(", ")
-                    ));
-                } else {
-                    e.verdict = Verdict::Drop;
-                    e.refusal = Some(Refusal::SourceRange);
-                    e.reasons.push(format!(
-                        "client {} is outside loadBalancerSourceRanges ({}): dropped when it arrives from outside the node (XDP, counter drop_source_range)",
-                        c.ip,
-                        view.source_ranges.join(", ")
-                    ));
-                    e.service = Some(view);
-                    return e;
-                }
-            }
-            None => e.reasons.push(format!(
-                "only clients in {} are served from outside the node (give --from to check one)",
-                view.source_ranges.join(", ")
-            )),
+    let ask = Ask {
+        d,
+        maglev: maglev_src,
+        target,
+        client,
+        now_ns,
+        service: s,
+        view: &view,
+    };
+    for rule in RULES {
+        if rule(&ask, &mut e) {
+            break;
         }
     }
+    e.service = Some(view);
+    e
+}
 
-    // 2. No backend: refused.
-    if view.backends.is_empty() {
-        e.verdict = Verdict::Reject;
-        if view.traffic_policy == "Local" {
-            e.refusal = Some(Refusal::NoLocalEndpoints);
-            e.reasons.push(format!(
-                "{}TrafficPolicy is Local and this node has no usable endpoint of the service: refused (TCP RST, ICMP port unreachable, ECONNREFUSED at connect())",
-                if north_south { "external" } else { "internal" }
-            ));
-        } else {
-            e.refusal = Some(Refusal::NoEndpoints);
+/// No frontend: the packet passes (perhaps straight to a backend).
+fn not_a_service(d: &Dump, target: Target, e: &mut Explanation) {
+    e.reasons.push(format!(
+        "no frontend {} is programmed: the packet passes untouched",
+        e.target
+    ));
+    let backends: Vec<String> = d
+        .backends
+        .iter()
+        .filter(|b| b.backend.ip == target.ip)
+        .map(|b| b.backend.to_string())
+        .collect();
+    if !backends.is_empty() {
+        e.reasons.push(format!(
+            "{} is a backend address ({}), reached directly",
+            target.ip,
+            backends.join(", ")
+        ));
+    }
+}
+
+fn join(ranges: &[Cidr]) -> String {
+    ranges
+        .iter()
+        .map(Cidr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// 1. loadBalancerSourceRanges (checked first, in XDP).
+fn source_ranges(a: &Ask, e: &mut Explanation) -> bool {
+    let ranges = &a.view.source_ranges;
+    if ranges.is_empty() {
+        return false;
+    }
+    let Some(c) = a.client else {
+        e.reasons.push(format!(
+            "only clients in {} are served from outside the node (give --from to check one)",
+            join(ranges)
+        ));
+        return false;
+    };
+    if ranges.iter().any(|r| r.contains(c.ip)) {
+        e.reasons.push(format!(
+            "client {} is inside loadBalancerSourceRanges ({})",
+            c.ip,
+            join(ranges)
+        ));
+        return false;
+    }
+    e.verdict = Verdict::Drop;
+    e.refusal = Some(Refusal::SourceRange);
+    e.reasons.push(format!(
+        "client {} is outside loadBalancerSourceRanges ({}): dropped when it arrives from outside the node (XDP, counter drop_source_range)",
+        c.ip,
+        join(ranges)
+    ));
+    true
+}
+
+/// 2. No backend: refused. Otherwise the packet is forwarded.
+fn no_backend(a: &Ask, e: &mut Explanation) -> bool {
+    if !a.view.backends.is_empty() {
+        e.verdict = Verdict::Forward;
+        if a.view
+            .backends
+            .iter()
+            .all(|b| b.state == BackendState::Terminating)
+        {
             e.reasons.push(
-                "the service has no usable endpoint: refused (TCP RST, ICMP port unreachable, ECONNREFUSED at connect())"
+                "no endpoint is ready: the serving+terminating ones are used (graceful termination)"
                     .to_owned(),
             );
         }
-        e.service = Some(view);
-        return e;
+        return false;
     }
-    e.verdict = Verdict::Forward;
-    if view.backends.iter().all(|b| b.state == "terminating") {
+    e.verdict = Verdict::Reject;
+    if a.view.traffic_policy == TrafficPolicy::Local {
+        e.refusal = Some(Refusal::NoLocalEndpoints);
+        e.reasons.push(format!(
+            "{}TrafficPolicy is Local and this node has no usable endpoint of the service: refused (TCP RST, ICMP port unreachable, ECONNREFUSED at connect())",
+            if a.service.kind == FrontendKind::ClusterIp {
+                "internal"
+            } else {
+                "external"
+            }
+        ));
+    } else {
+        e.refusal = Some(Refusal::NoEndpoints);
         e.reasons.push(
-            "no endpoint is ready: the serving+terminating ones are used (graceful termination)"
+            "the service has no usable endpoint: refused (TCP RST, ICMP port unreachable, ECONNREFUSED at connect())"
                 .to_owned(),
         );
     }
+    true
+}
 
-    // 3. An existing flow keeps its backend.
-    if let Some(Client {
+/// 3. An existing flow keeps its backend.
+fn tracked_flow(a: &Ask, e: &mut Explanation) -> bool {
+    let Some(Client {
         ip,
         port: Some(sport),
-    }) = client
-    {
-        let src = SocketAddrV4::new(ip, sport).to_string();
-        let dst = SocketAddrV4::new(target.ip, target.port).to_string();
-        if let Some(ct) = d.conntrack.iter().find(|c| {
-            c.direction == "service"
-                && c.proto == target.proto.as_str()
-                && c.src == src
-                && c.dst == dst
-                && c.service_id == s.id
-        }) && let Some(b) = backend_view(d, ct.backend_id)
-        {
-            e.selection = Some(Selection::Conntrack);
-            e.reasons.push(format!(
-                "flow {src} -> {dst} is tracked: it stays on backend {} ({})",
-                b.id, b.address
-            ));
-            e.backend = Some(b);
-            e.service = Some(view);
-            return e;
-        }
-    }
+    }) = a.client
+    else {
+        return false;
+    };
+    let src = SocketAddrV4::new(ip, sport);
+    let dst = SocketAddrV4::new(a.target.ip, a.target.port);
+    let proto = Proto::from(a.target.proto);
+    let Some(b) =
+        a.d.conntrack
+            .iter()
+            .find(|c| {
+                c.direction == Direction::Service
+                    && c.proto == proto
+                    && c.src == src
+                    && c.dst == dst
+                    && c.service_id == a.service.id
+            })
+            .and_then(|ct| backend_view(a.d, ct.backend_id))
+    else {
+        return false;
+    };
+    e.selection = Some(Selection::Conntrack);
+    e.reasons.push(format!(
+        "flow {src} -> {dst} is tracked: it stays on backend {} ({})",
+        b.id, b.address
+    ));
+    e.backend = Some(b);
+    true
+}
 
-    // 4. ClientIP affinity.
-    if s.affinity_timeout != 0 {
-        let timeout_ns = u64::from(s.affinity_timeout) * 1_000_000_000;
-        let fresh = client.and_then(|c| {
-            let ip = c.ip.to_string();
-            d.affinity
-                .iter()
-                .find(|a| a.service_id == s.id && a.client == ip)
-                .filter(|a| now_ns.wrapping_sub(a.last_used_ns) < timeout_ns)
-                .and_then(|a| view.backends.iter().find(|b| b.id == a.backend_id).cloned())
-        });
-        if let Some(b) = fresh {
-            e.selection = Some(Selection::Affinity);
-            e.reasons.push(format!(
-                "sessionAffinity ClientIP ({}s): the client was last sent to backend {} ({}), within the timeout",
-                s.affinity_timeout, b.id, b.address
-            ));
-            e.backend = Some(b);
-            e.service = Some(view);
-            return e;
-        }
-        e.reasons.push(format!(
-            "sessionAffinity ClientIP ({}s): no fresh entry for this client IP (clients of the socket path are keyed by network namespace: see dump-maps affinity); a new flow picks a slot at random and sticks to it",
-            s.affinity_timeout
-        ));
+/// 4. ClientIP affinity.
+fn affinity(a: &Ask, e: &mut Explanation) -> bool {
+    let timeout = a.service.affinity_timeout;
+    if timeout == 0 {
+        return false;
     }
-
-    // 5. Maglev (north-south from outside the node, without affinity).
-    if s.maglev_size != 0 && s.affinity_timeout == 0 {
-        let m = s.maglev_size;
-        match client {
-            Some(Client {
-                ip,
-                port: Some(sport),
-            }) => {
-                let h = maglev::flow_hash(ip, target.ip, sport, target.port, target.proto.number());
-                let slot = h % m;
-                let b = maglev_src
-                    .maglev_slot(s.id, slot)
-                    .and_then(|id| backend_view(d, id));
-                if let Some(b) = b {
-                    e.selection = Some(Selection::Maglev);
-                    e.reasons.push(format!(
-                        "from outside the node a new flow hashes to Maglev slot {slot} of {m} (flow hash {h:#010x}): backend {} ({}); from pods and host sockets it picks a slot at random",
-                        b.id, b.address
-                    ));
-                    e.backend = Some(b);
-                    e.service = Some(view);
-                    return e;
-                }
-                e.reasons.push(format!(
-                    "Maglev slot {slot} of {m} is empty: random selection"
-                ));
-            }
-            _ => {
-                let mut counts: std::collections::HashMap<u32, u32> = Default::default();
-                for slot in 0..m {
-                    if let Some(id) = maglev_src.maglev_slot(s.id, slot) {
-                        *counts.entry(id).or_default() += 1;
-                    }
-                }
-                e.selection = Some(Selection::Maglev);
-                e.reasons.push(format!(
-                    "from outside the node a new flow goes to Maglev slot flow_hash(saddr, daddr, sport, dport, proto) % {m}; give --from <ip>:<port> to compute it"
-                ));
-                e.candidates = view
+    let timeout_ns = u64::from(timeout) * 1_000_000_000;
+    let fresh = a.client.and_then(|c| {
+        a.d.affinity
+            .iter()
+            .find(|x| x.service_id == a.service.id && x.client == AffinityClient::Ip(c.ip))
+            .filter(|x| a.now_ns.wrapping_sub(x.last_used_ns) < timeout_ns)
+            .and_then(|x| {
+                a.view
                     .backends
                     .iter()
-                    .map(|b| Candidate {
-                        backend: b.clone(),
-                        maglev_slots: Some(counts.get(&b.id).copied().unwrap_or(0)),
-                    })
-                    .collect();
-                e.service = Some(view);
-                return e;
+                    .find(|b| b.id == x.backend_id)
+                    .cloned()
+            })
+    });
+    let Some(b) = fresh else {
+        e.reasons.push(format!(
+            "sessionAffinity ClientIP ({timeout}s): no fresh entry for this client IP (clients of the socket path are keyed by network namespace: see dump-maps affinity); a new flow picks a slot at random and sticks to it"
+        ));
+        return false;
+    };
+    e.selection = Some(Selection::Affinity);
+    e.reasons.push(format!(
+        "sessionAffinity ClientIP ({timeout}s): the client was last sent to backend {} ({}), within the timeout",
+        b.id, b.address
+    ));
+    e.backend = Some(b);
+    true
+}
+
+/// 5. Maglev (north-south from outside the node, without affinity).
+fn maglev_slot(a: &Ask, e: &mut Explanation) -> bool {
+    let s = a.service;
+    if s.maglev_size == 0 || s.affinity_timeout != 0 {
+        return false;
+    }
+    let m = s.maglev_size;
+    let Some(Client {
+        ip,
+        port: Some(sport),
+    }) = a.client
+    else {
+        let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+        for slot in 0..m {
+            if let Some(id) = a.maglev.maglev_slot(s.maglev_table, slot) {
+                *counts.entry(id).or_default() += 1;
             }
         }
-    }
+        e.selection = Some(Selection::Maglev);
+        e.reasons.push(format!(
+            "from outside the node a new flow goes to Maglev slot flow_hash(saddr, daddr, sport, dport, proto) % {m}; give --from <ip>:<port> to compute it"
+        ));
+        e.candidates = a
+            .view
+            .backends
+            .iter()
+            .map(|b| Candidate {
+                backend: b.clone(),
+                maglev_slots: Some(counts.get(&b.id).copied().unwrap_or(0)),
+            })
+            .collect();
+        return true;
+    };
+    let t = a.target;
+    let h = maglev::flow_hash(ip, t.ip, sport, t.port, t.proto.number());
+    let slot = h % m;
+    let Some(b) = a
+        .maglev
+        .maglev_slot(s.maglev_table, slot)
+        .and_then(|id| backend_view(a.d, id))
+    else {
+        e.reasons.push(format!(
+            "Maglev slot {slot} of {m} is empty: random selection"
+        ));
+        return false;
+    };
+    e.selection = Some(Selection::Maglev);
+    e.reasons.push(format!(
+        "from outside the node a new flow hashes to Maglev slot {slot} of {m} (flow hash {h:#010x}): backend {} ({}); from pods and host sockets it picks a slot at random",
+        b.id, b.address
+    ));
+    e.backend = Some(b);
+    true
+}
 
-    // 6. Random.
+/// 6. Random.
+fn random(a: &Ask, e: &mut Explanation) -> bool {
     e.selection = Some(Selection::Random);
     e.reasons.push(format!(
         "a new flow picks one of the {} backend slot(s) at random",
-        view.backends.len()
+        a.view.backends.len()
     ));
-    e.candidates = view
+    e.candidates = a
+        .view
         .backends
         .iter()
         .map(|b| Candidate {
@@ -722,8 +838,7 @@ pub fn explain(
             maglev_slots: None,
         })
         .collect();
-    e.service = Some(view);
-    e
+    true
 }
 
 #[cfg(test)]
@@ -731,24 +846,28 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use proxy_common::svc_flags;
+
     use crate::maps::{
         AffinityEntry, BackendEntry, ServiceStatsEntry, SlotEntry, SourceRangeEntry, StatEntry,
+        SvcFlags,
     };
 
     fn addr(ip: [u8; 4], port: u16) -> Addr {
         Addr::new(Ipv4Addr::from(ip), port, 6)
     }
 
-    fn svc(id: u32, ip: [u8; 4], port: u16, kind: &'static str, count: u16) -> ServiceEntry {
+    fn svc(id: u32, ip: [u8; 4], port: u16, kind: FrontendKind, count: u16) -> ServiceEntry {
         ServiceEntry {
             frontend: addr(ip, port),
             id,
             count,
             generation: 1,
             kind,
-            flags: Vec::new(),
+            flags: SvcFlags::default(),
             affinity_timeout: 0,
             maglev_size: 0,
+            maglev_table: 0,
         }
     }
 
@@ -774,16 +893,18 @@ mod tests {
     }
 
     fn dump() -> Dump {
-        let mut lb = svc(3, [192, 168, 0, 100], 80, "LoadBalancer", 2);
-        lb.flags = vec!["source-ranges"];
-        let mut local = svc(4, [172, 18, 0, 2], 30080, "NodePort", 0);
-        local.flags = vec!["local-only"];
-        let mut maglev = svc(5, [172, 18, 0, 2], 30081, "NodePort", 2);
+        let mut lb = svc(3, [192, 168, 0, 100], 80, FrontendKind::LoadBalancer, 2);
+        lb.flags = SvcFlags(svc_flags::SOURCE_RANGES);
+        let mut local = svc(4, [172, 18, 0, 2], 30080, FrontendKind::NodePort, 0);
+        local.flags = SvcFlags(svc_flags::LOCAL_ONLY);
+        let mut maglev = svc(5, [172, 18, 0, 2], 30081, FrontendKind::NodePort, 2);
         maglev.maglev_size = 7;
+        // Its table's id differs from its frontend id (tables are shared).
+        maglev.maglev_table = 42;
         let mut d = Dump {
             services: vec![
-                svc(1, [10, 96, 0, 10], 80, "ClusterIP", 2),
-                svc(2, [10, 96, 0, 11], 80, "ClusterIP", 0),
+                svc(1, [10, 96, 0, 10], 80, FrontendKind::ClusterIp, 2),
+                svc(2, [10, 96, 0, 11], 80, FrontendKind::ClusterIp, 0),
                 lb,
                 local,
                 maglev,
@@ -791,7 +912,10 @@ mod tests {
             backends: vec![backend(1, 2, true), backend(2, 3, false)],
             source_ranges: vec![SourceRangeEntry {
                 service_id: 3,
-                cidr: "10.0.0.0/8".into(),
+                cidr: Cidr {
+                    addr: Ipv4Addr::new(10, 0, 0, 0),
+                    len: 8,
+                },
             }],
             service_stats: vec![ServiceStatsEntry {
                 service_id: 1,
@@ -823,7 +947,7 @@ mod tests {
 
     fn maglev_table() -> HashMap<(u32, u32), u32> {
         (0..7)
-            .map(|s| ((5, s), if s < 4 { 1 } else { 2 }))
+            .map(|s| ((42, s), if s < 4 { 1 } else { 2 }))
             .collect()
     }
 
@@ -864,12 +988,12 @@ mod tests {
     fn services_show_live_backends_and_state() {
         let v = services(&dump());
         assert_eq!(v[0].backends.len(), 2);
-        assert_eq!(v[0].state, "active");
-        assert_eq!(v[1].state, "no-endpoints");
+        assert_eq!(v[0].state, ServiceState::Active);
+        assert_eq!(v[1].state, ServiceState::NoEndpoints);
         assert!(v[1].backends.is_empty(), "other generation ignored");
-        assert_eq!(v[2].source_ranges, vec!["10.0.0.0/8".to_string()]);
-        assert_eq!(v[3].state, "no-local-endpoints");
-        assert_eq!(v[3].traffic_policy, "Local");
+        assert_eq!(v[2].source_ranges[0].to_string(), "10.0.0.0/8");
+        assert_eq!(v[3].state, ServiceState::NoLocalEndpoints);
+        assert_eq!(v[3].traffic_policy, TrafficPolicy::Local);
     }
 
     #[test]
@@ -934,10 +1058,10 @@ mod tests {
     fn explain_existing_flow_and_affinity() {
         let mut d = dump();
         d.conntrack.push(CtEntry {
-            direction: "service",
-            proto: "TCP".into(),
-            src: "10.244.2.7:5555".into(),
-            dst: "10.96.0.10:80".into(),
+            direction: Direction::Service,
+            proto: Proto(6),
+            src: "10.244.2.7:5555".parse().expect("addr"),
+            dst: "10.96.0.10:80".parse().expect("addr"),
             service_id: 1,
             backend_id: 2,
             flags: 0,
@@ -951,7 +1075,7 @@ mod tests {
         d.services[0].affinity_timeout = 10;
         d.affinity.push(AffinityEntry {
             service_id: 1,
-            client: "10.244.2.8".into(),
+            client: AffinityClient::Ip(Ipv4Addr::new(10, 244, 2, 8)),
             backend_id: 1,
             last_used_ns: 0,
         });
@@ -964,10 +1088,10 @@ mod tests {
     fn conntrack_filters() {
         let mut d = dump();
         let ct = |src: &str, sid, bid| CtEntry {
-            direction: "service",
-            proto: "TCP".into(),
-            src: src.into(),
-            dst: "10.96.0.10:80".into(),
+            direction: Direction::Service,
+            proto: Proto(6),
+            src: src.parse().expect("addr"),
+            dst: "10.96.0.10:80".parse().expect("addr"),
             service_id: sid,
             backend_id: bid,
             flags: ct_flags::TCP_SYN | ct_flags::TCP_ESTABLISHED,
@@ -1051,6 +1175,56 @@ mod tests {
             keys(&st["services"][0]),
             ["bytes", "frontend", "id", "kind", "packets"]
         );
+    }
+
+    /// `dump-maps` JSON: typed entries serialize as the strings
+    /// docs/operations.md documents.
+    #[test]
+    fn dump_json_spells_typed_values_as_strings() {
+        let mut d = dump();
+        d.conntrack.push(CtEntry {
+            direction: Direction::Reply,
+            proto: Proto(17),
+            src: "10.244.1.2:53".parse().expect("addr"),
+            dst: "10.244.2.7:5555".parse().expect("addr"),
+            service_id: 1,
+            backend_id: 1,
+            flags: 0,
+            last_seen_ns: 0,
+            nat: Some("172.18.0.2:40000".parse().expect("addr")),
+        });
+        d.affinity.push(AffinityEntry {
+            service_id: 1,
+            client: AffinityClient::Netns(4096),
+            backend_id: 1,
+            last_used_ns: 0,
+        });
+        let v = serde_json::to_value(&d).expect("json");
+        let lb = &v["services"][2];
+        assert_eq!(lb["kind"], "LoadBalancer");
+        assert_eq!(lb["flags"], serde_json::json!(["source-ranges"]));
+        assert_eq!(lb["frontend"]["proto"], "TCP");
+        assert_eq!(
+            keys(lb),
+            [
+                "affinity_timeout",
+                "count",
+                "flags",
+                "frontend",
+                "generation",
+                "id",
+                "kind",
+                "maglev_size",
+                "maglev_table",
+            ]
+        );
+        let ct = &v["conntrack"][0];
+        assert_eq!(ct["direction"], "reply");
+        assert_eq!(ct["proto"], "UDP");
+        assert_eq!(ct["src"], "10.244.1.2:53");
+        assert_eq!(ct["nat"], "172.18.0.2:40000");
+        assert_eq!(v["affinity"][0]["client"], "netns:4096");
+        assert_eq!(v["source_ranges"][0]["cidr"], "10.0.0.0/8");
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod inspect;
 pub mod k8s;
 pub mod lb;
 pub mod maglev;
-pub mod maps;
 pub mod metrics;
 pub mod model;
+
+/// The eBPF maps: typed handles and their decoded dump.
+pub use dataplane::ebpf::maps;

@@ -66,6 +66,10 @@ pub const DEFAULT_TABLE_SIZE: u32 = 16381;
 /// Cilium's largest supported size is 131071.
 pub const MAX_TABLE_SIZE: u32 = 1 << 20;
 
+/// Default of `--maglev-max-table-size`: the largest size a Service's
+/// annotation may ask for (a prime, 4x the default size).
+pub const DEFAULT_MAX_ANNOTATED_SIZE: u32 = 65_537;
+
 /// A table is well balanced when `M > BALANCE_FACTOR * N` (Cilium's rule).
 pub const BALANCE_FACTOR: u64 = 100;
 

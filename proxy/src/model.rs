@@ -425,6 +425,10 @@ pub fn build<'a>(
     (table, errors)
 }
 
+/// Largest `sessionAffinityConfig.clientIP.timeoutSeconds` the API server
+/// accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
 fn err(
     object: &str,
     field: impl Into<String>,
@@ -504,8 +508,9 @@ fn service_ports(
             .and_then(|c| c.client_ip.as_ref())
             .and_then(|c| c.timeout_seconds)
             .unwrap_or(10_800);
+        // The API server's range (ValidateClientIPAffinityConfig).
         match u32::try_from(t) {
-            Ok(t) if t > 0 => Some(t),
+            Ok(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
             _ => {
                 errors.push(err(
                     &object,

@@ -59,6 +59,19 @@ fn ebpf_dataplane(args: &Args) -> Result<EbpfDataplane> {
         );
     }
     cfg.maglev_table_size = args.maglev_table_size;
+    if args.maglev_max_table_size == 0 || args.maglev_max_table_size > proxy::maglev::MAX_TABLE_SIZE
+    {
+        bail!(
+            "--maglev-max-table-size {}: must be between 1 and {}",
+            args.maglev_max_table_size,
+            proxy::maglev::MAX_TABLE_SIZE
+        );
+    }
+    if args.maglev_map_max == 0 {
+        bail!("--maglev-map-max 0: the Maglev map needs at least one entry");
+    }
+    cfg.map_max_entries
+        .insert(proxy_common::maps::MAGLEV.name, args.maglev_map_max);
     cfg.dsr = args.dsr;
     cfg.xdp_mode = match args.xdp_mode {
         XdpMode::Native => XdpAttach::Native,
@@ -167,12 +180,14 @@ async fn run() -> Result<()> {
             info!("caches synced");
 
             // North-south: the node's first address is where remote-backend
-            // flows are SNATed to; XDP goes on the interface that holds it.
-            let node_addr = stores
-                .nodes
-                .state()
-                .first()
-                .and_then(|n| proxy::model::node_addresses(n).0.first().copied());
+            // flows are SNATed to (the agent rewrites it when the Node
+            // changes); XDP goes on the interface that holds it now.
+            let node_addr = stores.nodes.state().first().and_then(|n| {
+                agent::node_address(&NodeContext {
+                    addresses: proxy::model::node_addresses(n).0,
+                    ..Default::default()
+                })
+            });
             let mut devices = args.devices.clone();
             if devices.is_empty()
                 && let Some(ip) = node_addr
@@ -224,6 +239,9 @@ fn run_options(
             node.node_name.clone(),
             telemetry.clone(),
         )),
+        limits: agent::Limits {
+            maglev_max_table_size: args.maglev_max_table_size,
+        },
     }
 }
 

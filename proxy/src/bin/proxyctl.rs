@@ -5,12 +5,12 @@ use std::{io::Write, net::Ipv4Addr, path::PathBuf};
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy::{
-    dataplane::conntrack::monotonic_ns,
+    dataplane::ebpf::conntrack::monotonic_ns,
     inspect::{
         self, AddrFilter, Client, CtFilter, CtView, Explanation, ServiceView, Stats, Target,
-        Verdict,
+        TrafficPolicy, Verdict,
     },
-    maps::{Dump, Maps},
+    maps::{Dump, Maps, kind_name},
 };
 use serde::Serialize;
 
@@ -134,7 +134,7 @@ fn print_services(out: &mut dyn Write, v: &[ServiceView]) -> std::io::Result<()>
     )?;
     for s in v {
         let mut extra = Vec::new();
-        if s.traffic_policy == "Local" {
+        if s.traffic_policy == TrafficPolicy::Local {
             extra.push("policy=Local".to_owned());
         }
         if s.affinity_timeout != 0 {
@@ -144,13 +144,14 @@ fn print_services(out: &mut dyn Write, v: &[ServiceView]) -> std::io::Result<()>
             extra.push(format!("maglev={}", s.maglev_table_size));
         }
         if !s.source_ranges.is_empty() {
-            extra.push(format!("ranges={}", s.source_ranges.join(",")));
+            let ranges: Vec<String> = s.source_ranges.iter().map(|r| r.to_string()).collect();
+            extra.push(format!("ranges={}", ranges.join(",")));
         }
         let head = format!(
             "{:>6}  {:<26} {:<13} {:<19}",
             s.id,
             s.frontend.to_string(),
-            s.kind,
+            kind_name(s.kind),
             s.state
         );
         let pad = " ".repeat(head.len());
@@ -162,7 +163,7 @@ fn print_services(out: &mut dyn Write, v: &[ServiceView]) -> std::io::Result<()>
             )?;
         }
         for (i, b) in s.backends.iter().enumerate() {
-            let mut state = b.state.to_owned();
+            let mut state = b.state.to_string();
             if b.local {
                 state.push_str(", local");
             }
@@ -201,7 +202,10 @@ fn print_conntrack(out: &mut dyn Write, v: &[CtView]) -> std::io::Result<()> {
             c.entry.dst,
             opt(&c.frontend),
             opt(&c.backend),
-            c.entry.nat.as_deref().unwrap_or("-"),
+            c.entry
+                .nat
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
             c.flag_names.join(",")
         )?;
     }
@@ -264,7 +268,7 @@ fn print_stats(out: &mut dyn Write, s: &Stats) -> std::io::Result<()> {
             "{:>6}  {:<26} {:<13} {:>12} {:>14}",
             v.id,
             v.frontend.to_string(),
-            v.kind,
+            kind_name(v.kind),
             v.packets,
             v.bytes
         )?;
@@ -308,10 +312,10 @@ fn print_table(out: &mut dyn Write, d: &Dump) -> std::io::Result<()> {
             s.id,
             s.count,
             s.generation,
-            s.kind,
+            kind_name(s.kind),
             s.affinity_timeout,
             s.maglev_size,
-            s.flags.join(",")
+            s.flags.names().join(",")
         )?;
     }
     writeln!(out, "\nSLOTS ({} entries)", d.slots.len())?;
@@ -400,6 +404,18 @@ fn print_table(out: &mut dyn Write, d: &Dump) -> std::io::Result<()> {
             out,
             "  {:>10} {:>12} {:>14}",
             s.service_id, s.packets, s.bytes
+        )?;
+    }
+    writeln!(out, "\nMAGLEV ({} tables)", d.maglev.len())?;
+    writeln!(out, "  {:>8} {:>8}  FRONTENDS", "TABLE", "SLOTS")?;
+    for m in &d.maglev {
+        let users: Vec<String> = m.frontends.iter().map(u32::to_string).collect();
+        writeln!(
+            out,
+            "  {:>8} {:>8}  {}",
+            m.table_id,
+            m.slots,
+            users.join(",")
         )?;
     }
     writeln!(out, "\nFRAGMENTS ({} entries)", d.fragments.len())?;

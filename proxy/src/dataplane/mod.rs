@@ -2,16 +2,17 @@
 //! frontends and backends ([`crate::lb`]), never Kubernetes objects.
 
 pub mod cleanup;
-pub mod conntrack;
 pub mod ebpf;
 pub mod fallback;
 pub mod iptables;
 pub mod iptables_rules;
 pub mod ipvs;
 pub mod ipvs_glue;
-pub mod links;
 pub mod nftables;
 pub mod nftables_rules;
+
+// Where they were before the eBPF dataplane became a folder.
+pub use ebpf::{conntrack, links};
 
 use crate::{diff::Change, lb::LbTable};
 
@@ -74,6 +75,13 @@ pub trait Dataplane {
 
     /// Apply changes computed by [`crate::diff::diff`].
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, Self::Error>;
+
+    /// The node's address for north-south SNAT and DSR, handed over on
+    /// every sync (it follows the Node object); None: unknown. Modes that
+    /// do not use it ignore it.
+    fn set_node_address(&mut self, _addr: Option<std::net::Ipv4Addr>) -> Result<(), Self::Error> {
+        Ok(())
+    }
 
     /// Periodic work: attach to new interfaces, and so on.
     fn housekeeping(&mut self) -> Result<(), Self::Error>;

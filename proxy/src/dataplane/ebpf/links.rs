@@ -5,7 +5,7 @@
 use std::{fs, io, os::fd::AsFd, path::Path};
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+    CgroupAttachMode, ProgramError, SchedClassifier, TcAttachType,
     links::{FdLink, LinkError, PinnedLink},
     tc::SchedClassifierLink,
 };
@@ -90,8 +90,8 @@ pub fn attach_tc(
 /// Attach a socket hook to a cgroup and pin the link. An earlier agent's
 /// link at `pin` is released only after the new one is in place (both
 /// translate the same way meanwhile, so nothing is missed).
-pub fn attach_cgroup(
-    prog: &mut CgroupSockAddr,
+pub fn attach_cgroup<P: CgroupProgram>(
+    prog: &mut P,
     cgroup: impl AsFd,
     name: &str,
     pin: &Path,
@@ -125,6 +125,49 @@ pub fn attach_cgroup(
     drop(old);
     Ok(pinned)
 }
+
+/// The cgroup program types the socket LB attaches (sock_addr hooks and
+/// sock_release), as one attach-and-pin path.
+pub trait CgroupProgram {
+    type Link: TryInto<FdLink, Error = aya::programs::links::LinkError>;
+    type Id;
+    fn attach(
+        &mut self,
+        cgroup: impl AsFd,
+        mode: CgroupAttachMode,
+    ) -> Result<Self::Id, aya::programs::ProgramError>;
+    fn take_link(&mut self, id: Self::Id) -> Result<Self::Link, aya::programs::ProgramError>;
+}
+
+macro_rules! cgroup_program {
+    ($t:ty, $link:ty, $id:ty) => {
+        impl CgroupProgram for $t {
+            type Link = $link;
+            type Id = $id;
+            fn attach(
+                &mut self,
+                cgroup: impl AsFd,
+                mode: CgroupAttachMode,
+            ) -> Result<$id, aya::programs::ProgramError> {
+                <$t>::attach(self, cgroup, mode)
+            }
+            fn take_link(&mut self, id: $id) -> Result<$link, aya::programs::ProgramError> {
+                <$t>::take_link(self, id)
+            }
+        }
+    };
+}
+
+cgroup_program!(
+    aya::programs::CgroupSockAddr,
+    aya::programs::cgroup_sock_addr::CgroupSockAddrLink,
+    aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId
+);
+cgroup_program!(
+    aya::programs::CgroupSock,
+    aya::programs::cgroup_sock::CgroupSockLink,
+    aya::programs::cgroup_sock::CgroupSockLinkId
+);
 
 /// Remove a pinned link (detaching it once nothing else holds it).
 pub fn unpin(link: PinnedLink) {

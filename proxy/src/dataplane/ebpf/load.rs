@@ -1,0 +1,320 @@
+//! Loading the object and attaching its programs (pinned links).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    net::Ipv4Addr,
+    time::Instant,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp},
+    util::nr_cpus,
+};
+use proxy_common::progs;
+use tracing::{debug, info, warn};
+
+use super::{
+    Attached, EBPF_OBJECT, EbpfConfig, EbpfDataplane, EbpfError,
+    conntrack::GcStats,
+    interfaces::{glob_match, interfaces},
+    links, links_dir,
+    maglev_tables::MaglevTables,
+    maps::{Maps, check_pinned, pin_dir},
+};
+
+const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (progs::TC_FROM_POD, TcAttachType::Ingress, "ingress"),
+    (progs::TC_TO_POD, TcAttachType::Egress, "egress"),
+];
+const NETDEV_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (progs::TC_FROM_NETDEV, TcAttachType::Ingress, "ingress"),
+    (progs::TC_TO_NETDEV, TcAttachType::Egress, "egress"),
+];
+const SOCK_PROGRAMS: [&str; 4] = [
+    progs::SOCK_CONNECT4,
+    progs::SOCK_SENDMSG4,
+    progs::SOCK_RECVMSG4,
+    progs::SOCK_GETPEERNAME4,
+];
+
+impl EbpfDataplane {
+    /// Load the programs, open (or create) the pinned maps and adopt what an
+    /// earlier agent programmed there.
+    pub fn load(cfg: EbpfConfig) -> Result<EbpfDataplane, EbpfError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(EbpfError::NoObject);
+        }
+        let dir = pin_dir(&cfg.bpffs_path);
+        fs::create_dir_all(&dir).map_err(|source| EbpfError::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
+        // Every map from its descriptor: its capacity, and a pin of the
+        // same layout to adopt.
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&dir);
+        for info in &proxy_common::maps::ALL {
+            let want = cfg.max_entries(info);
+            if let Some(pinned) = check_pinned(&dir, info)?
+                && pinned != want
+            {
+                warn!(
+                    map = info.name,
+                    pinned,
+                    configured = want,
+                    "map is pinned with another capacity: the pinned one is adopted; `proxy --cleanup` (or a layout change) applies the new one"
+                );
+            }
+            loader.map_max_entries(info.name, want);
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                debug!(error = %e, "no eBPF log buffer");
+                None
+            }
+        };
+        // Every program is verified here, before anything is attached.
+        let failed = |name: &'static str| {
+            move |source| EbpfError::Program {
+                name,
+                source: Box::new(source),
+            }
+        };
+        for (name, _, _) in TC_PROGRAMS.into_iter().chain(NETDEV_PROGRAMS) {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(failed(name))?;
+        }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(failed(name))?;
+        }
+        let prog: &mut CgroupSock = program(&mut ebpf, progs::SOCK_RELEASE)?;
+        prog.load().map_err(failed(progs::SOCK_RELEASE))?;
+        let prog: &mut Xdp = program(&mut ebpf, progs::XDP_NODEPORT)?;
+        prog.load().map_err(failed(progs::XDP_NODEPORT))?;
+        let links = links_dir(&cfg.bpffs_path);
+        fs::create_dir_all(&links).map_err(|source| EbpfError::PinDir {
+            path: links.clone(),
+            source,
+        })?;
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let mut dp = EbpfDataplane {
+            ebpf,
+            maps,
+            cfg,
+            frontends: BTreeMap::new(),
+            backends: HashMap::new(),
+            next_frontend_id: 1,
+            next_backend_id: 1,
+            attached: HashMap::new(),
+            socket_links: Vec::new(),
+            xdp_links: Vec::new(),
+            removed_backends: HashSet::new(),
+            removed_frontends: HashSet::new(),
+            maglev_tables: MaglevTables::new(),
+            node_addr: None,
+            last_gc: Instant::now(),
+            last_gc_stats: GcStats::default(),
+            _logger: logger,
+        };
+        dp.adopt()?;
+        dp.socket_lb()?;
+        dp.remove_other_layouts();
+        Ok(dp)
+    }
+
+    /// Maps pinned by an agent of another layout version are not ours to
+    /// reuse; their pins go (programs still using them keep them alive
+    /// until their links are replaced).
+    pub(super) fn remove_other_layouts(&self) {
+        let current = pin_dir(&self.cfg.bpffs_path);
+        let Ok(entries) = fs::read_dir(&self.cfg.bpffs_path) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("maps-v") && path != current {
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        info!(path = %path.display(), "removed maps of another layout version")
+                    }
+                    Err(e) => warn!(path = %path.display(), error = %e, "cannot remove old maps"),
+                }
+            }
+        }
+    }
+
+    /// Attach the socket hooks to the configured cgroup, or remove hooks an
+    /// earlier agent pinned when socket LB is off.
+    pub(super) fn socket_lb(&mut self) -> Result<(), EbpfError> {
+        let dir = links_dir(&self.cfg.bpffs_path);
+        let Some(cgroup) = self.cfg.socket_lb_cgroup.clone() else {
+            for name in SOCK_PROGRAMS.into_iter().chain([progs::SOCK_RELEASE]) {
+                let pin = dir.join(format!("cgroup-{name}"));
+                if pin.exists() {
+                    let _ = fs::remove_file(&pin);
+                    info!(program = name, "socket LB off: removed pinned hook");
+                }
+            }
+            return Ok(());
+        };
+        let fd = fs::File::open(&cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.clone(),
+            source,
+        })?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let link = links::attach_cgroup(prog, &fd, name, &dir.join(format!("cgroup-{name}")))
+                .map_err(|source| EbpfError::Attach {
+                program: name,
+                source,
+            })?;
+            self.socket_links.push(link);
+        }
+        // A closing socket's reverse entry goes with it.
+        let name = progs::SOCK_RELEASE;
+        let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
+        let link = links::attach_cgroup(prog, &fd, name, &dir.join(format!("cgroup-{name}")))
+            .map_err(|source| EbpfError::Attach {
+                program: name,
+                source,
+            })?;
+        self.socket_links.push(link);
+        info!(cgroup = %cgroup.display(), "socket LB attached");
+        Ok(())
+    }
+
+    /// North-south: SNAT remote-backend flows to `node_addr` and attach XDP
+    /// to `devices` (the node's external interfaces).
+    pub fn set_north_south(
+        &mut self,
+        devices: &[String],
+        node_addr: Option<Ipv4Addr>,
+    ) -> Result<(), EbpfError> {
+        self.set_node_address(node_addr)?;
+        let dir = links_dir(&self.cfg.bpffs_path);
+        for dev in devices {
+            let pin = dir.join(format!("xdp-{dev}"));
+            if self.cfg.xdp_mode == links::XdpAttach::None {
+                // tc alone; an earlier agent's XDP goes with its pin.
+                if let Ok(old) = aya::programs::links::PinnedLink::from_pin(&pin) {
+                    links::unpin(old);
+                    info!(iface = %dev, "removed XDP pinned by an earlier agent");
+                }
+                info!(iface = %dev, "north-south by tc only (--xdp-mode none)");
+            } else {
+                let prog: &mut Xdp = program(&mut self.ebpf, progs::XDP_NODEPORT)?;
+                let (link, mode) =
+                    links::attach_xdp(prog, dev, &pin, self.cfg.xdp_mode).map_err(|source| {
+                        EbpfError::Attach {
+                            program: progs::XDP_NODEPORT,
+                            source,
+                        }
+                    })?;
+                info!(iface = %dev, mode, "attached XDP");
+                self.xdp_links.push(link);
+            }
+            for (name, direction, dir_name) in NETDEV_PROGRAMS {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+                let pin = dir.join(format!("netdev-{dev}-{dir_name}"));
+                let link = links::attach_tc(prog, dev, direction, &pin).map_err(|source| {
+                    EbpfError::Attach {
+                        program: name,
+                        source,
+                    }
+                })?;
+                self.xdp_links.push(link);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn attach_devices(&mut self) -> Result<(), EbpfError> {
+        let present = interfaces().map_err(EbpfError::Interfaces)?;
+        // Forget interfaces that vanished or were recreated (the kernel
+        // detached their programs); their pins go too.
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, a)| present.get(*name) != Some(&a.ifindex))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = self.attached.remove(&name) {
+                a.links.into_iter().for_each(links::unpin);
+                debug!(iface = %name, "interface gone");
+            }
+        }
+        let dir = links_dir(&self.cfg.bpffs_path);
+        for (name, ifindex) in &present {
+            if self.attached.contains_key(name)
+                || !self.cfg.pod_devices.iter().any(|g| glob_match(g, name))
+            {
+                continue;
+            }
+            let mut pinned = Vec::with_capacity(TC_PROGRAMS.len());
+            for (prog_name, direction, dir_name) in TC_PROGRAMS {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, prog_name)?;
+                let pin = dir.join(format!("tc-{name}-{dir_name}"));
+                match links::attach_tc(prog, name, direction, &pin) {
+                    Ok(l) => pinned.push(l),
+                    // The interface may have vanished between listing and
+                    // attaching; report and retry on the next pass.
+                    Err(source) => warn!(
+                        error = %EbpfError::Attach { program: prog_name, source },
+                        "attach failed"
+                    ),
+                }
+            }
+            if pinned.len() == TC_PROGRAMS.len() {
+                info!(iface = %name, "attached tc programs");
+                self.attached.insert(
+                    name.clone(),
+                    Attached {
+                        ifindex: *ifindex,
+                        links: pinned,
+                    },
+                );
+            } else {
+                pinned.into_iter().for_each(links::unpin);
+            }
+        }
+        // Pins of interfaces that no longer exist (left by an earlier agent).
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                if let Some(rest) = file.strip_prefix("tc-")
+                    && let Some((iface, _)) = rest.rsplit_once('-')
+                    && !present.contains_key(iface)
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn nr_cpus_or_one() -> usize {
+    nr_cpus().map(|n| n.max(1)).unwrap_or(1)
+}
+
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| EbpfError::Program {
+            name,
+            source: Box::new(source),
+        })
+}

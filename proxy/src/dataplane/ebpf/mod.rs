@@ -1,0 +1,501 @@
+//! The eBPF dataplane: programs pinned maps, attaches the tc programs to
+//! pod-facing interfaces and the socket-LB hooks to a cgroup, all through
+//! pinned links (see [`links`]) so the data path outlives the agent.
+//!
+//! Layout: this file holds the dataplane's state and the [`Dataplane`]
+//! glue; [`load`] loads the object (map capacities from
+//! `proxy_common::maps`) and attaches programs, [`frontends`] programs
+//! frontends, [`adoption`] rebuilds state from pins, [`maglev_tables`] owns
+//! the shared Maglev tables. The leaves ([`maps`], [`conntrack`],
+//! [`links`], [`interfaces`]) know nothing of this module.
+//!
+//! Update order per frontend, so a packet never sees half an update: new
+//! backends are written first, then the new slot generation, then the
+//! service entry is replaced in one map update (count + generation), then
+//! the old generation's slots are deleted, and finally backends nobody
+//! references any more.
+
+mod adoption;
+pub mod conntrack;
+mod frontends;
+pub mod interfaces;
+pub mod links;
+mod load;
+pub mod maglev_tables;
+pub mod maps;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::MapError,
+    programs::{ProgramError, SchedClassifier, Xdp, links::PinnedLink},
+};
+use proxy_common::{Backend, Config, MapInfo, config_flags, progs};
+
+use tracing::{debug, info, warn};
+
+pub use interfaces::{cgroup2_mount, glob_match, interface_with_address};
+
+use self::{
+    conntrack::{GcStats, Timeouts},
+    links::LinkPinError,
+    maglev_tables::MaglevTables,
+    maps::{Maps, MapsError},
+};
+use super::{ApplyStats, Dataplane, DataplaneStats, FrontendCounters, MapFill};
+use crate::{
+    diff::Change,
+    lb::{BackendAddr, FrontendKey, LbTable},
+};
+
+/// The eBPF object built by `build.rs` from `proxy-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this binary was built without its eBPF object (PROXY_SKIP_EBPF or clippy); rebuild after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error("creating pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("attaching {program}: {source}")]
+    Attach {
+        program: &'static str,
+        #[source]
+        source: LinkPinError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("map {map}: {op} for frontend {frontend}: {source}")]
+    Update {
+        map: &'static str,
+        op: &'static str,
+        frontend: String,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("frontend {0} has {1} backends, more than a frontend can hold")]
+    TooManyBackends(FrontendKey, usize),
+    #[error("counting possible CPUs: {0}")]
+    Cpus(io::Error),
+    #[error("listing network interfaces: {0}")]
+    Interfaces(io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    /// Pin directory root (`--bpffs-path`).
+    pub bpffs_path: PathBuf,
+    /// Glob patterns (`*` only) of pod-facing host interfaces to attach to.
+    pub pod_devices: Vec<String>,
+    /// cgroup v2 directory for the socket-LB hooks; `None`: socket LB off
+    /// (and any hooks an earlier agent pinned are removed).
+    pub socket_lb_cgroup: Option<PathBuf>,
+    pub ct_timeouts: Timeouts,
+    /// How often conntrack is swept for idle entries.
+    pub ct_gc_interval: Duration,
+    /// Maglev table size for north-south frontends (prime); 0: random.
+    pub maglev_table_size: u32,
+    /// Direct server return for remote north-south backends.
+    pub dsr: bool,
+    /// How XDP attaches to the external interfaces.
+    pub xdp_mode: links::XdpAttach,
+    /// Capacities (`max_entries`) by map name overriding the defaults of
+    /// `proxy_common::maps` (`--maglev-map-max`, ...).
+    pub map_max_entries: BTreeMap<&'static str, u32>,
+}
+
+impl EbpfConfig {
+    pub fn new(bpffs_path: PathBuf) -> EbpfConfig {
+        EbpfConfig {
+            bpffs_path,
+            pod_devices: Vec::new(),
+            socket_lb_cgroup: None,
+            ct_timeouts: Timeouts::default(),
+            ct_gc_interval: Duration::from_secs(10),
+            maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+            dsr: false,
+            xdp_mode: links::XdpAttach::Auto,
+            map_max_entries: BTreeMap::new(),
+        }
+    }
+
+    /// The capacity map `info` is created with: the override, else the
+    /// descriptor's default.
+    pub fn max_entries(&self, info: &MapInfo) -> u32 {
+        self.map_max_entries
+            .get(info.name)
+            .copied()
+            .unwrap_or(info.max_entries)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    id: u32,
+    generation: u8,
+    flags: u16,
+    affinity_timeout: u32,
+    source_ranges: Vec<(Ipv4Addr, u8)>,
+    backend_ids: Vec<u32>,
+    /// The Maglev table it points at (shared: see [`maglev_tables`]).
+    maglev_table: Option<u32>,
+    /// The frontend's own table size (annotation), as last applied.
+    maglev_override: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct BackendIdentity {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+}
+
+struct Attached {
+    ifindex: u32,
+    links: Vec<PinnedLink>,
+}
+
+pub struct EbpfDataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    cfg: EbpfConfig,
+    frontends: BTreeMap<FrontendKey, Programmed>,
+    backends: HashMap<BackendIdentity, (u32, Backend)>,
+    next_frontend_id: u32,
+    next_backend_id: u32,
+    attached: HashMap<String, Attached>,
+    socket_links: Vec<PinnedLink>,
+    xdp_links: Vec<PinnedLink>,
+    /// Backends removed since the last conntrack sweep: their entries go.
+    removed_backends: HashSet<u32>,
+    /// Frontends removed since the last housekeeping: their socket-LB
+    /// reverse and affinity entries go.
+    removed_frontends: HashSet<u32>,
+    /// Owner of every `MAGLEV_V4` entry.
+    maglev_tables: MaglevTables,
+    /// The node address last written to `CONFIG`.
+    node_addr: Option<Ipv4Addr>,
+    last_gc: Instant,
+    last_gc_stats: GcStats,
+    // Keeps the aya-log ring buffer alive (rare error paths log through it).
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Where links are pinned under `--bpffs-path`.
+pub fn links_dir(bpffs_path: &Path) -> PathBuf {
+    bpffs_path.join("links")
+}
+
+impl EbpfDataplane {
+    /// Sweep conntrack now (idle entries, entries of removed backends).
+    pub fn sweep_conntrack(&mut self) -> Result<GcStats, EbpfError> {
+        let stats = conntrack::sweep(
+            &mut self.maps.conntrack,
+            conntrack::monotonic_ns(),
+            &self.cfg.ct_timeouts,
+            &self.removed_backends,
+        )
+        .map_err(|source| EbpfError::Update {
+            map: "CT_V4",
+            op: "sweep",
+            frontend: "(all)".to_owned(),
+            source: Box::new(source),
+        })?;
+        // Affinity entries of removed backends are useless too.
+        let stale: Vec<_> = self
+            .maps
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| self.removed_backends.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = self.maps.affinity.remove(&k);
+        }
+        self.removed_backends.clear();
+        self.last_gc = Instant::now();
+        self.last_gc_stats = stats;
+        if stats.expired + stats.flushed > 0 {
+            debug!(?stats, "conntrack sweep");
+        }
+        Ok(stats)
+    }
+
+    /// Delete the socket-LB reverse entries and affinity entries of
+    /// frontends removed since the last call. Returns how many went.
+    pub fn flush_removed_frontends(&mut self) -> usize {
+        if self.removed_frontends.is_empty() {
+            return 0;
+        }
+        let removed = std::mem::take(&mut self.removed_frontends);
+        let sock: Vec<_> = self
+            .maps
+            .sock_revnat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| removed.contains(&v.service_id))
+            .map(|(k, _)| k)
+            .collect();
+        let aff: Vec<_> = self
+            .maps
+            .affinity
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| removed.contains(&k.service_id))
+            .collect();
+        let n = sock.len() + aff.len();
+        for k in sock {
+            let _ = self.maps.sock_revnat.remove(&k);
+        }
+        for k in aff {
+            let _ = self.maps.affinity.remove(&k);
+        }
+        if n > 0 {
+            debug!(
+                entries = n,
+                frontends = removed.len(),
+                "flushed entries of removed frontends"
+            );
+        }
+        n
+    }
+
+    /// Write the node address north-south SNAT and DSR use (`CONFIG`), when
+    /// it differs from what is there.
+    pub fn set_node_address(&mut self, addr: Option<Ipv4Addr>) -> Result<(), EbpfError> {
+        let cfg = Config {
+            node_addr: addr.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
+            flags: if self.cfg.dsr { config_flags::DSR } else { 0 },
+        };
+        if self.maps.config.get(&0, 0).ok() == Some(cfg) {
+            self.node_addr = addr;
+            return Ok(());
+        }
+        self.maps
+            .config
+            .set(0, cfg, 0)
+            .map_err(|source| EbpfError::Update {
+                map: proxy_common::maps::CONFIG.name,
+                op: "set",
+                frontend: format!("(node address {addr:?})"),
+                source: Box::new(source),
+            })?;
+        if self.node_addr != addr {
+            info!(node_address = ?addr, "north-south node address");
+        }
+        self.node_addr = addr;
+        Ok(())
+    }
+
+    /// Maglev tables in use and the `MAGLEV_V4` entries they own.
+    pub fn maglev_tables(&self) -> (usize, u64) {
+        (self.maglev_tables.len(), self.maglev_tables.slots())
+    }
+
+    /// The last conntrack sweep's figures.
+    pub fn conntrack_stats(&self) -> GcStats {
+        self.last_gc_stats
+    }
+
+    /// The loaded XDP program, for BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&self) -> Option<&Xdp> {
+        self.ebpf
+            .program(progs::XDP_NODEPORT)
+            .and_then(|p| p.try_into().ok())
+    }
+
+    /// A loaded tc program, for BPF_PROG_TEST_RUN.
+    pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok())
+    }
+
+    /// The maps, for inspection.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Interfaces the tc programs are attached to.
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.attached.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    type Error = EbpfError;
+
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn programmed(&self) -> LbTable {
+        let by_id: HashMap<u32, &Backend> =
+            self.backends.values().map(|(id, b)| (*id, b)).collect();
+        let mut lb = LbTable::default();
+        for (k, p) in &self.frontends {
+            let backends = p
+                .backend_ids
+                .iter()
+                .filter_map(|id| by_id.get(id))
+                .map(|b| BackendAddr {
+                    addr: b.ip(),
+                    port: b.host_port(),
+                    terminating: b.is_terminating(),
+                    local: b.is_local(),
+                })
+                .collect();
+            lb.frontends.insert(*k, frontends::frontend_of(p, backends));
+        }
+        lb
+    }
+
+    fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, EbpfError> {
+        let mut stats = ApplyStats::default();
+        let mut first_error = None;
+        let mut failed = 0usize;
+        for change in changes {
+            // One bad frontend must not stop the others.
+            let r = match change {
+                Change::Upsert(k, f) => self.upsert(k, f, &mut stats),
+                Change::Remove(k) => self.remove(k, &mut stats),
+            };
+            if let Err(e) = r {
+                // A full map fails every frontend after it: a few lines
+                // and a count, not one line per frontend per retry.
+                if failed < 3 {
+                    warn!(error = %e, "programming a frontend failed");
+                }
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+        if failed > 3 {
+            warn!(
+                failed,
+                of = changes.len(),
+                "programming frontends failed (first 3 logged)"
+            );
+        }
+        self.release_backends(&mut stats);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
+    }
+
+    fn housekeeping(&mut self) -> Result<(), EbpfError> {
+        self.attach_devices()?;
+        if self.last_gc.elapsed() >= self.cfg.ct_gc_interval || !self.removed_backends.is_empty() {
+            self.sweep_conntrack()?;
+        }
+        self.flush_removed_frontends();
+        Ok(())
+    }
+
+    fn set_node_address(&mut self, addr: Option<Ipv4Addr>) -> Result<(), EbpfError> {
+        EbpfDataplane::set_node_address(self, addr)
+    }
+
+    fn stats_reader(&self) -> Option<Box<dyn super::StatsReader>> {
+        // Its own handles on the pinned maps: reads need no access to the
+        // dataplane the sync loop owns.
+        match Maps::open_pinned(&self.cfg.bpffs_path) {
+            Ok(maps) => Some(Box::new(PinnedStats(maps))),
+            Err(e) => {
+                warn!(error = %e, "no map statistics for /metrics");
+                None
+            }
+        }
+    }
+}
+
+/// `/metrics`'s reader: its own handles on the pinned maps, so reads need
+/// no access to the dataplane the sync loop owns.
+struct PinnedStats(Maps);
+
+impl super::StatsReader for PinnedStats {
+    fn read(&self) -> Result<DataplaneStats, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(dataplane_stats(&self.0)?)
+    }
+}
+
+/// Counters and fill levels for `/metrics`: cheaper than [`Maps::dump`]
+/// (no Maglev walk: a table is always full, so its entries are the sizes
+/// of the distinct tables).
+pub fn dataplane_stats(m: &Maps) -> Result<DataplaneStats, MapsError> {
+    let maps: Vec<MapFill> = m
+        .capacities()?
+        .into_iter()
+        .zip(m.entries()?)
+        .map(|((name, capacity), entries)| MapFill {
+            name: name.to_owned(),
+            entries,
+            capacity: u64::from(capacity),
+        })
+        .collect();
+    let conntrack = maps
+        .iter()
+        .find(|f| f.name == proxy_common::maps::CONNTRACK.name)
+        .cloned();
+    let per_service = m.service_counters()?;
+    let mut frontends: Vec<FrontendCounters> = m
+        .services()?
+        .into_iter()
+        .map(|(k, v)| {
+            let (packets, bytes) = per_service.get(&v.id).copied().unwrap_or((0, 0));
+            FrontendCounters {
+                frontend: maps::Addr::new(k.ip(), k.host_port(), k.proto).to_string(),
+                kind: v.kind_name().to_owned(),
+                packets,
+                bytes,
+            }
+        })
+        .collect();
+    frontends.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+    let mut drops = Vec::new();
+    let mut counters = Vec::new();
+    for (name, value) in m.counters()? {
+        match name.strip_prefix("drop_") {
+            Some(reason) => drops.push((reason.to_owned(), value)),
+            None => counters.push((name.to_owned(), value)),
+        }
+    }
+    Ok(DataplaneStats {
+        maps,
+        conntrack,
+        frontends,
+        drops,
+        counters,
+    })
+}
