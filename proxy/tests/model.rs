@@ -449,3 +449,54 @@ fn slice_view_reads_api_json() {
             .expect("null endpoints");
     assert!(empty.endpoints.is_empty());
 }
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` is validated as the API
+/// server does (1..=86400): out of range is an error naming the object, the
+/// field and the value; the service is still programmed (with the default
+/// timeout), as with the other field errors.
+#[test]
+fn affinity_timeout_out_of_range_is_reported_and_the_service_kept() {
+    let doc = |name: &str, ip: &str, timeout: i64| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  clusterIP: {ip}\n  sessionAffinity: ClientIP\n  \
+             sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n  \
+             ports: [{{port: 80, protocol: TCP}}]\n"
+        )
+    };
+    let yaml = [
+        doc("min", "10.96.0.60", 1),
+        doc("max", "10.96.0.61", 86_400),
+        doc("over", "10.96.0.62", 86_401),
+        doc("zero", "10.96.0.63", 0),
+        doc("negative", "10.96.0.64", -5),
+    ]
+    .join("---\n");
+    let svc: Vec<Service> = load(&yaml);
+    let (table, errors) = model::build(&svc, &[], &NodeContext::default());
+    let msgs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    for (name, value) in [("over", "86401"), ("zero", "0"), ("negative", "-5")] {
+        let needle = format!(
+            "Service default/{name}: field spec.sessionAffinityConfig.clientIP.timeoutSeconds = \"{value}\""
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains(&needle)),
+            "{needle} in {msgs:#?}"
+        );
+    }
+    assert_eq!(errors.len(), 3, "{msgs:#?}");
+    let timeout = |name: &str| table.services[&spn(name, "", Protocol::Tcp)].affinity_timeout;
+    assert_eq!(timeout("min"), Some(1));
+    assert_eq!(timeout("max"), Some(86_400));
+    for name in ["over", "zero", "negative"] {
+        // Kept, with kube-proxy's default timeout.
+        assert_eq!(timeout(name), Some(10_800), "{name}");
+        assert_eq!(
+            table.services[&spn(name, "", Protocol::Tcp)]
+                .cluster_ips
+                .len(),
+            1,
+            "{name}"
+        );
+    }
+}

@@ -5,13 +5,12 @@
 //! frames through the programs. Nothing is attached to any interface.
 //! Needs root and bpffs at /sys/fs/bpf (`cargo xtask setup`).
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod common;
+
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use aya::programs::{TestRun, TestRunOptions};
+use common::PinDir;
 use proxy::{
     dataplane::{
         Dataplane,
@@ -40,23 +39,12 @@ const HAIRPIN_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 /// A dataplane with its own pin directory, removed on drop.
 struct Fixture {
     dp: EbpfDataplane,
-    dir: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    dir: PinDir,
 }
 
 fn fixture() -> Fixture {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = PathBuf::from(format!(
-        "/sys/fs/bpf/proxy-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let mut dp = EbpfDataplane::load(EbpfConfig::new(dir.clone()))
+    let dir = PinDir::new("test");
+    let mut dp = EbpfDataplane::load(EbpfConfig::new(dir.0.clone()))
         .expect("load eBPF dataplane (root and bpffs needed: cargo xtask setup)");
     let backend = |addr, port| BackendAddr {
         addr,
@@ -1247,4 +1235,453 @@ fn maglev_table_size_can_be_set_per_frontend() {
     let mut sizes: Vec<usize> = d.maglev.iter().map(|m| m.slots).collect();
     sizes.sort();
     assert_eq!(sizes, vec![13, proxy::maglev::DEFAULT_TABLE_SIZE as usize]);
+}
+
+/// ClientIP affinity on a frontend sharing more than 64 backends with
+/// another one: once the sticky backend leaves the affinity frontend (but
+/// stays in the other, so it still exists), the client's next new flow
+/// must go elsewhere.
+#[test]
+fn affinity_forgets_a_backend_that_left_a_large_frontend() {
+    let mut fx = fixture();
+    let a = FrontendKey {
+        addr: Ipv4Addr::new(10, 96, 0, 20),
+        port: 80,
+        proto: Protocol::Tcp,
+    };
+    let b = FrontendKey {
+        addr: Ipv4Addr::new(10, 96, 0, 21),
+        ..a
+    };
+    let all: Vec<BackendAddr> = (1..=70u8)
+        .map(|i| BackendAddr {
+            addr: Ipv4Addr::new(10, 244, 3, i),
+            port: 8080,
+            terminating: false,
+            local: true,
+        })
+        .collect();
+    let fe = |backends: Vec<BackendAddr>, affinity_timeout| Frontend {
+        kind: FrontendKind::ClusterIp,
+        backends,
+        affinity_timeout,
+        source_ranges: vec![],
+        maglev_table_size: None,
+        local_only: false,
+    };
+    fx.dp
+        .apply(&[
+            Change::Upsert(a, fe(all.clone(), 60)),
+            Change::Upsert(b, fe(all.clone(), 0)),
+        ])
+        .expect("program frontends");
+    let to_a = |fx: &Fixture, sport| {
+        let (rc, out) = fx.run(
+            progs::TC_FROM_POD,
+            &Frame::tcp(CLIENT, sport, a.addr, 80).build(),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        parse_and_verify(&out).dst
+    };
+    let x = to_a(&fx, 40000);
+    for sport in 40001..40010 {
+        assert_eq!(
+            to_a(&fx, sport),
+            x,
+            "affinity keeps the client on its backend"
+        );
+    }
+    // X leaves A (it stays in B, so the backend itself still exists).
+    let without_x: Vec<BackendAddr> = all.iter().filter(|b| b.addr != x).cloned().collect();
+    fx.dp
+        .apply(&[Change::Upsert(a, fe(without_x, 60))])
+        .expect("re-program A");
+    let y = to_a(&fx, 40100);
+    assert_ne!(
+        y, x,
+        "a backend that left the frontend is not reused by affinity"
+    );
+    for sport in 40101..40105 {
+        assert_eq!(to_a(&fx, sport), y, "and the new backend sticks");
+    }
+    // B still reaches X's address among its backends.
+    assert!(
+        fx.dp
+            .maps()
+            .dump()
+            .expect("dump")
+            .backends
+            .iter()
+            .any(|e| e.backend.ip == x)
+    );
+}
+
+/// `sock_release`: a connected UDP socket to a ClusterIP, from a process in
+/// a private cgroup with the socket-LB hooks attached, leaves a reverse
+/// entry keyed by its cookie and backend; closing the socket removes it.
+#[test]
+fn sock_release_forgets_the_socket_reverse_entry() {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        process::{Command, Stdio},
+    };
+
+    use aya::{
+        EbpfLoader,
+        programs::{CgroupAttachMode, CgroupSock},
+    };
+
+    struct TestCgroup(PathBuf);
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+            for _ in 0..100 {
+                if std::fs::remove_dir(&self.0).is_ok() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+    let mount = proxy::dataplane::ebpf::cgroup2_mount().expect("cgroup2 mount");
+    let cg = TestCgroup(mount.join(format!("proxy-prog-test-{}", std::process::id())));
+    std::fs::create_dir_all(&cg.0).expect("create cgroup");
+
+    let dir = PinDir::new("test-sock");
+    let mut cfg = EbpfConfig::new(dir.0.clone());
+    cfg.socket_lb_cgroup = Some(cg.0.clone());
+    let mut fx = Fixture {
+        dp: EbpfDataplane::load(cfg).expect("load dataplane with socket LB"),
+        dir,
+    };
+    fx.dp
+        .apply(&[Change::Upsert(
+            FrontendKey {
+                addr: VIP,
+                port: 53,
+                proto: Protocol::Udp,
+            },
+            Frontend {
+                kind: FrontendKind::ClusterIp,
+                backends: vec![BackendAddr {
+                    addr: B1,
+                    port: 5353,
+                    terminating: false,
+                    local: true,
+                }],
+                affinity_timeout: 0,
+                source_ranges: vec![],
+                maglev_table_size: None,
+                local_only: false,
+            },
+        )])
+        .expect("program frontend");
+
+    // The same pinned maps, and sock_release attached to the same cgroup.
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(proxy::maps::pin_dir(&fx.dir.0))
+        .load(proxy::dataplane::ebpf::EBPF_OBJECT)
+        .expect("object");
+    let release: &mut CgroupSock = ebpf
+        .program_mut(progs::SOCK_RELEASE)
+        .expect("sock_release in the object")
+        .try_into()
+        .expect("a cgroup sock program");
+    release.load().expect("sock_release loads");
+    let cg_fd = std::fs::File::open(&cg.0).expect("open cgroup");
+    release
+        .attach(&cg_fd, CgroupAttachMode::Single)
+        .expect("attach sock_release");
+
+    let entries = |dp: &EbpfDataplane| -> Vec<_> {
+        dp.maps()
+            .sock_revnat
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.addr == u32::from_ne_bytes(B1.octets()) && k.port == 5353u16.to_be())
+            .collect()
+    };
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec 3<>/dev/udp/{VIP}/53 && echo connected && read x && exec 3>&- && echo closed && read y",
+        cg.0.display()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn bash");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "connected");
+    assert_eq!(
+        entries(&fx.dp).len(),
+        1,
+        "connect() recorded the reverse entry"
+    );
+    assert_eq!(fx.stat(stat::SOCK_XLATE), 1);
+    writeln!(stdin).expect("write");
+    line.clear();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "closed");
+    assert!(entries(&fx.dp).is_empty(), "closing the socket removed it");
+    writeln!(stdin).expect("write");
+    let _ = child.wait();
+    // The links go before the cgroup directory and the pins.
+    drop(ebpf);
+    drop(fx);
+}
+
+/// The node's SNAT ports towards NodePort 30081's remote backend (B2:8080):
+/// the kernel tries the client's own port, then random ones in
+/// 32768..61000.
+const SNAT_PORTS: std::ops::Range<u16> = 32768..61000;
+const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 200);
+
+fn snat_reply_key(node_port: u16) -> proxy_common::CtKey {
+    proxy_common::CtKey {
+        saddr: u32::from_ne_bytes(B2.octets()),
+        daddr: u32::from_ne_bytes(NODE.octets()),
+        sport: 8080u16.to_be(),
+        dport: node_port.to_be(),
+        proto: 6,
+        dir: proxy_common::ct_dir::REPLY,
+        _pad: 0,
+    }
+}
+
+/// Another client's SNAT reply entry holding `node_port`.
+fn other_clients_entry(node_port: u16) -> proxy_common::CtValue {
+    proxy_common::CtValue {
+        last_seen_ns: 1_000 + node_port as u64,
+        backend_id: 77,
+        service_id: 77,
+        flags: proxy_common::ct_flags::SNAT,
+        _pad: 0,
+        nat_addr: u32::from_ne_bytes(OTHER_CLIENT.octets()),
+        nat_port: node_port.wrapping_add(1).to_be(),
+        _pad2: 0,
+    }
+}
+
+/// Insert other clients' reply entries for `ports` from userspace.
+fn occupy(fx: &Fixture, ports: &[u16]) {
+    let mut maps = proxy::maps::Maps::open_pinned(&fx.dir.0).expect("pinned maps");
+    for &p in ports {
+        maps.conntrack
+            .insert(snat_reply_key(p), other_clients_entry(p), 0)
+            .expect("insert reply entry");
+    }
+}
+
+fn assert_untouched(fx: &Fixture, ports: &[u16]) {
+    let ct = &fx.dp.maps().conntrack;
+    for &p in ports {
+        let v = ct.get(&snat_reply_key(p), 0).expect("entry still there");
+        assert_eq!(v, other_clients_entry(p), "entry of port {p} unchanged");
+    }
+}
+
+#[test]
+fn snat_without_a_free_port_drops_and_overwrites_nothing() {
+    let fx = north_south();
+    let sport = 53000;
+    let mut ports: Vec<u16> = SNAT_PORTS.collect();
+    ports.push(sport);
+    occupy(&fx, &ports);
+    let (rc, _) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, sport, NODE, 30081).build(),
+    );
+    assert_eq!(rc, TC_ACT_SHOT, "no port left: dropped");
+    assert_eq!(fx.stat(stat::DROP_SNAT_EXHAUSTED), 1);
+    assert_eq!(fx.stat(stat::DNAT), 0);
+    assert_untouched(&fx, &ports);
+}
+
+#[test]
+fn snat_takes_a_free_port_and_overwrites_nothing() {
+    let fx = north_south();
+    let sport = 53001;
+    // The client's own port and every 28th one are held by another client.
+    let mut ports: Vec<u16> = SNAT_PORTS.step_by(28).collect();
+    ports.push(sport);
+    occupy(&fx, &ports);
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, sport, NODE, 30081).build(),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.src, p.dst, p.dport), (NODE, B2, 8080));
+    assert!(
+        SNAT_PORTS.contains(&p.sport) && !ports.contains(&p.sport),
+        "a free port: {}",
+        p.sport
+    );
+    assert_untouched(&fx, &ports);
+    let mine = fx
+        .dp
+        .maps()
+        .conntrack
+        .get(&snat_reply_key(p.sport), 0)
+        .expect("the flow's reply entry");
+    assert_eq!(
+        (mine.nat_addr, mine.nat_port),
+        (u32::from_ne_bytes(EXT_CLIENT.octets()), sport.to_be())
+    );
+    assert_eq!(fx.stat(stat::DROP_SNAT_EXHAUSTED), 0);
+    // The backend's reply through that port reaches the client.
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(B2, 8080, NODE, p.sport).build(),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let r = parse_and_verify(&out);
+    assert_eq!((r.dst, r.dport), (EXT_CLIENT, sport));
+}
+
+/// The SERVICE entry of a north-south flow, as the agent's sweep sees it.
+fn ns_service_entry(fx: &Fixture, sport: u16, node_port: u16) -> proxy_common::CtValue {
+    let key = proxy_common::CtKey {
+        saddr: u32::from_ne_bytes(EXT_CLIENT.octets()),
+        daddr: u32::from_ne_bytes(NODE.octets()),
+        sport: sport.to_be(),
+        dport: node_port.to_be(),
+        proto: 6,
+        dir: proxy_common::ct_dir::SERVICE,
+        _pad: 0,
+    };
+    fx.dp.maps().conntrack.get(&key, 0).expect("service entry")
+}
+
+/// North-south flows are stamped by their packets (XDP and tc alike), so
+/// an active connection is not swept as idle, and TCP state reaches the
+/// entry (an established flow gets the established timeout, not SYN's).
+#[test]
+fn north_south_packets_keep_their_flow_fresh() {
+    let fx = north_south();
+    let established = proxy_common::ct_flags::TCP_ESTABLISHED;
+    for (what, node_port, sport, xdp) in [
+        ("xdp, local backend", 30080, 54000, true),
+        ("tc alone, local backend", 30080, 54001, false),
+        ("tc alone, remote backend", 30081, 54002, false),
+    ] {
+        let run = |f: &Frame| {
+            if xdp {
+                fx.run_xdp(&f.build()).0
+            } else {
+                fx.run(progs::TC_FROM_NETDEV, &f.build()).0
+            }
+        };
+        run(&Frame::tcp(EXT_CLIENT, sport, NODE, node_port));
+        let first = ns_service_entry(&fx, sport, node_port);
+        assert_eq!(first.flags & established, 0, "{what}: SYN only");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut ack = Frame::tcp(EXT_CLIENT, sport, NODE, node_port);
+        ack.tcp_flags = 0x10;
+        run(&ack);
+        let later = ns_service_entry(&fx, sport, node_port);
+        assert!(
+            later.last_seen_ns > first.last_seen_ns,
+            "{what}: stamped by the next packet"
+        );
+        assert_ne!(later.flags & established, 0, "{what}: established");
+        assert_eq!(later.backend_id, first.backend_id);
+    }
+    // The remote backend's replies stamp the SNAT reply entry (the node
+    // port is the client's own: nothing else holds it).
+    let reply_entry = || {
+        fx.dp
+            .maps()
+            .conntrack
+            .get(&snat_reply_key(54002), 0)
+            .expect("SNAT reply entry")
+    };
+    let before = reply_entry();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut reply = Frame::tcp(B2, 8080, NODE, 54002);
+    reply.tcp_flags = 0x10;
+    let (rc, _) = fx.run(progs::TC_FROM_NETDEV, &reply.build());
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert!(reply_entry().last_seen_ns > before.last_seen_ns);
+}
+
+// ---- verifier figures -----------------------------------------------------
+
+/// Loads every program of the object (or of the object named by
+/// `PROXY_EBPF_OBJECT`, to measure another build) with its maps in a private
+/// pin directory, and prints the verifier's processed-instruction count and
+/// the translated size per program. Fails if any program does not load.
+/// `cargo test -p proxy --test prog_test_run verifier_instruction_counts -- --nocapture`
+#[test]
+fn verifier_instruction_counts() {
+    use aya::{EbpfLoader, programs::Program};
+
+    let other = std::env::var_os("PROXY_EBPF_OBJECT").map(|p| std::fs::read(p).expect("object"));
+    let bytes: &[u8] = match &other {
+        Some(b) => b,
+        None => proxy::dataplane::ebpf::EBPF_OBJECT,
+    };
+    let dir = PathBuf::from(format!("/sys/fs/bpf/proxy-verifier-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    // The object is copied so it is aligned for the ELF parser.
+    let aligned: Vec<u64> = vec![0; bytes.len().div_ceil(8)];
+    let mut aligned = aligned;
+    // SAFETY: a u64 buffer at least as long as the object, viewed as bytes.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, bytes.len()) };
+    buf.copy_from_slice(bytes);
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(buf)
+        .expect("parse object");
+    let mut rows = Vec::new();
+    for (name, prog) in ebpf.programs_mut() {
+        let r = match prog {
+            Program::SchedClassifier(p) => p.load(),
+            Program::Xdp(p) => p.load(),
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
+            other => panic!("{name}: unexpected program type {:?}", other.prog_type()),
+        };
+        r.unwrap_or_else(|e| panic!("{name} must load (verifier): {e:?}"));
+        let info = prog.info().expect("program info");
+        rows.push((
+            name.to_owned(),
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0) / 8,
+        ));
+    }
+    rows.sort();
+    println!(
+        "{:<20} {:>14} {:>12}",
+        "program", "verified insns", "xlated insns"
+    );
+    for (name, verified, xlated) in &rows {
+        println!("{name:<20} {verified:>14} {xlated:>12}");
+    }
+    for name in [
+        progs::TC_FROM_POD,
+        progs::TC_TO_POD,
+        progs::TC_FROM_NETDEV,
+        progs::TC_TO_NETDEV,
+        progs::XDP_NODEPORT,
+        progs::SOCK_CONNECT4,
+        progs::SOCK_SENDMSG4,
+        progs::SOCK_RECVMSG4,
+        progs::SOCK_GETPEERNAME4,
+        progs::SOCK_RELEASE,
+    ] {
+        assert!(rows.iter().any(|r| r.0 == name), "{name} in the object");
+    }
 }
