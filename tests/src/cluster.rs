@@ -1123,6 +1123,41 @@ pub fn tcp_request(ns: &Netns, to: SocketAddr, timeout: Duration) -> Result<Stri
     })
 }
 
+/// From inside `ns`: `GET path` over HTTP/1.1 (connection close); returns
+/// the status line. For the agent's HTTP servers, which answer HTTP only.
+pub fn http_get_status(
+    ns: &Netns,
+    to: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let started = Instant::now();
+    run_in(ns, started, || {
+        let io = |e: std::io::Error| ClientError::from_io(&e, started);
+        let mut stream = TcpStream::connect_timeout(&to, timeout).map_err(io)?;
+        let remaining = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(remaining)).map_err(io)?;
+        stream.set_write_timeout(Some(remaining)).map_err(io)?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .map_err(io)?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+        if line.is_empty() {
+            return Err(ClientError::other(
+                "connection closed without a reply",
+                started,
+            ));
+        }
+        Ok(line.trim_end().to_owned())
+    })
+}
+
 /// From inside `ns`: sends one datagram to `to` from an unconnected socket
 /// and waits for a reply, which must come from `to` itself
 /// ([`ClientError::WrongSource`] otherwise). ICMP errors are reported via

@@ -1,4 +1,4 @@
-//! East-west service behaviours (shared/SERVICE-BEHAVIOURS.md lines 1-6,
+//! East-west service behaviours (docs/service-behaviours.md, 1-6,
 //! the agent half of 7, 8-9 and 22 from pods, 10-17, 19, 20; 14 for
 //! ClusterIP) end to end: API server fixture -> agent on every node -> pods
 //! talking to service addresses.
@@ -1506,7 +1506,7 @@ fn node_port_and_external_ip_from_pods_then_released(lb: SocketLb) -> Scenario {
     s
 }
 
-/// SERVICE-BEHAVIOURS 22 from inside the cluster: `loadBalancerSourceRanges`
+/// Behaviour 22 (docs/service-behaviours.md) from inside the cluster: `loadBalancerSourceRanges`
 /// hold for pods reaching the LoadBalancer IP too (kube-proxy's firewall
 /// chain sees their traffic). With socket LB on, the socket hooks leave such
 /// frontends to the per-packet path, which knows the client's address.

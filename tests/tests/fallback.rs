@@ -225,6 +225,12 @@ fn cleanup_removes_ebpf_pins() {
     assert!(!pins.exists(), "{} still there: {out}", pins.display());
 }
 
+/// `--mode ipvs` checks for IP_VS before anything else: on a kernel without
+/// it (no module either) the agent exits with one sentence; on a kernel
+/// with it, the check passes and the next one (the scheduler, deliberately
+/// bogus here so the agent exits before needing an API server) is the one
+/// that fails. Which kernel this is: the same generic netlink probe, asked
+/// from the node's namespace.
 #[test]
 fn ipvs_mode_without_ip_vs_exits_with_one_sentence() {
     let cluster = Cluster::new(ClusterSpec {
@@ -234,24 +240,35 @@ fn ipvs_mode_without_ip_vs_exits_with_one_sentence() {
     })
     .expect("cluster");
     let node = cluster.node(1);
-    // This machine's kernel has no IP_VS (no module either).
+    let has_ip_vs = node
+        .ns
+        .run(|| proxy::dataplane::ipvs::probe().is_ok())
+        .expect("probe in the node's namespace");
     let (ok, out) = run_proxy(
         node,
         &[
             "--mode",
             "ipvs",
+            "--ipvs-scheduler",
+            "bogus",
             "--bpffs-path",
             "/sys/fs/bpf/proxy-tests-none",
         ],
     );
     assert!(!ok, "ipvs mode must fail here: {out}");
     let err: Vec<&str> = out.lines().filter(|l| l.starts_with("proxy: ")).collect();
+    let want = if has_ip_vs {
+        format!(
+            "proxy: --ipvs-scheduler bogus: not one of {}",
+            proxy::dataplane::ipvs::SCHEDULERS.join(", ")
+        )
+    } else {
+        "proxy: IPVS is not available in this kernel (no \"IPVS\" generic netlink family: IP_VS not built in and no module loaded); use --mode iptables or --mode nftables".to_owned()
+    };
     assert_eq!(
         err,
-        vec![
-            "proxy: IPVS is not available in this kernel (no \"IPVS\" generic netlink family: IP_VS not built in and no module loaded); use --mode iptables or --mode nftables"
-        ],
-        "{out}"
+        vec![want.as_str()],
+        "IP_VS available: {has_ip_vs}\n{out}"
     );
 }
 

@@ -13,8 +13,8 @@ use proxy_tests::{
     agent::{Agent, AgentOptions},
     apiserver::ApiServer,
     cluster::{
-        ClientError, Cluster, ClusterSpec, TcpServer, UdpServer, parse_reply, tcp_request,
-        udp_request, udp_request_payload,
+        ClientError, Cluster, ClusterSpec, TcpServer, UdpServer, http_get_status, parse_reply,
+        tcp_request, udp_request, udp_request_payload,
     },
     netns::Netns,
     scenario::{DataplaneMode, fallback_counter},
@@ -146,7 +146,7 @@ fn node_port_from_outside_by_tc_alone() {
     node_port_from_outside_with(DataplaneMode::EbpfTc, &["--xdp-mode", "none"])
 }
 
-/// SERVICE-BEHAVIOURS 8, 9 (LoadBalancer IP), 14 (NodePort), 18 and 22 in the kube-proxy
+/// Behaviours 8, 9 (LoadBalancer IP), 14 (NodePort), 18 and 22 (docs/service-behaviours.md) in the kube-proxy
 /// fallback modes: the same test bodies.
 mod fallback {
     use super::*;
@@ -338,7 +338,7 @@ spec:
     let ext = cluster.external();
     let check = |node: usize| {
         let to = SocketAddr::from((cluster.node(node).underlay_ip, 32000));
-        tcp_request(&ext.ns, to, TIMEOUT).map_err(|e| e.to_string())
+        http_get_status(&ext.ns, to, "/", TIMEOUT).map_err(|e| e.to_string())
     };
     let until = |node: usize, want: &str| {
         let deadline = Instant::now() + Duration::from_secs(5);

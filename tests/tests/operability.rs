@@ -2,7 +2,7 @@
 //! dump-maps, explain), the agent's kube-proxy endpoints (/metrics,
 //! /proxyMode, /healthz through an API server outage), proxyctl without
 //! pins, and Kubernetes Events for objects that cannot be programmed.
-//! The kube-proxy endpoints (SERVICE-BEHAVIOURS line 21) are also checked
+//! The kube-proxy endpoints (behaviour 21 of docs/service-behaviours.md) are also checked
 //! in every mode with one function (`ebpf::`, `iptables::`, `nftables::`
 //! `kube_proxy_endpoints`).
 
@@ -679,7 +679,7 @@ fn metrics_follow_syncs_and_traffic() {
     drop(agent);
 }
 
-/// SERVICE-BEHAVIOURS line 21 in every mode, with the same code: `/healthz`
+/// Behaviour 21 in every mode, with the same code: `/healthz`
 /// on the node's address :10256 answers 200 with `lastUpdated`, `/metrics`
 /// on :10249 carries kube-proxy's sync histogram (moving with syncs) and the
 /// programmed counts, which match the frontends read from the kernel (the

@@ -5,7 +5,7 @@
 //! modes' `kill -9` scenario is eastwest's
 //! `agent_kill_9_keeps_streams_and_new_connections`.)
 //!
-//! API server outage (SERVICE-BEHAVIOURS line 7, second half), in every
+//! API server outage (behaviour 7 of docs/service-behaviours.md, second half), in every
 //! mode: eBPF (socket LB off), iptables and nftables, with the same code.
 
 use std::{

@@ -23,7 +23,8 @@ enum Cmd {
     /// Setup, build, then run the demo: netns cluster + API server fixture +
     /// agent, requests to a ClusterIP, `proxyctl dump-maps`.
     Demo,
-    /// Setup, build, then run every test (unit, BPF_PROG_TEST_RUN, scenarios).
+    /// Setup, `cargo fmt --check`, `cargo clippy --all-targets -D warnings`,
+    /// build, then run every test (unit, BPF_PROG_TEST_RUN, scenarios).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -67,6 +68,9 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup::setup()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            // Lints of the host members (default-members; the eBPF crate is
+            // built for its own target by proxy/build.rs), warnings denied.
+            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
             build_bins()?;
             run(cargo().arg("test").args(&args))?;
             // The whole suite includes the VM test and a benchmark smoke

@@ -61,6 +61,10 @@ struct Args {
     /// Hold mode: number of streams.
     #[arg(long, default_value_t = 1)]
     streams: usize,
+    /// UDP: connect() the socket to `--to` and use send/recv (the socket
+    /// path's connect4 and recvmsg4 hooks) instead of sendto.
+    #[arg(long)]
+    udp_connected: bool,
 }
 
 fn main() {
@@ -89,7 +93,7 @@ fn main() {
         });
         let r = match args.proto {
             Proto::Tcp => tcp_request(args.to, sport, timeout),
-            Proto::Udp => udp_request(args.to, sport, timeout),
+            Proto::Udp => udp_request(args.to, sport, timeout, args.udp_connected),
         };
         print_json(&mut out, &r);
     }
@@ -189,7 +193,12 @@ fn tcp_request(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> Clien
     r
 }
 
-fn udp_request(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> ClientResult {
+fn udp_request(
+    to: SocketAddrV4,
+    sport: Option<u16>,
+    timeout: Duration,
+    connected: bool,
+) -> ClientResult {
     let started = Instant::now();
     let attempt = || -> Result<ClientResult, (std::io::Error, &'static str)> {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, sport.unwrap_or(0)))
@@ -197,7 +206,12 @@ fn udp_request(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> Clien
         setsockopt_int(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVERR, 1)
             .map_err(|e| (e, "IP_RECVERR"))?;
         let local = socket.local_addr().ok();
-        socket.send_to(b"hi\n", to).map_err(|e| (e, "send"))?;
+        if connected {
+            socket.connect(to).map_err(|e| (e, "connect"))?;
+            socket.send(b"hi\n").map_err(|e| (e, "send"))?;
+        } else {
+            socket.send_to(b"hi\n", to).map_err(|e| (e, "send"))?;
+        }
         let remaining = timeout.saturating_sub(started.elapsed());
         if remaining.is_zero() {
             return Err((IoKind::TimedOut.into(), "recv"));
