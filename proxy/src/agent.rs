@@ -118,7 +118,7 @@ pub fn sync_once<D: Dataplane>(
     // may need it for SNAT).
     dp.set_node_address(node_address(&node))?;
     let desired = LbTable::from_services(&table, &node);
-    let changes = diff(&dp.programmed(), &desired);
+    let changes = diff(dp.programmed(), &desired);
     let endpoints: std::collections::BTreeSet<_> = desired
         .frontends
         .values()

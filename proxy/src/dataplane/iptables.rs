@@ -160,8 +160,8 @@ impl Dataplane for IptablesDataplane {
         "iptables"
     }
 
-    fn programmed(&self) -> LbTable {
-        self.programmed.clone()
+    fn programmed(&self) -> &LbTable {
+        &self.programmed
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {

@@ -573,8 +573,8 @@ impl super::Dataplane for IpvsDataplane {
         "ipvs"
     }
 
-    fn programmed(&self) -> crate::lb::LbTable {
-        self.programmed.clone()
+    fn programmed(&self) -> &crate::lb::LbTable {
+        &self.programmed
     }
 
     fn apply(&mut self, changes: &[crate::diff::Change]) -> Result<super::ApplyStats, IpvsError> {

@@ -70,8 +70,9 @@ pub trait Dataplane {
     fn mode(&self) -> &'static str;
 
     /// What is programmed now, as found at start (pinned state of an earlier
-    /// agent) plus everything applied since. The agent diffs against it.
-    fn programmed(&self) -> LbTable;
+    /// agent) plus everything applied since. The agent diffs against it;
+    /// lent, never rebuilt per sync.
+    fn programmed(&self) -> &LbTable;
 
     /// Apply changes computed by [`crate::diff::diff`].
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, Self::Error>;

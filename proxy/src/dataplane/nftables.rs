@@ -66,8 +66,8 @@ impl Dataplane for NftablesDataplane {
         "nftables"
     }
 
-    fn programmed(&self) -> LbTable {
-        self.programmed.clone()
+    fn programmed(&self) -> &LbTable {
+        &self.programmed
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {

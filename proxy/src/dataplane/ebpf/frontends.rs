@@ -106,6 +106,9 @@ impl EbpfDataplane {
                         == want_table.as_ref()
                     && p.maglev_override == fe.maglev_table_size =>
             {
+                // Nothing in the maps changes; what the agent asked for may
+                // (a field the maps do not hold).
+                self.table.frontends.insert(*key, fe.clone());
                 return Ok(());
             }
             Some(p) => (p.id, 1 - p.generation, Some(p.clone())),
@@ -225,6 +228,7 @@ impl EbpfDataplane {
                 let _ = self.maps.source_ranges.remove(&range_key(id, *addr, *len));
             }
         }
+        self.table.frontends.insert(*key, fe.clone());
         self.frontends.insert(
             *key,
             Programmed {
@@ -323,6 +327,7 @@ impl EbpfDataplane {
         let Some(p) = self.frontends.remove(key) else {
             return Ok(());
         };
+        self.table.frontends.remove(key);
         let skey = ServiceKey::new(key.addr, key.port, key.proto.number());
         match self.maps.services.remove(&skey) {
             Ok(()) | Err(MapError::KeyNotFound) => {}

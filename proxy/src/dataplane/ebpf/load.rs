@@ -109,6 +109,7 @@ impl EbpfDataplane {
             maps,
             cfg,
             frontends: BTreeMap::new(),
+            table: crate::lb::LbTable::default(),
             backends: HashMap::new(),
             next_frontend_id: 1,
             next_backend_id: 1,
@@ -124,6 +125,7 @@ impl EbpfDataplane {
             _logger: logger,
         };
         dp.adopt()?;
+        dp.table = dp.table_from_maps();
         dp.socket_lb()?;
         dp.remove_other_layouts();
         Ok(dp)

@@ -189,6 +189,9 @@ pub struct EbpfDataplane {
     maps: Maps,
     cfg: EbpfConfig,
     frontends: BTreeMap<FrontendKey, Programmed>,
+    /// What `frontends` programs, as the agent asked for it (lent to the
+    /// diff): kept with `frontends`, entry for entry.
+    table: LbTable,
     backends: HashMap<BackendIdentity, (u32, Backend)>,
     next_frontend_id: u32,
     next_backend_id: u32,
@@ -344,22 +347,9 @@ impl EbpfDataplane {
         &self.maps
     }
 
-    /// Interfaces the tc programs are attached to.
-    pub fn attached_interfaces(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.attached.keys().cloned().collect();
-        v.sort();
-        v
-    }
-}
-
-impl Dataplane for EbpfDataplane {
-    type Error = EbpfError;
-
-    fn mode(&self) -> &'static str {
-        "ebpf"
-    }
-
-    fn programmed(&self) -> LbTable {
+    /// The table as the maps hold it (after adoption: what an earlier agent
+    /// programmed).
+    fn table_from_maps(&self) -> LbTable {
         let by_id: HashMap<u32, &Backend> =
             self.backends.values().map(|(id, b)| (*id, b)).collect();
         let mut lb = LbTable::default();
@@ -378,6 +368,25 @@ impl Dataplane for EbpfDataplane {
             lb.frontends.insert(*k, frontends::frontend_of(p, backends));
         }
         lb
+    }
+
+    /// Interfaces the tc programs are attached to.
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.attached.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    type Error = EbpfError;
+
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn programmed(&self) -> &LbTable {
+        &self.table
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, EbpfError> {
