@@ -6,12 +6,15 @@
 //!   rejected (RST / ICMP port unreachable). A pod reaching itself through
 //!   its service (hairpin) is also SNATed to [`HAIRPIN`], and the replies to
 //!   that address are translated back here. A packet to no frontend may be
-//!   a DSR reply of a local backend (see [`dsr`](crate::dsr)).
+//!   a DSR reply of a local backend (see [`dsr`](crate::dsr)), looked for
+//!   only on a node running DSR: anything else to no frontend (traffic
+//!   socket LB already sent to its backend at connect(), plain pod
+//!   traffic) leaves after one hash lookup, with conntrack untouched.
 //! * [`tc_to_pod`] (tc egress: what the pod receives): a reply from a
 //!   backend is rewritten back to the frontend.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
-use proxy_common::{ct_dir, ct_flags, stat};
+use proxy_common::{config_flags, ct_dir, ct_flags, stat};
 
 use crate::{
     ctx::{Ctx, verdict},
@@ -19,7 +22,7 @@ use crate::{
     error::Error,
     flow::{self, HAIRPIN, Origin},
     lb,
-    maps::{CONNTRACK, REVNAT, account, count},
+    maps::{CONFIG, CONNTRACK, REVNAT, account, count},
     packet::Packet,
     reject,
 };
@@ -46,7 +49,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
         return hairpin_reply(ctx, &pkt);
     }
     let Some(svc) = flow::service(&pkt) else {
-        return dsr::reply(ctx, &pkt);
+        // Fast exit: not addressed to a frontend, so already at its
+        // destination (a backend socket LB chose at connect(), or plain
+        // pod traffic). Only a DSR reply needs more, and only a node
+        // running DSR has those: the flag is read from an array map, which
+        // the verifier inlines (no helper call). The service lookup above
+        // stays the one hash lookup on this path.
+        if dsr_enabled() {
+            return dsr::reply(ctx, &pkt);
+        }
+        return Ok(PASS);
     };
     // loadBalancerSourceRanges hold for clients inside the cluster too
     // (kube-proxy's firewall chain sees pods' traffic to the LB IP).
@@ -69,6 +81,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     account(svc.id, ctx.len() as u64);
     count(stat::DNAT);
     Ok(PASS)
+}
+
+/// Whether this node runs north-south DSR (its pods' replies may need
+/// [`dsr::reply`]).
+#[inline(always)]
+fn dsr_enabled() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & config_flags::DSR != 0)
 }
 
 /// A hairpinned backend answering [`HAIRPIN`]: make the reply come from the

@@ -1685,3 +1685,98 @@ fn verifier_instruction_counts() {
         assert!(rows.iter().any(|r| r.0 == name), "{name} in the object");
     }
 }
+
+// ---- fast exit for socket-LB traffic ---------------------------------------
+
+/// The REPLY conntrack key of a packet `src:sport -> dst:dport` (TCP), as
+/// the programs build it from the packet itself.
+fn reply_key_of(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> proxy_common::CtKey {
+    proxy_common::CtKey {
+        saddr: u32::from_ne_bytes(src.octets()),
+        daddr: u32::from_ne_bytes(dst.octets()),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: 6,
+        dir: proxy_common::ct_dir::REPLY,
+        _pad: 0,
+    }
+}
+
+/// Traffic socket LB already sent to its backend at connect() (a pod to a
+/// backend address, not a frontend) leaves `tc_from_pod` after the service
+/// lookup: conntrack is not looked at. Shown with a DSR entry planted under
+/// the packet's reply key: on a node without DSR the packet passes as it
+/// came and the entry is neither stamped nor used; once the node runs DSR
+/// the same packet is a local backend's DSR reply again and is rewritten
+/// (that behaviour is kept). Its replies pass `tc_to_pod` untouched, and no
+/// conntrack entry is created on either side.
+#[test]
+fn socket_lb_traffic_takes_the_fast_exit_without_touching_conntrack() {
+    let fx = fixture();
+    let mut maps = proxy::maps::Maps::open_pinned(&fx.dir.0).expect("pinned maps");
+    let planted = proxy_common::CtValue {
+        last_seen_ns: 0,
+        backend_id: 0,
+        service_id: 0,
+        flags: proxy_common::ct_flags::DSR | proxy_common::ct_flags::TCP_ESTABLISHED,
+        _pad: 0,
+        nat_addr: u32::from_ne_bytes(VIP.octets()),
+        nat_port: 80u16.to_be(),
+        _pad2: 0,
+    };
+    let key = reply_key_of(CLIENT, 44100, B2, 8081);
+    maps.conntrack
+        .insert(key, planted, 0)
+        .expect("plant a conntrack entry");
+    let entries = |fx: &Fixture| fx.dp.maps().dump().expect("dump").conntrack.len();
+    let before = entries(&fx);
+    let (packets, rev_nat, dnat) = (
+        fx.stat(stat::PACKETS),
+        fx.stat(stat::REV_NAT),
+        fx.stat(stat::DNAT),
+    );
+
+    let mut to_backend = Frame::tcp(CLIENT, 44100, B2, 8081);
+    to_backend.tcp_flags = 0x10;
+    let frame = to_backend.build();
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!((rc, &out), (TC_ACT_OK, &frame), "passes as it came");
+    let mut reply = Frame::tcp(B2, 8081, CLIENT, 44100);
+    reply.tcp_flags = 0x10;
+    let reply = reply.build();
+    let (rc, out) = fx.run(progs::TC_TO_POD, &reply);
+    assert_eq!((rc, &out), (TC_ACT_OK, &reply), "its reply too");
+
+    assert_eq!(
+        maps.conntrack.get(&key, 0).expect("planted entry"),
+        planted,
+        "conntrack not touched (not stamped, no TCP state taken)"
+    );
+    assert_eq!(entries(&fx), before, "no conntrack entry created");
+    assert_eq!(fx.stat(stat::PACKETS), packets + 2);
+    assert_eq!(
+        fx.stat(stat::REV_NAT),
+        rev_nat,
+        "nothing reverse-translated"
+    );
+    assert_eq!(fx.stat(stat::DNAT), dnat, "nothing translated");
+
+    // A node running DSR: the planted entry is a DSR reply's again.
+    maps.config
+        .set(
+            0,
+            proxy_common::Config {
+                node_addr: u32::from_ne_bytes(NODE.octets()),
+                flags: proxy_common::config_flags::DSR,
+            },
+            0,
+        )
+        .expect("set CONFIG");
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, B2, 8081));
+    let stamped = maps.conntrack.get(&key, 0).expect("planted entry");
+    assert!(stamped.last_seen_ns > 0, "the DSR reply stamps its entry");
+    assert_eq!(fx.stat(stat::REV_NAT), rev_nat + 1);
+}
