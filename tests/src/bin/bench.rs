@@ -61,6 +61,10 @@ struct Args {
     /// Client threads of the connection-rate test.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Leave out the iperf3 measurements (connection rate and latency
+    /// only).
+    #[arg(long)]
+    skip_throughput: bool,
     /// CI smoke run: 1 s measurements, scales 1 and 100, one repeat, 10 changes.
     #[arg(long)]
     quick: bool,
@@ -74,6 +78,10 @@ struct Args {
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CONN_PORT: u16 = 7000;
+/// The echo server pinned to [`LAT_CPU`], for latency without cross-CPU
+/// wakeups.
+const LAT_PORT: u16 = 7001;
+const LAT_CPU: usize = 0;
 const IPERF_PORT: u16 = 5201;
 const NODE_PORT: u16 = 30201;
 
@@ -113,14 +121,16 @@ fn main() -> Result<()> {
         }
     };
     let mut b = Bench::new(&args, command)?;
-    for mode in args.modes.clone() {
-        let res = if mode == "direct" {
-            b.direct()
-        } else {
-            b.mode(&mode)
-        };
-        if let Err(e) = res {
-            b.fail(&mode, "mode", None, &format!("{e:#}"));
+    if args.modes.iter().any(|m| m == "direct") {
+        b.status("direct", true, None);
+    }
+    for (si, &scale) in args.scales.iter().enumerate() {
+        b.scale(si, scale);
+    }
+    for l in 0..b.lanes.len() {
+        let (mode, unavailable) = (b.lanes[l].mode.clone(), b.lanes[l].unavailable);
+        if mode != "direct" && !unavailable {
+            b.status(&mode, true, None);
         }
     }
     b.run.wall_s = b.start.elapsed().as_secs_f64();
@@ -460,14 +470,312 @@ impl Prober {
     }
 }
 
+/// Whole-machine CPU time spent busy (user + nice + system + irq +
+/// softirq, both CPUs), in seconds, from the `cpu` line of /proc/stat.
+fn cpu_busy_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq ...
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return None;
+    }
+    Some(busy as f64 / hz as f64)
+}
+
+/// Run time and run count of BPF programs, summed by program name.
+type BpfSnapshot = std::collections::BTreeMap<String, (u64, u64)>;
+
+/// `kernel.bpf_stats_enabled` on for the run (the kernel counts run time
+/// and runs per program only then), restored to its old value on drop.
+struct BpfStats {
+    old: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        let old = std::fs::read_to_string(BPF_STATS)
+            .ok()
+            .map(|s| s.trim().to_owned());
+        if let Err(e) = std::fs::write(BPF_STATS, "1") {
+            println!("    warning: enabling {BPF_STATS}: {e} (no per-program figures)");
+        }
+        BpfStats { old }
+    }
+
+    /// The programs held by any of `pids` (their `anon_inode:bpf-prog`
+    /// descriptors; run time and count from fdinfo), summed by name
+    /// (names from `bpftool prog show`).
+    fn snapshot(pids: &[u32]) -> Result<BpfSnapshot> {
+        let mut held: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+        for pid in pids {
+            for e in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+                let Ok(link) = std::fs::read_link(e.path()) else {
+                    continue;
+                };
+                if link.to_string_lossy() != "anon_inode:bpf-prog" {
+                    continue;
+                }
+                let info = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    e.file_name().to_string_lossy()
+                ))
+                .unwrap_or_default();
+                let field = |k: &str| {
+                    info.lines()
+                        .find(|l| l.starts_with(k))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                if let Some(id) = field("prog_id:") {
+                    held.insert(
+                        id,
+                        (
+                            field("run_time_ns:").unwrap_or(0),
+                            field("run_cnt:").unwrap_or(0),
+                        ),
+                    );
+                }
+            }
+        }
+        if held.is_empty() {
+            return Ok(BpfSnapshot::new());
+        }
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show"])
+            .output()
+            .context("running bpftool prog show")?;
+        if !out.status.success() {
+            bail!(
+                "bpftool prog show: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context("bpftool JSON")?;
+        let mut snap = BpfSnapshot::new();
+        for p in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+            let (Some(id), Some(name)) = (p["id"].as_u64(), p["name"].as_str()) else {
+                continue;
+            };
+            if let Some((ns, cnt)) = held.get(&id) {
+                let e = snap.entry(name.to_owned()).or_insert((0, 0));
+                e.0 += ns;
+                e.1 += cnt;
+            }
+        }
+        Ok(snap)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            let _ = std::fs::write(BPF_STATS, old);
+        }
+    }
+}
+
+/// What one measurement cost: machine CPU and the lane's BPF programs.
+struct Cost {
+    cpu0: Option<f64>,
+    bpf0: Option<BpfSnapshot>,
+    pids: Vec<u32>,
+}
+
+impl Cost {
+    fn start(pids: Vec<u32>) -> Cost {
+        let bpf0 = if pids.is_empty() {
+            None
+        } else {
+            BpfStats::snapshot(&pids).ok()
+        };
+        Cost {
+            cpu0: cpu_busy_s(),
+            bpf0,
+            pids,
+        }
+    }
+
+    /// CPU seconds since `start`, and per program (ns per run, runs).
+    fn finish(self) -> (Option<f64>, Vec<(String, f64, u64)>) {
+        let cpu = match (self.cpu0, cpu_busy_s()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        let mut progs = Vec::new();
+        if let Some(before) = self.bpf0
+            && let Ok(after) = BpfStats::snapshot(&self.pids)
+        {
+            for (name, (ns, cnt)) in after {
+                let (ns0, cnt0) = before.get(&name).copied().unwrap_or((0, 0));
+                let runs = cnt.saturating_sub(cnt0);
+                if runs > 0 {
+                    progs.push((name, ns.saturating_sub(ns0) as f64 / runs as f64, runs));
+                }
+            }
+        }
+        (cpu, progs)
+    }
+}
+
+/// One mode's own cluster (its namespaces, cgroups and echo server), so
+/// every mode's agents stay up while the rounds alternate between modes.
+struct Lane {
+    mode: String,
+    cluster: Cluster,
+    cgroups: Vec<Cgroup>,
+    /// The echo servers: unpinned on CONN_PORT, pinned on LAT_PORT.
+    _server: (Proc, Proc),
+    /// This scale's fixture, agents and prober (none for `direct`).
+    api: Option<ApiServer>,
+    agents: Vec<Agent>,
+    prober: Option<Prober>,
+    /// Measured at this scale.
+    ready: bool,
+    /// The agent could not start at all.
+    unavailable: bool,
+}
+
+impl Lane {
+    fn new(mode: &str, connrate: &Path) -> Result<Lane> {
+        let cluster = Cluster::new(ClusterSpec::default())
+            .with_context(|| format!("building the cluster for {mode}"))?;
+        // The external client reaches pods through node1 (for `direct`).
+        cluster
+            .external()
+            .add_route("10.244.0.0/16", cluster.node(1).underlay_ip)?;
+        let cgroups = cluster
+            .nodes()
+            .iter()
+            .map(|n| Cgroup::new(&format!("bench-{mode}-{}", n.name)))
+            .collect::<Result<Vec<_>>>()?;
+        let server_pod = cluster.pod(2, 1);
+        let serve = |port: u16, cpu: Option<usize>| -> Result<Proc> {
+            let mut a = vec![
+                "serve".to_owned(),
+                "--bind".into(),
+                format!("0.0.0.0:{port}"),
+            ];
+            if let Some(c) = cpu {
+                a.extend([
+                    "--threads".into(),
+                    "2".into(),
+                    "--cpu".into(),
+                    c.to_string(),
+                ]);
+            }
+            let mut child = in_ns(&server_pod.ns.path(), connrate, &a)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting connrate serve")?;
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+            let server = Proc(child);
+            if !line.starts_with("listening") {
+                bail!("connrate serve did not start: {line:?}");
+            }
+            Ok(server)
+        };
+        let server = (serve(CONN_PORT, None)?, serve(LAT_PORT, Some(LAT_CPU))?);
+        Ok(Lane {
+            mode: mode.to_owned(),
+            cluster,
+            cgroups,
+            _server: server,
+            api: None,
+            agents: Vec::new(),
+            prober: None,
+            ready: mode == "direct",
+            unavailable: false,
+        })
+    }
+
+    fn client_cmd(&self, prog: &Path, args: &[String]) -> Command {
+        let pod = self.cluster.pod(1, 1);
+        in_pod(self.cgroups[0].path(), &pod.ns.path(), prog, args)
+    }
+
+    /// The agents' processes (for their BPF programs).
+    fn agent_pids(&self) -> Vec<u32> {
+        self.agents.iter().filter_map(agent_pid).collect()
+    }
+
+    /// Where the client connects: the pod IP for `direct`, else the VIP.
+    fn conn_to(&self, port: u16) -> SocketAddr {
+        if self.mode == "direct" {
+            SocketAddr::from((self.cluster.pod(2, 1).ip, port))
+        } else {
+            SocketAddr::from((VIP, port))
+        }
+    }
+
+    fn iperf_to(&self) -> (SocketAddr, SocketAddr) {
+        if self.mode == "direct" {
+            let ip = self.cluster.pod(2, 1).ip;
+            let a = SocketAddr::from((ip, IPERF_PORT));
+            (a, a)
+        } else {
+            (
+                SocketAddr::from((VIP, IPERF_PORT)),
+                SocketAddr::from((self.cluster.node(1).underlay_ip, NODE_PORT)),
+            )
+        }
+    }
+
+    /// `proxy --cleanup` on every node: whatever a mode left goes.
+    fn cleanup(&self) {
+        let Ok(proxy) = binary("proxy") else { return };
+        for n in self.cluster.nodes() {
+            let cmd = in_ns(
+                &n.ns.path(),
+                &proxy,
+                &[
+                    "--cleanup".into(),
+                    "--hostname-override".into(),
+                    n.name.clone(),
+                    "--bpffs-path".into(),
+                    format!("/sys/fs/bpf/proxy-bench-cleanup-{}", std::process::id()),
+                ],
+            );
+            if let Err(e) = output_within(cmd, Duration::from_secs(30)) {
+                println!("    warning: proxy --cleanup on {}: {e:#}", n.name);
+            }
+        }
+    }
+
+    /// Stop this scale's agents and forget its fixture.
+    fn stop_agents(&mut self) {
+        for a in &mut self.agents {
+            kill_children(a);
+            let _ = a.stop();
+        }
+        self.agents.clear();
+        self.prober = None;
+        self.api = None;
+        if self.mode != "direct" {
+            self.ready = false;
+        }
+    }
+}
+
 struct Bench<'a> {
     args: &'a Args,
     start: Instant,
     run: Run,
     connrate: PathBuf,
-    cluster: Cluster,
-    cgroups: Vec<Cgroup>,
-    _server: Proc,
+    lanes: Vec<Lane>,
+    _bpf_stats: BpfStats,
 }
 
 impl<'a> Bench<'a> {
@@ -500,6 +808,12 @@ impl<'a> Bench<'a> {
                 .unwrap_or("unknown")
                 .trim()
                 .to_owned(),
+            load: std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
         };
         let date = Command::new("date")
             .args(["-u", "+%Y-%m-%d %H:%M UTC"])
@@ -507,7 +821,7 @@ impl<'a> Bench<'a> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
         println!(
-            "==> bench: modes {:?}, scales {:?}, {} repeat(s) x {} s, {} changes; kernel {}, {} CPUs ({})",
+            "==> bench: modes {:?}, scales {:?}, {} round(s) x {} s, {} changes; kernel {}, {} CPUs ({}), load {}",
             args.modes,
             args.scales,
             args.repeat,
@@ -515,38 +829,14 @@ impl<'a> Bench<'a> {
             args.changes,
             machine.kernel,
             machine.cpus,
-            machine.cpu_model
+            machine.cpu_model,
+            machine.load
         );
-        let cluster = Cluster::new(ClusterSpec::default()).context("building the cluster")?;
-        // The external client reaches pods through node1 (for `direct`).
-        cluster
-            .external()
-            .add_route("10.244.0.0/16", cluster.node(1).underlay_ip)?;
-        let cgroups = cluster
-            .nodes()
-            .iter()
-            .map(|n| Cgroup::new(&format!("bench-{}", n.name)))
-            .collect::<Result<Vec<_>>>()?;
-        let server_pod = cluster.pod(2, 1);
-        let mut child = in_ns(
-            &server_pod.ns.path(),
-            &connrate,
-            &[
-                "serve".into(),
-                "--bind".into(),
-                format!("0.0.0.0:{CONN_PORT}"),
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting connrate serve")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
-        let server = Proc(child);
-        if !line.starts_with("listening") {
-            bail!("connrate serve did not start: {line:?}");
+        let mut lanes = Vec::new();
+        for mode in &args.modes {
+            let lane = Lane::new(mode, &connrate)?;
+            lane.cleanup();
+            lanes.push(lane);
         }
         Ok(Bench {
             args,
@@ -564,15 +854,15 @@ impl<'a> Bench<'a> {
                     change_budget_s: args.change_budget,
                     threads: args.threads,
                     endpoints: args.endpoints,
+                    interleaved: true,
                 },
                 modes: Vec::new(),
                 samples: Vec::new(),
                 failures: Vec::new(),
             },
             connrate,
-            cluster,
-            cgroups,
-            _server: server,
+            lanes,
+            _bpf_stats: BpfStats::enable(),
         })
     }
 
@@ -601,8 +891,14 @@ impl<'a> Bench<'a> {
     }
 
     fn record(&mut self, mode: &str, key: &str, scale: Option<usize>, repeat: usize, value: f64) {
-        let unit = metric(key).map(|m| m.unit).unwrap_or("");
-        let r = if self.args.repeat > 1 && metric(key).is_some_and(|m| m.data_path) {
+        let unit = metric(key)
+            .map(|m| m.unit)
+            .unwrap_or(if key.starts_with(bench::BPF_NS) {
+                "ns/run"
+            } else {
+                ""
+            });
+        let r = if self.args.repeat > 1 && (metric(key).is_none_or(|m| m.data_path)) {
             format!(" (r{}/{})", repeat + 1, self.args.repeat)
         } else {
             String::new()
@@ -615,6 +911,36 @@ impl<'a> Bench<'a> {
             repeat,
             value,
         });
+    }
+
+    /// Record the per-program figures of one measurement.
+    fn record_bpf(
+        &mut self,
+        mode: &str,
+        what: &str,
+        scale: Option<usize>,
+        repeat: usize,
+        progs: &[(String, f64, u64)],
+        units: Option<f64>,
+    ) {
+        for (name, ns, runs) in progs {
+            self.record(
+                mode,
+                &format!("{}{what}.{name}", bench::BPF_NS),
+                scale,
+                repeat,
+                *ns,
+            );
+            if let Some(u) = units.filter(|u| *u > 0.0) {
+                self.record(
+                    mode,
+                    &format!("{}{what}.{name}", bench::BPF_RUNS),
+                    scale,
+                    repeat,
+                    *runs as f64 / u,
+                );
+            }
+        }
     }
 
     fn fail(&mut self, mode: &str, what: &str, scale: Option<usize>, error: &str) {
@@ -635,19 +961,22 @@ impl<'a> Bench<'a> {
         });
     }
 
-    fn client_cmd(&self, prog: &Path, args: &[String]) -> Command {
-        let pod = self.cluster.pod(1, 1);
-        in_pod(self.cgroups[0].path(), &pod.ns.path(), prog, args)
-    }
-
     fn secs(&self) -> String {
         format!("{}", self.args.duration)
     }
 
-    /// iperf3 against a one-off server in pod-2-1; returns Gbit/s (TCP) or
-    /// received kpps (UDP 64 B).
-    fn iperf(&self, from_external: bool, to: SocketAddr, streams: usize, udp: bool) -> Result<f64> {
-        let server_ns = self.cluster.pod(2, 1).ns.path();
+    /// iperf3 against a one-off server in the lane's pod-2-1; returns
+    /// Gbit/s (TCP) or received kpps (UDP 64 B), and the bytes received.
+    fn iperf(
+        &self,
+        lane: usize,
+        from_external: bool,
+        to: SocketAddr,
+        streams: usize,
+        udp: bool,
+    ) -> Result<(f64, f64)> {
+        let l = &self.lanes[lane];
+        let server_ns = l.cluster.pod(2, 1).ns.path();
         let iperf3 = PathBuf::from("iperf3");
         let mut server = in_ns(
             &server_ns,
@@ -686,9 +1015,9 @@ impl<'a> Bench<'a> {
             a.extend(["-u", "-b", "0", "-l", "64"].map(String::from));
         }
         let cmd = if from_external {
-            in_ns(&self.cluster.external().ns.path(), &iperf3, &a)
+            in_ns(&l.cluster.external().ns.path(), &iperf3, &a)
         } else {
-            self.client_cmd(&iperf3, &a)
+            l.client_cmd(&iperf3, &a)
         };
         let out = output_within(cmd, Duration::from_secs(secs + 20));
         drop(server);
@@ -698,125 +1027,147 @@ impl<'a> Bench<'a> {
             bail!("iperf3: {e}");
         }
         let recv = &v["end"]["sum_received"];
+        let bytes = recv["bytes"].as_f64().context("sum_received.bytes")?;
         if udp {
-            let bytes = recv["bytes"].as_f64().context("sum_received.bytes")?;
             let s = recv["seconds"].as_f64().context("sum_received.seconds")?;
-            Ok(bytes / 64.0 / s / 1000.0)
+            Ok((bytes / 64.0 / s / 1000.0, bytes))
         } else {
-            Ok(recv["bits_per_second"]
-                .as_f64()
-                .context("sum_received.bits_per_second")?
-                / 1e9)
+            Ok((
+                recv["bits_per_second"]
+                    .as_f64()
+                    .context("sum_received.bits_per_second")?
+                    / 1e9,
+                bytes,
+            ))
         }
     }
 
-    /// The five iperf3 figures, `repeat` times.
-    fn throughput(&mut self, mode: &str, cip: Ipv4Addr, np: SocketAddr) {
-        let cip = SocketAddr::from((cip, IPERF_PORT));
-        for r in 0..self.args.repeat {
-            for (key, ext, to, streams, udp) in [
-                ("tcp_clusterip_1", false, cip, 1, false),
-                ("tcp_clusterip_4", false, cip, 4, false),
-                ("tcp_nodeport_1", true, np, 1, false),
-                ("tcp_nodeport_4", true, np, 4, false),
-                ("udp64_nodeport", true, np, 1, true),
-            ] {
-                match self.iperf(ext, to, streams, udp) {
-                    Ok(v) => self.record(mode, key, None, r, v),
-                    Err(e) => self.fail(mode, key, None, &format!("{e:#}")),
+    /// The five iperf3 figures of one round, with their CPU cost.
+    fn throughput(&mut self, lane: usize, r: usize) {
+        let mode = self.lanes[lane].mode.clone();
+        let (cip, np) = self.lanes[lane].iperf_to();
+        for (key, ext, to, streams, udp) in [
+            ("tcp_clusterip_1", false, cip, 1, false),
+            ("tcp_clusterip_4", false, cip, 4, false),
+            ("tcp_nodeport_1", true, np, 1, false),
+            ("tcp_nodeport_4", true, np, 4, false),
+            ("udp64_nodeport", true, np, 1, true),
+        ] {
+            let cost = Cost::start(self.lanes[lane].agent_pids());
+            let res = self.iperf(lane, ext, to, streams, udp);
+            let (cpu, progs) = cost.finish();
+            match res {
+                Ok((v, bytes)) => {
+                    self.record(&mode, key, None, r, v);
+                    if let Some(cpu) = cpu
+                        && bytes > 0.0
+                    {
+                        self.record(&mode, &format!("{key}_cpu"), None, r, cpu / (bytes / 1e9));
+                    }
+                    self.record_bpf(&mode, key, None, r, &progs, Some(bytes / 1500.0))
                 }
+                Err(e) => self.fail(&mode, key, None, &format!("{e:#}")),
             }
         }
     }
 
-    /// Connection rate and latencies, `repeat` times.
-    fn conn(&mut self, mode: &str, scale: Option<usize>, to: SocketAddr) {
-        for r in 0..self.args.repeat {
-            let cmd = self.client_cmd(
-                &self.connrate,
-                &[
-                    "rate".into(),
-                    "--to".into(),
-                    to.to_string(),
-                    "--threads".into(),
-                    self.args.threads.to_string(),
-                    "--duration".into(),
-                    self.secs(),
-                ],
-            );
-            let res = output_within(cmd, Duration::from_secs_f64(self.args.duration + 20.0))
-                .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?));
-            match res {
-                Ok(v) => {
-                    let ok = v["connections"].as_u64().unwrap_or(0);
-                    let errors = v["errors"].as_u64().unwrap_or(0);
-                    if ok == 0 {
-                        self.fail(
-                            mode,
-                            "conn_rate",
-                            scale,
-                            &format!(
-                                "no connection succeeded ({errors} errors, last: {})",
-                                v["last_error"]
-                            ),
-                        );
-                        continue;
-                    }
+    /// Connection rate (with its CPU and BPF cost) and request/response
+    /// latency of one round.
+    fn conn(&mut self, lane: usize, scale: Option<usize>, r: usize) {
+        let mode = self.lanes[lane].mode.clone();
+        let to = self.lanes[lane].conn_to(CONN_PORT);
+        let cmd = self.lanes[lane].client_cmd(
+            &self.connrate,
+            &[
+                "rate".into(),
+                "--to".into(),
+                to.to_string(),
+                "--threads".into(),
+                self.args.threads.to_string(),
+                "--duration".into(),
+                self.secs(),
+            ],
+        );
+        let cost = Cost::start(self.lanes[lane].agent_pids());
+        let res = output_within(cmd, Duration::from_secs_f64(self.args.duration + 20.0))
+            .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?));
+        let (cpu, progs) = cost.finish();
+        match res {
+            Ok(v) => {
+                let ok = v["connections"].as_u64().unwrap_or(0);
+                let errors = v["errors"].as_u64().unwrap_or(0);
+                if ok == 0 {
+                    self.fail(
+                        &mode,
+                        "conn_rate",
+                        scale,
+                        &format!(
+                            "no connection succeeded ({errors} errors, last: {})",
+                            v["last_error"]
+                        ),
+                    );
+                } else {
                     if errors * 100 > ok {
                         self.fail(
-                            mode,
+                            &mode,
                             "conn_rate errors",
                             scale,
                             &format!("{errors} errors beside {ok} connections (last: {}); the rate counts successes only", v["last_error"]),
                         );
                     }
                     self.record(
-                        mode,
+                        &mode,
                         "conn_rate",
                         scale,
                         r,
                         v["rate"].as_f64().unwrap_or(0.0),
                     );
-                    self.record_percentiles(mode, "conn", scale, r, &v);
+                    if let Some(cpu) = cpu {
+                        self.record(&mode, "conn_cpu", scale, r, cpu * 1e6 / ok as f64);
+                    }
+                    self.record_bpf(&mode, "conn_rate", scale, r, &progs, Some(ok as f64));
+                    self.record_percentiles(&mode, "conn", scale, r, &v);
                 }
-                Err(e) => self.fail(mode, "conn_rate", scale, &format!("{e:#}")),
             }
-            let cmd = self.client_cmd(
-                &self.connrate,
-                &[
-                    "latency".into(),
-                    "--to".into(),
-                    to.to_string(),
-                    "--duration".into(),
-                    self.secs(),
-                ],
-            );
+            Err(e) => self.fail(&mode, "conn_rate", scale, &format!("{e:#}")),
+        }
+        // As the scheduler places both ends, then both on one CPU.
+        for (prefix, port, pin) in [
+            ("rr", CONN_PORT, None),
+            ("rr_pinned", LAT_PORT, Some(LAT_CPU)),
+        ] {
+            let to = self.lanes[lane].conn_to(port);
+            let mut a = vec![
+                "latency".into(),
+                "--to".into(),
+                to.to_string(),
+                "--duration".into(),
+                self.secs(),
+            ];
+            if let Some(cpu) = pin {
+                a.extend(["--cpu".into(), cpu.to_string()]);
+            }
+            let cmd = self.lanes[lane].client_cmd(&self.connrate, &a);
             let res = output_within(cmd, Duration::from_secs_f64(self.args.duration + 20.0))
                 .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?));
             match res {
-                Ok(v) => {
-                    self.record_percentiles(mode, "rr", scale, r, &v);
-                }
-                Err(e) => self.fail(mode, "rr_latency", scale, &format!("{e:#}")),
+                Ok(v) => self.record_percentiles(&mode, prefix, scale, r, &v),
+                Err(e) => self.fail(
+                    &mode,
+                    &format!("{prefix}_latency"),
+                    scale,
+                    &format!("{e:#}"),
+                ),
             }
         }
     }
 
-    /// `direct`: no agent, no service; the pod IP.
-    fn direct(&mut self) -> Result<()> {
-        println!("==> mode direct (no agent; client -> pod IP)");
-        self.status("direct", true, None);
-        let ip = self.cluster.pod(2, 1).ip;
-        self.throughput("direct", ip, SocketAddr::from((ip, IPERF_PORT)));
-        self.conn("direct", None, SocketAddr::from((ip, CONN_PORT)));
-        Ok(())
-    }
-
     /// The fixture for one scale: Nodes, the measured service and
     /// `scale - 1` others with `--endpoints` endpoints each.
-    fn fixture(&self, scale: usize) -> Result<ApiServer> {
+    fn fixture(&self, lane: usize, scale: usize) -> Result<ApiServer> {
+        let cluster = &self.lanes[lane].cluster;
         let api = ApiServer::start()?;
-        for node in self.cluster.nodes() {
+        for node in cluster.nodes() {
             api.create(json!({
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -827,10 +1178,11 @@ impl<'a> Bench<'a> {
                 ]},
             }))?;
         }
-        let backend = self.cluster.pod(2, 1);
+        let backend = cluster.pod(2, 1);
         api.create(
             EndpointSlice::new("bench-1", "bench")
                 .tcp_port("conn", CONN_PORT)
+                .tcp_port("lat", LAT_PORT)
                 .tcp_port("iperf-tcp", IPERF_PORT)
                 .udp_port("iperf-udp", IPERF_PORT)
                 .endpoint(Endpoint::ready(backend))
@@ -839,12 +1191,17 @@ impl<'a> Bench<'a> {
         api.create(
             Service::cluster_ip("bench", VIP)
                 .tcp("conn", CONN_PORT, CONN_PORT)
+                .tcp("lat", LAT_PORT, LAT_PORT)
                 .tcp("iperf-tcp", IPERF_PORT, IPERF_PORT)
                 .udp("iperf-udp", IPERF_PORT, IPERF_PORT)
                 .node_port("iperf-tcp", NODE_PORT)
                 .node_port("iperf-udp", NODE_PORT)
                 .to_json(),
         )?;
+        // Service i: 10.100.0.0 + i; endpoints from 10.128.0.0 up (room
+        // for 100k services of up to 40 endpoints, clear of the pod
+        // network 10.244/16 and of the VIP ranges).
+        let ep_base = u32::from(Ipv4Addr::new(10, 128, 0, 0));
         for i in 1..scale as u32 {
             let name = format!("svc-{i}");
             api.create(
@@ -852,7 +1209,7 @@ impl<'a> Bench<'a> {
                     .tcp_port("http", 8080)
                     .endpoints((0..self.args.endpoints).map(|k| {
                         let n = i * self.args.endpoints + k;
-                        Endpoint::at(add(Ipv4Addr::new(10, 248, 0, 0), n), None)
+                        Endpoint::at(Ipv4Addr::from(ep_base + n), None)
                     }))
                     .to_json(),
             )?;
@@ -865,11 +1222,12 @@ impl<'a> Bench<'a> {
         Ok(api)
     }
 
-    fn agent_args(&self, mode: &str, node: usize) -> Vec<String> {
+    fn agent_args(&self, lane: usize, node: usize) -> Vec<String> {
+        let l = &self.lanes[lane];
         // ebpf-socket and ebpf-tc leave north-south to tc (no XDP: on
         // these veths any XDP program turns TSO off on the peer, which
         // costs every cross-node stream); ebpf-xdp is ebpf-socket with XDP.
-        let (m, lb, xdp) = match mode {
+        let (m, lb, xdp) = match l.mode.as_str() {
             "ebpf-socket" => ("ebpf", "true", "none"),
             "ebpf-tc" => ("ebpf", "false", "none"),
             "ebpf-xdp" => ("ebpf", "true", "auto"),
@@ -883,142 +1241,168 @@ impl<'a> Bench<'a> {
             "--xdp-mode".into(),
             xdp.into(),
             "--cgroup-path".into(),
-            self.cgroups[node - 1].path().display().to_string(),
+            l.cgroups[node - 1].path().display().to_string(),
         ]
     }
 
-    /// `proxy --cleanup` on every node: whatever a mode left goes.
-    fn cleanup(&self) {
-        let Ok(proxy) = binary("proxy") else { return };
-        for n in self.cluster.nodes() {
-            let cmd = in_ns(
-                &n.ns.path(),
-                &proxy,
-                &[
-                    "--cleanup".into(),
-                    "--hostname-override".into(),
-                    n.name.clone(),
-                    "--bpffs-path".into(),
-                    format!("/sys/fs/bpf/proxy-bench-cleanup-{}", std::process::id()),
-                ],
-            );
-            if let Err(e) = output_within(cmd, Duration::from_secs(30)) {
-                println!("    warning: proxy --cleanup on {}: {e:#}", n.name);
+    /// Fixture and agents of one lane at one scale; the lane is `ready`
+    /// when the measured service answers. An agent that cannot start at
+    /// the first scale makes the mode "not available" with the agent's own
+    /// last words.
+    fn setup(&mut self, lane: usize, si: usize, scale: usize) -> Result<()> {
+        let mode = self.lanes[lane].mode.clone();
+        let t = Instant::now();
+        let api = self.fixture(lane, scale)?;
+        self.progress(
+            &mode,
+            Some(scale),
+            "fixture",
+            &format!("{scale} services loaded in {} ms", t.elapsed().as_millis()),
+        );
+        let opts = |args| AgentOptions {
+            args,
+            ready_line: None,
+            ready_timeout: Duration::from_secs(300),
+        };
+        let sync_timeout = Duration::from_secs_f64(self.args.sync_timeout);
+        let t = Instant::now();
+        let a1 = Agent::start(
+            self.lanes[lane].cluster.node(1),
+            &api,
+            opts(self.agent_args(lane, 1)),
+        )?;
+        let waited = wait_sync(&a1, sync_timeout);
+        let wall = t.elapsed().as_secs_f64() * 1000.0;
+        let problem = match waited {
+            Ok(SyncWait::Done) => None,
+            Ok(SyncWait::Exited(why)) => Some((true, format!("the agent exited: {why}"))),
+            Ok(SyncWait::Failed(why)) => Some((
+                false,
+                format!(
+                    "the agent's first sync failed ({} services, {} endpoints each): {why}",
+                    scale, self.args.endpoints
+                ),
+            )),
+            Err(e) => Some((false, format!("{e:#}"))),
+        };
+        self.lanes[lane].agents.push(a1);
+        if let Some((exited, reason)) = problem {
+            self.lanes[lane].stop_agents();
+            if si == 0 && exited {
+                self.progress(
+                    &mode,
+                    Some(scale),
+                    "agent",
+                    &format!("NOT AVAILABLE: {reason}"),
+                );
+                self.status(&mode, false, Some(reason));
+                self.lanes[lane].unavailable = true;
+                return Ok(());
             }
+            self.fail(&mode, "agent sync", Some(scale), &reason);
+            return Ok(());
+        }
+        self.record(&mode, "full_sync_wall", Some(scale), 0, wall);
+        match first_sync_ms(&self.lanes[lane].agents[0].log()) {
+            Some(ms) => self.record(&mode, "full_sync_agent", Some(scale), 0, ms),
+            None => self.fail(
+                &mode,
+                "full_sync_agent",
+                Some(scale),
+                "no elapsed_ms in `sync done`",
+            ),
+        }
+        let a2 = Agent::start(
+            self.lanes[lane].cluster.node(2),
+            &api,
+            opts(self.agent_args(lane, 2)),
+        )?;
+        match wait_sync(&a2, sync_timeout) {
+            Ok(SyncWait::Done) => {}
+            Ok(SyncWait::Failed(why) | SyncWait::Exited(why)) => {
+                self.fail(&mode, "node2 agent", Some(scale), &why)
+            }
+            Err(e) => self.fail(&mode, "node2 agent", Some(scale), &format!("{e:#}")),
+        }
+        self.lanes[lane].agents.push(a2);
+        let l = &self.lanes[lane];
+        let mut prober = Prober::start(l.client_cmd(&self.connrate, &["probe".into()]))?;
+        if let Err(e) = prober.wait_up(SocketAddr::from((VIP, CONN_PORT))) {
+            self.fail(&mode, "service up", Some(scale), &format!("{e:#}"));
+            self.lanes[lane].stop_agents();
+            return Ok(());
+        }
+        let l = &mut self.lanes[lane];
+        l.prober = Some(prober);
+        l.api = Some(api);
+        l.ready = true;
+        Ok(())
+    }
+
+    /// One scale: every mode set up, then the rounds (each runs every
+    /// ready mode's measurements once, in mode order), then the
+    /// control-plane figures and the agents stopped.
+    fn scale(&mut self, si: usize, scale: usize) {
+        for lane in 0..self.lanes.len() {
+            let l = &self.lanes[lane];
+            if l.mode == "direct" || l.unavailable {
+                continue;
+            }
+            if let Err(e) = self.setup(lane, si, scale) {
+                let mode = self.lanes[lane].mode.clone();
+                self.lanes[lane].stop_agents();
+                self.fail(&mode, "setup", Some(scale), &format!("{e:#}"));
+            }
+        }
+        for r in 0..self.args.repeat {
+            println!("==> {scale} services, round {}/{}", r + 1, self.args.repeat);
+            for lane in 0..self.lanes.len() {
+                if !self.lanes[lane].ready {
+                    continue;
+                }
+                if si == 0 && !self.args.skip_throughput {
+                    self.throughput(lane, r);
+                }
+                self.conn(lane, Some(scale), r);
+            }
+        }
+        for lane in 0..self.lanes.len() {
+            if !self.lanes[lane].ready || self.lanes[lane].mode == "direct" {
+                continue;
+            }
+            self.control_plane(lane, scale);
+            self.lanes[lane].stop_agents();
+            self.lanes[lane].cleanup();
         }
     }
 
-    /// One agent mode at every scale. An agent that cannot start makes the
-    /// mode "not available" with the agent's own last words.
-    fn mode(&mut self, mode: &str) -> Result<()> {
-        println!("==> mode {mode}");
-        self.cleanup();
-        let mut prober = Prober::start(self.client_cmd(&self.connrate, &["probe".into()]))?;
-        let mut available = true;
-        for (si, &scale) in self.args.scales.clone().iter().enumerate() {
-            let t = Instant::now();
-            let api = self.fixture(scale)?;
-            self.progress(
-                mode,
-                Some(scale),
-                "fixture",
-                &format!("{scale} services loaded in {} ms", t.elapsed().as_millis()),
-            );
-            let opts = |args| AgentOptions {
-                args,
-                ready_line: None,
-                ready_timeout: Duration::from_secs(300),
-            };
-            let t = Instant::now();
-            let mut a1 = Agent::start(self.cluster.node(1), &api, opts(self.agent_args(mode, 1)))?;
-            let sync_timeout = Duration::from_secs_f64(self.args.sync_timeout);
-            let waited = wait_sync(&a1, sync_timeout);
-            let wall = t.elapsed().as_secs_f64() * 1000.0;
-            let problem = match waited {
-                Ok(SyncWait::Done) => None,
-                Ok(SyncWait::Exited(why)) => Some((true, format!("the agent exited: {why}"))),
-                Ok(SyncWait::Failed(why)) => Some((
-                    false,
-                    format!(
-                        "the agent's first sync failed ({} services, {} endpoints each): {why}",
-                        scale, self.args.endpoints
-                    ),
-                )),
-                Err(e) => Some((false, format!("{e:#}"))),
-            };
-            if let Some((exited, reason)) = problem {
-                kill_children(&a1);
-                let _ = a1.stop();
-                drop(a1);
-                if si == 0 && exited {
-                    self.progress(
-                        mode,
-                        Some(scale),
-                        "agent",
-                        &format!("NOT AVAILABLE: {reason}"),
-                    );
-                    self.status(mode, false, Some(reason));
-                    available = false;
-                    break;
-                }
-                self.fail(mode, "agent sync", Some(scale), &reason);
-                continue;
+    /// Changes to the data path, agent RSS and map memory.
+    fn control_plane(&mut self, lane: usize, scale: usize) {
+        let mode = self.lanes[lane].mode.clone();
+        let (Some(api), Some(mut prober)) =
+            (self.lanes[lane].api.take(), self.lanes[lane].prober.take())
+        else {
+            return;
+        };
+        self.changes(lane, scale, &api, &mut prober);
+        if let Some(pid) = self.lanes[lane].agents.first().and_then(agent_pid) {
+            match peak_rss_mib(pid) {
+                Ok(v) => self.record(&mode, "rss", Some(scale), 0, v),
+                Err(e) => self.fail(&mode, "rss", Some(scale), &format!("{e:#}")),
             }
-            self.record(mode, "full_sync_wall", Some(scale), 0, wall);
-            match first_sync_ms(&a1.log()) {
-                Some(ms) => self.record(mode, "full_sync_agent", Some(scale), 0, ms),
-                None => self.fail(
-                    mode,
-                    "full_sync_agent",
-                    Some(scale),
-                    "no elapsed_ms in `sync done`",
-                ),
+            match bpf_map_mib(pid) {
+                Ok(Some(v)) => self.record(&mode, "map_mem", Some(scale), 0, v),
+                Ok(None) => {}
+                Err(e) => self.fail(&mode, "map_mem", Some(scale), &format!("{e:#}")),
             }
-            let mut a2 = Agent::start(self.cluster.node(2), &api, opts(self.agent_args(mode, 2)))?;
-            match wait_sync(&a2, sync_timeout) {
-                Ok(SyncWait::Done) => {}
-                Ok(SyncWait::Failed(why) | SyncWait::Exited(why)) => {
-                    self.fail(mode, "node2 agent", Some(scale), &why)
-                }
-                Err(e) => self.fail(mode, "node2 agent", Some(scale), &format!("{e:#}")),
-            }
-            let measured = SocketAddr::from((VIP, CONN_PORT));
-            if let Err(e) = prober.wait_up(measured) {
-                self.fail(mode, "service up", Some(scale), &format!("{e:#}"));
-                continue;
-            }
-            if si == 0 {
-                let np = SocketAddr::from((self.cluster.node(1).underlay_ip, NODE_PORT));
-                self.throughput(mode, VIP, np);
-            }
-            self.conn(mode, Some(scale), measured);
-            self.changes(mode, scale, &api, &mut prober);
-            if let Some(pid) = agent_pid(&a1) {
-                match peak_rss_mib(pid) {
-                    Ok(v) => self.record(mode, "rss", Some(scale), 0, v),
-                    Err(e) => self.fail(mode, "rss", Some(scale), &format!("{e:#}")),
-                }
-                match bpf_map_mib(pid) {
-                    Ok(Some(v)) => self.record(mode, "map_mem", Some(scale), 0, v),
-                    Ok(None) => {}
-                    Err(e) => self.fail(mode, "map_mem", Some(scale), &format!("{e:#}")),
-                }
-            }
-            let _ = a1.stop();
-            let _ = a2.stop();
-            drop((a1, a2));
         }
-        if available {
-            self.status(mode, true, None);
-        }
-        self.cleanup();
-        Ok(())
     }
 
     /// `changes` new services, one at a time: fixture accepts -> connect
     /// succeeds.
-    fn changes(&mut self, mode: &str, scale: usize, api: &ApiServer, prober: &mut Prober) {
-        let backend = self.cluster.pod(2, 1);
+    fn changes(&mut self, lane: usize, scale: usize, api: &ApiServer, prober: &mut Prober) {
+        let mode = self.lanes[lane].mode.clone();
+        let backend = self.lanes[lane].cluster.pod(2, 1);
         let mut ms = Vec::new();
         let budget = Instant::now() + Duration::from_secs_f64(self.args.change_budget);
         for c in 0..self.args.changes as u32 {
@@ -1026,7 +1410,7 @@ impl<'a> Bench<'a> {
                 break;
             }
             let name = format!("chg-{c}");
-            let vip = add(Ipv4Addr::new(10, 101, 0, 0), c + 1);
+            let vip = add(Ipv4Addr::new(10, 110, 0, 0), c + 1);
             let slice = EndpointSlice::new(&format!("{name}-1"), &name)
                 .tcp_port("conn", CONN_PORT)
                 .endpoint(Endpoint::ready(backend))
@@ -1035,18 +1419,18 @@ impl<'a> Bench<'a> {
                 .tcp("conn", CONN_PORT, CONN_PORT)
                 .to_json();
             if let Err(e) = api.create(slice) {
-                self.fail(mode, "change", Some(scale), &format!("{e:#}"));
+                self.fail(&mode, "change", Some(scale), &format!("{e:#}"));
                 return;
             }
             if let Err(e) = api.create(svc) {
-                self.fail(mode, "change", Some(scale), &format!("{e:#}"));
+                self.fail(&mode, "change", Some(scale), &format!("{e:#}"));
                 return;
             }
             let t0 = Instant::now();
             match prober.wait_up(SocketAddr::from((vip, CONN_PORT))) {
                 Ok(()) => ms.push(t0.elapsed().as_secs_f64() * 1000.0),
                 Err(e) => {
-                    self.fail(mode, "change", Some(scale), &format!("{e:#}"));
+                    self.fail(&mode, "change", Some(scale), &format!("{e:#}"));
                     return;
                 }
             }
@@ -1056,8 +1440,8 @@ impl<'a> Bench<'a> {
             return;
         }
         let pct = |p: f64| ms[(((ms.len() - 1) as f64) * p).round() as usize];
-        self.record(mode, "change_n", Some(scale), 0, ms.len() as f64);
-        self.record(mode, "change_p50", Some(scale), 0, pct(0.5));
-        self.record(mode, "change_p99", Some(scale), 0, pct(0.99));
+        self.record(&mode, "change_n", Some(scale), 0, ms.len() as f64);
+        self.record(&mode, "change_p50", Some(scale), 0, pct(0.5));
+        self.record(&mode, "change_p99", Some(scale), 0, pct(0.99));
     }
 }

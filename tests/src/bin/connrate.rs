@@ -12,7 +12,9 @@
 //!   latency percentiles.
 //! * `latency --to ADDR --duration S`: one persistent connection
 //!   (TCP_NODELAY), 16-byte request / echo round trips back to back for S
-//!   seconds. Prints JSON: round trips and p50/p99 in microseconds.
+//!   seconds. Prints JSON: round trips, p10/p50/p90/p99 in microseconds
+//!   and the share of round trips over 50 us. `--cpu N` pins the client
+//!   (as `serve --cpu N` pins the server's threads).
 //! * `probe`: reads one `IP:PORT` per stdin line and connects (20 ms
 //!   timeout, retried every millisecond) until it succeeds, then prints
 //!   `ok <microseconds>`; `bench` uses it to time changes reaching the data
@@ -46,6 +48,9 @@ enum Cmd {
         /// Accepting threads (each serves one connection at a time).
         #[arg(long, default_value_t = 32)]
         threads: usize,
+        /// Run every thread on this CPU only (sched_setaffinity).
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// New connections per second: connect, 1 request, 1 reply, close.
     Rate {
@@ -63,6 +68,9 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long, default_value_t = 2.0)]
         duration: f64,
+        /// Run on this CPU only (sched_setaffinity).
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// Connect to each address read from stdin until it answers.
     Probe {
@@ -76,15 +84,40 @@ const MSG: usize = 16;
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve { bind, threads } => serve(bind, threads),
+        Cmd::Serve { bind, threads, cpu } => {
+            pin(cpu)?;
+            serve(bind, threads)
+        }
         Cmd::Rate {
             to,
             threads,
             duration,
         } => rate(to, threads, Duration::from_secs_f64(duration)),
-        Cmd::Latency { to, duration } => latency(to, Duration::from_secs_f64(duration)),
+        Cmd::Latency { to, duration, cpu } => {
+            pin(cpu)?;
+            latency(to, Duration::from_secs_f64(duration))
+        }
         Cmd::Probe { give_up } => probe(Duration::from_secs_f64(give_up)),
     }
+}
+
+/// Restrict this process (and the threads it starts later) to one CPU.
+fn pin(cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in
+    // bounds for cpu < CPU_SETSIZE, checked first.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            anyhow::bail!("--cpu {cpu}: beyond CPU_SETSIZE");
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("sched_setaffinity to CPU {cpu}"));
+        }
+    }
+    Ok(())
 }
 
 fn serve(bind: SocketAddr, threads: usize) -> Result<()> {
@@ -234,8 +267,12 @@ fn latency(to: SocketAddr, duration: Duration) -> Result<()> {
         "{}",
         json!({
             "round_trips": rtts.len(),
+            "p10_us": percentile(&rtts, 0.10),
             "p50_us": percentile(&rtts, 0.50),
+            "p90_us": percentile(&rtts, 0.90),
             "p99_us": percentile(&rtts, 0.99),
+            // The slow mode's share: round trips over 50 us.
+            "over_50us": rtts.iter().filter(|&&r| r > 50).count() as f64 / rtts.len().max(1) as f64,
         })
     );
     Ok(())
