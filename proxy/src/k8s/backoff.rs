@@ -32,6 +32,11 @@ pub const JITTER: f64 = 0.25;
 /// downwards, reset on success. The first `410 Gone` after a success is
 /// retried without delay (it means "relist", not "the server is failing");
 /// a second one in a row backs off like any failure.
+///
+/// A wait may be cut short when the server is seen answering, except after
+/// a retry that such a signal triggered failed too: a server that answers
+/// the probe but keeps failing the watch then gets the full delay once,
+/// rather than a retry at every probe.
 #[derive(Debug, Clone)]
 pub struct WatchBackoff {
     min: Duration,
@@ -39,6 +44,10 @@ pub struct WatchBackoff {
     /// Base of the next delay (before jitter).
     next: Duration,
     gone_retried: bool,
+    /// The last wait was cut short by the server answering.
+    woken_by_signal: bool,
+    /// Whether the current wait may be cut short.
+    cuttable: bool,
     rng: u64,
 }
 
@@ -51,6 +60,8 @@ impl WatchBackoff {
             max,
             next: min,
             gone_retried: false,
+            woken_by_signal: false,
+            cuttable: true,
             rng: seed,
         }
     }
@@ -72,11 +83,25 @@ impl WatchBackoff {
     pub fn succeeded(&mut self) {
         self.next = self.min;
         self.gone_retried = false;
+        self.woken_by_signal = false;
+        self.cuttable = true;
+    }
+
+    /// A wait ended: cut short by the server answering, or elapsed.
+    pub fn woke(&mut self, by_signal: bool) {
+        self.woken_by_signal = by_signal;
+    }
+
+    /// Whether the wait [`WatchBackoff::failed`] just returned may be cut
+    /// short when the server is seen answering.
+    pub fn signal_may_cut(&self) -> bool {
+        self.cuttable
     }
 
     /// A failure: how long to wait before the next attempt. `gone` is a
     /// `410 Gone` answer.
     pub fn failed(&mut self, gone: bool) -> Duration {
+        self.cuttable = gone || !self.woken_by_signal;
         if gone && !self.gone_retried {
             self.gone_retried = true;
             return Duration::ZERO;
@@ -211,10 +236,16 @@ where
     };
     futures::stream::unfold(state, |mut s| async move {
         if !s.wait.is_zero() {
-            let woken = sleep_unless_back(s.wait, &mut s.back).await;
+            let woken = if s.backoff.signal_may_cut() {
+                sleep_unless_back(s.wait, &mut s.back).await
+            } else {
+                tokio::time::sleep(s.wait).await;
+                Woken::Elapsed
+            };
             if woken == Woken::ServerBack {
                 debug!(kind = %s.kind, "API server answers again, retrying the watch now");
             }
+            s.backoff.woke(woken == Woken::ServerBack);
             s.wait = Duration::ZERO;
         }
         mark_attempt(&mut s.back);
@@ -289,6 +320,26 @@ mod tests {
         assert!(b.failed(true) >= Duration::from_secs(10));
         b.succeeded();
         assert_eq!(b.failed(true), Duration::ZERO);
+    }
+
+    #[test]
+    fn failure_after_a_signalled_retry_waits_in_full() {
+        let mut b = backoff();
+        b.failed(false);
+        assert!(b.signal_may_cut());
+        b.woke(true); // the server answered the probe
+        b.failed(false); // but the retry failed again
+        assert!(!b.signal_may_cut(), "a signal would retry at every probe");
+        b.woke(false); // that wait elapsed
+        b.failed(false);
+        assert!(b.signal_may_cut());
+        // A 410 after a signalled retry is a relist, not a failing server.
+        b.woke(true);
+        b.failed(true);
+        assert!(b.signal_may_cut());
+        b.succeeded();
+        b.failed(false);
+        assert!(b.signal_may_cut());
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -437,6 +488,39 @@ mod tests {
                 .expect("the signal ended the wait")
                 .expect("an item");
             assert!(matches!(next, Ok(watcher::Event::Apply(_))));
+        });
+    }
+
+    #[test]
+    fn stream_does_not_retry_at_every_signal_while_failing() {
+        runtime().block_on(async {
+            let back = ServerBack::default();
+            let items = vec![
+                Err(unavailable()),
+                Err(unavailable()),
+                Ok(watcher::Event::Apply(cm("c"))),
+            ];
+            let mut paced = Box::pin(with_backoff(
+                futures::stream::iter(items),
+                slow(),
+                back.subscribe(),
+                "ConfigMap".into(),
+            ));
+            assert!(paced.next().await.expect("first").is_err());
+            back.signal();
+            let second = tokio::time::timeout(GUARD, paced.next())
+                .await
+                .expect("the signal ended the first wait")
+                .expect("an item");
+            assert!(second.is_err());
+            // The signalled retry failed: further signals do not cut the
+            // next wait.
+            back.signal();
+            let early = tokio::time::timeout(Duration::from_millis(50), paced.next()).await;
+            assert!(
+                early.is_err(),
+                "retried at a signal after a signalled retry failed"
+            );
         });
     }
 }
