@@ -218,10 +218,10 @@ pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
     }
 }
 
-/// How often a failing kind is probed. A one-item list every 500 ms per
-/// failing kind is cheap for the server (it is answered from the watch
-/// cache), and bounds how long watches sleep in their backoff after the
-/// server is back.
+/// How often the failing kinds are probed. One one-item list every 500 ms
+/// while the server is down is cheap for it (and answered from its watch
+/// cache when it is up), and bounds how long watches sleep in their backoff
+/// after the server is back: the change is then served well within 2 s.
 pub const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// A probe that gets no answer within this counts as failed.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -229,16 +229,28 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// A watch that resumes after an outage says nothing until the next change,
 /// and a watch waiting out its backoff does not try at all, so while a
 /// kind's watch is failing, a one-item list of what it watches is tried
-/// every [`PROBE_INTERVAL`]. When it succeeds the API server is back for
+/// every [`PROBE_INTERVAL`] (one kind at a time while they all fail). When
+/// it succeeds the API server is back for
 /// that kind: `/healthz` recovers and every watch sleeping in its backoff
 /// retries at once (see [`backoff`]).
 fn spawn_probe(client: Client, node_name: String, health: WatchHealth) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PROBE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut round = 0usize;
         loop {
             tick.tick().await;
-            for kind in health.failing() {
+            // One request a tick while the server is down: a tick stops at
+            // the first kind that fails, and starts from a different kind
+            // each time (a kind failing for its own reasons does not hide
+            // the others).
+            let mut failing = health.failing();
+            if !failing.is_empty() {
+                round = round.wrapping_add(1);
+                let start = round % failing.len();
+                failing.rotate_left(start);
+            }
+            for kind in failing {
                 let labels = ListParams::default().labels(WATCH_LABEL_SELECTOR).limit(1);
                 let probe = async {
                     match kind.as_str() {
@@ -268,6 +280,8 @@ fn spawn_probe(client: Client, node_name: String, health: WatchHealth) {
                     debug!(kind = %kind, "API server reachable again");
                     health.set(&kind, true);
                     health.2.signal();
+                } else {
+                    break;
                 }
             }
         }
