@@ -24,6 +24,8 @@ use tracing::{debug, warn};
 
 use crate::model::{self, SliceView, WATCH_LABEL_SELECTOR};
 
+pub mod backoff;
+
 /// EndpointSlices are watched as [`SliceView`]: only the fields the model
 /// reads are deserialized and kept (about 80 bytes an endpoint where a
 /// k8s-openapi `Endpoint` takes 352 before its strings).
@@ -111,6 +113,8 @@ pub struct Stores {
 pub struct WatchHealth(
     Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<Instant>>>>,
     Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Signalled by the probe when the API server answers again.
+    backoff::ServerBack,
 );
 
 impl WatchHealth {
@@ -214,39 +218,70 @@ pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
     }
 }
 
+/// How often the failing kinds are probed. One one-item list every 500 ms
+/// while the server is down is cheap for it (and answered from its watch
+/// cache when it is up), and bounds how long watches sleep in their backoff
+/// after the server is back: the change is then served well within 2 s.
+pub const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// A probe that gets no answer within this counts as failed.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A watch that resumes after an outage says nothing until the next change,
-/// so while a kind's watch is failing, a one-item list of what it watches is
-/// tried every second; when it succeeds the API server is back for that kind.
+/// and a watch waiting out its backoff does not try at all, so while a
+/// kind's watch is failing, a one-item list of what it watches is tried
+/// every [`PROBE_INTERVAL`] (one kind at a time while they all fail). When
+/// it succeeds the API server is back for
+/// that kind: `/healthz` recovers and every watch sleeping in its backoff
+/// retries at once (see [`backoff`]).
 fn spawn_probe(client: Client, node_name: String, health: WatchHealth) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut round = 0usize;
         loop {
             tick.tick().await;
-            for kind in health.failing() {
+            // One request a tick while the server is down: a tick stops at
+            // the first kind that fails, and starts from a different kind
+            // each time (a kind failing for its own reasons does not hide
+            // the others).
+            let mut failing = health.failing();
+            if !failing.is_empty() {
+                round = round.wrapping_add(1);
+                let start = round % failing.len();
+                failing.rotate_left(start);
+            }
+            for kind in failing {
                 let labels = ListParams::default().labels(WATCH_LABEL_SELECTOR).limit(1);
-                let ok = match kind.as_str() {
-                    "Service" => Api::<Service>::all(client.clone())
-                        .list(&labels)
-                        .await
-                        .is_ok(),
-                    "EndpointSlice" => Api::<EndpointSlice>::all(client.clone())
-                        .list(&labels)
-                        .await
-                        .is_ok(),
-                    "Node" => Api::<Node>::all(client.clone())
-                        .list(
-                            &ListParams::default()
-                                .fields(&format!("metadata.name={node_name}"))
-                                .limit(1),
-                        )
-                        .await
-                        .is_ok(),
-                    _ => false,
+                let probe = async {
+                    match kind.as_str() {
+                        "Service" => Api::<Service>::all(client.clone())
+                            .list(&labels)
+                            .await
+                            .is_ok(),
+                        "EndpointSlice" => Api::<EndpointSlice>::all(client.clone())
+                            .list(&labels)
+                            .await
+                            .is_ok(),
+                        "Node" => Api::<Node>::all(client.clone())
+                            .list(
+                                &ListParams::default()
+                                    .fields(&format!("metadata.name={node_name}"))
+                                    .limit(1),
+                            )
+                            .await
+                            .is_ok(),
+                        _ => false,
+                    }
                 };
+                let ok = tokio::time::timeout(PROBE_TIMEOUT, probe)
+                    .await
+                    .unwrap_or(false);
                 if ok {
                     debug!(kind = %kind, "API server reachable again");
                     health.set(&kind, true);
+                    health.2.signal();
+                } else {
+                    break;
                 }
             }
         }
@@ -287,7 +322,15 @@ where
 {
     let (store, writer) = reflector::store::<K>();
     let kind = K::kind(&Default::default()).into_owned();
-    let stream = watcher(api, config).default_backoff().modify(trim);
+    // Our backoff, not kube's default: it is cut short when the probe sees
+    // the API server answer again, and a 410 Gone relists at once.
+    let stream = backoff::with_backoff(
+        watcher(api, config),
+        backoff::WatchBackoff::for_watch(&kind),
+        health.2.subscribe(),
+        kind.clone(),
+    )
+    .modify(trim);
     let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

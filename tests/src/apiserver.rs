@@ -1226,6 +1226,20 @@ impl ApiServer {
         }
     }
 
+    /// Simulate a restart of the API server: like `set_available(false)`,
+    /// then when it comes back (`set_available(true)`) its watch cache
+    /// starts over, as a restarted kube-apiserver's does: a watch resuming
+    /// from a resourceVersion older than the restart gets `410 Gone`
+    /// (Expired) and must relist; lists work. The restart itself moves the
+    /// resourceVersion on (a real server writes on startup), so even a
+    /// watch that was up to date before the outage is too old after it.
+    pub fn restart(&self) {
+        self.set_available(false);
+        let mut st = self.shared.state();
+        st.rv += 1;
+        st.compact();
+    }
+
     /// Interval between watch bookmarks (for watches with
     /// `allowWatchBookmarks=true` started after this call). Default 1s.
     pub fn set_bookmark_interval(&self, d: Duration) {
@@ -2869,6 +2883,48 @@ mod tests {
                 "relist after 410: {entries:?}"
             );
             driver.abort();
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn restart_expires_every_older_resource_version() -> anyhow::Result<()> {
+        let f = fixture()?;
+        f.server.create(svc("default", "a", json!({})))?;
+        // Up to date before the outage: the newest resourceVersion.
+        let before = f.server.resource_version();
+        block_on(async {
+            let api: Api<Service> = Api::all(client(&f).await?);
+            let wp = WatchParams::default().disable_bookmarks();
+            let mut open = api.watch(&wp, &before.to_string()).await?.boxed();
+            f.server.restart();
+            // Down: open watches end (requests get 503 as with
+            // set_available(false)).
+            let end = tokio::time::timeout(EVENT_TIMEOUT, open.next()).await?;
+            assert!(end.is_none(), "the open watch ends at the restart");
+            f.server.set_available(true);
+            // Back: resuming from before the restart is 410 Gone ...
+            let mut s = api.watch(&wp, &before.to_string()).await?.boxed();
+            match next(&mut s).await? {
+                WatchEvent::Error(status) => {
+                    assert_eq!((status.code, status.reason.as_str()), (410, "Expired"))
+                }
+                other => anyhow::bail!("expected 410 after the restart, got {other:?}"),
+            }
+            // ... lists work and give a resourceVersion to watch from.
+            let list = api.list(&ListParams::default()).await?;
+            assert_eq!(list.items.len(), 1);
+            let now = list
+                .metadata
+                .resource_version
+                .context("list resourceVersion")?;
+            assert!(now.parse::<u64>()? > before, "{now} after {before}");
+            let mut s = api.watch(&wp, &now).await?.boxed();
+            f.server.create(svc("default", "b", json!({})))?;
+            match next(&mut s).await? {
+                WatchEvent::Added(o) => assert_eq!(name_of(&o), "b"),
+                other => anyhow::bail!("expected ADDED b, got {other:?}"),
+            }
             Ok(())
         })
     }
