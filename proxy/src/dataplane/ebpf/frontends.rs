@@ -71,8 +71,8 @@ impl EbpfDataplane {
             },
         );
         if refs.is_none() {
-            // Unreferenced until a frontend using it is programmed.
-            self.unreferenced.insert(identity);
+            // Unreferenced until the frontend using it is programmed (if
+            // that fails: see `forget_unused`).
             stats.backends_added += 1;
         }
         Ok(id)
@@ -88,11 +88,18 @@ impl EbpfDataplane {
         if fe.backends.len() > proxy_common::MAX_BACKENDS_PER_SERVICE as usize {
             return Err(EbpfError::TooManyBackends(*key, fe.backends.len()));
         }
-        let ids = fe
+        let ids = match fe
             .backends
             .iter()
             .map(|b| self.backend_id(b, proto, stats))
-            .collect::<Result<Vec<u32>, _>>()?;
+            .collect::<Result<Vec<u32>, _>>()
+        {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.forget_unused(fe, proto);
+                return Err(e);
+            }
+        };
         let flags = service_flags(fe);
         let want_table = self.maglev_key(fe, &ids);
         let (id, generation, old) = match self.frontends.get(key) {
@@ -127,6 +134,7 @@ impl EbpfDataplane {
             // frontend (or none), and entries a full map refused do not
             // leave orphans behind in the other maps.
             self.undo_partial(fe, &ids, target, old.as_ref());
+            self.forget_unused(fe, proto);
             return Err(e);
         }
         stats.upserted += 1;
@@ -291,6 +299,17 @@ impl EbpfDataplane {
             },
         );
         Ok(())
+    }
+
+    /// After a failed upsert: backends written for it that no frontend
+    /// uses go at the end of the apply.
+    fn forget_unused(&mut self, fe: &Frontend, proto: u8) {
+        for b in &fe.backends {
+            let i = identity(b, proto);
+            if self.backends.get(&i).is_some_and(|e| e.refs == 0) {
+                self.unreferenced.insert(i);
+            }
+        }
     }
 
     /// After a failed [`Self::write_frontend`]: delete what it wrote
