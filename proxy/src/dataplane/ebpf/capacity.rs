@@ -397,6 +397,34 @@ mod tests {
         assert_eq!(caps[defs::SOCK_REVNAT.name], 1_000_000);
     }
 
+    /// docs/architecture.md's map table names the flag that sizes each
+    /// map ("fixed": none).
+    #[test]
+    fn docs_map_table_names_the_flags() {
+        let doc = include_str!("../../../../docs/architecture.md");
+        let rows: Vec<(String, String)> = doc
+            .lines()
+            .filter_map(|l| {
+                let mut cells = l.split('|').map(str::trim).skip(1);
+                let name = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+                let sized_by = cells.nth(2)?;
+                let flag = sized_by.split('`').nth(1).unwrap_or(sized_by);
+                defs::ALL
+                    .iter()
+                    .any(|m| m.name == name)
+                    .then(|| (name.to_owned(), flag.to_owned()))
+            })
+            .collect();
+        let want: Vec<(String, String)> = defs::ALL
+            .iter()
+            .map(|m| {
+                let flag = flag_of_map(m.name).unwrap_or("fixed");
+                (m.name.to_owned(), flag.to_owned())
+            })
+            .collect();
+        assert_eq!(rows, want);
+    }
+
     #[test]
     fn every_sized_map_names_its_flag() {
         for info in &defs::ALL {
