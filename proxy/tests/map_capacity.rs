@@ -17,7 +17,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::PinDir;
 use proxy::{
     dataplane::{
-        Dataplane,
+        Dataplane, StatsReader,
         ebpf::{
             EbpfConfig, EbpfDataplane, EbpfError,
             capacity::{ClusterSize, Knob, MapSizing, Sizing},
@@ -157,14 +157,34 @@ fn programs_100k_frontends_x_10_backends_with_auto_capacities() {
     assert_eq!(e[defs::AFFINITY_MATCH.name], pairs);
     assert_eq!(e[defs::BACKENDS.name], pairs);
 
+    // What a /metrics scrape reads: the fill gauges are the kernel's.
+    let reader = dp.stats_reader().expect("a stats reader");
+    let t = Instant::now();
+    let read = reader.read().expect("read dataplane stats");
+    let scrape = t.elapsed();
+    let fill = |name: &str| {
+        read.maps
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| (m.entries, m.capacity))
+            .unwrap_or_else(|| panic!("no fill for {name}"))
+    };
+    assert_eq!(
+        fill(defs::SERVICES.name),
+        (u64::from(N), u64::from(caps[defs::SERVICES.name]))
+    );
+    assert_eq!(fill(defs::SLOTS.name).0, pairs);
+    assert_eq!(read.frontends.len(), N as usize);
+
     println!(
         "scale: {N} frontends x {PER} backends: apply {:.2} s ({:.1} us/frontend); \
-         update of {} frontends {:.1} ms; capacities SVC_V4 {} SLOTS_V4 {} BACKENDS_V4 {}; \
+         update of {} frontends {:.1} ms; stats read (a /metrics scrape) {:.2} s; capacities SVC_V4 {} SLOTS_V4 {} BACKENDS_V4 {}; \
          RSS {} MiB -> {} MiB (+{} MiB for the dataplane's state)",
         apply.as_secs_f64(),
         apply.as_secs_f64() * 1e6 / f64::from(N),
         small.len(),
         update.as_secs_f64() * 1e3,
+        scrape.as_secs_f64(),
         caps[defs::SERVICES.name],
         caps[defs::SLOTS.name],
         caps[defs::BACKENDS.name],

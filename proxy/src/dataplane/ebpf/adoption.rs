@@ -30,7 +30,7 @@ impl EbpfDataplane {
                 },
                 BackendEntry {
                     id,
-                    value: b,
+                    flags: b.flags,
                     refs: 0,
                 },
             );

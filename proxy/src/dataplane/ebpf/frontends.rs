@@ -46,7 +46,7 @@ impl EbpfDataplane {
         }
         let value = Backend::new(b.addr, b.port, proto, flags);
         let (id, refs) = match self.backends.get(&identity) {
-            Some(e) if e.value == value => return Ok(e.id),
+            Some(e) if e.flags == flags => return Ok(e.id),
             Some(e) => (e.id, Some(e.refs)),
             None => {
                 let id = self.next_backend_id;
@@ -66,7 +66,7 @@ impl EbpfDataplane {
             identity,
             BackendEntry {
                 id,
-                value,
+                flags,
                 refs: refs.unwrap_or(0),
             },
         );

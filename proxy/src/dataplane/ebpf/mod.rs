@@ -197,11 +197,22 @@ struct BackendIdentity {
     proto: u8,
 }
 
+/// A backend as the dataplane keeps it (1M of these at 100,000 services x
+/// 10 endpoints: the address, port and protocol are the key, so only the
+/// flags of the `Backend` value are kept).
 #[derive(Clone, Copy, Debug)]
 struct BackendEntry {
     id: u32,
-    value: Backend,
     refs: u32,
+    /// `Backend::flags`.
+    flags: u8,
+}
+
+impl BackendIdentity {
+    /// The `BACKENDS_V4` value of this backend with `flags`.
+    fn value(&self, flags: u8) -> Backend {
+        Backend::new(self.addr, self.port, self.proto, flags)
+    }
 }
 
 /// Failed inserts per map, indexed like `proxy_common::maps::ALL`.
@@ -408,8 +419,11 @@ impl EbpfDataplane {
     /// The table as the maps hold it (after adoption: what an earlier agent
     /// programmed).
     fn table_from_maps(&self) -> LbTable {
-        let by_id: HashMap<u32, &Backend> =
-            self.backends.values().map(|e| (e.id, &e.value)).collect();
+        let by_id: HashMap<u32, Backend> = self
+            .backends
+            .iter()
+            .map(|(k, e)| (e.id, k.value(e.flags)))
+            .collect();
         let mut lb = LbTable::default();
         for (k, p) in &self.frontends {
             let backends = p
