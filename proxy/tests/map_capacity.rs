@@ -17,7 +17,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::PinDir;
 use proxy::{
     dataplane::{
-        Dataplane, StatsReader,
+        Dataplane,
         ebpf::{
             EbpfConfig, EbpfDataplane, EbpfError,
             capacity::{ClusterSize, Knob, MapSizing, Sizing},
