@@ -333,8 +333,11 @@ impl EbpfDataplane {
     }
 }
 
+/// Possible CPUs (per-CPU values have one slot each), read once: every new
+/// frontend's zeroed counters need it.
 pub(super) fn nr_cpus_or_one() -> usize {
-    nr_cpus().map(|n| n.max(1)).unwrap_or(1)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| nr_cpus().map(|n| n.max(1)).unwrap_or(1))
 }
 
 pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
