@@ -3,8 +3,9 @@
 //! pinned links (see [`links`]) so the data path outlives the agent.
 //!
 //! Layout: this file holds the dataplane's state and the [`Dataplane`]
-//! glue; [`load`] loads the object (map capacities from
-//! `proxy_common::maps`) and attaches programs, [`frontends`] programs
+//! glue; [`load`] loads the object (map capacities chosen by
+//! [`capacity`], pinned maps grown by [`resize`]) and attaches programs,
+//! [`frontends`] programs
 //! frontends, [`adoption`] rebuilds state from pins, [`maglev_tables`] owns
 //! the shared Maglev tables. The leaves ([`maps`], [`conntrack`],
 //! [`links`], [`interfaces`]) know nothing of this module.
