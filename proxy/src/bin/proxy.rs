@@ -204,9 +204,11 @@ async fn run() -> Result<()> {
             let changed = Arc::new(Notify::new());
             let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
             stores.ready().await?;
-            info!("caches synced");
             let size = cluster_size(&stores, &node, args.maglev_table_size);
             let mut dp = ebpf_dataplane(&args, &size)?;
+            // Logged once the maps are loaded too (the pinned state
+            // adopted): the point from which the agent programs.
+            info!("caches synced");
 
             // North-south: the node's first address is where remote-backend
             // flows are SNATed to (the agent rewrites it when the Node
