@@ -121,63 +121,63 @@ pub mod maps {
     pub const SERVICES: MapDef<ServiceKey, ServiceValue> = MapDef::new(
         "SVC_V4",
         MapKind::Hash,
-        MAX_SERVICES,
+        65_536,
         0,
         "frontend (addr, port, proto) -> id, backend count, live slot generation, kind flags, Maglev table",
     );
     pub const SLOTS: MapDef<SlotKey, u32> = MapDef::new(
         "SLOTS_V4",
         MapKind::Hash,
-        MAX_SLOTS,
+        262_144,
         0,
         "(frontend id, generation, index) -> backend id",
     );
     pub const BACKENDS: MapDef<u32, Backend> = MapDef::new(
         "BACKENDS_V4",
         MapKind::Hash,
-        MAX_BACKENDS,
+        262_144,
         0,
         "backend id -> addr, port, proto, flags (local, terminating)",
     );
     pub const REVNAT: MapDef<u32, RevNat> = MapDef::new(
         "REVNAT_V4",
         MapKind::Hash,
-        MAX_SERVICES,
+        65_536,
         0,
         "frontend id -> frontend addr, port (what replies must carry)",
     );
     pub const CONNTRACK: MapDef<CtKey, CtValue> = MapDef::new(
         "CT_V4",
         MapKind::LruHash,
-        MAX_CONNTRACK,
+        262_144,
         0,
         "(saddr, daddr, sport, dport, proto, direction) -> backend id, frontend id, last seen, TCP flags, NAT",
     );
     pub const AFFINITY: MapDef<AffinityKey, AffinityValue> = MapDef::new(
         "AFFINITY_V4",
         MapKind::LruHash,
-        MAX_AFFINITY,
+        65_536,
         0,
         "(client netns cookie or client IP, frontend id) -> backend id, last used",
     );
     pub const AFFINITY_MATCH: MapDef<AffinityMatchKey, u8> = MapDef::new(
         "AFF_MATCH_V4",
         MapKind::Hash,
-        MAX_BACKENDS,
+        262_144,
         0,
         "(frontend id, backend id) -> 1 while the backend is in the frontend's live set (affinity check)",
     );
     pub const SOCK_REVNAT: MapDef<SockRevNatKey, SockRevNatValue> = MapDef::new(
         "SOCK_RNAT_V4",
         MapKind::LruHash,
-        MAX_SOCK_REVNAT,
+        65_536,
         0,
         "(socket cookie, backend addr, port) -> frontend addr, port, id (socket LB reverse)",
     );
     pub const SVC_STATS: MapDef<u32, SvcStats> = MapDef::new(
         "SVC_STATS",
         MapKind::PerCpuHash,
-        MAX_SERVICES,
+        65_536,
         0,
         "frontend id -> packets, bytes (per CPU)",
     );
@@ -191,21 +191,21 @@ pub mod maps {
     pub const SOURCE_RANGES: MapDef<SourceRangeKey, u8> = MapDef::new(
         "SRC_RANGES_V4",
         MapKind::LpmTrie,
-        MAX_SOURCE_RANGES,
+        16_384,
         0, // LPM tries are always BPF_F_NO_PREALLOC (the loaders add it)
         "(frontend id, client network) -> 1: the clients a guarded frontend serves",
     );
     pub const MAGLEV: MapDef<MaglevKey, u32> = MapDef::new(
         "MAGLEV_V4",
         MapKind::Hash,
-        MAX_MAGLEV_SLOTS,
+        1 << 22,
         BPF_F_NO_PREALLOC,
         "(Maglev table id, slot) -> backend id; one table per distinct (backends, size)",
     );
     pub const FRAGMENTS: MapDef<FragKey, FragValue> = MapDef::new(
         "FRAGS_V4",
         MapKind::LruHash,
-        MAX_FRAGMENTS,
+        8_192,
         0,
         "(saddr, daddr, IP id, proto) of a fragmented datagram -> its ports (from the first fragment)",
     );
@@ -282,20 +282,10 @@ pub mod ct_timeout {
     pub const OTHER: u64 = 60;
 }
 
-/// Capacities.
-pub const MAX_SERVICES: u32 = 65_536;
-pub const MAX_BACKENDS: u32 = 262_144;
-/// Two generations of slots per frontend (see [`SlotKey`]).
-pub const MAX_SLOTS: u32 = 262_144;
-pub const MAX_CONNTRACK: u32 = 262_144;
-pub const MAX_AFFINITY: u32 = 65_536;
-pub const MAX_SOCK_REVNAT: u32 = 65_536;
-pub const MAX_SOURCE_RANGES: u32 = 16_384;
-/// Fragmented datagrams in flight whose first fragment was translated.
-pub const MAX_FRAGMENTS: u32 = 8_192;
-/// Maglev slots over all north-south frontends (not preallocated).
-pub const MAX_MAGLEV_SLOTS: u32 = 1 << 22;
-/// Upper bound on backends per frontend (slot indices are `u16`).
+/// Upper bound on backends per frontend (slot indices are `u16`). Map
+/// capacities are not constants: each descriptor in [`maps`] carries a
+/// default, and the agent sets `max_entries` at load time from its flags
+/// (or from the cluster's size).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 
 /// IP protocol numbers used in keys.

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::dataplane::ebpf::capacity::{Knob, MapSizing, Sizing, parse_sizing};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     /// eBPF programs and pinned maps.
@@ -129,10 +131,43 @@ pub struct Args {
     #[arg(long, default_value_t = crate::maglev::DEFAULT_MAX_ANNOTATED_SIZE)]
     pub maglev_max_table_size: u32,
     /// Capacity of the Maglev slot map (`MAGLEV_V4`, entries over all
-    /// distinct tables: a table of size M takes M). Takes effect on a fresh
-    /// pin directory (`--cleanup`, or a layout change).
-    #[arg(long, default_value_t = proxy_common::maps::MAGLEV.max_entries)]
-    pub maglev_map_max: u32,
+    /// distinct tables: a table of size M takes M): a number, or `auto`
+    /// (see --bpf-lb-map-max; default 4194304).
+    #[arg(long, default_value = "auto", value_parser = parse_sizing)]
+    pub maglev_map_max: Sizing,
+    /// Capacity of the frontend maps (`SVC_V4`, `REVNAT_V4`, `SVC_STATS`):
+    /// one entry per frontend (ClusterIP, NodePort per node address,
+    /// ExternalIP, LoadBalancer IP, per port). A number, or `auto`: the
+    /// cluster's count at start x 1.5, rounded up to a multiple of 4096,
+    /// never below the default (65536). A pinned map smaller than this is
+    /// grown at start (entries copied); a larger one is kept.
+    #[arg(long, default_value = "auto", value_parser = parse_sizing)]
+    pub bpf_lb_map_max: Sizing,
+    /// Capacity of the backend map (`BACKENDS_V4`): one entry per distinct
+    /// endpoint address, port and protocol. A number or `auto` (default
+    /// 262144).
+    #[arg(long, default_value = "auto", value_parser = parse_sizing)]
+    pub bpf_lb_backend_map_max: Sizing,
+    /// Capacity of the slot maps (`SLOTS_V4`, `AFF_MATCH_V4`): one entry
+    /// per (frontend, backend) pair, plus one frontend's backends while it
+    /// is updated. A number or `auto` (default 262144).
+    #[arg(long, default_value = "auto", value_parser = parse_sizing)]
+    pub bpf_lb_slot_map_max: Sizing,
+    /// Capacity of connection tracking (`CT_V4`, LRU: two entries per
+    /// flow); socket-LB reverse entries (`SOCK_RNAT_V4`) get a quarter of
+    /// it, at least 65536. A number, or `auto`: the default (262144), as
+    /// flows do not follow the number of services.
+    #[arg(long, default_value = "auto", value_parser = parse_sizing)]
+    pub bpf_ct_map_max: Sizing,
+    /// Capacity of the session-affinity map (`AFFINITY_V4`, LRU: one entry
+    /// per client and frontend). A number or `auto` (the default, 65536).
+    #[arg(long, default_value = "auto", value_parser = parse_sizing)]
+    pub bpf_affinity_map_max: Sizing,
+    /// Capacity of the source-range map (`SRC_RANGES_V4`: one entry per
+    /// frontend and loadBalancerSourceRanges CIDR). A number or `auto`
+    /// (default 16384).
+    #[arg(long, default_value = "auto", value_parser = parse_sizing)]
+    pub bpf_source_ranges_map_max: Sizing,
     /// The pod network(s), comma-separated CIDRs (kube-proxy's
     /// --cluster-cidr). Validated; the eBPF mode never masquerades
     /// east-west traffic, so it does not need it to tell pod traffic
@@ -168,6 +203,24 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+impl Args {
+    /// The map capacity flags, by knob.
+    pub fn map_sizing(&self) -> MapSizing {
+        MapSizing(
+            [
+                (Knob::Frontends, self.bpf_lb_map_max),
+                (Knob::Backends, self.bpf_lb_backend_map_max),
+                (Knob::Slots, self.bpf_lb_slot_map_max),
+                (Knob::Conntrack, self.bpf_ct_map_max),
+                (Knob::Affinity, self.bpf_affinity_map_max),
+                (Knob::SourceRanges, self.bpf_source_ranges_map_max),
+                (Knob::Maglev, self.maglev_map_max),
+            ]
+            .into(),
+        )
+    }
 }
 
 /// A Go-style duration: a sequence of `<number><unit>` with units ns, us,
@@ -228,6 +281,50 @@ mod tests {
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn map_capacity_flags() {
+        let a = Args::try_parse_from(["proxy"]).expect("no arguments parse");
+        let s = a.map_sizing();
+        for k in Knob::ALL {
+            assert_eq!(s.get(k), Sizing::Auto, "{k:?}");
+        }
+        let a = Args::try_parse_from([
+            "proxy",
+            "--bpf-lb-map-max",
+            "200000",
+            "--bpf-lb-backend-map-max",
+            "2000000",
+            "--bpf-lb-slot-map-max",
+            "auto",
+            "--bpf-ct-map-max",
+            "1048576",
+            "--bpf-affinity-map-max",
+            "1000",
+            "--bpf-source-ranges-map-max",
+            "100",
+            "--maglev-map-max",
+            "8000000",
+        ])
+        .expect("capacity flags parse");
+        let s = a.map_sizing();
+        assert_eq!(s.get(Knob::Frontends), Sizing::Fixed(200_000));
+        assert_eq!(s.get(Knob::Backends), Sizing::Fixed(2_000_000));
+        assert_eq!(s.get(Knob::Slots), Sizing::Auto);
+        assert_eq!(s.get(Knob::Conntrack), Sizing::Fixed(1 << 20));
+        assert_eq!(s.get(Knob::Affinity), Sizing::Fixed(1000));
+        assert_eq!(s.get(Knob::SourceRanges), Sizing::Fixed(100));
+        assert_eq!(s.get(Knob::Maglev), Sizing::Fixed(8_000_000));
+        // Every knob's flag is a flag of the parser.
+        for k in Knob::ALL {
+            let argv = ["proxy", k.flag(), "5"];
+            assert!(Args::try_parse_from(argv).is_ok(), "{}", k.flag());
+        }
+        for bad in ["0", "many", "1.5"] {
+            let e = Args::try_parse_from(["proxy", "--bpf-lb-map-max", bad]).expect_err(bad);
+            assert!(e.to_string().contains("--bpf-lb-map-max"), "{e}");
+        }
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use clap::{ArgMatches, ValueEnum, parser::ValueSource};
 use serde_yaml::Value;
 
-use crate::cli::{Args, LogFormat, Mode, XdpMode, parse_duration};
+use crate::{
+    cli::{Args, LogFormat, Mode, XdpMode, parse_duration},
+    dataplane::ebpf::capacity::Sizing,
+};
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -53,7 +56,13 @@ pub struct FileConfig {
     pub xdp_mode: Option<XdpMode>,
     pub maglev_table_size: Option<u32>,
     pub maglev_max_table_size: Option<u32>,
-    pub maglev_map_max: Option<u32>,
+    pub maglev_map_max: Option<Sizing>,
+    pub bpf_lb_map_max: Option<Sizing>,
+    pub bpf_lb_backend_map_max: Option<Sizing>,
+    pub bpf_lb_slot_map_max: Option<Sizing>,
+    pub bpf_ct_map_max: Option<Sizing>,
+    pub bpf_affinity_map_max: Option<Sizing>,
+    pub bpf_source_ranges_map_max: Option<Sizing>,
     pub dsr: Option<bool>,
     pub source_ranges_all: Option<bool>,
     pub log_format: Option<LogFormat>,
@@ -134,6 +143,16 @@ impl Reader<'_> {
         v.as_u64()
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| self.err(field, v, "must be a number"))
+    }
+
+    /// A map capacity: a number, or the string `auto`.
+    fn sizing(&self, field: &str, v: &Value) -> Result<Sizing, ConfigError> {
+        let text = match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            _ => return Err(self.err(field, v, "must be a number or \"auto\"")),
+        };
+        text.parse().map_err(|e: String| self.err(field, v, e))
     }
 
     fn boolean(&self, field: &str, v: &Value) -> Result<bool, ConfigError> {
@@ -257,12 +276,14 @@ pub fn parse(path: &Path, text: &str) -> Result<(FileConfig, Vec<String>), Confi
                             }
                             c.maglev_max_table_size = Some(n);
                         }
-                        "maglevMapMax" => {
-                            let n = r.number(f, ev)?;
-                            if n == 0 {
-                                return Err(r.err(f, ev, "must be at least 1"));
-                            }
-                            c.maglev_map_max = Some(n);
+                        "maglevMapMax" => c.maglev_map_max = Some(r.sizing(f, ev)?),
+                        "bpfLbMapMax" => c.bpf_lb_map_max = Some(r.sizing(f, ev)?),
+                        "bpfLbBackendMapMax" => c.bpf_lb_backend_map_max = Some(r.sizing(f, ev)?),
+                        "bpfLbSlotMapMax" => c.bpf_lb_slot_map_max = Some(r.sizing(f, ev)?),
+                        "bpfCtMapMax" => c.bpf_ct_map_max = Some(r.sizing(f, ev)?),
+                        "bpfAffinityMapMax" => c.bpf_affinity_map_max = Some(r.sizing(f, ev)?),
+                        "bpfSourceRangesMapMax" => {
+                            c.bpf_source_ranges_map_max = Some(r.sizing(f, ev)?)
                         }
                         "dsr" => c.dsr = Some(r.boolean(f, ev)?),
                         "sourceRangesAll" => c.source_ranges_all = Some(r.boolean(f, ev)?),
@@ -326,6 +347,12 @@ pub fn merge(args: &mut Args, file: FileConfig, explicit: impl Fn(&str) -> bool)
     take!(maglev_table_size);
     take!(maglev_max_table_size);
     take!(maglev_map_max);
+    take!(bpf_lb_map_max);
+    take!(bpf_lb_backend_map_max);
+    take!(bpf_lb_slot_map_max);
+    take!(bpf_ct_map_max);
+    take!(bpf_affinity_map_max);
+    take!(bpf_source_ranges_map_max);
     take!(dsr);
     take!(source_ranges_all);
     take!(log_format);
@@ -383,6 +410,9 @@ kubeProxyEbpf:
   maglevTableSize: 251
   maglevMaxTableSize: 4099
   maglevMapMax: 100000
+  bpfLbMapMax: 200000
+  bpfLbBackendMapMax: auto
+  bpfCtMapMax: "1048576"
   dsr: true
   logFormat: json
 "#;
@@ -405,7 +435,11 @@ kubeProxyEbpf:
         assert_eq!(c.xdp_mode, Some(XdpMode::Generic));
         assert_eq!(c.maglev_table_size, Some(251));
         assert_eq!(c.maglev_max_table_size, Some(4099));
-        assert_eq!(c.maglev_map_max, Some(100_000));
+        assert_eq!(c.maglev_map_max, Some(Sizing::Fixed(100_000)));
+        assert_eq!(c.bpf_lb_map_max, Some(Sizing::Fixed(200_000)));
+        assert_eq!(c.bpf_lb_backend_map_max, Some(Sizing::Auto));
+        assert_eq!(c.bpf_ct_map_max, Some(Sizing::Fixed(1 << 20)));
+        assert_eq!(c.bpf_lb_slot_map_max, None);
         assert_eq!(c.socket_lb, Some(false));
         assert_eq!(c.log_format, Some(LogFormat::Json));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
@@ -436,6 +470,18 @@ kubeProxyEbpf:
         assert!(
             e.to_string()
                 .contains("kubeProxyEbpf.maglevTableSize = 100"),
+            "{e}"
+        );
+        let e = parse(p, &with("kubeProxyEbpf:\n  bpfLbMapMax: 0")).expect_err("zero capacity");
+        assert!(
+            e.to_string()
+                .contains("kubeProxyEbpf.bpfLbMapMax = 0: \"0\": a map needs at least one entry"),
+            "{e}"
+        );
+        let e = parse(p, &with("kubeProxyEbpf:\n  bpfCtMapMax: [1]")).expect_err("list");
+        assert!(
+            e.to_string()
+                .contains("kubeProxyEbpf.bpfCtMapMax = - 1: must be a number or \"auto\""),
             "{e}"
         );
         let e = parse(p, &with("kubeProxyEbpf:\n  xdp: native")).expect_err("unknown ext");
@@ -474,6 +520,8 @@ kubeProxyEbpf:
         assert_eq!(args.healthz_bind_address, "0.0.0.0:10256");
         assert_eq!(args.hostname_override.as_deref(), Some("node-a"));
         assert_eq!(args.maglev_table_size, 251);
+        assert_eq!(args.bpf_lb_map_max, Sizing::Fixed(200_000));
+        assert_eq!(args.bpf_lb_slot_map_max, Sizing::Auto);
         assert!(args.dsr);
         assert!(!args.socket_lb);
     }

@@ -410,6 +410,21 @@ fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
         for m in &dp.maps {
             let _ = writeln!(o, "{name}{{map=\"{}\"}} {}", esc(&m.name), m.capacity);
         }
+        let name = format!("{PREFIX}_map_insert_failures_total");
+        header(
+            &mut o,
+            &name,
+            "counter",
+            "Inserts into each dataplane map that failed (a full map: raise its capacity flag)",
+        );
+        for m in &dp.maps {
+            let _ = writeln!(
+                o,
+                "{name}{{map=\"{}\"}} {}",
+                esc(&m.name),
+                m.insert_failures
+            );
+        }
     }
     if let Some(ct) = &dp.conntrack {
         let name = format!("{PREFIX}_conntrack_entries");
@@ -529,11 +544,13 @@ mod tests {
                 name: "SVC_V4".into(),
                 entries: 1,
                 capacity: 65536,
+                insert_failures: 5,
             }],
             conntrack: Some(MapFill {
                 name: "CT_V4".into(),
                 entries: 4,
                 capacity: 8,
+                insert_failures: 0,
             }),
             frontends: vec![FrontendCounters {
                 frontend: "10.96.0.10:80/TCP".into(),
@@ -555,6 +572,7 @@ mod tests {
             "kubeproxy_ebpf_programmed_endpoints 2",
             "kubeproxy_ebpf_programmed_frontends 1",
             "kubeproxy_ebpf_map_capacity{map=\"SVC_V4\"} 65536",
+            "kubeproxy_ebpf_map_insert_failures_total{map=\"SVC_V4\"} 5",
             "kubeproxy_ebpf_conntrack_entries 4",
             "kubeproxy_ebpf_service_packets_total{frontend=\"10.96.0.10:80/TCP\",kind=\"ClusterIP\",service=\"default/web/TCP\"} 7",
             "kubeproxy_ebpf_service_bytes_total{frontend=\"10.96.0.10:80/TCP\",kind=\"ClusterIP\",service=\"default/web/TCP\"} 700",

@@ -9,7 +9,9 @@ use proxy::{
     cli::{Args, LogFormat, Mode, XdpMode},
     dataplane::{
         Dataplane, cleanup,
-        ebpf::{EbpfConfig, EbpfDataplane, cgroup2_mount, interface_with_address},
+        ebpf::{
+            EbpfConfig, EbpfDataplane, capacity::ClusterSize, cgroup2_mount, interface_with_address,
+        },
         iptables::IptablesDataplane,
         ipvs::IpvsDataplane,
         links::XdpAttach,
@@ -47,8 +49,29 @@ fn init_logging(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The eBPF dataplane as the flags configure it.
-fn ebpf_dataplane(args: &Args) -> Result<EbpfDataplane> {
+/// The cluster's size as the dataplane will see it (the first table),
+/// for `auto` map capacities.
+fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> ClusterSize {
+    let services = stores.services.state();
+    let slices = stores.slices.state();
+    let mut node = node.clone();
+    if let Some(n) = stores.nodes.state().first() {
+        node.addresses = proxy::model::node_addresses(n).0;
+    }
+    let (table, _) = proxy::model::build(
+        services.iter().map(|s| s.as_ref()),
+        slices.iter().map(|s| s.as_ref()),
+        &node,
+    );
+    ClusterSize::of(
+        &proxy::lb::LbTable::from_services(&table, &node),
+        maglev_size,
+    )
+}
+
+/// The eBPF dataplane as the flags configure it; `auto` capacities from
+/// `cluster`.
+fn ebpf_dataplane(args: &Args, cluster: &ClusterSize) -> Result<EbpfDataplane> {
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
     if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
@@ -67,11 +90,14 @@ fn ebpf_dataplane(args: &Args) -> Result<EbpfDataplane> {
             proxy::maglev::MAX_TABLE_SIZE
         );
     }
-    if args.maglev_map_max == 0 {
-        bail!("--maglev-map-max 0: the Maglev map needs at least one entry");
-    }
-    cfg.map_max_entries
-        .insert(proxy_common::maps::MAGLEV.name, args.maglev_map_max);
+    cfg.map_max_entries = args.map_sizing().capacities(Some(cluster));
+    info!(
+        frontends = cluster.frontends,
+        backends = cluster.backends,
+        pairs = cluster.pairs,
+        capacities = ?cfg.map_max_entries,
+        "map capacities"
+    );
     cfg.dsr = args.dsr;
     cfg.xdp_mode = match args.xdp_mode {
         XdpMode::Native => XdpAttach::Native,
@@ -172,11 +198,16 @@ async fn run() -> Result<()> {
 
     match args.mode {
         Mode::Ebpf => {
-            let mut dp = ebpf_dataplane(&args)?;
+            // The cluster first, then the maps sized for it (programs an
+            // earlier agent attached keep serving meanwhile).
             let client = k8s::client(args.kubeconfig.as_deref()).await?;
             let changed = Arc::new(Notify::new());
             let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
             stores.ready().await?;
+            let size = cluster_size(&stores, &node, args.maglev_table_size);
+            let mut dp = ebpf_dataplane(&args, &size)?;
+            // Logged once the maps are loaded too (the pinned state
+            // adopted): the point from which the agent programs.
             info!("caches synced");
 
             // North-south: the node's first address is where remote-backend

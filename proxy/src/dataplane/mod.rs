@@ -31,6 +31,8 @@ pub struct MapFill {
     pub name: String,
     pub entries: u64,
     pub capacity: u64,
+    /// Inserts that failed since the agent started (a full map).
+    pub insert_failures: u64,
 }
 
 /// Traffic counters of one frontend.

@@ -9,7 +9,9 @@ use aya::maps::MapError;
 use proxy_common::{Backend, MaglevKey, ServiceKey, ServiceValue, SlotKey};
 use tracing::info;
 
-use super::{BackendIdentity, EbpfDataplane, EbpfError, Programmed, maglev_tables::TableKey};
+use super::{
+    BackendEntry, BackendIdentity, EbpfDataplane, EbpfError, Programmed, maglev_tables::TableKey,
+};
 use crate::{lb::FrontendKey, model::Protocol};
 
 impl EbpfDataplane {
@@ -26,7 +28,11 @@ impl EbpfDataplane {
                     port: b.host_port(),
                     proto: b.proto,
                 },
-                (id, b),
+                BackendEntry {
+                    id,
+                    flags: b.flags,
+                    refs: 0,
+                },
             );
         }
         let mut ranges: HashMap<u32, Vec<(Ipv4Addr, u8)>> = HashMap::new();
@@ -164,6 +170,33 @@ impl EbpfDataplane {
             );
         }
         Ok(())
+    }
+}
+
+impl EbpfDataplane {
+    /// Backend reference counts from the adopted table (after
+    /// [`Self::adopt`] and `table_from_maps`); backends no frontend uses
+    /// go at the next apply.
+    pub(super) fn count_backend_refs(&mut self) {
+        for (k, f) in &self.table.frontends {
+            let proto = k.proto.number();
+            for b in &f.backends {
+                let i = BackendIdentity {
+                    addr: b.addr,
+                    port: b.port,
+                    proto,
+                };
+                if let Some(e) = self.backends.get_mut(&i) {
+                    e.refs += 1;
+                }
+            }
+        }
+        self.unreferenced = self
+            .backends
+            .iter()
+            .filter(|(_, e)| e.refs == 0)
+            .map(|(k, _)| *k)
+            .collect();
     }
 }
 

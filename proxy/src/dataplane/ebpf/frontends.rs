@@ -1,19 +1,16 @@
 //! Programming frontends: backends, slots, service entries.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
-};
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use proxy_common::{
     AffinityMatchKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey,
-    SourceRangeKey, SvcStats, backend_flags, svc_flags,
+    SourceRangeKey, SvcStats, backend_flags, maps as defs, svc_flags,
 };
 use tracing::warn;
 
 use super::{
-    BackendIdentity, EbpfDataplane, EbpfError, Programmed,
+    BackendEntry, BackendIdentity, EbpfDataplane, EbpfError, Programmed,
     load::nr_cpus_or_one,
     maglev_tables::TableKey,
     maps::{SvcFlags, flags_kind, kind_flags},
@@ -24,6 +21,14 @@ use crate::{
     maglev::MaglevBackend,
 };
 
+fn identity(b: &BackendAddr, proto: u8) -> BackendIdentity {
+    BackendIdentity {
+        addr: b.addr,
+        port: b.port,
+        proto,
+    }
+}
+
 impl EbpfDataplane {
     pub(super) fn backend_id(
         &mut self,
@@ -31,11 +36,7 @@ impl EbpfDataplane {
         proto: u8,
         stats: &mut ApplyStats,
     ) -> Result<u32, EbpfError> {
-        let identity = BackendIdentity {
-            addr: b.addr,
-            port: b.port,
-            proto,
-        };
+        let identity = identity(b, proto);
         let mut flags = 0;
         if b.terminating {
             flags |= backend_flags::TERMINATING;
@@ -44,26 +45,34 @@ impl EbpfDataplane {
             flags |= backend_flags::LOCAL;
         }
         let value = Backend::new(b.addr, b.port, proto, flags);
-        let (id, is_new) = match self.backends.get(&identity) {
-            Some((id, old)) if *old == value => return Ok(*id),
-            Some((id, _)) => (*id, false),
+        let (id, refs) = match self.backends.get(&identity) {
+            Some(e) if e.flags == flags => return Ok(e.id),
+            Some(e) => (e.id, Some(e.refs)),
             None => {
                 let id = self.next_backend_id;
                 self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
-                (id, true)
+                (id, None)
             }
         };
-        self.maps
-            .backends
-            .insert(id, value, 0)
-            .map_err(|source| EbpfError::Update {
-                map: "BACKENDS",
-                op: "insert",
-                frontend: format!("{}:{}", b.addr, b.port),
-                source: Box::new(source),
-            })?;
-        self.backends.insert(identity, (id, value));
-        if is_new {
+        if let Err(source) = self.maps.backends.insert(id, value, 0) {
+            return Err(self.map_error(
+                proxy_common::maps::BACKENDS.name,
+                "insert",
+                format!("(backend {}:{})", b.addr, b.port),
+                source,
+            ));
+        }
+        self.backends.insert(
+            identity,
+            BackendEntry {
+                id,
+                flags,
+                refs: refs.unwrap_or(0),
+            },
+        );
+        if refs.is_none() {
+            // Unreferenced until the frontend using it is programmed (if
+            // that fails: see `forget_unused`).
             stats.backends_added += 1;
         }
         Ok(id)
@@ -79,22 +88,19 @@ impl EbpfDataplane {
         if fe.backends.len() > proxy_common::MAX_BACKENDS_PER_SERVICE as usize {
             return Err(EbpfError::TooManyBackends(*key, fe.backends.len()));
         }
-        let ids = fe
+        let ids = match fe
             .backends
             .iter()
             .map(|b| self.backend_id(b, proto, stats))
-            .collect::<Result<Vec<u32>, _>>()?;
-        let flags = service_flags(fe);
-        let update = |op: &'static str, map: &'static str| {
-            let frontend = key.to_string();
-            move |source| EbpfError::Update {
-                map,
-                op,
-                frontend,
-                source: Box::new(source),
+            .collect::<Result<Vec<u32>, _>>()
+        {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.forget_unused(fe, proto);
+                return Err(e);
             }
         };
-
+        let flags = service_flags(fe);
         let want_table = self.maglev_key(fe, &ids);
         let (id, generation, old) = match self.frontends.get(key) {
             Some(p)
@@ -118,65 +124,97 @@ impl EbpfDataplane {
                 (id, 0, None)
             }
         };
+        let target = Target {
+            id,
+            generation,
+            flags,
+        };
+        if let Err(e) = self.write_frontend(key, fe, &ids, target, old.as_ref(), want_table) {
+            // Nothing of the new state stays: the maps hold the old
+            // frontend (or none), and entries a full map refused do not
+            // leave orphans behind in the other maps.
+            self.undo_partial(fe, &ids, target, old.as_ref());
+            self.forget_unused(fe, proto);
+            return Err(e);
+        }
+        stats.upserted += 1;
+        Ok(())
+    }
+
+    /// The writes of [`Self::upsert`] past the backends, in the order a
+    /// packet needs them: slots, affinity membership, counters and rev-NAT
+    /// (new frontend), source ranges, Maglev table, service entry; then the
+    /// old generation's leftovers go.
+    fn write_frontend(
+        &mut self,
+        key: &FrontendKey,
+        fe: &Frontend,
+        ids: &[u32],
+        target: Target,
+        old: Option<&Programmed>,
+        want_table: Option<TableKey>,
+    ) -> Result<(), EbpfError> {
+        let Target {
+            id,
+            generation,
+            flags,
+        } = target;
+        let proto = key.proto.number();
+        let update = |dp: &Self, op: &'static str, map: &'static str, source| {
+            dp.map_error(map, op, key.to_string(), source)
+        };
         for (index, backend_id) in ids.iter().enumerate() {
             let slot = SlotKey {
                 service_id: id,
                 generation: generation as u16,
                 index: index as u16,
             };
-            self.maps
-                .slots
-                .insert(slot, *backend_id, 0)
-                .map_err(update("insert", "SLOTS"))?;
+            if let Err(e) = self.maps.slots.insert(slot, *backend_id, 0) {
+                return Err(update(self, "insert", defs::SLOTS.name, e));
+            }
         }
         // Affinity membership of backends joining the frontend, before the
         // service entry that makes them reachable.
-        for backend_id in &ids {
-            if old
-                .as_ref()
-                .is_none_or(|o| !o.backend_ids.contains(backend_id))
-            {
-                self.maps
-                    .affinity_match
-                    .insert(
-                        AffinityMatchKey {
-                            service_id: id,
-                            backend_id: *backend_id,
-                        },
-                        1,
-                        0,
-                    )
-                    .map_err(update("insert", "AFF_MATCH_V4"))?;
+        for backend_id in ids {
+            if old.is_none_or(|o| !o.backend_ids.contains(backend_id)) {
+                let k = AffinityMatchKey {
+                    service_id: id,
+                    backend_id: *backend_id,
+                };
+                if let Err(e) = self.maps.affinity_match.insert(k, 1, 0) {
+                    return Err(update(self, "insert", defs::AFFINITY_MATCH.name, e));
+                }
             }
         }
         if old.is_none() {
             let zero = PerCpuValues::try_from(vec![SvcStats::default(); nr_cpus_or_one()])
                 .map_err(EbpfError::Cpus)?;
-            self.maps
-                .svc_stats
-                .insert(id, zero, 0)
-                .map_err(update("insert", "SVC_STATS"))?;
+            if let Err(e) = self.maps.svc_stats.insert(id, zero, 0) {
+                return Err(update(self, "insert", defs::SVC_STATS.name, e));
+            }
             let rev = RevNat {
                 addr: u32::from_ne_bytes(key.addr.octets()),
                 port: key.port.to_be(),
                 _pad: 0,
             };
-            self.maps
-                .revnat
-                .insert(id, rev, 0)
-                .map_err(update("insert", "REVNAT"))?;
+            if let Err(e) = self.maps.revnat.insert(id, rev, 0) {
+                return Err(update(self, "insert", defs::REVNAT.name, e));
+            }
         }
         // Allowed ranges before the service entry that enables the check.
         for (addr, len) in &fe.source_ranges {
-            self.maps
+            if let Err(e) = self
+                .maps
                 .source_ranges
                 .insert(&range_key(id, *addr, *len), 1, 0)
-                .map_err(update("insert", "SRC_RANGES_V4"))?;
+            {
+                return Err(update(self, "insert", defs::SOURCE_RANGES.name, e));
+            }
         }
         // The Maglev table, written (or shared) right before the service
         // entry that points at it: nothing can fail in between and leave
         // it without its user.
-        let old_table = old.as_ref().and_then(|o| o.maglev_table);
+        let old_table = old.and_then(|o| o.maglev_table);
         let table = match want_table {
             Some(k) if old_table.and_then(|t| self.maglev_tables.key(t)) == Some(&k) => {
                 old_table.map(|t| (t, k.size))
@@ -199,7 +237,7 @@ impl EbpfDataplane {
             .maps
             .services
             .insert(ServiceKey::new(key.addr, key.port, proto), value, 0)
-            .map_err(update("insert", "SVC_V4"))
+            .map_err(|e| update(self, "insert", defs::SERVICES.name, e))
         {
             // The new table has no user after all.
             if let Some((t, _)) = table
@@ -214,6 +252,24 @@ impl EbpfDataplane {
             && table.map(|x| x.0) != Some(t)
         {
             self.release_maglev_table(t);
+        }
+        // The frontend's backends now: references move from the old list
+        // to the new one (new first, so shared ones never reach 0).
+        for b in &fe.backends {
+            if let Some(e) = self.backends.get_mut(&identity(b, proto)) {
+                e.refs += 1;
+            }
+        }
+        if let Some(prev) = self.table.frontends.get(key) {
+            for b in &prev.backends {
+                let i = identity(b, proto);
+                if let Some(e) = self.backends.get_mut(&i) {
+                    e.refs = e.refs.saturating_sub(1);
+                    if e.refs == 0 {
+                        self.unreferenced.insert(i);
+                    }
+                }
+            }
         }
         if let Some(old) = old {
             self.delete_slots(old.id, old.generation, old.backend_ids.len());
@@ -237,13 +293,47 @@ impl EbpfDataplane {
                 flags,
                 affinity_timeout: fe.affinity_timeout,
                 source_ranges: fe.source_ranges.clone(),
-                backend_ids: ids,
+                backend_ids: ids.to_vec(),
                 maglev_table: table.map(|(t, _)| t),
                 maglev_override: fe.maglev_table_size,
             },
         );
-        stats.upserted += 1;
         Ok(())
+    }
+
+    /// After a failed upsert: backends written for it that no frontend
+    /// uses go at the end of the apply.
+    fn forget_unused(&mut self, fe: &Frontend, proto: u8) {
+        for b in &fe.backends {
+            let i = identity(b, proto);
+            if self.backends.get(&i).is_some_and(|e| e.refs == 0) {
+                self.unreferenced.insert(i);
+            }
+        }
+    }
+
+    /// After a failed [`Self::write_frontend`]: delete what it wrote
+    /// before the failure (deleting what is not there is harmless). The
+    /// live generation and the old frontend's entries stay.
+    fn undo_partial(&mut self, fe: &Frontend, ids: &[u32], t: Target, old: Option<&Programmed>) {
+        self.delete_slots(t.id, t.generation, ids.len());
+        for backend_id in ids {
+            if old.is_none_or(|o| !o.backend_ids.contains(backend_id)) {
+                self.delete_affinity_match(t.id, *backend_id);
+            }
+        }
+        if old.is_none() {
+            let _ = self.maps.svc_stats.remove(&t.id);
+            let _ = self.maps.revnat.remove(&t.id);
+        }
+        for (addr, len) in &fe.source_ranges {
+            if old.is_none_or(|o| !o.source_ranges.contains(&(*addr, *len))) {
+                let _ = self
+                    .maps
+                    .source_ranges
+                    .remove(&range_key(t.id, *addr, *len));
+            }
+        }
     }
 
     /// What Maglev table a north-south frontend needs (None: ClusterIP,
@@ -293,12 +383,7 @@ impl EbpfDataplane {
             if let Err(source) = r {
                 self.delete_maglev_slots(t, slot as u32);
                 self.maglev_tables.unallocate(t);
-                return Err(EbpfError::Update {
-                    map: proxy_common::maps::MAGLEV.name,
-                    op: "insert",
-                    frontend: key.to_string(),
-                    source: Box::new(source),
-                });
+                return Err(self.map_error(defs::MAGLEV.name, "insert", key.to_string(), source));
             }
         }
         let size = k.size;
@@ -324,20 +409,34 @@ impl EbpfDataplane {
         key: &FrontendKey,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
-        let Some(p) = self.frontends.remove(key) else {
+        let Some(p) = self.frontends.get(key) else {
             return Ok(());
         };
-        self.table.frontends.remove(key);
         let skey = ServiceKey::new(key.addr, key.port, key.proto.number());
         match self.maps.services.remove(&skey) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => {
+                // Still programmed: kept, so a later sync retries.
                 return Err(EbpfError::Update {
-                    map: "SERVICES",
+                    map: defs::SERVICES.name,
                     op: "delete",
                     frontend: key.to_string(),
                     source: Box::new(source),
                 });
+            }
+        }
+        let p = p.clone();
+        self.frontends.remove(key);
+        let proto = key.proto.number();
+        if let Some(prev) = self.table.frontends.remove(key) {
+            for b in &prev.backends {
+                let i = identity(b, proto);
+                if let Some(e) = self.backends.get_mut(&i) {
+                    e.refs = e.refs.saturating_sub(1);
+                    if e.refs == 0 {
+                        self.unreferenced.insert(i);
+                    }
+                }
             }
         }
         self.delete_slots(p.id, p.generation, p.backend_ids.len());
@@ -377,27 +476,27 @@ impl EbpfDataplane {
         }
     }
 
-    /// Delete backends no frontend references any more.
+    /// Delete backends no frontend references any more: only those whose
+    /// count reached 0 since the last call are looked at.
     pub(super) fn release_backends(&mut self, stats: &mut ApplyStats) {
-        let used: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|p| p.backend_ids.iter().copied())
-            .collect();
-        let unused: Vec<BackendIdentity> = self
-            .backends
-            .iter()
-            .filter(|(_, (id, _))| !used.contains(id))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in unused {
-            if let Some((id, _)) = self.backends.remove(&k) {
-                let _ = self.maps.backends.remove(&id);
-                self.removed_backends.insert(id);
+        for k in std::mem::take(&mut self.unreferenced) {
+            if self.backends.get(&k).is_some_and(|e| e.refs == 0)
+                && let Some(e) = self.backends.remove(&k)
+            {
+                let _ = self.maps.backends.remove(&e.id);
+                self.removed_backends.insert(e.id);
                 stats.backends_removed += 1;
             }
         }
     }
+}
+
+/// Where [`EbpfDataplane::upsert`] writes a frontend.
+#[derive(Clone, Copy)]
+struct Target {
+    id: u32,
+    generation: u8,
+    flags: u16,
 }
 
 pub(super) fn range_key(id: u32, addr: Ipv4Addr, len: u8) -> LpmKey<SourceRangeKey> {

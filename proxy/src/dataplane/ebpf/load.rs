@@ -22,6 +22,7 @@ use super::{
     links, links_dir,
     maglev_tables::MaglevTables,
     maps::{Maps, check_pinned, pin_dir},
+    resize,
 };
 
 const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -55,23 +56,46 @@ impl EbpfDataplane {
         // same layout to adopt.
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&dir);
+        let mut grown = Vec::new();
         for info in &proxy_common::maps::ALL {
             let want = cfg.max_entries(info);
-            if let Some(pinned) = check_pinned(&dir, info)?
-                && pinned != want
-            {
-                warn!(
+            match check_pinned(&dir, info)? {
+                Some(pinned) if pinned < want => {
+                    // Grown: a new map replaces the pin, and takes its
+                    // entries (below) before any program uses it.
+                    let old = resize::unpin(&dir, info)?;
+                    warn!(
+                        map = info.name,
+                        pinned,
+                        configured = want,
+                        "map is pinned with a smaller capacity: recreated with the new one, entries copied"
+                    );
+                    grown.push((info, old));
+                }
+                Some(pinned) if pinned > want => info!(
                     map = info.name,
                     pinned,
                     configured = want,
-                    "map is pinned with another capacity: the pinned one is adopted; `proxy --cleanup` (or a layout change) applies the new one"
-                );
+                    "map is pinned with a larger capacity: kept (shrinking could drop entries); `proxy --cleanup` applies the smaller one"
+                ),
+                _ => {}
             }
             loader.map_max_entries(info.name, want);
         }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .map_err(|e| EbpfError::Load(Box::new(e)))?;
+        let loaded = loader.load(EBPF_OBJECT);
+        let mut ebpf = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                // Put the old maps back where they were.
+                for (info, old) in &grown {
+                    resize::repin(&dir, info, old);
+                }
+                return Err(EbpfError::Load(Box::new(e)));
+            }
+        };
+        for (info, old) in &grown {
+            resize::copy_into(&mut ebpf, info, old)?;
+        }
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -104,6 +128,7 @@ impl EbpfDataplane {
             source,
         })?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
+        let capacities = maps.capacities()?.into_iter().collect();
         let mut dp = EbpfDataplane {
             ebpf,
             maps,
@@ -111,6 +136,9 @@ impl EbpfDataplane {
             frontends: BTreeMap::new(),
             table: crate::lb::LbTable::default(),
             backends: HashMap::new(),
+            unreferenced: HashSet::new(),
+            capacities,
+            insert_failures: Default::default(),
             next_frontend_id: 1,
             next_backend_id: 1,
             attached: HashMap::new(),
@@ -126,6 +154,7 @@ impl EbpfDataplane {
         };
         dp.adopt()?;
         dp.table = dp.table_from_maps();
+        dp.count_backend_refs();
         dp.socket_lb()?;
         dp.remove_other_layouts();
         Ok(dp)
@@ -304,8 +333,11 @@ impl EbpfDataplane {
     }
 }
 
+/// Possible CPUs (per-CPU values have one slot each), read once: every new
+/// frontend's zeroed counters need it.
 pub(super) fn nr_cpus_or_one() -> usize {
-    nr_cpus().map(|n| n.max(1)).unwrap_or(1)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| nr_cpus().map(|n| n.max(1)).unwrap_or(1))
 }
 
 pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>

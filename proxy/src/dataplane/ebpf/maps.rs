@@ -162,6 +162,96 @@ fn count_keys(m: &MapData, key_size: u32) -> std::io::Result<u64> {
     }
 }
 
+/// Number of entries of a hash map read in batches (`BPF_MAP_LOOKUP_BATCH`,
+/// thousands of entries per call instead of one call per key: a scrape of
+/// millions of slots stays cheap). None when the kernel or the map kind has
+/// no batch lookup (LPM tries): walk the keys instead.
+fn count_batched(m: &MapData, info: &MapInfo) -> std::io::Result<Option<u64>> {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    /// `union bpf_attr` for the batch commands.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    /// The kernel's ENOTSUPP (not in libc): no batch ops for this map.
+    const ENOTSUPP: i32 = 524;
+    if info.kind == MapKind::LpmTrie {
+        return Ok(None);
+    }
+    let value_size = match info.kind {
+        MapKind::PerCpuHash | MapKind::PerCpuArray => {
+            (info.value_size as usize).next_multiple_of(8) * nr_cpus()
+        }
+        _ => info.value_size as usize,
+    };
+    let fd = m.fd().as_fd().as_raw_fd();
+    let mut chunk = 4096usize;
+    let mut keys = vec![0u8; chunk * info.key_size as usize];
+    let mut values = vec![0u8; chunk * value_size];
+    // The position token (a bucket index for hash maps); 8 bytes covers
+    // every kind.
+    let mut token_in = [0u8; 8];
+    let mut token_out = [0u8; 8];
+    let mut first = true;
+    let mut n = 0u64;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: BPF_MAP_LOOKUP_BATCH writes at most `count` keys and
+        // values into buffers sized for `chunk` of each, reads and writes
+        // the position token (at most 8 bytes: a u32 bucket index for hash
+        // maps) and writes `count` back into `attr`; all outlive the call,
+        // and `attr` is the command's layout of `union bpf_attr`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let e = (r != 0).then(std::io::Error::last_os_error);
+        match e.as_ref().and_then(|e| e.raw_os_error()) {
+            None => {}
+            // The last batch (possibly with entries).
+            Some(libc::ENOENT) => return Ok(Some(n + u64::from(attr.count))),
+            // A bucket holds more than a chunk: retry it with more room.
+            Some(libc::ENOSPC) if attr.count == 0 => {
+                chunk *= 2;
+                keys.resize(chunk * info.key_size as usize, 0);
+                values.resize(chunk * value_size, 0);
+                continue;
+            }
+            Some(libc::EINVAL | ENOTSUPP) if first => return Ok(None),
+            Some(_) => return Err(e.unwrap_or_else(std::io::Error::last_os_error)),
+        }
+        n += u64::from(attr.count);
+        first = false;
+        token_in = token_out;
+    }
+}
+
+fn nr_cpus() -> usize {
+    aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1)
+}
+
 /// Where the maps of this layout version are pinned under `--bpffs-path`.
 pub fn pin_dir(bpffs_path: &Path) -> PathBuf {
     bpffs_path.join(format!("maps-v{LAYOUT_VERSION}"))
@@ -298,7 +388,11 @@ impl Maps {
                     Ok(tables.values().map(|m| u64::from(*m)).sum())
                 }
                 MapKind::Array | MapKind::PerCpuArray => capacity(&info, m).map(u64::from),
-                _ => count_keys(m, key_size(&info)).map_err(|e| MapsError::Op {
+                _ => match count_batched(m, &info) {
+                    Ok(Some(n)) => Ok(n),
+                    _ => count_keys(m, key_size(&info)),
+                }
+                .map_err(|e| MapsError::Op {
                     name: info.name,
                     op: "iterate",
                     source: Box::new(MapError::SyscallError(aya::sys::SyscallError {

@@ -3,8 +3,9 @@
 //! pinned links (see [`links`]) so the data path outlives the agent.
 //!
 //! Layout: this file holds the dataplane's state and the [`Dataplane`]
-//! glue; [`load`] loads the object (map capacities from
-//! `proxy_common::maps`) and attaches programs, [`frontends`] programs
+//! glue; [`load`] loads the object (map capacities chosen by
+//! [`capacity`], pinned maps grown by [`resize`]) and attaches programs,
+//! [`frontends`] programs
 //! frontends, [`adoption`] rebuilds state from pins, [`maglev_tables`] owns
 //! the shared Maglev tables. The leaves ([`maps`], [`conntrack`],
 //! [`links`], [`interfaces`]) know nothing of this module.
@@ -16,6 +17,7 @@
 //! references any more.
 
 mod adoption;
+pub mod capacity;
 pub mod conntrack;
 mod frontends;
 pub mod interfaces;
@@ -23,12 +25,17 @@ pub mod links;
 mod load;
 pub mod maglev_tables;
 pub mod maps;
+mod resize;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -102,6 +109,17 @@ pub enum EbpfError {
         #[source]
         source: Box<MapError>,
     },
+    /// An insert failed because the map holds `capacity` entries already.
+    #[error(
+        "map {map} is full ({capacity} entries): {op} for frontend {frontend} failed; raise {flag} (a pinned map smaller than the flag asks for is grown at the next start)"
+    )]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        flag: &'static str,
+        op: &'static str,
+        frontend: String,
+    },
     #[error("frontend {0} has {1} backends, more than a frontend can hold")]
     TooManyBackends(FrontendKey, usize),
     #[error("counting possible CPUs: {0}")]
@@ -129,7 +147,8 @@ pub struct EbpfConfig {
     /// How XDP attaches to the external interfaces.
     pub xdp_mode: links::XdpAttach,
     /// Capacities (`max_entries`) by map name overriding the defaults of
-    /// `proxy_common::maps` (`--maglev-map-max`, ...).
+    /// `proxy_common::maps` (from [`capacity::MapSizing::capacities`]:
+    /// `--bpf-lb-map-max`, `--maglev-map-max`, ...).
     pub map_max_entries: BTreeMap<&'static str, u32>,
 }
 
@@ -179,6 +198,43 @@ struct BackendIdentity {
     proto: u8,
 }
 
+/// A backend as the dataplane keeps it (1M of these at 100,000 services x
+/// 10 endpoints: the address, port and protocol are the key, so only the
+/// flags of the `Backend` value are kept).
+#[derive(Clone, Copy, Debug)]
+struct BackendEntry {
+    id: u32,
+    refs: u32,
+    /// `Backend::flags`.
+    flags: u8,
+}
+
+impl BackendIdentity {
+    /// The `BACKENDS_V4` value of this backend with `flags`.
+    fn value(&self, flags: u8) -> Backend {
+        Backend::new(self.addr, self.port, self.proto, flags)
+    }
+}
+
+/// Failed inserts per map, indexed like `proxy_common::maps::ALL`.
+#[derive(Debug, Default)]
+pub struct InsertFailures([AtomicU64; proxy_common::maps::ALL.len()]);
+
+impl InsertFailures {
+    pub fn count(&self, map: &str) {
+        if let Some(i) = proxy_common::maps::ALL.iter().position(|m| m.name == map) {
+            self.0[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, map: &str) -> u64 {
+        proxy_common::maps::ALL
+            .iter()
+            .position(|m| m.name == map)
+            .map_or(0, |i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
 struct Attached {
     ifindex: u32,
     links: Vec<PinnedLink>,
@@ -192,7 +248,17 @@ pub struct EbpfDataplane {
     /// What `frontends` programs, as the agent asked for it (lent to the
     /// diff): kept with `frontends`, entry for entry.
     table: LbTable,
-    backends: HashMap<BackendIdentity, (u32, Backend)>,
+    /// Every backend in `BACKENDS_V4`: its id, value and how many
+    /// frontends' lists hold it.
+    backends: HashMap<BackendIdentity, BackendEntry>,
+    /// Backends whose reference count dropped to 0 (or that were written
+    /// for a frontend that then failed) since the last apply: the only
+    /// candidates for deletion, so releasing is O(changes), not O(all).
+    unreferenced: HashSet<BackendIdentity>,
+    /// Capacity of each map as loaded (a pinned map keeps its own).
+    capacities: BTreeMap<&'static str, u32>,
+    /// Inserts that failed, per map (shared with the `/metrics` reader).
+    insert_failures: Arc<InsertFailures>,
     next_frontend_id: u32,
     next_backend_id: u32,
     attached: HashMap<String, Attached>,
@@ -233,15 +299,19 @@ impl EbpfDataplane {
             frontend: "(all)".to_owned(),
             source: Box::new(source),
         })?;
-        // Affinity entries of removed backends are useless too.
-        let stale: Vec<_> = self
-            .maps
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| self.removed_backends.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
+        // Affinity entries of removed backends are useless too (a walk
+        // only when some backend went).
+        let stale: Vec<_> = if self.removed_backends.is_empty() {
+            Vec::new()
+        } else {
+            self.maps
+                .affinity
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| self.removed_backends.contains(&v.backend_id))
+                .map(|(k, _)| k)
+                .collect()
+        };
         for k in stale {
             let _ = self.maps.affinity.remove(&k);
         }
@@ -350,8 +420,11 @@ impl EbpfDataplane {
     /// The table as the maps hold it (after adoption: what an earlier agent
     /// programmed).
     fn table_from_maps(&self) -> LbTable {
-        let by_id: HashMap<u32, &Backend> =
-            self.backends.values().map(|(id, b)| (*id, b)).collect();
+        let by_id: HashMap<u32, Backend> = self
+            .backends
+            .iter()
+            .map(|(k, e)| (e.id, k.value(e.flags)))
+            .collect();
         let mut lb = LbTable::default();
         for (k, p) in &self.frontends {
             let backends = p
@@ -368,6 +441,52 @@ impl EbpfDataplane {
             lb.frontends.insert(*k, frontends::frontend_of(p, backends));
         }
         lb
+    }
+
+    /// Failed inserts into map `name` since the agent started.
+    pub fn insert_failures(&self, name: &str) -> u64 {
+        self.insert_failures.get(name)
+    }
+
+    /// The capacity of each map as loaded.
+    pub fn capacities(&self) -> &BTreeMap<&'static str, u32> {
+        &self.capacities
+    }
+
+    /// The error for a failed map operation: [`EbpfError::MapFull`] when
+    /// the map is out of entries (`E2BIG` from hash maps, `ENOSPC` from
+    /// LPM tries), else [`EbpfError::Update`]. Failed inserts are counted
+    /// per map for `/metrics`.
+    pub(super) fn map_error(
+        &self,
+        map: &'static str,
+        op: &'static str,
+        frontend: String,
+        source: MapError,
+    ) -> EbpfError {
+        if op == "insert" {
+            self.insert_failures.count(map);
+        }
+        let full = matches!(
+            &source,
+            MapError::SyscallError(e)
+                if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+        );
+        match (full, capacity::flag_of_map(map)) {
+            (true, Some(flag)) => EbpfError::MapFull {
+                map,
+                capacity: self.capacities.get(map).copied().unwrap_or(0),
+                flag,
+                op,
+                frontend,
+            },
+            _ => EbpfError::Update {
+                map,
+                op,
+                frontend,
+                source: Box::new(source),
+            },
+        }
     }
 
     /// Interfaces the tc programs are attached to.
@@ -440,7 +559,7 @@ impl Dataplane for EbpfDataplane {
         // Its own handles on the pinned maps: reads need no access to the
         // dataplane the sync loop owns.
         match Maps::open_pinned(&self.cfg.bpffs_path) {
-            Ok(maps) => Some(Box::new(PinnedStats(maps))),
+            Ok(maps) => Some(Box::new(PinnedStats(maps, self.insert_failures.clone()))),
             Err(e) => {
                 warn!(error = %e, "no map statistics for /metrics");
                 None
@@ -451,11 +570,15 @@ impl Dataplane for EbpfDataplane {
 
 /// `/metrics`'s reader: its own handles on the pinned maps, so reads need
 /// no access to the dataplane the sync loop owns.
-struct PinnedStats(Maps);
+struct PinnedStats(Maps, Arc<InsertFailures>);
 
 impl super::StatsReader for PinnedStats {
     fn read(&self) -> Result<DataplaneStats, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(dataplane_stats(&self.0)?)
+        let mut s = dataplane_stats(&self.0)?;
+        for m in &mut s.maps {
+            m.insert_failures = self.1.get(&m.name);
+        }
+        Ok(s)
     }
 }
 
@@ -471,6 +594,7 @@ pub fn dataplane_stats(m: &Maps) -> Result<DataplaneStats, MapsError> {
             name: name.to_owned(),
             entries,
             capacity: u64::from(capacity),
+            insert_failures: 0,
         })
         .collect();
     let conntrack = maps
