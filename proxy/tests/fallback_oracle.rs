@@ -131,8 +131,8 @@ fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
                 }
             }
             3 => {
-                let kind = [FrontendKind::ExternalIp, FrontendKind::LoadBalancer]
-                    [rng.below(2) as usize];
+                let kind =
+                    [FrontendKind::ExternalIp, FrontendKind::LoadBalancer][rng.below(2) as usize];
                 let k = FrontendKey {
                     addr: Ipv4Addr::new(198, 51, 100, 1 + rng.below(4) as u8),
                     port: 443,
@@ -223,7 +223,10 @@ impl IptModel {
                     .any(|r| r.split_whitespace().any(|w| w == c));
                 assert!(!used, "-X of chain {c} still jumped to");
             } else {
-                assert!(line == "COMMIT" || line.is_empty(), "unexpected line {line}");
+                assert!(
+                    line == "COMMIT" || line.is_empty(),
+                    "unexpected line {line}"
+                );
             }
         }
     }
@@ -239,7 +242,8 @@ fn normalised_ipt(t: &BTreeMap<String, BTreeMap<String, Vec<String>>>) -> Vec<St
     let mut out = Vec::new();
     for (table, chains) in t {
         for (chain, rules) in chains {
-            let mut rules: Vec<String> = rules.iter().map(|r| iptables_rules::normalise(r)).collect();
+            let mut rules: Vec<String> =
+                rules.iter().map(|r| iptables_rules::normalise(r)).collect();
             if iptables_rules::SHARED.contains(&(table.as_str(), chain.as_str())) {
                 rules.sort();
             }
@@ -299,7 +303,11 @@ impl NftModel {
                 assert!(rules.is_empty(), "delete of non-empty chain {name}");
                 let goto = format!("goto {name}");
                 let used = self.chains.values().flatten().any(|r| r.contains(&goto))
-                    || self.elements.values().flat_map(|m| m.values()).any(|v| *v == goto);
+                    || self
+                        .elements
+                        .values()
+                        .flat_map(|m| m.values())
+                        .any(|v| *v == goto);
                 assert!(!used, "chain {name} deleted while in use");
             } else if let Some(name) = line.strip_prefix(&format!("delete set {t}")) {
                 assert!(self.sets.remove(name), "delete of missing set {name}");
@@ -314,10 +322,7 @@ impl NftModel {
                 assert!(old.is_none(), "element {map} {k} exists: {line}");
             } else if let Some(rest) = line.strip_prefix(&format!("delete element {t}")) {
                 let (map, e) = rest.split_once(' ').expect("element");
-                let gone = self
-                    .elements
-                    .get_mut(map)
-                    .and_then(|m| m.remove(braces(e)));
+                let gone = self.elements.get_mut(map).and_then(|m| m.remove(braces(e)));
                 assert!(gone.is_some(), "delete of missing element: {line}");
             } else {
                 assert!(line.is_empty(), "unexpected line {line}");
@@ -331,7 +336,8 @@ impl NftModel {
             .chains
             .iter()
             .map(|(c, rules)| {
-                let rules: Vec<String> = rules.iter().map(|r| nftables_rules::normalise(r)).collect();
+                let rules: Vec<String> =
+                    rules.iter().map(|r| nftables_rules::normalise(r)).collect();
                 format!("chain {c}: {}", rules.join(" ; "))
             })
             .collect();
@@ -347,7 +353,10 @@ impl NftModel {
 
 // --- pure oracle -------------------------------------------------------------
 
-fn fresh_delta<G: Generator>(g: &G, t: &LbTable) -> (State, proxy::dataplane::fallback::incremental::Delta) {
+fn fresh_delta<G: Generator>(
+    g: &G,
+    t: &LbTable,
+) -> (State, proxy::dataplane::fallback::incremental::Delta) {
     let mut s = State::default();
     let d = s.plan(g, &t.frontends, None);
     (s, d)
@@ -421,7 +430,10 @@ fn random_changes_leave_what_a_fresh_writer_writes() {
                 "seed {seed} step {i}: nftables belief"
             );
         }
-        assert!(partial_bytes > 0, "seed {seed}: no partial sync wrote anything");
+        assert!(
+            partial_bytes > 0,
+            "seed {seed}: no partial sync wrote anything"
+        );
     }
 }
 
@@ -438,7 +450,12 @@ fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
     std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread's namespaces.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         f()
     })
     .join()
@@ -486,7 +503,10 @@ fn nft_kernel() -> Vec<String> {
     let mut m = NftModel::default();
     let mut lines = list.lines().map(str::trim);
     while let Some(line) = lines.next() {
-        if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix(" {")) {
+        if let Some(name) = line
+            .strip_prefix("chain ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
             let mut rules = Vec::new();
             for l in lines.by_ref() {
                 if l == "}" {
@@ -567,7 +587,11 @@ fn kernel_oracle<D: Dataplane>(
         let before = handles();
         let mut again = new();
         drive(&mut again, &table);
-        assert_eq!(handles(), before, "{mode} seed {seed}: restart rewrote rules");
+        assert_eq!(
+            handles(),
+            before,
+            "{mode} seed {seed}: restart rewrote rules"
+        );
         assert_eq!(kernel(), incremental, "{mode} seed {seed}: restart");
         drop(again);
 
@@ -608,11 +632,23 @@ fn iptables_random_changes_in_the_kernel_equal_a_fresh_agent() {
                 if let Some(l) = save.lines().find(|l| l.starts_with("-A KUBE-SEP-")) {
                     let mut args = vec!["iptables", "-t", "nat", "-D"];
                     args.extend(l[3..].split_whitespace().filter(|w| !w.contains('"')));
-                    let _ = std::process::Command::new(args[0]).args(&args[1..]).status();
+                    let _ = std::process::Command::new(args[0])
+                        .args(&args[1..])
+                        .status();
                 }
                 sh(&["iptables", "-t", "nat", "-N", "KUBE-SVC-STRAYSTRAYSTRAY"]);
                 sh(&["iptables", "-t", "nat", "-F", "KUBE-MARK-MASQ"]);
-                sh(&["iptables", "-t", "nat", "-A", "KUBE-SERVICES", "-d", "10.99.99.99/32", "-j", "KUBE-SVC-STRAYSTRAYSTRAY"]);
+                sh(&[
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "KUBE-SERVICES",
+                    "-d",
+                    "10.99.99.99/32",
+                    "-j",
+                    "KUBE-SVC-STRAYSTRAYSTRAY",
+                ]);
             },
         )
     });
@@ -636,12 +672,22 @@ fn nftables_random_changes_in_the_kernel_equal_a_fresh_agent() {
             || {
                 sh(&["nft", "add", "chain", "ip", t, "svc-STRAYSTRAYSTRAY"]);
                 sh(&["nft", "flush", "chain", "ip", t, "mark-for-masquerade"]);
-                sh(&["nft", "add", "element", "ip", t, "service-ips", "{ 10.99.99.99 . tcp . 1 : goto svc-STRAYSTRAYSTRAY }"]);
+                sh(&[
+                    "nft",
+                    "add",
+                    "element",
+                    "ip",
+                    t,
+                    "service-ips",
+                    "{ 10.99.99.99 . tcp . 1 : goto svc-STRAYSTRAYSTRAY }",
+                ]);
                 let list = sh(&["nft", "list", "table", "ip", t]);
-                if let Some(c) = list
-                    .lines()
-                    .find_map(|l| l.trim().strip_prefix("chain sep-")?.strip_suffix(" {").map(str::to_owned))
-                {
+                if let Some(c) = list.lines().find_map(|l| {
+                    l.trim()
+                        .strip_prefix("chain sep-")?
+                        .strip_suffix(" {")
+                        .map(str::to_owned)
+                }) {
                     sh(&["nft", "flush", "chain", "ip", t, &format!("sep-{c}")]);
                 }
             },

@@ -253,11 +253,7 @@ impl Generator for IptablesRules {
                 ),
             );
         }
-        add(
-            "nat",
-            "KUBE-MARK-MASQ-EXT",
-            "-j KUBE-MARK-MASQ".to_owned(),
-        );
+        add("nat", "KUBE-MARK-MASQ-EXT", "-j KUBE-MARK-MASQ".to_owned());
         add(
             "nat",
             "KUBE-MARK-DROP",
@@ -308,7 +304,9 @@ impl Generator for IptablesRules {
                     out,
                     "nat",
                     "KUBE-SERVICES",
-                    format!("{m} -m comment --comment \"{k} has no endpoints\" {dport} -j REDIRECT"),
+                    format!(
+                        "{m} -m comment --comment \"{k} has no endpoints\" {dport} -j REDIRECT"
+                    ),
                 );
             }
             // TCP gets a reset: ICMP errors are rate-limited per peer

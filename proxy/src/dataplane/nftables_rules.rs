@@ -158,10 +158,7 @@ fn fixed_chains() -> BTreeMap<String, Content> {
             "masquerading".to_owned(),
             Content::rules(vec![skip, unmark, "masquerade fully-random".to_owned()]),
         ),
-        (
-            "mark-for-masquerade".to_owned(),
-            Content::rules(vec![masq]),
-        ),
+        ("mark-for-masquerade".to_owned(), Content::rules(vec![masq])),
     ])
 }
 
