@@ -654,4 +654,112 @@ mod tests {
         s.commit(d);
         assert!(s.plan(&g, &BTreeMap::new(), None).is_empty());
     }
+
+    fn cluster(n: u8, backends: u8) -> BTreeMap<FrontendKey, Frontend> {
+        (1..=n)
+            .map(|i| {
+                let k = FrontendKey {
+                    addr: std::net::Ipv4Addr::new(10, 96, 0, i),
+                    port: 80,
+                    proto: crate::model::Protocol::Tcp,
+                };
+                let f = Frontend {
+                    kind: FrontendKind::ClusterIp,
+                    backends: (1..=backends)
+                        .map(|b| crate::lb::BackendAddr {
+                            addr: std::net::Ipv4Addr::new(10, 244, i, b),
+                            port: 8080,
+                            terminating: false,
+                            local: true,
+                        })
+                        .collect(),
+                    affinity_timeout: 0,
+                    source_ranges: vec![],
+                    maglev_table_size: None,
+                    local_only: false,
+                };
+                (k, f)
+            })
+            .collect()
+    }
+
+    /// A writer that programmed `before`, and the delta to `after`.
+    fn step(
+        before: &BTreeMap<FrontendKey, Frontend>,
+        after: &BTreeMap<FrontendKey, Frontend>,
+    ) -> (String, Plan) {
+        let g = IptablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, before, None);
+        s.commit(d);
+        let changed: Vec<(FrontendKey, Option<Frontend>)> = before
+            .keys()
+            .chain(after.keys())
+            .filter(|k| before.get(k) != after.get(k))
+            .map(|k| (*k, before.get(k).cloned()))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        render(&s.plan(&g, after, Some(&changed)))
+    }
+
+    #[test]
+    fn a_new_service_inserts_one_rule_and_writes_only_its_chains() {
+        let before = cluster(50, 3);
+        let after = cluster(51, 3);
+        let (input, plan) = step(&before, &after);
+        // Its KUBE-SVC and three KUBE-SEP chains; KUBE-SERVICES is not
+        // declared (that would flush it), one rule goes in at the top.
+        assert_eq!(plan.written.len(), 4, "{input}");
+        assert!(plan.deleted.is_empty(), "{input}");
+        assert_eq!((plan.rules_added, plan.rules_deleted), (1, 0), "{input}");
+        assert!(!input.contains(":KUBE-SERVICES"), "{input}");
+        let inserts: Vec<&str> = input.lines().filter(|l| l.starts_with("-I ")).collect();
+        assert_eq!(inserts.len(), 1, "{input}");
+        assert!(
+            inserts[0].starts_with("-I KUBE-SERVICES 1 -d 10.96.0.51/32 -p tcp"),
+            "{input}"
+        );
+        assert!(input.lines().all(|l| !l.contains("10.96.0.50")), "{input}");
+    }
+
+    #[test]
+    fn a_removed_service_deletes_its_rule_and_chains() {
+        let (input, plan) = step(&cluster(50, 3), &cluster(49, 3));
+        assert_eq!((plan.rules_added, plan.rules_deleted), (0, 1), "{input}");
+        assert!(plan.written.is_empty(), "{input}");
+        assert_eq!(plan.deleted.len(), 4, "{input}");
+        let del = input.lines().position(|l| l.starts_with("-D KUBE-SERVICES"));
+        let x = input.lines().position(|l| l.starts_with("-X "));
+        assert!(del.is_some() && del < x, "jump deleted before the chains: {input}");
+    }
+
+    #[test]
+    fn normalise_equals_iptables_save_forms() {
+        // Ours, and as iptables-save (nf_tables 1.8.9) prints them.
+        for (ours, saved) in [
+            (
+                "-p tcp -m comment --comment \"10.96.0.30:80/TCP has no endpoints\" -m conntrack --ctorigdst 10.96.0.30/32 --ctorigdstport 80 -j REJECT --reject-with tcp-reset",
+                "-p tcp -m comment --comment \"10.96.0.30:80/TCP has no endpoints\" -m conntrack --ctorigdst 10.96.0.30 --ctorigdstport 80 -j REJECT --reject-with tcp-reset",
+            ),
+            (
+                "-m comment --comment \"10.244.1.3:8080\" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-N6XICNRJMV5QIC4D",
+                "-m comment --comment \"10.244.1.3:8080\" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-N6XICNRJMV5QIC4D",
+            ),
+            (
+                "-p tcp -m recent --name KUBE-SEP-X --mask 255.255.255.255 --rsource --set -m tcp -j DNAT --to-destination 10.244.2.4:8080",
+                "-p tcp -m recent --set --name KUBE-SEP-X --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.2.4:8080",
+            ),
+        ] {
+            assert_eq!(normalise(ours), normalise(saved));
+        }
+        assert_ne!(
+            normalise("-s 10.244.1.2/32 -j KUBE-MARK-MASQ"),
+            normalise("-s 10.244.1.3/32 -j KUBE-MARK-MASQ")
+        );
+        assert_ne!(
+            normalise("-m mark ! --mark 0x4000/0x4000 -j RETURN"),
+            normalise("-m mark --mark 0x4000/0x4000 -j RETURN")
+        );
+    }
 }

@@ -587,4 +587,73 @@ mod tests {
             normalise("meta l4proto tcp counter packets 3 bytes 180 dnat to 10.0.0.1:80")
         );
     }
+
+    #[test]
+    fn a_new_service_adds_one_element_and_its_chains() {
+        let k = |i: u8| FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, i),
+            port: 80,
+            proto: crate::model::Protocol::Tcp,
+        };
+        let f = |i: u8| Frontend {
+            kind: FrontendKind::ClusterIp,
+            backends: vec![crate::lb::BackendAddr {
+                addr: Ipv4Addr::new(10, 244, 0, i),
+                port: 8080,
+                terminating: false,
+                local: true,
+            }],
+            affinity_timeout: 0,
+            source_ranges: vec![],
+            maglev_table_size: None,
+            local_only: false,
+        };
+        let before: BTreeMap<_, _> = (1..=40).map(|i| (k(i), f(i))).collect();
+        let mut after = before.clone();
+        after.insert(k(41), f(41));
+        let g = NftablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, &before, None);
+        s.commit(d);
+        let (input, plan) = render(&s.plan(&g, &after, Some(&[(k(41), None)])));
+        assert_eq!(plan.chains_written.len(), 2, "svc + sep: {input}");
+        assert_eq!(plan.elements_added.len(), 1, "{input}");
+        assert!(plan.elements_deleted.is_empty() && plan.chains_deleted.is_empty());
+        assert!(
+            input.contains("add element ip kube-proxy-rs service-ips { 10.96.0.41 . tcp . 80 : goto svc-"),
+            "{input}"
+        );
+        assert_eq!(input.lines().count(), 6, "{input}");
+    }
+
+    #[test]
+    fn nodeport_chains_shared_by_node_addresses_stay_while_one_remains() {
+        let k = |a: u8| FrontendKey {
+            addr: Ipv4Addr::new(172, 18, 0, a),
+            port: 30080,
+            proto: crate::model::Protocol::Tcp,
+        };
+        let f = Frontend {
+            kind: FrontendKind::NodePort,
+            backends: vec![crate::lb::BackendAddr {
+                addr: Ipv4Addr::new(10, 244, 0, 2),
+                port: 8080,
+                terminating: false,
+                local: true,
+            }],
+            affinity_timeout: 0,
+            source_ranges: vec![],
+            maglev_table_size: None,
+            local_only: false,
+        };
+        let both: BTreeMap<_, _> = [(k(11), f.clone()), (k(12), f.clone())].into();
+        let g = NftablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, &both, None);
+        s.commit(d);
+        let one: BTreeMap<_, _> = [(k(11), f.clone())].into();
+        let (input, plan) = render(&s.plan(&g, &one, Some(&[(k(12), Some(f))])));
+        assert!(plan.chains_deleted.is_empty() && plan.chains_written.is_empty(), "{input}");
+        assert_eq!(plan.elements_deleted, vec!["nodeport-ips 172.18.0.12"], "{input}");
+    }
 }
