@@ -108,6 +108,77 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `program args...` with its stdin written by `input` as it goes
+/// (a full sync's input is tens of megabytes: it is not held whole);
+/// stdout and stderr are read meanwhile, so a chatty tool cannot block.
+pub fn run_streamed(
+    program: &str,
+    args: &[&str],
+    input: impl FnOnce(&mut dyn std::fmt::Write),
+) -> Result<String, FallbackError> {
+    use std::io::Read as _;
+    let cmd = format!("{program} {}", args.join(" "));
+    debug!(%cmd, "running");
+    let spawn_err = |source| FallbackError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let reader = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    /// fmt::Write over a pipe, keeping the first I/O error.
+    struct Pipe<W: std::io::Write>(W, Option<std::io::Error>);
+    impl<W: std::io::Write> std::fmt::Write for Pipe<W> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            if self.1.is_none()
+                && let Err(e) = self.0.write_all(s.as_bytes())
+            {
+                self.1 = Some(e);
+            }
+            Ok(())
+        }
+    }
+    let write_result = match child.stdin.take() {
+        Some(stdin) => {
+            let mut pipe = Pipe(std::io::BufWriter::with_capacity(1 << 16, stdin), None);
+            input(&mut pipe);
+            let flushed = pipe.0.flush();
+            match pipe.1 {
+                Some(e) => Err(e),
+                None => flushed,
+            }
+        }
+        None => Ok(()),
+    };
+    let status = child.wait().map_err(spawn_err)?;
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if !status.success() {
+        return Err(FallbackError::Failed {
+            cmd,
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+        });
+    }
+    write_result.map_err(spawn_err)?;
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
+}
+
 /// A stable 16-character name suffix (base32 of a 80-bit FNV-1a based
 /// hash), as kube-proxy derives its `KUBE-SVC-<hash>` names from a SHA-256.
 /// Stable across agent restarts and releases: the golden files pin it.

@@ -187,10 +187,15 @@ impl Dataplane for IptablesDataplane {
         let delta = self
             .state
             .plan(&self.rules, &self.programmed.frontends, changed);
-        let (input, plan) = iptables_rules::render(&delta);
-        if !input.is_empty()
-            && let Err(e) = restore(&input)
-        {
+        let mut plan = iptables_rules::Plan::default();
+        let written = if delta.is_empty() {
+            Ok(String::new())
+        } else {
+            fallback::run_streamed("iptables-restore", &["-w", "5", "--noflush"], |out| {
+                plan = iptables_rules::render_to(out, &delta);
+            })
+        };
+        if let Err(e) = written {
             // Kernel state unknown now: re-read it, compare everything
             // next time; the agent retries the same changes.
             revert(&mut self.programmed, before);

@@ -441,6 +441,12 @@ pub struct Plan {
 /// no longer wanted deleted. Everything else in the tables is left alone.
 pub fn render(delta: &Delta) -> (String, Plan) {
     let mut out = String::new();
+    let plan = render_to(&mut out, delta);
+    (out, plan)
+}
+
+/// [`render`] into `out` (the tool's stdin: the input is not held whole).
+pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Plan {
     let mut plan = Plan::default();
     for table in ["filter", "nat"] {
         let ups = || {
@@ -499,7 +505,7 @@ pub fn render(delta: &Delta) -> (String, Plan) {
         }
         let _ = writeln!(out, "COMMIT");
     }
-    (out, plan)
+    plan
 }
 
 fn item_table(i: &Item) -> Option<&'static str> {
@@ -729,9 +735,14 @@ mod tests {
         assert_eq!((plan.rules_added, plan.rules_deleted), (0, 1), "{input}");
         assert!(plan.written.is_empty(), "{input}");
         assert_eq!(plan.deleted.len(), 4, "{input}");
-        let del = input.lines().position(|l| l.starts_with("-D KUBE-SERVICES"));
+        let del = input
+            .lines()
+            .position(|l| l.starts_with("-D KUBE-SERVICES"));
         let x = input.lines().position(|l| l.starts_with("-X "));
-        assert!(del.is_some() && del < x, "jump deleted before the chains: {input}");
+        assert!(
+            del.is_some() && del < x,
+            "jump deleted before the chains: {input}"
+        );
     }
 
     #[test]

@@ -96,14 +96,19 @@ impl Dataplane for NftablesDataplane {
         let delta = self
             .state
             .plan(&self.rules, &self.programmed.frontends, changed);
-        let (mut input, plan) = nftables_rules::render(&delta);
-        if full {
-            // Someone may have deleted the table since.
-            input.insert_str(0, &nftables_rules::render_prelude());
-        }
-        if !input.is_empty()
-            && let Err(e) = nft(&input)
-        {
+        let mut plan = nftables_rules::Plan::default();
+        let written = if delta.is_empty() && !full {
+            Ok(String::new())
+        } else {
+            fallback::run_streamed("nft", &["-f", "-"], |out| {
+                if full {
+                    // Someone may have deleted the table since.
+                    let _ = out.write_str(&nftables_rules::render_prelude());
+                }
+                plan = nftables_rules::render_to(out, &delta);
+            })
+        };
+        if let Err(e) = written {
             // State unknown now: re-read the table, compare everything
             // next time; the agent retries the same changes.
             revert(&mut self.programmed, before);

@@ -393,6 +393,12 @@ pub fn render_prelude() -> String {
 /// sets nothing refers to any more deleted.
 pub fn render(delta: &Delta) -> (String, Plan) {
     let mut out = String::new();
+    let plan = render_to(&mut out, delta);
+    (out, plan)
+}
+
+/// [`render`] into `out` (the tool's stdin: the input is not held whole).
+pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Plan {
     let mut plan = Plan::default();
     let t = format!("ip {TABLE}");
     let ups = || delta.upsert.iter().zip(&delta.existed);
@@ -462,7 +468,7 @@ pub fn render(delta: &Delta) -> (String, Plan) {
             let _ = writeln!(out, "delete set {t} {name}");
         }
     }
-    (out, plan)
+    plan
 }
 
 /// What our table holds, from `nft list table ip kube-proxy-rs` output:
@@ -620,7 +626,9 @@ mod tests {
         assert_eq!(plan.elements_added.len(), 1, "{input}");
         assert!(plan.elements_deleted.is_empty() && plan.chains_deleted.is_empty());
         assert!(
-            input.contains("add element ip kube-proxy-rs service-ips { 10.96.0.41 . tcp . 80 : goto svc-"),
+            input.contains(
+                "add element ip kube-proxy-rs service-ips { 10.96.0.41 . tcp . 80 : goto svc-"
+            ),
             "{input}"
         );
         assert_eq!(input.lines().count(), 6, "{input}");
@@ -653,7 +661,14 @@ mod tests {
         s.commit(d);
         let one: BTreeMap<_, _> = [(k(11), f.clone())].into();
         let (input, plan) = render(&s.plan(&g, &one, Some(&[(k(12), Some(f))])));
-        assert!(plan.chains_deleted.is_empty() && plan.chains_written.is_empty(), "{input}");
-        assert_eq!(plan.elements_deleted, vec!["nodeport-ips 172.18.0.12"], "{input}");
+        assert!(
+            plan.chains_deleted.is_empty() && plan.chains_written.is_empty(),
+            "{input}"
+        );
+        assert_eq!(
+            plan.elements_deleted,
+            vec!["nodeport-ips 172.18.0.12"],
+            "{input}"
+        );
     }
 }
