@@ -12,6 +12,9 @@ use std::{
 
 use tracing::{debug, warn};
 
+pub mod incremental;
+
+use super::ApplyStats;
 use crate::{
     diff::Change,
     lb::{BackendAddr, Frontend, FrontendKey, LbTable},
@@ -105,6 +108,77 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `program args...` with its stdin written by `input` as it goes
+/// (a full sync's input is tens of megabytes: it is not held whole);
+/// stdout and stderr are read meanwhile, so a chatty tool cannot block.
+pub fn run_streamed(
+    program: &str,
+    args: &[&str],
+    input: impl FnOnce(&mut dyn std::fmt::Write),
+) -> Result<String, FallbackError> {
+    use std::io::Read as _;
+    let cmd = format!("{program} {}", args.join(" "));
+    debug!(%cmd, "running");
+    let spawn_err = |source| FallbackError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let reader = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    /// fmt::Write over a pipe, keeping the first I/O error.
+    struct Pipe<W: std::io::Write>(W, Option<std::io::Error>);
+    impl<W: std::io::Write> std::fmt::Write for Pipe<W> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            if self.1.is_none()
+                && let Err(e) = self.0.write_all(s.as_bytes())
+            {
+                self.1 = Some(e);
+            }
+            Ok(())
+        }
+    }
+    let write_result = match child.stdin.take() {
+        Some(stdin) => {
+            let mut pipe = Pipe(std::io::BufWriter::with_capacity(1 << 16, stdin), None);
+            input(&mut pipe);
+            let flushed = pipe.0.flush();
+            match pipe.1 {
+                Some(e) => Err(e),
+                None => flushed,
+            }
+        }
+        None => Ok(()),
+    };
+    let status = child.wait().map_err(spawn_err)?;
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if !status.success() {
+        return Err(FallbackError::Failed {
+            cmd,
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+        });
+    }
+    write_result.map_err(spawn_err)?;
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
+}
+
 /// A stable 16-character name suffix (base32 of a 80-bit FNV-1a based
 /// hash), as kube-proxy derives its `KUBE-SVC-<hash>` names from a SHA-256.
 /// Stable across agent restarts and releases: the golden files pin it.
@@ -162,6 +236,67 @@ pub fn applied(table: &LbTable, changes: &[Change]) -> LbTable {
     next
 }
 
+/// Applies `changes` to `table` in place; returns each changed key once,
+/// with its frontend before (None: it is new), in key order.
+pub fn apply_in_place(
+    table: &mut LbTable,
+    changes: &[Change],
+) -> Vec<(FrontendKey, Option<Frontend>)> {
+    let mut before: BTreeMap<FrontendKey, Option<Frontend>> = BTreeMap::new();
+    for c in changes {
+        let (k, prev) = match c {
+            Change::Upsert(k, f) => (k, table.frontends.insert(*k, f.clone())),
+            Change::Remove(k) => {
+                table.owners.remove(k);
+                (k, table.frontends.remove(k))
+            }
+        };
+        before.entry(*k).or_insert(prev);
+    }
+    before.into_iter().collect()
+}
+
+/// Undoes [`apply_in_place`] (a write failed: the agent diffs against
+/// what is programmed, so the same changes come again).
+pub fn revert(table: &mut LbTable, before: Vec<(FrontendKey, Option<Frontend>)>) {
+    for (k, f) in before {
+        match f {
+            Some(f) => table.frontends.insert(k, f),
+            None => table.frontends.remove(&k),
+        };
+    }
+}
+
+/// Counts for the sync log line, from the changed keys' frontends before
+/// and `after`.
+pub fn change_stats(
+    before: &[(FrontendKey, Option<Frontend>)],
+    after: &BTreeMap<FrontendKey, Frontend>,
+) -> ApplyStats {
+    let mut s = ApplyStats::default();
+    for (k, old) in before {
+        let old = old.as_ref().map(|o| &o.backends);
+        match after.get(k) {
+            Some(f) => {
+                s.upserted += 1;
+                s.backends_added += f
+                    .backends
+                    .iter()
+                    .filter(|b| old.is_none_or(|o| !o.contains(b)))
+                    .count();
+                if let Some(o) = old {
+                    s.backends_removed += o.iter().filter(|b| !f.backends.contains(b)).count();
+                }
+            }
+            None => {
+                s.removed += 1;
+                s.backends_removed += old.map_or(0, Vec::len);
+            }
+        }
+    }
+    s
+}
+
 /// kube-proxy's UDP conntrack cleanup for a sync from `old` to `new`:
 /// entries to a frontend that had no backend (they may hold the reject; a
 /// frontend new to the table had no rules, so nothing to flush) and
@@ -172,22 +307,45 @@ pub fn stale_udp_flows(
     old: &BTreeMap<FrontendKey, Frontend>,
     new: &BTreeMap<FrontendKey, Frontend>,
 ) -> Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)> {
+    let keys: std::collections::BTreeSet<&FrontendKey> = old.keys().chain(new.keys()).collect();
     let mut out = Vec::new();
-    for (k, f) in new {
-        if k.proto != Protocol::Udp {
-            continue;
-        }
-        let before = old.get(k);
-        if !f.backends.is_empty() && before.is_some_and(|b| b.backends.is_empty()) {
-            out.push((k.addr, k.port, None));
-        }
+    for k in keys {
+        stale_udp_flows_of(k, old.get(k), new.get(k), &mut out);
     }
-    for (k, f) in old {
-        if k.proto != Protocol::Udp {
-            continue;
-        }
+    // Frontends gaining backends first, as before.
+    out.sort_by_key(|(_, _, b)| b.is_some());
+    out
+}
+
+/// [`stale_udp_flows`] for the changed keys only.
+pub fn stale_udp_flows_changed(
+    before: &[(FrontendKey, Option<Frontend>)],
+    after: &BTreeMap<FrontendKey, Frontend>,
+) -> Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)> {
+    let mut out = Vec::new();
+    for (k, old) in before {
+        stale_udp_flows_of(k, old.as_ref(), after.get(k), &mut out);
+    }
+    out
+}
+
+fn stale_udp_flows_of(
+    k: &FrontendKey,
+    old: Option<&Frontend>,
+    new: Option<&Frontend>,
+    out: &mut Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)>,
+) {
+    if k.proto != Protocol::Udp {
+        return;
+    }
+    if let Some(f) = new
+        && !f.backends.is_empty()
+        && old.is_some_and(|b| b.backends.is_empty())
+    {
+        out.push((k.addr, k.port, None));
+    }
+    if let Some(f) = old {
         let now: Vec<Ipv4Addr> = new
-            .get(k)
             .map(|n| n.backends.iter().map(|b| b.addr).collect())
             .unwrap_or_default();
         let mut gone: Vec<Ipv4Addr> = f
@@ -199,7 +357,6 @@ pub fn stale_udp_flows(
         gone.dedup();
         out.extend(gone.into_iter().map(|a| (k.addr, k.port, Some(a))));
     }
-    out
 }
 
 /// Deletes conntrack entries with the `conntrack` tool (as kube-proxy does).

@@ -1,22 +1,30 @@
 //! `--mode iptables`: kube-proxy's iptables rules ([`super::iptables_rules`])
-//! written with one `iptables-restore --noflush` per sync, only changed
-//! chains rewritten; removed UDP backends get their conntrack entries
-//! flushed. Nothing outside our chains and our jumps into them is touched.
+//! written with one `iptables-restore --noflush` per sync that carries only
+//! the chains and shared-chain rules of the frontends that changed;
+//! removed UDP backends get their conntrack entries flushed. Nothing
+//! outside our chains and our jumps into them is touched.
 
 use tracing::{debug, info};
 
 use super::{
     ApplyStats, Dataplane,
-    fallback::{self, FallbackError, RuleOptions, applied, flush_udp_flows, stale_udp_flows},
-    iptables_rules::{self, JUMP_COMMENT, Tables},
+    fallback::{
+        self, FallbackError, RuleOptions, apply_in_place, change_stats, flush_udp_flows,
+        incremental::State, revert, stale_udp_flows_changed,
+    },
+    iptables_rules::{self, IptablesRules, JUMP_COMMENT},
 };
 use crate::{diff::Change, lb::LbTable};
 
 pub struct IptablesDataplane {
     programmed: LbTable,
-    opts: RuleOptions,
-    /// What the kernel holds in our chains (as last written).
-    written: Tables,
+    rules: IptablesRules,
+    /// What our chains hold (fingerprints) and which frontend wants what.
+    state: State,
+    /// The next write compares every item, not only the changed
+    /// frontends' (first sync: adopt what an earlier run left; after a
+    /// failed write: the kernel was re-read).
+    full: bool,
     ticks: u32,
 }
 
@@ -117,39 +125,48 @@ pub(super) fn remove_empty_nft_builtins() {
     }
 }
 
+/// What our chains in the kernel hold now.
+fn read_state(rules: &IptablesRules) -> Result<State, FallbackError> {
+    let mut found = iptables_rules::found(&save("filter")?, "filter", rules);
+    found.extend(iptables_rules::found(&save("nat")?, "nat", rules));
+    Ok(State::adopt(found))
+}
+
+fn restore(input: &str) -> Result<(), FallbackError> {
+    debug!(bytes = input.len(), "iptables-restore");
+    fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(input)).map(|_| ())
+}
+
 impl IptablesDataplane {
-    /// Checks the tools work, installs the jumps and learns which of our
-    /// chains an earlier run left (the first sync rewrites or deletes them).
+    /// Checks the tools work, reads what an earlier run left in our chains
+    /// (the first sync rewrites only what is wrong or missing there and
+    /// deletes what is not wanted), writes the fixed chains if needed and
+    /// installs the jumps.
     pub fn new(opts: RuleOptions) -> Result<IptablesDataplane, FallbackError> {
-        let filter = iptables_rules::our_chains(&save("filter")?, "filter");
-        let nat = iptables_rules::our_chains(&save("nat")?, "nat");
-        if !filter.is_empty() || !nat.is_empty() {
+        let rules = IptablesRules { opts };
+        let mut state = read_state(&rules)?;
+        let found = state.written_count();
+        if found > 0 {
             info!(
-                chains = filter.len() + nat.len(),
-                "found chains of an earlier run; the first sync replaces them"
+                items = found,
+                "found chains of an earlier run; the first sync keeps what is right there"
             );
         }
         // The jumps need the chains to exist: write the fixed ones first.
-        let mut dp = IptablesDataplane {
-            programmed: LbTable::default(),
-            opts,
-            written: Tables::unknown(&filter, &nat),
-            ticks: 0,
-        };
-        dp.write(&LbTable::default())?;
-        ensure_jumps(&iptables_rules::jumps())?;
-        Ok(dp)
-    }
-
-    fn write(&mut self, next: &LbTable) -> Result<iptables_rules::Plan, FallbackError> {
-        let tables = iptables_rules::generate(&next.frontends, &self.opts);
-        let (input, plan) = iptables_rules::render(&tables, &self.written);
+        let delta = state.plan_fixed(&rules);
+        let (input, _) = iptables_rules::render(&delta);
         if !input.is_empty() {
-            debug!(bytes = input.len(), "iptables-restore");
-            fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(&input))?;
+            restore(&input)?;
         }
-        self.written = tables;
-        Ok(plan)
+        state.commit(delta);
+        ensure_jumps(&iptables_rules::jumps())?;
+        Ok(IptablesDataplane {
+            programmed: LbTable::default(),
+            rules,
+            state,
+            full: true,
+            ticks: 0,
+        })
     }
 }
 
@@ -165,33 +182,41 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {
-        let next = applied(&self.programmed, changes);
-        let plan = match self.write(&next) {
-            Ok(p) => p,
-            Err(e) => {
-                // Kernel state unknown now: the next write rewrites all of
-                // our chains found there.
-                if let (Ok(f), Ok(n)) = (save("filter"), save("nat")) {
-                    self.written = Tables::unknown(
-                        &iptables_rules::our_chains(&f, "filter"),
-                        &iptables_rules::our_chains(&n, "nat"),
-                    );
-                }
-                return Err(e);
-            }
+        let before = apply_in_place(&mut self.programmed, changes);
+        let changed = (!self.full).then_some(&before[..]);
+        let delta = self
+            .state
+            .plan(&self.rules, &self.programmed.frontends, changed);
+        let mut plan = iptables_rules::Plan::default();
+        let written = if delta.is_empty() {
+            Ok(String::new())
+        } else {
+            fallback::run_streamed("iptables-restore", &["-w", "5", "--noflush"], |out| {
+                plan = iptables_rules::render_to(out, &delta);
+            })
         };
+        if let Err(e) = written {
+            // Kernel state unknown now: re-read it, compare everything
+            // next time; the agent retries the same changes.
+            revert(&mut self.programmed, before);
+            self.state = read_state(&self.rules).unwrap_or_default();
+            self.full = true;
+            return Err(e);
+        }
+        self.state.commit(delta);
+        self.full = false;
         debug!(
             written = plan.written.len(),
             deleted = plan.deleted.len(),
+            rules_added = plan.rules_added,
+            rules_deleted = plan.rules_deleted,
             "iptables chains"
         );
-        flush_udp_flows(&stale_udp_flows(
+        flush_udp_flows(&stale_udp_flows_changed(
+            &before,
             &self.programmed.frontends,
-            &next.frontends,
         ));
-        let stats = stats(&self.programmed, changes);
-        self.programmed = next;
-        Ok(stats)
+        Ok(change_stats(&before, &self.programmed.frontends))
     }
 
     fn housekeeping(&mut self) -> Result<(), FallbackError> {

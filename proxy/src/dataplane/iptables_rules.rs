@@ -42,7 +42,9 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::fallback::{
-    DROP_MARK, MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash, proto_lower,
+    DROP_MARK, MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash,
+    incremental::{Content, Delta, Found, Generator, Item, State, hash_lines},
+    proto_lower,
 };
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
@@ -91,44 +93,21 @@ pub fn jumps() -> Vec<(&'static str, &'static str, String)> {
     ]
 }
 
-/// One table's chains: name -> rules (each a full `-A CHAIN ...` line).
-pub type Chains = BTreeMap<String, Vec<String>>;
+/// Chains that hold rules of many frontends (each such rule is its own
+/// [`Item::Rule`], added and deleted alone) besides their fixed rules:
+/// (table, chain).
+pub const SHARED: [(&str, &str); 4] = [
+    ("nat", "KUBE-SERVICES"),
+    ("nat", "KUBE-NODEPORTS"),
+    ("filter", "KUBE-SERVICES"),
+    ("filter", "KUBE-EXTERNAL-SERVICES"),
+];
 
-/// The rules of our chains in the filter and nat tables.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Tables {
-    pub filter: Chains,
-    pub nat: Chains,
-}
-
-/// A rule that never matches a generated one: marks chains whose content is
-/// unknown (found in the kernel at start), so the next render rewrites or
-/// deletes them.
-const UNKNOWN: &str = "# unknown";
-
-impl Tables {
-    /// Chains found in the kernel, content unknown.
-    pub fn unknown(filter: &[String], nat: &[String]) -> Tables {
-        let f = |names: &[String]| {
-            names
-                .iter()
-                .map(|n| (n.clone(), vec![UNKNOWN.to_owned()]))
-                .collect()
-        };
-        Tables {
-            filter: f(filter),
-            nat: f(nat),
-        }
-    }
-
-    /// How many rules in all.
-    pub fn rule_count(&self) -> usize {
-        self.filter
-            .values()
-            .chain(self.nat.values())
-            .map(Vec::len)
-            .sum()
-    }
+fn shared(table: &str, chain: &str) -> Option<(&'static str, &'static str)> {
+    SHARED
+        .iter()
+        .find(|(t, c)| *t == table && *c == chain)
+        .copied()
 }
 
 /// kube-proxy's probability for backend `i` of `n`: 1/(n-i), printed as it
@@ -137,24 +116,179 @@ fn probability(i: usize, n: usize) -> String {
     format!("{:.10}", 1.0 / (n - i) as f64)
 }
 
-/// The rules for `frontends`.
-pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> Tables {
-    let mut t = Tables::default();
-    for c in FILTER_FIXED {
-        t.filter.insert(c.to_owned(), Vec::new());
+/// Splits a rule into words, a double-quoted string being one word
+/// (without its quotes).
+fn words(rule: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let (mut quoted, mut any) = (false, false);
+    for ch in rule.chars() {
+        match ch {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
     }
-    for c in NAT_FIXED {
-        t.nat.insert(c.to_owned(), Vec::new());
+    if any {
+        out.push(cur);
     }
-    let push = |chains: &mut Chains, chain: &str, rule: String| {
-        chains
-            .entry(chain.to_owned())
-            .or_default()
-            .push(format!("-A {chain} {rule}"));
-    };
-    for (k, f) in frontends {
+    out
+}
+
+/// A rule body (what follows `-A CHAIN`) in a form that does not depend on
+/// how it was written or how `iptables-save` prints it: options (an option
+/// word and its arguments; a `!` belongs to the option after it) sorted,
+/// quotes dropped, `/32` dropped, decimals to 6 places (iptables-save
+/// prints probabilities with 11).
+pub fn normalise(rule: &str) -> String {
+    let mut groups: Vec<Vec<String>> = Vec::new();
+    let mut negate = false;
+    for w in words(rule) {
+        let w = match w.strip_suffix("/32") {
+            Some(a) if a.parse::<std::net::Ipv4Addr>().is_ok() => a.to_owned(),
+            _ => w,
+        };
+        let w = match w.parse::<f64>() {
+            Ok(x) if w.contains('.') => format!("{x:.6}"),
+            _ => w,
+        };
+        if w == "!" {
+            negate = true;
+            continue;
+        }
+        if w.starts_with('-') || groups.is_empty() {
+            let mut g = Vec::new();
+            if std::mem::take(&mut negate) {
+                g.push("!".to_owned());
+            }
+            g.push(w);
+            groups.push(g);
+        } else if let Some(g) = groups.last_mut() {
+            if std::mem::take(&mut negate) {
+                g.push("!".to_owned());
+            }
+            g.push(w);
+        }
+    }
+    let mut parts: Vec<String> = groups.into_iter().map(|g| g.join(" ")).collect();
+    parts.sort();
+    parts.join(" | ")
+}
+
+/// kube-proxy's iptables rules, one frontend at a time.
+#[derive(Clone, Debug, Default)]
+pub struct IptablesRules {
+    pub opts: RuleOptions,
+}
+
+fn chain(table: &'static str, name: &str) -> Item {
+    Item::Chain(table, name.to_owned())
+}
+
+/// Appends `rule` to chain `name` of `table` among `out` (creating it).
+fn push(out: &mut Vec<(Item, Content)>, table: &'static str, name: &str, rule: String) {
+    if let Some((t, c)) = shared(table, name) {
+        let h = hash_lines([normalise(&rule).as_str()]);
+        out.push((Item::Rule(t, c, h), Content::rules(vec![rule])));
+        return;
+    }
+    match out
+        .iter_mut()
+        .find(|(i, _)| matches!(i, Item::Chain(t, n) if *t == table && n == name))
+    {
+        Some((_, c)) => c.lines.push(rule),
+        None => out.push((chain(table, name), Content::rules(vec![rule]))),
+    }
+}
+
+impl Generator for IptablesRules {
+    fn fixed(&self) -> Vec<(Item, Content)> {
+        let mut out: Vec<(Item, Content)> = FILTER_FIXED
+            .iter()
+            .map(|c| (chain("filter", c), Content::default()))
+            .chain(
+                NAT_FIXED
+                    .iter()
+                    .map(|c| (chain("nat", c), Content::default())),
+            )
+            .collect();
+        let mut add = |table: &'static str, name: &str, rule: String| {
+            if let Some((_, c)) = out
+                .iter_mut()
+                .find(|(i, _)| matches!(i, Item::Chain(t, n) if *t == table && n == name))
+            {
+                c.lines.push(rule);
+            }
+        };
+        add(
+            "nat",
+            "KUBE-SERVICES",
+            "-m comment --comment \"node ports; must be last\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+                .to_owned(),
+        );
+        // Marks as iptables-save prints them (--or-mark X is
+        // --set-xmark X/X, --xor-mark X is --set-xmark X/0x0).
+        add(
+            "nat",
+            "KUBE-MARK-MASQ",
+            format!("-j MARK --set-xmark {MASQ_MARK:#x}/{MASQ_MARK:#x}"),
+        );
+        for prefix in &self.opts.pod_interface_prefixes {
+            add(
+                "nat",
+                "KUBE-MARK-MASQ-EXT",
+                format!(
+                    "-i {prefix}+ -m comment --comment \"local pods keep their address\" -j RETURN"
+                ),
+            );
+        }
+        add("nat", "KUBE-MARK-MASQ-EXT", "-j KUBE-MARK-MASQ".to_owned());
+        add(
+            "nat",
+            "KUBE-MARK-DROP",
+            format!("-j MARK --set-xmark {DROP_MARK:#x}/{DROP_MARK:#x}"),
+        );
+        add(
+            "nat",
+            "KUBE-POSTROUTING",
+            format!("-m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"),
+        );
+        add(
+            "nat",
+            "KUBE-POSTROUTING",
+            format!("-j MARK --set-xmark {MASQ_MARK:#x}/0x0"),
+        );
+        add(
+            "nat",
+            "KUBE-POSTROUTING",
+            "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+                .to_owned(),
+        );
+        add(
+            "filter",
+            "KUBE-FIREWALL",
+            format!(
+                "-m comment --comment \"dropped by loadBalancerSourceRanges\" -m mark --mark {DROP_MARK:#x}/{DROP_MARK:#x} -j DROP"
+            ),
+        );
+        out
+    }
+
+    fn frontend(&self, k: &FrontendKey, f: &Frontend, out: &mut Vec<(Item, Content)>) {
         let p = proto_lower(k.proto);
-        let m = format!("-d {}/32 -p {p} -m {p} --dport {}", k.addr, k.port);
+        let m = format!("-d {}/32 -p {p}", k.addr);
+        let dport = format!("-m {p} --dport {}", k.port);
         let h = frontend_hash(k);
         if f.backends.is_empty() {
             let chain = match f.kind {
@@ -167,9 +301,12 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             // matching the original destination, rejects it on INPUT.
             if f.kind != FrontendKind::NodePort {
                 push(
-                    &mut t.nat,
+                    out,
+                    "nat",
                     "KUBE-SERVICES",
-                    format!("-m comment --comment \"{k} has no endpoints\" {m} -j REDIRECT"),
+                    format!(
+                        "{m} -m comment --comment \"{k} has no endpoints\" {dport} -j REDIRECT"
+                    ),
                 );
             }
             // TCP gets a reset: ICMP errors are rate-limited per peer
@@ -180,14 +317,15 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
                 _ => "icmp-port-unreachable",
             };
             push(
-                &mut t.filter,
+                out,
+                "filter",
                 chain,
                 format!(
-                    "-m comment --comment \"{k} has no endpoints\" -p {p} -m conntrack --ctorigdst {}/32 --ctorigdstport {} -j REJECT --reject-with {with}",
+                    "-p {p} -m comment --comment \"{k} has no endpoints\" -m conntrack --ctorigdst {}/32 --ctorigdstport {} -j REJECT --reject-with {with}",
                     k.addr, k.port
                 ),
             );
-            continue;
+            return;
         }
         let svc = format!("KUBE-SVC-{h}");
         let entry = match f.kind {
@@ -200,46 +338,46 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             _ => "KUBE-SERVICES",
         };
         push(
-            &mut t.nat,
+            out,
+            "nat",
             top,
-            format!("-m comment --comment \"{k} {:?}\" {m} -j {entry}", f.kind),
+            format!(
+                "{m} -m comment --comment \"{k} {:?}\" {dport} -j {entry}",
+                f.kind
+            ),
         );
         if f.kind != FrontendKind::ClusterIp {
             let ext = format!("KUBE-EXT-{h}");
             if !f.source_ranges.is_empty() {
                 let fw = format!("KUBE-FW-{h}");
                 for (net, len) in &f.source_ranges {
-                    push(&mut t.nat, &fw, format!("-s {net}/{len} -j {ext}"));
+                    push(out, "nat", &fw, format!("-s {net}/{len} -j {ext}"));
                 }
                 push(
-                    &mut t.nat,
+                    out,
+                    "nat",
                     &fw,
                     "-m comment --comment \"source not in loadBalancerSourceRanges\" -j KUBE-MARK-DROP"
                         .to_owned(),
                 );
                 // Made local so that filter INPUT's KUBE-FIREWALL sees and
                 // drops it even on a node without a route for the address.
-                push(&mut t.nat, &fw, "-j REDIRECT".to_owned());
+                push(out, "nat", &fw, "-j REDIRECT".to_owned());
             }
-            push(&mut t.nat, &ext, format!("-j {svc}"));
+            push(out, "nat", &ext, format!("-j {svc}"));
         }
         let seps: Vec<String> = f
             .backends
             .iter()
             .map(|b| format!("KUBE-SEP-{}", endpoint_hash(k, b)))
             .collect();
-        // Make sure the chain exists even if (impossibly) nothing is pushed.
-        t.nat.entry(svc.clone()).or_default();
+        let mut svc_rules = Vec::new();
         if f.affinity_timeout > 0 {
             for (b, sep) in f.backends.iter().zip(&seps) {
-                push(
-                    &mut t.nat,
-                    &svc,
-                    format!(
-                        "-m comment --comment \"{}:{}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck --seconds {} --reap -j {sep}",
-                        b.addr, b.port, f.affinity_timeout
-                    ),
-                );
+                svc_rules.push(format!(
+                    "-m comment --comment \"{}:{}\" -m recent --rcheck --seconds {} --reap --name {sep} --mask 255.255.255.255 --rsource -j {sep}",
+                    b.addr, b.port, f.affinity_timeout
+                ));
             }
         }
         let n = seps.len();
@@ -252,139 +390,186 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             } else {
                 String::new()
             };
-            push(
-                &mut t.nat,
-                &svc,
-                format!(
-                    "-m comment --comment \"{}:{}\" {stat}-j {sep}",
-                    b.addr, b.port
-                ),
-            );
-            push(
-                &mut t.nat,
-                sep,
-                format!("-s {}/32 -j KUBE-MARK-MASQ", b.addr),
-            );
+            svc_rules.push(format!(
+                "-m comment --comment \"{}:{}\" {stat}-j {sep}",
+                b.addr, b.port
+            ));
+            let mut sep_rules = vec![format!("-s {}/32 -j KUBE-MARK-MASQ", b.addr)];
             if f.kind != FrontendKind::ClusterIp && !b.local {
-                push(&mut t.nat, sep, "-j KUBE-MARK-MASQ-EXT".to_owned());
+                sep_rules.push("-j KUBE-MARK-MASQ-EXT".to_owned());
             }
             let affinity = if f.affinity_timeout > 0 {
-                format!("-m recent --name {sep} --mask 255.255.255.255 --rsource --set ")
+                format!("-m recent --set --name {sep} --mask 255.255.255.255 --rsource ")
             } else {
                 String::new()
             };
-            push(
-                &mut t.nat,
-                sep,
-                format!(
-                    "-p {p} {affinity}-m {p} -j DNAT --to-destination {}:{}",
-                    b.addr, b.port
-                ),
-            );
+            sep_rules.push(format!(
+                "-p {p} {affinity}-m {p} -j DNAT --to-destination {}:{}",
+                b.addr, b.port
+            ));
+            out.push((chain("nat", sep), Content::rules(sep_rules)));
+        }
+        out.push((chain("nat", &svc), Content::rules(svc_rules)));
+    }
+
+    fn fingerprint(&self, item: &Item, c: &Content) -> u64 {
+        match item {
+            Item::Rule(_, _, h) => *h,
+            _ => {
+                let norm: Vec<String> = c.lines.iter().map(|l| normalise(l)).collect();
+                hash_lines(norm.iter().map(String::as_str))
+            }
         }
     }
-    push(
-        &mut t.nat,
-        "KUBE-SERVICES",
-        "-m comment --comment \"node ports; must be last\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
-            .to_owned(),
-    );
-    push(
-        &mut t.nat,
-        "KUBE-MARK-MASQ",
-        format!("-j MARK --or-mark {MASQ_MARK:#x}"),
-    );
-    for prefix in &opts.pod_interface_prefixes {
-        push(
-            &mut t.nat,
-            "KUBE-MARK-MASQ-EXT",
-            format!(
-                "-m comment --comment \"local pods keep their address\" -i {prefix}+ -j RETURN"
-            ),
-        );
-    }
-    push(
-        &mut t.nat,
-        "KUBE-MARK-MASQ-EXT",
-        "-j KUBE-MARK-MASQ".to_owned(),
-    );
-    push(
-        &mut t.nat,
-        "KUBE-MARK-DROP",
-        format!("-j MARK --or-mark {DROP_MARK:#x}"),
-    );
-    push(
-        &mut t.nat,
-        "KUBE-POSTROUTING",
-        format!("-m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"),
-    );
-    push(
-        &mut t.nat,
-        "KUBE-POSTROUTING",
-        format!("-j MARK --xor-mark {MASQ_MARK:#x}"),
-    );
-    push(
-        &mut t.nat,
-        "KUBE-POSTROUTING",
-        "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
-            .to_owned(),
-    );
-    push(
-        &mut t.filter,
-        "KUBE-FIREWALL",
-        format!(
-            "-m comment --comment \"dropped by loadBalancerSourceRanges\" -m mark --mark {DROP_MARK:#x}/{DROP_MARK:#x} -j DROP"
-        ),
-    );
-    t
 }
 
-/// What a render rewrites: chains (re)written and chains deleted.
+/// What a render rewrites: chains (re)written and deleted (as
+/// `table/chain`), and shared-chain rules added and deleted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub written: Vec<String>,
     pub deleted: Vec<String>,
+    pub rules_added: usize,
+    pub rules_deleted: usize,
 }
 
-fn render_table(out: &mut String, name: &str, new: &Chains, old: &Chains, plan: &mut Plan) {
-    let changed: Vec<&String> = new
-        .iter()
-        .filter(|(c, rules)| old.get(*c) != Some(rules))
-        .map(|(c, _)| c)
-        .collect();
-    let stale: Vec<&String> = old.keys().filter(|c| !new.contains_key(*c)).collect();
-    if changed.is_empty() && stale.is_empty() {
-        return;
-    }
-    let _ = writeln!(out, "*{name}");
-    // Declaring a chain creates it, or flushes it under --noflush.
-    for c in changed.iter().chain(&stale) {
-        let _ = writeln!(out, ":{c} - [0:0]");
-    }
-    for c in &changed {
-        for r in &new[*c] {
-            let _ = writeln!(out, "{r}");
-        }
-        plan.written.push(format!("{name}/{c}"));
-    }
-    for c in &stale {
-        let _ = writeln!(out, "-X {c}");
-        plan.deleted.push(format!("{name}/{c}"));
-    }
-    let _ = writeln!(out, "COMMIT");
-}
-
-/// The `iptables-restore --noflush` input taking the kernel from `old` (what
-/// the last successful render wrote, or [`Tables::unknown`] at start) to
-/// `new`: only changed chains are declared (flushed) and rewritten, chains
-/// no longer wanted are deleted; every other rule of the system is left
-/// alone. One transaction per table.
-pub fn render(new: &Tables, old: &Tables) -> (String, Plan) {
+/// The `iptables-restore --noflush` input for `delta`, one transaction per
+/// table: rewritten and deleted chains are declared (which creates or
+/// flushes them), shared-chain rules deleted by their text, rewritten
+/// chains filled, new shared-chain rules inserted first in their chain
+/// (before the fixed ones, like `node ports; must be last`), then chains
+/// no longer wanted deleted. Everything else in the tables is left alone.
+pub fn render(delta: &Delta) -> (String, Plan) {
     let mut out = String::new();
-    let mut plan = Plan::default();
-    render_table(&mut out, "filter", &new.filter, &old.filter, &mut plan);
-    render_table(&mut out, "nat", &new.nat, &old.nat, &mut plan);
+    let plan = render_to(&mut out, delta);
     (out, plan)
+}
+
+/// [`render`] into `out` (the tool's stdin: the input is not held whole).
+pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Plan {
+    let mut plan = Plan::default();
+    for table in ["filter", "nat"] {
+        let ups = || {
+            delta
+                .upsert
+                .iter()
+                .filter(move |(i, _, _)| item_table(i) == Some(table))
+        };
+        let dels = || {
+            delta
+                .delete
+                .iter()
+                .filter(move |(i, _)| item_table(i) == Some(table))
+        };
+        if ups().next().is_none() && dels().next().is_none() {
+            continue;
+        }
+        let _ = writeln!(out, "*{table}");
+        for (i, _, _) in ups() {
+            if let Item::Chain(_, c) = i {
+                let _ = writeln!(out, ":{c} - [0:0]");
+            }
+        }
+        for (i, _) in dels() {
+            if let Item::Chain(_, c) = i {
+                let _ = writeln!(out, ":{c} - [0:0]");
+            }
+        }
+        for (i, text) in dels() {
+            if let (Item::Rule(_, c, _), Some(text)) = (i, text) {
+                let _ = writeln!(out, "-D {c} {text}");
+                plan.rules_deleted += 1;
+            }
+        }
+        for (i, content, _) in ups() {
+            if let Item::Chain(_, c) = i {
+                for r in &content.lines {
+                    let _ = writeln!(out, "-A {c} {r}");
+                }
+                plan.written.push(format!("{table}/{c}"));
+            }
+        }
+        for (i, content, _) in ups() {
+            if let Item::Rule(_, c, _) = i {
+                for r in &content.lines {
+                    let _ = writeln!(out, "-I {c} 1 {r}");
+                }
+                plan.rules_added += 1;
+            }
+        }
+        for (i, _) in dels() {
+            if let Item::Chain(_, c) = i {
+                let _ = writeln!(out, "-X {c}");
+                plan.deleted.push(format!("{table}/{c}"));
+            }
+        }
+        let _ = writeln!(out, "COMMIT");
+    }
+    plan
+}
+
+fn item_table(i: &Item) -> Option<&'static str> {
+    match i {
+        Item::Chain(t, _) | Item::Rule(t, _, _) => Some(t),
+        _ => None,
+    }
+}
+
+/// What our chains hold in `iptables-save -t <table>` output (`table` is
+/// "filter" or "nat"), as [`Found`] items: whole chains with the
+/// fingerprint of their rules, and each rule of a shared chain that is not
+/// one of its fixed rules as an [`Item::Rule`].
+pub fn found(save: &str, table: &'static str, rules: &IptablesRules) -> Vec<Found> {
+    let fixed: BTreeMap<String, Vec<String>> = rules
+        .fixed()
+        .into_iter()
+        .filter_map(|(i, c)| match i {
+            Item::Chain(t, n) if t == table => {
+                Some((n, c.lines.iter().map(|l| normalise(l)).collect()))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut chains: BTreeMap<String, Vec<String>> = our_chains(save, table)
+        .into_iter()
+        .map(|c| (c, Vec::new()))
+        .collect();
+    let mut out = Vec::new();
+    for line in save.lines() {
+        let Some(rest) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        let (name, body) = rest.split_once(' ').unwrap_or((rest, ""));
+        let Some(lines) = chains.get_mut(name) else {
+            continue;
+        };
+        let norm = normalise(body);
+        match shared(table, name) {
+            Some((t, c)) if !fixed.get(name).is_some_and(|f| f.contains(&norm)) => {
+                out.push(Found {
+                    item: Item::Rule(t, c, hash_lines([norm.as_str()])),
+                    fingerprint: hash_lines([norm.as_str()]),
+                    text: Some(body.to_owned()),
+                });
+            }
+            _ => lines.push(norm),
+        }
+    }
+    for (name, lines) in chains {
+        out.push(Found {
+            item: Item::Chain(table, name),
+            fingerprint: hash_lines(lines.iter().map(String::as_str)),
+            text: None,
+        });
+    }
+    out
+}
+
+/// The input a writer starting from nothing sends for `frontends`.
+pub fn full_input(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> String {
+    let g = IptablesRules { opts: opts.clone() };
+    let mut s = State::default();
+    render(&s.plan(&g, frontends, None)).0
 }
 
 /// The input that removes all our chains (`--cleanup`): given the chain
@@ -466,10 +651,126 @@ mod tests {
 
     #[test]
     fn unchanged_tables_render_nothing() {
-        let t = generate(&BTreeMap::new(), &RuleOptions::default());
-        assert_eq!(render(&t, &t).0, "");
-        let (full, plan) = render(&t, &Tables::default());
+        let g = IptablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, &BTreeMap::new(), None);
+        let (full, plan) = render(&d);
         assert!(full.contains("*nat") && full.contains("*filter"), "{full}");
         assert!(plan.deleted.is_empty());
+        s.commit(d);
+        assert!(s.plan(&g, &BTreeMap::new(), None).is_empty());
+    }
+
+    fn cluster(n: u8, backends: u8) -> BTreeMap<FrontendKey, Frontend> {
+        (1..=n)
+            .map(|i| {
+                let k = FrontendKey {
+                    addr: std::net::Ipv4Addr::new(10, 96, 0, i),
+                    port: 80,
+                    proto: crate::model::Protocol::Tcp,
+                };
+                let f = Frontend {
+                    kind: FrontendKind::ClusterIp,
+                    backends: (1..=backends)
+                        .map(|b| crate::lb::BackendAddr {
+                            addr: std::net::Ipv4Addr::new(10, 244, i, b),
+                            port: 8080,
+                            terminating: false,
+                            local: true,
+                        })
+                        .collect(),
+                    affinity_timeout: 0,
+                    source_ranges: vec![],
+                    maglev_table_size: None,
+                    local_only: false,
+                };
+                (k, f)
+            })
+            .collect()
+    }
+
+    /// A writer that programmed `before`, and the delta to `after`.
+    fn step(
+        before: &BTreeMap<FrontendKey, Frontend>,
+        after: &BTreeMap<FrontendKey, Frontend>,
+    ) -> (String, Plan) {
+        let g = IptablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, before, None);
+        s.commit(d);
+        let changed: Vec<(FrontendKey, Option<Frontend>)> = before
+            .keys()
+            .chain(after.keys())
+            .filter(|k| before.get(k) != after.get(k))
+            .map(|k| (*k, before.get(k).cloned()))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        render(&s.plan(&g, after, Some(&changed)))
+    }
+
+    #[test]
+    fn a_new_service_inserts_one_rule_and_writes_only_its_chains() {
+        let before = cluster(50, 3);
+        let after = cluster(51, 3);
+        let (input, plan) = step(&before, &after);
+        // Its KUBE-SVC and three KUBE-SEP chains; KUBE-SERVICES is not
+        // declared (that would flush it), one rule goes in at the top.
+        assert_eq!(plan.written.len(), 4, "{input}");
+        assert!(plan.deleted.is_empty(), "{input}");
+        assert_eq!((plan.rules_added, plan.rules_deleted), (1, 0), "{input}");
+        assert!(!input.contains(":KUBE-SERVICES"), "{input}");
+        let inserts: Vec<&str> = input.lines().filter(|l| l.starts_with("-I ")).collect();
+        assert_eq!(inserts.len(), 1, "{input}");
+        assert!(
+            inserts[0].starts_with("-I KUBE-SERVICES 1 -d 10.96.0.51/32 -p tcp"),
+            "{input}"
+        );
+        assert!(input.lines().all(|l| !l.contains("10.96.0.50")), "{input}");
+    }
+
+    #[test]
+    fn a_removed_service_deletes_its_rule_and_chains() {
+        let (input, plan) = step(&cluster(50, 3), &cluster(49, 3));
+        assert_eq!((plan.rules_added, plan.rules_deleted), (0, 1), "{input}");
+        assert!(plan.written.is_empty(), "{input}");
+        assert_eq!(plan.deleted.len(), 4, "{input}");
+        let del = input
+            .lines()
+            .position(|l| l.starts_with("-D KUBE-SERVICES"));
+        let x = input.lines().position(|l| l.starts_with("-X "));
+        assert!(
+            del.is_some() && del < x,
+            "jump deleted before the chains: {input}"
+        );
+    }
+
+    #[test]
+    fn normalise_equals_iptables_save_forms() {
+        // Ours, and as iptables-save (nf_tables 1.8.9) prints them.
+        for (ours, saved) in [
+            (
+                "-p tcp -m comment --comment \"10.96.0.30:80/TCP has no endpoints\" -m conntrack --ctorigdst 10.96.0.30/32 --ctorigdstport 80 -j REJECT --reject-with tcp-reset",
+                "-p tcp -m comment --comment \"10.96.0.30:80/TCP has no endpoints\" -m conntrack --ctorigdst 10.96.0.30 --ctorigdstport 80 -j REJECT --reject-with tcp-reset",
+            ),
+            (
+                "-m comment --comment \"10.244.1.3:8080\" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-N6XICNRJMV5QIC4D",
+                "-m comment --comment \"10.244.1.3:8080\" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-N6XICNRJMV5QIC4D",
+            ),
+            (
+                "-p tcp -m recent --name KUBE-SEP-X --mask 255.255.255.255 --rsource --set -m tcp -j DNAT --to-destination 10.244.2.4:8080",
+                "-p tcp -m recent --set --name KUBE-SEP-X --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.2.4:8080",
+            ),
+        ] {
+            assert_eq!(normalise(ours), normalise(saved));
+        }
+        assert_ne!(
+            normalise("-s 10.244.1.2/32 -j KUBE-MARK-MASQ"),
+            normalise("-s 10.244.1.3/32 -j KUBE-MARK-MASQ")
+        );
+        assert_ne!(
+            normalise("-m mark ! --mark 0x4000/0x4000 -j RETURN"),
+            normalise("-m mark --mark 0x4000/0x4000 -j RETURN")
+        );
     }
 }

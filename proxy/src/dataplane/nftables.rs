@@ -1,24 +1,30 @@
 //! `--mode nftables`: kube-proxy's nftables mode ([`super::nftables_rules`])
-//! in one table of ours, written with one `nft -f` transaction per sync;
-//! after the first sync only changed chains and map elements are written.
-//! Removed UDP backends get their conntrack entries flushed.
+//! in one table of ours, written with one `nft -f` transaction per sync
+//! that carries only the chains and map elements of the frontends that
+//! changed. An agent starting where an earlier one left reads the table
+//! and its first sync writes only what is missing or wrong there. Removed
+//! UDP backends get their conntrack entries flushed.
 
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{
     ApplyStats, Dataplane,
-    fallback::{self, FallbackError, RuleOptions, applied, flush_udp_flows, stale_udp_flows},
-    iptables::stats,
-    nftables_rules::{self, Ruleset},
+    fallback::{
+        self, FallbackError, RuleOptions, apply_in_place, change_stats, flush_udp_flows,
+        incremental::State, revert, stale_udp_flows_changed,
+    },
+    nftables_rules::{self, NftablesRules},
 };
 use crate::{diff::Change, lb::LbTable};
 
 pub struct NftablesDataplane {
     programmed: LbTable,
-    opts: RuleOptions,
-    /// Our table as last written; None until the first write (which
-    /// recreates the table, dropping whatever an earlier run left).
-    written: Option<Ruleset>,
+    rules: NftablesRules,
+    /// What our table holds (fingerprints) and which frontend wants what.
+    state: State,
+    /// The next write compares every item, not only the changed
+    /// frontends' (first sync; after a failed write).
+    full: bool,
 }
 
 fn nft(input: &str) -> Result<(), FallbackError> {
@@ -36,26 +42,39 @@ pub fn cleanup() -> Result<bool, FallbackError> {
     Ok(existed)
 }
 
-impl NftablesDataplane {
-    /// Creates our (empty) table, replacing one an earlier run left.
-    pub fn new(opts: RuleOptions) -> Result<NftablesDataplane, FallbackError> {
-        let mut dp = NftablesDataplane {
-            programmed: LbTable::default(),
-            opts,
-            written: None,
-        };
-        dp.write(&LbTable::default())?;
-        Ok(dp)
+/// What our table holds now (nothing if it does not exist).
+fn read_state(rules: &NftablesRules) -> State {
+    match fallback::run("nft", &["list", "table", "ip", nftables_rules::TABLE], None) {
+        Ok(list) => State::adopt(nftables_rules::found(&list, rules)),
+        Err(_) => State::default(),
     }
+}
 
-    fn write(&mut self, next: &LbTable) -> Result<nftables_rules::Plan, FallbackError> {
-        let rules = nftables_rules::generate(&next.frontends, &self.opts);
-        let (input, plan) = nftables_rules::render(&rules, self.written.as_ref());
-        if !input.is_empty() {
-            nft(&input)?;
+impl NftablesDataplane {
+    /// Creates our table unless it exists, and its fixed chains where they
+    /// are missing or wrong; what an earlier run left is kept for the
+    /// first sync to compare.
+    pub fn new(opts: RuleOptions) -> Result<NftablesDataplane, FallbackError> {
+        let rules = NftablesRules { opts };
+        let mut state = read_state(&rules);
+        let found = state.written_count();
+        if found > 0 {
+            info!(
+                items = found,
+                "found the table of an earlier run; the first sync keeps what is right there"
+            );
         }
-        self.written = Some(rules);
-        Ok(plan)
+        let delta = state.plan_fixed(&rules);
+        let mut input = nftables_rules::render_prelude();
+        input.push_str(&nftables_rules::render(&delta).0);
+        nft(&input)?;
+        state.commit(delta);
+        Ok(NftablesDataplane {
+            programmed: LbTable::default(),
+            rules,
+            state,
+            full: true,
+        })
     }
 }
 
@@ -71,15 +90,34 @@ impl Dataplane for NftablesDataplane {
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {
-        let next = applied(&self.programmed, changes);
-        let plan = match self.write(&next) {
-            Ok(p) => p,
-            Err(e) => {
-                // State unknown now: recreate the table next time.
-                self.written = None;
-                return Err(e);
-            }
+        let before = apply_in_place(&mut self.programmed, changes);
+        let full = self.full;
+        let changed = (!full).then_some(&before[..]);
+        let delta = self
+            .state
+            .plan(&self.rules, &self.programmed.frontends, changed);
+        let mut plan = nftables_rules::Plan::default();
+        let written = if delta.is_empty() && !full {
+            Ok(String::new())
+        } else {
+            fallback::run_streamed("nft", &["-f", "-"], |out| {
+                if full {
+                    // Someone may have deleted the table since.
+                    let _ = out.write_str(&nftables_rules::render_prelude());
+                }
+                plan = nftables_rules::render_to(out, &delta);
+            })
         };
+        if let Err(e) = written {
+            // State unknown now: re-read the table, compare everything
+            // next time; the agent retries the same changes.
+            revert(&mut self.programmed, before);
+            self.state = read_state(&self.rules);
+            self.full = true;
+            return Err(e);
+        }
+        self.state.commit(delta);
+        self.full = false;
         debug!(
             chains_written = plan.chains_written.len(),
             chains_deleted = plan.chains_deleted.len(),
@@ -87,13 +125,11 @@ impl Dataplane for NftablesDataplane {
             elements_deleted = plan.elements_deleted.len(),
             "nft table"
         );
-        flush_udp_flows(&stale_udp_flows(
+        flush_udp_flows(&stale_udp_flows_changed(
+            &before,
             &self.programmed.frontends,
-            &next.frontends,
         ));
-        let stats = stats(&self.programmed, changes);
-        self.programmed = next;
-        Ok(stats)
+        Ok(change_stats(&before, &self.programmed.frontends))
     }
 
     fn housekeeping(&mut self) -> Result<(), FallbackError> {

@@ -27,28 +27,15 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
-use super::fallback::{MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash, proto_lower};
+use super::fallback::{
+    MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash,
+    incremental::{Content, Delta, Found, Generator, Item, State, hash_lines},
+    proto_lower,
+};
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
 /// Our table (family `ip`).
 pub const TABLE: &str = "kube-proxy-rs";
-
-/// A chain: its base-chain declaration (hook) if any, and its rules.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chain {
-    pub hook: Option<&'static str>,
-    pub rules: Vec<String>,
-}
-
-/// Everything in our table.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Ruleset {
-    pub chains: BTreeMap<String, Chain>,
-    /// Map / set name -> element key -> verdict (None for sets).
-    pub elements: BTreeMap<&'static str, BTreeMap<String, Option<String>>>,
-    /// Affinity sets: name -> declaration body.
-    pub sets: BTreeMap<String, String>,
-}
 
 /// Maps and sets declared with the table: (kind, name, body).
 const CONTAINERS: [(&str, &str, &str); 6] = [
@@ -80,10 +67,10 @@ const CONTAINERS: [(&str, &str, &str); 6] = [
     ("set", "nodeport-ips", "type ipv4_addr;"),
 ];
 
-fn fixed_chains() -> BTreeMap<String, Chain> {
-    let c = |hook: Option<&'static str>, rules: &[&str]| Chain {
+fn fixed_chains() -> BTreeMap<String, Content> {
+    let c = |hook: Option<&'static str>, rules: &[&str]| Content {
         hook,
-        rules: rules.iter().map(|r| (*r).to_owned()).collect(),
+        lines: rules.iter().map(|r| (*r).to_owned()).collect(),
     };
     let masq = format!("meta mark set meta mark | {MASQ_MARK:#x}");
     let unmark = format!("meta mark set meta mark ^ {MASQ_MARK:#x}");
@@ -169,18 +156,9 @@ fn fixed_chains() -> BTreeMap<String, Chain> {
         ),
         (
             "masquerading".to_owned(),
-            Chain {
-                hook: None,
-                rules: vec![skip, unmark, "masquerade fully-random".to_owned()],
-            },
+            Content::rules(vec![skip, unmark, "masquerade fully-random".to_owned()]),
         ),
-        (
-            "mark-for-masquerade".to_owned(),
-            Chain {
-                hook: None,
-                rules: vec![masq],
-            },
-        ),
+        ("mark-for-masquerade".to_owned(), Content::rules(vec![masq])),
     ])
 }
 
@@ -197,36 +175,52 @@ fn chain_hash(k: &FrontendKey, f: &Frontend) -> String {
     }
 }
 
-/// Our table's content for `frontends`.
-pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> Ruleset {
-    let mut r = Ruleset {
-        chains: fixed_chains(),
-        ..Default::default()
-    };
-    let mut rules: Vec<String> = opts
-        .pod_interface_prefixes
-        .iter()
-        .map(|p| format!("iifname \"{p}*\" return"))
-        .collect();
-    rules.push("jump mark-for-masquerade".to_owned());
-    r.chains.insert(
-        "mark-for-masquerade-external".to_owned(),
-        Chain { hook: None, rules },
-    );
-    for (_, name, _) in CONTAINERS {
-        r.elements.insert(name, BTreeMap::new());
+/// kube-proxy's nftables rules, one frontend at a time.
+#[derive(Clone, Debug, Default)]
+pub struct NftablesRules {
+    pub opts: RuleOptions,
+}
+
+fn chain(name: String) -> Item {
+    Item::Chain("", name)
+}
+
+fn elem(map: &'static str, key: String) -> Item {
+    Item::Element(map, key)
+}
+
+fn value(v: String) -> Content {
+    Content::rules(vec![v])
+}
+
+impl Generator for NftablesRules {
+    fn fixed(&self) -> Vec<(Item, Content)> {
+        let mut out: Vec<(Item, Content)> = fixed_chains()
+            .into_iter()
+            .map(|(n, c)| (chain(n), c))
+            .collect();
+        let mut rules: Vec<String> = self
+            .opts
+            .pod_interface_prefixes
+            .iter()
+            .map(|p| format!("iifname \"{p}*\" return"))
+            .collect();
+        rules.push("jump mark-for-masquerade".to_owned());
+        out.push((
+            chain("mark-for-masquerade-external".to_owned()),
+            Content::rules(rules),
+        ));
+        out
     }
-    let elem = |r: &mut Ruleset, map: &'static str, key: String, v: Option<String>| {
-        r.elements.entry(map).or_default().insert(key, v);
-    };
-    for (k, f) in frontends {
+
+    fn frontend(&self, k: &FrontendKey, f: &Frontend, out: &mut Vec<(Item, Content)>) {
         let p = proto_lower(k.proto);
         let h = chain_hash(k, f);
         let full_key = format!("{} . {p} . {}", k.addr, k.port);
         let port_key = format!("{p} . {}", k.port);
         let nodeport = f.kind == FrontendKind::NodePort;
         if nodeport {
-            elem(&mut r, "nodeport-ips", k.addr.to_string(), None);
+            out.push((elem("nodeport-ips", k.addr.to_string()), Content::default()));
         }
         if !f.source_ranges.is_empty() {
             let fw = format!("fw-{}", frontend_hash(k));
@@ -235,22 +229,17 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
                 .iter()
                 .map(|(n, l)| format!("{n}/{l}"))
                 .collect();
-            r.chains.insert(
-                fw.clone(),
-                Chain {
-                    hook: None,
-                    rules: vec![
-                        format!("ip saddr {{ {} }} return", ranges.join(", ")),
-                        "counter drop".to_owned(),
-                    ],
-                },
-            );
-            elem(
-                &mut r,
-                "firewall-ips",
-                full_key.clone(),
-                Some(format!("goto {fw}")),
-            );
+            out.push((
+                chain(fw.clone()),
+                Content::rules(vec![
+                    format!("ip saddr {{ {} }} return", ranges.join(", ")),
+                    "counter drop".to_owned(),
+                ]),
+            ));
+            out.push((
+                elem("firewall-ips", full_key.clone()),
+                value(format!("goto {fw}")),
+            ));
         }
         if f.backends.is_empty() {
             let (map, key) = if nodeport {
@@ -258,38 +247,26 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             } else {
                 ("no-endpoint-services", full_key)
             };
-            elem(&mut r, map, key, Some("goto reject-chain".to_owned()));
-            continue;
+            out.push((elem(map, key), value("goto reject-chain".to_owned())));
+            return;
         }
         let svc = format!("svc-{h}");
         let target = if f.kind == FrontendKind::ClusterIp {
             svc.clone()
         } else {
             let ext = format!("ext-{h}");
-            r.chains.insert(
-                ext.clone(),
-                Chain {
-                    hook: None,
-                    rules: vec![format!("goto {svc}")],
-                },
-            );
+            out.push((
+                chain(ext.clone()),
+                Content::rules(vec![format!("goto {svc}")]),
+            ));
             ext
         };
-        if nodeport {
-            elem(
-                &mut r,
-                "service-nodeports",
-                port_key,
-                Some(format!("goto {target}")),
-            );
+        let (map, key) = if nodeport {
+            ("service-nodeports", port_key)
         } else {
-            elem(
-                &mut r,
-                "service-ips",
-                full_key,
-                Some(format!("goto {target}")),
-            );
-        }
+            ("service-ips", full_key)
+        };
+        out.push((elem(map, key), value(format!("goto {target}"))));
         // For NodePorts the chains are keyed by port only.
         let ck = if nodeport {
             FrontendKey {
@@ -310,13 +287,13 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             }
             if f.affinity_timeout > 0 {
                 let set = format!("aff-{eh}-{}", f.affinity_timeout);
-                r.sets.insert(
-                    set.clone(),
-                    format!(
+                out.push((
+                    Item::Set(set.clone()),
+                    value(format!(
                         "type ipv4_addr; flags dynamic,timeout; timeout {}s;",
                         f.affinity_timeout
-                    ),
-                );
+                    )),
+                ));
                 svc_rules.push(format!("ip saddr @{set} goto {sep}"));
                 sep_rules.push(format!("update @{set} {{ ip saddr }}"));
             }
@@ -324,13 +301,7 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
                 "meta l4proto {p} counter dnat to {}:{}",
                 b.addr, b.port
             ));
-            r.chains.insert(
-                sep.clone(),
-                Chain {
-                    hook: None,
-                    rules: sep_rules,
-                },
-            );
+            out.push((chain(sep.clone()), Content::rules(sep_rules)));
             arms.push(format!("{i} : goto {sep}"));
         }
         svc_rules.push(format!(
@@ -338,15 +309,54 @@ pub fn generate(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions)
             arms.len(),
             arms.join(", ")
         ));
-        r.chains.insert(
-            svc,
-            Chain {
-                hook: None,
-                rules: svc_rules,
-            },
-        );
+        out.push((chain(svc), Content::rules(svc_rules)));
     }
-    r
+
+    fn fingerprint(&self, item: &Item, c: &Content) -> u64 {
+        match item {
+            // A set is right if it exists: its name holds its timeout.
+            Item::Set(_) => hash_lines([]),
+            _ => {
+                let hook = c.hook.map(normalise);
+                let norm: Vec<String> = c.lines.iter().map(|l| normalise(l)).collect();
+                hash_lines(hook.iter().chain(&norm).map(String::as_str))
+            }
+        }
+    }
+}
+
+/// A rule (or base-chain declaration, or element value) in a form that
+/// does not depend on how it was written or how `nft list` prints it:
+/// counters without their values, hexadecimal numbers in decimal, an
+/// anonymous set of one element without braces.
+pub fn normalise(rule: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut words = rule.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        if w == "packets" || w == "bytes" {
+            words.next();
+            continue;
+        }
+        let (core, semi) = match w.strip_suffix(';') {
+            Some(c) => (c, ";"),
+            None => (w, ""),
+        };
+        let core = match core.strip_prefix("0x").map(|h| u64::from_str_radix(h, 16)) {
+            Some(Ok(n)) => n.to_string(),
+            _ => core.to_owned(),
+        };
+        out.push(format!("{core}{semi}"));
+    }
+    // `{ x }` -> `x`
+    let mut i = 0;
+    while i + 2 < out.len() {
+        if out[i] == "{" && out[i + 2] == "}" && !out[i + 1].ends_with(',') {
+            out.remove(i + 2);
+            out.remove(i);
+        }
+        i += 1;
+    }
+    out.join(" ")
 }
 
 /// What a render changes: chains written and deleted, elements added and
@@ -359,101 +369,194 @@ pub struct Plan {
     pub elements_deleted: Vec<String>,
 }
 
-fn element(key: &str, v: &Option<String>) -> String {
-    match v {
+fn element(key: &str, c: &Content) -> String {
+    match c.lines.first() {
         Some(v) => format!("{key} : {v}"),
         None => key.to_owned(),
     }
 }
 
-/// The `nft -f` input taking our table from `old` (None: unknown, the
-/// table is recreated) to `new`, as one transaction.
-pub fn render(new: &Ruleset, old: Option<&Ruleset>) -> (String, Plan) {
+/// Creates our table and its maps and sets unless they exist (`add` leaves
+/// existing ones and their elements alone).
+pub fn render_prelude() -> String {
+    let t = format!("ip {TABLE}");
+    let mut out = format!("add table {t}\n");
+    for (kind, name, body) in CONTAINERS {
+        let _ = writeln!(out, "add {kind} {t} {name} {{ {body} }}");
+    }
+    out
+}
+
+/// The `nft -f` input for `delta`, one transaction: new affinity sets,
+/// chains declared then (flushed and) filled, map elements deleted (a
+/// changed verdict is deleted and re-added) and added, then chains and
+/// sets nothing refers to any more deleted.
+pub fn render(delta: &Delta) -> (String, Plan) {
     let mut out = String::new();
+    let plan = render_to(&mut out, delta);
+    (out, plan)
+}
+
+/// [`render`] into `out` (the tool's stdin: the input is not held whole).
+pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Plan {
     let mut plan = Plan::default();
     let t = format!("ip {TABLE}");
-    let empty = Ruleset::default();
-    let old = match old {
-        Some(o) => o,
-        None => {
-            // Recreate: whatever an earlier run left goes.
-            let _ = writeln!(out, "add table {t}\ndelete table {t}\nadd table {t}");
-            for (kind, name, body) in CONTAINERS {
-                let _ = writeln!(out, "add {kind} {t} {name} {{ {body} }}");
-            }
-            &empty
-        }
-    };
-    // New affinity sets before the rules that use them.
-    for (name, body) in &new.sets {
-        if old.sets.get(name) != Some(body) {
+    let ups = || delta.upsert.iter().zip(&delta.existed);
+    for ((item, c, _), existed) in ups() {
+        if let (Item::Set(name), false) = (item, existed) {
+            let body = c.lines.first().map_or("type ipv4_addr;", String::as_str);
             let _ = writeln!(out, "add set {t} {name} {{ {body} }}");
         }
     }
-    let changed: Vec<(&String, &Chain)> = new
-        .chains
-        .iter()
-        .filter(|(n, c)| old.chains.get(*n) != Some(c))
-        .collect();
-    // Declare every changed chain first (rules may jump to new ones).
-    for (name, c) in &changed {
-        match c.hook {
-            Some(h) => {
-                let _ = writeln!(out, "add chain {t} {name} {{ {h} }}");
-            }
-            None => {
-                let _ = writeln!(out, "add chain {t} {name}");
+    // Declare every chain first (rules may jump to new ones).
+    for ((item, c, _), _) in ups() {
+        if let Item::Chain(_, name) = item {
+            match c.hook {
+                Some(h) => {
+                    let _ = writeln!(out, "add chain {t} {name} {{ {h} }}");
+                }
+                None => {
+                    let _ = writeln!(out, "add chain {t} {name}");
+                }
             }
         }
     }
-    for (name, c) in &changed {
-        if old.chains.contains_key(*name) {
+    for ((item, c, _), existed) in ups() {
+        if let Item::Chain(_, name) = item {
+            if *existed {
+                let _ = writeln!(out, "flush chain {t} {name}");
+            }
+            for rule in &c.lines {
+                let _ = writeln!(out, "add rule {t} {name} {rule}");
+            }
+            plan.chains_written.push(name.clone());
+        }
+    }
+    for (item, _) in &delta.delete {
+        if let Item::Element(map, key) = item {
+            let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
+            plan.elements_deleted.push(format!("{map} {key}"));
+        }
+    }
+    for ((item, _, _), existed) in ups() {
+        if let (Item::Element(map, key), true) = (item, existed) {
+            let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
+            plan.elements_deleted.push(format!("{map} {key}"));
+        }
+    }
+    for ((item, c, _), _) in ups() {
+        if let Item::Element(map, key) = item {
+            let e = element(key, c);
+            let _ = writeln!(out, "add element {t} {map} {{ {e} }}");
+            plan.elements_added.push(format!("{map} {e}"));
+        }
+    }
+    // Stale chains may jump to each other: flush all first, then delete.
+    for (item, _) in &delta.delete {
+        if let Item::Chain(_, name) = item {
             let _ = writeln!(out, "flush chain {t} {name}");
         }
-        for rule in &c.rules {
-            let _ = writeln!(out, "add rule {t} {name} {rule}");
-        }
-        plan.chains_written.push((*name).clone());
     }
-    // Elements: deletions first (changed verdicts are deleted and re-added).
-    for (map, new_elems) in &new.elements {
-        let old_elems = old.elements.get(map);
-        for (key, v) in old_elems.into_iter().flatten() {
-            if new_elems.get(key) != Some(v) {
-                let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
-                plan.elements_deleted
-                    .push(format!("{map} {}", element(key, v)));
+    for (item, _) in &delta.delete {
+        if let Item::Chain(_, name) = item {
+            let _ = writeln!(out, "delete chain {t} {name}");
+            plan.chains_deleted.push(name.clone());
+        }
+    }
+    for (item, _) in &delta.delete {
+        if let Item::Set(name) = item {
+            let _ = writeln!(out, "delete set {t} {name}");
+        }
+    }
+    plan
+}
+
+/// What our table holds, from `nft list table ip kube-proxy-rs` output:
+/// chains with the fingerprint of their (normalised) rules, elements of
+/// our maps and sets with that of their value, affinity sets.
+pub fn found(list: &str, rules: &NftablesRules) -> Vec<Found> {
+    let mut out = Vec::new();
+    let mut lines = list.lines().map(str::trim).peekable();
+    while let Some(line) = lines.next() {
+        if let Some(name) = line
+            .strip_prefix("chain ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            // A base chain's declaration comes first; fingerprinted as
+            // [`Generator::fingerprint`] does a hook and its rules.
+            let mut norm = Vec::new();
+            for l in lines.by_ref() {
+                if l == "}" {
+                    break;
+                }
+                if !l.is_empty() {
+                    norm.push(normalise(l));
+                }
             }
+            let fp = hash_lines(norm.iter().map(String::as_str));
+            out.push(Found {
+                item: chain(name.to_owned()),
+                fingerprint: fp,
+                text: None,
+            });
+            continue;
         }
-    }
-    for (map, new_elems) in &new.elements {
-        let old_elems = old.elements.get(map);
-        for (key, v) in new_elems {
-            if old_elems.and_then(|o| o.get(key)) != Some(v) {
-                let _ = writeln!(out, "add element {t} {map} {{ {} }}", element(key, v));
-                plan.elements_added
-                    .push(format!("{map} {}", element(key, v)));
+        let container = line
+            .strip_prefix("map ")
+            .or_else(|| line.strip_prefix("set "))
+            .and_then(|l| l.strip_suffix(" {"));
+        let Some(name) = container else { continue };
+        let known = CONTAINERS.iter().find(|(_, n, _)| *n == name).map(|c| c.1);
+        if known.is_none() && name.starts_with("aff-") {
+            out.push(Found {
+                item: Item::Set(name.to_owned()),
+                fingerprint: hash_lines([]),
+                text: None,
+            });
+        }
+        // The body up to the container's closing brace.
+        let mut body = String::new();
+        for l in lines.by_ref() {
+            if l == "}" {
+                break;
             }
+            body.push_str(l);
+            body.push(' ');
+        }
+        let Some(map) = known else { continue };
+        let Some(start) = body.find("elements = {") else {
+            continue;
+        };
+        let rest = &body[start + "elements = {".len()..];
+        let rest = rest.rsplit_once('}').map_or(rest, |(r, _)| r);
+        for e in rest.split(',') {
+            let e = e.trim();
+            if e.is_empty() {
+                continue;
+            }
+            let (key, v) = match e.split_once(" : ") {
+                Some((k, v)) => (k.trim(), Some(v.trim())),
+                None => (e, None),
+            };
+            let c = Content::rules(v.map(str::to_owned).into_iter().collect());
+            let item = elem(map, key.to_owned());
+            out.push(Found {
+                fingerprint: rules.fingerprint(&item, &c),
+                item,
+                text: None,
+            });
         }
     }
-    // Then chains and sets nothing refers to any more: flush all first
-    // (stale chains may jump to each other), then delete.
-    let stale: Vec<&String> = old
-        .chains
-        .keys()
-        .filter(|n| !new.chains.contains_key(*n))
-        .collect();
-    for name in &stale {
-        let _ = writeln!(out, "flush chain {t} {name}");
-    }
-    for name in &stale {
-        let _ = writeln!(out, "delete chain {t} {name}");
-        plan.chains_deleted.push((*name).clone());
-    }
-    for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)) {
-        let _ = writeln!(out, "delete set {t} {name}");
-    }
-    (out, plan)
+    out
+}
+
+/// The input a writer starting from an empty table sends for `frontends`.
+pub fn full_input(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> String {
+    let g = NftablesRules { opts: opts.clone() };
+    let mut s = State::default();
+    let mut out = render_prelude();
+    out.push_str(&render(&s.plan(&g, frontends, None)).0);
+    out
 }
 
 /// The input that removes our table (`--cleanup`), whether or not it exists.
@@ -467,12 +570,105 @@ mod tests {
 
     #[test]
     fn unchanged_ruleset_renders_nothing() {
-        let r = generate(&BTreeMap::new(), &RuleOptions::default());
-        assert_eq!(render(&r, Some(&r)).0, "");
-        let (full, _) = render(&r, None);
+        let g = NftablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, &BTreeMap::new(), None);
+        assert!(!d.is_empty());
+        s.commit(d);
+        assert!(s.plan(&g, &BTreeMap::new(), None).is_empty());
+    }
+
+    #[test]
+    fn normalise_matches_listing() {
+        assert_eq!(
+            normalise("meta mark & 0x4000 == 0 return"),
+            normalise("meta mark & 0x00004000 == 0x00000000 return")
+        );
+        assert_eq!(
+            normalise("ip saddr { 203.0.113.0/24 } return"),
+            normalise("ip saddr 203.0.113.0/24 return")
+        );
+        assert_eq!(
+            normalise("meta l4proto tcp counter dnat to 10.0.0.1:80"),
+            normalise("meta l4proto tcp counter packets 3 bytes 180 dnat to 10.0.0.1:80")
+        );
+    }
+
+    #[test]
+    fn a_new_service_adds_one_element_and_its_chains() {
+        let k = |i: u8| FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, i),
+            port: 80,
+            proto: crate::model::Protocol::Tcp,
+        };
+        let f = |i: u8| Frontend {
+            kind: FrontendKind::ClusterIp,
+            backends: vec![crate::lb::BackendAddr {
+                addr: Ipv4Addr::new(10, 244, 0, i),
+                port: 8080,
+                terminating: false,
+                local: true,
+            }],
+            affinity_timeout: 0,
+            source_ranges: vec![],
+            maglev_table_size: None,
+            local_only: false,
+        };
+        let before: BTreeMap<_, _> = (1..=40).map(|i| (k(i), f(i))).collect();
+        let mut after = before.clone();
+        after.insert(k(41), f(41));
+        let g = NftablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, &before, None);
+        s.commit(d);
+        let (input, plan) = render(&s.plan(&g, &after, Some(&[(k(41), None)])));
+        assert_eq!(plan.chains_written.len(), 2, "svc + sep: {input}");
+        assert_eq!(plan.elements_added.len(), 1, "{input}");
+        assert!(plan.elements_deleted.is_empty() && plan.chains_deleted.is_empty());
         assert!(
-            full.starts_with("add table ip kube-proxy-rs\ndelete table"),
-            "{full}"
+            input.contains(
+                "add element ip kube-proxy-rs service-ips { 10.96.0.41 . tcp . 80 : goto svc-"
+            ),
+            "{input}"
+        );
+        assert_eq!(input.lines().count(), 6, "{input}");
+    }
+
+    #[test]
+    fn nodeport_chains_shared_by_node_addresses_stay_while_one_remains() {
+        let k = |a: u8| FrontendKey {
+            addr: Ipv4Addr::new(172, 18, 0, a),
+            port: 30080,
+            proto: crate::model::Protocol::Tcp,
+        };
+        let f = Frontend {
+            kind: FrontendKind::NodePort,
+            backends: vec![crate::lb::BackendAddr {
+                addr: Ipv4Addr::new(10, 244, 0, 2),
+                port: 8080,
+                terminating: false,
+                local: true,
+            }],
+            affinity_timeout: 0,
+            source_ranges: vec![],
+            maglev_table_size: None,
+            local_only: false,
+        };
+        let both: BTreeMap<_, _> = [(k(11), f.clone()), (k(12), f.clone())].into();
+        let g = NftablesRules::default();
+        let mut s = State::default();
+        let d = s.plan(&g, &both, None);
+        s.commit(d);
+        let one: BTreeMap<_, _> = [(k(11), f.clone())].into();
+        let (input, plan) = render(&s.plan(&g, &one, Some(&[(k(12), Some(f))])));
+        assert!(
+            plan.chains_deleted.is_empty() && plan.chains_written.is_empty(),
+            "{input}"
+        );
+        assert_eq!(
+            plan.elements_deleted,
+            vec!["nodeport-ips 172.18.0.12"],
+            "{input}"
         );
     }
 }

@@ -1,0 +1,399 @@
+//! The incremental writer both fallback modes share: what our rules consist
+//! of ([`Item`]s: whole chains, single rules of a chain several frontends
+//! share, map/set elements, sets), who wants each one (the frontends that
+//! contribute it), and a fingerprint of what the kernel holds for it. A
+//! sync regenerates only the items of the frontends that changed and
+//! writes only those whose fingerprint differs; no rule text is kept
+//! (except the text of shared-chain rules, which is what deletes them).
+//!
+//! Fingerprints are hashes of the *normalised* content (the mode's
+//! [`Generator::fingerprint`]), so the same hash comes from generated
+//! rules and from rules as the kernel lists them: an agent that starts
+//! where an earlier one left reads the kernel ([`State::adopt`]) and its
+//! first sync writes only what is missing or wrong.
+//!
+//! Pure: no kernel, no processes.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    hash::{DefaultHasher, Hash, Hasher},
+};
+
+use crate::lb::{Frontend, FrontendKey};
+
+/// One thing a fallback mode programs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Item {
+    /// A chain we own wholly: (table, name). nftables uses table "".
+    Chain(&'static str, String),
+    /// One rule of a chain that holds rules of many frontends (iptables'
+    /// `KUBE-SERVICES`): (table, chain, hash of the normalised rule).
+    Rule(&'static str, &'static str, u64),
+    /// An element of a map or set: (container, key).
+    Element(&'static str, String),
+    /// A named set (nftables affinity sets): its name.
+    Set(String),
+}
+
+/// An item's generated content: for a chain its base-chain declaration and
+/// rules, for a shared-chain rule its text, for an element its value (if
+/// any), for a set its declaration body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Content {
+    pub hook: Option<&'static str>,
+    pub lines: Vec<String>,
+}
+
+impl Content {
+    pub fn rules(lines: Vec<String>) -> Content {
+        Content { hook: None, lines }
+    }
+}
+
+/// A mode's rules, one frontend at a time.
+pub trait Generator {
+    /// Items that exist whatever the frontends.
+    fn fixed(&self) -> Vec<(Item, Content)>;
+    /// The items one frontend contributes, appended to `out`.
+    fn frontend(&self, k: &FrontendKey, f: &Frontend, out: &mut Vec<(Item, Content)>);
+    /// Hash of `c` in a form the kernel's listing normalises to as well.
+    fn fingerprint(&self, item: &Item, c: &Content) -> u64;
+}
+
+/// A stable 64-bit hash of `parts` (within one build: fingerprints are
+/// never stored outside the process).
+pub fn hash_lines<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut h = DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The frontends contributing an item; nearly always one.
+#[derive(Clone, Debug, Default)]
+enum Owners {
+    #[default]
+    None,
+    One(FrontendKey),
+    Many(Vec<FrontendKey>),
+}
+
+impl Owners {
+    fn add(&mut self, k: FrontendKey) {
+        *self = match std::mem::take(self) {
+            Owners::None => Owners::One(k),
+            Owners::One(o) if o == k => Owners::One(o),
+            Owners::One(o) => Owners::Many(vec![o, k]),
+            Owners::Many(mut v) => {
+                if !v.contains(&k) {
+                    v.push(k);
+                }
+                Owners::Many(v)
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &FrontendKey) {
+        *self = match std::mem::take(self) {
+            Owners::One(o) if o == *k => Owners::None,
+            Owners::Many(mut v) => {
+                v.retain(|o| o != k);
+                match v.len() {
+                    0 => Owners::None,
+                    1 => Owners::One(v[0]),
+                    _ => Owners::Many(v),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The contributor whose content wins (the greatest key, as a full
+    /// generation in key order would leave it).
+    fn winner(&self) -> Option<FrontendKey> {
+        match self {
+            Owners::None => None,
+            Owners::One(k) => Some(*k),
+            Owners::Many(v) => v.iter().max().copied(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Owners::None)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    /// Fingerprint of what the kernel holds; None: not there.
+    written: Option<u64>,
+    owners: Owners,
+    fixed: bool,
+    /// A shared-chain rule's text as the kernel has it (what deletes it).
+    text: Option<Box<str>>,
+}
+
+/// Something the kernel holds, as read from it at start.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub item: Item,
+    pub fingerprint: u64,
+    /// For [`Item::Rule`]: the rule's text as listed.
+    pub text: Option<String>,
+}
+
+/// What one sync writes: items to (re)write with their content and
+/// fingerprint, items to delete (with a shared rule's text), and the chains
+/// whose rewrite flushed shared rules (re-added among the upserts).
+#[derive(Clone, Debug, Default)]
+pub struct Delta {
+    pub upsert: Vec<(Item, Content, u64)>,
+    /// Whether each upserted item is there already (a chain to flush, an
+    /// element to delete before re-adding).
+    pub existed: Vec<bool>,
+    pub delete: Vec<(Item, Option<Box<str>>)>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// What is written and who wants what.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    slots: HashMap<Item, Slot>,
+}
+
+/// Which frontends changed in a sync: key and the frontend before (None:
+/// new). The frontend after is in the table handed to [`State::plan`].
+pub type Changed = [(FrontendKey, Option<Frontend>)];
+
+impl State {
+    /// The kernel holds `found` (read at start).
+    pub fn adopt(found: Vec<Found>) -> State {
+        let mut slots = HashMap::with_capacity(found.len());
+        for f in found {
+            slots.insert(
+                f.item,
+                Slot {
+                    written: Some(f.fingerprint),
+                    text: f.text.map(String::into_boxed_str),
+                    ..Slot::default()
+                },
+            );
+        }
+        State { slots }
+    }
+
+    /// Only the fixed items (at start, before the jumps into them go in):
+    /// what is missing or wrong among them; nothing else is touched.
+    pub fn plan_fixed<G: Generator>(&mut self, g: &G) -> Delta {
+        let mut delta = Delta::default();
+        self.fixed_into(g, &mut delta);
+        delta
+    }
+
+    fn fixed_into<G: Generator>(&mut self, g: &G, delta: &mut Delta) {
+        for (item, c) in g.fixed() {
+            let fp = g.fingerprint(&item, &c);
+            let slot = self.slots.entry(item.clone()).or_default();
+            slot.fixed = true;
+            if slot.written == Some(fp) {
+                continue;
+            }
+            let existed = slot.written.is_some();
+            if existed && let Item::Chain(table, chain) = &item {
+                // Declaring it flushes it: its shared rules go too.
+                for (i, s) in self.slots.iter_mut() {
+                    if matches!(i, Item::Rule(t, c, _) if t == table && c == chain) {
+                        s.written = None;
+                        s.text = None;
+                    }
+                }
+            }
+            delta.upsert.push((item, c, fp));
+            delta.existed.push(existed);
+        }
+    }
+
+    /// The delta taking the kernel to the rules of `table`: with `changed`,
+    /// only those frontends' items are looked at; without, every item
+    /// (first sync, or after a failed write: what the kernel holds was
+    /// re-read with [`State::adopt`]).
+    pub fn plan<G: Generator>(
+        &mut self,
+        g: &G,
+        table: &BTreeMap<FrontendKey, Frontend>,
+        changed: Option<&Changed>,
+    ) -> Delta {
+        let mut delta = Delta::default();
+        // Content generated this sync, with the key that generated it.
+        let mut fresh: HashMap<Item, (FrontendKey, Content)> = HashMap::new();
+        let mut buf = Vec::new();
+        let affected: Vec<Item> = match changed {
+            None => {
+                self.fixed_into(g, &mut delta);
+                for s in self.slots.values_mut() {
+                    s.owners = Owners::None;
+                }
+                for (k, f) in table {
+                    g.frontend(k, f, &mut buf);
+                    for (item, c) in buf.drain(..) {
+                        self.slots.entry(item.clone()).or_default().owners.add(*k);
+                        // Key order: a later contributor wins.
+                        fresh.insert(item, (*k, c));
+                    }
+                }
+                self.slots
+                    .iter()
+                    .filter(|(_, s)| !s.fixed)
+                    .map(|(i, _)| i.clone())
+                    .collect()
+            }
+            Some(changed) => {
+                let mut affected = HashSet::new();
+                for (k, old) in changed {
+                    if let Some(old) = old {
+                        g.frontend(k, old, &mut buf);
+                        for (item, _) in buf.drain(..) {
+                            if let Some(s) = self.slots.get_mut(&item) {
+                                s.owners.remove(k);
+                            }
+                            affected.insert(item);
+                        }
+                    }
+                }
+                for (k, _) in changed {
+                    if let Some(new) = table.get(k) {
+                        g.frontend(k, new, &mut buf);
+                        for (item, c) in buf.drain(..) {
+                            self.slots.entry(item.clone()).or_default().owners.add(*k);
+                            affected.insert(item.clone());
+                            match fresh.get(&item) {
+                                Some((o, _)) if o > k => {}
+                                _ => {
+                                    fresh.insert(item, (*k, c));
+                                }
+                            }
+                        }
+                    }
+                }
+                affected.into_iter().collect()
+            }
+        };
+        for item in affected {
+            let Some(slot) = self.slots.get(&item) else {
+                continue;
+            };
+            if slot.fixed {
+                continue;
+            }
+            let desired = match slot.owners.winner() {
+                None => None,
+                Some(o) => match fresh.remove(&item) {
+                    Some((k, c)) if k == o => Some(c),
+                    _ => table.get(&o).and_then(|f| {
+                        // An unchanged contributor of a shared item.
+                        g.frontend(&o, f, &mut buf);
+                        let c = buf.drain(..).find(|(i, _)| *i == item).map(|(_, c)| c);
+                        buf.clear();
+                        c
+                    }),
+                },
+            };
+            match desired {
+                Some(c) => {
+                    let fp = g.fingerprint(&item, &c);
+                    if slot.written != Some(fp) {
+                        delta.existed.push(slot.written.is_some());
+                        delta.upsert.push((item, c, fp));
+                    }
+                }
+                None => {
+                    if slot.written.is_some() {
+                        let text = slot.text.clone();
+                        delta.delete.push((item.clone(), text));
+                    } else if slot.owners.is_empty() {
+                        self.slots.remove(&item);
+                    }
+                }
+            }
+        }
+        // Deterministic output (and the order the renderers rely on).
+        let mut order: Vec<usize> = (0..delta.upsert.len()).collect();
+        order.sort_by(|a, b| delta.upsert[*a].0.cmp(&delta.upsert[*b].0));
+        let upsert = std::mem::take(&mut delta.upsert);
+        let existed = std::mem::take(&mut delta.existed);
+        let mut slots: Vec<Option<(Item, Content, u64)>> = upsert.into_iter().map(Some).collect();
+        for i in order {
+            if let Some(u) = slots[i].take() {
+                delta.upsert.push(u);
+                delta.existed.push(existed[i]);
+            }
+        }
+        delta.delete.sort_by(|a, b| a.0.cmp(&b.0));
+        delta
+    }
+
+    /// The kernel now holds what `delta` wrote.
+    pub fn commit(&mut self, delta: Delta) {
+        for (item, c, fp) in delta.upsert {
+            let text = match item {
+                Item::Rule(..) => c.lines.into_iter().next().map(String::into_boxed_str),
+                _ => None,
+            };
+            let slot = self.slots.entry(item).or_default();
+            slot.written = Some(fp);
+            slot.text = text;
+        }
+        for (item, _) in delta.delete {
+            if let Some(slot) = self.slots.get_mut(&item) {
+                slot.written = None;
+                slot.text = None;
+                if slot.owners.is_empty() && !slot.fixed {
+                    self.slots.remove(&item);
+                }
+            }
+        }
+    }
+
+    /// What this writer believes the kernel holds: item -> fingerprint.
+    pub fn believed(&self) -> BTreeMap<Item, u64> {
+        self.slots
+            .iter()
+            .filter_map(|(i, s)| s.written.map(|fp| (i.clone(), fp)))
+            .collect()
+    }
+
+    /// How many items are written.
+    pub fn written_count(&self) -> usize {
+        self.slots.values().filter(|s| s.written.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_pick_the_greatest_key() {
+        let k = |p| FrontendKey {
+            addr: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            port: p,
+            proto: crate::model::Protocol::Tcp,
+        };
+        let mut o = Owners::default();
+        o.add(k(2));
+        o.add(k(5));
+        o.add(k(3));
+        assert_eq!(o.winner(), Some(k(5)));
+        o.remove(&k(5));
+        assert_eq!(o.winner(), Some(k(3)));
+        o.remove(&k(3));
+        o.remove(&k(2));
+        assert!(o.is_empty());
+    }
+}

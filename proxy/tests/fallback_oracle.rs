@@ -1,0 +1,696 @@
+//! Oracles for the incremental iptables and nftables writers.
+//!
+//! Pure: a seeded generator applies random sequences of changes
+//! (ClusterIP, NodePort on two node addresses sharing ports, ExternalIP and
+//! LoadBalancer frontends; affinity; source ranges; local and remote
+//! backends; endpoints appearing and disappearing; frontends removed) to
+//! one writer. Every script it emits is run on a model of the kernel (a
+//! strict interpreter of the `iptables-restore` / `nft -f` subset the
+//! writers use: deleting what is not there, or a chain still in use, is an
+//! error), and at each step the model must equal, normalised, the model a
+//! fresh writer builds for the same table; the writer's own belief (item
+//! fingerprints) must equal the fresh writer's too.
+//!
+//! Root (`#[ignore]`-free, skipped when not root): the same sequences on
+//! the real iptables / nftables in a new network namespace, compared
+//! (`iptables-save` / `nft list table`, normalised) with a fresh agent's
+//! output for the final table; then a restarted agent over those rules
+//! must change nothing (rule handles unchanged), and one over damaged
+//! rules must repair them.
+//!
+//! Seeds: `FALLBACK_ORACLE_SEEDS=1,2,3`, steps: `FALLBACK_ORACLE_STEPS`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use proxy::{
+    dataplane::{
+        Dataplane,
+        fallback::{
+            RuleOptions, apply_in_place,
+            incremental::{Generator, State},
+        },
+        iptables::{self, IptablesDataplane},
+        iptables_rules::{self, IptablesRules},
+        nftables::{self, NftablesDataplane},
+        nftables_rules::{self, NftablesRules},
+    },
+    diff::diff,
+    lb::{BackendAddr, Frontend, FrontendKey, FrontendKind, LbTable},
+    model::Protocol,
+};
+
+// --- random tables ---------------------------------------------------------
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+}
+
+const NODES: [[u8; 4]; 2] = [[172, 18, 0, 11], [10, 1, 0, 11]];
+
+fn random_frontend(rng: &mut Rng, kind: FrontendKind) -> Frontend {
+    let n = match rng.below(6) {
+        0 => 0,
+        k => k as usize,
+    };
+    let mut backends: Vec<BackendAddr> = (0..n)
+        .map(|_| BackendAddr {
+            addr: Ipv4Addr::new(10, 244, rng.below(3) as u8, 2 + rng.below(6) as u8),
+            port: 8080 + rng.below(2) as u16,
+            terminating: false,
+            local: rng.chance(50),
+        })
+        .collect();
+    backends.sort();
+    backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+    Frontend {
+        kind,
+        backends,
+        affinity_timeout: if rng.chance(20) {
+            [10800, 60][rng.below(2) as usize]
+        } else {
+            0
+        },
+        source_ranges: if kind == FrontendKind::LoadBalancer && rng.chance(50) {
+            vec![(Ipv4Addr::new(203, 0, 113, 0), 24)]
+        } else {
+            vec![]
+        },
+        maglev_table_size: None,
+        local_only: false,
+    }
+}
+
+/// One random step from `table`: a few frontends added, changed or
+/// removed. NodePorts come in pairs (both node addresses), as the model
+/// makes them, sometimes (as during a change) with different contents.
+fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
+    let mut next = table.clone();
+    for _ in 0..1 + rng.below(4) {
+        let proto = [Protocol::Tcp, Protocol::Udp][rng.below(2) as usize];
+        match rng.below(5) {
+            0 | 1 => {
+                let k = FrontendKey {
+                    addr: Ipv4Addr::new(10, 96, 0, 1 + rng.below(12) as u8),
+                    port: 80,
+                    proto,
+                };
+                next.frontends
+                    .insert(k, random_frontend(rng, FrontendKind::ClusterIp));
+            }
+            2 => {
+                let port = 30000 + rng.below(4) as u16;
+                let f = random_frontend(rng, FrontendKind::NodePort);
+                for (i, n) in NODES.iter().enumerate() {
+                    let k = FrontendKey {
+                        addr: Ipv4Addr::from(*n),
+                        port,
+                        proto,
+                    };
+                    let f = if i == 1 && rng.chance(20) {
+                        random_frontend(rng, FrontendKind::NodePort)
+                    } else {
+                        f.clone()
+                    };
+                    next.frontends.insert(k, f);
+                }
+            }
+            3 => {
+                let kind =
+                    [FrontendKind::ExternalIp, FrontendKind::LoadBalancer][rng.below(2) as usize];
+                let k = FrontendKey {
+                    addr: Ipv4Addr::new(198, 51, 100, 1 + rng.below(4) as u8),
+                    port: 443,
+                    proto,
+                };
+                next.frontends.insert(k, random_frontend(rng, kind));
+            }
+            _ => {
+                let keys: Vec<FrontendKey> = next.frontends.keys().copied().collect();
+                if !keys.is_empty() {
+                    let k = keys[rng.below(keys.len() as u64) as usize];
+                    next.frontends.remove(&k);
+                }
+            }
+        }
+    }
+    next
+}
+
+fn seeds() -> Vec<u64> {
+    std::env::var("FALLBACK_ORACLE_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 3])
+}
+
+fn steps() -> usize {
+    std::env::var("FALLBACK_ORACLE_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40)
+}
+
+fn opts() -> RuleOptions {
+    RuleOptions {
+        pod_interface_prefixes: vec!["veth".into()],
+    }
+}
+
+// --- a model of the kernel --------------------------------------------------
+
+/// iptables: table -> chain -> rules.
+#[derive(Default)]
+struct IptModel(BTreeMap<String, BTreeMap<String, Vec<String>>>);
+
+impl IptModel {
+    fn run(&mut self, script: &str) {
+        let mut table = String::new();
+        for line in script.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.to_owned();
+                continue;
+            }
+            let chains = self.0.entry(table.clone()).or_default();
+            if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().expect("chain name");
+                chains.insert(name.to_owned(), Vec::new());
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                let (c, r) = rest.split_once(' ').expect("rule");
+                chains
+                    .get_mut(c)
+                    .unwrap_or_else(|| panic!("-A to missing chain {c}: {line}"))
+                    .push(r.to_owned());
+            } else if let Some(rest) = line.strip_prefix("-I ") {
+                let (c, r) = rest.split_once(" 1 ").expect("insert at 1");
+                chains
+                    .get_mut(c)
+                    .unwrap_or_else(|| panic!("-I to missing chain {c}: {line}"))
+                    .insert(0, r.to_owned());
+            } else if let Some(rest) = line.strip_prefix("-D ") {
+                let (c, r) = rest.split_once(' ').expect("rule");
+                let rules = chains
+                    .get_mut(c)
+                    .unwrap_or_else(|| panic!("-D in missing chain {c}"));
+                let at = rules
+                    .iter()
+                    .position(|x| x == r)
+                    .unwrap_or_else(|| panic!("-D of a missing rule: {line}"));
+                rules.remove(at);
+            } else if let Some(c) = line.strip_prefix("-X ") {
+                let rules = chains
+                    .remove(c)
+                    .unwrap_or_else(|| panic!("-X of missing chain {c}"));
+                assert!(rules.is_empty(), "-X of non-empty chain {c}");
+                let used = chains
+                    .values()
+                    .flatten()
+                    .any(|r| r.split_whitespace().any(|w| w == c));
+                assert!(!used, "-X of chain {c} still jumped to");
+            } else {
+                assert!(
+                    line == "COMMIT" || line.is_empty(),
+                    "unexpected line {line}"
+                );
+            }
+        }
+    }
+
+    /// Normalised: rules normalised; shared chains (whose order between
+    /// frontends does not matter) sorted.
+    fn normalised(&self) -> Vec<String> {
+        normalised_ipt(&self.0)
+    }
+}
+
+fn normalised_ipt(t: &BTreeMap<String, BTreeMap<String, Vec<String>>>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (table, chains) in t {
+        for (chain, rules) in chains {
+            let mut rules: Vec<String> =
+                rules.iter().map(|r| iptables_rules::normalise(r)).collect();
+            if iptables_rules::SHARED.contains(&(table.as_str(), chain.as_str())) {
+                rules.sort();
+            }
+            out.push(format!("{table} {chain}: {}", rules.join(" ; ")));
+        }
+    }
+    out
+}
+
+/// nftables: chains, map/set elements, affinity sets.
+#[derive(Default, Debug, PartialEq)]
+struct NftModel {
+    chains: BTreeMap<String, Vec<String>>,
+    elements: BTreeMap<String, BTreeMap<String, String>>,
+    sets: BTreeSet<String>,
+}
+
+fn braces(s: &str) -> &str {
+    s.trim()
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .unwrap_or(s)
+        .trim()
+}
+
+impl NftModel {
+    fn run(&mut self, script: &str) {
+        let t = format!("ip {} ", nftables_rules::TABLE);
+        for line in script.lines() {
+            if line.starts_with("add table") || line.starts_with("add map") {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix(&format!("add set {t}")) {
+                let name = rest.split_whitespace().next().expect("set name");
+                if name.starts_with("aff-") {
+                    assert!(self.sets.insert(name.to_owned()), "set {name} exists");
+                }
+            } else if let Some(rest) = line.strip_prefix(&format!("add chain {t}")) {
+                let name = rest.split_whitespace().next().expect("chain");
+                self.chains.entry(name.to_owned()).or_default();
+            } else if let Some(name) = line.strip_prefix(&format!("flush chain {t}")) {
+                self.chains
+                    .get_mut(name)
+                    .unwrap_or_else(|| panic!("flush of missing chain {name}"))
+                    .clear();
+            } else if let Some(rest) = line.strip_prefix(&format!("add rule {t}")) {
+                let (c, r) = rest.split_once(' ').expect("rule");
+                self.chains
+                    .get_mut(c)
+                    .unwrap_or_else(|| panic!("rule in missing chain {c}"))
+                    .push(r.to_owned());
+            } else if let Some(name) = line.strip_prefix(&format!("delete chain {t}")) {
+                let rules = self
+                    .chains
+                    .remove(name)
+                    .unwrap_or_else(|| panic!("delete of missing chain {name}"));
+                assert!(rules.is_empty(), "delete of non-empty chain {name}");
+                let goto = format!("goto {name}");
+                let used = self.chains.values().flatten().any(|r| r.contains(&goto))
+                    || self
+                        .elements
+                        .values()
+                        .flat_map(|m| m.values())
+                        .any(|v| *v == goto);
+                assert!(!used, "chain {name} deleted while in use");
+            } else if let Some(name) = line.strip_prefix(&format!("delete set {t}")) {
+                assert!(self.sets.remove(name), "delete of missing set {name}");
+            } else if let Some(rest) = line.strip_prefix(&format!("add element {t}")) {
+                let (map, e) = rest.split_once(' ').expect("element");
+                let (k, v) = braces(e).split_once(" : ").unwrap_or((braces(e), ""));
+                let old = self
+                    .elements
+                    .entry(map.to_owned())
+                    .or_default()
+                    .insert(k.to_owned(), v.to_owned());
+                assert!(old.is_none(), "element {map} {k} exists: {line}");
+            } else if let Some(rest) = line.strip_prefix(&format!("delete element {t}")) {
+                let (map, e) = rest.split_once(' ').expect("element");
+                let gone = self.elements.get_mut(map).and_then(|m| m.remove(braces(e)));
+                assert!(gone.is_some(), "delete of missing element: {line}");
+            } else {
+                assert!(line.is_empty(), "unexpected line {line}");
+            }
+        }
+        self.elements.retain(|_, m| !m.is_empty());
+    }
+
+    fn normalised(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .chains
+            .iter()
+            .map(|(c, rules)| {
+                let rules: Vec<String> =
+                    rules.iter().map(|r| nftables_rules::normalise(r)).collect();
+                format!("chain {c}: {}", rules.join(" ; "))
+            })
+            .collect();
+        for (m, elems) in &self.elements {
+            for (k, v) in elems {
+                out.push(format!("element {m} {k} : {v}"));
+            }
+        }
+        out.extend(self.sets.iter().map(|s| format!("set {s}")));
+        out
+    }
+}
+
+// --- pure oracle -------------------------------------------------------------
+
+fn fresh_delta<G: Generator>(
+    g: &G,
+    t: &LbTable,
+) -> (State, proxy::dataplane::fallback::incremental::Delta) {
+    let mut s = State::default();
+    let d = s.plan(g, &t.frontends, None);
+    (s, d)
+}
+
+#[test]
+fn random_changes_leave_what_a_fresh_writer_writes() {
+    let ipt = IptablesRules { opts: opts() };
+    let nft = NftablesRules { opts: opts() };
+    for seed in seeds() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let (mut ipt_state, mut nft_state) = (State::default(), State::default());
+        let (mut ipt_kernel, mut nft_kernel) = (IptModel::default(), NftModel::default());
+        let mut programmed = LbTable::default();
+        let mut first = true;
+        let mut partial_bytes = 0usize;
+        for i in 0..steps() {
+            let desired = if i + 1 == steps() {
+                LbTable::default()
+            } else {
+                step(&mut rng, &programmed)
+            };
+            let changes = diff(&programmed, &desired);
+            let before = apply_in_place(&mut programmed, &changes);
+            let changed = (!first).then_some(&before[..]);
+            let d = ipt_state.plan(&ipt, &programmed.frontends, changed);
+            let script = iptables_rules::render(&d).0;
+            if !first {
+                partial_bytes += script.len();
+            }
+            ipt_kernel.run(&script);
+            ipt_state.commit(d);
+            let d = nft_state.plan(&nft, &programmed.frontends, changed);
+            let mut script = nftables_rules::render(&d).0;
+            if first {
+                script.insert_str(0, &nftables_rules::render_prelude());
+            }
+            nft_kernel.run(&script);
+            nft_state.commit(d);
+            first = false;
+
+            // A fresh writer for the same table.
+            let (fresh, d) = fresh_delta(&ipt, &programmed);
+            let mut want = IptModel::default();
+            want.run(&iptables_rules::render(&d).0);
+            assert_eq!(
+                ipt_kernel.normalised(),
+                want.normalised(),
+                "seed {seed} step {i}: iptables"
+            );
+            let mut fresh_state = fresh;
+            fresh_state.commit(d);
+            assert_eq!(
+                ipt_state.believed(),
+                fresh_state.believed(),
+                "seed {seed} step {i}: iptables belief"
+            );
+            let (fresh, d) = fresh_delta(&nft, &programmed);
+            let mut want = NftModel::default();
+            want.run(&nftables_rules::render(&d).0);
+            assert_eq!(
+                nft_kernel.normalised(),
+                want.normalised(),
+                "seed {seed} step {i}: nftables"
+            );
+            let mut fresh_state = fresh;
+            fresh_state.commit(d);
+            assert_eq!(
+                nft_state.believed(),
+                fresh_state.believed(),
+                "seed {seed} step {i}: nftables belief"
+            );
+        }
+        assert!(
+            partial_bytes > 0,
+            "seed {seed}: no partial sync wrote anything"
+        );
+    }
+}
+
+// --- root: the real tools in a new network namespace -------------------------
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `f` on a thread in a new network namespace (processes it starts
+/// inherit it).
+fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's namespaces.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Our chains in iptables-save output, normalised.
+fn ipt_kernel() -> Vec<String> {
+    let mut t: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for table in ["filter", "nat"] {
+        let save = sh(&["iptables-save", "-t", table]);
+        let ours = iptables_rules::our_chains(&save, table);
+        let chains = t.entry(table.to_owned()).or_default();
+        for c in &ours {
+            chains.insert(c.clone(), Vec::new());
+        }
+        for line in save.lines() {
+            if let Some(rest) = line.strip_prefix("-A ")
+                && let Some((c, r)) = rest.split_once(' ')
+                && let Some(rules) = chains.get_mut(c)
+            {
+                rules.push(r.to_owned());
+            }
+        }
+    }
+    normalised_ipt(&t)
+}
+
+/// Our nft table, normalised (chains with rules; elements sorted).
+fn nft_kernel() -> Vec<String> {
+    let list = sh(&["nft", "list", "table", "ip", nftables_rules::TABLE]);
+    let mut m = NftModel::default();
+    let mut lines = list.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        if let Some(name) = line
+            .strip_prefix("chain ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            let mut rules = Vec::new();
+            for l in lines.by_ref() {
+                if l == "}" {
+                    break;
+                }
+                if !l.is_empty() && !l.starts_with("type ") {
+                    rules.push(l.to_owned());
+                }
+            }
+            m.chains.insert(name.to_owned(), rules);
+        } else if let Some(name) = line
+            .strip_prefix("map ")
+            .or_else(|| line.strip_prefix("set "))
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            let mut body = String::new();
+            for l in lines.by_ref() {
+                if l == "}" {
+                    break;
+                }
+                body.push_str(l);
+                body.push(' ');
+            }
+            if name.starts_with("aff-") {
+                m.sets.insert(name.to_owned());
+            }
+            if let Some(at) = body.find("elements = {") {
+                let rest = &body[at + "elements = {".len()..];
+                let rest = rest.rsplit_once('}').map_or(rest, |(r, _)| r);
+                for e in rest.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                    let (k, v) = e.split_once(" : ").unwrap_or((e, ""));
+                    m.elements
+                        .entry(name.to_owned())
+                        .or_default()
+                        .insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+            }
+        }
+    }
+    m.normalised()
+}
+
+/// Handles of every rule in the ruleset (`nft -a`): a rewritten rule gets
+/// a new one.
+fn handles() -> BTreeSet<String> {
+    sh(&["nft", "-a", "list", "ruleset"])
+        .lines()
+        .filter_map(|l| l.rsplit_once("# handle ").map(|(_, h)| h.trim().to_owned()))
+        .collect()
+}
+
+fn drive<D: Dataplane>(dp: &mut D, to: &LbTable) {
+    let changes = diff(dp.programmed(), to);
+    if !changes.is_empty() {
+        dp.apply(&changes).expect("apply");
+    }
+}
+
+fn kernel_oracle<D: Dataplane>(
+    mode: &str,
+    new: impl Fn() -> D,
+    cleanup: impl Fn(),
+    kernel: impl Fn() -> Vec<String>,
+    damage: impl Fn(),
+) {
+    for seed in seeds() {
+        let mut rng = Rng(0x51f1_5eed ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let mut dp = new();
+        let mut table = LbTable::default();
+        for _ in 0..steps() {
+            table = step(&mut rng, &table);
+            drive(&mut dp, &table);
+        }
+        let incremental = kernel();
+        drop(dp);
+
+        // Restarted over right rules: nothing rewritten.
+        let before = handles();
+        let mut again = new();
+        drive(&mut again, &table);
+        assert_eq!(
+            handles(),
+            before,
+            "{mode} seed {seed}: restart rewrote rules"
+        );
+        assert_eq!(kernel(), incremental, "{mode} seed {seed}: restart");
+        drop(again);
+
+        // Restarted over damaged rules: repaired.
+        damage();
+        let mut again = new();
+        drive(&mut again, &table);
+        assert_eq!(kernel(), incremental, "{mode} seed {seed}: repair");
+        drop(again);
+
+        // A fresh agent for the final table.
+        cleanup();
+        let mut fresh = new();
+        drive(&mut fresh, &table);
+        assert_eq!(kernel(), incremental, "{mode} seed {seed}: fresh agent");
+        drop(fresh);
+        cleanup();
+    }
+}
+
+#[test]
+fn iptables_random_changes_in_the_kernel_equal_a_fresh_agent() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    in_new_netns(|| {
+        kernel_oracle(
+            "iptables",
+            || IptablesDataplane::new(opts()).expect("iptables dataplane"),
+            || {
+                iptables::cleanup().expect("cleanup");
+            },
+            ipt_kernel,
+            || {
+                // A rule of ours gone, one of ours changed, a stray chain.
+                let save = sh(&["iptables-save", "-t", "nat"]);
+                if let Some(l) = save.lines().find(|l| l.starts_with("-A KUBE-SEP-")) {
+                    let mut args = vec!["iptables", "-t", "nat", "-D"];
+                    args.extend(l[3..].split_whitespace().filter(|w| !w.contains('"')));
+                    let _ = std::process::Command::new(args[0])
+                        .args(&args[1..])
+                        .status();
+                }
+                sh(&["iptables", "-t", "nat", "-N", "KUBE-SVC-STRAYSTRAYSTRAY"]);
+                sh(&["iptables", "-t", "nat", "-F", "KUBE-MARK-MASQ"]);
+                sh(&[
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "KUBE-SERVICES",
+                    "-d",
+                    "10.99.99.99/32",
+                    "-j",
+                    "KUBE-SVC-STRAYSTRAYSTRAY",
+                ]);
+            },
+        )
+    });
+}
+
+#[test]
+fn nftables_random_changes_in_the_kernel_equal_a_fresh_agent() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    in_new_netns(|| {
+        let t = nftables_rules::TABLE;
+        kernel_oracle(
+            "nftables",
+            || NftablesDataplane::new(opts()).expect("nftables dataplane"),
+            || {
+                nftables::cleanup().expect("cleanup");
+            },
+            nft_kernel,
+            || {
+                sh(&["nft", "add", "chain", "ip", t, "svc-STRAYSTRAYSTRAY"]);
+                sh(&["nft", "flush", "chain", "ip", t, "mark-for-masquerade"]);
+                sh(&[
+                    "nft",
+                    "add",
+                    "element",
+                    "ip",
+                    t,
+                    "service-ips",
+                    "{ 10.99.99.99 . tcp . 1 : goto svc-STRAYSTRAYSTRAY }",
+                ]);
+                let list = sh(&["nft", "list", "table", "ip", t]);
+                if let Some(c) = list.lines().find_map(|l| {
+                    l.trim()
+                        .strip_prefix("chain sep-")?
+                        .strip_suffix(" {")
+                        .map(str::to_owned)
+                }) {
+                    sh(&["nft", "flush", "chain", "ip", t, &format!("sep-{c}")]);
+                }
+            },
+        )
+    });
+}
