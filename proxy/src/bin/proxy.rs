@@ -176,15 +176,15 @@ async fn run() -> Result<()> {
             let client = k8s::client(args.kubeconfig.as_deref()).await?;
             let changed = Arc::new(Notify::new());
             let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
-            stores.ready().await?;
+            stores.ready().await;
             info!("caches synced");
 
             // North-south: the node's first address is where remote-backend
             // flows are SNATed to (the agent rewrites it when the Node
             // changes); XDP goes on the interface that holds it now.
-            let node_addr = stores.nodes.state().first().and_then(|n| {
+            let node_addr = stores.node().and_then(|n| {
                 agent::node_address(&NodeContext {
-                    addresses: proxy::model::node_addresses(n).0,
+                    addresses: proxy::model::node_addresses(&n).0,
                     ..Default::default()
                 })
             });
@@ -260,7 +260,7 @@ async fn run_fallback<D: Dataplane>(
     let client = k8s::client(args.kubeconfig.as_deref()).await?;
     let changed = Arc::new(Notify::new());
     let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
-    stores.ready().await?;
+    stores.ready().await;
     info!(mode = dp.mode(), "caches synced");
     let opts = run_options(args, client, &node, telemetry);
     agent::run(dp, stores, changed, node, opts, shutdown_signal()).await;
