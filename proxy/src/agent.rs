@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::{
     changes::{Batch, ObjectKey, ServiceInput},
     dataplane::Dataplane,
-    diff::Change,
+    diff::{Change, diff_one},
     events::EventRecorder,
     health::{HealthServers, ServiceHealth},
     k8s::Stores,
@@ -36,6 +36,8 @@ use crate::{
 /// idle for longer is synced at once; events of a burst that arrive sooner
 /// (or while a sync runs) are batched into the next sync.
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(5);
+/// Changes applied at once by a full rebuild.
+const APPLY_CHUNK: usize = 4096;
 /// Housekeeping period (new interfaces, ...).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
@@ -239,38 +241,53 @@ impl SyncState {
             let key = key_of(&input.service);
             self.add_service(key, &input, None, &mut touched_health);
         }
-        let programmed = dp.programmed();
         let mut keys: Vec<FrontendKey> = self.claims.keys().copied().collect();
         keys.sort_unstable();
-        let mut changes = Vec::new();
         let mut owners = Vec::with_capacity(keys.len());
-        for k in keys {
-            let Some(winner) = self.claims.get(&k).and_then(|c| c.first()) else {
+        for k in &keys {
+            let Some(winner) = self.claims.get(k).and_then(|c| c.first()) else {
                 continue;
             };
             for b in &winner.frontend.backends {
                 *self.backends.entry((b.addr, b.port)).or_default() += 1;
             }
-            owners.push((k, Some(winner.owner.clone())));
-            if programmed.frontends.get(&k) != Some(&winner.frontend) {
-                changes.push(Change::Upsert(k, winner.frontend.clone()));
-            }
+            owners.push((*k, Some(winner.owner.clone())));
         }
-        changes.extend(
-            programmed
-                .frontends
-                .keys()
-                .filter(|k| !self.claims.contains_key(k))
-                .map(|k| Change::Remove(*k)),
-        );
+        let mut removed: Vec<FrontendKey> = dp
+            .programmed()
+            .frontends
+            .keys()
+            .filter(|k| !self.claims.contains_key(k))
+            .copied()
+            .collect();
+        removed.sort_unstable();
+        // Applied in chunks, upserts first: the changes never hold a
+        // second copy of the whole table.
+        let mut changes = 0;
+        for chunk in keys.chunks(APPLY_CHUNK) {
+            let programmed = dp.programmed();
+            let batch: Vec<Change> = chunk
+                .iter()
+                .filter_map(|k| {
+                    let w = self.claims.get(k)?.first()?;
+                    diff_one(programmed, *k, Some(&w.frontend))
+                })
+                .collect();
+            changes += batch.len();
+            self.apply(dp, &batch)?;
+        }
+        for chunk in removed.chunks(APPLY_CHUNK) {
+            let batch: Vec<Change> = chunk.iter().map(|k| Change::Remove(*k)).collect();
+            changes += batch.len();
+            self.apply(dp, &batch)?;
+        }
         let health = touched_health
             .into_iter()
             .map(|p| (p, self.health_of(p)))
             .collect();
-        self.apply(dp, &changes)?;
         Ok(Synced {
             full: true,
-            changes: changes.len(),
+            changes,
             health,
             errors: Some(self.errors()),
             error_count: self.error_count,
@@ -325,12 +342,10 @@ impl SyncState {
                     }
                 }
             }
-            match (new, programmed.frontends.get(&k)) {
-                (Some(n), p) if p != Some(&n.frontend) => {
-                    upserts.push(Change::Upsert(k, n.frontend.clone()))
-                }
-                (None, Some(_)) => removes.push(Change::Remove(k)),
-                _ => {}
+            match diff_one(programmed, k, new.map(|n| &n.frontend)) {
+                Some(c @ Change::Upsert(..)) => upserts.push(c),
+                Some(c) => removes.push(c),
+                None => {}
             }
         }
         upserts.extend(removes);
@@ -482,7 +497,10 @@ impl SyncState {
     fn health_of(&self, port: u16) -> Option<ServiceHealth> {
         let claims = self.health.get(&port)?;
         let first = claims.first()?;
-        let mut ips: Vec<Ipv4Addr> = claims.iter().flat_map(|c| c.local.iter().copied()).collect();
+        let mut ips: Vec<Ipv4Addr> = claims
+            .iter()
+            .flat_map(|c| c.local.iter().copied())
+            .collect();
         ips.sort_unstable();
         ips.dedup();
         Some(ServiceHealth {

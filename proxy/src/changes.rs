@@ -156,7 +156,9 @@ impl Cache {
                     Some(_) => self.slices.insert(key.clone(), new.clone()),
                     None => self.slices.remove(&key),
                 };
-                let old_service = old.as_ref().and_then(|o| o.service_name().map(str::to_owned));
+                let old_service = old
+                    .as_ref()
+                    .and_then(|o| o.service_name().map(str::to_owned));
                 if let Some(o) = &old_service {
                     self.unindex(&key, o);
                 }

@@ -117,8 +117,11 @@ impl HealthServers {
     /// Update what every port reports; open new ports, close gone ones.
     /// Must run inside a tokio runtime.
     pub async fn sync(&mut self, desired: BTreeMap<u16, ServiceHealth>) {
-        self.update(true, desired.into_iter().map(|(p, h)| (p, Some(h))).collect())
-            .await;
+        self.update(
+            true,
+            desired.into_iter().map(|(p, h)| (p, Some(h))).collect(),
+        )
+        .await;
     }
 
     /// Apply what a sync changed: `(port, Some(state))` opens or updates a

@@ -28,8 +28,8 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{
-            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress,
-            NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
+            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus,
+            Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
         },
         discovery::v1::{EndpointConditions, EndpointPort},
     },
@@ -174,7 +174,9 @@ fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
     let mut ports = Vec::new();
     for _ in 0..1 + rng.below(2) {
         ports.push(ServicePort {
-            name: rng.pick(&[None, Some("http"), Some("dns")]).map(str::to_owned),
+            name: rng
+                .pick(&[None, Some("http"), Some("dns")])
+                .map(str::to_owned),
             port: *rng.pick(&[80, 80, 443, 53, 0, 70_000]),
             protocol: rng
                 .pick(&[None, Some("TCP"), Some("UDP"), Some("ICMP")])
@@ -254,7 +256,9 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
     let mut ports = Vec::new();
     for _ in 0..1 + rng.below(2) {
         ports.push(EndpointPort {
-            name: rng.pick(&[None, Some("http"), Some("dns")]).map(str::to_owned),
+            name: rng
+                .pick(&[None, Some("http"), Some("dns")])
+                .map(str::to_owned),
             port: *rng.pick(&[Some(8080), Some(9090), None, Some(70_000)]),
             protocol: rng.pick(&[None, Some("UDP")]).map(str::to_owned),
             ..Default::default()
@@ -274,7 +278,9 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
                 serving: *rng.pick(&[None, Some(true), Some(false)]),
                 terminating: *rng.pick(&[None, Some(false), Some(true)]),
             }),
-            node_name: rng.pick(&[Some(NODE), Some("node2"), None]).map(str::to_owned),
+            node_name: rng
+                .pick(&[Some(NODE), Some("node2"), None])
+                .map(str::to_owned),
         });
     }
     let mut s = SliceView {
@@ -297,8 +303,12 @@ fn random_node(rng: &mut Rng) -> Node {
     let mut addresses = Vec::new();
     for _ in 0..rng.below(3) {
         addresses.push(NodeAddress {
-            address: rng.pick(&["10.0.0.1", "10.0.0.2", "192.0.2.1", "bogus"]).to_string(),
-            type_: rng.pick(&["InternalIP", "ExternalIP", "Hostname"]).to_string(),
+            address: rng
+                .pick(&["10.0.0.1", "10.0.0.2", "192.0.2.1", "bogus"])
+                .to_string(),
+            type_: rng
+                .pick(&["InternalIP", "ExternalIP", "Hostname"])
+                .to_string(),
         });
     }
     let mut n = Node {
