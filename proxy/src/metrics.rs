@@ -538,6 +538,55 @@ mod tests {
     }
 
     #[test]
+    fn owners_follow_the_deltas_and_a_reset() {
+        let t = Telemetry::new("ebpf", Duration::from_secs(30));
+        let owned = |f: &str, o: Option<&str>| (f.to_owned(), o.map(str::to_owned));
+        t.sync_succeeded(
+            Duration::ZERO,
+            2,
+            2,
+            OwnerChanges {
+                reset: true,
+                changes: vec![owned("a", Some("x")), owned("b", Some("y"))],
+            },
+        );
+        t.sync_succeeded(
+            Duration::ZERO,
+            2,
+            2,
+            OwnerChanges {
+                reset: false,
+                changes: vec![
+                    owned("a", None),
+                    owned("b", Some("z")),
+                    owned("c", Some("x")),
+                ],
+            },
+        );
+        let mut o: Vec<(String, String)> = t.owners().into_iter().collect();
+        o.sort();
+        assert_eq!(
+            o,
+            [owned("b", Some("z")), owned("c", Some("x"))].map(|(f, o)| (f, o.unwrap_or_default()))
+        );
+        assert!(
+            t.render().contains("kubeproxy_ebpf_programmed_frontends 2"),
+            "{}",
+            t.render()
+        );
+        t.sync_succeeded(
+            Duration::ZERO,
+            1,
+            1,
+            OwnerChanges {
+                reset: true,
+                changes: vec![owned("d", Some("w"))],
+            },
+        );
+        assert_eq!(t.owners().len(), 1);
+    }
+
+    #[test]
     fn metrics_text() {
         let t = Telemetry::new("ebpf", Duration::from_secs(30));
         t.sync_succeeded(
