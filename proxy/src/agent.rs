@@ -37,7 +37,7 @@ use crate::{
 /// (or while a sync runs) are batched into the next sync.
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(5);
 /// Changes applied at once by a full rebuild.
-const APPLY_CHUNK: usize = 4096;
+const APPLY_CHUNK: usize = 16_384;
 /// Housekeeping period (new interfaces, ...).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
