@@ -1,5 +1,6 @@
-//! Kubernetes side: reflectors for Services, EndpointSlices and this Node.
-//! Produces stores and a change signal; knows nothing of dataplanes.
+//! Kubernetes side: watches of Services, EndpointSlices and this Node.
+//! Feeds the cache and change tracker ([`crate::changes`]) and a change
+//! signal; knows nothing of dataplanes.
 
 use std::{fmt::Debug, path::Path, sync::Arc, time::Instant};
 
