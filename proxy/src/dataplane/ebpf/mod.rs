@@ -393,6 +393,12 @@ impl Dataplane for EbpfDataplane {
         let mut stats = ApplyStats::default();
         let mut first_error = None;
         let mut failed = 0usize;
+        // Only a removed or replaced frontend (or a failed change) can leave
+        // a backend unused: a batch of new frontends skips the walk.
+        let may_release = changes.iter().any(|c| match c {
+            Change::Remove(_) => true,
+            Change::Upsert(k, _) => self.frontends.contains_key(k),
+        });
         for change in changes {
             // One bad frontend must not stop the others.
             let r = match change {
@@ -416,7 +422,9 @@ impl Dataplane for EbpfDataplane {
                 "programming frontends failed (first 3 logged)"
             );
         }
-        self.release_backends(&mut stats);
+        if may_release || first_error.is_some() {
+            self.release_backends(&mut stats);
+        }
         match first_error {
             Some(e) => Err(e),
             None => Ok(stats),
