@@ -1,23 +1,43 @@
-//! The agent's sync loop: stores -> model -> frontends -> diff -> dataplane.
+//! The agent's sync loop: cache -> model -> frontends -> diff -> dataplane,
+//! one changed service at a time.
+//!
+//! [`SyncState`] keeps what every service contributes (service ports,
+//! frontends, health-check ports, errors) and a claims index (frontend ->
+//! the service ports claiming it, first by name wins), so a sync rebuilds
+//! only the services the [`crate::changes`] tracker marked and diffs only
+//! their frontends against [`Dataplane::programmed`]. A full rebuild runs
+//! at start, every sync period, on a Node change or relist, and after a
+//! failed apply.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{sync::Notify, time::Instant};
 use tracing::{debug, info, warn};
 
 use crate::{
+    changes::{Batch, ObjectKey, ServiceInput},
     dataplane::Dataplane,
-    diff::diff,
+    diff::{Change, diff_one},
     events::EventRecorder,
-    health::{self, HealthServers, ServiceHealth},
+    health::{HealthServers, ServiceHealth},
     k8s::Stores,
-    lb::LbTable,
-    metrics::Telemetry,
-    model::{self, ModelError, NodeContext},
+    lb::{self, Frontend, FrontendKey, LbTable},
+    metrics::{OwnerChanges, Telemetry},
+    model::{self, ModelError, NodeContext, ServicePort, ServicePortName, SliceView},
 };
 
-/// How long to let a burst of watch events settle before syncing.
-const SETTLE: Duration = Duration::from_millis(20);
+/// Shortest time between the starts of two syncs (kube-proxy's
+/// `minSyncPeriod`, BoundedFrequencyRunner): an event that finds the loop
+/// idle for longer is synced at once; events of a burst that arrive sooner
+/// (or while a sync runs) are batched into the next sync.
+pub const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(5);
+/// Changes applied at once by a full rebuild.
+const APPLY_CHUNK: usize = 16_384;
 /// Housekeeping period (new interfaces, ...).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
@@ -25,18 +45,25 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 
 /// What one sync did.
+#[derive(Debug, Default)]
 pub struct Synced {
+    /// A full rebuild: `health` and `owners` list everything (replace).
+    pub full: bool,
     pub changes: usize,
-    /// What the health-check node ports must report.
-    pub health: BTreeMap<u16, ServiceHealth>,
-    /// Objects (or parts) that could not be programmed.
-    pub errors: Vec<ModelError>,
+    /// Health-check ports the sync touched: what they report now (None:
+    /// closed).
+    pub health: Vec<(u16, Option<ServiceHealth>)>,
+    /// Every current error, when the set changed (always after a full
+    /// rebuild); None: unchanged.
+    pub errors: Option<Vec<ModelError>>,
+    /// Objects (or parts) that cannot be programmed, now.
+    pub error_count: usize,
     /// Service ports in the desired state.
     pub services: usize,
     /// Distinct backends (address, port) in the desired state.
     pub endpoints: usize,
-    /// Frontend (`ip:port/PROTO`) -> service port name.
-    pub owners: BTreeMap<String, String>,
+    /// Frontends whose owner changed: the service port owning it now.
+    pub owners: Vec<(FrontendKey, Option<Arc<ServicePortName>>)>,
 }
 
 /// Agent limits a sync enforces on what objects ask for.
@@ -55,16 +82,20 @@ impl Default for Limits {
     }
 }
 
-/// Service ports asking for a Maglev table larger than `max` get the
-/// default size instead; one error per Service.
-pub fn cap_maglev_sizes(table: &mut model::ServiceTable, max: u32) -> Vec<ModelError> {
+/// Service ports (of one Service, or of a whole table) asking for a Maglev
+/// table larger than `max` get the default size instead; one error per
+/// Service.
+pub fn cap_maglev_sizes<'a>(
+    ports: impl IntoIterator<Item = &'a mut ServicePort>,
+    max: u32,
+) -> Vec<ModelError> {
     let mut errors: Vec<ModelError> = Vec::new();
-    for (name, port) in table.services.iter_mut() {
+    for port in ports {
         let Some(size) = port.maglev_table_size.filter(|s| *s > max) else {
             continue;
         };
         port.maglev_table_size = None;
-        let object = format!("{}/{}", name.namespace, name.name);
+        let object = format!("{}/{}", port.name.namespace, port.name.name);
         if errors.iter().any(|e| e.object == object) {
             continue;
         }
@@ -91,65 +122,433 @@ pub fn node_address(node: &NodeContext) -> Option<std::net::Ipv4Addr> {
     node.addresses.first().copied()
 }
 
-/// One sync: read the stores, build the desired table, apply the diff.
-pub fn sync_once<D: Dataplane>(
-    dp: &mut D,
-    stores: &Stores,
-    node: &NodeContext,
-    limits: &Limits,
-) -> Result<Synced, D::Error> {
-    let services = stores.services.state();
-    let slices = stores.slices.state();
-    let mut node = node.clone();
-    let mut errors = Vec::new();
-    if let Some(n) = stores.nodes.state().first() {
-        let (addresses, errs) = model::node_addresses(n);
-        node.addresses = addresses;
-        errors.extend(errs);
+/// One service port's claim on a frontend.
+#[derive(Debug)]
+struct Claim {
+    owner: Arc<ServicePortName>,
+    frontend: Frontend,
+}
+
+/// One service port's claim on a health-check port: its ready, not
+/// terminating endpoints on this node.
+#[derive(Debug)]
+struct HealthClaim {
+    owner: Arc<ServicePortName>,
+    local: Vec<Ipv4Addr>,
+}
+
+/// What one Service contributes to the desired state.
+#[derive(Debug, Default)]
+struct Contribution {
+    ports: usize,
+    frontends: Vec<(FrontendKey, Arc<ServicePortName>)>,
+    health: Vec<(u16, Arc<ServicePortName>)>,
+}
+
+/// The desired state, kept between syncs and updated per changed service.
+#[derive(Debug)]
+pub struct SyncState {
+    /// The node context from the flags (addresses come from the Node).
+    base: NodeContext,
+    node: NodeContext,
+    limits: Limits,
+    node_errors: Vec<ModelError>,
+    services: HashMap<ObjectKey, Contribution>,
+    /// Frontend -> claims, sorted by owner: the first one is programmed.
+    claims: HashMap<FrontendKey, Vec<Claim>>,
+    /// Health-check port -> claims, sorted by owner.
+    health: HashMap<u16, Vec<HealthClaim>>,
+    /// Backend (address, port) -> programmed frontends using it.
+    backends: HashMap<(Ipv4Addr, u16), u32>,
+    /// Services with errors -> their errors.
+    errors: BTreeMap<ObjectKey, Vec<ModelError>>,
+    error_count: usize,
+    ports: usize,
+}
+
+/// The winner of a frontend before a sync touched it.
+type Before = HashMap<FrontendKey, Option<(Arc<ServicePortName>, Frontend)>>;
+
+fn key_of(svc: &k8s_openapi::api::core::v1::Service) -> ObjectKey {
+    (
+        svc.metadata.namespace.clone().unwrap_or_default(),
+        svc.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+impl SyncState {
+    /// `node`: the context from the flags; the Node object's addresses are
+    /// added at every full rebuild.
+    pub fn new(node: NodeContext, limits: Limits) -> SyncState {
+        SyncState {
+            base: node.clone(),
+            node,
+            limits,
+            node_errors: Vec::new(),
+            services: HashMap::new(),
+            claims: HashMap::new(),
+            health: HashMap::new(),
+            backends: HashMap::new(),
+            errors: BTreeMap::new(),
+            error_count: 0,
+            ports: 0,
+        }
     }
-    let (mut table, errs) = model::build(
-        services.iter().map(|s| s.as_ref()),
-        slices.iter().map(|s| s.as_ref()),
-        &node,
-    );
-    errors.extend(errs);
-    errors.extend(cap_maglev_sizes(&mut table, limits.maglev_max_table_size));
-    // The node address follows the Node object (before frontends that
-    // may need it for SNAT).
-    dp.set_node_address(node_address(&node))?;
-    let desired = LbTable::from_services(&table, &node);
-    let changes = diff(dp.programmed(), &desired);
-    let endpoints: std::collections::BTreeSet<_> = desired
-        .frontends
-        .values()
-        .flat_map(|f| f.backends.iter().map(|b| (b.addr, b.port)))
-        .collect();
-    let mut synced = Synced {
-        changes: changes.len(),
-        health: health::desired(&table),
-        errors,
-        services: table.services.len(),
-        endpoints: endpoints.len(),
-        owners: desired
-            .owners
+
+    /// The node context the last full rebuild used.
+    pub fn node(&self) -> &NodeContext {
+        &self.node
+    }
+
+    /// Apply one batch of changes: rebuild what it names, diff the touched
+    /// frontends against what is programmed, apply. After an error the
+    /// caller must ask for a full rebuild (the desired state moved on, the
+    /// dataplane may not have).
+    pub fn sync<D: Dataplane>(&mut self, dp: &mut D, batch: Batch) -> Result<Synced, D::Error> {
+        match batch {
+            Batch::Full { services, node } => self.full(dp, services, node.as_deref()),
+            Batch::Services(list) => self.incremental(dp, list),
+        }
+    }
+
+    fn full<D: Dataplane>(
+        &mut self,
+        dp: &mut D,
+        services: Vec<ServiceInput>,
+        node: Option<&k8s_openapi::api::core::v1::Node>,
+    ) -> Result<Synced, D::Error> {
+        self.node = self.base.clone();
+        self.node_errors = Vec::new();
+        if let Some(n) = node {
+            let (addresses, errs) = model::node_addresses(n);
+            self.node.addresses = addresses;
+            self.node_errors = errs;
+        }
+        // The node address follows the Node object (before frontends that
+        // may need it for SNAT).
+        dp.set_node_address(node_address(&self.node))?;
+        // Drop the old state before building the new one: one copy at a
+        // time.
+        self.services = HashMap::new();
+        self.claims = HashMap::new();
+        self.health = HashMap::new();
+        self.backends = HashMap::new();
+        self.errors = BTreeMap::new();
+        self.error_count = self.node_errors.len();
+        self.ports = 0;
+        let mut touched_health = BTreeSet::new();
+        for input in services {
+            let key = key_of(&input.service);
+            self.add_service(key, &input, None, &mut touched_health);
+        }
+        let mut keys: Vec<FrontendKey> = self.claims.keys().copied().collect();
+        keys.sort_unstable();
+        let mut owners = Vec::with_capacity(keys.len());
+        for k in &keys {
+            let Some(winner) = self.claims.get(k).and_then(|c| c.first()) else {
+                continue;
+            };
+            for b in &winner.frontend.backends {
+                *self.backends.entry((b.addr, b.port)).or_default() += 1;
+            }
+            owners.push((*k, Some(winner.owner.clone())));
+        }
+        let mut removed: Vec<FrontendKey> = dp
+            .programmed()
+            .frontends
+            .keys()
+            .filter(|k| !self.claims.contains_key(k))
+            .copied()
+            .collect();
+        removed.sort_unstable();
+        // Applied in chunks, upserts first: the changes never hold a
+        // second copy of the whole table.
+        let mut changes = 0;
+        for chunk in keys.chunks(APPLY_CHUNK) {
+            let programmed = dp.programmed();
+            let batch: Vec<Change> = chunk
+                .iter()
+                .filter_map(|k| {
+                    let w = self.claims.get(k)?.first()?;
+                    diff_one(programmed, *k, Some(&w.frontend))
+                })
+                .collect();
+            changes += batch.len();
+            self.apply(dp, &batch)?;
+        }
+        for chunk in removed.chunks(APPLY_CHUNK) {
+            let batch: Vec<Change> = chunk.iter().map(|k| Change::Remove(*k)).collect();
+            changes += batch.len();
+            self.apply(dp, &batch)?;
+        }
+        let health = touched_health
+            .into_iter()
+            .map(|p| (p, self.health_of(p)))
+            .collect();
+        Ok(Synced {
+            full: true,
+            changes,
+            health,
+            errors: Some(self.errors()),
+            error_count: self.error_count,
+            services: self.ports,
+            endpoints: self.backends.len(),
+            owners,
+        })
+    }
+
+    fn incremental<D: Dataplane>(
+        &mut self,
+        dp: &mut D,
+        list: Vec<(ObjectKey, Option<ServiceInput>)>,
+    ) -> Result<Synced, D::Error> {
+        let mut before: Before = HashMap::new();
+        let mut touched_health = BTreeSet::new();
+        let mut errors_changed = false;
+        for (key, input) in list {
+            let old_errors = self.remove_service(&key, &mut before, &mut touched_health);
+            if let Some(input) = input {
+                self.add_service(key.clone(), &input, Some(&mut before), &mut touched_health);
+            }
+            errors_changed |= self.errors.get(&key) != old_errors.as_ref();
+        }
+        let programmed = dp.programmed();
+        let mut keys: Vec<FrontendKey> = before.keys().copied().collect();
+        keys.sort_unstable();
+        let mut upserts = Vec::new();
+        let mut removes = Vec::new();
+        let mut owners = Vec::new();
+        for k in keys {
+            let old = before.remove(&k).flatten();
+            let new = self.claims.get(&k).and_then(|c| c.first());
+            if old.as_ref().map(|o| &o.0) != new.map(|n| &n.owner) {
+                owners.push((k, new.map(|n| n.owner.clone())));
+            }
+            if old.as_ref().map(|o| &o.1) != new.map(|n| &n.frontend) {
+                if let Some((_, f)) = &old {
+                    for b in &f.backends {
+                        let e = (b.addr, b.port);
+                        if let Some(n) = self.backends.get_mut(&e) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.backends.remove(&e);
+                            }
+                        }
+                    }
+                }
+                if let Some(n) = new {
+                    for b in &n.frontend.backends {
+                        *self.backends.entry((b.addr, b.port)).or_default() += 1;
+                    }
+                }
+            }
+            match diff_one(programmed, k, new.map(|n| &n.frontend)) {
+                Some(c @ Change::Upsert(..)) => upserts.push(c),
+                Some(c) => removes.push(c),
+                None => {}
+            }
+        }
+        upserts.extend(removes);
+        let changes = upserts;
+        let health = touched_health
+            .into_iter()
+            .map(|p| (p, self.health_of(p)))
+            .collect();
+        self.apply(dp, &changes)?;
+        Ok(Synced {
+            full: false,
+            changes: changes.len(),
+            health,
+            errors: errors_changed.then(|| self.errors()),
+            error_count: self.error_count,
+            services: self.ports,
+            endpoints: self.backends.len(),
+            owners,
+        })
+    }
+
+    fn apply<D: Dataplane>(&self, dp: &mut D, changes: &[Change]) -> Result<(), D::Error> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let stats = dp.apply(changes)?;
+        info!(
+            changes = changes.len(),
+            upserted = stats.upserted,
+            removed = stats.removed,
+            backends_added = stats.backends_added,
+            backends_removed = stats.backends_removed,
+            "synced"
+        );
+        Ok(())
+    }
+
+    /// Remember a frontend's winner before the first change to its claims.
+    fn touch(before: &mut Before, claims: &HashMap<FrontendKey, Vec<Claim>>, k: FrontendKey) {
+        before.entry(k).or_insert_with(|| {
+            claims
+                .get(&k)
+                .and_then(|c| c.first())
+                .map(|c| (c.owner.clone(), c.frontend.clone()))
+        });
+    }
+
+    /// Take a service's contribution out; returns its errors.
+    fn remove_service(
+        &mut self,
+        key: &ObjectKey,
+        before: &mut Before,
+        touched_health: &mut BTreeSet<u16>,
+    ) -> Option<Vec<ModelError>> {
+        let errors = self.errors.remove(key);
+        self.error_count -= errors.as_ref().map_or(0, Vec::len);
+        let contribution = self.services.remove(key)?;
+        self.ports -= contribution.ports;
+        for (k, owner) in contribution.frontends {
+            Self::touch(before, &self.claims, k);
+            if let Some(list) = self.claims.get_mut(&k) {
+                list.retain(|c| c.owner != owner);
+                if list.is_empty() {
+                    self.claims.remove(&k);
+                }
+            }
+        }
+        for (port, owner) in contribution.health {
+            touched_health.insert(port);
+            if let Some(list) = self.health.get_mut(&port) {
+                list.retain(|c| c.owner != owner);
+                if list.is_empty() {
+                    self.health.remove(&port);
+                }
+            }
+        }
+        errors
+    }
+
+    /// Build one service and add what it contributes.
+    fn add_service(
+        &mut self,
+        key: ObjectKey,
+        input: &ServiceInput,
+        mut before: Option<&mut Before>,
+        touched_health: &mut BTreeSet<u16>,
+    ) {
+        let mut errors = Vec::new();
+        let slices: Vec<&SliceView> = input.slices.iter().map(|s| s.as_ref()).collect();
+        let mut ports = model::build_service(&input.service, &slices, &self.node, &mut errors);
+        errors.extend(cap_maglev_sizes(
+            ports.iter_mut(),
+            self.limits.maglev_max_table_size,
+        ));
+        let mut contribution = Contribution {
+            ports: ports.len(),
+            ..Default::default()
+        };
+        self.ports += ports.len();
+        for sp in &ports {
+            let owner = Arc::new(sp.name.clone());
+            for (k, frontend) in lb::port_frontends(sp, &self.node) {
+                if let Some(b) = before.as_deref_mut() {
+                    Self::touch(b, &self.claims, k);
+                }
+                let list = self.claims.entry(k).or_default();
+                let at = list.partition_point(|c| c.owner < owner);
+                list.insert(
+                    at,
+                    Claim {
+                        owner: owner.clone(),
+                        frontend,
+                    },
+                );
+                contribution.frontends.push((k, owner.clone()));
+            }
+            if let Some(port) = sp.health_check_node_port {
+                let mut local: Vec<Ipv4Addr> = sp
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.local && e.ready && !e.terminating)
+                    .map(|e| e.ip)
+                    .collect();
+                local.dedup();
+                let list = self.health.entry(port).or_default();
+                let at = list.partition_point(|c| c.owner < owner);
+                list.insert(
+                    at,
+                    HealthClaim {
+                        owner: owner.clone(),
+                        local,
+                    },
+                );
+                contribution.health.push((port, owner.clone()));
+                touched_health.insert(port);
+            }
+        }
+        if !errors.is_empty() {
+            self.error_count += errors.len();
+            self.errors.insert(key.clone(), errors);
+        }
+        if contribution.ports > 0 {
+            self.services.insert(key, contribution);
+        }
+    }
+
+    /// What a health-check port reports: named after its first claimant,
+    /// counting the distinct local ready endpoints of all of them.
+    fn health_of(&self, port: u16) -> Option<ServiceHealth> {
+        let claims = self.health.get(&port)?;
+        let first = claims.first()?;
+        let mut ips: Vec<Ipv4Addr> = claims
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    if changes.is_empty() {
-        return Ok(synced);
+            .flat_map(|c| c.local.iter().copied())
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        Some(ServiceHealth {
+            namespace: first.owner.namespace.clone(),
+            name: first.owner.name.clone(),
+            local_endpoints: ips.len(),
+        })
     }
-    let stats = dp.apply(&changes)?;
-    info!(
-        changes = changes.len(),
-        upserted = stats.upserted,
-        removed = stats.removed,
-        backends_added = stats.backends_added,
-        backends_removed = stats.backends_removed,
-        "synced"
-    );
-    synced.changes = changes.len();
-    Ok(synced)
+
+    /// Every current error: the Node's, then each service's.
+    pub fn errors(&self) -> Vec<ModelError> {
+        self.node_errors
+            .iter()
+            .chain(self.errors.values().flatten())
+            .cloned()
+            .collect()
+    }
+
+    /// The desired table (frontends and owners). Walks everything: for
+    /// tests and inspection, not for the sync path.
+    pub fn desired(&self) -> LbTable {
+        let mut t = LbTable::default();
+        for (k, c) in &self.claims {
+            if let Some(w) = c.first() {
+                t.frontends.insert(*k, w.frontend.clone());
+                t.owners.insert(*k, (*w.owner).clone());
+            }
+        }
+        t
+    }
+
+    /// What every health-check port reports. Walks every port: for tests.
+    pub fn health(&self) -> BTreeMap<u16, ServiceHealth> {
+        self.health
+            .keys()
+            .filter_map(|p| self.health_of(*p).map(|h| (*p, h)))
+            .collect()
+    }
+
+    /// Service ports in the desired state.
+    pub fn services(&self) -> usize {
+        self.ports
+    }
+
+    /// Distinct backends (address, port) of the programmed frontends.
+    pub fn endpoints(&self) -> usize {
+        self.backends.len()
+    }
 }
 
 /// What [`run`] needs besides the dataplane and the stores.
@@ -175,49 +574,69 @@ pub async fn run<D: Dataplane>(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut tick = tokio::time::interval(HOUSEKEEPING);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dirty = true;
+    let mut state = SyncState::new(node, opts.limits);
     let mut failed = false;
-    let mut last_sync = Instant::now();
+    let mut last_full = Instant::now();
+    let mut last_start: Option<Instant> = None;
     let mut health_servers = HealthServers::default();
     let mut problems = std::collections::HashSet::new();
     let telemetry = opts.telemetry.clone();
     telemetry.set_reader(dp.stats_reader());
     let wh = stores.watch_health.clone();
     telemetry.set_pending_source(Box::new(move || wh.stale_since()));
+    stores.request_full();
     loop {
-        if dirty {
+        // Every change queued so far is in the batch taken next.
+        stores.watch_health.take_pending();
+        if let Some(batch) = stores.take() {
             let start = Instant::now();
-            last_sync = start;
-            // Every change queued so far is in the stores this sync reads.
-            stores.watch_health.take_pending();
-            failed = match sync_once(&mut dp, &stores, &node, &opts.limits) {
+            last_start = Some(start);
+            let full = matches!(batch, Batch::Full { .. });
+            if full {
+                last_full = start;
+            }
+            failed = match state.sync(&mut dp, batch) {
                 Ok(s) => {
                     if s.changes > 0 {
-                        info!(elapsed_ms = start.elapsed().as_millis() as u64, "sync done");
+                        info!(
+                            elapsed_ms = start.elapsed().as_millis() as u64,
+                            full, "sync done"
+                        );
                     }
-                    telemetry.sync_succeeded(start.elapsed(), s.services, s.endpoints, s.owners);
-                    telemetry.set_invalid_objects(s.errors.len());
-                    // Warn once per problem while it lasts (syncs repeat
-                    // every period); debug on later syncs.
-                    let now_problems: std::collections::HashSet<String> =
-                        s.errors.iter().map(|e| e.to_string()).collect();
-                    for e in &s.errors {
-                        if problems.contains(&e.to_string()) {
-                            debug!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
-                        } else {
-                            warn!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
+                    let owners = OwnerChanges {
+                        reset: s.full,
+                        changes: s
+                            .owners
+                            .iter()
+                            .map(|(k, o)| (k.to_string(), o.as_ref().map(|o| o.to_string())))
+                            .collect(),
+                    };
+                    telemetry.sync_succeeded(start.elapsed(), s.services, s.endpoints, owners);
+                    telemetry.set_invalid_objects(s.error_count);
+                    if let Some(errors) = &s.errors {
+                        // Warn once per problem while it lasts; debug when
+                        // a later sync lists it again.
+                        let now_problems: std::collections::HashSet<String> =
+                            errors.iter().map(|e| e.to_string()).collect();
+                        for e in errors {
+                            if problems.contains(&e.to_string()) {
+                                debug!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
+                            } else {
+                                warn!(kind = e.kind, object = %e.object, field = %e.field, value = %e.value, reason = %e.reason, "cannot program object");
+                            }
+                        }
+                        problems = now_problems;
+                        if let Some(ev) = opts.events.as_mut() {
+                            ev.report(errors);
                         }
                     }
-                    problems = now_problems;
-                    if let Some(ev) = opts.events.as_mut() {
-                        ev.report(&s.errors);
-                    }
-                    health_servers.sync(s.health).await;
+                    health_servers.update(s.full, s.health).await;
                     false
                 }
                 Err(e) => {
                     telemetry.sync_failed(start.elapsed());
-                    warn!(error = %e, "sync failed; retrying on the next event or tick");
+                    warn!(error = %e, "sync failed; a full sync follows on the next event or tick");
+                    stores.request_full();
                     true
                 }
             };
@@ -225,8 +644,15 @@ pub async fn run<D: Dataplane>(
         tokio::select! {
             _ = &mut shutdown => return,
             _ = changed.notified() => {
-                tokio::time::sleep(SETTLE).await;
-                dirty = true;
+                // Bounded frequency: at once when idle, batched in a burst.
+                if let Some(next) = last_start.map(|s| s + MIN_SYNC_INTERVAL)
+                    && Instant::now() < next
+                {
+                    tokio::time::sleep_until(next).await;
+                }
+                if failed {
+                    stores.request_full();
+                }
             }
             _ = tick.tick() => {
                 if let Err(e) = dp.housekeeping() {
@@ -234,7 +660,9 @@ pub async fn run<D: Dataplane>(
                     warn!(error = %e, "housekeeping failed");
                 }
                 // Periodic full resync, as kube-proxy's syncPeriod.
-                dirty = failed || last_sync.elapsed() >= opts.sync_period;
+                if failed || last_full.elapsed() >= opts.sync_period {
+                    stores.request_full();
+                }
             }
         }
     }
@@ -279,7 +707,7 @@ mod tests {
             port("big", "https", Some(65_537)),
             port("ok", "", Some(251)),
         ]);
-        let errors = cap_maglev_sizes(&mut t, 16_381);
+        let errors = cap_maglev_sizes(t.services.values_mut(), 16_381);
         assert_eq!(errors.len(), 1, "{errors:?}");
         let e = &errors[0];
         assert_eq!(e.object, "default/big");
@@ -294,7 +722,7 @@ mod tests {
         // At the limit is fine.
         let mut t = ServiceTable::default();
         t.services.extend([port("edge", "", Some(16_381))]);
-        assert!(cap_maglev_sizes(&mut t, 16_381).is_empty());
+        assert!(cap_maglev_sizes(t.services.values_mut(), 16_381).is_empty());
     }
 
     #[test]

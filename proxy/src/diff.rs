@@ -9,6 +9,21 @@ pub enum Change {
     Remove(FrontendKey),
 }
 
+/// The change that makes frontend `key` of `programmed` what `desired`
+/// says (None: no frontend), if any. The agent's incremental sync calls
+/// this for the frontends a sync touched only.
+pub fn diff_one(
+    programmed: &LbTable,
+    key: FrontendKey,
+    desired: Option<&Frontend>,
+) -> Option<Change> {
+    match (desired, programmed.frontends.get(&key)) {
+        (Some(d), p) if p != Some(d) => Some(Change::Upsert(key, d.clone())),
+        (None, Some(_)) => Some(Change::Remove(key)),
+        _ => None,
+    }
+}
+
 /// The changes that turn `programmed` into `desired`: upserts for new or
 /// changed frontends (in key order), then removals.
 pub fn diff(programmed: &LbTable, desired: &LbTable) -> Vec<Change> {
@@ -90,6 +105,22 @@ mod tests {
                 Change::Upsert(key(4), fe(&[6])),
                 Change::Remove(key(3)),
             ]
+        );
+    }
+
+    #[test]
+    fn one_frontend_at_a_time() {
+        let old = table(&[(1, &[2, 3]), (2, &[4])]);
+        assert_eq!(
+            diff_one(&old, key(1), Some(&fe(&[2]))),
+            Some(Change::Upsert(key(1), fe(&[2])))
+        );
+        assert_eq!(diff_one(&old, key(2), Some(&fe(&[4]))), None);
+        assert_eq!(diff_one(&old, key(2), None), Some(Change::Remove(key(2))));
+        assert_eq!(diff_one(&old, key(3), None), None);
+        assert_eq!(
+            diff_one(&old, key(3), Some(&fe(&[5]))),
+            Some(Change::Upsert(key(3), fe(&[5])))
         );
     }
 

@@ -117,20 +117,51 @@ impl HealthServers {
     /// Update what every port reports; open new ports, close gone ones.
     /// Must run inside a tokio runtime.
     pub async fn sync(&mut self, desired: BTreeMap<u16, ServiceHealth>) {
-        let ports: Vec<u16> = desired.keys().copied().collect();
-        match self.state.write() {
-            Ok(mut s) => *s = desired,
-            Err(poisoned) => *poisoned.into_inner() = desired,
+        self.update(
+            true,
+            desired.into_iter().map(|(p, h)| (p, Some(h))).collect(),
+        )
+        .await;
+    }
+
+    /// Apply what a sync changed: `(port, Some(state))` opens or updates a
+    /// port, `(port, None)` closes it; with `reset` every port not listed
+    /// closes. Ports that failed to open are retried when listed again.
+    /// Must run inside a tokio runtime.
+    pub async fn update(&mut self, reset: bool, changes: Vec<(u16, Option<ServiceHealth>)>) {
+        let mut open: Vec<u16> = Vec::new();
+        let mut closed: Vec<u16> = Vec::new();
+        {
+            let mut s = match self.state.write() {
+                Ok(s) => s,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if reset {
+                s.clear();
+            }
+            for (port, h) in changes {
+                match h {
+                    Some(h) => {
+                        s.insert(port, h);
+                        open.push(port);
+                    }
+                    None => {
+                        s.remove(&port);
+                        closed.push(port);
+                    }
+                }
+            }
+            if reset {
+                closed.extend(self.listeners.keys().filter(|p| !s.contains_key(p)));
+            }
         }
-        self.listeners.retain(|port, task| {
-            let keep = ports.contains(port);
-            if !keep {
+        for port in closed {
+            if let Some(task) = self.listeners.remove(&port) {
                 task.abort();
                 info!(port, "health-check node port closed");
             }
-            keep
-        });
-        for port in ports {
+        }
+        for port in open {
             if self.listeners.contains_key(&port) {
                 continue;
             }
@@ -148,7 +179,7 @@ impl HealthServers {
                         }),
                     );
                 }
-                // Retried on the next sync.
+                // Retried on a later sync that lists the port.
                 Err(e) => warn!(port, error = %e, "cannot open health-check node port"),
             }
         }

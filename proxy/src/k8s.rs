@@ -1,5 +1,6 @@
-//! Kubernetes side: reflectors for Services, EndpointSlices and this Node.
-//! Produces stores and a change signal; knows nothing of dataplanes.
+//! Kubernetes side: watches of Services, EndpointSlices and this Node.
+//! Feeds the cache and change tracker ([`crate::changes`]) and a change
+//! signal; knows nothing of dataplanes.
 
 use std::{fmt::Debug, path::Path, sync::Arc, time::Instant};
 
@@ -12,17 +13,16 @@ use kube::{
     Api, Client, Config, Resource,
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
-use crate::model::{self, SliceView, WATCH_LABEL_SELECTOR};
+use crate::{
+    changes::{Batch, Cache},
+    model::{self, SliceView, WATCH_LABEL_SELECTOR},
+};
 
 pub mod backoff;
 
@@ -65,8 +65,6 @@ pub enum K8sError {
     Infer(#[from] kube::config::InferConfigError),
     #[error("building the Kubernetes client: {0}")]
     Client(#[from] kube::Error),
-    #[error("the {0} watch ended before its first list completed")]
-    NeverReady(&'static str),
 }
 
 /// A client from `--kubeconfig`, or in-cluster / default config without one.
@@ -95,12 +93,11 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
     Ok(Client::try_from(config)?)
 }
 
-/// Caches of the objects the model reads.
+/// The cache of the objects the model reads, with its change tracker
+/// (filled by the watch tasks, taken by the sync loop).
 #[derive(Clone)]
 pub struct Stores {
-    pub services: Store<Service>,
-    pub slices: Store<SliceView>,
-    pub nodes: Store<Node>,
+    pub cache: Arc<std::sync::Mutex<Cache>>,
     /// Whether the watches reach the API server.
     pub watch_health: WatchHealth,
 }
@@ -184,36 +181,41 @@ impl WatchHealth {
     }
 }
 
-/// Start the three reflectors; `changed` is notified after every event.
+/// Start the three watches; `changed` is notified after every event.
 pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
     let health = WatchHealth::default();
-    let services = spawn_reflector::<Service>(
+    let cache = Arc::new(std::sync::Mutex::new(Cache::default()));
+    let c = cache.clone();
+    spawn_reflector::<Service>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
         model::trim_service,
+        move |ev| lock(&c).service_event(ev),
         changed.clone(),
         health.clone(),
     );
-    let slices = spawn_reflector::<SliceView>(
+    let c = cache.clone();
+    spawn_reflector::<SliceView>(
         Api::all(client.clone()),
         watcher::Config::default().labels(WATCH_LABEL_SELECTOR),
         model::trim_slice,
+        move |ev| lock(&c).slice_event(ev),
         changed.clone(),
         health.clone(),
     );
     let client_probe = client.clone();
-    let nodes = spawn_reflector::<Node>(
+    let c = cache.clone();
+    spawn_reflector::<Node>(
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         model::trim_node,
+        move |ev| lock(&c).node_event(ev),
         changed,
         health.clone(),
     );
     spawn_probe(client_probe, node_name.to_owned(), health.clone());
     Stores {
-        services,
-        slices,
-        nodes,
+        cache,
         watch_health: health,
     }
 }
@@ -225,6 +227,13 @@ pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Stores {
 pub const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// A probe that gets no answer within this counts as failed.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn lock(cache: &std::sync::Mutex<Cache>) -> std::sync::MutexGuard<'_, Cache> {
+    match cache.lock() {
+        Ok(c) => c,
+        Err(p) => p.into_inner(),
+    }
+}
 
 /// A watch that resumes after an outage says nothing until the next change,
 /// and a watch waiting out its backoff does not try at all, so while a
@@ -289,38 +298,43 @@ fn spawn_probe(client: Client, node_name: String, health: WatchHealth) {
 }
 
 impl Stores {
-    /// Wait until every store has completed its first list.
-    pub async fn ready(&self) -> Result<(), K8sError> {
-        self.services
-            .wait_until_ready()
-            .await
-            .map_err(|_| K8sError::NeverReady("Service"))?;
-        self.slices
-            .wait_until_ready()
-            .await
-            .map_err(|_| K8sError::NeverReady("EndpointSlice"))?;
-        self.nodes
-            .wait_until_ready()
-            .await
-            .map_err(|_| K8sError::NeverReady("Node"))?;
-        Ok(())
+    /// Wait until every kind has completed its first list.
+    pub async fn ready(&self) {
+        while !lock(&self.cache).ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The Node, if known.
+    pub fn node(&self) -> Option<Arc<Node>> {
+        lock(&self.cache).node()
+    }
+
+    /// What changed since the last call (None: nothing).
+    pub fn take(&self) -> Option<Batch> {
+        lock(&self.cache).take()
+    }
+
+    /// Ask for a full rebuild at the next [`Stores::take`].
+    pub fn request_full(&self) {
+        lock(&self.cache).request_full();
     }
 }
 
-/// A reflector whose store keeps each object as `trim` leaves it (what the
-/// model reads: the agent holds every service and slice of the cluster).
+/// A watch whose events, each object as `trim` leaves it (what the model
+/// reads: the agent holds every service and slice of the cluster), go to
+/// `on_event` (the cache and its change tracker).
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     trim: fn(&mut K),
+    mut on_event: impl FnMut(watcher::Event<K>) + Send + 'static,
     changed: Arc<Notify>,
     health: WatchHealth,
-) -> Store<K>
-where
+) where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (store, writer) = reflector::store::<K>();
     let kind = K::kind(&Default::default()).into_owned();
     // Our backoff, not kube's default: it is cut short when the probe sees
     // the API server answer again, and a 410 Gone relists at once.
@@ -331,18 +345,18 @@ where
         kind.clone(),
     )
     .modify(trim);
-    let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
                 Ok(ev) => {
                     debug!(kind = %kind, event = ?event_name(&ev), "watch event");
+                    on_event(ev);
                     health.set(&kind, true);
                     health.queue();
                     changed.notify_one();
                 }
-                // The watcher retries with backoff; the store keeps serving
+                // The watcher retries with backoff; the cache keeps serving
                 // the last known state meanwhile.
                 Err(e) => {
                     health.set(&kind, false);
@@ -351,7 +365,6 @@ where
             }
         }
     });
-    store
 }
 
 fn event_name<K>(ev: &watcher::Event<K>) -> &'static str {

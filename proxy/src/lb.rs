@@ -3,7 +3,9 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
-use crate::model::{NodeContext, Protocol, ServicePortName, ServiceTable, usable_endpoints};
+use crate::model::{
+    NodeContext, Protocol, ServicePort, ServicePortName, ServiceTable, usable_endpoints,
+};
 
 /// Where traffic is addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -63,80 +65,92 @@ pub struct LbTable {
 }
 
 impl LbTable {
-    /// Every frontend of every service port:
-    /// * ClusterIP, with the endpoints `internalTrafficPolicy` allows;
-    /// * NodePort on each of the node's addresses, ExternalIPs and
-    ///   LoadBalancer ingress IPs, with the endpoints
-    ///   `externalTrafficPolicy` allows.
-    ///
-    /// Local policy means this node's endpoints only; none local means no
-    /// backend, so traffic is rejected here, never sent to another node.
+    /// Every frontend of every service port (see [`port_frontends`]).
     /// When two services claim the same frontend, the first (by namespace,
     /// name, port) keeps it, as the API server's allocation would not allow
     /// the clash in the first place.
     pub fn from_services(table: &ServiceTable, node: &NodeContext) -> LbTable {
         let mut lb = LbTable::default();
         for (name, sp) in &table.services {
-            let backends = |local_only: bool| -> Vec<BackendAddr> {
-                usable_endpoints(&sp.endpoints, local_only)
-                    .into_iter()
-                    .map(|e| BackendAddr {
-                        addr: e.ip,
-                        port: e.port,
-                        terminating: !e.ready,
-                        local: e.local,
-                    })
-                    .collect()
-            };
-            let internal = backends(sp.internal_policy_local);
-            let external = backends(sp.external_policy_local);
-            let proto = sp.name.protocol;
-            let affinity_timeout = sp.affinity_timeout.unwrap_or(0);
-            let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, b: &Vec<BackendAddr>| {
-                let local_only = if kind == FrontendKind::ClusterIp {
-                    sp.internal_policy_local
-                } else {
-                    sp.external_policy_local
-                };
-                let key = FrontendKey { addr, port, proto };
+            for (key, fe) in port_frontends(sp, node) {
                 if lb.frontends.contains_key(&key) {
-                    return;
+                    continue;
                 }
-                let guarded = kind == FrontendKind::LoadBalancer
-                    || (node.source_ranges_all && kind != FrontendKind::ClusterIp);
-                let source_ranges = if guarded {
-                    sp.source_ranges.clone()
-                } else {
-                    Vec::new()
-                };
-                lb.frontends.insert(
-                    key,
-                    Frontend {
-                        kind,
-                        backends: b.clone(),
-                        affinity_timeout,
-                        source_ranges,
-                        maglev_table_size: sp.maglev_table_size,
-                        local_only,
-                    },
-                );
+                lb.frontends.insert(key, fe);
                 lb.owners.insert(key, name.clone());
-            };
-            for ip in &sp.cluster_ips {
-                add(*ip, sp.port, FrontendKind::ClusterIp, &internal);
-            }
-            if let Some(np) = sp.node_port {
-                for ip in node.nodeport_addresses() {
-                    add(ip, np, FrontendKind::NodePort, &external);
-                }
-            }
-            for ip in &sp.external_ips {
-                add(*ip, sp.port, FrontendKind::ExternalIp, &external);
-            }
-            for ip in &sp.load_balancer_ips {
-                add(*ip, sp.port, FrontendKind::LoadBalancer, &external);
             }
         }
         lb
     }
+}
+
+/// The frontends of one service port, each key once (the first wins):
+/// * ClusterIP, with the endpoints `internalTrafficPolicy` allows;
+/// * NodePort on each of the node's addresses, ExternalIPs and
+///   LoadBalancer ingress IPs, with the endpoints `externalTrafficPolicy`
+///   allows.
+///
+/// Local policy means this node's endpoints only; none local means no
+/// backend, so traffic is rejected here, never sent to another node.
+pub fn port_frontends(sp: &ServicePort, node: &NodeContext) -> Vec<(FrontendKey, Frontend)> {
+    let backends = |local_only: bool| -> Vec<BackendAddr> {
+        usable_endpoints(&sp.endpoints, local_only)
+            .into_iter()
+            .map(|e| BackendAddr {
+                addr: e.ip,
+                port: e.port,
+                terminating: !e.ready,
+                local: e.local,
+            })
+            .collect()
+    };
+    let internal = backends(sp.internal_policy_local);
+    let external = backends(sp.external_policy_local);
+    let proto = sp.name.protocol;
+    let affinity_timeout = sp.affinity_timeout.unwrap_or(0);
+    let mut out: Vec<(FrontendKey, Frontend)> = Vec::new();
+    let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, b: &Vec<BackendAddr>| {
+        let local_only = if kind == FrontendKind::ClusterIp {
+            sp.internal_policy_local
+        } else {
+            sp.external_policy_local
+        };
+        let key = FrontendKey { addr, port, proto };
+        if out.iter().any(|(k, _)| *k == key) {
+            return;
+        }
+        let guarded = kind == FrontendKind::LoadBalancer
+            || (node.source_ranges_all && kind != FrontendKind::ClusterIp);
+        let source_ranges = if guarded {
+            sp.source_ranges.clone()
+        } else {
+            Vec::new()
+        };
+        out.push((
+            key,
+            Frontend {
+                kind,
+                backends: b.clone(),
+                affinity_timeout,
+                source_ranges,
+                maglev_table_size: sp.maglev_table_size,
+                local_only,
+            },
+        ));
+    };
+    for ip in &sp.cluster_ips {
+        add(*ip, sp.port, FrontendKind::ClusterIp, &internal);
+    }
+    if let Some(np) = sp.node_port {
+        for ip in node.nodeport_addresses() {
+            add(ip, np, FrontendKind::NodePort, &external);
+        }
+    }
+    for ip in &sp.external_ips {
+        add(*ip, sp.port, FrontendKind::ExternalIp, &external);
+    }
+    for ip in &sp.load_balancer_ips {
+        add(*ip, sp.port, FrontendKind::LoadBalancer, &external);
+    }
+    out
 }

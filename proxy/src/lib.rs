@@ -4,6 +4,7 @@
 //! (frontends, pure) -> [`diff`] (pure) -> [`dataplane`] -> kernel.
 
 pub mod agent;
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod dataplane;

@@ -4,7 +4,7 @@
 //! [`Telemetry`]; the HTTP handlers ([`crate::http`]) read from it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
     sync::Mutex,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -75,7 +75,17 @@ struct State {
     endpoints: usize,
     invalid_objects: usize,
     /// Frontend (`ip:port/PROTO`) -> service port name, for labels.
-    owners: BTreeMap<String, String>,
+    owners: HashMap<String, String>,
+}
+
+/// How a sync changed which service port owns which frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerChanges {
+    /// Forget every owner first (a full rebuild lists them all).
+    pub reset: bool,
+    /// Frontend (`ip:port/PROTO`) -> its service port name now (None: the
+    /// frontend is gone).
+    pub changes: Vec<(String, Option<String>)>,
 }
 
 /// Health answer: HTTP status and kube-proxy's JSON body.
@@ -121,7 +131,7 @@ impl Telemetry {
                 frontends: 0,
                 endpoints: 0,
                 invalid_objects: 0,
-                owners: BTreeMap::new(),
+                owners: HashMap::new(),
             }),
             reader: Mutex::new(None),
             pending: Mutex::new(None),
@@ -138,13 +148,14 @@ impl Telemetry {
     }
 
     /// A sync that left the dataplane equal to the desired state.
-    /// `owners`: frontend (`ip:port/PROTO`) -> service port name.
+    /// `owners`: how the frontend -> service port map changed (only the
+    /// frontends the sync touched, or all of them after a reset).
     pub fn sync_succeeded(
         &self,
         took: Duration,
         services: usize,
         endpoints: usize,
-        owners: BTreeMap<String, String>,
+        owners: OwnerChanges,
     ) {
         let now = SystemTime::now();
         {
@@ -160,9 +171,22 @@ impl Telemetry {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         s.services = services;
-        s.frontends = owners.len();
         s.endpoints = endpoints;
-        s.owners = owners;
+        if owners.reset {
+            s.owners = HashMap::new();
+        }
+        for (frontend, owner) in owners.changes {
+            match owner {
+                Some(o) => s.owners.insert(frontend, o),
+                None => s.owners.remove(&frontend),
+            };
+        }
+        s.frontends = s.owners.len();
+    }
+
+    /// Frontend -> service port name as the syncs so far left it.
+    pub fn owners(&self) -> HashMap<String, String> {
+        lock(&self.state).owners.clone()
     }
 
     /// A sync the dataplane refused (retried).
@@ -507,7 +531,7 @@ mod tests {
         let t = Telemetry::new("ebpf", Duration::from_millis(5));
         assert!(!t.healthz().healthy, "no sync yet");
         assert!(t.livez().healthy);
-        t.sync_succeeded(Duration::from_millis(1), 1, 1, BTreeMap::new());
+        t.sync_succeeded(Duration::from_millis(1), 1, 1, OwnerChanges::default());
         let a = t.healthz();
         assert!(a.healthy);
         let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
@@ -529,13 +553,68 @@ mod tests {
     }
 
     #[test]
+    fn owners_follow_the_deltas_and_a_reset() {
+        let t = Telemetry::new("ebpf", Duration::from_secs(30));
+        let owned = |f: &str, o: Option<&str>| (f.to_owned(), o.map(str::to_owned));
+        t.sync_succeeded(
+            Duration::ZERO,
+            2,
+            2,
+            OwnerChanges {
+                reset: true,
+                changes: vec![owned("a", Some("x")), owned("b", Some("y"))],
+            },
+        );
+        t.sync_succeeded(
+            Duration::ZERO,
+            2,
+            2,
+            OwnerChanges {
+                reset: false,
+                changes: vec![
+                    owned("a", None),
+                    owned("b", Some("z")),
+                    owned("c", Some("x")),
+                ],
+            },
+        );
+        let mut o: Vec<(String, String)> = t.owners().into_iter().collect();
+        o.sort();
+        assert_eq!(
+            o,
+            [owned("b", Some("z")), owned("c", Some("x"))].map(|(f, o)| (f, o.unwrap_or_default()))
+        );
+        assert!(
+            t.render().contains("kubeproxy_ebpf_programmed_frontends 2"),
+            "{}",
+            t.render()
+        );
+        t.sync_succeeded(
+            Duration::ZERO,
+            1,
+            1,
+            OwnerChanges {
+                reset: true,
+                changes: vec![owned("d", Some("w"))],
+            },
+        );
+        assert_eq!(t.owners().len(), 1);
+    }
+
+    #[test]
     fn metrics_text() {
         let t = Telemetry::new("ebpf", Duration::from_secs(30));
         t.sync_succeeded(
             Duration::from_millis(3),
             1,
             2,
-            [("10.96.0.10:80/TCP".to_owned(), "default/web/TCP".to_owned())].into(),
+            OwnerChanges {
+                reset: true,
+                changes: vec![(
+                    "10.96.0.10:80/TCP".to_owned(),
+                    Some("default/web/TCP".to_owned()),
+                )],
+            },
         );
         t.error("event", 2);
         t.set_invalid_objects(3);

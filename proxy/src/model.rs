@@ -388,7 +388,8 @@ pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<Ipv4Addr>
 }
 
 /// Build the desired table. Errors are returned alongside; the table holds
-/// everything that was usable.
+/// everything that was usable. A loop over [`build_service`]: the agent's
+/// incremental path builds one service at a time with the same code.
 pub fn build<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a SliceView>,
@@ -397,9 +398,6 @@ pub fn build<'a>(
     let mut errors = Vec::new();
     let mut by_service: BTreeMap<(String, String), Vec<&SliceView>> = BTreeMap::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
         let Some(svc) = slice.service_name() else {
             continue;
         };
@@ -415,14 +413,44 @@ pub fn build<'a>(
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
         let slices = by_service
-            .get(&(ns.clone(), name.clone()))
+            .get(&(ns, name))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        for port in service_ports(svc, &ns, &name, slices, node, &mut errors) {
+        for port in build_service(svc, slices, node, &mut errors) {
             table.services.insert(port.name.clone(), port);
         }
     }
     (table, errors)
+}
+
+/// The service ports of one Service, from the Service, the EndpointSlices
+/// labelled with its name (any address type: only IPv4 ones are read) and
+/// the node context, sorted by name (a port name given twice: the later
+/// one, as a table insert keeps). Errors go to `errors`.
+pub fn build_service(
+    svc: &Service,
+    slices: &[&SliceView],
+    node: &NodeContext,
+    errors: &mut Vec<ModelError>,
+) -> Vec<ServicePort> {
+    let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
+    let name = svc.metadata.name.as_deref().unwrap_or_default();
+    let v4: Vec<&SliceView> = slices
+        .iter()
+        .copied()
+        .filter(|s| s.address_type == "IPv4")
+        .collect();
+    let mut ports = service_ports(svc, ns, name, &v4, node, errors);
+    // Stable sort: among equal names the later one ends up last; keep it.
+    ports.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out: Vec<ServicePort> = Vec::with_capacity(ports.len());
+    for p in ports {
+        match out.last_mut() {
+            Some(last) if last.name == p.name => *last = p,
+            _ => out.push(p),
+        }
+    }
+    out
 }
 
 /// Largest `sessionAffinityConfig.clientIP.timeoutSeconds` the API server

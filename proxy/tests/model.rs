@@ -500,3 +500,75 @@ fn affinity_timeout_out_of_range_is_reported_and_the_service_kept() {
         );
     }
 }
+
+#[test]
+fn one_service_at_a_time_builds_what_the_whole_table_holds() {
+    let services: Vec<Service> = load(include_str!("fixtures/model/services.yaml"));
+    let slices: Vec<SliceView> = load(include_str!("fixtures/model/slices.yaml"));
+    let node = NodeContext {
+        node_name: "node1".into(),
+        ..Default::default()
+    };
+    let (table, errors) = model::build(&services, &slices, &node);
+    let mut ports = Vec::new();
+    let mut per_service_errors = Vec::new();
+    for svc in &services {
+        // Only the slices labelled with this service, in its namespace: what
+        // the agent's cache index hands over.
+        let mine: Vec<&SliceView> = slices
+            .iter()
+            .filter(|s| {
+                s.metadata.namespace == svc.metadata.namespace
+                    && s.service_name() == svc.metadata.name.as_deref()
+            })
+            .collect();
+        ports.extend(model::build_service(
+            svc,
+            &mine,
+            &node,
+            &mut per_service_errors,
+        ));
+    }
+    let whole: Vec<_> = table.services.values().cloned().collect();
+    ports.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(ports, whole);
+    assert_eq!(per_service_errors.len(), errors.len());
+    assert!(!whole.is_empty());
+}
+
+#[test]
+fn a_port_name_given_twice_keeps_the_later_and_other_address_types_are_skipped() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: twice, namespace: default}
+spec:
+  clusterIP: 10.96.0.30
+  ports: [{name: web, port: 80, protocol: TCP}, {name: web, port: 8080, protocol: TCP}]
+"#,
+    );
+    let slices: Vec<SliceView> = load(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: twice-v6, namespace: default, labels: {kubernetes.io/service-name: twice}}
+addressType: IPv6
+ports: [{name: web, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["fd00::2"]}
+"#,
+    );
+    let slices: Vec<&SliceView> = slices.iter().collect();
+    let mut errors = Vec::new();
+    let ports = model::build_service(&svc[0], &slices, &NodeContext::default(), &mut errors);
+    assert!(errors.is_empty(), "an IPv6 slice is not read: {errors:?}");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        ports[0].port, 8080,
+        "the later port, as a table insert keeps"
+    );
+    assert!(ports[0].endpoints.is_empty());
+    let (table, _) = model::build(&svc, slices.iter().copied(), &NodeContext::default());
+    assert_eq!(table.services.values().cloned().collect::<Vec<_>>(), ports);
+}

@@ -767,13 +767,16 @@ fn kube_proxy_endpoints(mode: DataplaneMode) {
         .expect("second service");
     let after = poll(Duration::from_secs(10), || {
         let m = scrape();
+        // The Service and its slice may arrive in two syncs: wait until
+        // the kernel has the frontend with its endpoint too.
+        let kernel = mode_frontends(mode, &agent, ns).map_err(|e| e.to_string())?;
         match (
             sample(&m, &syncs),
             sample(&m, "kubeproxy_ebpf_programmed_services"),
         ) {
-            (Some(s), Some(n)) if s > s0 && n == 2.0 => Ok(m),
+            (Some(s), Some(n)) if s > s0 && n == 2.0 && kernel.len() == 2 => Ok(m),
             (s, n) => Err(format!(
-                "sync count {s:?} (before: {s0}), programmed services {n:?}"
+                "sync count {s:?} (before: {s0}), programmed services {n:?}, kernel {kernel:?}"
             )),
         }
     });

@@ -52,15 +52,17 @@ fn init_logging(args: &Args) -> Result<()> {
 /// The cluster's size as the dataplane will see it (the first table),
 /// for `auto` map capacities.
 fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> ClusterSize {
-    let services = stores.services.state();
-    let slices = stores.slices.state();
+    let cache = match stores.cache.lock() {
+        Ok(c) => c,
+        Err(p) => p.into_inner(),
+    };
     let mut node = node.clone();
-    if let Some(n) = stores.nodes.state().first() {
-        node.addresses = proxy::model::node_addresses(n).0;
+    if let Some(n) = cache.node() {
+        node.addresses = proxy::model::node_addresses(&n).0;
     }
     let (table, _) = proxy::model::build(
-        services.iter().map(|s| s.as_ref()),
-        slices.iter().map(|s| s.as_ref()),
+        cache.services().map(|s| s.as_ref()),
+        cache.slices().map(|s| s.as_ref()),
         &node,
     );
     ClusterSize::of(
@@ -203,7 +205,7 @@ async fn run() -> Result<()> {
             let client = k8s::client(args.kubeconfig.as_deref()).await?;
             let changed = Arc::new(Notify::new());
             let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
-            stores.ready().await?;
+            stores.ready().await;
             let size = cluster_size(&stores, &node, args.maglev_table_size);
             let mut dp = ebpf_dataplane(&args, &size)?;
             // Logged once the maps are loaded too (the pinned state
@@ -213,9 +215,9 @@ async fn run() -> Result<()> {
             // North-south: the node's first address is where remote-backend
             // flows are SNATed to (the agent rewrites it when the Node
             // changes); XDP goes on the interface that holds it now.
-            let node_addr = stores.nodes.state().first().and_then(|n| {
+            let node_addr = stores.node().and_then(|n| {
                 agent::node_address(&NodeContext {
-                    addresses: proxy::model::node_addresses(n).0,
+                    addresses: proxy::model::node_addresses(&n).0,
                     ..Default::default()
                 })
             });
@@ -291,7 +293,7 @@ async fn run_fallback<D: Dataplane>(
     let client = k8s::client(args.kubeconfig.as_deref()).await?;
     let changed = Arc::new(Notify::new());
     let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
-    stores.ready().await?;
+    stores.ready().await;
     info!(mode = dp.mode(), "caches synced");
     let opts = run_options(args, client, &node, telemetry);
     agent::run(dp, stores, changed, node, opts, shutdown_signal()).await;

@@ -535,6 +535,8 @@ impl Dataplane for EbpfDataplane {
                 "programming frontends failed (first 3 logged)"
             );
         }
+        // Backends are reference-counted: this visits only those whose
+        // count fell to zero in this batch.
         self.release_backends(&mut stats);
         match first_error {
             Some(e) => Err(e),

@@ -1,0 +1,424 @@
+//! The agent's cache of watched objects and its change tracker, as
+//! kube-proxy's ServiceChangeTracker / EndpointsChangeTracker: every watch
+//! event updates the cache and marks the services it affects, so a sync
+//! rebuilds those services only. Pure: no I/O.
+//!
+//! * A Service event marks that service (namespace/name).
+//! * An EndpointSlice event marks the service its
+//!   `kubernetes.io/service-name` label names; a slice whose label changes,
+//!   or that is deleted, marks the service it belonged to as well.
+//! * A Node event, or the end of a relist of any kind, asks for a full
+//!   rebuild (the node's addresses are in every NodePort frontend).
+//!
+//! The cache keeps an index from service to its slices, so building one
+//! service never walks the other slices.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::runtime::watcher::Event;
+
+use crate::model::SliceView;
+
+/// `(namespace, name)` of a Service (or of an EndpointSlice).
+pub type ObjectKey = (String, String);
+
+/// Which services changed since the last sync, or whether everything must
+/// be rebuilt.
+#[derive(Debug, Default)]
+pub struct ChangeTracker {
+    services: HashSet<ObjectKey>,
+    full: bool,
+}
+
+impl ChangeTracker {
+    /// Mark one service for rebuilding.
+    pub fn service(&mut self, namespace: &str, name: &str) {
+        if self.full {
+            return;
+        }
+        let key = (namespace.to_owned(), name.to_owned());
+        self.services.insert(key);
+    }
+
+    /// Ask for a full rebuild (the marks are then moot).
+    pub fn full(&mut self) {
+        self.full = true;
+        self.services = HashSet::new();
+    }
+
+    /// Nothing marked.
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.services.is_empty()
+    }
+
+    /// Take the marks: (full rebuild, services marked).
+    pub fn take(&mut self) -> (bool, Vec<ObjectKey>) {
+        let full = std::mem::take(&mut self.full);
+        let services = std::mem::take(&mut self.services);
+        (full, services.into_iter().collect())
+    }
+}
+
+/// What the model reads to build one service.
+#[derive(Clone, Debug)]
+pub struct ServiceInput {
+    pub service: Arc<Service>,
+    /// The slices labelled with the service's name, in its namespace.
+    pub slices: Vec<Arc<SliceView>>,
+}
+
+/// What one sync works on.
+#[derive(Debug)]
+pub enum Batch {
+    /// Rebuild everything: every service and the node.
+    Full {
+        services: Vec<ServiceInput>,
+        node: Option<Arc<Node>>,
+    },
+    /// Rebuild these services (None: the service is gone).
+    Services(Vec<(ObjectKey, Option<ServiceInput>)>),
+}
+
+/// The kinds the cache holds (readiness, relists).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Service = 0,
+    EndpointSlice = 1,
+    Node = 2,
+}
+
+/// Watched objects (trimmed, see [`crate::model::trim_service`] and
+/// friends), a service -> slices index, and the change tracker.
+#[derive(Debug, Default)]
+pub struct Cache {
+    services: HashMap<ObjectKey, Arc<Service>>,
+    /// Labelled slices only, by (namespace, slice name).
+    slices: HashMap<ObjectKey, Arc<SliceView>>,
+    /// (namespace, service name) -> its slices.
+    by_service: HashMap<ObjectKey, Vec<Arc<SliceView>>>,
+    node: Option<Arc<Node>>,
+    relist_services: Option<HashMap<ObjectKey, Arc<Service>>>,
+    relist_slices: Option<HashMap<ObjectKey, Arc<SliceView>>>,
+    relist_node: Option<Option<Arc<Node>>>,
+    ready: [bool; 3],
+    tracker: ChangeTracker,
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Cache {
+    /// A Service watch event.
+    pub fn service_event(&mut self, ev: Event<Service>) {
+        match ev {
+            Event::Apply(s) => {
+                let key = key_of(&s.metadata);
+                self.tracker.service(&key.0, &key.1);
+                self.services.insert(key, Arc::new(s));
+            }
+            Event::Delete(s) => {
+                let key = key_of(&s.metadata);
+                self.tracker.service(&key.0, &key.1);
+                self.services.remove(&key);
+            }
+            Event::Init => self.relist_services = Some(HashMap::new()),
+            Event::InitApply(s) => {
+                let key = key_of(&s.metadata);
+                self.relist_services
+                    .get_or_insert_with(HashMap::new)
+                    .insert(key, Arc::new(s));
+            }
+            Event::InitDone => {
+                self.services = self.relist_services.take().unwrap_or_default();
+                self.services.shrink_to_fit();
+                self.ready[Kind::Service as usize] = true;
+                self.tracker.full();
+            }
+        }
+    }
+
+    /// An EndpointSlice watch event.
+    pub fn slice_event(&mut self, ev: Event<SliceView>) {
+        match ev {
+            Event::Apply(s) => {
+                let key = key_of(&s.metadata);
+                let service = s.service_name().map(str::to_owned);
+                let new = Arc::new(s);
+                let old = match &service {
+                    Some(_) => self.slices.insert(key.clone(), new.clone()),
+                    None => self.slices.remove(&key),
+                };
+                let old_service = old
+                    .as_ref()
+                    .and_then(|o| o.service_name().map(str::to_owned));
+                if let Some(o) = &old_service {
+                    self.unindex(&key, o);
+                }
+                if let Some(n) = &service {
+                    self.by_service
+                        .entry((key.0.clone(), n.clone()))
+                        .or_default()
+                        .push(new);
+                }
+                for s in old_service.iter().chain(service.iter()) {
+                    self.tracker.service(&key.0, s);
+                }
+            }
+            Event::Delete(s) => {
+                let key = key_of(&s.metadata);
+                if let Some(old) = self.slices.remove(&key)
+                    && let Some(o) = old.service_name()
+                {
+                    let o = o.to_owned();
+                    self.unindex(&key, &o);
+                    self.tracker.service(&key.0, &o);
+                }
+                if let Some(n) = s.service_name() {
+                    self.tracker.service(&key.0, n);
+                }
+            }
+            Event::Init => self.relist_slices = Some(HashMap::new()),
+            Event::InitApply(s) => {
+                if s.service_name().is_some() {
+                    let key = key_of(&s.metadata);
+                    self.relist_slices
+                        .get_or_insert_with(HashMap::new)
+                        .insert(key, Arc::new(s));
+                }
+            }
+            Event::InitDone => {
+                self.slices = self.relist_slices.take().unwrap_or_default();
+                self.slices.shrink_to_fit();
+                let mut index: HashMap<ObjectKey, Vec<Arc<SliceView>>> = HashMap::new();
+                for ((ns, _), s) in &self.slices {
+                    if let Some(svc) = s.service_name() {
+                        index
+                            .entry((ns.clone(), svc.to_owned()))
+                            .or_default()
+                            .push(s.clone());
+                    }
+                }
+                self.by_service = index;
+                self.ready[Kind::EndpointSlice as usize] = true;
+                self.tracker.full();
+            }
+        }
+    }
+
+    /// A Node watch event (the agent watches its own Node only).
+    pub fn node_event(&mut self, ev: Event<Node>) {
+        match ev {
+            Event::Apply(n) => {
+                self.node = Some(Arc::new(n));
+                self.tracker.full();
+            }
+            Event::Delete(_) => {
+                self.node = None;
+                self.tracker.full();
+            }
+            Event::Init => self.relist_node = Some(None),
+            Event::InitApply(n) => self.relist_node = Some(Some(Arc::new(n))),
+            Event::InitDone => {
+                self.node = self.relist_node.take().flatten();
+                self.ready[Kind::Node as usize] = true;
+                self.tracker.full();
+            }
+        }
+    }
+
+    fn unindex(&mut self, slice: &ObjectKey, service: &str) {
+        let k = (slice.0.clone(), service.to_owned());
+        if let Some(names) = self.by_service.get_mut(&k) {
+            names.retain(|s| s.metadata.name.as_deref() != Some(slice.1.as_str()));
+            if names.is_empty() {
+                self.by_service.remove(&k);
+            }
+        }
+    }
+
+    /// Every kind has completed its first list.
+    pub fn ready(&self) -> bool {
+        self.ready.iter().all(|r| *r)
+    }
+
+    /// Whether `kind` has completed its first list.
+    pub fn kind_ready(&self, kind: Kind) -> bool {
+        self.ready[kind as usize]
+    }
+
+    /// Ask for a full rebuild at the next [`Cache::take`] (sync period,
+    /// failed apply).
+    pub fn request_full(&mut self) {
+        self.tracker.full();
+    }
+
+    /// Something is marked.
+    pub fn pending(&self) -> bool {
+        !self.tracker.is_empty()
+    }
+
+    /// The Node, if known.
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.node.clone()
+    }
+
+    /// Every Service (for a full rebuild, tests and inspection).
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// Every labelled EndpointSlice.
+    pub fn slices(&self) -> impl Iterator<Item = &Arc<SliceView>> {
+        self.slices.values()
+    }
+
+    fn input(&self, key: &ObjectKey, service: &Arc<Service>) -> ServiceInput {
+        let slices = self.by_service.get(key).cloned().unwrap_or_default();
+        ServiceInput {
+            service: service.clone(),
+            slices,
+        }
+    }
+
+    /// Take what changed since the last call: None when nothing did.
+    pub fn take(&mut self) -> Option<Batch> {
+        if self.tracker.is_empty() {
+            return None;
+        }
+        let (full, marked) = self.tracker.take();
+        if full {
+            let services = self
+                .services
+                .iter()
+                .map(|(k, s)| self.input(k, s))
+                .collect();
+            return Some(Batch::Full {
+                services,
+                node: self.node.clone(),
+            });
+        }
+        let batch = marked
+            .into_iter()
+            .map(|k| {
+                let input = self.services.get(&k).map(|s| self.input(&k, s));
+                (k, input)
+            })
+            .collect();
+        Some(Batch::Services(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn svc(name: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn slice(name: &str, service: Option<&str>) -> SliceView {
+        SliceView {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            service: service.map(str::to_owned),
+            address_type: "IPv4".into(),
+            ..Default::default()
+        }
+    }
+
+    fn marked(c: &mut Cache) -> (bool, Vec<String>) {
+        match c.take() {
+            None => (false, vec![]),
+            Some(Batch::Full { .. }) => (true, vec![]),
+            Some(Batch::Services(v)) => {
+                let mut names: Vec<String> = v.into_iter().map(|(k, _)| k.1).collect();
+                names.sort();
+                (false, names)
+            }
+        }
+    }
+
+    fn slice_names(c: &mut Cache, service: &str) -> Vec<String> {
+        c.request_full();
+        let Some(Batch::Full { services, .. }) = c.take() else {
+            panic!("full batch expected");
+        };
+        let mut names: Vec<String> = services
+            .iter()
+            .filter(|i| i.service.metadata.name.as_deref() == Some(service))
+            .flat_map(|i| i.slices.iter().filter_map(|s| s.metadata.name.clone()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn relabelled_and_deleted_slices_mark_the_old_service() {
+        let mut c = Cache::default();
+        c.service_event(Event::Apply(svc("a")));
+        c.service_event(Event::Apply(svc("b")));
+        assert_eq!(marked(&mut c), (false, vec!["a".into(), "b".into()]));
+        c.slice_event(Event::Apply(slice("a-1", Some("a"))));
+        assert_eq!(marked(&mut c), (false, vec!["a".into()]));
+        assert_eq!(slice_names(&mut c, "a"), vec!["a-1".to_owned()]);
+        // Moved to b by its label: both services.
+        c.slice_event(Event::Apply(slice("a-1", Some("b"))));
+        assert_eq!(marked(&mut c), (false, vec!["a".into(), "b".into()]));
+        assert!(slice_names(&mut c, "a").is_empty());
+        assert_eq!(slice_names(&mut c, "b"), vec!["a-1".to_owned()]);
+        // Label removed: b loses it.
+        c.slice_event(Event::Apply(slice("a-1", None)));
+        assert_eq!(marked(&mut c), (false, vec!["b".into()]));
+        assert!(slice_names(&mut c, "b").is_empty());
+        c.slice_event(Event::Apply(slice("a-1", Some("a"))));
+        let _ = c.take();
+        // Deleted with a stale label in the event: the stored owner is marked.
+        c.slice_event(Event::Delete(slice("a-1", Some("b"))));
+        assert_eq!(marked(&mut c), (false, vec!["a".into(), "b".into()]));
+        assert!(slice_names(&mut c, "a").is_empty());
+    }
+
+    #[test]
+    fn node_events_and_relists_ask_for_a_full_rebuild() {
+        let mut c = Cache::default();
+        assert!(!c.ready());
+        c.node_event(Event::Init);
+        c.node_event(Event::InitDone);
+        assert_eq!(marked(&mut c), (true, vec![]));
+        c.node_event(Event::Apply(Node::default()));
+        assert_eq!(marked(&mut c), (true, vec![]));
+        c.service_event(Event::Apply(svc("gone")));
+        c.service_event(Event::Init);
+        c.service_event(Event::InitApply(svc("a")));
+        c.service_event(Event::InitDone);
+        c.slice_event(Event::Init);
+        c.slice_event(Event::InitApply(slice("a-1", Some("a"))));
+        c.slice_event(Event::InitDone);
+        assert!(c.ready());
+        let Some(Batch::Full { services, .. }) = c.take() else {
+            panic!("full batch expected");
+        };
+        assert_eq!(services.len(), 1, "the relist replaced the old state");
+        assert_eq!(services[0].slices.len(), 1);
+        assert!(c.take().is_none(), "marks are taken once");
+    }
+}

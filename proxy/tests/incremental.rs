@@ -1,0 +1,685 @@
+//! The incremental sync equals a full rebuild, after every event.
+//!
+//! A seeded generator produces random watch events (Services created,
+//! updated and deleted with every type, ports, conflicting frontends, bad
+//! addresses and ports, affinity, traffic policies, source ranges, the
+//! Maglev annotation, headless and foreign-proxy labels; EndpointSlices
+//! created, changed, split and merged, moved between services by their
+//! label, unlabelled and deleted; Node address changes; relists) and feeds
+//! them one at a time through the cache and change tracker into
+//! [`SyncState`], which programs a recording fake dataplane. After every
+//! step the incremental state must equal a rebuild from scratch of the
+//! same objects (kept by the test, not read back from the cache):
+//! frontends and owners, what is programmed, errors, health-check ports,
+//! counts, and the owner map `/metrics` keeps from the deltas. The fake
+//! dataplane also refuses some batches, as a real one can, to exercise the
+//! recovery (a full rebuild follows).
+//!
+//! Seeds: `INCREMENTAL_SEEDS=1,2,3` (default four fixed seeds); steps per
+//! seed: `INCREMENTAL_STEPS` (default 1500). A failure prints the seed and
+//! step.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus,
+            Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
+        },
+        discovery::v1::{EndpointConditions, EndpointPort},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::runtime::watcher::Event;
+use proxy::{
+    agent::{self, Limits, SyncState},
+    changes::Cache,
+    dataplane::{ApplyStats, Dataplane},
+    diff::Change,
+    health,
+    lb::LbTable,
+    metrics::{OwnerChanges, Telemetry},
+    model::{self, EndpointView, NodeContext, SliceView},
+};
+
+/// xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const NAMESPACES: [&str; 2] = ["a", "b"];
+const SERVICES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+const SLICES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
+const NODE: &str = "node1";
+
+// --- a recording dataplane ---------------------------------------------------
+
+#[derive(Default)]
+struct Recorder {
+    programmed: LbTable,
+    node_address: Option<Ipv4Addr>,
+    /// Refuse the next batch (before applying any of it).
+    fail_next: bool,
+}
+
+impl Dataplane for Recorder {
+    type Error = std::io::Error;
+
+    fn mode(&self) -> &'static str {
+        "recorder"
+    }
+
+    fn programmed(&self) -> &LbTable {
+        &self.programmed
+    }
+
+    fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, Self::Error> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(std::io::Error::other("refused on purpose"));
+        }
+        let mut stats = ApplyStats::default();
+        for c in changes {
+            match c {
+                Change::Upsert(k, f) => {
+                    assert_ne!(
+                        self.programmed.frontends.get(k),
+                        Some(f),
+                        "upsert of {k} changes nothing"
+                    );
+                    self.programmed.frontends.insert(*k, f.clone());
+                    stats.upserted += 1;
+                }
+                Change::Remove(k) => {
+                    assert!(
+                        self.programmed.frontends.remove(k).is_some(),
+                        "remove of {k}, which is not programmed"
+                    );
+                    stats.removed += 1;
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    fn set_node_address(&mut self, addr: Option<Ipv4Addr>) -> Result<(), Self::Error> {
+        self.node_address = addr;
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+// --- random objects ----------------------------------------------------------
+
+fn ip_pool(rng: &mut Rng) -> String {
+    rng.pick(&[
+        "10.96.0.1",
+        "10.96.0.2",
+        "10.96.0.3",
+        "10.96.0.4",
+        "192.0.2.10",
+        "192.0.2.11",
+        "10.0.0.1", // also a node address: clashes with NodePorts
+        "fd00::1",
+        "300.1.1.1",
+    ])
+    .to_string()
+}
+
+fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
+    let type_ = rng
+        .pick(&[
+            Some("ClusterIP"),
+            None,
+            Some("NodePort"),
+            Some("LoadBalancer"),
+            Some("LoadBalancer"),
+            Some("ExternalName"),
+            Some("Bogus"),
+        ])
+        .map(str::to_owned);
+    let cluster_ip = if rng.chance(8) {
+        "None".to_owned()
+    } else {
+        ip_pool(rng)
+    };
+    let cluster_ips = if rng.chance(30) {
+        Some(vec![cluster_ip.clone(), "fd00::10".to_owned()])
+    } else {
+        None
+    };
+    let mut ports = Vec::new();
+    for _ in 0..1 + rng.below(2) {
+        ports.push(ServicePort {
+            name: rng
+                .pick(&[None, Some("http"), Some("dns")])
+                .map(str::to_owned),
+            port: *rng.pick(&[80, 80, 443, 53, 0, 70_000]),
+            protocol: rng
+                .pick(&[None, Some("TCP"), Some("UDP"), Some("ICMP")])
+                .map(str::to_owned),
+            node_port: *rng.pick(&[None, Some(30080), Some(30081), Some(70_000)]),
+            ..Default::default()
+        });
+    }
+    let local = rng.chance(40);
+    let mut annotations = BTreeMap::new();
+    if rng.chance(30) {
+        annotations.insert(
+            model::ANNOTATION_MAGLEV_TABLE_SIZE.to_owned(),
+            rng.pick(&["61", "251", "509", "12", "x"]).to_string(),
+        );
+    }
+    let mut labels = BTreeMap::new();
+    if rng.chance(5) {
+        labels.insert(model::LABEL_HEADLESS.to_owned(), String::new());
+    }
+    if rng.chance(5) {
+        labels.insert(model::LABEL_SERVICE_PROXY_NAME.to_owned(), "other".into());
+    }
+    let mut svc = Service {
+        metadata: ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            labels: (!labels.is_empty()).then_some(labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_,
+            cluster_ip: Some(cluster_ip),
+            cluster_ips,
+            ports: Some(ports),
+            external_ips: rng.chance(25).then(|| vec![ip_pool(rng)]),
+            session_affinity: rng.chance(30).then(|| "ClientIP".to_owned()),
+            session_affinity_config: rng.chance(50).then(|| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: *rng.pick(&[None, Some(30), Some(0), Some(100_000)]),
+                }),
+            }),
+            external_traffic_policy: Some(if local { "Local" } else { "Cluster" }.into()),
+            internal_traffic_policy: rng.chance(25).then(|| "Local".to_owned()),
+            health_check_node_port: *rng.pick(&[None, Some(32000), Some(32001), Some(99_999)]),
+            load_balancer_source_ranges: rng.chance(30).then(|| {
+                vec![
+                    rng.pick(&["10.0.0.0/8", "192.0.2.0/24", "bad", "fd00::/8"])
+                        .to_string(),
+                ]
+            }),
+            ..Default::default()
+        }),
+        status: rng.chance(60).then(|| ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some(ip_pool(rng)),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        }),
+    };
+    model::trim_service(&mut svc);
+    svc
+}
+
+fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
+    let mut labels = BTreeMap::new();
+    if !rng.chance(10) {
+        labels.insert(
+            model::LABEL_SERVICE_NAME.to_owned(),
+            rng.pick(&SERVICES).to_string(),
+        );
+    }
+    let mut ports = Vec::new();
+    for _ in 0..1 + rng.below(2) {
+        ports.push(EndpointPort {
+            name: rng
+                .pick(&[None, Some("http"), Some("dns")])
+                .map(str::to_owned),
+            port: *rng.pick(&[Some(8080), Some(9090), None, Some(70_000)]),
+            protocol: rng.pick(&[None, Some("UDP")]).map(str::to_owned),
+            ..Default::default()
+        });
+    }
+    let mut endpoints = Vec::new();
+    for _ in 0..rng.below(4) {
+        let addr = if rng.chance(5) {
+            "bogus".to_owned()
+        } else {
+            format!("10.244.{}.{}", rng.below(2), 1 + rng.below(5))
+        };
+        endpoints.push(EndpointView {
+            addresses: vec![addr],
+            conditions: rng.chance(80).then(|| EndpointConditions {
+                ready: *rng.pick(&[None, Some(true), Some(true), Some(false)]),
+                serving: *rng.pick(&[None, Some(true), Some(false)]),
+                terminating: *rng.pick(&[None, Some(false), Some(true)]),
+            }),
+            node_name: rng
+                .pick(&[Some(NODE), Some("node2"), None])
+                .map(str::to_owned),
+        });
+    }
+    let mut s = SliceView {
+        metadata: ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        service: None,
+        address_type: rng.pick(&["IPv4", "IPv4", "IPv4", "IPv6"]).to_string(),
+        ports: Some(ports),
+        endpoints,
+    };
+    model::trim_slice(&mut s);
+    s
+}
+
+fn random_node(rng: &mut Rng) -> Node {
+    let mut addresses = Vec::new();
+    for _ in 0..rng.below(3) {
+        addresses.push(NodeAddress {
+            address: rng
+                .pick(&["10.0.0.1", "10.0.0.2", "192.0.2.1", "bogus"])
+                .to_string(),
+            type_: rng
+                .pick(&["InternalIP", "ExternalIP", "Hostname"])
+                .to_string(),
+        });
+    }
+    let mut n = Node {
+        metadata: ObjectMeta {
+            name: Some(NODE.into()),
+            ..Default::default()
+        },
+        status: Some(NodeStatus {
+            addresses: Some(addresses),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model::trim_node(&mut n);
+    n
+}
+
+// --- the world and the oracle ------------------------------------------------
+
+#[derive(Default)]
+struct World {
+    services: BTreeMap<(String, String), Service>,
+    slices: BTreeMap<(String, String), SliceView>,
+    node: Option<Node>,
+}
+
+/// One random event, applied to the world and handed to the cache.
+fn step(rng: &mut Rng, world: &mut World, cache: &mut Cache) -> String {
+    let ns = rng.pick(&NAMESPACES).to_string();
+    match rng.below(100) {
+        0..=29 => {
+            let name = rng.pick(&SERVICES).to_string();
+            let s = random_service(rng, &ns, &name);
+            world.services.insert((ns.clone(), name.clone()), s.clone());
+            cache.service_event(Event::Apply(s));
+            format!("apply service {ns}/{name}")
+        }
+        30..=37 => {
+            let name = rng.pick(&SERVICES).to_string();
+            match world.services.remove(&(ns.clone(), name.clone())) {
+                Some(s) => {
+                    cache.service_event(Event::Delete(s));
+                    format!("delete service {ns}/{name}")
+                }
+                None => "nothing".into(),
+            }
+        }
+        38..=77 => {
+            let name = rng.pick(&SLICES).to_string();
+            let s = random_slice(rng, &ns, &name);
+            let what = format!("apply slice {ns}/{name} -> {:?}", s.service_name());
+            world.slices.insert((ns, name), s.clone());
+            cache.slice_event(Event::Apply(s));
+            what
+        }
+        78..=89 => {
+            let name = rng.pick(&SLICES).to_string();
+            match world.slices.remove(&(ns.clone(), name.clone())) {
+                Some(mut s) => {
+                    // A delete event may carry a stale label.
+                    if rng.chance(30) {
+                        s.service = Some(rng.pick(&SERVICES).to_string());
+                    }
+                    cache.slice_event(Event::Delete(s));
+                    format!("delete slice {ns}/{name}")
+                }
+                None => "nothing".into(),
+            }
+        }
+        90..=94 => {
+            let n = random_node(rng);
+            world.node = Some(n.clone());
+            cache.node_event(Event::Apply(n));
+            "node addresses".into()
+        }
+        95..=96 => {
+            cache.service_event(Event::Init);
+            for s in world.services.values() {
+                cache.service_event(Event::InitApply(s.clone()));
+            }
+            cache.service_event(Event::InitDone);
+            "relist services".into()
+        }
+        _ => {
+            cache.slice_event(Event::Init);
+            for s in world.slices.values() {
+                cache.slice_event(Event::InitApply(s.clone()));
+            }
+            cache.slice_event(Event::InitDone);
+            "relist slices".into()
+        }
+    }
+}
+
+struct Oracle {
+    lb: LbTable,
+    errors: Vec<String>,
+    health: BTreeMap<u16, health::ServiceHealth>,
+    services: usize,
+    endpoints: usize,
+}
+
+fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
+    let mut node = base.clone();
+    let mut errors = Vec::new();
+    if let Some(n) = &world.node {
+        let (addresses, errs) = model::node_addresses(n);
+        node.addresses = addresses;
+        errors.extend(errs);
+    }
+    let (mut table, errs) = model::build(world.services.values(), world.slices.values(), &node);
+    errors.extend(errs);
+    errors.extend(agent::cap_maglev_sizes(
+        table.services.values_mut(),
+        limits.maglev_max_table_size,
+    ));
+    let lb = LbTable::from_services(&table, &node);
+    let endpoints: BTreeSet<(Ipv4Addr, u16)> = lb
+        .frontends
+        .values()
+        .flat_map(|f| f.backends.iter().map(|b| (b.addr, b.port)))
+        .collect();
+    let mut errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    errors.sort();
+    Oracle {
+        health: health::desired(&table),
+        services: table.services.len(),
+        endpoints: endpoints.len(),
+        lb,
+        errors,
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    std::env::var("INCREMENTAL_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 3, 0x5eed])
+}
+
+fn steps() -> usize {
+    std::env::var("INCREMENTAL_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500)
+}
+
+fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let base = NodeContext {
+        node_name: NODE.into(),
+        nodeport_cidrs: if rng.chance(30) {
+            vec![(Ipv4Addr::new(10, 0, 0, 0), 8)]
+        } else {
+            vec![]
+        },
+        source_ranges_all: rng.chance(50),
+        ..Default::default()
+    };
+    let limits = Limits {
+        maglev_max_table_size: 251,
+    };
+    let mut world = World::default();
+    let mut cache = Cache::default();
+    let mut state = SyncState::new(base.clone(), limits);
+    let mut dp = Recorder::default();
+    let telemetry = Telemetry::new("recorder", Duration::from_secs(30));
+    let mut health_ports: BTreeMap<u16, health::ServiceHealth> = BTreeMap::new();
+    let mut error_count;
+    cache.request_full();
+    let mut full_syncs = 0;
+    let mut incremental_syncs = 0;
+    for i in 0..steps {
+        let what = step(&mut rng, &mut world, &mut cache);
+        let fail = rng.chance(3);
+        dp.fail_next = fail;
+        let Some(batch) = cache.take() else {
+            continue;
+        };
+        let full = matches!(batch, proxy::changes::Batch::Full { .. });
+        match state.sync(&mut dp, batch) {
+            Ok(s) => {
+                if s.full {
+                    full_syncs += 1;
+                    health_ports.clear();
+                } else {
+                    incremental_syncs += 1;
+                }
+                for (port, h) in s.health {
+                    match h {
+                        Some(h) => health_ports.insert(port, h),
+                        None => health_ports.remove(&port),
+                    };
+                }
+                telemetry.sync_succeeded(
+                    Duration::ZERO,
+                    s.services,
+                    s.endpoints,
+                    OwnerChanges {
+                        reset: s.full,
+                        changes: s
+                            .owners
+                            .iter()
+                            .map(|(k, o)| (k.to_string(), o.as_ref().map(|o| o.to_string())))
+                            .collect(),
+                    },
+                );
+                error_count = s.error_count;
+                if let Some(errors) = s.errors {
+                    assert_eq!(errors.len(), s.error_count);
+                }
+            }
+            Err(_) if fail => {
+                // As the agent does: a full rebuild next.
+                cache.request_full();
+                continue;
+            }
+            Err(e) => return Err(format!("step {i} ({what}): sync failed: {e}")),
+        }
+        let want = oracle(&world, &base, &limits);
+        let ctx = |m: &str| format!("seed {seed} step {i} ({what}, full: {full}): {m}");
+        let got = state.desired();
+        if got.frontends != want.lb.frontends {
+            return Err(ctx(&format!(
+                "desired frontends differ\n got: {:#?}\nwant: {:#?}",
+                got.frontends, want.lb.frontends
+            )));
+        }
+        if got.owners != want.lb.owners {
+            return Err(ctx(&format!(
+                "owners differ\n got: {:#?}\nwant: {:#?}",
+                got.owners, want.lb.owners
+            )));
+        }
+        if dp.programmed.frontends != want.lb.frontends {
+            return Err(ctx("programmed frontends differ from a full rebuild"));
+        }
+        let node_addr = world
+            .node
+            .as_ref()
+            .and_then(|n| model::node_addresses(n).0.first().copied());
+        if dp.node_address != node_addr {
+            return Err(ctx(&format!(
+                "node address {:?}, want {node_addr:?}",
+                dp.node_address
+            )));
+        }
+        let mut errors: Vec<String> = state.errors().iter().map(ToString::to_string).collect();
+        errors.sort();
+        if errors != want.errors || error_count != want.errors.len() {
+            return Err(ctx(&format!(
+                "errors differ ({error_count} counted)\n got: {errors:#?}\nwant: {:#?}",
+                want.errors
+            )));
+        }
+        if state.health() != want.health || health_ports != want.health {
+            return Err(ctx(&format!(
+                "health ports differ\n got: {:?}\n delta-applied: {health_ports:?}\nwant: {:?}",
+                state.health(),
+                want.health
+            )));
+        }
+        if state.services() != want.services || state.endpoints() != want.endpoints {
+            return Err(ctx(&format!(
+                "counts: services {} endpoints {}, want {} {}",
+                state.services(),
+                state.endpoints(),
+                want.services,
+                want.endpoints
+            )));
+        }
+        let owners: BTreeMap<String, String> = telemetry.owners().into_iter().collect();
+        let want_owners: BTreeMap<String, String> = want
+            .lb
+            .owners
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if owners != want_owners {
+            return Err(ctx(&format!(
+                "metrics owners differ\n got: {owners:?}\nwant: {want_owners:?}"
+            )));
+        }
+    }
+    // The run must have exercised both paths.
+    if incremental_syncs < steps / 2 || full_syncs == 0 {
+        return Err(format!(
+            "seed {seed}: {incremental_syncs} incremental and {full_syncs} full syncs"
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn incremental_sync_equals_a_full_rebuild_after_every_event() {
+    let steps = steps();
+    for seed in seeds() {
+        if let Err(e) = run_seed(seed, steps) {
+            panic!("INCREMENTAL_SEEDS={seed} failed: {e}");
+        }
+    }
+}
+
+/// A frontend two services claim goes to the first by namespace/name; when
+/// that one lets go, the next claimant gets it with its own backends.
+#[test]
+fn a_contested_frontend_passes_to_the_next_claimant() {
+    fn svc(name: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("10.96.0.10".into()),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+    fn slice(service: &str, ip: &str) -> SliceView {
+        let mut s = SliceView {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some(format!("{service}-1")),
+                ..Default::default()
+            },
+            service: Some(service.into()),
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                port: Some(8080),
+                ..Default::default()
+            }]),
+            endpoints: vec![EndpointView {
+                addresses: vec![ip.into()],
+                ..Default::default()
+            }],
+        };
+        model::trim_slice(&mut s);
+        s
+    }
+    let mut cache = Cache::default();
+    let mut state = SyncState::new(NodeContext::default(), Limits::default());
+    let mut dp = Recorder::default();
+    for (s, ip) in [("b", "10.244.0.2"), ("a", "10.244.0.1")] {
+        cache.service_event(Event::Apply(svc(s)));
+        cache.slice_event(Event::Apply(slice(s, ip)));
+    }
+    let sync = |cache: &mut Cache, state: &mut SyncState, dp: &mut Recorder| {
+        let batch = cache.take().expect("something changed");
+        state.sync(dp, batch).expect("sync")
+    };
+    let s = sync(&mut cache, &mut state, &mut dp);
+    let backends = |dp: &Recorder| -> Vec<String> {
+        dp.programmed
+            .frontends
+            .values()
+            .flat_map(|f| f.backends.iter().map(|b| b.addr.to_string()))
+            .collect()
+    };
+    assert_eq!(backends(&dp), ["10.244.0.1"], "a wins over b");
+    assert_eq!(s.owners.len(), 1);
+    assert_eq!(s.owners[0].1.as_ref().map(|o| o.name.as_str()), Some("a"));
+    cache.service_event(Event::Delete(svc("a")));
+    let s = sync(&mut cache, &mut state, &mut dp);
+    assert_eq!(backends(&dp), ["10.244.0.2"], "b takes over");
+    assert_eq!(s.changes, 1);
+    assert_eq!(s.owners[0].1.as_ref().map(|o| o.name.as_str()), Some("b"));
+}
