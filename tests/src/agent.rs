@@ -165,7 +165,7 @@ impl Agent {
             .open(&self.log_path)?;
         let child = Command::new("nsenter")
             .args(&self.argv)
-            .env("RUST_LOG", "info,proxy=debug")
+            .env("RUST_LOG", log_filter())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -283,4 +283,12 @@ pub fn proxyctl(bpffs_path: &Path, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The agents' `RUST_LOG`: `PROXY_TEST_AGENT_LOG` when set (the benchmark
+/// runs them at `info`, as deployed: a debug line per watched object would
+/// be part of what it measures), else `info,proxy=debug` for the tests'
+/// evidence and failure output.
+fn log_filter() -> String {
+    std::env::var("PROXY_TEST_AGENT_LOG").unwrap_or_else(|_| "info,proxy=debug".to_owned())
 }

@@ -21,6 +21,7 @@
 //! synchronous calls.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::Path;
@@ -548,6 +549,11 @@ struct Filter {
 }
 
 impl Filter {
+    /// No label or field selector (a namespace may be given).
+    fn has_no_selector(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
     fn matches(&self, obj: &Value) -> bool {
         if let Some(ns) = &self.namespace
             && obj.pointer("/metadata/namespace").and_then(Value::as_str) != Some(ns.as_str())
@@ -1843,9 +1849,15 @@ fn list_request(shared: &Shared, target: &Target, query: &Query) -> Result<Respo
     };
     let empty = BTreeMap::new();
     let bucket = st.bucket(target.res).unwrap_or(&empty);
+    // Pages start after the continue key by a range query (not a walk from
+    // the first key), so a paginated list of N objects costs O(N log N),
+    // not O(N^2 / limit).
+    let from = match &after {
+        Some(a) => Bound::Excluded(a),
+        None => Bound::Unbounded,
+    };
     let mut matching = bucket
-        .iter()
-        .filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a))
+        .range((from, Bound::Unbounded))
         .filter(|(_, v)| filter.matches(v));
     let mut items = Vec::new();
     let mut last_key = None;
@@ -1861,21 +1873,31 @@ fn list_request(shared: &Shared, target: &Target, query: &Query) -> Result<Respo
         "resourceVersion".to_owned(),
         Value::from(list_rv.to_string()),
     );
-    if limit > 0 && items.len() == limit {
-        // Count what is left (the item consumed by the break is included).
-        let remaining = bucket
-            .iter()
-            .filter(|(k, _)| last_key.as_ref().is_none_or(|a| *k > a))
-            .filter(|(_, v)| filter.matches(v))
-            .count();
-        if remaining > 0
-            && let Some(last) = &last_key
-        {
+    if limit > 0
+        && items.len() == limit
+        && let Some(last) = &last_key
+    {
+        // The item consumed by the break shows whether anything is left.
+        // As the real API server does, `remainingItemCount` is given only
+        // for a list without selectors (counting a selected rest would
+        // evaluate the selectors over every remaining object on every page).
+        let more = if filter.has_no_selector() {
+            let n = bucket
+                .range((Bound::Excluded(last), Bound::Unbounded))
+                .filter(|(_, v)| filter.matches(v))
+                .count();
+            if n > 0 {
+                metadata.insert("remainingItemCount".to_owned(), Value::from(n));
+            }
+            n > 0
+        } else {
+            matching.next().is_some()
+        };
+        if more {
             metadata.insert(
                 "continue".to_owned(),
                 Value::from(encode_continue(list_rv, last)),
             );
-            metadata.insert("remainingItemCount".to_owned(), Value::from(remaining));
         }
     }
     let list = json!({

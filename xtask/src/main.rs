@@ -160,9 +160,11 @@ fn bench(profile: Profile, args: &[String]) -> Result<()> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let dir = target.join(if release { "release" } else { "debug" });
+    // Agents log at `info`, as deployed (see tests/src/agent.rs).
     run(Command::new(dir.join("bench"))
         .args(args)
-        .env("PROXY_BIN_DIR", &dir))
+        .env("PROXY_BIN_DIR", &dir)
+        .env("PROXY_TEST_AGENT_LOG", "info"))
 }
 
 fn cargo() -> Command {
