@@ -17,13 +17,22 @@
 //!  external ns: eth0 172.18.0.100/24 (underlay only, like an outside host)
 //! ```
 //!
+//! The cluster is dual-stack: every address above has an IPv6 twin whose
+//! last group is written with the same digits (`172.18.0.11` ->
+//! `fd00:18::11`, `10.244.1.2` -> `fd00:244:1::2`, pod CIDR
+//! `fd00:244:1::/64`, gateway `fd00:244:1::1/128` on every host-side veth,
+//! external client `fd00:18::100/64`), routed the same way. IPv6 addresses
+//! are added without duplicate address detection (`nodad`, and
+//! `accept_dad=0` for link-local ones), so they are usable at once; nodes
+//! forward IPv6 and send ICMPv6 errors without rate limit.
+//!
 //! Interfaces are always created directly inside their target namespaces, so
 //! nothing ever appears in the root namespace.
 
 use std::collections::HashSet;
 use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +51,12 @@ pub const UNDERLAY_PREFIX_LEN: u8 = 24;
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 /// The whole pod network (`10.244.0.0/16`).
 pub const POD_NETWORK: &str = "10.244.0.0/16";
+/// The external client's IPv6 underlay address.
+pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x100);
+/// IPv6 underlay prefix length (`fd00:18::/64`).
+pub const UNDERLAY_PREFIX_LEN6: u8 = 64;
+/// The whole IPv6 pod network (`fd00:244::/32`).
+pub const POD_NETWORK6: &str = "fd00:244::/32";
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +82,32 @@ impl Default for ClusterSpec {
 /// Underlay address of node `i` (1-based).
 pub fn node_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(172, 18, 0, octet(10 + i))
+}
+
+/// IPv6 underlay address of node `i` (1-based): `fd00:18::(10+i)`.
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, same_digits(10 + i))
+}
+
+/// IPv6 pod CIDR of node `i` (1-based): `fd00:244:i::/64`.
+pub fn pod_cidr6(i: usize) -> String {
+    format!("fd00:244:{i}::/64")
+}
+
+/// IPv6 gateway of node `i`'s pods: `fd00:244:i::1`.
+pub fn gateway_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, same_digits(i), 0, 0, 0, 0, 1)
+}
+
+/// IPv6 address of pod `j` on node `i`: `fd00:244:i::(j+1)`.
+pub fn pod_ip6(i: usize, j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, same_digits(i), 0, 0, 0, 0, same_digits(j + 1))
+}
+
+/// A group whose hex digits read like `v`'s decimal ones (11 -> 0x11), so
+/// IPv6 addresses mirror their IPv4 twins; `v` is at most 999 here.
+fn same_digits(v: usize) -> u16 {
+    u16::from_str_radix(&v.min(999).to_string(), 16).unwrap_or(u16::MAX)
 }
 
 /// Pod CIDR of node `i` (1-based): `10.244.i.0/24`.
@@ -107,6 +148,8 @@ pub struct Pod {
     pub name: String,
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    /// `fd00:244:i::(j+1)`.
+    pub ip6: Ipv6Addr,
     /// Name of the node the pod runs on (`node<i>`).
     pub node_name: String,
     /// 1-based index of the node.
@@ -154,6 +197,12 @@ pub struct Node {
     pub pod_cidr: String,
     /// `10.244.i.1`, held by every host-side veth.
     pub gateway_ip: Ipv4Addr,
+    /// `fd00:18::(10+i)`.
+    pub underlay_ip6: Ipv6Addr,
+    /// `fd00:244:i::/64`.
+    pub pod_cidr6: String,
+    /// `fd00:244:i::1`, held by every host-side veth.
+    pub gateway_ip6: Ipv6Addr,
 }
 
 impl Node {
@@ -173,12 +222,14 @@ impl Node {
 pub struct External {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 impl External {
     /// `ip route add DST via VIA` inside the client, e.g. to reach the pod
     /// network or a service range through a node.
-    pub fn add_route(&self, dst: &str, via: Ipv4Addr) -> Result<()> {
+    pub fn add_route(&self, dst: &str, via: impl Into<IpAddr>) -> Result<()> {
+        let via = via.into();
         self.ns
             .ip(&["route", "add", dst, "via", &via.to_string()])
             .map(drop)
@@ -197,15 +248,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A `v1/Node` object per node (name and InternalIP = underlay address),
-    /// as multi-document YAML for the API server fixture.
+    /// A `v1/Node` object per node (name and two InternalIPs: the IPv4 and
+    /// the IPv6 underlay address, in that order, as a dual-stack kubelet
+    /// reports them), as multi-document YAML for the API server fixture.
     pub fn node_objects_yaml(&self) -> String {
         self.nodes
             .iter()
             .map(|n| {
                 format!(
-                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n---\n",
-                    n.name, n.underlay_ip
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}, {{type: InternalIP, address: \"{}\"}}]\n---\n",
+                    n.name, n.underlay_ip, n.underlay_ip6
                 )
             })
             .collect()
@@ -231,6 +283,7 @@ impl Cluster {
             Some(External {
                 ns: Netns::new("ext")?,
                 ip: EXTERNAL_IP,
+                ip6: EXTERNAL_IP6,
             })
         } else {
             None
@@ -248,6 +301,8 @@ impl Cluster {
                 // rate limit (burst 6, then 1/s) would turn a refusal sent
                 // with icmp_send() (iptables/nft REJECT) into a timeout.
                 ("net.ipv4.icmp_ratelimit", "0"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv6.icmp.ratelimit", "0"),
             ] {
                 ns.sysctl(key, value)?;
             }
@@ -264,6 +319,7 @@ impl Cluster {
                 pods.push(Pod {
                     ns: Netns::new(&format!("p{i}-{j}"))?,
                     ip: pod_ip(i, j),
+                    ip6: pod_ip6(i, j),
                     node_name: name.clone(),
                     node_index: i,
                     host_veth,
@@ -278,6 +334,9 @@ impl Cluster {
                 underlay_ip: node_ip(i),
                 pod_cidr: pod_cidr(i),
                 gateway_ip: gateway_ip(i),
+                underlay_ip6: node_ip6(i),
+                pod_cidr6: pod_cidr6(i),
+                gateway_ip6: gateway_ip6(i),
             });
         }
         let cluster = Self {
@@ -286,6 +345,17 @@ impl Cluster {
             external,
             underlay,
         };
+        // Before any interface exists: link-local addresses skip duplicate
+        // address detection too (global ones are added `nodad`), and no
+        // router solicitations are sent.
+        for ns in cluster.namespaces() {
+            for (key, value) in [
+                ("net.ipv6.conf.default.accept_dad", "0"),
+                ("net.ipv6.conf.default.router_solicitations", "0"),
+            ] {
+                ns.sysctl(key, value)?;
+            }
+        }
         cluster.wire()?;
         tracing::debug!(elapsed = ?started.elapsed(), ?spec, "cluster built");
         Ok(cluster)
@@ -294,8 +364,11 @@ impl Cluster {
     fn wire(&self) -> Result<()> {
         // Underlay: bridge plus one veth pair per member; the member end is
         // created directly in the member's namespace as `eth0`.
-        let mut ul =
-            format!("link add {UNDERLAY_BRIDGE} type bridge\nlink set {UNDERLAY_BRIDGE} up\n");
+        // No multicast snooping: IPv6 neighbour solicitations go to
+        // solicited-node groups nobody reports for.
+        let mut ul = format!(
+            "link add {UNDERLAY_BRIDGE} type bridge mcast_snooping 0\nlink set {UNDERLAY_BRIDGE} up\n"
+        );
         for node in &self.nodes {
             let port = format!("n{}", node.index);
             ul.push_str(&format!(
@@ -314,13 +387,15 @@ impl Cluster {
         for node in &self.nodes {
             let i = node.index;
             let mut script = format!(
-                "addr add {}/{UNDERLAY_PREFIX_LEN} dev eth0\nlink set eth0 up\n",
-                node.underlay_ip
+                "addr add {}/{UNDERLAY_PREFIX_LEN} dev eth0\n\
+                 addr add {}/{UNDERLAY_PREFIX_LEN6} dev eth0 nodad\n\
+                 link set eth0 up\n",
+                node.underlay_ip, node.underlay_ip6
             );
             for other in self.nodes.iter().filter(|o| o.index != i) {
                 script.push_str(&format!(
-                    "route add {} via {} dev eth0\n",
-                    other.pod_cidr, other.underlay_ip
+                    "route add {} via {} dev eth0\nroute add {} via {} dev eth0\n",
+                    other.pod_cidr, other.underlay_ip, other.pod_cidr6, other.underlay_ip6
                 ));
             }
             for pod in &node.pods {
@@ -328,11 +403,15 @@ impl Cluster {
                 script.push_str(&format!(
                     "link add {veth} type veth peer name eth0 netns {pod_ns}\n\
                      addr add {gw}/32 dev {veth}\n\
+                     addr add {gw6}/128 dev {veth} nodad\n\
                      link set {veth} up\n\
-                     route add {ip}/32 dev {veth} scope link\n",
+                     route add {ip}/32 dev {veth} scope link\n\
+                     route add {ip6}/128 dev {veth}\n",
                     pod_ns = pod.ns.name(),
                     gw = node.gateway_ip,
                     ip = pod.ip,
+                    gw6 = node.gateway_ip6,
+                    ip6 = pod.ip6,
                 ));
             }
             node.ns
@@ -346,13 +425,20 @@ impl Cluster {
                 for pod in &node.pods {
                     let script = format!(
                         "addr add {ip}/24 dev eth0 noprefixroute\n\
+                         addr add {ip6}/64 dev eth0 nodad noprefixroute\n\
                          link set eth0 up\n\
                          route add {gw}/32 dev eth0 scope link src {ip}\n\
                          route add {cidr} via {gw} dev eth0 src {ip}\n\
-                         route add default via {gw} dev eth0\n",
+                         route add default via {gw} dev eth0\n\
+                         route add {gw6}/128 dev eth0 src {ip6}\n\
+                         route add {cidr6} via {gw6} dev eth0 src {ip6}\n\
+                         route add ::/0 via {gw6} dev eth0\n",
                         ip = pod.ip,
                         gw = node.gateway_ip,
                         cidr = node.pod_cidr,
+                        ip6 = pod.ip6,
+                        gw6 = node.gateway_ip6,
+                        cidr6 = node.pod_cidr6,
                     );
                     jobs.push(s.spawn(move || {
                         pod.ns
@@ -363,8 +449,10 @@ impl Cluster {
             }
             if let Some(ext) = &self.external {
                 let script = format!(
-                    "addr add {}/{UNDERLAY_PREFIX_LEN} dev eth0\nlink set eth0 up\n",
-                    ext.ip
+                    "addr add {}/{UNDERLAY_PREFIX_LEN} dev eth0\n\
+                     addr add {}/{UNDERLAY_PREFIX_LEN6} dev eth0 nodad\n\
+                     link set eth0 up\n",
+                    ext.ip, ext.ip6
                 );
                 jobs.push(s.spawn(move || {
                     ext.ns
@@ -435,6 +523,17 @@ impl Cluster {
         &self.underlay
     }
 
+    /// Every namespace of this cluster.
+    fn namespaces(&self) -> impl Iterator<Item = &Netns> {
+        std::iter::once(&self.underlay)
+            .chain(self.external.iter().map(|e| &e.ns))
+            .chain(
+                self.nodes
+                    .iter()
+                    .flat_map(|n| std::iter::once(&n.ns).chain(n.pods.iter().map(|p| &p.ns))),
+            )
+    }
+
     /// Names of every namespace of this cluster.
     pub fn namespace_names(&self) -> Vec<String> {
         let mut names = vec![self.underlay.name().to_owned()];
@@ -471,7 +570,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The reply line of both servers: `"{name} {peer_ip}:{peer_port}"`.
 pub fn reply_line(name: &str, peer: SocketAddr) -> String {
-    format!("{name} {}:{}\n", peer.ip(), peer.port())
+    // `SocketAddr`'s form: `ip:port`, `[ip6]:port`.
+    format!("{name} {peer}\n")
 }
 
 /// Splits a reply line (with or without the trailing newline) into the server

@@ -1,11 +1,12 @@
 //! End-to-end check of the namespace cluster harness as an external user of
 //! the crate sees it.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
 use proxy_tests::cluster::{
-    Cluster, ClusterSpec, TcpServer, UdpServer, parse_reply, ping, tcp_request, udp_request,
+    Cluster, ClusterSpec, POD_NETWORK6, TcpServer, UdpServer, parse_reply, ping, tcp_request,
+    udp_request,
 };
 use proxy_tests::netns::list_namespaces;
 
@@ -43,6 +44,47 @@ fn three_node_cluster_end_to_end() {
     drop(cluster);
     let left = list_namespaces().expect("list");
     assert!(names.iter().all(|n| !left.contains(n)));
+}
+
+fn any6(port: u16) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0))
+}
+
+/// The cluster is dual-stack: IPv6 reaches every pod from every pod (same
+/// node and across nodes, TCP and UDP, the peer seen with its own IPv6
+/// address) and from the external client routed through a node, with no
+/// wait for duplicate address detection.
+#[test]
+fn dual_stack_ipv6_between_pods_across_nodes_and_from_outside() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("build cluster");
+    let target = cluster.pod(2, 1);
+    assert_eq!(target.ip6.to_string(), "fd00:244:2::2");
+    assert_eq!(cluster.node(1).underlay_ip6.to_string(), "fd00:18::11");
+    let _tcp = TcpServer::start(&target.ns, "target6", any6(80)).expect("tcp server");
+    let _udp = UdpServer::start(&target.ns, "target6", any6(53)).expect("udp server");
+    for client in cluster.pods().filter(|p| p.name != target.name) {
+        let reply = tcp_request(&client.ns, SocketAddr::new(target.ip6.into(), 80), T)
+            .unwrap_or_else(|e| panic!("tcp over IPv6 from {}: {e}", client.name));
+        let (name, peer) = parse_reply(&reply).expect("reply line");
+        assert_eq!((name, peer.ip()), ("target6", client.ip6.into()));
+        let reply = udp_request(&client.ns, SocketAddr::new(target.ip6.into(), 53), T)
+            .unwrap_or_else(|e| panic!("udp over IPv6 from {}: {e}", client.name));
+        assert_eq!(parse_reply(&reply).expect("reply line").1.ip(), client.ip6);
+    }
+    let ext = cluster.external();
+    ext.add_route(POD_NETWORK6, cluster.node(1).underlay_ip6)
+        .expect("route");
+    let reply = tcp_request(&ext.ns, SocketAddr::new(target.ip6.into(), 80), T)
+        .expect("external -> pod on node2 via node1 over IPv6");
+    assert_eq!(parse_reply(&reply).expect("reply line").1.ip(), ext.ip6);
+    // IPv4 is unchanged beside it.
+    let reply = tcp_request(&cluster.pod(1, 1).ns, SocketAddr::new(target.ip.into(), 80), T)
+        .expect("tcp over IPv4 to the same dual-stack listener");
+    // (an IPv6 listener sees an IPv4 peer as `::ffff:a.b.c.d`)
+    assert_eq!(
+        parse_reply(&reply).expect("reply line").1.ip().to_canonical(),
+        cluster.pod(1, 1).ip
+    );
 }
 
 #[test]
