@@ -1340,7 +1340,8 @@ pub enum TrafficPolicy {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum ServiceKind {
-    ClusterIp(Ipv4Addr),
+    /// `clusterIPs`: one address, or one of each family (primary first).
+    ClusterIp(Vec<IpAddr>),
     Headless,
     ExternalName(String),
 }
@@ -1358,18 +1359,20 @@ pub struct Service {
     internal_policy: Option<TrafficPolicy>,
     /// Port name -> nodePort; non-empty makes the service `type: NodePort`.
     node_ports: BTreeMap<String, u16>,
-    external_ips: Vec<Ipv4Addr>,
+    external_ips: Vec<IpAddr>,
     /// `type: LoadBalancer` with these ingress IPs (in `status`).
-    lb_ingress: Vec<Ipv4Addr>,
+    lb_ingress: Vec<IpAddr>,
     source_ranges: Vec<String>,
 }
 
 impl Service {
-    /// `type: ClusterIP` with `clusterIP`/`clusterIPs` = `vip`.
-    pub fn cluster_ip(name: &str, vip: Ipv4Addr) -> Service {
+    /// `type: ClusterIP` with `clusterIP`/`clusterIPs` = `vip`, single
+    /// stack of `vip`'s family (`ipFamilies`, `ipFamilyPolicy` filled in
+    /// as the API server does).
+    pub fn cluster_ip(name: &str, vip: impl Into<IpAddr>) -> Service {
         Service {
             name: name.to_owned(),
-            kind: ServiceKind::ClusterIp(vip),
+            kind: ServiceKind::ClusterIp(vec![vip.into()]),
             ports: Vec::new(),
             labels: BTreeMap::new(),
             publish_not_ready: None,
@@ -1390,9 +1393,18 @@ impl Service {
         }
     }
 
+    /// `type: ClusterIP`, dual-stack (`ipFamilyPolicy: RequireDualStack`):
+    /// `clusterIPs` = [`primary`, `secondary`], of different families.
+    pub fn dual_stack(name: &str, primary: IpAddr, secondary: IpAddr) -> Service {
+        Service {
+            kind: ServiceKind::ClusterIp(vec![primary, secondary]),
+            ..Service::cluster_ip(name, primary)
+        }
+    }
+
     /// Turn into `type: ClusterIP` with `vip` (from any type).
-    pub fn with_cluster_ip(mut self, vip: Ipv4Addr) -> Service {
-        self.kind = ServiceKind::ClusterIp(vip);
+    pub fn with_cluster_ip(mut self, vip: impl Into<IpAddr>) -> Service {
+        self.kind = ServiceKind::ClusterIp(vec![vip.into()]);
         self
     }
 
@@ -1461,15 +1473,19 @@ impl Service {
     }
 
     /// Add an `externalIPs` entry.
-    pub fn external_ip(mut self, ip: Ipv4Addr) -> Service {
-        self.external_ips.push(ip);
+    pub fn external_ip(mut self, ip: impl Into<IpAddr>) -> Service {
+        self.external_ips.push(ip.into());
         self
     }
 
     /// `type: LoadBalancer`, the load balancer's ingress IP in `status`,
     /// and `loadBalancerSourceRanges` (CIDRs; empty: any client).
-    pub fn load_balancer(mut self, ingress: Ipv4Addr, source_ranges: &[&str]) -> Service {
-        self.lb_ingress.push(ingress);
+    pub fn load_balancer(
+        mut self,
+        ingress: impl Into<IpAddr>,
+        source_ranges: &[&str],
+    ) -> Service {
+        self.lb_ingress.push(ingress.into());
         self.source_ranges = source_ranges.iter().map(|r| (*r).to_owned()).collect();
         self
     }
@@ -1479,10 +1495,19 @@ impl KubeObject for Service {
     fn to_json(&self) -> Value {
         let mut spec = Map::new();
         match &self.kind {
-            ServiceKind::ClusterIp(vip) => {
+            ServiceKind::ClusterIp(vips) => {
+                let ips: Vec<String> = vips.iter().map(IpAddr::to_string).collect();
+                let families: Vec<&str> = vips.iter().map(|ip| ip_family(*ip)).collect();
+                let policy = if vips.len() > 1 {
+                    "RequireDualStack"
+                } else {
+                    "SingleStack"
+                };
                 spec.insert("type".into(), json!("ClusterIP"));
-                spec.insert("clusterIP".into(), json!(vip.to_string()));
-                spec.insert("clusterIPs".into(), json!([vip.to_string()]));
+                spec.insert("clusterIP".into(), json!(ips.first()));
+                spec.insert("clusterIPs".into(), json!(ips));
+                spec.insert("ipFamilies".into(), json!(families));
+                spec.insert("ipFamilyPolicy".into(), json!(policy));
             }
             ServiceKind::Headless => {
                 spec.insert("type".into(), json!("ClusterIP"));
@@ -1559,10 +1584,15 @@ impl KubeObject for Service {
     }
 }
 
+/// `IPv4` or `IPv6`, as `ipFamilies` and `addressType` spell it.
+fn ip_family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
 /// One endpoint of an [`EndpointSlice`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub node_name: Option<String>,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
@@ -1571,9 +1601,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// `ip` on `node`, with all conditions unset (the API says: ready).
-    pub fn at(ip: Ipv4Addr, node: Option<&str>) -> Endpoint {
+    pub fn at(ip: impl Into<IpAddr>, node: Option<&str>) -> Endpoint {
         Endpoint {
-            ip,
+            ip: ip.into(),
             node_name: node.map(str::to_owned),
             ready: None,
             serving: None,
@@ -1614,6 +1644,12 @@ impl Endpoint {
         Endpoint::at(pod.ip, Some(&pod.node_name))
     }
 
+    /// This endpoint at the pod's IPv6 address instead (for an IPv6 slice).
+    pub fn ipv6(mut self, pod: &Pod) -> Endpoint {
+        self.ip = pod.ip6.into();
+        self
+    }
+
     fn to_json(&self) -> Value {
         let mut cond = Map::new();
         for (k, v) in [
@@ -1635,7 +1671,9 @@ impl Endpoint {
     }
 }
 
-/// A `discovery.k8s.io/v1` IPv4 EndpointSlice of a service in `default`.
+/// A `discovery.k8s.io/v1` EndpointSlice of a service in `default`; its
+/// `addressType` is the family of its endpoints (IPv4 when it has none,
+/// unless [`EndpointSlice::ipv6`]): Kubernetes keeps one slice per family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSlice {
     pub name: String,
@@ -1643,6 +1681,7 @@ pub struct EndpointSlice {
     ports: Vec<(Option<String>, u16, Protocol)>,
     endpoints: Vec<Endpoint>,
     labels: BTreeMap<String, String>,
+    ipv6: bool,
 }
 
 impl EndpointSlice {
@@ -1654,7 +1693,14 @@ impl EndpointSlice {
             ports: Vec::new(),
             endpoints: Vec::new(),
             labels: BTreeMap::new(),
+            ipv6: false,
         }
+    }
+
+    /// `addressType: IPv6` even while it has no endpoints.
+    pub fn ipv6(mut self) -> EndpointSlice {
+        self.ipv6 = true;
+        self
     }
 
     /// A port: `name` is the *service* port's name (`None`/"" for a
@@ -1692,7 +1738,8 @@ impl EndpointSlice {
         self
     }
 
-    pub fn without_endpoint(mut self, ip: Ipv4Addr) -> EndpointSlice {
+    pub fn without_endpoint(mut self, ip: impl Into<IpAddr>) -> EndpointSlice {
+        let ip = ip.into();
         self.endpoints.retain(|e| e.ip != ip);
         self
     }
@@ -1731,7 +1778,11 @@ impl KubeObject for EndpointSlice {
                 "namespace": "default",
                 "labels": labels,
             },
-            "addressType": "IPv4",
+            "addressType": match self.endpoints.first() {
+                Some(e) => ip_family(e.ip),
+                None if self.ipv6 => "IPv6",
+                None => "IPv4",
+            },
             "ports": ports,
             "endpoints": self.endpoints.iter().map(Endpoint::to_json).collect::<Vec<_>>(),
         })
@@ -1741,6 +1792,27 @@ impl KubeObject for EndpointSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn families_are_written_as_the_api_server_fills_them() {
+        let v4: IpAddr = "10.96.0.10".parse().expect("v4");
+        let v6: IpAddr = "fd00:96::10".parse().expect("v6");
+        let single = Service::cluster_ip("a", v6).tcp("http", 80, 8080).to_json();
+        assert_eq!(single["spec"]["clusterIP"], "fd00:96::10");
+        assert_eq!(single["spec"]["ipFamilies"], json!(["IPv6"]));
+        assert_eq!(single["spec"]["ipFamilyPolicy"], "SingleStack");
+        let dual = Service::dual_stack("b", v4, v6).to_json();
+        assert_eq!(dual["spec"]["clusterIP"], "10.96.0.10");
+        assert_eq!(dual["spec"]["clusterIPs"], json!(["10.96.0.10", "fd00:96::10"]));
+        assert_eq!(dual["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        assert_eq!(dual["spec"]["ipFamilyPolicy"], "RequireDualStack");
+        let ep6 = Endpoint::at(v6, Some("node1"));
+        let slice = EndpointSlice::new("b-v6", "b").endpoint(ep6).to_json();
+        assert_eq!(slice["addressType"], "IPv6");
+        assert_eq!(slice["endpoints"][0]["addresses"], json!(["fd00:96::10"]));
+        assert_eq!(EndpointSlice::new("e", "b").to_json()["addressType"], "IPv4");
+        assert_eq!(EndpointSlice::new("e", "b").ipv6().to_json()["addressType"], "IPv6");
+    }
 
     #[test]
     fn results_round_trip() {
