@@ -997,6 +997,37 @@ pub fn sockaddr_v4(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// `a` as a `sockaddr_storage` holding a `sockaddr_in` or `sockaddr_in6`,
+/// with its length, for bind(2)/connect(2) of either family.
+pub fn sockaddr_any(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = sockaddr_v4(v4);
+            // SAFETY: sockaddr_storage is larger than and aligned for
+            // sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (storage, socklen::<libc::sockaddr_in>())
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for
+            // sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            (storage, socklen::<libc::sockaddr_in6>())
+        }
+    }
+}
+
 fn from_in_addr(a: libc::in_addr) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(a.s_addr))
 }

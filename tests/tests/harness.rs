@@ -8,7 +8,9 @@ use proxy_tests::cluster::{
     Cluster, ClusterSpec, POD_NETWORK6, TcpServer, UdpServer, parse_reply, ping, tcp_request,
     udp_request,
 };
+use proxy_tests::cgroup::Cgroup;
 use proxy_tests::netns::list_namespaces;
+use proxy_tests::scenario::{PodClient, Request};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -77,6 +79,23 @@ fn dual_stack_ipv6_between_pods_across_nodes_and_from_outside() {
     let reply = tcp_request(&ext.ns, SocketAddr::new(target.ip6.into(), 80), T)
         .expect("external -> pod on node2 via node1 over IPv6");
     assert_eq!(parse_reply(&reply).expect("reply line").1.ip(), ext.ip6);
+    // The scenarios' client process speaks IPv6 too (TCP, UDP sent and
+    // connected, fixed source ports).
+    let cg = Cgroup::new("harness-v6").expect("cgroup");
+    let client = PodClient::new(cluster.pod(1, 1), &cg);
+    let to6 = SocketAddr::new(target.ip6.into(), 80);
+    for r in client.tcp(to6, 2).into_iter().chain(
+        client
+            .run(&Request::tcp(to6).sport_spread().count(2))
+            .expect("podclient"),
+    ) {
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.seen_client().map(|a| a.ip()), Some(cluster.pod(1, 1).ip6.into()));
+    }
+    let udp6 = SocketAddr::new(target.ip6.into(), 53);
+    for r in client.udp(udp6, 2) {
+        assert!(r.ok, "{r:?}");
+    }
     // IPv4 is unchanged beside it.
     let reply = tcp_request(&cluster.pod(1, 1).ns, SocketAddr::new(target.ip.into(), 80), T)
         .expect("tcp over IPv4 to the same dual-stack listener");

@@ -16,12 +16,12 @@
 
 use std::io::{BufRead as _, BufReader, ErrorKind as IoKind, Read as _, Write as _};
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use proxy_tests::cluster::{setsockopt_int, sockaddr_v4, socklen};
+use proxy_tests::cluster::{setsockopt_int, sockaddr_any, socklen};
 use proxy_tests::scenario::{ClientResult, ErrorKind, StreamResult};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -35,9 +35,10 @@ enum Proto {
 struct Args {
     #[arg(long, value_enum, default_value = "tcp")]
     proto: Proto,
-    /// Destination (a ClusterIP:port or a pod IP:port).
+    /// Destination (a ClusterIP:port or a pod IP:port; `[ip6]:port` for
+    /// IPv6).
     #[arg(long)]
-    to: SocketAddrV4,
+    to: SocketAddr,
     /// Number of sequential requests.
     #[arg(long, default_value_t = 1)]
     count: usize,
@@ -152,7 +153,7 @@ fn io_failure(e: &std::io::Error, what: &str, started: Instant) -> ClientResult 
     failure(classify(e), format!("{what}: {e}"), started)
 }
 
-fn tcp_request(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> ClientResult {
+fn tcp_request(to: SocketAddr, sport: Option<u16>, timeout: Duration) -> ClientResult {
     let started = Instant::now();
     let stream = match connect(to, sport, timeout) {
         Ok(s) => s,
@@ -194,16 +195,21 @@ fn tcp_request(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> Clien
 }
 
 fn udp_request(
-    to: SocketAddrV4,
+    to: SocketAddr,
     sport: Option<u16>,
     timeout: Duration,
     connected: bool,
 ) -> ClientResult {
     let started = Instant::now();
     let attempt = || -> Result<ClientResult, (std::io::Error, &'static str)> {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, sport.unwrap_or(0)))
+        let socket = UdpSocket::bind((unspecified(to), sport.unwrap_or(0)))
             .map_err(|e| (e, "bind"))?;
-        setsockopt_int(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+        let (level, recverr) = if to.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_RECVERR)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        };
+        setsockopt_int(socket.as_raw_fd(), level, recverr, 1)
             .map_err(|e| (e, "IP_RECVERR"))?;
         let local = socket.local_addr().ok();
         if connected {
@@ -231,7 +237,7 @@ fn udp_request(
             detail: None,
             elapsed_ms: ms(started.elapsed()),
         };
-        if from != SocketAddr::V4(to) {
+        if from != to {
             r.ok = false;
             r.error = Some(ErrorKind::WrongSource);
             r.detail = Some(format!("reply from {from}, sent to {to}"));
@@ -241,16 +247,29 @@ fn udp_request(
     attempt().unwrap_or_else(|(e, what)| io_failure(&e, what, started))
 }
 
+/// The unspecified address of `to`'s family.
+fn unspecified(to: SocketAddr) -> IpAddr {
+    match to {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
 /// Non-blocking connect bounded by `timeout`, optionally from `sport`.
 /// Returns a blocking stream.
-fn connect(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> std::io::Result<TcpStream> {
+fn connect(to: SocketAddr, sport: Option<u16>, timeout: Duration) -> std::io::Result<TcpStream> {
     let Some(sport) = sport else {
-        return TcpStream::connect_timeout(&SocketAddr::V4(to), timeout);
+        return TcpStream::connect_timeout(&to, timeout);
+    };
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
     };
     // SAFETY: plain socket(2); the fd is owned right away.
     let fd = unsafe {
         libc::socket(
-            libc::AF_INET,
+            family,
             libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             0,
         )
@@ -265,15 +284,9 @@ fn connect(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> std::io::
     for k in 0..16u32 {
         let off = (u32::from(sport.saturating_sub(20_000)) + k * 4093) % 40_000;
         let port = 20_000 + u16::try_from(off).unwrap_or(0);
-        let local = sockaddr_v4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-        // SAFETY: valid fd and sockaddr_in of the stated size.
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                (&raw const local).cast(),
-                socklen::<libc::sockaddr_in>(),
-            )
-        };
+        let (local, len) = sockaddr_any(SocketAddr::new(unspecified(to), port));
+        // SAFETY: valid fd and a sockaddr of the stated size.
+        let rc = unsafe { libc::bind(sock.as_raw_fd(), (&raw const local).cast(), len) };
         if rc == 0 {
             bound = Ok(());
             break;
@@ -281,15 +294,9 @@ fn connect(to: SocketAddrV4, sport: Option<u16>, timeout: Duration) -> std::io::
         bound = Err(std::io::Error::last_os_error());
     }
     bound?;
-    let addr = sockaddr_v4(to);
-    // SAFETY: valid fd and sockaddr_in of the stated size.
-    let rc = unsafe {
-        libc::connect(
-            sock.as_raw_fd(),
-            (&raw const addr).cast(),
-            socklen::<libc::sockaddr_in>(),
-        )
-    };
+    let (addr, len) = sockaddr_any(to);
+    // SAFETY: valid fd and a sockaddr of the stated size.
+    let rc = unsafe { libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), len) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINPROGRESS) {
@@ -325,7 +332,7 @@ struct Stream {
 }
 
 fn hold_streams(
-    to: SocketAddrV4,
+    to: SocketAddr,
     k: usize,
     hold: Duration,
     timeout: Duration,
@@ -344,7 +351,7 @@ fn hold_streams(
                 detail: None,
                 elapsed_ms: 0.0,
             };
-            let tcp = match TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)
+            let tcp = match TcpStream::connect_timeout(&to, timeout)
                 .and_then(|s| s.set_nonblocking(true).map(|()| s))
             {
                 Ok(s) => {
