@@ -174,11 +174,30 @@ fn opts() -> RuleOptions {
 
 // --- a model of the kernel --------------------------------------------------
 
-/// iptables: table -> chain -> rules.
+/// iptables: table -> chain -> rules; and the hairpin ip set's entries.
 #[derive(Default)]
-struct IptModel(BTreeMap<String, BTreeMap<String, Vec<String>>>);
+struct IptModel(
+    BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    BTreeSet<String>,
+);
 
 impl IptModel {
+    /// `ipset restore` input: adding an entry that is there, or deleting
+    /// one that is not, is an error (the writer knows what is there).
+    fn run_ipset(&mut self, script: &str) {
+        for line in script.lines() {
+            if let Some(e) = line.strip_prefix(&format!("add {} ", iptables_rules::HAIRPIN_SET)) {
+                assert!(self.1.insert(e.to_owned()), "ipset add of present {e}");
+            } else if let Some(e) =
+                line.strip_prefix(&format!("del {} ", iptables_rules::HAIRPIN_SET))
+            {
+                assert!(self.1.remove(e), "ipset del of missing {e}");
+            } else {
+                panic!("unexpected ipset line {line}");
+            }
+        }
+    }
+
     fn run(&mut self, script: &str) {
         let mut table = String::new();
         for line in script.lines() {
@@ -234,7 +253,9 @@ impl IptModel {
     /// Normalised: rules normalised; shared chains (whose order between
     /// frontends does not matter) sorted.
     fn normalised(&self) -> Vec<String> {
-        normalised_ipt(&self.0)
+        let mut out = normalised_ipt(&self.0);
+        out.extend(self.1.iter().map(|e| format!("hairpin {e}")));
+        out
     }
 }
 
@@ -313,13 +334,15 @@ impl NftModel {
                 assert!(self.sets.remove(name), "delete of missing set {name}");
             } else if let Some(rest) = line.strip_prefix(&format!("add element {t}")) {
                 let (map, e) = rest.split_once(' ').expect("element");
-                let (k, v) = braces(e).split_once(" : ").unwrap_or((braces(e), ""));
-                let old = self
-                    .elements
-                    .entry(map.to_owned())
-                    .or_default()
-                    .insert(k.to_owned(), v.to_owned());
-                assert!(old.is_none(), "element {map} {k} exists: {line}");
+                for e in braces(e).split(", ") {
+                    let (k, v) = e.split_once(" : ").unwrap_or((e, ""));
+                    let old = self
+                        .elements
+                        .entry(map.to_owned())
+                        .or_default()
+                        .insert(k.to_owned(), v.to_owned());
+                    assert!(old.is_none(), "element {map} {k} exists: {line}");
+                }
             } else if let Some(rest) = line.strip_prefix(&format!("delete element {t}")) {
                 let (map, e) = rest.split_once(' ').expect("element");
                 let gone = self.elements.get_mut(map).and_then(|m| m.remove(braces(e)));
@@ -384,10 +407,13 @@ fn random_changes_leave_what_a_fresh_writer_writes() {
             let changed = (!first).then_some(&before[..]);
             let d = ipt_state.plan(&ipt, &programmed.frontends, changed);
             let script = iptables_rules::render(&d).0;
+            let (set_add, set_del) = iptables_rules::render_ipset(&d);
             if !first {
                 partial_bytes += script.len();
             }
+            ipt_kernel.run_ipset(&set_add);
             ipt_kernel.run(&script);
+            ipt_kernel.run_ipset(&set_del);
             ipt_state.commit(d);
             let d = nft_state.plan(&nft, &programmed.frontends, changed);
             let mut script = nftables_rules::render(&d).0;
@@ -402,6 +428,7 @@ fn random_changes_leave_what_a_fresh_writer_writes() {
             let (fresh, d) = fresh_delta(&ipt, &programmed);
             let mut want = IptModel::default();
             want.run(&iptables_rules::render(&d).0);
+            want.run_ipset(&iptables_rules::render_ipset(&d).0);
             assert_eq!(
                 ipt_kernel.normalised(),
                 want.normalised(),
@@ -494,7 +521,16 @@ fn ipt_kernel() -> Vec<String> {
             }
         }
     }
-    normalised_ipt(&t)
+    let mut out = normalised_ipt(&t);
+    let set = sh(&["ipset", "save", iptables_rules::HAIRPIN_SET]);
+    let mut entries: Vec<String> = set
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("add {} ", iptables_rules::HAIRPIN_SET)))
+        .map(|e| format!("hairpin {e}"))
+        .collect();
+    entries.sort();
+    out.extend(entries);
+    out
 }
 
 /// Our nft table, normalised (chains with rules; elements sorted).

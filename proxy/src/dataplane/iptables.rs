@@ -10,9 +10,10 @@ use super::{
     ApplyStats, Dataplane,
     fallback::{
         self, FallbackError, RuleOptions, apply_in_place, change_stats, flush_udp_flows,
-        incremental::State, revert, stale_udp_flows_changed,
+        incremental::{Item, State},
+        revert, stale_udp_flows_changed,
     },
-    iptables_rules::{self, IptablesRules, JUMP_COMMENT},
+    iptables_rules::{self, HAIRPIN_SET, HAIRPIN_SET_TYPE, IptablesRules, JUMP_COMMENT},
 };
 use crate::{diff::Change, lb::LbTable};
 
@@ -58,6 +59,11 @@ pub fn cleanup() -> Result<bool, FallbackError> {
         found = true;
         let input = iptables_rules::render_cleanup(&filter, &nat);
         fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(&input))?;
+    }
+    // Nothing refers to the hairpin set once the chains are gone.
+    if fallback::run("ipset", &["list", "-n", HAIRPIN_SET], None).is_ok() {
+        found = true;
+        fallback::run("ipset", &["destroy", HAIRPIN_SET], None)?;
     }
     if found {
         remove_empty_nft_builtins();
@@ -125,11 +131,33 @@ pub(super) fn remove_empty_nft_builtins() {
     }
 }
 
-/// What our chains in the kernel hold now.
+/// What our chains and our ip set in the kernel hold now.
 fn read_state(rules: &IptablesRules) -> Result<State, FallbackError> {
     let mut found = iptables_rules::found(&save("filter")?, "filter", rules);
     found.extend(iptables_rules::found(&save("nat")?, "nat", rules));
+    if let Ok(save) = fallback::run("ipset", &["save", HAIRPIN_SET], None) {
+        found.extend(iptables_rules::found_ipset(&save, rules));
+    }
     Ok(State::adopt(found))
+}
+
+/// Creates the hairpin ip set unless it exists (KUBE-POSTROUTING refers
+/// to it).
+fn ensure_hairpin_set() -> Result<(), FallbackError> {
+    fallback::run(
+        "ipset",
+        &["create", HAIRPIN_SET, HAIRPIN_SET_TYPE, "-exist"],
+        None,
+    )
+    .map(|_| ())
+}
+
+fn ipset_restore(input: &str) -> Result<(), FallbackError> {
+    if input.is_empty() {
+        return Ok(());
+    }
+    debug!(bytes = input.len(), "ipset restore");
+    fallback::run("ipset", &["restore", "-exist"], Some(input)).map(|_| ())
 }
 
 fn restore(input: &str) -> Result<(), FallbackError> {
@@ -152,6 +180,7 @@ impl IptablesDataplane {
                 "found chains of an earlier run; the first sync keeps what is right there"
             );
         }
+        ensure_hairpin_set()?;
         // The jumps need the chains to exist: write the fixed ones first.
         let delta = state.plan_fixed(&rules);
         let (input, _) = iptables_rules::render(&delta);
@@ -188,13 +217,22 @@ impl Dataplane for IptablesDataplane {
             .state
             .plan(&self.rules, &self.programmed.frontends, changed);
         let mut plan = iptables_rules::Plan::default();
-        let written = if delta.is_empty() {
-            Ok(String::new())
-        } else {
-            fallback::run_streamed("iptables-restore", &["-w", "5", "--noflush"], |out| {
-                plan = iptables_rules::render_to(out, &delta);
+        // Hairpin entries go in before the rules that DNAT to them, and
+        // out after.
+        let (set_add, set_del) = iptables_rules::render_ipset(&delta);
+        let written = ipset_restore(&set_add)
+            .and_then(|()| {
+                let is_rule = |i: &Item| !matches!(i, Item::Element(..));
+                if !delta.upsert.iter().any(|(i, _, _)| is_rule(i))
+                    && !delta.delete.iter().any(|(i, _)| is_rule(i))
+                {
+                    return Ok(String::new());
+                }
+                fallback::run_streamed("iptables-restore", &["-w", "5", "--noflush"], |out| {
+                    plan = iptables_rules::render_to(out, &delta);
+                })
             })
-        };
+            .and_then(|out| ipset_restore(&set_del).map(|()| out));
         if let Err(e) = written {
             // Kernel state unknown now: re-read it, compare everything
             // next time; the agent retries the same changes.
@@ -210,6 +248,8 @@ impl Dataplane for IptablesDataplane {
             deleted = plan.deleted.len(),
             rules_added = plan.rules_added,
             rules_deleted = plan.rules_deleted,
+            hairpin_added = set_add.lines().count(),
+            hairpin_deleted = set_del.lines().count(),
             "iptables chains"
         );
         flush_udp_flows(&stale_udp_flows_changed(

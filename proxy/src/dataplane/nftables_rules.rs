@@ -38,7 +38,7 @@ use crate::lb::{Frontend, FrontendKey, FrontendKind};
 pub const TABLE: &str = "kube-proxy-rs";
 
 /// Maps and sets declared with the table: (kind, name, body).
-const CONTAINERS: [(&str, &str, &str); 6] = [
+const CONTAINERS: [(&str, &str, &str); 7] = [
     (
         "map",
         "service-ips",
@@ -65,6 +65,7 @@ const CONTAINERS: [(&str, &str, &str); 6] = [
         "type ipv4_addr . inet_proto . inet_service : verdict;",
     ),
     ("set", "nodeport-ips", "type ipv4_addr;"),
+    ("set", HAIRPIN_SET, "type ipv4_addr . ipv4_addr;"),
 ];
 
 fn fixed_chains() -> BTreeMap<String, Content> {
@@ -156,7 +157,14 @@ fn fixed_chains() -> BTreeMap<String, Content> {
         ),
         (
             "masquerading".to_owned(),
-            Content::rules(vec![skip, unmark, "masquerade fully-random".to_owned()]),
+            Content::rules(vec![
+                format!(
+                    "ct status dnat ip saddr . ip daddr @{HAIRPIN_SET} jump mark-for-masquerade"
+                ),
+                skip,
+                unmark,
+                "masquerade fully-random".to_owned(),
+            ]),
         ),
         ("mark-for-masquerade".to_owned(), Content::rules(vec![masq])),
     ])
@@ -172,6 +180,30 @@ fn chain_hash(k: &FrontendKey, f: &Frontend) -> String {
         })
     } else {
         frontend_hash(k)
+    }
+}
+
+/// The set of `endpoint . endpoint` pairs whose connections (a pod
+/// reaching itself through a service) are masqueraded.
+pub const HAIRPIN_SET: &str = "hairpin-endpoints";
+
+/// A frontend's endpoints in rule order: as given, except that for an
+/// external frontend the local ones come first (see the service chain).
+pub fn endpoint_order(f: &Frontend) -> Vec<&crate::lb::BackendAddr> {
+    let mut order: Vec<&crate::lb::BackendAddr> = f.backends.iter().collect();
+    if f.kind != FrontendKind::ClusterIp {
+        order.sort_by_key(|b| !b.local);
+    }
+    order
+}
+
+/// The condition of rule `i` of `n` in a uniform cascade: taken with
+/// probability 1/(n-i); the last one always.
+fn pick(i: usize, n: usize) -> String {
+    if i + 1 < n {
+        format!("numgen random mod {} 0 ", n - i)
+    } else {
+        String::new()
     }
 }
 
@@ -251,22 +283,20 @@ impl Generator for NftablesRules {
             return;
         }
         let svc = format!("svc-{h}");
-        let target = if f.kind == FrontendKind::ClusterIp {
-            svc.clone()
-        } else {
-            let ext = format!("ext-{h}");
-            out.push((
-                chain(ext.clone()),
-                Content::rules(vec![format!("goto {svc}")]),
-            ));
-            ext
-        };
         let (map, key) = if nodeport {
             ("service-nodeports", port_key)
         } else {
             ("service-ips", full_key)
         };
-        out.push((elem(map, key), value(format!("goto {target}"))));
+        out.push((elem(map, key), value(format!("goto {svc}"))));
+        // A pod reaching itself through the service: masqueraded in
+        // postrouting (one set element, not a chain per endpoint).
+        for b in &f.backends {
+            out.push((
+                elem(HAIRPIN_SET, format!("{} . {}", b.addr, b.addr)),
+                Content::default(),
+            ));
+        }
         // For NodePorts the chains are keyed by port only.
         let ck = if nodeport {
             FrontendKey {
@@ -276,17 +306,19 @@ impl Generator for NftablesRules {
         } else {
             *k
         };
+        let external = f.kind != FrontendKind::ClusterIp;
+        let order = endpoint_order(f);
+        let n = order.len();
         let mut svc_rules = Vec::new();
-        let mut arms = Vec::new();
-        for (i, b) in f.backends.iter().enumerate() {
-            let eh = endpoint_hash(&ck, b);
-            let sep = format!("sep-{eh}");
-            let mut sep_rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.addr)];
-            if f.kind != FrontendKind::ClusterIp && !b.local {
-                sep_rules.push("jump mark-for-masquerade-external".to_owned());
-            }
-            if f.affinity_timeout > 0 {
-                let set = format!("aff-{eh}-{}", f.affinity_timeout);
+        if f.affinity_timeout > 0 {
+            // ClientIP affinity needs per-endpoint state: a set of clients
+            // and a chain that records the client and DNATs.
+            let seps: Vec<String> = order
+                .iter()
+                .map(|b| format!("sep-{}", endpoint_hash(&ck, b)))
+                .collect();
+            for (b, sep) in order.iter().zip(&seps) {
+                let set = format!("aff-{}-{}", &sep[4..], f.affinity_timeout);
                 out.push((
                     Item::Set(set.clone()),
                     value(format!(
@@ -295,20 +327,38 @@ impl Generator for NftablesRules {
                     )),
                 ));
                 svc_rules.push(format!("ip saddr @{set} goto {sep}"));
+                let mut sep_rules = Vec::new();
+                if external && !b.local {
+                    sep_rules.push("jump mark-for-masquerade-external".to_owned());
+                }
                 sep_rules.push(format!("update @{set} {{ ip saddr }}"));
+                sep_rules.push(format!(
+                    "meta l4proto {p} counter dnat to {}:{}",
+                    b.addr, b.port
+                ));
+                out.push((chain(sep.clone()), Content::rules(sep_rules)));
             }
-            sep_rules.push(format!(
-                "meta l4proto {p} counter dnat to {}:{}",
-                b.addr, b.port
-            ));
-            out.push((chain(sep.clone()), Content::rules(sep_rules)));
-            arms.push(format!("{i} : goto {sep}"));
+            for (i, sep) in seps.iter().enumerate() {
+                svc_rules.push(format!("{}goto {sep}", pick(i, n)));
+            }
+        } else {
+            // Uniform choice as kube-proxy's iptables mode makes it: rule i
+            // of n is taken with probability 1/(n-i). Local endpoints come
+            // first, so for an external frontend every rule after the last
+            // local one picks a remote endpoint: the masquerade mark for
+            // those goes in once, before them.
+            for (i, b) in order.iter().enumerate() {
+                if external && !b.local && (i == 0 || order[i - 1].local) {
+                    svc_rules.push("jump mark-for-masquerade-external".to_owned());
+                }
+                svc_rules.push(format!(
+                    "{}meta l4proto {p} counter dnat to {}:{}",
+                    pick(i, n),
+                    b.addr,
+                    b.port
+                ));
+            }
         }
-        svc_rules.push(format!(
-            "numgen random mod {} vmap {{ {} }}",
-            arms.len(),
-            arms.join(", ")
-        ));
         out.push((chain(svc), Content::rules(svc_rules)));
     }
 
@@ -444,12 +494,30 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Pla
             plan.elements_deleted.push(format!("{map} {key}"));
         }
     }
+    // Added in batches: one command per 256 elements of a container (a
+    // first sync adds ~10 per service).
+    let mut batch: Option<(&str, usize)> = None;
     for ((item, c, _), _) in ups() {
         if let Item::Element(map, key) = item {
             let e = element(key, c);
-            let _ = writeln!(out, "add element {t} {map} {{ {e} }}");
+            match batch {
+                Some((m, k)) if m == *map && k < 256 => {
+                    let _ = write!(out, ", {e}");
+                    batch = Some((m, k + 1));
+                }
+                _ => {
+                    if batch.is_some() {
+                        let _ = writeln!(out, " }}");
+                    }
+                    let _ = write!(out, "add element {t} {map} {{ {e}");
+                    batch = Some((map, 1));
+                }
+            }
             plan.elements_added.push(format!("{map} {e}"));
         }
+    }
+    if batch.is_some() {
+        let _ = writeln!(out, " }}");
     }
     // Stale chains may jump to each other: flush all first, then delete.
     for (item, _) in &delta.delete {
