@@ -10,12 +10,15 @@ use super::{
     ApplyStats, Dataplane,
     fallback::{
         self, FallbackError, RuleOptions, apply_in_place, change_stats, flush_udp_flows,
-        incremental::{Item, State},
+        incremental::{Delta, Item, State},
         revert, stale_udp_flows_changed,
     },
     iptables_rules::{self, HAIRPIN_SET, HAIRPIN_SET_TYPE, IptablesRules, JUMP_COMMENT},
 };
 use crate::{diff::Change, lb::LbTable};
+
+/// Frontends per `iptables-restore` in a sync that compares every item.
+const CHUNK: usize = 1000;
 
 pub struct IptablesDataplane {
     programmed: LbTable,
@@ -144,12 +147,10 @@ fn read_state(rules: &IptablesRules) -> Result<State, FallbackError> {
 /// Creates the hairpin ip set unless it exists (KUBE-POSTROUTING refers
 /// to it).
 fn ensure_hairpin_set() -> Result<(), FallbackError> {
-    fallback::run(
-        "ipset",
-        &["create", HAIRPIN_SET, HAIRPIN_SET_TYPE, "-exist"],
-        None,
-    )
-    .map(|_| ())
+    let mut args = vec!["create", HAIRPIN_SET];
+    args.extend(HAIRPIN_SET_TYPE);
+    args.push("-exist");
+    fallback::run("ipset", &args, None).map(|_| ())
 }
 
 fn ipset_restore(input: &str) -> Result<(), FallbackError> {
@@ -212,27 +213,52 @@ impl Dataplane for IptablesDataplane {
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {
         let before = apply_in_place(&mut self.programmed, changes);
-        let changed = (!self.full).then_some(&before[..]);
-        let delta = self
-            .state
-            .plan(&self.rules, &self.programmed.frontends, changed);
-        let mut plan = iptables_rules::Plan::default();
-        // Hairpin entries go in before the rules that DNAT to them, and
-        // out after.
-        let (set_add, set_del) = iptables_rules::render_ipset(&delta);
-        let written = ipset_restore(&set_add)
-            .and_then(|()| {
-                let is_rule = |i: &Item| !matches!(i, Item::Element(..));
-                if !delta.upsert.iter().any(|(i, _, _)| is_rule(i))
-                    && !delta.delete.iter().any(|(i, _)| is_rule(i))
-                {
-                    return Ok(String::new());
-                }
+        // (chains written, deleted, shared rules added, deleted, hairpin
+        // entries added, deleted)
+        let mut n = [0usize; 6];
+        let mut write = |delta: &Delta| -> Result<(), FallbackError> {
+            // Hairpin entries go in before the rules that DNAT to them,
+            // and out after.
+            let (set_add, set_del) = iptables_rules::render_ipset(delta);
+            ipset_restore(&set_add)?;
+            let is_rule = |i: &Item| !matches!(i, Item::Element(..));
+            if delta.upsert.iter().any(|(i, _, _)| is_rule(i))
+                || delta.delete.iter().any(|(i, _)| is_rule(i))
+            {
                 fallback::run_streamed("iptables-restore", &["-w", "5", "--noflush"], |out| {
-                    plan = iptables_rules::render_to(out, &delta);
+                    let p = iptables_rules::render_to(out, delta);
+                    n[0] += p.written.len();
+                    n[1] += p.deleted.len();
+                    n[2] += p.rules_added;
+                    n[3] += p.rules_deleted;
+                })?;
+            }
+            ipset_restore(&set_del)?;
+            n[4] += set_add.lines().count();
+            n[5] += set_del.lines().count();
+            Ok(())
+        };
+        let written = if self.full {
+            // Every item compared, written a chunk of frontends at a
+            // time: the rules of 10k services are never all in memory.
+            self.state
+                .plan_full_chunked(&self.rules, &self.programmed.frontends, CHUNK, |delta| {
+                    write(&delta).map(|()| true)
                 })
-            })
-            .and_then(|out| ipset_restore(&set_del).map(|()| out));
+        } else {
+            let delta = self
+                .state
+                .plan(&self.rules, &self.programmed.frontends, Some(&before));
+            let r = if delta.is_empty() {
+                Ok(())
+            } else {
+                write(&delta)
+            };
+            if r.is_ok() {
+                self.state.commit(delta);
+            }
+            r
+        };
         if let Err(e) = written {
             // Kernel state unknown now: re-read it, compare everything
             // next time; the agent retries the same changes.
@@ -241,15 +267,14 @@ impl Dataplane for IptablesDataplane {
             self.full = true;
             return Err(e);
         }
-        self.state.commit(delta);
         self.full = false;
         debug!(
-            written = plan.written.len(),
-            deleted = plan.deleted.len(),
-            rules_added = plan.rules_added,
-            rules_deleted = plan.rules_deleted,
-            hairpin_added = set_add.lines().count(),
-            hairpin_deleted = set_del.lines().count(),
+            written = n[0],
+            deleted = n[1],
+            rules_added = n[2],
+            rules_deleted = n[3],
+            hairpin_added = n[4],
+            hairpin_deleted = n[5],
             "iptables chains"
         );
         flush_udp_flows(&stale_udp_flows_changed(

@@ -291,11 +291,11 @@ impl Generator for NftablesRules {
         out.push((elem(map, key), value(format!("goto {svc}"))));
         // A pod reaching itself through the service: masqueraded in
         // postrouting (one set element, not a chain per endpoint).
-        for b in &f.backends {
-            out.push((
-                elem(HAIRPIN_SET, format!("{} . {}", b.addr, b.addr)),
-                Content::default(),
-            ));
+        let mut addrs: Vec<Ipv4Addr> = f.backends.iter().map(|b| b.addr).collect();
+        addrs.sort_unstable();
+        addrs.dedup(); // one pair per address, whatever its ports
+        for a in addrs {
+            out.push((elem(HAIRPIN_SET, format!("{a} . {a}")), Content::default()));
         }
         // For NodePorts the chains are keyed by port only.
         let ck = if nodeport {
@@ -410,13 +410,34 @@ pub fn normalise(rule: &str) -> String {
 }
 
 /// What a render changes: chains written and deleted, elements added and
-/// deleted (as `container key`).
+/// deleted (as `container key`); with [`render_to`]'s `detail` off only
+/// their numbers (a first sync adds ~10 elements per service: their text
+/// is not kept).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub chains_written: Vec<String>,
     pub chains_deleted: Vec<String>,
     pub elements_added: Vec<String>,
     pub elements_deleted: Vec<String>,
+    /// (chains written, chains deleted, elements added, elements deleted)
+    pub counts: (usize, usize, usize, usize),
+    detail: bool,
+}
+
+impl Plan {
+    fn note(&mut self, which: usize, what: impl FnOnce() -> String) {
+        let (cw, cd, ea, ed) = &mut self.counts;
+        let (n, list) = match which {
+            0 => (cw, &mut self.chains_written),
+            1 => (cd, &mut self.chains_deleted),
+            2 => (ea, &mut self.elements_added),
+            _ => (ed, &mut self.elements_deleted),
+        };
+        *n += 1;
+        if self.detail {
+            list.push(what());
+        }
+    }
 }
 
 fn element(key: &str, c: &Content) -> String {
@@ -443,13 +464,16 @@ pub fn render_prelude() -> String {
 /// sets nothing refers to any more deleted.
 pub fn render(delta: &Delta) -> (String, Plan) {
     let mut out = String::new();
-    let plan = render_to(&mut out, delta);
+    let plan = render_to(&mut out, delta, true);
     (out, plan)
 }
 
 /// [`render`] into `out` (the tool's stdin: the input is not held whole).
-pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Plan {
-    let mut plan = Plan::default();
+pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta, detail: bool) -> Plan {
+    let mut plan = Plan {
+        detail,
+        ..Plan::default()
+    };
     let t = format!("ip {TABLE}");
     let ups = || delta.upsert.iter().zip(&delta.existed);
     for ((item, c, _), existed) in ups() {
@@ -479,19 +503,19 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Pla
             for rule in &c.lines {
                 let _ = writeln!(out, "add rule {t} {name} {rule}");
             }
-            plan.chains_written.push(name.clone());
+            plan.note(0, || name.clone());
         }
     }
     for (item, _) in &delta.delete {
         if let Item::Element(map, key) = item {
             let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
-            plan.elements_deleted.push(format!("{map} {key}"));
+            plan.note(3, || format!("{map} {key}"));
         }
     }
     for ((item, _, _), existed) in ups() {
         if let (Item::Element(map, key), true) = (item, existed) {
             let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
-            plan.elements_deleted.push(format!("{map} {key}"));
+            plan.note(3, || format!("{map} {key}"));
         }
     }
     // Added in batches: one command per 256 elements of a container (a
@@ -513,7 +537,7 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Pla
                     batch = Some((map, 1));
                 }
             }
-            plan.elements_added.push(format!("{map} {e}"));
+            plan.note(2, || format!("{map} {e}"));
         }
     }
     if batch.is_some() {
@@ -528,7 +552,7 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Pla
     for (item, _) in &delta.delete {
         if let Item::Chain(_, name) = item {
             let _ = writeln!(out, "delete chain {t} {name}");
-            plan.chains_deleted.push(name.clone());
+            plan.note(1, || name.clone());
         }
     }
     for (item, _) in &delta.delete {
@@ -690,8 +714,9 @@ mod tests {
         let d = s.plan(&g, &before, None);
         s.commit(d);
         let (input, plan) = render(&s.plan(&g, &after, Some(&[(k(41), None)])));
-        assert_eq!(plan.chains_written.len(), 2, "svc + sep: {input}");
-        assert_eq!(plan.elements_added.len(), 1, "{input}");
+        assert_eq!(plan.chains_written.len(), 1, "svc only: {input}");
+        // Its service-ips element and its endpoint's hairpin pair.
+        assert_eq!(plan.elements_added.len(), 2, "{input}");
         assert!(plan.elements_deleted.is_empty() && plan.chains_deleted.is_empty());
         assert!(
             input.contains(
@@ -699,7 +724,7 @@ mod tests {
             ),
             "{input}"
         );
-        assert_eq!(input.lines().count(), 6, "{input}");
+        assert_eq!(input.lines().count(), 4, "{input}");
     }
 
     #[test]
