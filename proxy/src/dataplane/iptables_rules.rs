@@ -22,11 +22,19 @@
 //! * `KUBE-FW-<h>`: listed source ranges go on to `KUBE-EXT-<h>`, the rest
 //!   is marked for the filter table's `KUBE-FIREWALL` to drop (and
 //!   REDIRECTed, so it reaches INPUT on a node without a route for it).
-//! * `KUBE-SVC-<h>`: `-m recent` affinity checks, then one rule per backend
-//!   with `-m statistic --mode random --probability 1/(n-i)` (uniform).
-//! * `KUBE-SEP-<h>`: hairpin (`-s backend`) masquerade, affinity `--set`,
-//!   DNAT to the backend.
-//! * `KUBE-POSTROUTING` (from POSTROUTING): masquerade marked packets.
+//! * `KUBE-SVC-<h>`: one rule per backend with `-m statistic --mode random
+//!   --probability 1/(n-i)` (uniform) that DNATs to it: no chain per
+//!   endpoint (110k chains at 10k services x 10 endpoints make
+//!   `iptables-restore` superlinearly slow). For an external frontend
+//!   the local backends come first and one `-j KUBE-MARK-MASQ-EXT` sits
+//!   before the first remote one.
+//! * `KUBE-SEP-<h>`, with ClientIP affinity only: the service chain checks
+//!   each endpoint's `-m recent` list and jumps here (external masquerade
+//!   if remote, `--set`, DNAT).
+//! * `KUBE-POSTROUTING` (from POSTROUTING): hairpin (a DNATed connection
+//!   matching the `KUBE-RS-HAIRPIN` ip set `dst,dst,src`, entries
+//!   `endpoint,proto:port,endpoint`) is marked; marked packets are
+//!   masqueraded.
 //! * filter `KUBE-SERVICES` (INPUT, FORWARD, OUTPUT) and
 //!   `KUBE-EXTERNAL-SERVICES` (INPUT, FORWARD): REJECT for frontends
 //!   without endpoints, matched on the conntrack original destination.
