@@ -146,10 +146,26 @@ fn iptables_full_sync_matches_golden() {
 }
 
 #[test]
+fn iptables_full_hairpin_set_matches_golden() {
+    let mut s = State::default();
+    let d = s.plan(&ipt(), &fixture(), None);
+    let (add, del) = iptables_rules::render_ipset(&d);
+    golden("iptables-full.ipset", &add);
+    assert!(del.is_empty(), "{del}");
+}
+
+#[test]
 fn iptables_one_endpoint_change_rewrites_only_its_chains() {
     let d = partial(&ipt(), &fixture(), &one_endpoint_removed());
     let (input, plan) = iptables_rules::render(&d);
     golden("iptables-partial.rules", &input);
+    assert_eq!(
+        iptables_rules::render_ipset(&d),
+        (
+            String::new(),
+            "del KUBE-RS-HAIRPIN 10.244.2.3,tcp:8080,10.244.2.3\n".to_owned()
+        )
+    );
     let svc = format!(
         "nat/KUBE-SVC-{}",
         proxy::dataplane::fallback::frontend_hash(&key([10, 96, 0, 20], 80, Protocol::Tcp))
@@ -182,8 +198,11 @@ fn nftables_one_endpoint_change_rewrites_only_its_chains() {
     assert_eq!(plan.chains_written, vec![format!("svc-{h}")], "{input}");
     assert_eq!(plan.chains_deleted.len(), 1, "{input}");
     assert!(plan.chains_deleted[0].starts_with("sep-"), "{input}");
-    assert!(
-        plan.elements_added.is_empty() && plan.elements_deleted.is_empty(),
+    // The endpoint's hairpin pair goes with it; no other element moves.
+    assert!(plan.elements_added.is_empty(), "{input}");
+    assert_eq!(
+        plan.elements_deleted,
+        vec!["hairpin-endpoints 10.244.2.3 . 10.244.2.3"],
         "{input}"
     );
     assert!(!input.contains("delete table"), "{input}");

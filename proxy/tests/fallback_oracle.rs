@@ -30,7 +30,7 @@ use proxy::{
         Dataplane,
         fallback::{
             RuleOptions, apply_in_place,
-            incremental::{Generator, State},
+            incremental::{Generator, Item, State},
         },
         iptables::{self, IptablesDataplane},
         iptables_rules::{self, IptablesRules},
@@ -174,11 +174,30 @@ fn opts() -> RuleOptions {
 
 // --- a model of the kernel --------------------------------------------------
 
-/// iptables: table -> chain -> rules.
+/// iptables: table -> chain -> rules; and the hairpin ip set's entries.
 #[derive(Default)]
-struct IptModel(BTreeMap<String, BTreeMap<String, Vec<String>>>);
+struct IptModel(
+    BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    BTreeSet<String>,
+);
 
 impl IptModel {
+    /// `ipset restore` input: adding an entry that is there, or deleting
+    /// one that is not, is an error (the writer knows what is there).
+    fn run_ipset(&mut self, script: &str) {
+        for line in script.lines() {
+            if let Some(e) = line.strip_prefix(&format!("add {} ", iptables_rules::HAIRPIN_SET)) {
+                assert!(self.1.insert(e.to_owned()), "ipset add of present {e}");
+            } else if let Some(e) =
+                line.strip_prefix(&format!("del {} ", iptables_rules::HAIRPIN_SET))
+            {
+                assert!(self.1.remove(e), "ipset del of missing {e}");
+            } else {
+                panic!("unexpected ipset line {line}");
+            }
+        }
+    }
+
     fn run(&mut self, script: &str) {
         let mut table = String::new();
         for line in script.lines() {
@@ -234,7 +253,9 @@ impl IptModel {
     /// Normalised: rules normalised; shared chains (whose order between
     /// frontends does not matter) sorted.
     fn normalised(&self) -> Vec<String> {
-        normalised_ipt(&self.0)
+        let mut out = normalised_ipt(&self.0);
+        out.extend(self.1.iter().map(|e| format!("hairpin {e}")));
+        out
     }
 }
 
@@ -313,13 +334,15 @@ impl NftModel {
                 assert!(self.sets.remove(name), "delete of missing set {name}");
             } else if let Some(rest) = line.strip_prefix(&format!("add element {t}")) {
                 let (map, e) = rest.split_once(' ').expect("element");
-                let (k, v) = braces(e).split_once(" : ").unwrap_or((braces(e), ""));
-                let old = self
-                    .elements
-                    .entry(map.to_owned())
-                    .or_default()
-                    .insert(k.to_owned(), v.to_owned());
-                assert!(old.is_none(), "element {map} {k} exists: {line}");
+                for e in braces(e).split(", ") {
+                    let (k, v) = e.split_once(" : ").unwrap_or((e, ""));
+                    let old = self
+                        .elements
+                        .entry(map.to_owned())
+                        .or_default()
+                        .insert(k.to_owned(), v.to_owned());
+                    assert!(old.is_none(), "element {map} {k} exists: {line}");
+                }
             } else if let Some(rest) = line.strip_prefix(&format!("delete element {t}")) {
                 let (map, e) = rest.split_once(' ').expect("element");
                 let gone = self.elements.get_mut(map).and_then(|m| m.remove(braces(e)));
@@ -384,10 +407,13 @@ fn random_changes_leave_what_a_fresh_writer_writes() {
             let changed = (!first).then_some(&before[..]);
             let d = ipt_state.plan(&ipt, &programmed.frontends, changed);
             let script = iptables_rules::render(&d).0;
+            let (set_add, set_del) = iptables_rules::render_ipset(&d);
             if !first {
                 partial_bytes += script.len();
             }
+            ipt_kernel.run_ipset(&set_add);
             ipt_kernel.run(&script);
+            ipt_kernel.run_ipset(&set_del);
             ipt_state.commit(d);
             let d = nft_state.plan(&nft, &programmed.frontends, changed);
             let mut script = nftables_rules::render(&d).0;
@@ -402,6 +428,7 @@ fn random_changes_leave_what_a_fresh_writer_writes() {
             let (fresh, d) = fresh_delta(&ipt, &programmed);
             let mut want = IptModel::default();
             want.run(&iptables_rules::render(&d).0);
+            want.run_ipset(&iptables_rules::render_ipset(&d).0);
             assert_eq!(
                 ipt_kernel.normalised(),
                 want.normalised(),
@@ -494,7 +521,16 @@ fn ipt_kernel() -> Vec<String> {
             }
         }
     }
-    normalised_ipt(&t)
+    let mut out = normalised_ipt(&t);
+    let set = sh(&["ipset", "save", iptables_rules::HAIRPIN_SET]);
+    let mut entries: Vec<String> = set
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("add {} ", iptables_rules::HAIRPIN_SET)))
+        .map(|e| format!("hairpin {e}"))
+        .collect();
+    entries.sort();
+    out.extend(entries);
+    out
 }
 
 /// Our nft table, normalised (chains with rules; elements sorted).
@@ -693,4 +729,163 @@ fn nftables_random_changes_in_the_kernel_equal_a_fresh_agent() {
             },
         )
     });
+}
+
+// --- locality: a change writes only the changed frontend's items -------------
+
+/// The items `g` generates for `f` at `k`, and how many lines (rules,
+/// element values) they hold.
+fn items_of<G: Generator>(
+    g: &G,
+    k: &FrontendKey,
+    f: Option<&Frontend>,
+) -> (
+    BTreeSet<proxy::dataplane::fallback::incremental::Item>,
+    usize,
+) {
+    let mut out = Vec::new();
+    if let Some(f) = f {
+        g.frontend(k, f, &mut out);
+    }
+    let lines = out.iter().map(|(_, c)| c.lines.len().max(1)).sum();
+    (out.into_iter().map(|(i, _)| i).collect(), lines)
+}
+
+/// A table of 300 frontends of every kind; then, one at a time, 60 of
+/// them changed (an endpoint added, one removed, all removed, the
+/// frontend removed, affinity switched on), and a new one added: the
+/// delta holds only items the changed frontend generates (before or
+/// after), and no more of them than it has. A layout where a change
+/// rewrites a chain or element that lists other frontends (a whole
+/// KUBE-SERVICES, a per-node chain of endpoints) fails here.
+fn changes_stay_local<G: Generator>(mode: &str, g: &G) {
+    let mut rng = Rng(0x10ca_1175);
+    let mut table = LbTable::default();
+    for i in 0..300u16 {
+        let proto = [Protocol::Tcp, Protocol::Udp][usize::from(i % 2)];
+        let (addr, kind) = match i % 10 {
+            0 => (Ipv4Addr::from(NODES[0]), FrontendKind::NodePort),
+            1 => (Ipv4Addr::from(NODES[1]), FrontendKind::NodePort),
+            2 => (Ipv4Addr::new(198, 51, 100, 1), FrontendKind::ExternalIp),
+            3 => (Ipv4Addr::new(198, 51, 100, 2), FrontendKind::LoadBalancer),
+            _ => (
+                Ipv4Addr::new(10, 96, (i / 200) as u8, (i % 200) as u8 + 1),
+                FrontendKind::ClusterIp,
+            ),
+        };
+        let k = FrontendKey {
+            addr,
+            port: 30000 + i,
+            proto,
+        };
+        table.frontends.insert(k, random_frontend(&mut rng, kind));
+    }
+    let mut state = State::default();
+    let d = state.plan(g, &table.frontends, None);
+    state.commit(d);
+    let keys: Vec<FrontendKey> = table.frontends.keys().copied().collect();
+    let new_key = FrontendKey {
+        addr: Ipv4Addr::new(10, 96, 9, 9),
+        port: 80,
+        proto: Protocol::Tcp,
+    };
+    let mut checked = 0;
+    // Spread over the table, greatest key first (the one whose content
+    // wins where several frontends generate the same item).
+    for (n, k) in keys
+        .iter()
+        .rev()
+        .step_by(5)
+        .copied()
+        .chain([new_key])
+        .enumerate()
+    {
+        let old = table.frontends.get(&k).cloned();
+        let mut next = table.clone();
+        let mut f = old
+            .clone()
+            .unwrap_or_else(|| random_frontend(&mut rng, FrontendKind::ClusterIp));
+        match n % 5 {
+            0 => f.backends.push(BackendAddr {
+                addr: Ipv4Addr::new(10, 244, 7, n as u8),
+                port: 8080,
+                terminating: false,
+                local: n % 2 == 0,
+            }),
+            1 => {
+                f.backends.pop();
+            }
+            2 => f.backends.clear(),
+            3 => f.affinity_timeout = if f.affinity_timeout > 0 { 0 } else { 60 },
+            _ => {}
+        }
+        if n % 5 == 4 && old.is_some() {
+            next.frontends.remove(&k);
+        } else {
+            next.frontends.insert(k, f);
+        }
+        if next.frontends.get(&k) == old.as_ref() {
+            continue;
+        }
+        let ((was, was_lines), (is, is_lines)) = (
+            items_of(g, &k, old.as_ref()),
+            items_of(g, &k, next.frontends.get(&k)),
+        );
+        let mine: BTreeSet<_> = was.union(&is).cloned().collect();
+        // Chains other frontends generate too (a shared chain written
+        // whole would hold their rules).
+        let others: BTreeSet<_> = next
+            .frontends
+            .iter()
+            .filter(|(o, _)| **o != k)
+            .flat_map(|(o, f)| items_of(g, o, Some(f)).0)
+            .filter(|i| matches!(i, Item::Chain(..)))
+            .collect();
+        let mut s = state.clone();
+        let before = apply_in_place(&mut table.clone(), &diff(&table, &next));
+        let d = s.plan(g, &next.frontends, Some(&before));
+        let touched: Vec<_> = d
+            .upsert
+            .iter()
+            .map(|(i, _, _)| i)
+            .chain(d.delete.iter().map(|(i, _)| i))
+            .collect();
+        if touched.is_empty() {
+            // E.g. affinity switched on a frontend without endpoints.
+            continue;
+        }
+        for i in &touched {
+            assert!(
+                mine.contains(i),
+                "{mode}: change {n} of {k} wrote {i:?}, not one of its own items {mine:?}"
+            );
+        }
+        for i in &touched {
+            assert!(
+                !others.contains(i),
+                "{mode}: change {n} of {k} rewrote {i:?}, which other frontends fill too"
+            );
+        }
+        assert!(touched.len() <= mine.len(), "{mode}: {touched:?}");
+        let lines: usize = d.upsert.iter().map(|(_, c, _)| c.lines.len().max(1)).sum();
+        assert!(
+            lines <= was_lines + is_lines,
+            "{mode}: change {n} of {k} wrote {lines} lines; the frontend has {was_lines} before, {is_lines} after"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 40,
+        "{mode}: only {checked} changes wrote anything"
+    );
+}
+
+#[test]
+fn iptables_a_change_writes_only_the_changed_frontends_items() {
+    changes_stay_local("iptables", &IptablesRules { opts: opts() });
+}
+
+#[test]
+fn nftables_a_change_writes_only_the_changed_frontends_items() {
+    changes_stay_local("nftables", &NftablesRules { opts: opts() });
 }

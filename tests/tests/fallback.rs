@@ -287,9 +287,10 @@ fn last_field(log: &str, needle: &str, key: &str) -> Option<u64> {
 
 /// 1000 services (TCP + UDP, two endpoints each) programmed in one sync,
 /// then one endpoint of one service replaced: the partial sync rewrites
-/// only that service's two KUBE-SVC / svc- chains, writes the two new
-/// endpoint chains and deletes the two old ones. Prints both sync times
-/// (measured, not asserted).
+/// only that service's two KUBE-SVC / svc- chains (which DNAT to the
+/// endpoints themselves: there is no chain per endpoint), deletes no
+/// chain, and swaps the two hairpin entries of the endpoint (ip set /
+/// nft set elements). Prints both sync times (measured, not asserted).
 fn thousand_services_then_one_endpoint(mode: &str) {
     const N: usize = 1000;
     let cluster = Cluster::new(ClusterSpec {
@@ -338,24 +339,37 @@ fn thousand_services_then_one_endpoint(mode: &str) {
         api.create(slice(i, [2, 3])).expect("slice");
     }
     let mut agent = start(node, &api, mode);
-    let count_seps = || -> usize {
+    // DNAT rules (one per endpoint of each frontend), and chains per
+    // endpoint (none: no service has affinity).
+    let count_dnats = || -> (usize, usize) {
         match mode {
-            "iptables" => node
-                .ns
-                .exec(&["iptables-save", "-t", "nat"])
-                .expect("iptables-save")
-                .lines()
-                .filter(|l| l.starts_with(":KUBE-SEP-"))
-                .count(),
-            _ => node
-                .ns
-                .exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])
-                .expect("nft list")
-                .lines()
-                .filter(|l| l.trim_start().starts_with("chain sep-"))
-                .count(),
+            "iptables" => {
+                let save = node
+                    .ns
+                    .exec(&["iptables-save", "-t", "nat"])
+                    .expect("iptables-save");
+                (
+                    save.lines()
+                        .filter(|l| l.starts_with("-A KUBE-SVC-") && l.contains("-j DNAT"))
+                        .count(),
+                    save.lines().filter(|l| l.starts_with(":KUBE-SEP-")).count(),
+                )
+            }
+            _ => {
+                let list = node
+                    .ns
+                    .exec(&["nft", "list", "table", "ip", "kube-proxy-rs"])
+                    .expect("nft list");
+                (
+                    list.lines().filter(|l| l.contains(" dnat to ")).count(),
+                    list.lines()
+                        .filter(|l| l.trim_start().starts_with("chain sep-"))
+                        .count(),
+                )
+            }
         }
     };
+    let count_seps = || count_dnats().0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while count_seps() < 4 * N {
         assert!(
@@ -375,21 +389,44 @@ fn thousand_services_then_one_endpoint(mode: &str) {
         .expect("partial sync");
     let log = agent.log();
     let partial_ms = last_field(&log, "sync done", "elapsed_ms");
-    let (needle, written, deleted) = match mode {
-        "iptables" => ("iptables chains", "written", "deleted"),
-        _ => ("nft table", "chains_written", "chains_deleted"),
+    let (needle, written, deleted, added_e, deleted_e) = match mode {
+        "iptables" => (
+            "iptables chains",
+            "written",
+            "deleted",
+            "hairpin_added",
+            "hairpin_deleted",
+        ),
+        _ => (
+            "nft table",
+            "chains_written",
+            "chains_deleted",
+            "elements_added",
+            "elements_deleted",
+        ),
     };
     assert_eq!(
         last_field(&log, needle, written),
-        Some(4),
-        "{mode}: 2 svc + 2 new sep chains:\n{log}"
+        Some(2),
+        "{mode}: the 2 svc chains:\n{log}"
     );
     assert_eq!(
         last_field(&log, needle, deleted),
-        Some(2),
-        "{mode}: 2 old sep chains:\n{log}"
+        Some(0),
+        "{mode}: no chain deleted:\n{log}"
     );
-    assert_eq!(count_seps(), 4 * N);
+    // iptables' set holds (endpoint, port, endpoint): one per port; nft's
+    // holds endpoint . endpoint: one for both.
+    let hairpin = if mode == "iptables" { 2 } else { 1 };
+    assert_eq!(
+        (
+            last_field(&log, needle, added_e),
+            last_field(&log, needle, deleted_e)
+        ),
+        (Some(hairpin), Some(hairpin)),
+        "{mode}: hairpin entries of the new / old endpoint:\n{log}"
+    );
+    assert_eq!(count_dnats(), (4 * N, 0));
     println!(
         "{mode}: 1000 services x 2 ports: full sync {full_ms:?} ms, one-endpoint sync {partial_ms:?} ms"
     );

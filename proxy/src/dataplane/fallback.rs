@@ -85,12 +85,11 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
             cmd: cmd.clone(),
             source,
         })?;
+    // A tool that fails early stops reading: its exit status and stderr
+    // say why, not the broken pipe.
+    let mut write_err = None;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|source| FallbackError::Spawn {
-                cmd: cmd.clone(),
-                source,
-            })?;
+        write_err = pipe.write_all(input.as_bytes()).err();
     }
     let out = child
         .wait_with_output()
@@ -104,6 +103,9 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
+    }
+    if let Some(source) = write_err {
+        return Err(FallbackError::Spawn { cmd, source });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -10,11 +10,15 @@ use super::{
     ApplyStats, Dataplane,
     fallback::{
         self, FallbackError, RuleOptions, apply_in_place, change_stats, flush_udp_flows,
-        incremental::State, revert, stale_udp_flows_changed,
+        incremental::{Delta, Item, State},
+        revert, stale_udp_flows_changed,
     },
-    iptables_rules::{self, IptablesRules, JUMP_COMMENT},
+    iptables_rules::{self, HAIRPIN_SET, HAIRPIN_SET_TYPE, IptablesRules, JUMP_COMMENT},
 };
 use crate::{diff::Change, lb::LbTable};
+
+/// Frontends per `iptables-restore` in a sync that compares every item.
+const CHUNK: usize = 1000;
 
 pub struct IptablesDataplane {
     programmed: LbTable,
@@ -58,6 +62,11 @@ pub fn cleanup() -> Result<bool, FallbackError> {
         found = true;
         let input = iptables_rules::render_cleanup(&filter, &nat);
         fallback::run("iptables-restore", &["-w", "5", "--noflush"], Some(&input))?;
+    }
+    // Nothing refers to the hairpin set once the chains are gone.
+    if fallback::run("ipset", &["list", "-n", HAIRPIN_SET], None).is_ok() {
+        found = true;
+        fallback::run("ipset", &["destroy", HAIRPIN_SET], None)?;
     }
     if found {
         remove_empty_nft_builtins();
@@ -125,11 +134,31 @@ pub(super) fn remove_empty_nft_builtins() {
     }
 }
 
-/// What our chains in the kernel hold now.
+/// What our chains and our ip set in the kernel hold now.
 fn read_state(rules: &IptablesRules) -> Result<State, FallbackError> {
     let mut found = iptables_rules::found(&save("filter")?, "filter", rules);
     found.extend(iptables_rules::found(&save("nat")?, "nat", rules));
+    if let Ok(save) = fallback::run("ipset", &["save", HAIRPIN_SET], None) {
+        found.extend(iptables_rules::found_ipset(&save, rules));
+    }
     Ok(State::adopt(found))
+}
+
+/// Creates the hairpin ip set unless it exists (KUBE-POSTROUTING refers
+/// to it).
+fn ensure_hairpin_set() -> Result<(), FallbackError> {
+    let mut args = vec!["create", HAIRPIN_SET];
+    args.extend(HAIRPIN_SET_TYPE);
+    args.push("-exist");
+    fallback::run("ipset", &args, None).map(|_| ())
+}
+
+fn ipset_restore(input: &str) -> Result<(), FallbackError> {
+    if input.is_empty() {
+        return Ok(());
+    }
+    debug!(bytes = input.len(), "ipset restore");
+    fallback::run("ipset", &["restore", "-exist"], Some(input)).map(|_| ())
 }
 
 fn restore(input: &str) -> Result<(), FallbackError> {
@@ -152,6 +181,7 @@ impl IptablesDataplane {
                 "found chains of an earlier run; the first sync keeps what is right there"
             );
         }
+        ensure_hairpin_set()?;
         // The jumps need the chains to exist: write the fixed ones first.
         let delta = state.plan_fixed(&rules);
         let (input, _) = iptables_rules::render(&delta);
@@ -183,17 +213,51 @@ impl Dataplane for IptablesDataplane {
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {
         let before = apply_in_place(&mut self.programmed, changes);
-        let changed = (!self.full).then_some(&before[..]);
-        let delta = self
-            .state
-            .plan(&self.rules, &self.programmed.frontends, changed);
-        let mut plan = iptables_rules::Plan::default();
-        let written = if delta.is_empty() {
-            Ok(String::new())
+        // (chains written, deleted, shared rules added, deleted, hairpin
+        // entries added, deleted)
+        let mut n = [0usize; 6];
+        let mut write = |delta: &Delta| -> Result<(), FallbackError> {
+            // Hairpin entries go in before the rules that DNAT to them,
+            // and out after.
+            let (set_add, set_del) = iptables_rules::render_ipset(delta);
+            ipset_restore(&set_add)?;
+            let is_rule = |i: &Item| !matches!(i, Item::Element(..));
+            if delta.upsert.iter().any(|(i, _, _)| is_rule(i))
+                || delta.delete.iter().any(|(i, _)| is_rule(i))
+            {
+                fallback::run_streamed("iptables-restore", &["-w", "5", "--noflush"], |out| {
+                    let p = iptables_rules::render_to(out, delta);
+                    n[0] += p.written.len();
+                    n[1] += p.deleted.len();
+                    n[2] += p.rules_added;
+                    n[3] += p.rules_deleted;
+                })?;
+            }
+            ipset_restore(&set_del)?;
+            n[4] += set_add.lines().count();
+            n[5] += set_del.lines().count();
+            Ok(())
+        };
+        let written = if self.full {
+            // Every item compared, written a chunk of frontends at a
+            // time: the rules of 10k services are never all in memory.
+            self.state
+                .plan_full_chunked(&self.rules, &self.programmed.frontends, CHUNK, |delta| {
+                    write(&delta).map(|()| true)
+                })
         } else {
-            fallback::run_streamed("iptables-restore", &["-w", "5", "--noflush"], |out| {
-                plan = iptables_rules::render_to(out, &delta);
-            })
+            let delta = self
+                .state
+                .plan(&self.rules, &self.programmed.frontends, Some(&before));
+            let r = if delta.is_empty() {
+                Ok(())
+            } else {
+                write(&delta)
+            };
+            if r.is_ok() {
+                self.state.commit(delta);
+            }
+            r
         };
         if let Err(e) = written {
             // Kernel state unknown now: re-read it, compare everything
@@ -203,13 +267,14 @@ impl Dataplane for IptablesDataplane {
             self.full = true;
             return Err(e);
         }
-        self.state.commit(delta);
         self.full = false;
         debug!(
-            written = plan.written.len(),
-            deleted = plan.deleted.len(),
-            rules_added = plan.rules_added,
-            rules_deleted = plan.rules_deleted,
+            written = n[0],
+            deleted = n[1],
+            rules_added = n[2],
+            rules_deleted = n[3],
+            hairpin_added = n[4],
+            hairpin_deleted = n[5],
             "iptables chains"
         );
         flush_udp_flows(&stale_udp_flows_changed(

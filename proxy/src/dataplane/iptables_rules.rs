@@ -22,11 +22,19 @@
 //! * `KUBE-FW-<h>`: listed source ranges go on to `KUBE-EXT-<h>`, the rest
 //!   is marked for the filter table's `KUBE-FIREWALL` to drop (and
 //!   REDIRECTed, so it reaches INPUT on a node without a route for it).
-//! * `KUBE-SVC-<h>`: `-m recent` affinity checks, then one rule per backend
-//!   with `-m statistic --mode random --probability 1/(n-i)` (uniform).
-//! * `KUBE-SEP-<h>`: hairpin (`-s backend`) masquerade, affinity `--set`,
-//!   DNAT to the backend.
-//! * `KUBE-POSTROUTING` (from POSTROUTING): masquerade marked packets.
+//! * `KUBE-SVC-<h>`: one rule per backend with `-m statistic --mode random
+//!   --probability 1/(n-i)` (uniform) that DNATs to it: no chain per
+//!   endpoint (110k chains at 10k services x 10 endpoints make
+//!   `iptables-restore` superlinearly slow). For an external frontend
+//!   the local backends come first and one `-j KUBE-MARK-MASQ-EXT` sits
+//!   before the first remote one.
+//! * `KUBE-SEP-<h>`, with ClientIP affinity only: the service chain checks
+//!   each endpoint's `-m recent` list and jumps here (external masquerade
+//!   if remote, `--set`, DNAT).
+//! * `KUBE-POSTROUTING` (from POSTROUTING): hairpin (a DNATed connection
+//!   matching the `KUBE-RS-HAIRPIN` ip set `dst,dst,src`, entries
+//!   `endpoint,proto:port,endpoint`) is marked; marked packets are
+//!   masqueraded.
 //! * filter `KUBE-SERVICES` (INPUT, FORWARD, OUTPUT) and
 //!   `KUBE-EXTERNAL-SERVICES` (INPUT, FORWARD): REJECT for frontends
 //!   without endpoints, matched on the conntrack original destination.
@@ -114,6 +122,34 @@ fn shared(table: &str, chain: &str) -> Option<(&'static str, &'static str)> {
 /// prints it (10 decimals).
 fn probability(i: usize, n: usize) -> String {
     format!("{:.10}", 1.0 / (n - i) as f64)
+}
+
+/// `-m statistic` for rule `i` of `n` of a uniform cascade (none for the
+/// last).
+fn statistic(i: usize, n: usize) -> String {
+    if i + 1 < n {
+        format!(
+            "-m statistic --mode random --probability {} ",
+            probability(i, n)
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// The ip set (`hash:ip,port,ip`) of endpoints that may reach themselves
+/// through a service; KUBE-POSTROUTING masquerades DNATed connections
+/// matching it `dst,dst,src` (kube-proxy's ipvs mode's KUBE-LOOP-BACK).
+pub const HAIRPIN_SET: &str = "KUBE-RS-HAIRPIN";
+
+/// The `ipset create` arguments of [`HAIRPIN_SET`] (after the name):
+/// room for 10 endpoints x 2 ports of 50k services (the default, 65536,
+/// is full before 10k services x 10 endpoints).
+pub const HAIRPIN_SET_TYPE: [&str; 3] = ["hash:ip,port,ip", "maxelem", "1048576"];
+
+/// A [`HAIRPIN_SET`] entry as `ipset save` prints it.
+pub fn hairpin_entry(k: &FrontendKey, b: &crate::lb::BackendAddr) -> String {
+    format!("{},{}:{},{}", b.addr, proto_lower(k.proto), b.port, b.addr)
 }
 
 /// Splits a rule into words, a double-quoted string being one word
@@ -262,6 +298,13 @@ impl Generator for IptablesRules {
         add(
             "nat",
             "KUBE-POSTROUTING",
+            format!(
+                "-m comment --comment \"hairpin: a pod reaching itself through a service\" -m conntrack --ctstate DNAT -m set --match-set {HAIRPIN_SET} dst,dst,src -j KUBE-MARK-MASQ"
+            ),
+        );
+        add(
+            "nat",
+            "KUBE-POSTROUTING",
             format!("-m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"),
         );
         add(
@@ -366,48 +409,68 @@ impl Generator for IptablesRules {
             }
             push(out, "nat", &ext, format!("-j {svc}"));
         }
-        let seps: Vec<String> = f
-            .backends
-            .iter()
-            .map(|b| format!("KUBE-SEP-{}", endpoint_hash(k, b)))
-            .collect();
+        // A pod reaching itself through the service is masqueraded in
+        // KUBE-POSTROUTING, by one rule matching an ip set of
+        // (endpoint, port, endpoint) entries: no chain per endpoint.
+        for b in &f.backends {
+            out.push((
+                Item::Element(HAIRPIN_SET, hairpin_entry(k, b)),
+                Content::default(),
+            ));
+        }
+        let external = f.kind != FrontendKind::ClusterIp;
+        let order = super::nftables_rules::endpoint_order(f);
+        let n = order.len();
         let mut svc_rules = Vec::new();
         if f.affinity_timeout > 0 {
-            for (b, sep) in f.backends.iter().zip(&seps) {
+            // ClientIP affinity needs per-endpoint state (the `recent`
+            // list): a KUBE-SEP chain per endpoint, as kube-proxy has.
+            let seps: Vec<String> = order
+                .iter()
+                .map(|b| format!("KUBE-SEP-{}", endpoint_hash(k, b)))
+                .collect();
+            for (b, sep) in order.iter().zip(&seps) {
                 svc_rules.push(format!(
                     "-m comment --comment \"{}:{}\" -m recent --rcheck --seconds {} --reap --name {sep} --mask 255.255.255.255 --rsource -j {sep}",
                     b.addr, b.port, f.affinity_timeout
                 ));
             }
-        }
-        let n = seps.len();
-        for (i, (b, sep)) in f.backends.iter().zip(&seps).enumerate() {
-            let stat = if i + 1 < n {
-                format!(
-                    "-m statistic --mode random --probability {} ",
-                    probability(i, n)
-                )
-            } else {
-                String::new()
-            };
-            svc_rules.push(format!(
-                "-m comment --comment \"{}:{}\" {stat}-j {sep}",
-                b.addr, b.port
-            ));
-            let mut sep_rules = vec![format!("-s {}/32 -j KUBE-MARK-MASQ", b.addr)];
-            if f.kind != FrontendKind::ClusterIp && !b.local {
-                sep_rules.push("-j KUBE-MARK-MASQ-EXT".to_owned());
+            for (i, (b, sep)) in order.iter().zip(&seps).enumerate() {
+                svc_rules.push(format!(
+                    "-m comment --comment \"{}:{}\" {}-j {sep}",
+                    b.addr,
+                    b.port,
+                    statistic(i, n)
+                ));
+                let mut sep_rules = Vec::new();
+                if external && !b.local {
+                    sep_rules.push("-j KUBE-MARK-MASQ-EXT".to_owned());
+                }
+                sep_rules.push(format!(
+                    "-p {p} -m recent --set --name {sep} --mask 255.255.255.255 --rsource -m {p} -j DNAT --to-destination {}:{}",
+                    b.addr, b.port
+                ));
+                out.push((chain("nat", sep), Content::rules(sep_rules)));
             }
-            let affinity = if f.affinity_timeout > 0 {
-                format!("-m recent --set --name {sep} --mask 255.255.255.255 --rsource ")
-            } else {
-                String::new()
-            };
-            sep_rules.push(format!(
-                "-p {p} {affinity}-m {p} -j DNAT --to-destination {}:{}",
-                b.addr, b.port
-            ));
-            out.push((chain("nat", sep), Content::rules(sep_rules)));
+        } else {
+            // DNAT straight from the service chain, rule i of n taken with
+            // probability 1/(n-i). Local endpoints come first, so for an
+            // external frontend every rule after the last local one picks
+            // a remote endpoint: the masquerade mark for those goes in
+            // once, before them.
+            for (i, b) in order.iter().enumerate() {
+                if external && !b.local && (i == 0 || order[i - 1].local) {
+                    svc_rules.push("-j KUBE-MARK-MASQ-EXT".to_owned());
+                }
+                svc_rules.push(format!(
+                    "-p {p} -m comment --comment \"{}:{}\" {}-m {p} -j DNAT --to-destination {}:{}",
+                    b.addr,
+                    b.port,
+                    statistic(i, n),
+                    b.addr,
+                    b.port
+                ));
+            }
         }
         out.push((chain("nat", &svc), Content::rules(svc_rules)));
     }
@@ -506,6 +569,39 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Pla
         let _ = writeln!(out, "COMMIT");
     }
     plan
+}
+
+/// The `ipset restore -exist` inputs for `delta`'s [`HAIRPIN_SET`]
+/// entries: (to add, before the rules go in; to delete, after they went).
+pub fn render_ipset(delta: &Delta) -> (String, String) {
+    let (mut add, mut del) = (String::new(), String::new());
+    for (i, _, _) in &delta.upsert {
+        if let Item::Element(set, e) = i {
+            let _ = writeln!(add, "add {set} {e}");
+        }
+    }
+    for (i, _) in &delta.delete {
+        if let Item::Element(set, e) = i {
+            let _ = writeln!(del, "del {set} {e}");
+        }
+    }
+    (add, del)
+}
+
+/// The entries of [`HAIRPIN_SET`] in `ipset save` output, as [`Found`].
+pub fn found_ipset(save: &str, rules: &IptablesRules) -> Vec<Found> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix("add ")?.split_once(' '))
+        .filter(|(set, _)| *set == HAIRPIN_SET)
+        .map(|(_, e)| {
+            let item = Item::Element(HAIRPIN_SET, e.trim().to_owned());
+            Found {
+                fingerprint: rules.fingerprint(&item, &Content::default()),
+                item,
+                text: None,
+            }
+        })
+        .collect()
 }
 
 fn item_table(i: &Item) -> Option<&'static str> {
@@ -714,9 +810,10 @@ mod tests {
         let before = cluster(50, 3);
         let after = cluster(51, 3);
         let (input, plan) = step(&before, &after);
-        // Its KUBE-SVC and three KUBE-SEP chains; KUBE-SERVICES is not
-        // declared (that would flush it), one rule goes in at the top.
-        assert_eq!(plan.written.len(), 4, "{input}");
+        // Its KUBE-SVC chain (which DNATs: no KUBE-SEP chains);
+        // KUBE-SERVICES is not declared (that would flush it), one rule
+        // goes in at the top.
+        assert_eq!(plan.written.len(), 1, "{input}");
         assert!(plan.deleted.is_empty(), "{input}");
         assert_eq!((plan.rules_added, plan.rules_deleted), (1, 0), "{input}");
         assert!(!input.contains(":KUBE-SERVICES"), "{input}");
@@ -734,7 +831,7 @@ mod tests {
         let (input, plan) = step(&cluster(50, 3), &cluster(49, 3));
         assert_eq!((plan.rules_added, plan.rules_deleted), (0, 1), "{input}");
         assert!(plan.written.is_empty(), "{input}");
-        assert_eq!(plan.deleted.len(), 4, "{input}");
+        assert_eq!(plan.deleted.len(), 1, "{input}");
         let del = input
             .lines()
             .position(|l| l.starts_with("-D KUBE-SERVICES"));

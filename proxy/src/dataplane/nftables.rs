@@ -11,11 +11,15 @@ use super::{
     ApplyStats, Dataplane,
     fallback::{
         self, FallbackError, RuleOptions, apply_in_place, change_stats, flush_udp_flows,
-        incremental::State, revert, stale_udp_flows_changed,
+        incremental::{Delta, State},
+        revert, stale_udp_flows_changed,
     },
     nftables_rules::{self, NftablesRules},
 };
 use crate::{diff::Change, lb::LbTable};
+
+/// Frontends per `nft -f` in a sync that compares every item.
+const CHUNK: usize = 1000;
 
 pub struct NftablesDataplane {
     programmed: LbTable,
@@ -92,21 +96,44 @@ impl Dataplane for NftablesDataplane {
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, FallbackError> {
         let before = apply_in_place(&mut self.programmed, changes);
         let full = self.full;
-        let changed = (!full).then_some(&before[..]);
-        let delta = self
-            .state
-            .plan(&self.rules, &self.programmed.frontends, changed);
         let mut plan = nftables_rules::Plan::default();
-        let written = if delta.is_empty() && !full {
-            Ok(String::new())
-        } else {
+        let mut write = |delta: &Delta, prelude: bool| {
             fallback::run_streamed("nft", &["-f", "-"], |out| {
-                if full {
+                if prelude {
                     // Someone may have deleted the table since.
                     let _ = out.write_str(&nftables_rules::render_prelude());
                 }
-                plan = nftables_rules::render_to(out, &delta);
+                let p = nftables_rules::render_to(out, delta, false);
+                let (a, b, c, d) = &mut plan.counts;
+                *a += p.counts.0;
+                *b += p.counts.1;
+                *c += p.counts.2;
+                *d += p.counts.3;
             })
+            .map(|_| ())
+        };
+        let written = if full {
+            // Every item compared, written a chunk of frontends at a
+            // time: the rules of 10k services are never all in memory.
+            let mut first = true;
+            self.state
+                .plan_full_chunked(&self.rules, &self.programmed.frontends, CHUNK, |delta| {
+                    write(&delta, std::mem::take(&mut first))?;
+                    Ok(true)
+                })
+        } else {
+            let delta = self
+                .state
+                .plan(&self.rules, &self.programmed.frontends, Some(&before));
+            let r = if delta.is_empty() {
+                Ok(())
+            } else {
+                write(&delta, false)
+            };
+            if r.is_ok() {
+                self.state.commit(delta);
+            }
+            r
         };
         if let Err(e) = written {
             // State unknown now: re-read the table, compare everything
@@ -116,13 +143,12 @@ impl Dataplane for NftablesDataplane {
             self.full = true;
             return Err(e);
         }
-        self.state.commit(delta);
         self.full = false;
         debug!(
-            chains_written = plan.chains_written.len(),
-            chains_deleted = plan.chains_deleted.len(),
-            elements_added = plan.elements_added.len(),
-            elements_deleted = plan.elements_deleted.len(),
+            chains_written = plan.counts.0,
+            chains_deleted = plan.counts.1,
+            elements_added = plan.counts.2,
+            elements_deleted = plan.counts.3,
             "nft table"
         );
         flush_udp_flows(&stale_udp_flows_changed(

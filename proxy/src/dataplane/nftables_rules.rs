@@ -1,9 +1,11 @@
 //! kube-proxy's nftables mode for a set of frontends, as `nft -f` input:
 //! one table of ours, verdict maps for service dispatch (one O(1) lookup
-//! whatever the number of services), `numgen random` for the endpoint
-//! choice, sets for node-port addresses and per-endpoint affinity. A sync
-//! after the first rewrites only the chains and map elements that changed.
-//! Pure: no kernel, no processes.
+//! whatever the number of services), a `numgen random` cascade for the
+//! endpoint choice, sets for node-port addresses, hairpin pairs and
+//! per-endpoint affinity. No chain per endpoint (except for affinity):
+//! at 10k services x 10 endpoints the table has ~10k chains, not 110k. A
+//! sync after the first rewrites only the chains and elements that
+//! changed. Pure: no kernel, no processes.
 //!
 //! ```text
 //! table ip kube-proxy-rs
@@ -13,14 +15,23 @@
 //!   filter-prerouting / filter-output (dstnat - 10), new connections:
 //!             vmap @firewall-ips (loadBalancerSourceRanges)
 //!             vmap @no-endpoint-services / @no-endpoint-nodeports -> reject
-//!   nat-postrouting (srcnat)              -> masquerading (mark 0x4000)
-//!   svc-<h>:  affinity (ip saddr @aff-*), numgen random mod n vmap { i: goto sep-* }
-//!   ext-<h>:  goto svc-<h> (external frontends)
+//!   nat-postrouting (srcnat)              -> masquerading: hairpin
+//!             (ct status dnat, saddr . daddr in @hairpin-endpoints) and
+//!             mark 0x4000 -> masquerade
+//!   svc-<h>:  rule i of n: numgen random mod (n-i) 0 ... dnat to ep_i
+//!             (the last unconditional); external frontends: local
+//!             endpoints first, one jump mark-for-masquerade-external
+//!             (unless from a local pod) before the remote ones.
+//!             With affinity: ip saddr @aff-* goto sep-*, then the
+//!             cascade of goto sep-*
 //!   fw-<h>:   ip saddr in ranges: return; else drop
-//!   sep-<h>:  hairpin masquerade; for an external frontend and a remote
-//!             backend, masquerade unless from a local pod (iifname
-//!             prefix); affinity update, counter, dnat
+//!   sep-<h>:  (affinity only) external masquerade if remote, affinity
+//!             update, counter, dnat
 //! ```
+//!
+//! Not an inline `numgen ... map { }` / `vmap { }` per service: each is an
+//! anonymous set, and the kernel's naming of anonymous sets scans the
+//! table's sets, so 10k of them cost seconds of system time.
 //!
 //! No-endpoint rejects sit in prerouting (nft allows `reject` there), so
 //! they work on nodes without a route for the service range too.
@@ -38,7 +49,7 @@ use crate::lb::{Frontend, FrontendKey, FrontendKind};
 pub const TABLE: &str = "kube-proxy-rs";
 
 /// Maps and sets declared with the table: (kind, name, body).
-const CONTAINERS: [(&str, &str, &str); 6] = [
+const CONTAINERS: [(&str, &str, &str); 7] = [
     (
         "map",
         "service-ips",
@@ -65,6 +76,7 @@ const CONTAINERS: [(&str, &str, &str); 6] = [
         "type ipv4_addr . inet_proto . inet_service : verdict;",
     ),
     ("set", "nodeport-ips", "type ipv4_addr;"),
+    ("set", HAIRPIN_SET, "type ipv4_addr . ipv4_addr;"),
 ];
 
 fn fixed_chains() -> BTreeMap<String, Content> {
@@ -156,7 +168,14 @@ fn fixed_chains() -> BTreeMap<String, Content> {
         ),
         (
             "masquerading".to_owned(),
-            Content::rules(vec![skip, unmark, "masquerade fully-random".to_owned()]),
+            Content::rules(vec![
+                format!(
+                    "ct status dnat ip saddr . ip daddr @{HAIRPIN_SET} jump mark-for-masquerade"
+                ),
+                skip,
+                unmark,
+                "masquerade fully-random".to_owned(),
+            ]),
         ),
         ("mark-for-masquerade".to_owned(), Content::rules(vec![masq])),
     ])
@@ -172,6 +191,30 @@ fn chain_hash(k: &FrontendKey, f: &Frontend) -> String {
         })
     } else {
         frontend_hash(k)
+    }
+}
+
+/// The set of `endpoint . endpoint` pairs whose connections (a pod
+/// reaching itself through a service) are masqueraded.
+pub const HAIRPIN_SET: &str = "hairpin-endpoints";
+
+/// A frontend's endpoints in rule order: as given, except that for an
+/// external frontend the local ones come first (see the service chain).
+pub fn endpoint_order(f: &Frontend) -> Vec<&crate::lb::BackendAddr> {
+    let mut order: Vec<&crate::lb::BackendAddr> = f.backends.iter().collect();
+    if f.kind != FrontendKind::ClusterIp {
+        order.sort_by_key(|b| !b.local);
+    }
+    order
+}
+
+/// The condition of rule `i` of `n` in a uniform cascade: taken with
+/// probability 1/(n-i); the last one always.
+fn pick(i: usize, n: usize) -> String {
+    if i + 1 < n {
+        format!("numgen random mod {} 0 ", n - i)
+    } else {
+        String::new()
     }
 }
 
@@ -251,22 +294,20 @@ impl Generator for NftablesRules {
             return;
         }
         let svc = format!("svc-{h}");
-        let target = if f.kind == FrontendKind::ClusterIp {
-            svc.clone()
-        } else {
-            let ext = format!("ext-{h}");
-            out.push((
-                chain(ext.clone()),
-                Content::rules(vec![format!("goto {svc}")]),
-            ));
-            ext
-        };
         let (map, key) = if nodeport {
             ("service-nodeports", port_key)
         } else {
             ("service-ips", full_key)
         };
-        out.push((elem(map, key), value(format!("goto {target}"))));
+        out.push((elem(map, key), value(format!("goto {svc}"))));
+        // A pod reaching itself through the service: masqueraded in
+        // postrouting (one set element, not a chain per endpoint).
+        let mut addrs: Vec<Ipv4Addr> = f.backends.iter().map(|b| b.addr).collect();
+        addrs.sort_unstable();
+        addrs.dedup(); // one pair per address, whatever its ports
+        for a in addrs {
+            out.push((elem(HAIRPIN_SET, format!("{a} . {a}")), Content::default()));
+        }
         // For NodePorts the chains are keyed by port only.
         let ck = if nodeport {
             FrontendKey {
@@ -276,17 +317,19 @@ impl Generator for NftablesRules {
         } else {
             *k
         };
+        let external = f.kind != FrontendKind::ClusterIp;
+        let order = endpoint_order(f);
+        let n = order.len();
         let mut svc_rules = Vec::new();
-        let mut arms = Vec::new();
-        for (i, b) in f.backends.iter().enumerate() {
-            let eh = endpoint_hash(&ck, b);
-            let sep = format!("sep-{eh}");
-            let mut sep_rules = vec![format!("ip saddr {} jump mark-for-masquerade", b.addr)];
-            if f.kind != FrontendKind::ClusterIp && !b.local {
-                sep_rules.push("jump mark-for-masquerade-external".to_owned());
-            }
-            if f.affinity_timeout > 0 {
-                let set = format!("aff-{eh}-{}", f.affinity_timeout);
+        if f.affinity_timeout > 0 {
+            // ClientIP affinity needs per-endpoint state: a set of clients
+            // and a chain that records the client and DNATs.
+            let seps: Vec<String> = order
+                .iter()
+                .map(|b| format!("sep-{}", endpoint_hash(&ck, b)))
+                .collect();
+            for (b, sep) in order.iter().zip(&seps) {
+                let set = format!("aff-{}-{}", &sep[4..], f.affinity_timeout);
                 out.push((
                     Item::Set(set.clone()),
                     value(format!(
@@ -295,20 +338,38 @@ impl Generator for NftablesRules {
                     )),
                 ));
                 svc_rules.push(format!("ip saddr @{set} goto {sep}"));
+                let mut sep_rules = Vec::new();
+                if external && !b.local {
+                    sep_rules.push("jump mark-for-masquerade-external".to_owned());
+                }
                 sep_rules.push(format!("update @{set} {{ ip saddr }}"));
+                sep_rules.push(format!(
+                    "meta l4proto {p} counter dnat to {}:{}",
+                    b.addr, b.port
+                ));
+                out.push((chain(sep.clone()), Content::rules(sep_rules)));
             }
-            sep_rules.push(format!(
-                "meta l4proto {p} counter dnat to {}:{}",
-                b.addr, b.port
-            ));
-            out.push((chain(sep.clone()), Content::rules(sep_rules)));
-            arms.push(format!("{i} : goto {sep}"));
+            for (i, sep) in seps.iter().enumerate() {
+                svc_rules.push(format!("{}goto {sep}", pick(i, n)));
+            }
+        } else {
+            // Uniform choice as kube-proxy's iptables mode makes it: rule i
+            // of n is taken with probability 1/(n-i). Local endpoints come
+            // first, so for an external frontend every rule after the last
+            // local one picks a remote endpoint: the masquerade mark for
+            // those goes in once, before them.
+            for (i, b) in order.iter().enumerate() {
+                if external && !b.local && (i == 0 || order[i - 1].local) {
+                    svc_rules.push("jump mark-for-masquerade-external".to_owned());
+                }
+                svc_rules.push(format!(
+                    "{}meta l4proto {p} counter dnat to {}:{}",
+                    pick(i, n),
+                    b.addr,
+                    b.port
+                ));
+            }
         }
-        svc_rules.push(format!(
-            "numgen random mod {} vmap {{ {} }}",
-            arms.len(),
-            arms.join(", ")
-        ));
         out.push((chain(svc), Content::rules(svc_rules)));
     }
 
@@ -360,13 +421,34 @@ pub fn normalise(rule: &str) -> String {
 }
 
 /// What a render changes: chains written and deleted, elements added and
-/// deleted (as `container key`).
+/// deleted (as `container key`); with [`render_to`]'s `detail` off only
+/// their numbers (a first sync adds ~10 elements per service: their text
+/// is not kept).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub chains_written: Vec<String>,
     pub chains_deleted: Vec<String>,
     pub elements_added: Vec<String>,
     pub elements_deleted: Vec<String>,
+    /// (chains written, chains deleted, elements added, elements deleted)
+    pub counts: (usize, usize, usize, usize),
+    detail: bool,
+}
+
+impl Plan {
+    fn note(&mut self, which: usize, what: impl FnOnce() -> String) {
+        let (cw, cd, ea, ed) = &mut self.counts;
+        let (n, list) = match which {
+            0 => (cw, &mut self.chains_written),
+            1 => (cd, &mut self.chains_deleted),
+            2 => (ea, &mut self.elements_added),
+            _ => (ed, &mut self.elements_deleted),
+        };
+        *n += 1;
+        if self.detail {
+            list.push(what());
+        }
+    }
 }
 
 fn element(key: &str, c: &Content) -> String {
@@ -393,13 +475,16 @@ pub fn render_prelude() -> String {
 /// sets nothing refers to any more deleted.
 pub fn render(delta: &Delta) -> (String, Plan) {
     let mut out = String::new();
-    let plan = render_to(&mut out, delta);
+    let plan = render_to(&mut out, delta, true);
     (out, plan)
 }
 
 /// [`render`] into `out` (the tool's stdin: the input is not held whole).
-pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Plan {
-    let mut plan = Plan::default();
+pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta, detail: bool) -> Plan {
+    let mut plan = Plan {
+        detail,
+        ..Plan::default()
+    };
     let t = format!("ip {TABLE}");
     let ups = || delta.upsert.iter().zip(&delta.existed);
     for ((item, c, _), existed) in ups() {
@@ -429,27 +514,45 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Pla
             for rule in &c.lines {
                 let _ = writeln!(out, "add rule {t} {name} {rule}");
             }
-            plan.chains_written.push(name.clone());
+            plan.note(0, || name.clone());
         }
     }
     for (item, _) in &delta.delete {
         if let Item::Element(map, key) = item {
             let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
-            plan.elements_deleted.push(format!("{map} {key}"));
+            plan.note(3, || format!("{map} {key}"));
         }
     }
     for ((item, _, _), existed) in ups() {
         if let (Item::Element(map, key), true) = (item, existed) {
             let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
-            plan.elements_deleted.push(format!("{map} {key}"));
+            plan.note(3, || format!("{map} {key}"));
         }
     }
+    // Added in batches: one command per 256 elements of a container (a
+    // first sync adds ~10 per service).
+    let mut batch: Option<(&str, usize)> = None;
     for ((item, c, _), _) in ups() {
         if let Item::Element(map, key) = item {
             let e = element(key, c);
-            let _ = writeln!(out, "add element {t} {map} {{ {e} }}");
-            plan.elements_added.push(format!("{map} {e}"));
+            match batch {
+                Some((m, k)) if m == *map && k < 256 => {
+                    let _ = write!(out, ", {e}");
+                    batch = Some((m, k + 1));
+                }
+                _ => {
+                    if batch.is_some() {
+                        let _ = writeln!(out, " }}");
+                    }
+                    let _ = write!(out, "add element {t} {map} {{ {e}");
+                    batch = Some((map, 1));
+                }
+            }
+            plan.note(2, || format!("{map} {e}"));
         }
+    }
+    if batch.is_some() {
+        let _ = writeln!(out, " }}");
     }
     // Stale chains may jump to each other: flush all first, then delete.
     for (item, _) in &delta.delete {
@@ -460,7 +563,7 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta) -> Pla
     for (item, _) in &delta.delete {
         if let Item::Chain(_, name) = item {
             let _ = writeln!(out, "delete chain {t} {name}");
-            plan.chains_deleted.push(name.clone());
+            plan.note(1, || name.clone());
         }
     }
     for (item, _) in &delta.delete {
@@ -622,8 +725,9 @@ mod tests {
         let d = s.plan(&g, &before, None);
         s.commit(d);
         let (input, plan) = render(&s.plan(&g, &after, Some(&[(k(41), None)])));
-        assert_eq!(plan.chains_written.len(), 2, "svc + sep: {input}");
-        assert_eq!(plan.elements_added.len(), 1, "{input}");
+        assert_eq!(plan.chains_written.len(), 1, "svc only: {input}");
+        // Its service-ips element and its endpoint's hairpin pair.
+        assert_eq!(plan.elements_added.len(), 2, "{input}");
         assert!(plan.elements_deleted.is_empty() && plan.chains_deleted.is_empty());
         assert!(
             input.contains(
@@ -631,7 +735,7 @@ mod tests {
             ),
             "{input}"
         );
-        assert_eq!(input.lines().count(), 6, "{input}");
+        assert_eq!(input.lines().count(), 4, "{input}");
     }
 
     #[test]

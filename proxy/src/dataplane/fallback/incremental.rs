@@ -159,6 +159,55 @@ impl Delta {
     pub fn is_empty(&self) -> bool {
         self.upsert.is_empty() && self.delete.is_empty()
     }
+
+    /// What [`State::commit`] needs of this delta: the items, their
+    /// fingerprints and, for shared-chain rules, their text (the rest of
+    /// the content is not kept).
+    pub fn clone_items(&self) -> Delta {
+        Delta {
+            upsert: self
+                .upsert
+                .iter()
+                .map(|(i, c, fp)| {
+                    let c = match i {
+                        Item::Rule(..) => c.clone(),
+                        _ => Content::default(),
+                    };
+                    (i.clone(), c, *fp)
+                })
+                .collect(),
+            existed: self.existed.clone(),
+            delete: self.delete.clone(),
+        }
+    }
+}
+
+/// Puts `a[order[i]]` (and `b[order[i]]`) at `i`, by swaps (`order` is
+/// used up).
+fn permute<A, B>(a: &mut [A], b: &mut [B], order: &mut [usize]) {
+    for i in 0..order.len() {
+        // Follow the cycle starting at i, marking done slots.
+        let mut cur = i;
+        while order[cur] != usize::MAX {
+            let next = order[cur];
+            order[cur] = usize::MAX;
+            if next == i || order[next] == usize::MAX {
+                break;
+            }
+            a.swap(cur, next);
+            b.swap(cur, next);
+            cur = next;
+        }
+    }
+}
+
+/// Sorts `delta` by item: deterministic output, and the order the
+/// renderers rely on (in place: the upserts may hold many rules).
+fn sort(delta: &mut Delta) {
+    let mut order: Vec<usize> = (0..delta.upsert.len()).collect();
+    order.sort_unstable_by(|a, b| delta.upsert[*a].0.cmp(&delta.upsert[*b].0));
+    permute(&mut delta.upsert, &mut delta.existed, &mut order);
+    delta.delete.sort_by(|a, b| a.0.cmp(&b.0));
 }
 
 /// What is written and who wants what.
@@ -230,60 +279,140 @@ impl State {
         changed: Option<&Changed>,
     ) -> Delta {
         let mut delta = Delta::default();
+        match changed {
+            None => {
+                let never = self.plan_full_chunked(g, table, usize::MAX, |d| {
+                    delta = d;
+                    Ok::<bool, std::convert::Infallible>(false)
+                });
+                // The one chunk was the whole table.
+                let Ok(_) = never;
+                delta
+            }
+            Some(changed) => {
+                self.plan_changed(g, table, changed, &mut delta);
+                sort(&mut delta);
+                delta
+            }
+        }
+    }
+
+    /// [`State::plan`] comparing every item, written in chunks of about
+    /// `chunk` frontends: `write` gets each chunk's delta (fixed items in
+    /// the first, deletions in the last) and says whether it was written
+    /// (then it is committed); an error stops there. Two passes over the
+    /// frontends, so that no item's content is held but the current
+    /// chunk's: who wants each item (the greatest key's content wins, as
+    /// generating in key order would leave it), then each winner's
+    /// content, fingerprinted. A first sync at 10k services holds one
+    /// chunk's rules, not all of them.
+    pub fn plan_full_chunked<G: Generator, E>(
+        &mut self,
+        g: &G,
+        table: &BTreeMap<FrontendKey, Frontend>,
+        chunk: usize,
+        mut write: impl FnMut(Delta) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let mut delta = Delta::default();
+        self.fixed_into(g, &mut delta);
+        for s in self.slots.values_mut() {
+            s.owners = Owners::None;
+        }
+        let mut buf = Vec::new();
+        for (k, f) in table {
+            g.frontend(k, f, &mut buf);
+            for (item, _) in buf.drain(..) {
+                match self.slots.get_mut(&item) {
+                    Some(s) => s.owners.add(*k),
+                    None => {
+                        let mut s = Slot::default();
+                        s.owners.add(*k);
+                        self.slots.insert(item, s);
+                    }
+                }
+            }
+        }
+        let mut in_chunk = 0;
+        for (k, f) in table {
+            g.frontend(k, f, &mut buf);
+            for (item, c) in buf.drain(..) {
+                let Some(slot) = self.slots.get(&item) else {
+                    continue;
+                };
+                if slot.fixed || slot.owners.winner() != Some(*k) {
+                    continue;
+                }
+                let fp = g.fingerprint(&item, &c);
+                if slot.written != Some(fp) {
+                    delta.existed.push(slot.written.is_some());
+                    delta.upsert.push((item, c, fp));
+                }
+            }
+            in_chunk += 1;
+            if in_chunk >= chunk && !delta.is_empty() {
+                in_chunk = 0;
+                sort(&mut delta);
+                let d = std::mem::take(&mut delta);
+                let kept = d.clone_items();
+                if write(d)? {
+                    self.commit(kept);
+                }
+            }
+        }
+        // Nobody wants these: delete what is written, forget the rest.
+        for (item, slot) in &self.slots {
+            if !slot.fixed && slot.owners.is_empty() && slot.written.is_some() {
+                delta.delete.push((item.clone(), slot.text.clone()));
+            }
+        }
+        self.slots
+            .retain(|_, s| s.fixed || !s.owners.is_empty() || s.written.is_some());
+        sort(&mut delta);
+        let kept = delta.clone_items();
+        if write(delta)? {
+            self.commit(kept);
+        }
+        Ok(())
+    }
+
+    /// Only the items of the `changed` frontends (before and after).
+    fn plan_changed<G: Generator>(
+        &mut self,
+        g: &G,
+        table: &BTreeMap<FrontendKey, Frontend>,
+        changed: &Changed,
+        delta: &mut Delta,
+    ) {
         // Content generated this sync, with the key that generated it.
         let mut fresh: HashMap<Item, (FrontendKey, Content)> = HashMap::new();
         let mut buf = Vec::new();
-        let affected: Vec<Item> = match changed {
-            None => {
-                self.fixed_into(g, &mut delta);
-                for s in self.slots.values_mut() {
-                    s.owners = Owners::None;
-                }
-                for (k, f) in table {
-                    g.frontend(k, f, &mut buf);
-                    for (item, c) in buf.drain(..) {
-                        self.slots.entry(item.clone()).or_default().owners.add(*k);
-                        // Key order: a later contributor wins.
-                        fresh.insert(item, (*k, c));
+        let mut affected = HashSet::new();
+        for (k, old) in changed {
+            if let Some(old) = old {
+                g.frontend(k, old, &mut buf);
+                for (item, _) in buf.drain(..) {
+                    if let Some(s) = self.slots.get_mut(&item) {
+                        s.owners.remove(k);
                     }
+                    affected.insert(item);
                 }
-                self.slots
-                    .iter()
-                    .filter(|(_, s)| !s.fixed)
-                    .map(|(i, _)| i.clone())
-                    .collect()
             }
-            Some(changed) => {
-                let mut affected = HashSet::new();
-                for (k, old) in changed {
-                    if let Some(old) = old {
-                        g.frontend(k, old, &mut buf);
-                        for (item, _) in buf.drain(..) {
-                            if let Some(s) = self.slots.get_mut(&item) {
-                                s.owners.remove(k);
-                            }
-                            affected.insert(item);
+        }
+        for (k, _) in changed {
+            if let Some(new) = table.get(k) {
+                g.frontend(k, new, &mut buf);
+                for (item, c) in buf.drain(..) {
+                    self.slots.entry(item.clone()).or_default().owners.add(*k);
+                    affected.insert(item.clone());
+                    match fresh.get(&item) {
+                        Some((o, _)) if o > k => {}
+                        _ => {
+                            fresh.insert(item, (*k, c));
                         }
                     }
                 }
-                for (k, _) in changed {
-                    if let Some(new) = table.get(k) {
-                        g.frontend(k, new, &mut buf);
-                        for (item, c) in buf.drain(..) {
-                            self.slots.entry(item.clone()).or_default().owners.add(*k);
-                            affected.insert(item.clone());
-                            match fresh.get(&item) {
-                                Some((o, _)) if o > k => {}
-                                _ => {
-                                    fresh.insert(item, (*k, c));
-                                }
-                            }
-                        }
-                    }
-                }
-                affected.into_iter().collect()
             }
-        };
+        }
         for item in affected {
             let Some(slot) = self.slots.get(&item) else {
                 continue;
@@ -322,20 +451,6 @@ impl State {
                 }
             }
         }
-        // Deterministic output (and the order the renderers rely on).
-        let mut order: Vec<usize> = (0..delta.upsert.len()).collect();
-        order.sort_by(|a, b| delta.upsert[*a].0.cmp(&delta.upsert[*b].0));
-        let upsert = std::mem::take(&mut delta.upsert);
-        let existed = std::mem::take(&mut delta.existed);
-        let mut slots: Vec<Option<(Item, Content, u64)>> = upsert.into_iter().map(Some).collect();
-        for i in order {
-            if let Some(u) = slots[i].take() {
-                delta.upsert.push(u);
-                delta.existed.push(existed[i]);
-            }
-        }
-        delta.delete.sort_by(|a, b| a.0.cmp(&b.0));
-        delta
     }
 
     /// The kernel now holds what `delta` wrote.
@@ -395,5 +510,18 @@ mod tests {
         o.remove(&k(3));
         o.remove(&k(2));
         assert!(o.is_empty());
+    }
+}
+#[cfg(test)]
+mod permute_tests {
+    #[test]
+    fn permute_sorts_both() {
+        let mut a = vec![30, 10, 50, 20, 40];
+        let mut b = vec!['c', 'a', 'e', 'b', 'd'];
+        let mut order: Vec<usize> = (0..a.len()).collect();
+        order.sort_by_key(|i| a[*i]);
+        super::permute(&mut a, &mut b, &mut order);
+        assert_eq!(a, vec![10, 20, 30, 40, 50]);
+        assert_eq!(b, vec!['a', 'b', 'c', 'd', 'e']);
     }
 }
