@@ -28,7 +28,7 @@ use crate::{
     k8s::Stores,
     lb::{self, Frontend, FrontendKey, LbTable},
     metrics::{OwnerChanges, Telemetry},
-    model::{self, ModelError, NodeContext, ServicePort, ServicePortName, SliceView},
+    model::{self, ModelError, NodeContext, ServiceInfo, ServicePort, ServicePortName, SliceInfo},
 };
 
 /// Shortest time between the starts of two syncs (kube-proxy's
@@ -169,11 +169,8 @@ pub struct SyncState {
 /// The winner of a frontend before a sync touched it.
 type Before = HashMap<FrontendKey, Option<(Arc<ServicePortName>, Frontend)>>;
 
-fn key_of(svc: &k8s_openapi::api::core::v1::Service) -> ObjectKey {
-    (
-        svc.metadata.namespace.clone().unwrap_or_default(),
-        svc.metadata.name.clone().unwrap_or_default(),
-    )
+fn key_of(svc: &ServiceInfo) -> ObjectKey {
+    (svc.namespace.to_string(), svc.name.to_string())
 }
 
 impl SyncState {
@@ -434,7 +431,7 @@ impl SyncState {
         touched_health: &mut BTreeSet<u16>,
     ) {
         let mut errors = Vec::new();
-        let slices: Vec<&SliceView> = input.slices.iter().map(|s| s.as_ref()).collect();
+        let slices: Vec<&SliceInfo> = input.slices.iter().map(|s| s.as_ref()).collect();
         let mut ports = model::build_service(&input.service, &slices, &self.node, &mut errors);
         errors.extend(cap_maglev_sizes(
             ports.iter_mut(),

@@ -21,7 +21,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::watcher::Event;
 
-use crate::model::SliceView;
+use crate::model::{ServiceInfo, SliceInfo, SliceView};
 
 /// `(namespace, name)` of a Service (or of an EndpointSlice).
 pub type ObjectKey = (String, String);
@@ -66,9 +66,9 @@ impl ChangeTracker {
 /// What the model reads to build one service.
 #[derive(Clone, Debug)]
 pub struct ServiceInput {
-    pub service: Arc<Service>,
+    pub service: Arc<ServiceInfo>,
     /// The slices labelled with the service's name, in its namespace.
-    pub slices: Vec<Arc<SliceView>>,
+    pub slices: Vec<Arc<SliceInfo>>,
 }
 
 /// What one sync works on.
@@ -91,18 +91,19 @@ pub enum Kind {
     Node = 2,
 }
 
-/// Watched objects (trimmed, see [`crate::model::trim_service`] and
-/// friends), a service -> slices index, and the change tracker.
+/// Watched objects in their stored forms ([`ServiceInfo`], [`SliceInfo`]:
+/// what the model reads, compact), a service -> slices index, and the
+/// change tracker.
 #[derive(Debug, Default)]
 pub struct Cache {
-    services: HashMap<ObjectKey, Arc<Service>>,
+    services: HashMap<ObjectKey, Arc<ServiceInfo>>,
     /// Labelled slices only, by (namespace, slice name).
-    slices: HashMap<ObjectKey, Arc<SliceView>>,
+    slices: HashMap<ObjectKey, Arc<SliceInfo>>,
     /// (namespace, service name) -> its slices.
-    by_service: HashMap<ObjectKey, Vec<Arc<SliceView>>>,
+    by_service: HashMap<ObjectKey, Vec<Arc<SliceInfo>>>,
     node: Option<Arc<Node>>,
-    relist_services: Option<HashMap<ObjectKey, Arc<Service>>>,
-    relist_slices: Option<HashMap<ObjectKey, Arc<SliceView>>>,
+    relist_services: Option<HashMap<ObjectKey, Arc<ServiceInfo>>>,
+    relist_slices: Option<HashMap<ObjectKey, Arc<SliceInfo>>>,
     relist_node: Option<Option<Arc<Node>>>,
     ready: [bool; 3],
     tracker: ChangeTracker,
@@ -122,7 +123,7 @@ impl Cache {
             Event::Apply(s) => {
                 let key = key_of(&s.metadata);
                 self.tracker.service(&key.0, &key.1);
-                self.services.insert(key, Arc::new(s));
+                self.services.insert(key, Arc::new(ServiceInfo::of(&s)));
             }
             Event::Delete(s) => {
                 let key = key_of(&s.metadata);
@@ -134,7 +135,7 @@ impl Cache {
                 let key = key_of(&s.metadata);
                 self.relist_services
                     .get_or_insert_with(HashMap::new)
-                    .insert(key, Arc::new(s));
+                    .insert(key, Arc::new(ServiceInfo::of(&s)));
             }
             Event::InitDone => {
                 self.services = self.relist_services.take().unwrap_or_default();
@@ -151,14 +152,14 @@ impl Cache {
             Event::Apply(s) => {
                 let key = key_of(&s.metadata);
                 let service = s.service_name().map(str::to_owned);
-                let new = Arc::new(s);
+                let new = Arc::new(SliceInfo::of(&s));
                 let old = match &service {
                     Some(_) => self.slices.insert(key.clone(), new.clone()),
                     None => self.slices.remove(&key),
                 };
                 let old_service = old
                     .as_ref()
-                    .and_then(|o| o.service_name().map(str::to_owned));
+                    .and_then(|o| o.service.as_deref().map(str::to_owned));
                 if let Some(o) = &old_service {
                     self.unindex(&key, o);
                 }
@@ -175,7 +176,7 @@ impl Cache {
             Event::Delete(s) => {
                 let key = key_of(&s.metadata);
                 if let Some(old) = self.slices.remove(&key)
-                    && let Some(o) = old.service_name()
+                    && let Some(o) = old.service.as_deref()
                 {
                     let o = o.to_owned();
                     self.unindex(&key, &o);
@@ -191,15 +192,15 @@ impl Cache {
                     let key = key_of(&s.metadata);
                     self.relist_slices
                         .get_or_insert_with(HashMap::new)
-                        .insert(key, Arc::new(s));
+                        .insert(key, Arc::new(SliceInfo::of(&s)));
                 }
             }
             Event::InitDone => {
                 self.slices = self.relist_slices.take().unwrap_or_default();
                 self.slices.shrink_to_fit();
-                let mut index: HashMap<ObjectKey, Vec<Arc<SliceView>>> = HashMap::new();
+                let mut index: HashMap<ObjectKey, Vec<Arc<SliceInfo>>> = HashMap::new();
                 for ((ns, _), s) in &self.slices {
-                    if let Some(svc) = s.service_name() {
+                    if let Some(svc) = s.service.as_deref() {
                         index
                             .entry((ns.clone(), svc.to_owned()))
                             .or_default()
@@ -237,7 +238,7 @@ impl Cache {
     fn unindex(&mut self, slice: &ObjectKey, service: &str) {
         let k = (slice.0.clone(), service.to_owned());
         if let Some(names) = self.by_service.get_mut(&k) {
-            names.retain(|s| s.metadata.name.as_deref() != Some(slice.1.as_str()));
+            names.retain(|s| *s.name != *slice.1);
             if names.is_empty() {
                 self.by_service.remove(&k);
             }
@@ -271,16 +272,16 @@ impl Cache {
     }
 
     /// Every Service (for a full rebuild, tests and inspection).
-    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceInfo>> {
         self.services.values()
     }
 
     /// Every labelled EndpointSlice.
-    pub fn slices(&self) -> impl Iterator<Item = &Arc<SliceView>> {
+    pub fn slices(&self) -> impl Iterator<Item = &Arc<SliceInfo>> {
         self.slices.values()
     }
 
-    fn input(&self, key: &ObjectKey, service: &Arc<Service>) -> ServiceInput {
+    fn input(&self, key: &ObjectKey, service: &Arc<ServiceInfo>) -> ServiceInput {
         let slices = self.by_service.get(key).cloned().unwrap_or_default();
         ServiceInput {
             service: service.clone(),
@@ -364,8 +365,8 @@ mod tests {
         };
         let mut names: Vec<String> = services
             .iter()
-            .filter(|i| i.service.metadata.name.as_deref() == Some(service))
-            .flat_map(|i| i.slices.iter().filter_map(|s| s.metadata.name.clone()))
+            .filter(|i| &*i.service.name == service)
+            .flat_map(|i| i.slices.iter().map(|s| s.name.to_string()))
             .collect();
         names.sort();
         names

@@ -60,7 +60,7 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
     if let Some(n) = cache.node() {
         node.addresses = proxy::model::node_addresses(&n).0;
     }
-    let (table, _) = proxy::model::build(
+    let (table, _) = proxy::model::build_stored(
         cache.services().map(|s| s.as_ref()),
         cache.slices().map(|s| s.as_ref()),
         &node,
