@@ -573,6 +573,7 @@ pub async fn run<D: Dataplane>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut state = SyncState::new(node, opts.limits);
     let mut failed = false;
+    let mut first_synced = false;
     let mut last_full = Instant::now();
     let mut last_start: Option<Instant> = None;
     let mut health_servers = HealthServers::default();
@@ -628,6 +629,10 @@ pub async fn run<D: Dataplane>(
                         }
                     }
                     health_servers.update(s.full, s.health).await;
+                    if s.full && !first_synced {
+                        first_synced = true;
+                        crate::memory::log("first sync done");
+                    }
                     false
                 }
                 Err(e) => {

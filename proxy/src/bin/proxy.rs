@@ -10,7 +10,8 @@ use proxy::{
     dataplane::{
         Dataplane, cleanup,
         ebpf::{
-            EbpfConfig, EbpfDataplane, capacity::ClusterSize, cgroup2_mount, interface_with_address,
+            EbpfConfig, EbpfDataplane, Loader, capacity::ClusterSize, cgroup2_mount,
+            interface_with_address,
         },
         iptables::IptablesDataplane,
         ipvs::IpvsDataplane,
@@ -73,7 +74,7 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
 
 /// The eBPF dataplane as the flags configure it; `auto` capacities from
 /// `cluster`.
-fn ebpf_dataplane(args: &Args, cluster: &ClusterSize) -> Result<EbpfDataplane> {
+fn ebpf_dataplane(args: &Args, cluster: &ClusterSize, loader: Loader) -> Result<EbpfDataplane> {
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
     if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
@@ -113,7 +114,7 @@ fn ebpf_dataplane(args: &Args, cluster: &ClusterSize) -> Result<EbpfDataplane> {
             None => cgroup2_mount().context("finding the cgroup2 mount for socket LB")?,
         });
     }
-    let mut dp = EbpfDataplane::load(cfg).context("setting up the eBPF dataplane")?;
+    let mut dp = EbpfDataplane::load_with(cfg, loader).context("setting up the eBPF dataplane")?;
     proxy::dataplane::Dataplane::housekeeping(&mut dp)?;
     Ok(dp)
 }
@@ -200,14 +201,20 @@ async fn run() -> Result<()> {
 
     match args.mode {
         Mode::Ebpf => {
+            // The loader before the cluster is listed (its transient
+            // memory must not add to the cache's: see `Loader`).
+            let loader = Loader::new();
             // The cluster first, then the maps sized for it (programs an
             // earlier agent attached keep serving meanwhile).
             let client = k8s::client(args.kubeconfig.as_deref()).await?;
             let changed = Arc::new(Notify::new());
             let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
             stores.ready().await;
+            proxy::memory::log("caches listed");
             let size = cluster_size(&stores, &node, args.maglev_table_size);
-            let mut dp = ebpf_dataplane(&args, &size)?;
+            proxy::memory::log("cluster sized");
+            let mut dp = ebpf_dataplane(&args, &size, loader)?;
+            proxy::memory::log("maps loaded");
             // Logged once the maps are loaded too (the pinned state
             // adopted): the point from which the agent programs.
             info!("caches synced");

@@ -49,6 +49,7 @@ use proxy_common::{Backend, Config, MapInfo, config_flags, progs};
 use tracing::{debug, info, warn};
 
 pub use interfaces::{cgroup2_mount, glob_match, interface_with_address};
+pub use load::{Loader, needs_kernel_btf};
 
 use self::{
     conntrack::{GcStats, Timeouts},
