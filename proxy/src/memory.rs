@@ -59,6 +59,27 @@ fn heap() -> (Option<u64>, Option<u64>) {
     (None, None)
 }
 
+/// One malloc arena for the whole process (glibc's `M_ARENA_MAX` = 1),
+/// unless `MALLOC_ARENA_MAX` is set. glibc gives threads arenas of their
+/// own (up to 8 per CPU): the watch tasks fill the cache from tokio's
+/// workers, the sync loop builds its state on whichever worker runs it,
+/// and memory one arena frees is not reused by the others. Measured at
+/// 10,000 services x 10 endpoints: 6.6 MB of the heap held but free after
+/// the first sync with the default, 1.5 MB with one arena; the agent's
+/// peak RSS 54.0 -> 49.0 MiB, full sync and change latency unchanged (the
+/// agent's threads seldom allocate at the same time). Call first thing in
+/// `main`, before any thread starts.
+pub fn one_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none_or(|v| v.is_empty()) {
+        // SAFETY: mallopt only sets an allocator parameter; no thread is
+        // allocating concurrently this early.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 /// Log the figures at `phase` (info).
 pub fn log(phase: &'static str) {
     let u = usage();

@@ -131,6 +131,7 @@ async fn shutdown_signal() {
 }
 
 fn main() {
+    proxy::memory::one_arena();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
