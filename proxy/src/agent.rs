@@ -594,7 +594,7 @@ pub async fn run<D: Dataplane>(
                 last_full = start;
             }
             failed = match state.sync(&mut dp, batch) {
-                Ok(s) => {
+                Ok(mut s) => {
                     if s.changes > 0 {
                         info!(
                             elapsed_ms = start.elapsed().as_millis() as u64,
@@ -603,11 +603,7 @@ pub async fn run<D: Dataplane>(
                     }
                     let owners = OwnerChanges {
                         reset: s.full,
-                        changes: s
-                            .owners
-                            .iter()
-                            .map(|(k, o)| (k.to_string(), o.as_ref().map(|o| o.to_string())))
-                            .collect(),
+                        changes: std::mem::take(&mut s.owners),
                     };
                     telemetry.sync_succeeded(start.elapsed(), s.services, s.endpoints, owners);
                     telemetry.set_invalid_objects(s.error_count);
