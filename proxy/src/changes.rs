@@ -281,6 +281,19 @@ impl Cache {
         self.slices.values()
     }
 
+    /// Every Service with its slices (what a full rebuild reads), one at
+    /// a time.
+    pub fn for_each_input(&self, mut f: impl FnMut(&ServiceInfo, &[Arc<SliceInfo>])) {
+        for (k, s) in &self.services {
+            let slices = self
+                .by_service
+                .get(k)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            f(s, slices);
+        }
+    }
+
     fn input(&self, key: &ObjectKey, service: &Arc<ServiceInfo>) -> ServiceInput {
         let slices = self.by_service.get(key).cloned().unwrap_or_default();
         ServiceInput {

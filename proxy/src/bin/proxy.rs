@@ -10,8 +10,9 @@ use proxy::{
     dataplane::{
         Dataplane, cleanup,
         ebpf::{
-            EbpfConfig, EbpfDataplane, Loader, capacity::ClusterSize, cgroup2_mount,
-            interface_with_address,
+            EbpfConfig, EbpfDataplane, Loader,
+            capacity::{ClusterSize, ClusterSizer},
+            cgroup2_mount, interface_with_address,
         },
         iptables::IptablesDataplane,
         ipvs::IpvsDataplane,
@@ -51,7 +52,8 @@ fn init_logging(args: &Args) -> Result<()> {
 }
 
 /// The cluster's size as the dataplane will see it (the first table),
-/// for `auto` map capacities.
+/// for `auto` map capacities: counted one service at a time, never the
+/// whole table at once.
 fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> ClusterSize {
     let cache = match stores.cache.lock() {
         Ok(c) => c,
@@ -61,15 +63,18 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
     if let Some(n) = cache.node() {
         node.addresses = proxy::model::node_addresses(&n).0;
     }
-    let (table, _) = proxy::model::build_stored(
-        cache.services().map(|s| s.as_ref()),
-        cache.slices().map(|s| s.as_ref()),
-        &node,
-    );
-    ClusterSize::of(
-        &proxy::lb::LbTable::from_services(&table, &node),
-        maglev_size,
-    )
+    let mut sizer = ClusterSizer::new(maglev_size);
+    let mut errors = Vec::new();
+    cache.for_each_input(|svc, slices| {
+        let slices: Vec<&proxy::model::SliceInfo> = slices.iter().map(|s| s.as_ref()).collect();
+        for sp in proxy::model::build_service(svc, &slices, &node, &mut errors) {
+            for (k, f) in proxy::lb::port_frontends(&sp, &node) {
+                sizer.add(k, &f);
+            }
+        }
+        errors.clear();
+    });
+    sizer.finish()
 }
 
 /// The eBPF dataplane as the flags configure it; `auto` capacities from
