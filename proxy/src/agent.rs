@@ -170,7 +170,7 @@ pub struct SyncState {
 type Before = HashMap<FrontendKey, Option<(Arc<ServicePortName>, Frontend)>>;
 
 fn key_of(svc: &ServiceInfo) -> ObjectKey {
-    (svc.namespace.to_string(), svc.name.to_string())
+    (svc.namespace.clone(), svc.name.clone())
 }
 
 impl SyncState {

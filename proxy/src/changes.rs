@@ -23,8 +23,9 @@ use kube::runtime::watcher::Event;
 
 use crate::model::{ServiceInfo, SliceInfo, SliceView};
 
-/// `(namespace, name)` of a Service (or of an EndpointSlice).
-pub type ObjectKey = (String, String);
+/// `(namespace, name)` of a Service (or of an EndpointSlice): the strings
+/// of the stored object, shared (a key costs no allocation of its own).
+pub type ObjectKey = (Arc<str>, Arc<str>);
 
 /// Which services changed since the last sync, or whether everything must
 /// be rebuilt.
@@ -36,11 +37,10 @@ pub struct ChangeTracker {
 
 impl ChangeTracker {
     /// Mark one service for rebuilding.
-    pub fn service(&mut self, namespace: &str, name: &str) {
+    pub fn service(&mut self, key: ObjectKey) {
         if self.full {
             return;
         }
-        let key = (namespace.to_owned(), name.to_owned());
         self.services.insert(key);
     }
 
@@ -107,35 +107,63 @@ pub struct Cache {
     relist_node: Option<Option<Arc<Node>>>,
     ready: [bool; 3],
     tracker: ChangeTracker,
-}
-
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
+    /// Every namespace name seen (see [`Cache::intern`]).
+    namespaces: HashSet<Arc<str>>,
 }
 
 impl Cache {
+    /// The one copy of a namespace's name (every object of a namespace
+    /// shares it). Namespaces are few; the set keeps those ever seen.
+    fn intern(&mut self, namespace: &str) -> Arc<str> {
+        if let Some(ns) = self.namespaces.get(namespace) {
+            return ns.clone();
+        }
+        let ns: Arc<str> = namespace.into();
+        self.namespaces.insert(ns.clone());
+        ns
+    }
+
+    fn key_of(
+        &mut self,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> ObjectKey {
+        (
+            self.intern(meta.namespace.as_deref().unwrap_or_default()),
+            meta.name.as_deref().unwrap_or_default().into(),
+        )
+    }
+
+    fn service_info(&mut self, s: &Service) -> (ObjectKey, Arc<ServiceInfo>) {
+        let mut info = ServiceInfo::of(s);
+        info.namespace = self.intern(&info.namespace);
+        ((info.namespace.clone(), info.name.clone()), Arc::new(info))
+    }
+
+    fn slice_info(&mut self, s: &SliceView) -> (ObjectKey, Arc<SliceInfo>) {
+        let mut info = SliceInfo::of(s);
+        info.namespace = self.intern(&info.namespace);
+        ((info.namespace.clone(), info.name.clone()), Arc::new(info))
+    }
+
     /// A Service watch event.
     pub fn service_event(&mut self, ev: Event<Service>) {
         match ev {
             Event::Apply(s) => {
-                let key = key_of(&s.metadata);
-                self.tracker.service(&key.0, &key.1);
-                self.services.insert(key, Arc::new(ServiceInfo::of(&s)));
+                let (key, info) = self.service_info(&s);
+                self.tracker.service(key.clone());
+                self.services.insert(key, info);
             }
             Event::Delete(s) => {
-                let key = key_of(&s.metadata);
-                self.tracker.service(&key.0, &key.1);
+                let key = self.key_of(&s.metadata);
                 self.services.remove(&key);
+                self.tracker.service(key);
             }
             Event::Init => self.relist_services = Some(HashMap::new()),
             Event::InitApply(s) => {
-                let key = key_of(&s.metadata);
+                let (key, info) = self.service_info(&s);
                 self.relist_services
                     .get_or_insert_with(HashMap::new)
-                    .insert(key, Arc::new(ServiceInfo::of(&s)));
+                    .insert(key, info);
             }
             Event::InitDone => {
                 self.services = self.relist_services.take().unwrap_or_default();
@@ -150,16 +178,13 @@ impl Cache {
     pub fn slice_event(&mut self, ev: Event<SliceView>) {
         match ev {
             Event::Apply(s) => {
-                let key = key_of(&s.metadata);
-                let service = s.service_name().map(str::to_owned);
-                let new = Arc::new(SliceInfo::of(&s));
+                let (key, new) = self.slice_info(&s);
+                let service = new.service.clone();
                 let old = match &service {
                     Some(_) => self.slices.insert(key.clone(), new.clone()),
                     None => self.slices.remove(&key),
                 };
-                let old_service = old
-                    .as_ref()
-                    .and_then(|o| o.service.as_deref().map(str::to_owned));
+                let old_service = old.as_ref().and_then(|o| o.service.clone());
                 if let Some(o) = &old_service {
                     self.unindex(&key, o);
                 }
@@ -169,30 +194,29 @@ impl Cache {
                         .or_default()
                         .push(new);
                 }
-                for s in old_service.iter().chain(service.iter()) {
-                    self.tracker.service(&key.0, s);
+                for s in old_service.into_iter().chain(service) {
+                    self.tracker.service((key.0.clone(), s));
                 }
             }
             Event::Delete(s) => {
-                let key = key_of(&s.metadata);
+                let key = self.key_of(&s.metadata);
                 if let Some(old) = self.slices.remove(&key)
-                    && let Some(o) = old.service.as_deref()
+                    && let Some(o) = old.service.clone()
                 {
-                    let o = o.to_owned();
                     self.unindex(&key, &o);
-                    self.tracker.service(&key.0, &o);
+                    self.tracker.service((key.0.clone(), o));
                 }
                 if let Some(n) = s.service_name() {
-                    self.tracker.service(&key.0, n);
+                    self.tracker.service((key.0.clone(), n.into()));
                 }
             }
             Event::Init => self.relist_slices = Some(HashMap::new()),
             Event::InitApply(s) => {
                 if s.service_name().is_some() {
-                    let key = key_of(&s.metadata);
+                    let (key, info) = self.slice_info(&s);
                     self.relist_slices
                         .get_or_insert_with(HashMap::new)
-                        .insert(key, Arc::new(SliceInfo::of(&s)));
+                        .insert(key, info);
                 }
             }
             Event::InitDone => {
@@ -200,9 +224,9 @@ impl Cache {
                 self.slices.shrink_to_fit();
                 let mut index: HashMap<ObjectKey, Vec<Arc<SliceInfo>>> = HashMap::new();
                 for ((ns, _), s) in &self.slices {
-                    if let Some(svc) = s.service.as_deref() {
+                    if let Some(svc) = &s.service {
                         index
-                            .entry((ns.clone(), svc.to_owned()))
+                            .entry((ns.clone(), svc.clone()))
                             .or_default()
                             .push(s.clone());
                     }
@@ -235,8 +259,8 @@ impl Cache {
         }
     }
 
-    fn unindex(&mut self, slice: &ObjectKey, service: &str) {
-        let k = (slice.0.clone(), service.to_owned());
+    fn unindex(&mut self, slice: &ObjectKey, service: &Arc<str>) {
+        let k = (slice.0.clone(), service.clone());
         if let Some(names) = self.by_service.get_mut(&k) {
             names.retain(|s| *s.name != *slice.1);
             if names.is_empty() {
@@ -364,7 +388,7 @@ mod tests {
             None => (false, vec![]),
             Some(Batch::Full { .. }) => (true, vec![]),
             Some(Batch::Services(v)) => {
-                let mut names: Vec<String> = v.into_iter().map(|(k, _)| k.1).collect();
+                let mut names: Vec<String> = v.into_iter().map(|(k, _)| k.1.to_string()).collect();
                 names.sort();
                 (false, names)
             }

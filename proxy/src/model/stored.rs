@@ -11,7 +11,10 @@
 //! the API wrote it, so errors still name the object, the field and the
 //! value.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -98,8 +101,9 @@ pub struct SpecInfo {
 /// What the model reads of a Service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceInfo {
-    pub namespace: Box<str>,
-    pub name: Box<str>,
+    /// Shared with the cache's keys (and interned there).
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// Labelled `service.kubernetes.io/service-proxy-name` or
     /// `service.kubernetes.io/headless`: not this proxy's.
     pub foreign: bool,
@@ -222,10 +226,11 @@ pub struct BadAddress {
 /// What the model reads of an EndpointSlice.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SliceInfo {
-    pub namespace: Box<str>,
-    pub name: Box<str>,
+    /// Shared with the cache's keys (and interned there).
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The `kubernetes.io/service-name` label.
-    pub service: Option<Box<str>>,
+    pub service: Option<Arc<str>>,
     /// `addressType: IPv4`: the only slices the model reads (the others
     /// keep no ports or endpoints).
     pub ipv4: bool,
