@@ -226,10 +226,17 @@ impl SyncState {
         dp.set_node_address(node_address(&self.node))?;
         // Drop the old state before building the new one: one copy at a
         // time.
-        self.services = HashMap::new();
-        self.claims = HashMap::new();
+        // Sized once: a table that doubles while it fills holds both
+        // copies for a moment (at 100,000 services, tens of MB of peak).
+        self.services = HashMap::with_capacity(services.len());
+        self.claims = HashMap::with_capacity(services.len());
         self.health = HashMap::new();
-        self.backends = HashMap::new();
+        let endpoints: usize = services
+            .iter()
+            .flat_map(|i| i.slices.iter())
+            .map(|s| s.endpoints.len())
+            .sum();
+        self.backends = HashMap::with_capacity(endpoints);
         self.errors = BTreeMap::new();
         self.error_count = self.node_errors.len();
         self.ports = 0;
@@ -250,6 +257,7 @@ impl SyncState {
             }
             owners.push((*k, Some(winner.owner.clone())));
         }
+        dp.reserve(keys.len(), self.backends.len());
         let mut removed: Vec<FrontendKey> = dp
             .programmed()
             .frontends

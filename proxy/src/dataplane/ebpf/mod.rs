@@ -545,6 +545,12 @@ impl Dataplane for EbpfDataplane {
         }
     }
 
+    fn reserve(&mut self, _frontends: usize, backends: usize) {
+        // Backends are also keyed by protocol: at least this many.
+        self.backends
+            .reserve(backends.saturating_sub(self.backends.len()));
+    }
+
     fn housekeeping(&mut self) -> Result<(), EbpfError> {
         self.attach_devices()?;
         if self.last_gc.elapsed() >= self.cfg.ct_gc_interval || !self.removed_backends.is_empty() {
