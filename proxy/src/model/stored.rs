@@ -273,9 +273,9 @@ impl SliceInfo {
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
             let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            let conditions = u8::from(ready) * READY
-                | u8::from(serving) * SERVING
-                | u8::from(terminating) * TERMINATING;
+            let conditions = (u8::from(ready) * READY)
+                | (u8::from(serving) * SERVING)
+                | (u8::from(terminating) * TERMINATING);
             let node = match ep.node_name.as_deref() {
                 None => NO_NODE,
                 Some(n) => match nodes.iter().position(|x| *x == n) {
