@@ -21,10 +21,11 @@ use std::{
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::watcher::Event;
 
-use crate::model::SliceView;
+use crate::model::{ServiceInfo, SliceInfo, SliceView};
 
-/// `(namespace, name)` of a Service (or of an EndpointSlice).
-pub type ObjectKey = (String, String);
+/// `(namespace, name)` of a Service (or of an EndpointSlice): the strings
+/// of the stored object, shared (a key costs no allocation of its own).
+pub type ObjectKey = (Arc<str>, Arc<str>);
 
 /// Which services changed since the last sync, or whether everything must
 /// be rebuilt.
@@ -36,11 +37,10 @@ pub struct ChangeTracker {
 
 impl ChangeTracker {
     /// Mark one service for rebuilding.
-    pub fn service(&mut self, namespace: &str, name: &str) {
+    pub fn service(&mut self, key: ObjectKey) {
         if self.full {
             return;
         }
-        let key = (namespace.to_owned(), name.to_owned());
         self.services.insert(key);
     }
 
@@ -66,9 +66,9 @@ impl ChangeTracker {
 /// What the model reads to build one service.
 #[derive(Clone, Debug)]
 pub struct ServiceInput {
-    pub service: Arc<Service>,
+    pub service: Arc<ServiceInfo>,
     /// The slices labelled with the service's name, in its namespace.
-    pub slices: Vec<Arc<SliceView>>,
+    pub slices: Vec<Arc<SliceInfo>>,
 }
 
 /// What one sync works on.
@@ -91,50 +91,79 @@ pub enum Kind {
     Node = 2,
 }
 
-/// Watched objects (trimmed, see [`crate::model::trim_service`] and
-/// friends), a service -> slices index, and the change tracker.
+/// Watched objects in their stored forms ([`ServiceInfo`], [`SliceInfo`]:
+/// what the model reads, compact), a service -> slices index, and the
+/// change tracker.
 #[derive(Debug, Default)]
 pub struct Cache {
-    services: HashMap<ObjectKey, Arc<Service>>,
+    services: HashMap<ObjectKey, Arc<ServiceInfo>>,
     /// Labelled slices only, by (namespace, slice name).
-    slices: HashMap<ObjectKey, Arc<SliceView>>,
+    slices: HashMap<ObjectKey, Arc<SliceInfo>>,
     /// (namespace, service name) -> its slices.
-    by_service: HashMap<ObjectKey, Vec<Arc<SliceView>>>,
+    by_service: HashMap<ObjectKey, Vec<Arc<SliceInfo>>>,
     node: Option<Arc<Node>>,
-    relist_services: Option<HashMap<ObjectKey, Arc<Service>>>,
-    relist_slices: Option<HashMap<ObjectKey, Arc<SliceView>>>,
+    relist_services: Option<HashMap<ObjectKey, Arc<ServiceInfo>>>,
+    relist_slices: Option<HashMap<ObjectKey, Arc<SliceInfo>>>,
     relist_node: Option<Option<Arc<Node>>>,
     ready: [bool; 3],
     tracker: ChangeTracker,
-}
-
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
+    /// Every namespace name seen (see [`Cache::intern`]).
+    namespaces: HashSet<Arc<str>>,
 }
 
 impl Cache {
+    /// The one copy of a namespace's name (every object of a namespace
+    /// shares it). Namespaces are few; the set keeps those ever seen.
+    fn intern(&mut self, namespace: &str) -> Arc<str> {
+        if let Some(ns) = self.namespaces.get(namespace) {
+            return ns.clone();
+        }
+        let ns: Arc<str> = namespace.into();
+        self.namespaces.insert(ns.clone());
+        ns
+    }
+
+    fn key_of(
+        &mut self,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> ObjectKey {
+        (
+            self.intern(meta.namespace.as_deref().unwrap_or_default()),
+            meta.name.as_deref().unwrap_or_default().into(),
+        )
+    }
+
+    fn service_info(&mut self, s: &Service) -> (ObjectKey, Arc<ServiceInfo>) {
+        let mut info = ServiceInfo::of(s);
+        info.namespace = self.intern(&info.namespace);
+        ((info.namespace.clone(), info.name.clone()), Arc::new(info))
+    }
+
+    fn slice_info(&mut self, s: &SliceView) -> (ObjectKey, Arc<SliceInfo>) {
+        let mut info = SliceInfo::of(s);
+        info.namespace = self.intern(&info.namespace);
+        ((info.namespace.clone(), info.name.clone()), Arc::new(info))
+    }
+
     /// A Service watch event.
     pub fn service_event(&mut self, ev: Event<Service>) {
         match ev {
             Event::Apply(s) => {
-                let key = key_of(&s.metadata);
-                self.tracker.service(&key.0, &key.1);
-                self.services.insert(key, Arc::new(s));
+                let (key, info) = self.service_info(&s);
+                self.tracker.service(key.clone());
+                self.services.insert(key, info);
             }
             Event::Delete(s) => {
-                let key = key_of(&s.metadata);
-                self.tracker.service(&key.0, &key.1);
+                let key = self.key_of(&s.metadata);
                 self.services.remove(&key);
+                self.tracker.service(key);
             }
             Event::Init => self.relist_services = Some(HashMap::new()),
             Event::InitApply(s) => {
-                let key = key_of(&s.metadata);
+                let (key, info) = self.service_info(&s);
                 self.relist_services
                     .get_or_insert_with(HashMap::new)
-                    .insert(key, Arc::new(s));
+                    .insert(key, info);
             }
             Event::InitDone => {
                 self.services = self.relist_services.take().unwrap_or_default();
@@ -149,16 +178,13 @@ impl Cache {
     pub fn slice_event(&mut self, ev: Event<SliceView>) {
         match ev {
             Event::Apply(s) => {
-                let key = key_of(&s.metadata);
-                let service = s.service_name().map(str::to_owned);
-                let new = Arc::new(s);
+                let (key, new) = self.slice_info(&s);
+                let service = new.service.clone();
                 let old = match &service {
                     Some(_) => self.slices.insert(key.clone(), new.clone()),
                     None => self.slices.remove(&key),
                 };
-                let old_service = old
-                    .as_ref()
-                    .and_then(|o| o.service_name().map(str::to_owned));
+                let old_service = old.as_ref().and_then(|o| o.service.clone());
                 if let Some(o) = &old_service {
                     self.unindex(&key, o);
                 }
@@ -168,40 +194,39 @@ impl Cache {
                         .or_default()
                         .push(new);
                 }
-                for s in old_service.iter().chain(service.iter()) {
-                    self.tracker.service(&key.0, s);
+                for s in old_service.into_iter().chain(service) {
+                    self.tracker.service((key.0.clone(), s));
                 }
             }
             Event::Delete(s) => {
-                let key = key_of(&s.metadata);
+                let key = self.key_of(&s.metadata);
                 if let Some(old) = self.slices.remove(&key)
-                    && let Some(o) = old.service_name()
+                    && let Some(o) = old.service.clone()
                 {
-                    let o = o.to_owned();
                     self.unindex(&key, &o);
-                    self.tracker.service(&key.0, &o);
+                    self.tracker.service((key.0.clone(), o));
                 }
                 if let Some(n) = s.service_name() {
-                    self.tracker.service(&key.0, n);
+                    self.tracker.service((key.0.clone(), n.into()));
                 }
             }
             Event::Init => self.relist_slices = Some(HashMap::new()),
             Event::InitApply(s) => {
                 if s.service_name().is_some() {
-                    let key = key_of(&s.metadata);
+                    let (key, info) = self.slice_info(&s);
                     self.relist_slices
                         .get_or_insert_with(HashMap::new)
-                        .insert(key, Arc::new(s));
+                        .insert(key, info);
                 }
             }
             Event::InitDone => {
                 self.slices = self.relist_slices.take().unwrap_or_default();
                 self.slices.shrink_to_fit();
-                let mut index: HashMap<ObjectKey, Vec<Arc<SliceView>>> = HashMap::new();
+                let mut index: HashMap<ObjectKey, Vec<Arc<SliceInfo>>> = HashMap::new();
                 for ((ns, _), s) in &self.slices {
-                    if let Some(svc) = s.service_name() {
+                    if let Some(svc) = &s.service {
                         index
-                            .entry((ns.clone(), svc.to_owned()))
+                            .entry((ns.clone(), svc.clone()))
                             .or_default()
                             .push(s.clone());
                     }
@@ -234,10 +259,10 @@ impl Cache {
         }
     }
 
-    fn unindex(&mut self, slice: &ObjectKey, service: &str) {
-        let k = (slice.0.clone(), service.to_owned());
+    fn unindex(&mut self, slice: &ObjectKey, service: &Arc<str>) {
+        let k = (slice.0.clone(), service.clone());
         if let Some(names) = self.by_service.get_mut(&k) {
-            names.retain(|s| s.metadata.name.as_deref() != Some(slice.1.as_str()));
+            names.retain(|s| *s.name != *slice.1);
             if names.is_empty() {
                 self.by_service.remove(&k);
             }
@@ -271,16 +296,29 @@ impl Cache {
     }
 
     /// Every Service (for a full rebuild, tests and inspection).
-    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceInfo>> {
         self.services.values()
     }
 
     /// Every labelled EndpointSlice.
-    pub fn slices(&self) -> impl Iterator<Item = &Arc<SliceView>> {
+    pub fn slices(&self) -> impl Iterator<Item = &Arc<SliceInfo>> {
         self.slices.values()
     }
 
-    fn input(&self, key: &ObjectKey, service: &Arc<Service>) -> ServiceInput {
+    /// Every Service with its slices (what a full rebuild reads), one at
+    /// a time.
+    pub fn for_each_input(&self, mut f: impl FnMut(&ServiceInfo, &[Arc<SliceInfo>])) {
+        for (k, s) in &self.services {
+            let slices = self
+                .by_service
+                .get(k)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            f(s, slices);
+        }
+    }
+
+    fn input(&self, key: &ObjectKey, service: &Arc<ServiceInfo>) -> ServiceInput {
         let slices = self.by_service.get(key).cloned().unwrap_or_default();
         ServiceInput {
             service: service.clone(),
@@ -350,7 +388,7 @@ mod tests {
             None => (false, vec![]),
             Some(Batch::Full { .. }) => (true, vec![]),
             Some(Batch::Services(v)) => {
-                let mut names: Vec<String> = v.into_iter().map(|(k, _)| k.1).collect();
+                let mut names: Vec<String> = v.into_iter().map(|(k, _)| k.1.to_string()).collect();
                 names.sort();
                 (false, names)
             }
@@ -364,8 +402,8 @@ mod tests {
         };
         let mut names: Vec<String> = services
             .iter()
-            .filter(|i| i.service.metadata.name.as_deref() == Some(service))
-            .flat_map(|i| i.slices.iter().filter_map(|s| s.metadata.name.clone()))
+            .filter(|i| &*i.service.name == service)
+            .flat_map(|i| i.slices.iter().map(|s| s.name.to_string()))
             .collect();
         names.sort();
         names

@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod k8s;
 pub mod lb;
 pub mod maglev;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 

@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use crate::dataplane::{DataplaneStats, StatsReader};
+use crate::{
+    dataplane::{DataplaneStats, StatsReader},
+    lb::FrontendKey,
+    model::{Protocol, ServicePortName},
+};
 
 /// Prefix of this agent's own metrics (kube-proxy's where the meaning is
 /// the same keep kube-proxy's names).
@@ -74,8 +78,9 @@ struct State {
     frontends: usize,
     endpoints: usize,
     invalid_objects: usize,
-    /// Frontend (`ip:port/PROTO`) -> service port name, for labels.
-    owners: HashMap<String, String>,
+    /// Frontend -> service port name, for labels (the names are shared
+    /// with the sync loop's state: one entry is a key and a pointer).
+    owners: HashMap<FrontendKey, std::sync::Arc<ServicePortName>>,
 }
 
 /// How a sync changed which service port owns which frontend.
@@ -83,9 +88,9 @@ struct State {
 pub struct OwnerChanges {
     /// Forget every owner first (a full rebuild lists them all).
     pub reset: bool,
-    /// Frontend (`ip:port/PROTO`) -> its service port name now (None: the
-    /// frontend is gone).
-    pub changes: Vec<(String, Option<String>)>,
+    /// Frontend -> its service port name now (None: the frontend is
+    /// gone).
+    pub changes: Vec<(FrontendKey, Option<std::sync::Arc<ServicePortName>>)>,
 }
 
 /// Health answer: HTTP status and kube-proxy's JSON body.
@@ -184,9 +189,14 @@ impl Telemetry {
         s.frontends = s.owners.len();
     }
 
-    /// Frontend -> service port name as the syncs so far left it.
+    /// Frontend (`ip:port/PROTO`) -> service port name as the syncs so
+    /// far left it.
     pub fn owners(&self) -> HashMap<String, String> {
-        lock(&self.state).owners.clone()
+        lock(&self.state)
+            .owners
+            .iter()
+            .map(|(k, o)| (k.to_string(), o.to_string()))
+            .collect()
     }
 
     /// A sync the dataplane refused (retried).
@@ -473,13 +483,16 @@ fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
         let name = format!("{PREFIX}_{metric}");
         header(&mut o, &name, "counter", help);
         for f in &dp.frontends {
-            let service = s.owners.get(&f.frontend).map(String::as_str).unwrap_or("");
+            let service = parse_frontend(&f.frontend)
+                .and_then(|k| s.owners.get(&k))
+                .map(|o| o.to_string())
+                .unwrap_or_default();
             let _ = writeln!(
                 o,
                 "{name}{{frontend=\"{}\",kind=\"{}\",service=\"{}\"}} {}",
                 esc(&f.frontend),
                 esc(&f.kind),
-                esc(service),
+                esc(&service),
                 pick(f)
             );
         }
@@ -505,6 +518,17 @@ fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
         let _ = writeln!(o, "{name}{{counter=\"{}\"}} {v}", esc(counter));
     }
     o
+}
+
+/// `ip:port/PROTO` (as [`FrontendKey`] displays) back into the key.
+fn parse_frontend(s: &str) -> Option<FrontendKey> {
+    let (addr, proto) = s.rsplit_once('/')?;
+    let (ip, port) = addr.rsplit_once(':')?;
+    Some(FrontendKey {
+        addr: ip.parse().ok()?,
+        port: port.parse().ok()?,
+        proto: Protocol::parse(proto)?,
+    })
 }
 
 #[cfg(test)]
@@ -555,14 +579,27 @@ mod tests {
     #[test]
     fn owners_follow_the_deltas_and_a_reset() {
         let t = Telemetry::new("ebpf", Duration::from_secs(30));
-        let owned = |f: &str, o: Option<&str>| (f.to_owned(), o.map(str::to_owned));
+        let fk = |last: u8| FrontendKey {
+            addr: std::net::Ipv4Addr::new(10, 96, 0, last),
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        let spn = |name: &str| {
+            std::sync::Arc::new(ServicePortName {
+                namespace: "default".into(),
+                name: name.into(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            })
+        };
+        let owned = |f: u8, o: Option<&str>| (fk(f), o.map(spn));
         t.sync_succeeded(
             Duration::ZERO,
             2,
             2,
             OwnerChanges {
                 reset: true,
-                changes: vec![owned("a", Some("x")), owned("b", Some("y"))],
+                changes: vec![owned(1, Some("x")), owned(2, Some("y"))],
             },
         );
         t.sync_succeeded(
@@ -571,18 +608,17 @@ mod tests {
             2,
             OwnerChanges {
                 reset: false,
-                changes: vec![
-                    owned("a", None),
-                    owned("b", Some("z")),
-                    owned("c", Some("x")),
-                ],
+                changes: vec![owned(1, None), owned(2, Some("z")), owned(3, Some("x"))],
             },
         );
         let mut o: Vec<(String, String)> = t.owners().into_iter().collect();
         o.sort();
         assert_eq!(
             o,
-            [owned("b", Some("z")), owned("c", Some("x"))].map(|(f, o)| (f, o.unwrap_or_default()))
+            [
+                ("10.96.0.2:80/TCP".to_owned(), "default/z/TCP".to_owned()),
+                ("10.96.0.3:80/TCP".to_owned(), "default/x/TCP".to_owned())
+            ]
         );
         assert!(
             t.render().contains("kubeproxy_ebpf_programmed_frontends 2"),
@@ -595,10 +631,12 @@ mod tests {
             1,
             OwnerChanges {
                 reset: true,
-                changes: vec![owned("d", Some("w"))],
+                changes: vec![owned(4, Some("w"))],
             },
         );
         assert_eq!(t.owners().len(), 1);
+        assert_eq!(parse_frontend("10.96.0.4:80/TCP"), Some(fk(4)));
+        assert_eq!(parse_frontend("10.96.0.4:80"), None);
     }
 
     #[test]
@@ -611,8 +649,17 @@ mod tests {
             OwnerChanges {
                 reset: true,
                 changes: vec![(
-                    "10.96.0.10:80/TCP".to_owned(),
-                    Some("default/web/TCP".to_owned()),
+                    FrontendKey {
+                        addr: std::net::Ipv4Addr::new(10, 96, 0, 10),
+                        port: 80,
+                        proto: Protocol::Tcp,
+                    },
+                    Some(std::sync::Arc::new(ServicePortName {
+                        namespace: "default".into(),
+                        name: "web".into(),
+                        port: String::new(),
+                        protocol: Protocol::Tcp,
+                    })),
                 )],
             },
         );

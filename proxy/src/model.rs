@@ -30,6 +30,12 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Deserializer};
 
+mod stored;
+pub use stored::{
+    BadAddress, EndpointInfo, IpField, NO_NODE, PortInfo, ProtocolField, READY, SERVING,
+    ServiceInfo, SliceInfo, SlicePortInfo, SpecInfo, TERMINATING,
+};
+
 /// Label kube-proxy uses to let another proxy own a service.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label that marks a service headless whatever its spec says.
@@ -388,32 +394,41 @@ pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<Ipv4Addr>
 }
 
 /// Build the desired table. Errors are returned alongside; the table holds
-/// everything that was usable. A loop over [`build_service`]: the agent's
-/// incremental path builds one service at a time with the same code.
+/// everything that was usable. A loop over [`build_service`] on the stored
+/// forms ([`ServiceInfo`], [`SliceInfo`]): the agent's incremental path
+/// builds one service at a time with the same code.
 pub fn build<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a SliceView>,
     node: &NodeContext,
 ) -> (ServiceTable, Vec<ModelError>) {
+    let slices: Vec<SliceInfo> = slices.into_iter().map(SliceInfo::of).collect();
+    let services: Vec<ServiceInfo> = services.into_iter().map(ServiceInfo::of).collect();
+    build_stored(&services, &slices, node)
+}
+
+/// [`build`] from the stored forms.
+pub fn build_stored<'a>(
+    services: impl IntoIterator<Item = &'a ServiceInfo>,
+    slices: impl IntoIterator<Item = &'a SliceInfo>,
+    node: &NodeContext,
+) -> (ServiceTable, Vec<ModelError>) {
     let mut errors = Vec::new();
-    let mut by_service: BTreeMap<(String, String), Vec<&SliceView>> = BTreeMap::new();
+    let mut by_service: BTreeMap<(&str, &str), Vec<&SliceInfo>> = BTreeMap::new();
     for slice in slices {
-        let Some(svc) = slice.service_name() else {
+        let Some(svc) = slice.service.as_deref() else {
             continue;
         };
-        let ns = slice.metadata.namespace.clone().unwrap_or_default();
         by_service
-            .entry((ns, svc.to_owned()))
+            .entry((&slice.namespace, svc))
             .or_default()
             .push(slice);
     }
 
     let mut table = ServiceTable::default();
     for svc in services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
         let slices = by_service
-            .get(&(ns, name))
+            .get(&(&*svc.namespace, &*svc.name))
             .map(Vec::as_slice)
             .unwrap_or_default();
         for port in build_service(svc, slices, node, &mut errors) {
@@ -428,19 +443,13 @@ pub fn build<'a>(
 /// the node context, sorted by name (a port name given twice: the later
 /// one, as a table insert keeps). Errors go to `errors`.
 pub fn build_service(
-    svc: &Service,
-    slices: &[&SliceView],
+    svc: &ServiceInfo,
+    slices: &[&SliceInfo],
     node: &NodeContext,
     errors: &mut Vec<ModelError>,
 ) -> Vec<ServicePort> {
-    let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
-    let name = svc.metadata.name.as_deref().unwrap_or_default();
-    let v4: Vec<&SliceView> = slices
-        .iter()
-        .copied()
-        .filter(|s| s.address_type == "IPv4")
-        .collect();
-    let mut ports = service_ports(svc, ns, name, &v4, node, errors);
+    let v4: Vec<&SliceInfo> = slices.iter().copied().filter(|s| s.ipv4).collect();
+    let mut ports = service_ports(svc, &svc.namespace, &svc.name, &v4, node, errors);
     // Stable sort: among equal names the later one ends up last; keep it.
     ports.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out: Vec<ServicePort> = Vec::with_capacity(ports.len());
@@ -473,18 +482,15 @@ fn err(
 }
 
 fn service_ports(
-    svc: &Service,
+    svc: &ServiceInfo,
     ns: &str,
     name: &str,
-    slices: &[&SliceView],
+    slices: &[&SliceInfo],
     node: &NodeContext,
     errors: &mut Vec<ModelError>,
 ) -> Vec<ServicePort> {
     let object = format!("{ns}/{name}");
-    let labels = svc.metadata.labels.as_ref();
-    if labels
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
-    {
+    if svc.foreign {
         return Vec::new();
     }
     let Some(spec) = svc.spec.as_ref() else {
@@ -502,40 +508,27 @@ fn service_ports(
     };
 
     // clusterIPs (dual-stack aware) wins over clusterIP; "None" is headless.
-    let raw_ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.clone(),
-        (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
-        _ => Vec::new(),
-    };
-    if raw_ips.iter().any(|ip| ip == "None") {
+    if spec
+        .cluster_ips
+        .iter()
+        .any(|ip| matches!(ip, IpField::Other(s) if &**s == "None"))
+    {
         return Vec::new();
     }
-    let cluster_ips = parse_ips(&raw_ips, &object, "spec.clusterIPs", errors);
-    let external_ips = parse_ips(
-        spec.external_ips.as_deref().unwrap_or_default(),
-        &object,
-        "spec.externalIPs",
-        errors,
-    );
-    let lb_raw: Vec<String> = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|ing| ing.iter().filter_map(|i| i.ip.clone()).collect())
-        .unwrap_or_default();
+    let cluster_ips = parse_ips(&spec.cluster_ips, &object, "spec.clusterIPs", errors);
+    let external_ips = parse_ips(&spec.external_ips, &object, "spec.externalIPs", errors);
     let load_balancer_ips = if service_type == ServiceType::LoadBalancer {
-        parse_ips(&lb_raw, &object, "status.loadBalancer.ingress[].ip", errors)
+        parse_ips(
+            &svc.load_balancer_ips,
+            &object,
+            "status.loadBalancer.ingress[].ip",
+            errors,
+        )
     } else {
         Vec::new()
     };
-    let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
-        let t = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .unwrap_or(10_800);
+    let affinity_timeout = if spec.client_ip_affinity {
+        let t = spec.affinity_timeout.unwrap_or(10_800);
         // The API server's range (ValidateClientIPAffinityConfig).
         match u32::try_from(t) {
             Ok(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
@@ -552,32 +545,27 @@ fn service_ports(
     } else {
         None
     };
-    let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let maglev_table_size = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_MAGLEV_TABLE_SIZE))
-        .and_then(|v| match v.trim().parse::<u32>() {
-            Ok(n) if crate::maglev::is_prime(n) && n <= crate::maglev::MAX_TABLE_SIZE => Some(n),
-            _ => {
-                errors.push(err(
-                    &object,
-                    format!("metadata.annotations[{ANNOTATION_MAGLEV_TABLE_SIZE}]"),
-                    v.clone(),
-                    "must be a prime number no larger than 1048576",
-                ));
-                None
-            }
-        });
+    let external_policy_local = spec.external_policy_local;
+    let internal_policy_local = spec.internal_policy_local;
+    let maglev_table_size =
+        svc.maglev_table_size
+            .as_deref()
+            .and_then(|v| match v.trim().parse::<u32>() {
+                Ok(n) if crate::maglev::is_prime(n) && n <= crate::maglev::MAX_TABLE_SIZE => {
+                    Some(n)
+                }
+                _ => {
+                    errors.push(err(
+                        &object,
+                        format!("metadata.annotations[{ANNOTATION_MAGLEV_TABLE_SIZE}]"),
+                        v,
+                        "must be a prime number no larger than 1048576",
+                    ));
+                    None
+                }
+            });
     let mut source_ranges = Vec::new();
-    for (i, r) in spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, r) in spec.source_ranges.iter().enumerate() {
         match parse_cidr(r.trim()) {
             Some(Some(c)) => source_ranges.push(c),
             // IPv6 ranges apply to IPv6 frontends (dual stack, later).
@@ -585,7 +573,7 @@ fn service_ports(
             None => errors.push(err(
                 &object,
                 format!("spec.loadBalancerSourceRanges[{i}]"),
-                r.clone(),
+                &**r,
                 "not a CIDR",
             )),
         }
@@ -608,16 +596,18 @@ fn service_ports(
     };
 
     let mut out = Vec::new();
-    for (i, p) in spec.ports.iter().flatten().enumerate() {
-        let proto_raw = p.protocol.as_deref().unwrap_or("TCP");
-        let Some(protocol) = Protocol::parse(proto_raw) else {
-            errors.push(err(
-                &object,
-                format!("spec.ports[{i}].protocol"),
-                proto_raw,
-                "unsupported protocol",
-            ));
-            continue;
+    for (i, p) in spec.ports.iter().enumerate() {
+        let protocol = match &p.protocol {
+            ProtocolField::Known(p) => *p,
+            ProtocolField::Unknown(raw) => {
+                errors.push(err(
+                    &object,
+                    format!("spec.ports[{i}].protocol"),
+                    &**raw,
+                    "unsupported protocol",
+                ));
+                continue;
+            }
         };
         let Ok(port) = u16::try_from(p.port) else {
             errors.push(err(
@@ -652,7 +642,7 @@ fn service_ports(
                 }
             },
         };
-        let port_name = p.name.clone().unwrap_or_default();
+        let port_name = p.name.to_string();
         let endpoints = endpoints_for(slices, &port_name, protocol, node, &object, errors);
         out.push(ServicePort {
             name: ServicePortName {
@@ -695,21 +685,21 @@ fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
 }
 
 fn parse_ips(
-    raw: &[String],
+    raw: &[IpField],
     object: &str,
     field: &str,
     errors: &mut Vec<ModelError>,
 ) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
-    for (i, s) in raw.iter().enumerate() {
-        match s.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
+    for (i, ip) in raw.iter().enumerate() {
+        match ip {
+            IpField::V4(ip) => out.push(*ip),
             // IPv6 families are served once dual stack lands; not an error.
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => errors.push(err(
+            IpField::V6 => {}
+            IpField::Other(s) => errors.push(err(
                 object,
                 format!("{field}[{i}]"),
-                s.clone(),
+                &**s,
                 "not an IP address",
             )),
         }
@@ -720,7 +710,7 @@ fn parse_ips(
 /// The candidate endpoints of `port_name`/`protocol`: ready ones and
 /// serving+terminating ones.
 fn endpoints_for(
-    slices: &[&SliceView],
+    slices: &[&SliceInfo],
     port_name: &str,
     protocol: Protocol,
     node: &NodeContext,
@@ -730,14 +720,10 @@ fn endpoints_for(
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
-        let slice_name = format!(
-            "{}/{}",
-            slice.metadata.namespace.as_deref().unwrap_or_default(),
-            slice.metadata.name.as_deref().unwrap_or_default()
-        );
-        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
-            let name_matches = p.name.as_deref().unwrap_or_default() == port_name;
-            let proto_matches = p.protocol.as_deref().unwrap_or("TCP") == protocol.as_str();
+        let slice_name = || format!("{}/{}", slice.namespace, slice.name);
+        let Some(target) = slice.ports.iter().find_map(|p| {
+            let name_matches = &*p.name == port_name;
+            let proto_matches = p.protocol == ProtocolField::Known(protocol);
             (name_matches && proto_matches).then_some(p.port)
         }) else {
             continue;
@@ -745,54 +731,46 @@ fn endpoints_for(
         let Some(Ok(target)) = target.map(u16::try_from) else {
             errors.push(ModelError {
                 kind: "EndpointSlice",
-                object: slice_name,
+                object: slice_name(),
                 field: format!("ports[name={port_name:?}].port"),
                 value: format!("{target:?}"),
                 reason: format!("no usable port number for service {service}"),
             });
             continue;
         };
-        for (i, ep) in slice.endpoints.iter().enumerate() {
-            let cond = ep.conditions.as_ref();
-            // Per the API, an unset `ready` or `serving` means true.
-            let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let is_serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
-            let is_terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            let local = ep.node_name.as_deref() == Some(node.node_name.as_str());
-            for (j, addr) in ep.addresses.iter().enumerate() {
-                let ip = match addr.parse::<Ipv4Addr>() {
-                    Ok(ip) => ip,
-                    Err(_) => {
-                        errors.push(ModelError {
-                            kind: "EndpointSlice",
-                            object: slice_name.clone(),
-                            field: format!("endpoints[{i}].addresses[{j}]"),
-                            value: addr.clone(),
-                            reason: "not an IPv4 address".to_owned(),
-                        });
-                        continue;
-                    }
-                };
-                // As kube-proxy: `ready` decides (publishNotReadyAddresses
-                // makes the controller report every address ready).
-                if is_ready {
-                    ready.insert(Endpoint {
-                        ip,
-                        port: target,
-                        ready: true,
-                        terminating: is_terminating,
-                        local,
-                    });
-                } else if is_serving && is_terminating {
-                    terminating.insert(Endpoint {
-                        ip,
-                        port: target,
-                        ready: false,
-                        terminating: true,
-                        local,
-                    });
-                }
+        for ep in slice.endpoints.iter() {
+            let is_ready = ep.conditions & READY != 0;
+            let is_serving = ep.conditions & SERVING != 0;
+            let is_terminating = ep.conditions & TERMINATING != 0;
+            let local = slice.node_of(ep) == Some(node.node_name.as_str());
+            // As kube-proxy: `ready` decides (publishNotReadyAddresses
+            // makes the controller report every address ready).
+            if is_ready {
+                ready.insert(Endpoint {
+                    ip: ep.ip,
+                    port: target,
+                    ready: true,
+                    terminating: is_terminating,
+                    local,
+                });
+            } else if is_serving && is_terminating {
+                terminating.insert(Endpoint {
+                    ip: ep.ip,
+                    port: target,
+                    ready: false,
+                    terminating: true,
+                    local,
+                });
             }
+        }
+        for b in slice.bad_addresses.iter() {
+            errors.push(ModelError {
+                kind: "EndpointSlice",
+                object: slice_name(),
+                field: format!("endpoints[{}].addresses[{}]", b.endpoint, b.address),
+                value: b.value.to_string(),
+                reason: "not an IPv4 address".to_owned(),
+            });
         }
     }
     // An address listed ready in one slice wins over a terminating copy.

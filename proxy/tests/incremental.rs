@@ -509,11 +509,7 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
                     s.endpoints,
                     OwnerChanges {
                         reset: s.full,
-                        changes: s
-                            .owners
-                            .iter()
-                            .map(|(k, o)| (k.to_string(), o.as_ref().map(|o| o.to_string())))
-                            .collect(),
+                        changes: s.owners.clone(),
                     },
                 );
                 error_count = s.error_count;

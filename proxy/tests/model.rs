@@ -515,15 +515,17 @@ fn one_service_at_a_time_builds_what_the_whole_table_holds() {
     for svc in &services {
         // Only the slices labelled with this service, in its namespace: what
         // the agent's cache index hands over.
-        let mine: Vec<&SliceView> = slices
+        let mine: Vec<model::SliceInfo> = slices
             .iter()
             .filter(|s| {
                 s.metadata.namespace == svc.metadata.namespace
                     && s.service_name() == svc.metadata.name.as_deref()
             })
+            .map(model::SliceInfo::of)
             .collect();
+        let mine: Vec<&model::SliceInfo> = mine.iter().collect();
         ports.extend(model::build_service(
-            svc,
+            &model::ServiceInfo::of(svc),
             &mine,
             &node,
             &mut per_service_errors,
@@ -559,9 +561,15 @@ endpoints:
 - {addresses: ["fd00::2"]}
 "#,
     );
-    let slices: Vec<&SliceView> = slices.iter().collect();
+    let infos: Vec<model::SliceInfo> = slices.iter().map(model::SliceInfo::of).collect();
+    let infos: Vec<&model::SliceInfo> = infos.iter().collect();
     let mut errors = Vec::new();
-    let ports = model::build_service(&svc[0], &slices, &NodeContext::default(), &mut errors);
+    let ports = model::build_service(
+        &model::ServiceInfo::of(&svc[0]),
+        &infos,
+        &NodeContext::default(),
+        &mut errors,
+    );
     assert!(errors.is_empty(), "an IPv6 slice is not read: {errors:?}");
     assert_eq!(ports.len(), 1);
     assert_eq!(
@@ -569,6 +577,6 @@ endpoints:
         "the later port, as a table insert keeps"
     );
     assert!(ports[0].endpoints.is_empty());
-    let (table, _) = model::build(&svc, slices.iter().copied(), &NodeContext::default());
+    let (table, _) = model::build(&svc, &slices, &NodeContext::default());
     assert_eq!(table.services.values().cloned().collect::<Vec<_>>(), ports);
 }

@@ -10,7 +10,9 @@ use proxy::{
     dataplane::{
         Dataplane, cleanup,
         ebpf::{
-            EbpfConfig, EbpfDataplane, capacity::ClusterSize, cgroup2_mount, interface_with_address,
+            EbpfConfig, EbpfDataplane, Loader,
+            capacity::{ClusterSize, ClusterSizer},
+            cgroup2_mount, interface_with_address,
         },
         iptables::IptablesDataplane,
         ipvs::IpvsDataplane,
@@ -50,7 +52,8 @@ fn init_logging(args: &Args) -> Result<()> {
 }
 
 /// The cluster's size as the dataplane will see it (the first table),
-/// for `auto` map capacities.
+/// for `auto` map capacities: counted one service at a time, never the
+/// whole table at once.
 fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> ClusterSize {
     let cache = match stores.cache.lock() {
         Ok(c) => c,
@@ -60,20 +63,23 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
     if let Some(n) = cache.node() {
         node.addresses = proxy::model::node_addresses(&n).0;
     }
-    let (table, _) = proxy::model::build(
-        cache.services().map(|s| s.as_ref()),
-        cache.slices().map(|s| s.as_ref()),
-        &node,
-    );
-    ClusterSize::of(
-        &proxy::lb::LbTable::from_services(&table, &node),
-        maglev_size,
-    )
+    let mut sizer = ClusterSizer::new(maglev_size);
+    let mut errors = Vec::new();
+    cache.for_each_input(|svc, slices| {
+        let slices: Vec<&proxy::model::SliceInfo> = slices.iter().map(|s| s.as_ref()).collect();
+        for sp in proxy::model::build_service(svc, &slices, &node, &mut errors) {
+            for (k, f) in proxy::lb::port_frontends(&sp, &node) {
+                sizer.add(k, &f);
+            }
+        }
+        errors.clear();
+    });
+    sizer.finish()
 }
 
 /// The eBPF dataplane as the flags configure it; `auto` capacities from
 /// `cluster`.
-fn ebpf_dataplane(args: &Args, cluster: &ClusterSize) -> Result<EbpfDataplane> {
+fn ebpf_dataplane(args: &Args, cluster: &ClusterSize, loader: Loader) -> Result<EbpfDataplane> {
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
     if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
@@ -113,7 +119,7 @@ fn ebpf_dataplane(args: &Args, cluster: &ClusterSize) -> Result<EbpfDataplane> {
             None => cgroup2_mount().context("finding the cgroup2 mount for socket LB")?,
         });
     }
-    let mut dp = EbpfDataplane::load(cfg).context("setting up the eBPF dataplane")?;
+    let mut dp = EbpfDataplane::load_with(cfg, loader).context("setting up the eBPF dataplane")?;
     proxy::dataplane::Dataplane::housekeeping(&mut dp)?;
     Ok(dp)
 }
@@ -130,6 +136,7 @@ async fn shutdown_signal() {
 }
 
 fn main() {
+    proxy::memory::one_arena();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -200,14 +207,20 @@ async fn run() -> Result<()> {
 
     match args.mode {
         Mode::Ebpf => {
+            // The loader before the cluster is listed (its transient
+            // memory must not add to the cache's: see `Loader`).
+            let loader = Loader::new();
             // The cluster first, then the maps sized for it (programs an
             // earlier agent attached keep serving meanwhile).
             let client = k8s::client(args.kubeconfig.as_deref()).await?;
             let changed = Arc::new(Notify::new());
             let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
             stores.ready().await;
+            proxy::memory::log("caches listed");
             let size = cluster_size(&stores, &node, args.maglev_table_size);
-            let mut dp = ebpf_dataplane(&args, &size)?;
+            proxy::memory::log("cluster sized");
+            let mut dp = ebpf_dataplane(&args, &size, loader)?;
+            proxy::memory::log("maps loaded");
             // Logged once the maps are loaded too (the pinned state
             // adopted): the point from which the agent programs.
             info!("caches synced");

@@ -86,6 +86,11 @@ pub trait Dataplane {
         Ok(())
     }
 
+    /// A full sync is about to program `frontends` frontends over
+    /// `backends` distinct backends: room for them at once (a table that
+    /// doubles while it fills holds both copies for a moment).
+    fn reserve(&mut self, _frontends: usize, _backends: usize) {}
+
     /// Periodic work: attach to new interfaces, and so on.
     fn housekeeping(&mut self) -> Result<(), Self::Error>;
 

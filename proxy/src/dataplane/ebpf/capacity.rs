@@ -16,7 +16,7 @@ use std::{
 
 use proxy_common::{MapInfo, maps as defs};
 
-use crate::lb::{FrontendKind, LbTable};
+use crate::lb::{Frontend, FrontendKey, FrontendKind, LbTable};
 
 /// Headroom over the counted need, in percent (growth until the next
 /// restart).
@@ -184,27 +184,61 @@ pub struct ClusterSize {
 
 impl ClusterSize {
     pub fn of(table: &LbTable, maglev_size: u32) -> ClusterSize {
-        let mut c = ClusterSize::default();
-        let mut backends = HashSet::new();
-        let mut tables = HashSet::new();
+        let mut c = ClusterSizer::new(maglev_size);
         for (k, f) in &table.frontends {
-            c.frontends += 1;
-            c.pairs += f.backends.len() as u64;
-            c.max_backends = c.max_backends.max(f.backends.len() as u64);
-            c.source_ranges += f.source_ranges.len() as u64;
-            for b in &f.backends {
-                backends.insert((b.addr, b.port, k.proto));
-            }
-            let m = f.maglev_table_size.unwrap_or(maglev_size);
-            if m != 0 && f.kind != FrontendKind::ClusterIp && !f.backends.is_empty() {
-                let ids: Vec<_> = f.backends.iter().map(|b| (b.addr, b.port)).collect();
-                if tables.insert((ids, m)) {
-                    c.maglev_slots += u64::from(m);
-                }
+            c.add(*k, f);
+        }
+        c.finish()
+    }
+}
+
+/// Counts a [`ClusterSize`] one frontend at a time, so the agent sizes its
+/// maps without building the whole table first (at 100,000 services that
+/// table took 117 MB on top of the cache, for a moment). A frontend key
+/// seen before is skipped (the first claim counts).
+#[derive(Debug, Default)]
+pub struct ClusterSizer {
+    c: ClusterSize,
+    maglev_size: u32,
+    keys: HashSet<FrontendKey>,
+    backends: HashSet<(std::net::Ipv4Addr, u16, crate::model::Protocol)>,
+    tables: HashSet<(Vec<(std::net::Ipv4Addr, u16)>, u32)>,
+}
+
+impl ClusterSizer {
+    pub fn new(maglev_size: u32) -> ClusterSizer {
+        ClusterSizer {
+            maglev_size,
+            ..Default::default()
+        }
+    }
+
+    pub fn add(&mut self, k: FrontendKey, f: &Frontend) {
+        if !self.keys.insert(k) {
+            return;
+        }
+        let c = &mut self.c;
+        c.frontends += 1;
+        c.pairs += f.backends.len() as u64;
+        c.max_backends = c.max_backends.max(f.backends.len() as u64);
+        c.source_ranges += f.source_ranges.len() as u64;
+        for b in &f.backends {
+            self.backends.insert((b.addr, b.port, k.proto));
+        }
+        let m = f.maglev_table_size.unwrap_or(self.maglev_size);
+        if m != 0 && f.kind != FrontendKind::ClusterIp && !f.backends.is_empty() {
+            let ids: Vec<_> = f.backends.iter().map(|b| (b.addr, b.port)).collect();
+            if self.tables.insert((ids, m)) {
+                c.maglev_slots += u64::from(m);
             }
         }
-        c.backends = backends.len() as u64;
-        c
+    }
+
+    pub fn finish(self) -> ClusterSize {
+        ClusterSize {
+            backends: self.backends.len() as u64,
+            ..self.c
+        }
     }
 }
 

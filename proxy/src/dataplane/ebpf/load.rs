@@ -40,10 +40,89 @@ const SOCK_PROGRAMS: [&str; 4] = [
     progs::SOCK_GETPEERNAME4,
 ];
 
+/// The object's loader, made before the agent lists the cluster: aya
+/// parses the kernel's BTF (`/sys/kernel/btf/vmlinux`, about 14 MB while
+/// it lasts) when a loader is made, and that must not pile onto the cache.
+/// The BTF serves CO-RE relocations only, and the object has none (checked
+/// on the object itself: [`needs_kernel_btf`]), so it goes at once.
+pub struct Loader(EbpfLoader<'static>);
+
+impl Loader {
+    pub fn new() -> Loader {
+        let mut loader = EbpfLoader::new();
+        if needs_kernel_btf(EBPF_OBJECT) {
+            debug!("the eBPF object has CO-RE relocations: kernel BTF kept for the load");
+        } else {
+            loader.btf(None);
+        }
+        Loader(loader)
+    }
+}
+
+impl Default for Loader {
+    fn default() -> Self {
+        Loader::new()
+    }
+}
+
+/// Whether an eBPF ELF object has CO-RE relocations (the `core_relo`
+/// part of its `.BTF.ext`), which need the kernel's BTF. True when the
+/// object cannot be read as expected (the safe answer).
+pub fn needs_kernel_btf(obj: &[u8]) -> bool {
+    core_relocations(obj).is_none_or(|n| n > 0)
+}
+
+/// Length of the `core_relo` part of the `.BTF.ext` section of a 64-bit
+/// little-endian ELF (0: none, or no `.BTF.ext`); None: not readable.
+fn core_relocations(obj: &[u8]) -> Option<u32> {
+    let u16_at =
+        |o: usize| -> Option<u16> { Some(u16::from_le_bytes(obj.get(o..o + 2)?.try_into().ok()?)) };
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_le_bytes(obj.get(o..o + 4)?.try_into().ok()?)) };
+    let u64_at = |o: usize| -> Option<usize> {
+        usize::try_from(u64::from_le_bytes(obj.get(o..o + 8)?.try_into().ok()?)).ok()
+    };
+    // ELFCLASS64, ELFDATA2LSB.
+    if obj.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let shoff = u64_at(0x28)?;
+    let shentsize = usize::from(u16_at(0x3a)?);
+    let shnum = usize::from(u16_at(0x3c)?);
+    let shstrndx = usize::from(u16_at(0x3e)?);
+    let section = |i: usize| -> Option<(u32, usize, usize)> {
+        let at = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        Some((u32_at(at)?, u64_at(at + 0x18)?, u64_at(at + 0x20)?))
+    };
+    let (_, strtab, strtab_len) = section(shstrndx)?;
+    let names = obj.get(strtab..strtab.checked_add(strtab_len)?)?;
+    for i in 0..shnum {
+        let (name, offset, _) = section(i)?;
+        let name = names.get(name as usize..)?;
+        if name.starts_with(b".BTF.ext\0") {
+            // btf_ext_header: magic u16, version u8, flags u8, hdr_len u32,
+            // func_info off/len, line_info off/len, then (hdr_len >= 32)
+            // core_relo off/len.
+            let hdr_len = u32_at(offset + 4)?;
+            return if hdr_len >= 32 {
+                u32_at(offset + 28)
+            } else {
+                Some(0)
+            };
+        }
+    }
+    Some(0)
+}
+
 impl EbpfDataplane {
     /// Load the programs, open (or create) the pinned maps and adopt what an
     /// earlier agent programmed there.
     pub fn load(cfg: EbpfConfig) -> Result<EbpfDataplane, EbpfError> {
+        Self::load_with(cfg, Loader::new())
+    }
+
+    /// [`Self::load`] with a loader made earlier (see [`Loader`]).
+    pub fn load_with(cfg: EbpfConfig, loader: Loader) -> Result<EbpfDataplane, EbpfError> {
         if EBPF_OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
         }
@@ -54,7 +133,7 @@ impl EbpfDataplane {
         })?;
         // Every map from its descriptor: its capacity, and a pin of the
         // same layout to adopt.
-        let mut loader = EbpfLoader::new();
+        let mut loader = loader.0;
         loader.default_map_pin_directory(&dir);
         let mut grown = Vec::new();
         for info in &proxy_common::maps::ALL {
@@ -83,6 +162,7 @@ impl EbpfDataplane {
             loader.map_max_entries(info.name, want);
         }
         let loaded = loader.load(EBPF_OBJECT);
+        drop(loader);
         let mut ebpf = match loaded {
             Ok(e) => e,
             Err(e) => {
@@ -351,4 +431,20 @@ where
             name,
             source: Box::new(source),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_object_needs_no_kernel_btf() {
+        // CO-RE relocations would need the kernel's BTF at load (kept then,
+        // at a memory cost: see `Loader`).
+        if !EBPF_OBJECT.is_empty() {
+            assert_eq!(core_relocations(EBPF_OBJECT), Some(0));
+        }
+        assert!(needs_kernel_btf(b"not an ELF object"));
+        assert!(needs_kernel_btf(b"\x7fELF\x02\x01 truncated"));
+    }
 }

@@ -49,6 +49,7 @@ use proxy_common::{Backend, Config, MapInfo, config_flags, progs};
 use tracing::{debug, info, warn};
 
 pub use interfaces::{cgroup2_mount, glob_match, interface_with_address};
+pub use load::{Loader, needs_kernel_btf};
 
 use self::{
     conntrack::{GcStats, Timeouts},
@@ -542,6 +543,12 @@ impl Dataplane for EbpfDataplane {
             Some(e) => Err(e),
             None => Ok(stats),
         }
+    }
+
+    fn reserve(&mut self, _frontends: usize, backends: usize) {
+        // Backends are also keyed by protocol: at least this many.
+        self.backends
+            .reserve(backends.saturating_sub(self.backends.len()));
     }
 
     fn housekeeping(&mut self) -> Result<(), EbpfError> {
