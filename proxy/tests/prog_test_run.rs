@@ -1780,3 +1780,137 @@ fn socket_lb_traffic_takes_the_fast_exit_without_touching_conntrack() {
     assert!(stamped.last_seen_ns > 0, "the DSR reply stamps its entry");
     assert_eq!(fx.stat(stat::REV_NAT), rev_nat + 1);
 }
+
+/// The conntrack key of a TCP packet `src:sport -> dst:dport` in direction
+/// `dir`, as the programs build it from the packet itself.
+fn ct_key_of(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    dir: u8,
+) -> proxy_common::CtKey {
+    proxy_common::CtKey {
+        dir,
+        ..reply_key_of(src, sport, dst, dport)
+    }
+}
+
+/// A pod on another node.
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 9);
+
+/// Pod-to-pod traffic arriving from another node (what socket LB sends
+/// once it translated at connect(), or plain pod traffic) is addressed to
+/// neither the node nor a frontend: `tc_from_netdev` and XDP let it go
+/// after the service lookup, with conntrack not consulted. Shown with
+/// entries planted under the packet's own tuple that the full path would
+/// act on: a SERVICE entry (a flow to a backend: the full path would DNAT
+/// it) and a SNAT REPLY entry (the full path would reverse-translate it
+/// and redirect it). Both stay unused and unstamped; frontends at the node
+/// address and elsewhere are still translated (the full path follows).
+/// Breaking the exit (e.g. the `return Ok(PASS)` after the service lookup
+/// in `try_from_netdev` replaced by falling through) fails the first
+/// assertion: the SNAT entry rewrites the packet.
+#[test]
+fn pod_traffic_from_other_nodes_leaves_netdev_programs_after_one_lookup() {
+    let fx = north_south();
+    let mut maps = proxy::maps::Maps::open_pinned(&fx.dir.0).expect("pinned maps");
+    // A real north-south flow, for a valid SERVICE value to copy.
+    let (rc, _) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 53000, NODE, 30080).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let real = maps
+        .conntrack
+        .get(
+            &ct_key_of(EXT_CLIENT, 53000, NODE, 30080, proxy_common::ct_dir::SERVICE),
+            0,
+        )
+        .expect("the flow's SERVICE entry");
+    let planted_service = proxy_common::CtValue {
+        last_seen_ns: 1,
+        ..real
+    };
+    let planted_reply = proxy_common::CtValue {
+        last_seen_ns: 1,
+        backend_id: real.backend_id,
+        service_id: real.service_id,
+        flags: proxy_common::ct_flags::SNAT,
+        _pad: 0,
+        nat_addr: u32::from_ne_bytes(EXT_CLIENT.octets()),
+        nat_port: 53001u16.to_be(),
+        _pad2: 0,
+    };
+    let service_key = ct_key_of(REMOTE_POD, 44200, B1, 8080, proxy_common::ct_dir::SERVICE);
+    let reply_key = ct_key_of(REMOTE_POD, 44200, B1, 8080, proxy_common::ct_dir::REPLY);
+    maps.conntrack
+        .insert(service_key, planted_service, 0)
+        .expect("plant SERVICE");
+    maps.conntrack
+        .insert(reply_key, planted_reply, 0)
+        .expect("plant REPLY");
+    let (dnat, rev_nat) = (fx.stat(stat::DNAT), fx.stat(stat::REV_NAT));
+
+    let mut pod = Frame::tcp(REMOTE_POD, 44200, B1, 8080);
+    pod.tcp_flags = 0x10;
+    let frame = pod.build();
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &frame);
+    assert_eq!(
+        (rc, &out),
+        (TC_ACT_OK, &frame),
+        "tc_from_netdev: passes as it came"
+    );
+    let (rc, out) = fx.run_xdp(&frame);
+    assert_eq!((rc, &out), (XDP_PASS, &frame), "XDP: passes as it came");
+    // A SYN too (the full path would start a flow if it were a frontend).
+    let syn = Frame::tcp(REMOTE_POD, 44201, B1, 8080).build();
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &syn);
+    assert_eq!((rc, &out), (TC_ACT_OK, &syn));
+    assert_eq!(
+        maps.conntrack.get(&service_key, 0).expect("planted SERVICE"),
+        planted_service,
+        "SERVICE entry neither used nor stamped"
+    );
+    assert_eq!(
+        maps.conntrack.get(&reply_key, 0).expect("planted REPLY"),
+        planted_reply,
+        "REPLY entry neither used nor stamped"
+    );
+    assert!(
+        maps.conntrack
+            .get(
+                &ct_key_of(REMOTE_POD, 44201, B1, 8080, proxy_common::ct_dir::SERVICE),
+                0
+            )
+            .is_err(),
+        "no flow started"
+    );
+    assert_eq!(fx.stat(stat::DNAT), dnat, "nothing translated");
+    assert_eq!(fx.stat(stat::REV_NAT), rev_nat, "nothing reverse-translated");
+
+    // Still translated: a frontend that is not the node address (the
+    // ClusterIP reached from outside), its next packet, and the NodePort.
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 53010, VIP, 80).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let first = parse_and_verify(&out);
+    assert!(first.dst == B1 || first.dst == B2, "DNATed to a backend");
+    let mut ack = Frame::tcp(EXT_CLIENT, 53010, VIP, 80);
+    ack.tcp_flags = 0x10;
+    let (_, out) = fx.run(progs::TC_FROM_NETDEV, &ack.build());
+    assert_eq!(parse_and_verify(&out).dst, first.dst, "follows its flow");
+    let (rc, out) = fx.run_xdp(&Frame::tcp(EXT_CLIENT, 53011, VIP, 80).build());
+    assert_eq!(rc, XDP_PASS);
+    let p = parse_and_verify(&out);
+    assert!(p.dst == B1 || p.dst == B2, "XDP DNATs it too");
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 53012, NODE, 30081).build(),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT, "NodePort to a remote backend: SNAT");
+    assert_eq!(parse_and_verify(&out).src, NODE);
+    assert_eq!(fx.stat(stat::DNAT), dnat + 4);
+}
