@@ -906,7 +906,8 @@ fn render_bpf(run: &Run, s: &mut String) {
             }
         )
     } else {
-        "From `kernel.bpf_stats_enabled` (on during the whole run, rate measurements included)".to_owned()
+        "From `kernel.bpf_stats_enabled` (on during the whole run, rate measurements included)"
+            .to_owned()
     };
     let _ = write!(
         s,

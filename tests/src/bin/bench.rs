@@ -623,9 +623,7 @@ struct Cost {
 
 impl Cost {
     fn start() -> Cost {
-        Cost {
-            cpu0: cpu_busy_s(),
-        }
+        Cost { cpu0: cpu_busy_s() }
     }
 
     /// CPU seconds since `start`.
@@ -1140,7 +1138,12 @@ impl<'a> Bench<'a> {
                 Ok((_, bytes)) => {
                     self.record_bpf(&mode, key, None, r, &progs, Some(bytes / 1500.0))
                 }
-                Err(e) => self.fail(&mode, &format!("{key} statistics pass"), None, &format!("{e:#}")),
+                Err(e) => self.fail(
+                    &mode,
+                    &format!("{key} statistics pass"),
+                    None,
+                    &format!("{e:#}"),
+                ),
             }
         }
     }
