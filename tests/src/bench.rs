@@ -1301,6 +1301,37 @@ mod tests {
         );
     }
 
+    /// Scales skipped on purpose are listed as such (not as failures), and
+    /// the BPF table says where its figures come from.
+    #[test]
+    fn not_run_scales_and_statistics_passes_are_reported() {
+        let mut run = fixed();
+        run.samples.push(Sample {
+            mode: "ebpf-socket".into(),
+            metric: format!("{BPF_NS}conn_rate.tc_from_pod"),
+            scale: Some(1),
+            repeat: 0,
+            value: 50.0,
+        });
+        assert!(
+            render_markdown(&run).contains("on during the whole run"),
+            "an older run (no stats_pass_s) says statistics were on throughout"
+        );
+        run.params.stats_pass_s = 1.0;
+        run.not_run.push(NotRun {
+            mode: "nftables".into(),
+            scale: 100_000,
+            reason: "above --fallback-max-scale 10000".into(),
+        });
+        let md = render_markdown(&run);
+        assert!(
+            md.contains("| nftables | 100000 | above --fallback-max-scale 10000 |"),
+            "{md}"
+        );
+        assert!(!md.contains("| nftables | 100000 | not run"), "{md}");
+        assert!(md.contains("separate 1.000 s statistics pass"), "{md}");
+    }
+
     /// Ratios are taken within a round: with drift that moves both modes
     /// alike, the per-round ratio stays put while the medians' ratio does
     /// not.
