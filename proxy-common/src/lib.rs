@@ -14,7 +14,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// How the kernel stores a map ([`MapDef::kind`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +209,13 @@ pub mod maps {
         0,
         "(saddr, daddr, IP id, proto) of a fragmented datagram -> its ports (from the first fragment)",
     );
+    pub const REPLY_DSTS: MapDef<u32, u8> = MapDef::new(
+        "REPLY_DSTS",
+        MapKind::Array,
+        super::REPLY_DSTS_SLOTS,
+        0,
+        "reply_dst_slot(address) -> 1 once a conntrack reply entry was addressed there (tc_to_pod / tc_to_netdev look conntrack up only then)",
+    );
     pub const STATS: MapDef<u32, u64> = MapDef::new(
         "STATS",
         MapKind::PerCpuArray,
@@ -218,7 +225,7 @@ pub mod maps {
     );
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [MapInfo; 14] = [
+    pub const ALL: [MapInfo; 15] = [
         SERVICES.info(),
         SLOTS.info(),
         BACKENDS.info(),
@@ -232,6 +239,7 @@ pub mod maps {
         SOURCE_RANGES.info(),
         MAGLEV.info(),
         FRAGMENTS.info(),
+        REPLY_DSTS.info(),
         STATS.info(),
     ];
 }
@@ -635,6 +643,21 @@ pub mod config_flags {
     /// frontend travels to the backend's node in an IPv4 option
     /// ([`super::DSR_OPT_TYPE`]) instead of the flow being SNATed.
     pub const DSR: u32 = 1 << 0;
+}
+
+/// Slots of [`maps::REPLY_DSTS`] (a power of two).
+pub const REPLY_DSTS_SLOTS: u32 = 1 << REPLY_DSTS_BITS;
+const REPLY_DSTS_BITS: u32 = 14;
+
+/// The [`maps::REPLY_DSTS`] slot of a reply's destination address (raw,
+/// network order): a multiplicative hash. The kernel sets the slot before
+/// it writes any conntrack REPLY entry (keyed by the reply's tuple) and
+/// never clears it, so a packet whose destination's slot is clear cannot
+/// be the reply of a tracked flow. Distinct addresses may share a slot:
+/// that only costs the conntrack lookup a clear slot saves.
+#[inline(always)]
+pub const fn reply_dst_slot(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9e37_79b1) >> (32 - REPLY_DSTS_BITS)
 }
 
 /// IPv4 option type carrying the frontend for DSR (copied flag set,

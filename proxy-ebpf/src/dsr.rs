@@ -20,7 +20,7 @@ use crate::{
         DSR_OPT_LEN, DSR_OPT_TYPE, DsrOpt, IPV4_DSR_VERSION_IHL, Ipv4DsrHdr, Ipv4Hdr, L3_OFF,
         L4_OFF, UdpHdr,
     },
-    maps::{BACKENDS, CONNTRACK, REVNAT, account, count},
+    maps::{BACKENDS, CONNTRACK, REVNAT, account, count, note_reply_dst},
     netdev,
     packet::Packet,
     reject,
@@ -101,6 +101,7 @@ pub fn ingress(ctx: &TcContext) -> Result<Option<i32>, Error> {
         nat_port: h.opt.port,
         _pad2: 0,
     };
+    note_reply_dst(reply.daddr);
     if CONNTRACK.insert(key, value, 0).is_err() {
         count(stat::CT_INSERT_FAIL);
     }

@@ -4,7 +4,9 @@
 //! A flow has a SERVICE entry under the client's tuple (-> backend) and,
 //! unless it is DSR, a REPLY entry under the tuple the backend's replies
 //! carry (-> frontend, for reverse NAT). The reply entry is written first:
-//! once the service entry exists, replies must be translatable.
+//! once the service entry exists, replies must be translatable. Before a
+//! reply entry is written its destination is noted in `REPLY_DSTS`, which
+//! lets the reverse-NAT hooks skip conntrack for every other packet.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use proxy_common::{
@@ -15,7 +17,7 @@ use proxy_common::{
 use crate::{
     error::Error,
     lb,
-    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, count},
+    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, count, note_reply_dst},
     packet::Packet,
     tuple::Tuple,
 };
@@ -125,6 +127,7 @@ pub fn start(
 /// Write the reply entry, then the service entry.
 #[inline(always)]
 fn insert_pair(t: &Tuple<u32>, value: &CtValue, reply: &Tuple<u32>, reply_value: &CtValue) {
+    note_reply_dst(reply.daddr);
     if CONNTRACK
         .insert(reply.ct_key(ct_dir::REPLY), reply_value, 0)
         .is_err()
@@ -197,6 +200,7 @@ fn snat_port(t: &Tuple<u32>, value: &CtValue, b: &Backend, node: u32) -> Result<
         nat_port: t.sport,
         ..*value
     };
+    note_reply_dst(node);
     for _ in 0..SNAT_PROBES {
         let reply = t.reply(b.addr, b.port, node, port);
         let key = reply.ct_key(ct_dir::REPLY);

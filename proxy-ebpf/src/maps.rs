@@ -8,7 +8,7 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey,
     FragValue, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
-    SockRevNatValue, SourceRangeKey, SvcStats, maps as def, str_eq,
+    SockRevNatValue, SourceRangeKey, SvcStats, maps as def, reply_dst_slot, str_eq,
 };
 
 /// Declares a map static from its `proxy_common::maps` descriptor. The
@@ -35,7 +35,33 @@ map_from_def!("CONFIG", CONFIG: Array<Config> = def::CONFIG);
 map_from_def!("SRC_RANGES_V4", SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = def::SOURCE_RANGES);
 map_from_def!("MAGLEV_V4", MAGLEV: HashMap<MaglevKey, u32> = def::MAGLEV);
 map_from_def!("FRAGS_V4", FRAGMENTS: LruHashMap<FragKey, FragValue> = def::FRAGMENTS);
+map_from_def!("REPLY_DSTS", REPLY_DSTS: Array<u8> = def::REPLY_DSTS);
 map_from_def!("STATS", STATS: PerCpuArray<u64> = def::STATS);
+
+/// Record that a conntrack REPLY entry addressed to `daddr` is about to be
+/// written (before it is): see `proxy_common::reply_dst_slot`. A set slot
+/// is left alone (no store, its cache line stays clean).
+#[inline(always)]
+pub fn note_reply_dst(daddr: u32) {
+    if let Some(p) = REPLY_DSTS.get_ptr_mut(reply_dst_slot(daddr)) {
+        // SAFETY: valid pointer from a successful lookup; a racing store
+        // writes the same 1.
+        unsafe {
+            if *p == 0 {
+                *p = 1;
+            }
+        }
+    }
+}
+
+/// Whether some conntrack REPLY entry may be addressed to `daddr` (one
+/// array lookup, inlined by the verifier: no helper call).
+#[inline(always)]
+pub fn may_be_reply_dst(daddr: u32) -> bool {
+    REPLY_DSTS
+        .get(reply_dst_slot(daddr))
+        .is_none_or(|v| *v != 0)
+}
 
 /// Bump a per-CPU counter (no atomics needed: the slot is this CPU's).
 #[inline(always)]

@@ -8,7 +8,9 @@
 //!   (`--xdp-mode none`, or a packet XDP passed unfinished) this program
 //!   starts the flow itself, through the same path XDP uses. It also
 //!   rejects frontends without backends, and records DSR flows arriving
-//!   for local backends.
+//!   for local backends. A packet to neither the node address nor a
+//!   frontend (pod-to-pod traffic from other nodes) leaves after one
+//!   service lookup.
 //! * [`tc_to_netdev`] (egress): replies of local backends to north-south
 //!   clients get the frontend as source, after routing (where a node
 //!   address as source is fine).
@@ -26,7 +28,7 @@ use crate::{
     error::Error,
     flow::{self, Origin},
     lb,
-    maps::{CONNTRACK, REVNAT, account, count},
+    maps::{CONFIG, CONNTRACK, REVNAT, account, count},
     packet::Packet,
     pod, reject,
 };
@@ -50,6 +52,21 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
     }
     let Some(pkt) = Packet::parse(ctx)? else {
         return Ok(PASS);
+    };
+    // Fast exit: only a packet to the node address (SNAT replies,
+    // NodePorts) or to a frontend can need anything here. Anything else
+    // (pod traffic from other nodes, whether socket LB or a remote node's
+    // tc translated it) leaves after this one service lookup, conntrack
+    // untouched. Flows are tracked under a frontend's address and SNAT
+    // replies come back to the node address (`CONFIG`, an array map the
+    // verifier inlines: no helper call).
+    let svc = if pkt.tuple.daddr == node_addr() {
+        None
+    } else {
+        match flow::service(&pkt) {
+            Some(s) => Some(s),
+            None => return Ok(PASS),
+        }
     };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -80,7 +97,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
     let (ct, backend) = match flow::established(&pkt, None, now) {
         Some(c) => c,
         None => {
-            let Some(svc) = flow::service(&pkt) else {
+            let Some(svc) = svc.or_else(|| flow::service(&pkt)) else {
                 return Ok(PASS);
             };
             lb::check_source(&svc, pkt.tuple.saddr)?;
@@ -103,6 +120,13 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
     }
     // A local backend: the stack routes the packet to the pod.
     Ok(PASS)
+}
+
+/// The node address north-south SNAT uses (`CONFIG`; 0 when not
+/// configured).
+#[inline(always)]
+pub fn node_addr() -> u32 {
+    CONFIG.get(0).map_or(0, |c| c.node_addr)
 }
 
 /// Out of the interface the route to the (new) destination uses, resolving

@@ -11,7 +11,9 @@
 //!   socket LB already sent to its backend at connect(), plain pod
 //!   traffic) leaves after one hash lookup, with conntrack untouched.
 //! * [`tc_to_pod`] (tc egress: what the pod receives): a reply from a
-//!   backend is rewritten back to the frontend.
+//!   backend is rewritten back to the frontend. Conntrack is looked up only
+//!   for a destination some reply entry was addressed to (`REPLY_DSTS`):
+//!   socket-LB and plain pod traffic leave without a hash lookup.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use proxy_common::{config_flags, ct_dir, ct_flags, stat};
@@ -22,7 +24,7 @@ use crate::{
     error::Error,
     flow::{self, HAIRPIN, Origin},
     lb,
-    maps::{CONFIG, CONNTRACK, REVNAT, account, count},
+    maps::{CONFIG, CONNTRACK, REVNAT, account, count, may_be_reply_dst},
     packet::Packet,
     reject,
 };
@@ -120,8 +122,17 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Error> {
 }
 
 /// A reply of a tracked flow gets the frontend as its source.
+///
+/// Fast exit: a packet to an address no conntrack reply entry was ever
+/// addressed to (`REPLY_DSTS`, an array slot the verifier inlines) is no
+/// tracked flow's reply: it leaves without a hash lookup. That is all
+/// socket-LB traffic and plain pod traffic, unless its destination shares
+/// a slot with a per-packet flow's client.
 #[inline(always)]
 pub fn reverse_nat<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<i32, Error> {
+    if !may_be_reply_dst(pkt.tuple.daddr) {
+        return Ok(C::PASS);
+    }
     let Some(ct) = CONNTRACK.get_ptr_mut(pkt.tuple.ct_key(ct_dir::REPLY)) else {
         return Ok(C::PASS);
     };

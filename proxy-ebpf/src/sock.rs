@@ -106,8 +106,14 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
     }
-    // SAFETY: helpers on the program's own context.
-    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    // The client's network namespace and the time matter to affinity
+    // only: two helper calls saved for the other frontends.
+    let (netns, now) = if svc.affinity_timeout != 0 {
+        // SAFETY: helpers on the program's own context.
+        unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) }
+    } else {
+        (0, 0)
+    };
     let client = AffinityKey {
         client_netns: netns,
         client_addr: 0,

@@ -30,6 +30,7 @@ use crate::{
     flow::{self, Origin},
     lb,
     maps::{CONNTRACK, account, count},
+    netdev,
     packet::Packet,
 };
 
@@ -46,6 +47,17 @@ fn try_xdp(ctx: &XdpContext) -> Result<i32, Error> {
         return Ok(PASS);
     };
     count(stat::PACKETS);
+    // Fast exit: a packet to neither the node address nor a frontend (pod
+    // traffic from other nodes) leaves after this one service lookup, as
+    // in `tc_from_netdev`.
+    let svc = if pkt.tuple.daddr == netdev::node_addr() {
+        None
+    } else {
+        match flow::service(&pkt) {
+            Some(s) => Some(s),
+            None => return Ok(PASS),
+        }
+    };
     if CONNTRACK.get_ptr(pkt.tuple.ct_key(ct_dir::REPLY)).is_some() {
         // A reply of a tracked flow: SNATed ones are finished by tc (they
         // need a neighbour lookup), east-west ones by tc after routing (a
@@ -53,7 +65,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<i32, Error> {
         // as a martian source before routing).
         return Ok(PASS);
     }
-    let Some(svc) = flow::service(&pkt) else {
+    let Some(svc) = svc.or_else(|| flow::service(&pkt)) else {
         return Ok(PASS);
     };
     lb::check_source(&svc, pkt.tuple.saddr)?;

@@ -1611,6 +1611,34 @@ fn north_south_packets_keep_their_flow_fresh() {
 
 // ---- verifier figures -----------------------------------------------------
 
+/// A private pin directory, removed on drop.
+struct RmDir(PathBuf);
+
+impl Drop for RmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Parse `bytes` as an eBPF object with its maps pinned in a private
+/// directory (removed when the returned guard drops); programs not loaded.
+fn load_object(bytes: &[u8], tag: &str) -> (aya::Ebpf, RmDir) {
+    let dir = PathBuf::from(format!("/sys/fs/bpf/proxy-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    let rm = RmDir(dir.clone());
+    // The object is copied so it is aligned for the ELF parser.
+    let mut aligned: Vec<u64> = vec![0; bytes.len().div_ceil(8)];
+    // SAFETY: a u64 buffer at least as long as the object, viewed as bytes.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, bytes.len()) };
+    buf.copy_from_slice(bytes);
+    let ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(buf)
+        .expect("parse object");
+    (ebpf, rm)
+}
+
 /// Loads every program of the object (or of the object named by
 /// `PROXY_EBPF_OBJECT`, to measure another build) with its maps in a private
 /// pin directory, and prints the verifier's processed-instruction count and
@@ -1618,33 +1646,14 @@ fn north_south_packets_keep_their_flow_fresh() {
 /// `cargo test -p proxy --test prog_test_run verifier_instruction_counts -- --nocapture`
 #[test]
 fn verifier_instruction_counts() {
-    use aya::{EbpfLoader, programs::Program};
+    use aya::programs::Program;
 
     let other = std::env::var_os("PROXY_EBPF_OBJECT").map(|p| std::fs::read(p).expect("object"));
     let bytes: &[u8] = match &other {
         Some(b) => b,
         None => proxy::dataplane::ebpf::EBPF_OBJECT,
     };
-    let dir = PathBuf::from(format!("/sys/fs/bpf/proxy-verifier-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("pin dir");
-    struct Rm(PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _rm = Rm(dir.clone());
-    // The object is copied so it is aligned for the ELF parser.
-    let aligned: Vec<u64> = vec![0; bytes.len().div_ceil(8)];
-    let mut aligned = aligned;
-    // SAFETY: a u64 buffer at least as long as the object, viewed as bytes.
-    let buf =
-        unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, bytes.len()) };
-    buf.copy_from_slice(bytes);
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&dir)
-        .load(buf)
-        .expect("parse object");
+    let (mut ebpf, _rm) = load_object(bytes, "verifier");
     let mut rows = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
         let r = match prog {
@@ -1779,4 +1788,300 @@ fn socket_lb_traffic_takes_the_fast_exit_without_touching_conntrack() {
     let stamped = maps.conntrack.get(&key, 0).expect("planted entry");
     assert!(stamped.last_seen_ns > 0, "the DSR reply stamps its entry");
     assert_eq!(fx.stat(stat::REV_NAT), rev_nat + 1);
+}
+
+/// The conntrack key of a TCP packet `src:sport -> dst:dport` in direction
+/// `dir`, as the programs build it from the packet itself.
+fn ct_key_of(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, dir: u8) -> proxy_common::CtKey {
+    proxy_common::CtKey {
+        dir,
+        ..reply_key_of(src, sport, dst, dport)
+    }
+}
+
+/// A pod on another node.
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 9);
+
+/// Pod-to-pod traffic arriving from another node (what socket LB sends
+/// once it translated at connect(), or plain pod traffic) is addressed to
+/// neither the node nor a frontend: `tc_from_netdev` and XDP let it go
+/// after the service lookup, with conntrack not consulted. Shown with
+/// entries planted under the packet's own tuple that the full path would
+/// act on: a SERVICE entry (a flow to a backend: the full path would DNAT
+/// it) and a SNAT REPLY entry (the full path would reverse-translate it
+/// and redirect it). Both stay unused and unstamped; frontends at the node
+/// address and elsewhere are still translated (the full path follows).
+/// Breaking the exit (e.g. the `return Ok(PASS)` after the service lookup
+/// in `try_from_netdev` replaced by falling through) fails the first
+/// assertion: the SNAT entry rewrites the packet.
+#[test]
+fn pod_traffic_from_other_nodes_leaves_netdev_programs_after_one_lookup() {
+    let fx = north_south();
+    let mut maps = proxy::maps::Maps::open_pinned(&fx.dir.0).expect("pinned maps");
+    // A real north-south flow, for a valid SERVICE value to copy.
+    let (rc, _) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 53000, NODE, 30080).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let real = maps
+        .conntrack
+        .get(
+            &ct_key_of(
+                EXT_CLIENT,
+                53000,
+                NODE,
+                30080,
+                proxy_common::ct_dir::SERVICE,
+            ),
+            0,
+        )
+        .expect("the flow's SERVICE entry");
+    let planted_service = proxy_common::CtValue {
+        last_seen_ns: 1,
+        ..real
+    };
+    let planted_reply = proxy_common::CtValue {
+        last_seen_ns: 1,
+        backend_id: real.backend_id,
+        service_id: real.service_id,
+        flags: proxy_common::ct_flags::SNAT,
+        _pad: 0,
+        nat_addr: u32::from_ne_bytes(EXT_CLIENT.octets()),
+        nat_port: 53001u16.to_be(),
+        _pad2: 0,
+    };
+    let service_key = ct_key_of(REMOTE_POD, 44200, B1, 8080, proxy_common::ct_dir::SERVICE);
+    let reply_key = ct_key_of(REMOTE_POD, 44200, B1, 8080, proxy_common::ct_dir::REPLY);
+    maps.conntrack
+        .insert(service_key, planted_service, 0)
+        .expect("plant SERVICE");
+    maps.conntrack
+        .insert(reply_key, planted_reply, 0)
+        .expect("plant REPLY");
+    let (dnat, rev_nat) = (fx.stat(stat::DNAT), fx.stat(stat::REV_NAT));
+
+    let mut pod = Frame::tcp(REMOTE_POD, 44200, B1, 8080);
+    pod.tcp_flags = 0x10;
+    let frame = pod.build();
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &frame);
+    assert_eq!(
+        (rc, &out),
+        (TC_ACT_OK, &frame),
+        "tc_from_netdev: passes as it came"
+    );
+    let (rc, out) = fx.run_xdp(&frame);
+    assert_eq!((rc, &out), (XDP_PASS, &frame), "XDP: passes as it came");
+    // A SYN too (the full path would start a flow if it were a frontend).
+    let syn = Frame::tcp(REMOTE_POD, 44201, B1, 8080).build();
+    let (rc, out) = fx.run(progs::TC_FROM_NETDEV, &syn);
+    assert_eq!((rc, &out), (TC_ACT_OK, &syn));
+    assert_eq!(
+        maps.conntrack
+            .get(&service_key, 0)
+            .expect("planted SERVICE"),
+        planted_service,
+        "SERVICE entry neither used nor stamped"
+    );
+    assert_eq!(
+        maps.conntrack.get(&reply_key, 0).expect("planted REPLY"),
+        planted_reply,
+        "REPLY entry neither used nor stamped"
+    );
+    assert!(
+        maps.conntrack
+            .get(
+                &ct_key_of(REMOTE_POD, 44201, B1, 8080, proxy_common::ct_dir::SERVICE),
+                0
+            )
+            .is_err(),
+        "no flow started"
+    );
+    assert_eq!(fx.stat(stat::DNAT), dnat, "nothing translated");
+    assert_eq!(
+        fx.stat(stat::REV_NAT),
+        rev_nat,
+        "nothing reverse-translated"
+    );
+
+    // Still translated: a frontend that is not the node address (the
+    // ClusterIP reached from outside), its next packet, and the NodePort.
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 53010, VIP, 80).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let first = parse_and_verify(&out);
+    assert!(first.dst == B1 || first.dst == B2, "DNATed to a backend");
+    let mut ack = Frame::tcp(EXT_CLIENT, 53010, VIP, 80);
+    ack.tcp_flags = 0x10;
+    let (_, out) = fx.run(progs::TC_FROM_NETDEV, &ack.build());
+    assert_eq!(parse_and_verify(&out).dst, first.dst, "follows its flow");
+    let (rc, out) = fx.run_xdp(&Frame::tcp(EXT_CLIENT, 53011, VIP, 80).build());
+    assert_eq!(rc, XDP_PASS);
+    let p = parse_and_verify(&out);
+    assert!(p.dst == B1 || p.dst == B2, "XDP DNATs it too");
+    let (rc, out) = fx.run(
+        progs::TC_FROM_NETDEV,
+        &Frame::tcp(EXT_CLIENT, 53012, NODE, 30081).build(),
+    );
+    assert_eq!(rc, TC_ACT_REDIRECT, "NodePort to a remote backend: SNAT");
+    assert_eq!(parse_and_verify(&out).src, NODE);
+    assert_eq!(fx.stat(stat::DNAT), dnat + 4);
+}
+
+/// A client of no per-packet flow on this node.
+const OTHER_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 50);
+
+fn reply_dst_slot(addr: Ipv4Addr) -> u32 {
+    proxy_common::reply_dst_slot(u32::from_ne_bytes(addr.octets()))
+}
+
+/// `tc_to_pod` and `tc_to_netdev` look conntrack up only for a packet to an
+/// address some reply entry was addressed to (its `REPLY_DSTS` slot, which
+/// the kernel sets before writing the entry): socket-LB and plain pod
+/// traffic leave without a hash lookup. Shown with a valid REPLY entry
+/// planted for a destination whose slot is clear: the reply passes
+/// untouched and the entry is neither used nor stamped; once the slot is
+/// set, the same reply is reverse-translated. A per-packet flow's own
+/// reply is translated (the kernel set its client's slot). Breaking the
+/// exit (the `may_be_reply_dst` check in `pod::reverse_nat` removed) fails
+/// the first assertion: the planted entry rewrites the reply.
+#[test]
+fn reverse_nat_skips_conntrack_for_destinations_no_reply_entry_was_addressed_to() {
+    let fx = fixture();
+    let mut maps = proxy::maps::Maps::open_pinned(&fx.dir.0).expect("pinned maps");
+    assert_ne!(reply_dst_slot(CLIENT), reply_dst_slot(OTHER_POD));
+    let slot = |maps: &proxy::maps::Maps, a| maps.reply_dsts.get(&reply_dst_slot(a), 0).unwrap();
+    assert_eq!(slot(&maps, CLIENT), 0, "no flow yet");
+    // A per-packet flow from CLIENT: its reply entry's value, to copy.
+    let (_, out) = fx.run(
+        progs::TC_FROM_POD,
+        &Frame::tcp(CLIENT, 44300, VIP, 80).build(),
+    );
+    let b = parse_and_verify(&out);
+    assert_eq!(slot(&maps, CLIENT), 1, "set before the reply entry");
+    let real = maps
+        .conntrack
+        .get(&reply_key_of(b.dst, b.dport, CLIENT, 44300), 0)
+        .expect("the flow's REPLY entry");
+    let planted = proxy_common::CtValue {
+        last_seen_ns: 1,
+        ..real
+    };
+    let key = reply_key_of(b.dst, b.dport, OTHER_POD, 44300);
+    maps.conntrack
+        .insert(key, planted, 0)
+        .expect("plant a REPLY entry");
+    let rev_nat = fx.stat(stat::REV_NAT);
+
+    let mut reply = Frame::tcp(b.dst, b.dport, OTHER_POD, 44300);
+    reply.tcp_flags = 0x10;
+    let reply = reply.build();
+    for prog in [progs::TC_TO_POD, progs::TC_TO_NETDEV] {
+        let (rc, out) = fx.run(prog, &reply);
+        assert_eq!((rc, &out), (TC_ACT_OK, &reply), "{prog}: passes as it came");
+    }
+    assert_eq!(
+        maps.conntrack.get(&key, 0).expect("planted entry"),
+        planted,
+        "conntrack not consulted"
+    );
+    assert_eq!(fx.stat(stat::REV_NAT), rev_nat);
+
+    // The flow's own reply is translated.
+    let mut own = Frame::tcp(b.dst, b.dport, CLIENT, 44300);
+    own.tcp_flags = 0x12;
+    let (_, out) = fx.run(progs::TC_TO_POD, &own.build());
+    let p = parse_and_verify(&out);
+    assert_eq!((p.src, p.sport), (VIP, 80));
+
+    // Once the slot is set, conntrack decides again.
+    maps.reply_dsts
+        .set(reply_dst_slot(OTHER_POD), 1, 0)
+        .expect("set the slot");
+    for prog in [progs::TC_TO_POD, progs::TC_TO_NETDEV] {
+        let (rc, out) = fx.run(prog, &reply);
+        assert_eq!(rc, TC_ACT_OK);
+        let p = parse_and_verify(&out);
+        assert_eq!((p.src, p.sport), (VIP, 80), "{prog}: reverse-translated");
+    }
+    assert_eq!(fx.stat(stat::REV_NAT), rev_nat + 3);
+}
+
+/// What the per-packet programs cost a socket-LB packet (pod IP to pod IP,
+/// a TCP ACK; maps empty, as on a node with no per-packet flows): the
+/// kernel's own average over `BPF_PROG_TEST_RUN` repeats, per program, in
+/// rounds alternating between this build's object and the object named
+/// by `PROXY_EBPF_OBJECT_BEFORE` (if set), so both see the same machine.
+/// A figure to compare, not an assertion: caches stay warm across repeats
+/// (the benchmark's statistics pass shows the cold-cache cost). Ignored by
+/// default:
+/// `PROXY_EBPF_OBJECT_BEFORE=old.o cargo test -p proxy --test prog_test_run socket_lb_packet_cost -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn socket_lb_packet_cost() {
+    use aya::programs::SchedClassifier;
+
+    let before =
+        std::env::var_os("PROXY_EBPF_OBJECT_BEFORE").map(|p| std::fs::read(p).expect("object"));
+    let mut objects = vec![("this build", proxy::dataplane::ebpf::EBPF_OBJECT)];
+    if let Some(b) = &before {
+        objects.insert(0, ("before", b.as_slice()));
+    }
+    let names = [
+        progs::TC_FROM_POD,
+        progs::TC_TO_NETDEV,
+        progs::TC_FROM_NETDEV,
+        progs::TC_TO_POD,
+    ];
+    let mut loaded = Vec::new();
+    for (i, (label, bytes)) in objects.iter().enumerate() {
+        let (mut ebpf, rm) = load_object(bytes, &format!("cost{i}"));
+        for name in names {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program")
+                .try_into()
+                .expect("tc");
+            p.load().expect("load");
+        }
+        loaded.push((*label, ebpf, rm));
+    }
+    let mut frame = Frame::tcp(REMOTE_POD, 44200, B1, 8080);
+    frame.tcp_flags = 0x10;
+    let frame = frame.build();
+    const ROUNDS: usize = 7;
+    let mut ns = vec![vec![Vec::new(); names.len()]; loaded.len()];
+    for _ in 0..ROUNDS {
+        for (o, (_, ebpf, _)) in loaded.iter().enumerate() {
+            for (n, name) in names.iter().enumerate() {
+                let p: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
+                let mut out = vec![0u8; frame.len() + 256];
+                let r = p
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        data_out: Some(&mut out),
+                        repeat: 200_000,
+                        ..Default::default()
+                    })
+                    .expect("test run");
+                assert_eq!(r.return_value, TC_ACT_OK, "{name} passes it");
+                ns[o][n].push(r.duration.as_nanos() as f64);
+            }
+        }
+    }
+    println!("median ns per run over {ROUNDS} rounds of 200000 runs [min - max]");
+    for (o, (label, _, _)) in loaded.iter().enumerate() {
+        for (n, name) in names.iter().enumerate() {
+            let v = &mut ns[o][n];
+            v.sort_by(f64::total_cmp);
+            println!(
+                "{label:<11} {name:<16} {:>6.1} [{:.1} - {:.1}]",
+                v[v.len() / 2],
+                v[0],
+                v[v.len() - 1]
+            );
+        }
+    }
 }

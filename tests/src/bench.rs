@@ -321,6 +321,28 @@ pub struct Params {
     /// rounds, and samples with the same `repeat` ran in the same round).
     #[serde(default)]
     pub interleaved: bool,
+    /// Seconds of the statistics passes the per-program figures come from
+    /// (0: an older run, with statistics on for the whole run).
+    #[serde(default)]
+    pub stats_pass_s: f64,
+    /// Scales above this were not run for [`FALLBACK_MODES`].
+    #[serde(default)]
+    pub fallback_max_scale: Option<usize>,
+    /// `kernel.bpf_stats_enabled` was set (by someone else) when the run
+    /// started: the programs paid for statistics in every measurement.
+    #[serde(default)]
+    pub stats_sysctl_on: bool,
+}
+
+/// The modes `--fallback-max-scale` limits.
+pub const FALLBACK_MODES: &[&str] = &["iptables", "nftables", "ipvs"];
+
+/// A mode left out at a scale on purpose (not a failure).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NotRun {
+    pub mode: String,
+    pub scale: usize,
+    pub reason: String,
 }
 
 fn ten() -> u32 {
@@ -337,6 +359,8 @@ pub struct Run {
     pub modes: Vec<ModeStatus>,
     pub samples: Vec<Sample>,
     pub failures: Vec<Failure>,
+    #[serde(default)]
+    pub not_run: Vec<NotRun>,
 }
 
 // ---------------------------------------------------------------------------
@@ -734,6 +758,18 @@ pub fn render_markdown(run: &Run) -> String {
             );
         }
     }
+    if !run.not_run.is_empty() {
+        s.push_str("\n## Not run at these scales (on purpose, not failures)\n\n| mode | services | why |\n|---|---|---|\n");
+        for n in &run.not_run {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                n.mode,
+                fmt_scale(Some(n.scale)),
+                n.reason.replace('|', "\\|")
+            );
+        }
+    }
     s.push_str("\n## Results\n\nMedian of the rounds, [min - max], spread = (max - min) / median, n = number of rounds, then the value of every round in order. `/ direct` is the ratio to `direct` taken within each round (same round, same scale), median [min - max] over the rounds; `/ iptables` is this row's median / iptables' median at the same scale. Whether a ratio above 1 is better depends on the metric (see each heading).\n");
     for metric in METRICS {
         let rows = run.rows(metric);
@@ -809,7 +845,15 @@ pub fn render_markdown(run: &Run) -> String {
                     .failures
                     .iter()
                     .find(|f| f.mode == t.mode && (scale.is_none() || f.scale == scale));
+                let skipped = scale.and_then(|sc| {
+                    run.not_run
+                        .iter()
+                        .find(|n| n.mode == t.mode && n.scale == sc)
+                });
                 let why = match (failed, scale) {
+                    _ if skipped.is_some() => {
+                        format!("not run: {}", skipped.map_or("", |n| n.reason.as_str()))
+                    }
                     (Some(f), _) => format!("not measured: {}", f.error.replace('|', "\\|")),
                     (None, Some(_)) if !run.params.scales.contains(&10_000) => {
                         "not measured (10000 not among the scales)".into()
@@ -859,7 +903,24 @@ fn render_bpf(run: &Run, s: &mut String) {
     if keys.is_empty() {
         return;
     }
-    s.push_str("\n## eBPF programs' own cost\n\nFrom `kernel.bpf_stats_enabled` (on during the run): per program of the mode's agents (both nodes, summed by name), run time / runs over each measurement; median [min - max] over the rounds. Runs are per connection for `conn_rate`, per 1500 bytes received for iperf3.\n\n| mode | services | measurement | program | ns per run | runs per unit |\n|---|---:|---|---|---:|---:|\n");
+    let source = if run.params.stats_pass_s > 0.0 {
+        format!(
+            "From the kernel's BPF statistics, on only during a separate {} s statistics pass after each measurement (the same measurement again; counting costs two clock reads per program run, so rates and throughput are measured with it off{})",
+            fmt_num(run.params.stats_pass_s),
+            if run.params.stats_sysctl_on {
+                "; but `kernel.bpf_stats_enabled` was set by someone else during this run, so every measurement paid for it"
+            } else {
+                ""
+            }
+        )
+    } else {
+        "From `kernel.bpf_stats_enabled` (on during the whole run, rate measurements included)"
+            .to_owned()
+    };
+    let _ = write!(
+        s,
+        "\n## eBPF programs' own cost\n\n{source}: per program of the mode's agents (both nodes, summed by name), run time / runs over the pass; median [min - max] over the rounds. Runs are per connection for `conn_rate`, per 1500 bytes received for iperf3.\n\n| mode | services | measurement | program | ns per run | runs per unit |\n|---|---:|---|---|---:|---:|\n"
+    );
     for (mode, k, scale) in keys {
         let Some((what, prog)) = k.split_once('.') else {
             continue;
@@ -900,7 +961,8 @@ const METHOD: &str = "## Method
 - Throughput: iperf3 `-J`, TCP with 1 and 4 streams, via the ClusterIP (from the client pod) and via the NodePort (from the external client); UDP with 64-byte payloads at unlimited rate (`-b 0 -l 64`) via the NodePort, rate = datagrams the server received / seconds. Measured with 1 service programmed (first scale only). `direct` uses the pod IP (the external client routes the pod network through node1).
 - Connection rate: our `connrate rate` tool, N client threads each looping connect, one 16-byte request, its echo, abortive close (SO_LINGER 0, so no TIME_WAIT reuse collapse), against an echo server (`connrate serve`) in pod-2-1. Its per-connection times give the connect+request latency percentiles.
 - CPU cost: whole-machine busy time (user + nice + system + irq + softirq over both CPUs, from /proc/stat) across each measurement, divided by the connections made (us per connection) or by the gigabytes received (CPU s per GB). It counts everything the machine did meanwhile (idle agents of the other modes, other users of a shared machine), so it is compared between modes of the same round, never as an absolute figure.
-- eBPF programs' own cost: `kernel.bpf_stats_enabled` is set for the run (restored after); before and after each measurement the run time and run count of every program the mode's agents hold are read (their BPF program descriptors' /proc/<pid>/fdinfo `run_time_ns` and `run_cnt`; names from `bpftool prog show`); the table gives ns per run and runs per connection.
+- eBPF programs' own cost: the kernel counts run time and runs per program only while statistics are on, and counting costs every program run two clock reads (expensive on a virtual machine), which would inflate the very ratios measured. So rates, throughput and CPU per connection are measured with statistics off, and after each connection-rate measurement and each 1-stream TCP iperf3 measurement a separate, short statistics pass (`--stats-duration`, 1 s by default) runs the same measurement again with statistics on (`BPF_ENABLE_STATS`, a reference-counted fd: `kernel.bpf_stats_enabled` is neither needed nor changed; the run warns and the report says so when someone else has that set). Before and after each pass the run time and run count of every program the mode's agents hold are read (their BPF program descriptors' /proc/<pid>/fdinfo `run_time_ns` and `run_cnt`; names from `bpftool prog show`); the table gives ns per run and runs per connection (or per 1500 bytes). A run's figure includes the counting itself (the kernel reads the clock around the program), so short programs look several times dearer than they are; `cargo test -p proxy --test prog_test_run socket_lb_packet_cost -- --ignored --nocapture` gives the warm-cache cost without counting (BPF_PROG_TEST_RUN repeats). The JSON also keeps the pass's own connection rate (`conn_rate_stats_on`), which shows what counting costs.
+- Scales per mode: `--fallback-max-scale N` runs iptables, nftables and ipvs only up to N services (listed under `not run at these scales`, not as failures), so one run covers the eBPF modes at larger scales.
 - Request/response latency: `connrate latency`, one persistent TCP connection (TCP_NODELAY), back-to-back 16-byte round trips; p50/p99 of all round trips; once as the scheduler places client and server (`rr_*`), once with client and server pinned to the same CPU (`rr_pinned_*`: a second echo server pinned to CPU 0 on its own service port, the client pinned to CPU 0), which removes the cross-CPU wakeup behind the bimodal latency (see the latency notes below).
 - Latency notes: round-trip time on this kind of machine is bimodal when client and server run on different CPUs. Each wakeup of the other end then crosses CPUs: the sender's CPU processes the packet in softirq and wakes the receiver on the other CPU with a rescheduling IPI (two per round trip, visible in the `RES` line of /proc/interrupts), and a virtual CPU that was idle (halted: this guest has no cpuidle driver, so idle is HLT) must first be woken by the host, which is what the slow mode costs. Client and server on the same CPU take no IPI at all, so `rr_pinned_*` measures the path itself; `rr_*` (scheduler's placement) is kept to show what an application sees. Holding `/dev/cpu_dma_latency` at 0 changes nothing here (there is no cpuidle driver for it to restrain).
 - Scale: N services (the measured one plus N-1 others, each a ClusterIP with one TCP port and an EndpointSlice of `--endpoints` endpoints, 10 by default) are in the fixture before the agents start. A scale at which an agent's first sync fails is reported under failed measurements, with the agent's error, and not measured.
@@ -1245,6 +1307,37 @@ mod tests {
             md.contains("| ebpf-socket | 10000 | 1500 | 1500 - 1500 | 1 | - |"),
             "{md}"
         );
+    }
+
+    /// Scales skipped on purpose are listed as such (not as failures), and
+    /// the BPF table says where its figures come from.
+    #[test]
+    fn not_run_scales_and_statistics_passes_are_reported() {
+        let mut run = fixed();
+        run.samples.push(Sample {
+            mode: "ebpf-socket".into(),
+            metric: format!("{BPF_NS}conn_rate.tc_from_pod"),
+            scale: Some(1),
+            repeat: 0,
+            value: 50.0,
+        });
+        assert!(
+            render_markdown(&run).contains("on during the whole run"),
+            "an older run (no stats_pass_s) says statistics were on throughout"
+        );
+        run.params.stats_pass_s = 1.0;
+        run.not_run.push(NotRun {
+            mode: "nftables".into(),
+            scale: 100_000,
+            reason: "above --fallback-max-scale 10000".into(),
+        });
+        let md = render_markdown(&run);
+        assert!(
+            md.contains("| nftables | 100000 | above --fallback-max-scale 10000 |"),
+            "{md}"
+        );
+        assert!(!md.contains("| nftables | 100000 | not run"), "{md}");
+        assert!(md.contains("separate 1.000 s statistics pass"), "{md}");
     }
 
     /// Ratios are taken within a round: with drift that moves both modes

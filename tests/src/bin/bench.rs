@@ -58,6 +58,17 @@ struct Args {
     /// longer than 60 s here anyway.
     #[arg(long, default_value_t = 30.0)]
     sync_timeout: f64,
+    /// Seconds of each statistics pass: the kernel's per-program figures
+    /// are taken in a separate, short run of the same measurement after
+    /// each rate / throughput measurement (counting costs two clock reads
+    /// per program run, so it is off while rates are measured).
+    #[arg(long, default_value_t = 1.0)]
+    stats_duration: f64,
+    /// iptables, nftables and ipvs skip the scales above this one
+    /// (reported as not run at that scale, not as a failure), so one run
+    /// can take the eBPF modes further.
+    #[arg(long)]
+    fallback_max_scale: Option<usize>,
     /// Client threads of the connection-rate test.
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -494,23 +505,51 @@ fn cpu_busy_s() -> Option<f64> {
 /// Run time and run count of BPF programs, summed by program name.
 type BpfSnapshot = std::collections::BTreeMap<String, (u64, u64)>;
 
-/// `kernel.bpf_stats_enabled` on for the run (the kernel counts run time
-/// and runs per program only then), restored to its old value on drop.
-struct BpfStats {
-    old: Option<String>,
+/// The kernel's per-program run-time statistics, on while this is held
+/// (`BPF_ENABLE_STATS`: reference-counted in the kernel, so it neither
+/// needs nor disturbs `kernel.bpf_stats_enabled`, which other users of a
+/// shared machine may set). Counting costs two clock reads per program
+/// run, so it is on only for the short statistics passes, never while a
+/// rate or throughput is measured.
+struct StatsOn {
+    /// Statistics stay on until this closes.
+    _fd: Option<std::os::fd::OwnedFd>,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-impl BpfStats {
-    fn enable() -> BpfStats {
-        let old = std::fs::read_to_string(BPF_STATS)
-            .ok()
-            .map(|s| s.trim().to_owned());
-        if let Err(e) = std::fs::write(BPF_STATS, "1") {
-            println!("    warning: enabling {BPF_STATS}: {e} (no per-program figures)");
+impl StatsOn {
+    fn enable() -> StatsOn {
+        use std::os::fd::FromRawFd;
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        // union bpf_attr's enable_stats: { __u32 type } (BPF_STATS_RUN_TIME = 0).
+        let attr: u32 = 0;
+        // SAFETY: bpf(2) reads 4 bytes of `attr`; it returns a new fd or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                &attr as *const u32,
+                std::mem::size_of::<u32>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            println!(
+                "    warning: BPF_ENABLE_STATS: {} (no per-program figures)",
+                std::io::Error::last_os_error()
+            );
+            return StatsOn { _fd: None };
         }
-        BpfStats { old }
+        // SAFETY: a descriptor the kernel just gave us, owned from here.
+        StatsOn {
+            _fd: Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }),
+        }
+    }
+
+    /// Whether `kernel.bpf_stats_enabled` is set (by someone else): then
+    /// the programs pay for the statistics during every measurement too.
+    fn sysctl_on() -> bool {
+        std::fs::read_to_string(BPF_STATS).is_ok_and(|s| s.trim() == "1")
     }
 
     /// The programs held by any of `pids` (their `anon_inode:bpf-prog`
@@ -577,44 +616,49 @@ impl BpfStats {
     }
 }
 
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Some(old) = &self.old {
-            let _ = std::fs::write(BPF_STATS, old);
+/// Machine CPU across one measurement.
+struct Cost {
+    cpu0: Option<f64>,
+}
+
+impl Cost {
+    fn start() -> Cost {
+        Cost { cpu0: cpu_busy_s() }
+    }
+
+    /// CPU seconds since `start`.
+    fn finish(self) -> Option<f64> {
+        match (self.cpu0, cpu_busy_s()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
         }
     }
 }
 
-/// What one measurement cost: machine CPU and the lane's BPF programs.
-struct Cost {
-    cpu0: Option<f64>,
-    bpf0: Option<BpfSnapshot>,
+/// The per-program figures of one statistics pass: statistics on, a
+/// snapshot of the lane's programs before and after.
+struct StatsPass {
+    _on: StatsOn,
+    before: Option<BpfSnapshot>,
     pids: Vec<u32>,
 }
 
-impl Cost {
-    fn start(pids: Vec<u32>) -> Cost {
-        let bpf0 = if pids.is_empty() {
-            None
-        } else {
-            BpfStats::snapshot(&pids).ok()
-        };
-        Cost {
-            cpu0: cpu_busy_s(),
-            bpf0,
+impl StatsPass {
+    fn start(pids: Vec<u32>) -> StatsPass {
+        let on = StatsOn::enable();
+        let before = StatsOn::snapshot(&pids).ok();
+        StatsPass {
+            _on: on,
+            before,
             pids,
         }
     }
 
-    /// CPU seconds since `start`, and per program (ns per run, runs).
-    fn finish(self) -> (Option<f64>, Vec<(String, f64, u64)>) {
-        let cpu = match (self.cpu0, cpu_busy_s()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
+    /// Per program: ns per run and runs, since `start`.
+    fn finish(self) -> Vec<(String, f64, u64)> {
         let mut progs = Vec::new();
-        if let Some(before) = self.bpf0
-            && let Ok(after) = BpfStats::snapshot(&self.pids)
+        if let Some(before) = &self.before
+            && let Ok(after) = StatsOn::snapshot(&self.pids)
         {
             for (name, (ns, cnt)) in after {
                 let (ns0, cnt0) = before.get(&name).copied().unwrap_or((0, 0));
@@ -624,7 +668,7 @@ impl Cost {
                 }
             }
         }
-        (cpu, progs)
+        progs
     }
 }
 
@@ -776,7 +820,6 @@ struct Bench<'a> {
     run: Run,
     connrate: PathBuf,
     lanes: Vec<Lane>,
-    _bpf_stats: BpfStats,
 }
 
 impl<'a> Bench<'a> {
@@ -833,6 +876,11 @@ impl<'a> Bench<'a> {
             machine.cpu_model,
             machine.load
         );
+        if StatsOn::sysctl_on() {
+            println!(
+                "    warning: {BPF_STATS} is 1 (set by someone else): the programs pay for their statistics during every measurement, not only in the statistics passes"
+            );
+        }
         let mut lanes = Vec::new();
         for mode in &args.modes {
             let lane = Lane::new(mode, &connrate)?;
@@ -856,14 +904,17 @@ impl<'a> Bench<'a> {
                     threads: args.threads,
                     endpoints: args.endpoints,
                     interleaved: true,
+                    stats_pass_s: args.stats_duration.max(0.2),
+                    fallback_max_scale: args.fallback_max_scale,
+                    stats_sysctl_on: StatsOn::sysctl_on(),
                 },
                 modes: Vec::new(),
                 samples: Vec::new(),
                 failures: Vec::new(),
+                not_run: Vec::new(),
             },
             connrate,
             lanes,
-            _bpf_stats: BpfStats::enable(),
         })
     }
 
@@ -975,6 +1026,7 @@ impl<'a> Bench<'a> {
         to: SocketAddr,
         streams: usize,
         udp: bool,
+        secs: u64,
     ) -> Result<(f64, f64)> {
         let l = &self.lanes[lane];
         let server_ns = l.cluster.pod(2, 1).ns.path();
@@ -998,7 +1050,6 @@ impl<'a> Bench<'a> {
                 .context("starting iperf3 -s")?,
         );
         std::thread::sleep(Duration::from_millis(200));
-        let secs = (self.args.duration.round() as u64).max(1);
         let mut a: Vec<String> = vec![
             "-c".into(),
             to.ip().to_string(),
@@ -1043,10 +1094,13 @@ impl<'a> Bench<'a> {
         }
     }
 
-    /// The five iperf3 figures of one round, with their CPU cost.
+    /// The five iperf3 figures of one round, with their CPU cost; then,
+    /// for the 1-stream TCP paths, a statistics pass (see [`StatsOn`]) for
+    /// the programs' own cost.
     fn throughput(&mut self, lane: usize, r: usize) {
         let mode = self.lanes[lane].mode.clone();
         let (cip, np) = self.lanes[lane].iperf_to();
+        let secs = (self.args.duration.round() as u64).max(1);
         for (key, ext, to, streams, udp) in [
             ("tcp_clusterip_1", false, cip, 1, false),
             ("tcp_clusterip_4", false, cip, 4, false),
@@ -1059,9 +1113,9 @@ impl<'a> Bench<'a> {
             if self.args.quick && streams == 4 {
                 continue;
             }
-            let cost = Cost::start(self.lanes[lane].agent_pids());
-            let res = self.iperf(lane, ext, to, streams, udp);
-            let (cpu, progs) = cost.finish();
+            let cost = Cost::start();
+            let res = self.iperf(lane, ext, to, streams, udp, secs);
+            let cpu = cost.finish();
             match res {
                 Ok((v, bytes)) => {
                     self.record(&mode, key, None, r, v);
@@ -1070,17 +1124,33 @@ impl<'a> Bench<'a> {
                     {
                         self.record(&mode, &format!("{key}_cpu"), None, r, cpu / (bytes / 1e9));
                     }
-                    self.record_bpf(&mode, key, None, r, &progs, Some(bytes / 1500.0))
                 }
                 Err(e) => self.fail(&mode, key, None, &format!("{e:#}")),
+            }
+            let pids = self.lanes[lane].agent_pids();
+            if streams != 1 || udp || pids.is_empty() {
+                continue;
+            }
+            let pass = StatsPass::start(pids);
+            let res = self.iperf(lane, ext, to, streams, udp, self.stats_secs().ceil() as u64);
+            let progs = pass.finish();
+            match res {
+                Ok((_, bytes)) => {
+                    self.record_bpf(&mode, key, None, r, &progs, Some(bytes / 1500.0))
+                }
+                Err(e) => self.fail(
+                    &mode,
+                    &format!("{key} statistics pass"),
+                    None,
+                    &format!("{e:#}"),
+                ),
             }
         }
     }
 
-    /// Connection rate (with its CPU and BPF cost) and request/response
-    /// latency of one round.
-    fn conn(&mut self, lane: usize, scale: Option<usize>, r: usize) {
-        let mode = self.lanes[lane].mode.clone();
+    /// `connrate rate` for `secs` seconds from the client pod: its JSON
+    /// report.
+    fn rate(&self, lane: usize, secs: f64) -> Result<Value> {
         let to = self.lanes[lane].conn_to(CONN_PORT);
         let cmd = self.lanes[lane].client_cmd(
             &self.connrate,
@@ -1091,13 +1161,25 @@ impl<'a> Bench<'a> {
                 "--threads".into(),
                 self.args.threads.to_string(),
                 "--duration".into(),
-                self.secs(),
+                format!("{secs}"),
             ],
         );
-        let cost = Cost::start(self.lanes[lane].agent_pids());
-        let res = output_within(cmd, Duration::from_secs_f64(self.args.duration + 20.0))
-            .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?));
-        let (cpu, progs) = cost.finish();
+        output_within(cmd, Duration::from_secs_f64(secs + 20.0))
+            .and_then(|o| Ok(serde_json::from_str::<Value>(&o)?))
+    }
+
+    /// Seconds of a statistics pass.
+    fn stats_secs(&self) -> f64 {
+        self.args.stats_duration.max(0.2)
+    }
+
+    /// Connection rate (with its CPU cost; then a statistics pass for the
+    /// programs' own cost) and request/response latency of one round.
+    fn conn(&mut self, lane: usize, scale: Option<usize>, r: usize) {
+        let mode = self.lanes[lane].mode.clone();
+        let cost = Cost::start();
+        let res = self.rate(lane, self.args.duration);
+        let cpu = cost.finish();
         match res {
             Ok(v) => {
                 let ok = v["connections"].as_u64().unwrap_or(0);
@@ -1131,11 +1213,32 @@ impl<'a> Bench<'a> {
                     if let Some(cpu) = cpu {
                         self.record(&mode, "conn_cpu", scale, r, cpu * 1e6 / ok as f64);
                     }
-                    self.record_bpf(&mode, "conn_rate", scale, r, &progs, Some(ok as f64));
                     self.record_percentiles(&mode, "conn", scale, r, &v);
                 }
             }
             Err(e) => self.fail(&mode, "conn_rate", scale, &format!("{e:#}")),
+        }
+        let pids = self.lanes[lane].agent_pids();
+        if !pids.is_empty() {
+            let pass = StatsPass::start(pids);
+            let res = self.rate(lane, self.stats_secs());
+            let progs = pass.finish();
+            match res {
+                Ok(v) => {
+                    let ok = v["connections"].as_u64().unwrap_or(0) as f64;
+                    // The rate with statistics on, beside the one without:
+                    // what counting costs (JSON only).
+                    self.record(
+                        &mode,
+                        "conn_rate_stats_on",
+                        scale,
+                        r,
+                        v["rate"].as_f64().unwrap_or(0.0),
+                    );
+                    self.record_bpf(&mode, "conn_rate", scale, r, &progs, Some(ok));
+                }
+                Err(e) => self.fail(&mode, "conn_rate statistics pass", scale, &format!("{e:#}")),
+            }
         }
         // As the scheduler places both ends, then both on one CPU.
         for (prefix, port, pin) in [
@@ -1355,6 +1458,20 @@ impl<'a> Bench<'a> {
         for lane in 0..self.lanes.len() {
             let l = &self.lanes[lane];
             if l.mode == "direct" || l.unavailable {
+                continue;
+            }
+            if let Some(max) = self.args.fallback_max_scale
+                && bench::FALLBACK_MODES.contains(&l.mode.as_str())
+                && scale > max
+            {
+                let mode = l.mode.clone();
+                let reason = format!("above --fallback-max-scale {max}");
+                self.progress(&mode, Some(scale), "not run", &reason);
+                self.run.not_run.push(bench::NotRun {
+                    mode,
+                    scale,
+                    reason,
+                });
                 continue;
             }
             if let Err(e) = self.setup(lane, si, scale) {

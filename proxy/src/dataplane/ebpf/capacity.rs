@@ -462,7 +462,12 @@ mod tests {
     #[test]
     fn every_sized_map_names_its_flag() {
         for info in &defs::ALL {
-            let fixed = [defs::CONFIG.name, defs::STATS.name, defs::FRAGMENTS.name];
+            let fixed = [
+                defs::CONFIG.name,
+                defs::STATS.name,
+                defs::FRAGMENTS.name,
+                defs::REPLY_DSTS.name,
+            ];
             assert_eq!(
                 flag_of_map(info.name).is_none(),
                 fixed.contains(&info.name),

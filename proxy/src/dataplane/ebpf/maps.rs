@@ -341,6 +341,8 @@ maps! {
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8> = SOURCE_RANGES,
     maglev: HashMap<MapData, MaglevKey, u32> = MAGLEV,
     fragments: HashMap<MapData, FragKey, FragValue> = FRAGMENTS,
+    /// Slots set by the kernel only (see `proxy_common::reply_dst_slot`).
+    reply_dsts: Array<MapData, u8> = REPLY_DSTS,
     stats: PerCpuArray<MapData, u64> = STATS,
 }
 
