@@ -21,9 +21,9 @@
 //! synchronous calls.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::ops::Bound;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};

@@ -32,7 +32,10 @@
 use std::collections::HashSet;
 use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
 use std::mem::{size_of, zeroed};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream,
+    UdpSocket,
+};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -101,7 +104,16 @@ pub fn gateway_ip6(i: usize) -> Ipv6Addr {
 
 /// IPv6 address of pod `j` on node `i`: `fd00:244:i::(j+1)`.
 pub fn pod_ip6(i: usize, j: usize) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x244, same_digits(i), 0, 0, 0, 0, same_digits(j + 1))
+    Ipv6Addr::new(
+        0xfd00,
+        0x244,
+        same_digits(i),
+        0,
+        0,
+        0,
+        0,
+        same_digits(j + 1),
+    )
 }
 
 /// A group whose hex digits read like `v`'s decimal ones (11 -> 0x11), so

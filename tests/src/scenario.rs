@@ -1480,11 +1480,7 @@ impl Service {
 
     /// `type: LoadBalancer`, the load balancer's ingress IP in `status`,
     /// and `loadBalancerSourceRanges` (CIDRs; empty: any client).
-    pub fn load_balancer(
-        mut self,
-        ingress: impl Into<IpAddr>,
-        source_ranges: &[&str],
-    ) -> Service {
+    pub fn load_balancer(mut self, ingress: impl Into<IpAddr>, source_ranges: &[&str]) -> Service {
         self.lb_ingress.push(ingress.into());
         self.source_ranges = source_ranges.iter().map(|r| (*r).to_owned()).collect();
         self
@@ -1803,15 +1799,24 @@ mod tests {
         assert_eq!(single["spec"]["ipFamilyPolicy"], "SingleStack");
         let dual = Service::dual_stack("b", v4, v6).to_json();
         assert_eq!(dual["spec"]["clusterIP"], "10.96.0.10");
-        assert_eq!(dual["spec"]["clusterIPs"], json!(["10.96.0.10", "fd00:96::10"]));
+        assert_eq!(
+            dual["spec"]["clusterIPs"],
+            json!(["10.96.0.10", "fd00:96::10"])
+        );
         assert_eq!(dual["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
         assert_eq!(dual["spec"]["ipFamilyPolicy"], "RequireDualStack");
         let ep6 = Endpoint::at(v6, Some("node1"));
         let slice = EndpointSlice::new("b-v6", "b").endpoint(ep6).to_json();
         assert_eq!(slice["addressType"], "IPv6");
         assert_eq!(slice["endpoints"][0]["addresses"], json!(["fd00:96::10"]));
-        assert_eq!(EndpointSlice::new("e", "b").to_json()["addressType"], "IPv4");
-        assert_eq!(EndpointSlice::new("e", "b").ipv6().to_json()["addressType"], "IPv6");
+        assert_eq!(
+            EndpointSlice::new("e", "b").to_json()["addressType"],
+            "IPv4"
+        );
+        assert_eq!(
+            EndpointSlice::new("e", "b").ipv6().to_json()["addressType"],
+            "IPv6"
+        );
     }
 
     #[test]

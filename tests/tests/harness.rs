@@ -4,11 +4,11 @@
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
+use proxy_tests::cgroup::Cgroup;
 use proxy_tests::cluster::{
     Cluster, ClusterSpec, POD_NETWORK6, TcpServer, UdpServer, parse_reply, ping, tcp_request,
     udp_request,
 };
-use proxy_tests::cgroup::Cgroup;
 use proxy_tests::netns::list_namespaces;
 use proxy_tests::scenario::{PodClient, Request};
 
@@ -90,18 +90,29 @@ fn dual_stack_ipv6_between_pods_across_nodes_and_from_outside() {
             .expect("podclient"),
     ) {
         assert!(r.ok, "{r:?}");
-        assert_eq!(r.seen_client().map(|a| a.ip()), Some(cluster.pod(1, 1).ip6.into()));
+        assert_eq!(
+            r.seen_client().map(|a| a.ip()),
+            Some(cluster.pod(1, 1).ip6.into())
+        );
     }
     let udp6 = SocketAddr::new(target.ip6.into(), 53);
     for r in client.udp(udp6, 2) {
         assert!(r.ok, "{r:?}");
     }
     // IPv4 is unchanged beside it.
-    let reply = tcp_request(&cluster.pod(1, 1).ns, SocketAddr::new(target.ip.into(), 80), T)
-        .expect("tcp over IPv4 to the same dual-stack listener");
+    let reply = tcp_request(
+        &cluster.pod(1, 1).ns,
+        SocketAddr::new(target.ip.into(), 80),
+        T,
+    )
+    .expect("tcp over IPv4 to the same dual-stack listener");
     // (an IPv6 listener sees an IPv4 peer as `::ffff:a.b.c.d`)
     assert_eq!(
-        parse_reply(&reply).expect("reply line").1.ip().to_canonical(),
+        parse_reply(&reply)
+            .expect("reply line")
+            .1
+            .ip()
+            .to_canonical(),
         cluster.pod(1, 1).ip
     );
 }

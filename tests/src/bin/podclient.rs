@@ -202,15 +202,14 @@ fn udp_request(
 ) -> ClientResult {
     let started = Instant::now();
     let attempt = || -> Result<ClientResult, (std::io::Error, &'static str)> {
-        let socket = UdpSocket::bind((unspecified(to), sport.unwrap_or(0)))
-            .map_err(|e| (e, "bind"))?;
+        let socket =
+            UdpSocket::bind((unspecified(to), sport.unwrap_or(0))).map_err(|e| (e, "bind"))?;
         let (level, recverr) = if to.is_ipv4() {
             (libc::IPPROTO_IP, libc::IP_RECVERR)
         } else {
             (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
         };
-        setsockopt_int(socket.as_raw_fd(), level, recverr, 1)
-            .map_err(|e| (e, "IP_RECVERR"))?;
+        setsockopt_int(socket.as_raw_fd(), level, recverr, 1).map_err(|e| (e, "IP_RECVERR"))?;
         let local = socket.local_addr().ok();
         if connected {
             socket.connect(to).map_err(|e| (e, "connect"))?;
@@ -331,12 +330,7 @@ struct Stream {
     result: StreamResult,
 }
 
-fn hold_streams(
-    to: SocketAddr,
-    k: usize,
-    hold: Duration,
-    timeout: Duration,
-) -> Vec<StreamResult> {
+fn hold_streams(to: SocketAddr, k: usize, hold: Duration, timeout: Duration) -> Vec<StreamResult> {
     let started = Instant::now();
     let mut streams: Vec<Stream> = (0..k)
         .map(|i| {
