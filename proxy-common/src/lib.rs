@@ -7,14 +7,20 @@
 //!
 //! Byte order: IPv4 addresses and L4 ports are kept in **network byte order**
 //! exactly as they appear in packets (an address is
-//! `u32::from_ne_bytes(ip.octets())`, a port is `port.to_be()`); every other
+//! `u32::from_ne_bytes(ip.octets())`, a port is `port.to_be()`); an IPv6
+//! address is an [`Ip6`], its 16 octets as four such words; every other
 //! integer is in host byte order. The `user` feature adds conversions.
+//!
+//! The maps keyed or valued by an address come once per family (`_V4`,
+//! `_V6`); maps keyed by ids (slots, Maglev tables, affinity membership,
+//! statistics) are shared: frontend and backend ids are one space across
+//! both families.
 #![no_std]
 
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// How the kernel stores a map ([`MapDef::kind`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,6 +222,27 @@ pub mod maps {
         0,
         "reply_dst_slot(address) -> 1 once a conntrack reply entry was addressed there (tc_to_pod / tc_to_netdev look conntrack up only then)",
     );
+    pub const SERVICES6: MapDef<ServiceKey6, ServiceValue> = MapDef::new(
+        "SVC_V6",
+        MapKind::Hash,
+        65_536,
+        BPF_F_NO_PREALLOC,
+        "IPv6 frontend (addr, port, proto) -> as SVC_V4 (ids shared with it)",
+    );
+    pub const BACKENDS6: MapDef<u32, Backend6> = MapDef::new(
+        "BACKENDS_V6",
+        MapKind::Hash,
+        262_144,
+        BPF_F_NO_PREALLOC,
+        "IPv6 backend id -> addr, port, proto, flags (ids shared with BACKENDS_V4)",
+    );
+    pub const SOCK_REVNAT6: MapDef<SockRevNatKey6, SockRevNatValue6> = MapDef::new(
+        "SOCK_RNAT_V6",
+        MapKind::LruHash,
+        65_536,
+        0,
+        "(socket cookie, IPv6 backend addr, port) -> frontend addr, port, id (socket LB reverse)",
+    );
     pub const STATS: MapDef<u32, u64> = MapDef::new(
         "STATS",
         MapKind::PerCpuArray,
@@ -225,7 +252,7 @@ pub mod maps {
     );
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [MapInfo; 15] = [
+    pub const ALL: [MapInfo; 18] = [
         SERVICES.info(),
         SLOTS.info(),
         BACKENDS.info(),
@@ -240,6 +267,9 @@ pub mod maps {
         MAGLEV.info(),
         FRAGMENTS.info(),
         REPLY_DSTS.info(),
+        SERVICES6.info(),
+        BACKENDS6.info(),
+        SOCK_REVNAT6.info(),
         STATS.info(),
     ];
 }
@@ -267,6 +297,15 @@ pub mod progs {
     /// XDP on the node's external interfaces: NodePort, ExternalIP and
     /// LoadBalancer traffic from outside, and its replies.
     pub const XDP_NODEPORT: &str = "xdp_nodeport";
+    /// cgroup connect6: connect4's translation for IPv6 sockets (and for
+    /// IPv4-mapped addresses on them, through the IPv4 maps).
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    /// cgroup sendmsg6.
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    /// cgroup recvmsg6.
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    /// cgroup getpeername6.
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
     /// cgroup sock_release: forget a closing socket's socket-LB reverse
     /// entry.
     pub const SOCK_RELEASE: &str = "sock_release";
@@ -548,6 +587,58 @@ pub struct RevNat {
 }
 
 /// Conntrack key: the packet's own tuple plus the direction it was seen in.
+/// An IPv6 address: its 16 octets as four words, each in network byte
+/// order (`u32::from_ne_bytes` of four octets), as `bpf_sock_addr.user_ip6`
+/// and the IPv6 header hold it.
+pub type Ip6 = [u32; 4];
+
+/// An IPv6 frontend: [`maps::SERVICES6`] key, [`ServiceKey`]'s fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    pub addr: Ip6,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// An IPv6 backend: [`maps::BACKENDS6`] value, [`Backend`]'s fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend6 {
+    pub addr: Ip6,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// [`backend_flags`] bits.
+    pub flags: u8,
+}
+
+/// [`maps::SOCK_REVNAT6`] key: a socket and the IPv6 backend its
+/// connect()/sendmsg() was pointed at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey6 {
+    pub cookie: u64,
+    pub addr: Ip6,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
+}
+
+/// [`maps::SOCK_REVNAT6`] value: the frontend that backend stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevNatValue6 {
+    pub addr: Ip6,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -765,6 +856,10 @@ const _: () = {
     assert!(core::mem::size_of::<SourceRangeKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<ServiceKey6>() == 20);
+    assert!(core::mem::size_of::<Backend6>() == 20);
+    assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
+    assert!(core::mem::size_of::<SockRevNatValue6>() == 24);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -792,6 +887,10 @@ mod user {
     unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for SockRevNatKey6 {}
+    unsafe impl aya::Pod for SockRevNatValue6 {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.
@@ -823,6 +922,55 @@ impl Backend {
     }
     pub fn ip(&self) -> core::net::Ipv4Addr {
         core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// An [`Ip6`] from an address.
+pub fn ip6_words(ip: core::net::Ipv6Addr) -> Ip6 {
+    let o = ip.octets();
+    core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+/// The address of an [`Ip6`].
+pub fn ip6_addr(words: Ip6) -> core::net::Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    core::net::Ipv6Addr::from(o)
+}
+
+impl ServiceKey6 {
+    pub fn new(addr: core::net::Ipv6Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr: ip6_words(addr),
+            port: port.to_be(),
+            proto,
+            scope: 0,
+        }
+    }
+    pub fn ip(&self) -> core::net::Ipv6Addr {
+        ip6_addr(self.addr)
+    }
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+impl Backend6 {
+    pub fn new(addr: core::net::Ipv6Addr, port: u16, proto: u8, flags: u8) -> Self {
+        Self {
+            addr: ip6_words(addr),
+            port: port.to_be(),
+            proto,
+            flags,
+        }
+    }
+    pub fn ip(&self) -> core::net::Ipv6Addr {
+        ip6_addr(self.addr)
     }
     pub fn host_port(&self) -> u16 {
         u16::from_be(self.port)
@@ -921,12 +1069,22 @@ mod decode {
         }
     }
 
+    impl Backend6 {
+        pub fn is_terminating(&self) -> bool {
+            self.flags & backend_flags::TERMINATING != 0
+        }
+        pub fn is_local(&self) -> bool {
+            self.flags & backend_flags::LOCAL != 0
+        }
+    }
+
     impl RevNat {
         /// The frontend replies must carry.
         pub fn frontend(&self) -> SocketAddrV4 {
             sock(self.addr, self.port)
         }
     }
+
 
     impl CtKey {
         pub fn is_reply(&self) -> bool {
@@ -962,6 +1120,22 @@ mod decode {
     impl SockRevNatValue {
         pub fn frontend(&self) -> SocketAddrV4 {
             sock(self.addr, self.port)
+        }
+    }
+
+    fn sock6(addr: Ip6, port: u16) -> core::net::SocketAddrV6 {
+        core::net::SocketAddrV6::new(ip6_addr(addr), u16::from_be(port), 0, 0)
+    }
+
+    impl SockRevNatKey6 {
+        pub fn backend(&self) -> core::net::SocketAddrV6 {
+            sock6(self.addr, self.port)
+        }
+    }
+
+    impl SockRevNatValue6 {
+        pub fn frontend(&self) -> core::net::SocketAddrV6 {
+            sock6(self.addr, self.port)
         }
     }
 

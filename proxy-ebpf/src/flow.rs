@@ -95,7 +95,7 @@ pub fn start(
     let t = &pkt.tuple;
     let client = t.affinity_key(svc.id);
     let (backend_id, b) = match origin {
-        Origin::Pod => lb::select(svc, client, now)?,
+        Origin::Pod => lb::select::<u32>(svc, client, now)?,
         Origin::External => lb::select_flow(svc, t, client, now)?,
     };
     let mut value = CtValue {

@@ -2,15 +2,41 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key as LpmKey};
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, MAGLEV_FLOW_SEED, MaglevKey,
-    ServiceValue, SlotKey, SourceRangeKey, stat, svc_flags,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Ip6, MAGLEV_FLOW_SEED,
+    MaglevKey, ServiceValue, SlotKey, SourceRangeKey, stat, svc_flags,
 };
 
 use crate::{
     error::Error,
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, SLOTS, SOURCE_RANGES, count},
+    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, BACKENDS6, MAGLEV, SLOTS, SOURCE_RANGES, count},
     tuple::Tuple,
 };
+
+/// The backend map of an address family, implemented on its address type.
+/// Backend ids are one space across both families; a frontend's slots
+/// hold ids of its own family's backends only.
+pub trait Backends {
+    type Backend: Copy;
+    fn backend(id: u32) -> Option<Self::Backend>;
+}
+
+impl Backends for u32 {
+    type Backend = Backend;
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend> {
+        // SAFETY: copied out at once.
+        unsafe { BACKENDS.get(id) }.copied()
+    }
+}
+
+impl Backends for Ip6 {
+    type Backend = Backend6;
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend6> {
+        // SAFETY: copied out at once.
+        unsafe { BACKENDS6.get(id) }.copied()
+    }
+}
 
 /// `loadBalancerSourceRanges`: a frontend flagged `SOURCE_RANGES` serves
 /// only clients inside one of its ranges; others are dropped.
@@ -80,13 +106,17 @@ pub fn select_flow(
             return Ok((id, b));
         }
     }
-    select(svc, client, now)
+    select::<u32>(svc, client, now)
 }
 
 /// Pick a backend for a new flow: the client's affinity backend while it is
 /// fresh and still exists, otherwise a random slot of the live generation.
 #[inline(always)]
-pub fn select(svc: &ServiceValue, client: AffinityKey, now: u64) -> Result<(u32, Backend), Error> {
+pub fn select<A: Backends>(
+    svc: &ServiceValue,
+    client: AffinityKey,
+    now: u64,
+) -> Result<(u32, A::Backend), Error> {
     if svc.affinity_timeout != 0
         && let Some(a) = AFFINITY.get_ptr_mut(client)
     {
@@ -94,8 +124,7 @@ pub fn select(svc: &ServiceValue, client: AffinityKey, now: u64) -> Result<(u32,
         let (last, id) = unsafe { ((*a).last_used_ns, (*a).backend_id) };
         let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
         if now.wrapping_sub(last) < timeout
-                // SAFETY: copied out at once.
-                && let Some(b) = unsafe { BACKENDS.get(id) }.copied()
+                && let Some(b) = A::backend(id)
                 && is_slot_member(svc, id)
         {
             // SAFETY: as above.
@@ -113,7 +142,7 @@ pub fn select(svc: &ServiceValue, client: AffinityKey, now: u64) -> Result<(u32,
     };
     // SAFETY: values are copied out at once.
     let id = unsafe { SLOTS.get(slot) }.copied().ok_or(Error::NoSlot)?;
-    let b = unsafe { BACKENDS.get(id) }.copied().ok_or(Error::NoSlot)?;
+    let b = A::backend(id).ok_or(Error::NoSlot)?;
     if svc.affinity_timeout != 0 {
         let v = AffinityValue {
             last_used_ns: now,

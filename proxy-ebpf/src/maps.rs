@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey,
-    FragValue, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
-    SockRevNatValue, SourceRangeKey, SvcStats, maps as def, reply_dst_slot, str_eq,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue,
+    FragKey, FragValue, MaglevKey, RevNat, ServiceKey, ServiceKey6, ServiceValue,
+    SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey,
+    SvcStats, maps as def, reply_dst_slot, str_eq,
 };
 
 /// Declares a map static from its `proxy_common::maps` descriptor. The
@@ -36,6 +37,9 @@ map_from_def!("SRC_RANGES_V4", SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = def:
 map_from_def!("MAGLEV_V4", MAGLEV: HashMap<MaglevKey, u32> = def::MAGLEV);
 map_from_def!("FRAGS_V4", FRAGMENTS: LruHashMap<FragKey, FragValue> = def::FRAGMENTS);
 map_from_def!("REPLY_DSTS", REPLY_DSTS: Array<u8> = def::REPLY_DSTS);
+map_from_def!("SVC_V6", SERVICES6: HashMap<ServiceKey6, ServiceValue> = def::SERVICES6);
+map_from_def!("BACKENDS_V6", BACKENDS6: HashMap<u32, Backend6> = def::BACKENDS6);
+map_from_def!("SOCK_RNAT_V6", SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> = def::SOCK_REVNAT6);
 map_from_def!("STATS", STATS: PerCpuArray<u64> = def::STATS);
 
 /// Record that a conntrack REPLY entry addressed to `daddr` is about to be

@@ -5,7 +5,7 @@
 //! interface documented in `docs/operations.md`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     str::FromStr,
 };
 
@@ -35,7 +35,7 @@ pub enum InspectError {
 /// `ip:port/proto`, the address `explain` asks about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Target {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
@@ -46,9 +46,9 @@ impl FromStr for Target {
         let bad = || InspectError::BadTarget(s.to_owned());
         let (addr, proto) = s.rsplit_once('/').ok_or_else(bad)?;
         let proto = Protocol::parse(&proto.to_ascii_uppercase()).ok_or_else(bad)?;
-        let sa = SocketAddrV4::from_str(addr).map_err(|_| bad())?;
+        let sa = SocketAddr::from_str(addr).map_err(|_| bad())?;
         Ok(Target {
-            ip: *sa.ip(),
+            ip: sa.ip(),
             port: sa.port(),
             proto,
         })
@@ -241,7 +241,7 @@ pub struct CtFilter {
 pub enum AddrFilter {
     Id(u32),
     Addr {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         port: Option<u16>,
         proto: Option<Protocol>,
     },
@@ -261,16 +261,16 @@ impl FromStr for AddrFilter {
             ),
             None => (s, None),
         };
-        if let Ok(ip) = Ipv4Addr::from_str(addr) {
+        if let Ok(ip) = IpAddr::from_str(addr) {
             return Ok(AddrFilter::Addr {
                 ip,
                 port: None,
                 proto,
             });
         }
-        let sa = SocketAddrV4::from_str(addr).map_err(|_| bad())?;
+        let sa = SocketAddr::from_str(addr).map_err(|_| bad())?;
         Ok(AddrFilter::Addr {
-            ip: *sa.ip(),
+            ip: sa.ip(),
             port: Some(sa.port()),
             proto,
         })
@@ -546,7 +546,11 @@ pub fn explain(
     client: Option<Client>,
     now_ns: u64,
 ) -> Explanation {
-    let target_s = format!("{}:{}/{}", target.ip, target.port, target.proto);
+    let target_s = format!(
+        "{}/{}",
+        SocketAddr::new(target.ip, target.port),
+        target.proto
+    );
     let mut e = Explanation {
         target: target_s.clone(),
         client: client.map(|c| match c.port {
@@ -706,8 +710,13 @@ fn tracked_flow(a: &Ask, e: &mut Explanation) -> bool {
     else {
         return false;
     };
+    // Conntrack holds IPv4 flows only (IPv6 frontends are served by socket
+    // LB, which keeps no conntrack).
+    let IpAddr::V4(target_ip) = a.target.ip else {
+        return false;
+    };
     let src = SocketAddrV4::new(ip, sport);
-    let dst = SocketAddrV4::new(a.target.ip, a.target.port);
+    let dst = SocketAddrV4::new(target_ip, a.target.port);
     let proto = Proto::from(a.target.proto);
     let Some(b) =
         a.d.conntrack
@@ -801,7 +810,11 @@ fn maglev_slot(a: &Ask, e: &mut Explanation) -> bool {
         return true;
     };
     let t = a.target;
-    let h = maglev::flow_hash(ip, t.ip, sport, t.port, t.proto.number());
+    // Maglev tables serve IPv4 frontends only.
+    let IpAddr::V4(target_ip) = t.ip else {
+        return false;
+    };
+    let h = maglev::flow_hash(ip, target_ip, sport, t.port, t.proto.number());
     let slot = h % m;
     let Some(b) = a
         .maglev
@@ -966,7 +979,7 @@ mod tests {
         assert_eq!(
             "10.96.0.10:80/tcp".parse::<Target>(),
             Ok(Target {
-                ip: Ipv4Addr::new(10, 96, 0, 10),
+                ip: Ipv4Addr::new(10, 96, 0, 10).into(),
                 port: 80,
                 proto: Protocol::Tcp
             })

@@ -238,14 +238,19 @@ fn socket_reverse_entries_of_removed_frontends_are_flushed() {
         Change::Upsert(other, frontend(FrontendKind::ClusterIp, &[3], None)),
     ])
     .expect("program");
-    let ids: Vec<(Ipv4Addr, u32)> = dp
+    let ids: Vec<(std::net::IpAddr, u32)> = dp
         .maps()
         .services()
         .expect("services")
         .into_iter()
-        .map(|(k, v)| (k.ip(), v.id))
+        .map(|(k, v)| (k.ip, v.id))
         .collect();
-    let id_of = |ip: Ipv4Addr| ids.iter().find(|(a, _)| *a == ip).expect("frontend").1;
+    let id_of = |ip: Ipv4Addr| {
+        ids.iter()
+            .find(|(a, _)| *a == std::net::IpAddr::V4(ip))
+            .expect("frontend")
+            .1
+    };
     // What connect4 writes for a socket to each frontend.
     let mut pinned = Maps::open_pinned(&d.0).expect("pinned maps");
     for (cookie, fe, backend) in [(1u64, vip, 2u8), (2, other, 3)] {

@@ -70,15 +70,16 @@ pub fn parse_sizing(s: &str) -> Result<Sizing, String> {
 /// A sizing knob: what one flag sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Knob {
-    /// Frontends: `SVC_V4`, `REVNAT_V4`, `SVC_STATS`.
+    /// Frontends: `SVC_V4`, `SVC_V6`, `REVNAT_V4`, `SVC_STATS`.
     Frontends,
-    /// Distinct backends (address, port, protocol): `BACKENDS_V4`.
+    /// Distinct backends (address, port, protocol): `BACKENDS_V4`,
+    /// `BACKENDS_V6`.
     Backends,
     /// (frontend, backend) pairs: `SLOTS_V4` (two generations while a
     /// frontend is updated) and `AFF_MATCH_V4`.
     Slots,
-    /// Tracked flows: `CT_V4`; `SOCK_RNAT_V4` (socket-LB reverse entries)
-    /// gets a quarter of it, never less than its default.
+    /// Tracked flows: `CT_V4`; `SOCK_RNAT_V4` and `SOCK_RNAT_V6` (socket-LB
+    /// reverse entries) get a quarter of it, never less than their default.
     Conntrack,
     /// Session-affinity entries: `AFFINITY_V4`.
     Affinity,
@@ -134,14 +135,20 @@ impl Knob {
         let n = |d: MapInfo| d.name == name;
         Some(match () {
             _ if n(defs::SERVICES.info())
+                || n(defs::SERVICES6.info())
                 || n(defs::REVNAT.info())
                 || n(defs::SVC_STATS.info()) =>
             {
                 Knob::Frontends
             }
-            _ if n(defs::BACKENDS.info()) => Knob::Backends,
+            _ if n(defs::BACKENDS.info()) || n(defs::BACKENDS6.info()) => Knob::Backends,
             _ if n(defs::SLOTS.info()) || n(defs::AFFINITY_MATCH.info()) => Knob::Slots,
-            _ if n(defs::CONNTRACK.info()) || n(defs::SOCK_REVNAT.info()) => Knob::Conntrack,
+            _ if n(defs::CONNTRACK.info())
+                || n(defs::SOCK_REVNAT.info())
+                || n(defs::SOCK_REVNAT6.info()) =>
+            {
+                Knob::Conntrack
+            }
             _ if n(defs::AFFINITY.info()) => Knob::Affinity,
             _ if n(defs::SOURCE_RANGES.info()) => Knob::SourceRanges,
             _ if n(defs::MAGLEV.info()) => Knob::Maglev,
@@ -269,7 +276,7 @@ impl MapSizing {
                 continue;
             };
             let mut n = self.capacity(k, cluster);
-            if info.name == defs::SOCK_REVNAT.name {
+            if info.name == defs::SOCK_REVNAT.name || info.name == defs::SOCK_REVNAT6.name {
                 n = (n / 4).max(info.max_entries);
             }
             out.insert(info.name, n);

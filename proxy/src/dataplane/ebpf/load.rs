@@ -33,11 +33,15 @@ const NETDEV_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     (progs::TC_FROM_NETDEV, TcAttachType::Ingress, "ingress"),
     (progs::TC_TO_NETDEV, TcAttachType::Egress, "egress"),
 ];
-const SOCK_PROGRAMS: [&str; 4] = [
+const SOCK_PROGRAMS: [&str; 8] = [
     progs::SOCK_CONNECT4,
     progs::SOCK_SENDMSG4,
     progs::SOCK_RECVMSG4,
     progs::SOCK_GETPEERNAME4,
+    progs::SOCK_CONNECT6,
+    progs::SOCK_SENDMSG6,
+    progs::SOCK_RECVMSG6,
+    progs::SOCK_GETPEERNAME6,
 ];
 
 /// The object's loader, made before the agent lists the cluster: aya

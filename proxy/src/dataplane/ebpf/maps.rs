@@ -2,7 +2,7 @@
 //! opened from their pins by `proxyctl`, and their decoded dump.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -13,10 +13,10 @@ use aya::{
     },
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey,
-    FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind, RevNat, ServiceKey,
-    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, SvcStats, maps as defs,
-    stat, svc_flags,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue,
+    FragKey, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind, RevNat, ServiceKey,
+    ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+    SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs, stat, svc_flags,
 };
 use serde::{Serialize, Serializer};
 
@@ -343,6 +343,9 @@ maps! {
     fragments: HashMap<MapData, FragKey, FragValue> = FRAGMENTS,
     /// Slots set by the kernel only (see `proxy_common::reply_dst_slot`).
     reply_dsts: Array<MapData, u8> = REPLY_DSTS,
+    services6: HashMap<MapData, ServiceKey6, ServiceValue> = SERVICES6,
+    backends6: HashMap<MapData, u32, Backend6> = BACKENDS6,
+    sock_revnat6: HashMap<MapData, SockRevNatKey6, SockRevNatValue6> = SOCK_REVNAT6,
     stats: PerCpuArray<MapData, u64> = STATS,
 }
 
@@ -412,8 +415,8 @@ impl Maps {
         let services = self
             .services()?
             .into_iter()
-            .map(|(k, v)| ServiceEntry {
-                frontend: Addr::new(k.ip(), k.host_port(), k.proto),
+            .map(|(frontend, v)| ServiceEntry {
+                frontend,
                 id: v.id,
                 count: v.count,
                 generation: v.generation,
@@ -441,6 +444,16 @@ impl Maps {
                 terminating: b.is_terminating(),
                 local: b.is_local(),
             })
+            .chain(
+                collect(defs::BACKENDS6.name, self.backends6.iter())?
+                    .into_iter()
+                    .map(|(id, b)| BackendEntry {
+                        id,
+                        backend: Addr::new(b.ip(), b.host_port(), b.proto),
+                        terminating: b.is_terminating(),
+                        local: b.is_local(),
+                    }),
+            )
             .collect();
         let revnat = collect(defs::REVNAT.name, self.revnat.iter())?
             .into_iter()
@@ -483,10 +496,20 @@ impl Maps {
             .into_iter()
             .map(|(k, v)| SockRevNatEntry {
                 cookie: k.cookie,
-                backend: k.backend(),
-                frontend: v.frontend(),
+                backend: k.backend().into(),
+                frontend: v.frontend().into(),
                 service_id: v.service_id,
             })
+            .chain(
+                collect(defs::SOCK_REVNAT6.name, self.sock_revnat6.iter())?
+                    .into_iter()
+                    .map(|(k, v)| SockRevNatEntry {
+                        cookie: k.cookie,
+                        backend: k.backend().into(),
+                        frontend: v.frontend().into(),
+                        service_id: v.service_id,
+                    }),
+            )
             .collect();
         let service_stats = self
             .service_counters()?
@@ -598,9 +621,15 @@ impl Maps {
 }
 
 impl Maps {
-    /// Every frontend.
-    pub fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
-        collect(defs::SERVICES.name, self.services.iter())
+    /// Every frontend of both families.
+    pub fn services(&self) -> Result<Vec<(Addr, ServiceValue)>, MapsError> {
+        let v4 = collect(defs::SERVICES.name, self.services.iter())?
+            .into_iter()
+            .map(|(k, v)| (Addr::new(k.ip(), k.host_port(), k.proto), v));
+        let v6 = collect(defs::SERVICES6.name, self.services6.iter())?
+            .into_iter()
+            .map(|(k, v)| (Addr::new(k.ip(), k.host_port(), k.proto), v));
+        Ok(v4.chain(v6).collect())
     }
 
     /// Packets and bytes per frontend id, summed over the CPUs.
@@ -862,15 +891,15 @@ impl Serialize for Cidr {
 /// `ip:port/PROTO`, serialized as separate fields.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Addr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Proto,
 }
 
 impl Addr {
-    pub fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Addr {
+    pub fn new(ip: impl Into<IpAddr>, port: u16, proto: u8) -> Addr {
         Addr {
-            ip,
+            ip: ip.into(),
             port,
             proto: Proto(proto),
         }
@@ -878,8 +907,9 @@ impl Addr {
 }
 
 impl std::fmt::Display for Addr {
+    /// `10.96.0.10:80/TCP`, `[fd00:96::10]:80/TCP`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        write!(f, "{}/{}", SocketAddr::new(self.ip, self.port), self.proto)
     }
 }
 
@@ -1007,8 +1037,8 @@ pub struct AffinityEntry {
 #[derive(Clone, Debug, Serialize)]
 pub struct SockRevNatEntry {
     pub cookie: u64,
-    pub backend: SocketAddrV4,
-    pub frontend: SocketAddrV4,
+    pub backend: SocketAddr,
+    pub frontend: SocketAddr,
     pub service_id: u32,
 }
 

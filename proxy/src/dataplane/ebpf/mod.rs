@@ -617,7 +617,7 @@ pub fn dataplane_stats(m: &Maps) -> Result<DataplaneStats, MapsError> {
         .map(|(k, v)| {
             let (packets, bytes) = per_service.get(&v.id).copied().unwrap_or((0, 0));
             FrontendCounters {
-                frontend: maps::Addr::new(k.ip(), k.host_port(), k.proto).to_string(),
+                frontend: k.to_string(),
                 kind: v.kind_name().to_owned(),
                 packets,
                 bytes,
