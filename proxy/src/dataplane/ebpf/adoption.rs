@@ -93,8 +93,8 @@ impl EbpfDataplane {
                     generation: v.generation,
                     flags: v.flags,
                     affinity_timeout: v.affinity_timeout,
-                    source_ranges: ranges.remove(&v.id).unwrap_or_default(),
-                    backend_ids: ids,
+                    source_ranges: ranges.remove(&v.id).unwrap_or_default().into(),
+                    backend_ids: ids.into(),
                     maglev_table: (v.maglev_size != 0 && complete(v.maglev_table, v.maglev_size))
                         .then_some(v.maglev_table),
                     // Not pinned: a size other than the agent's must have
@@ -112,7 +112,7 @@ impl EbpfDataplane {
             } else {
                 let size = table_size.get(&t).copied().unwrap_or(0);
                 let key = TableKey {
-                    backend_ids: p.backend_ids.clone(),
+                    backend_ids: p.backend_ids.to_vec(),
                     size,
                 };
                 self.maglev_tables.register(t, key, 1);
@@ -186,8 +186,8 @@ impl EbpfDataplane {
                     port: b.port,
                     proto,
                 };
-                if let Some(e) = self.backends.get_mut(&i) {
-                    e.refs += 1;
+                if let Some(refs) = self.backends.refs_mut(&i) {
+                    *refs += 1;
                 }
             }
         }
@@ -195,7 +195,7 @@ impl EbpfDataplane {
             .backends
             .iter()
             .filter(|(_, e)| e.refs == 0)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
     }
 }

@@ -104,10 +104,10 @@ impl EbpfDataplane {
         let want_table = self.maglev_key(fe, &ids);
         let (id, generation, old) = match self.frontends.get(key) {
             Some(p)
-                if p.backend_ids == ids
+                if *p.backend_ids == *ids
                     && p.flags == flags
                     && p.affinity_timeout == fe.affinity_timeout
-                    && p.source_ranges == fe.source_ranges
+                    && *p.source_ranges == *fe.source_ranges
                     && p.maglev_table.and_then(|t| self.maglev_tables.key(t))
                         == want_table.as_ref()
                     && p.maglev_override == fe.maglev_table_size =>
@@ -256,16 +256,16 @@ impl EbpfDataplane {
         // The frontend's backends now: references move from the old list
         // to the new one (new first, so shared ones never reach 0).
         for b in &fe.backends {
-            if let Some(e) = self.backends.get_mut(&identity(b, proto)) {
-                e.refs += 1;
+            if let Some(refs) = self.backends.refs_mut(&identity(b, proto)) {
+                *refs += 1;
             }
         }
         if let Some(prev) = self.table.frontends.get(key) {
             for b in &prev.backends {
                 let i = identity(b, proto);
-                if let Some(e) = self.backends.get_mut(&i) {
-                    e.refs = e.refs.saturating_sub(1);
-                    if e.refs == 0 {
+                if let Some(refs) = self.backends.refs_mut(&i) {
+                    *refs = refs.saturating_sub(1);
+                    if *refs == 0 {
                         self.unreferenced.insert(i);
                     }
                 }
@@ -292,8 +292,8 @@ impl EbpfDataplane {
                 generation,
                 flags,
                 affinity_timeout: fe.affinity_timeout,
-                source_ranges: fe.source_ranges.clone(),
-                backend_ids: ids.to_vec(),
+                source_ranges: fe.source_ranges.as_slice().into(),
+                backend_ids: ids.into(),
                 maglev_table: table.map(|(t, _)| t),
                 maglev_override: fe.maglev_table_size,
             },
@@ -431,9 +431,9 @@ impl EbpfDataplane {
         if let Some(prev) = self.table.frontends.remove(key) {
             for b in &prev.backends {
                 let i = identity(b, proto);
-                if let Some(e) = self.backends.get_mut(&i) {
-                    e.refs = e.refs.saturating_sub(1);
-                    if e.refs == 0 {
+                if let Some(refs) = self.backends.refs_mut(&i) {
+                    *refs = refs.saturating_sub(1);
+                    if *refs == 0 {
                         self.unreferenced.insert(i);
                     }
                 }
@@ -530,7 +530,7 @@ pub(super) fn frontend_of(p: &Programmed, backends: Vec<BackendAddr>) -> Fronten
         kind: flags_kind(p.flags),
         backends,
         affinity_timeout: p.affinity_timeout,
-        source_ranges: p.source_ranges.clone(),
+        source_ranges: p.source_ranges.to_vec(),
         maglev_table_size: p.maglev_override,
         local_only: flags.local_only(),
     }

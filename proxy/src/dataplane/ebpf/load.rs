@@ -1,7 +1,7 @@
 //! Loading the object and attaching its programs (pinned links).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     fs,
     net::Ipv4Addr,
     time::Instant,
@@ -217,9 +217,9 @@ impl EbpfDataplane {
             ebpf,
             maps,
             cfg,
-            frontends: BTreeMap::new(),
+            frontends: HashMap::new(),
             table: crate::lb::LbTable::default(),
-            backends: HashMap::new(),
+            backends: Default::default(),
             unreferenced: HashSet::new(),
             capacities,
             insert_failures: Default::default(),

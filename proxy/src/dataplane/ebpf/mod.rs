@@ -17,6 +17,7 @@
 //! references any more.
 
 mod adoption;
+mod backends;
 pub mod capacity;
 pub mod conntrack;
 mod frontends;
@@ -184,8 +185,8 @@ struct Programmed {
     generation: u8,
     flags: u16,
     affinity_timeout: u32,
-    source_ranges: Vec<(Ipv4Addr, u8)>,
-    backend_ids: Vec<u32>,
+    source_ranges: Box<[(Ipv4Addr, u8)]>,
+    backend_ids: Box<[u32]>,
     /// The Maglev table it points at (shared: see [`maglev_tables`]).
     maglev_table: Option<u32>,
     /// The frontend's own table size (annotation), as last applied.
@@ -245,13 +246,15 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     maps: Maps,
     cfg: EbpfConfig,
-    frontends: BTreeMap<FrontendKey, Programmed>,
+    /// What is programmed per frontend (a hash map: sized once by a full
+    /// sync, about 70 bytes a frontend where a B-tree took about 160).
+    frontends: HashMap<FrontendKey, Programmed>,
     /// What `frontends` programs, as the agent asked for it (lent to the
     /// diff): kept with `frontends`, entry for entry.
     table: LbTable,
     /// Every backend in `BACKENDS_V4`: its id, value and how many
     /// frontends' lists hold it.
-    backends: HashMap<BackendIdentity, BackendEntry>,
+    backends: backends::Backends,
     /// Backends whose reference count dropped to 0 (or that were written
     /// for a frontend that then failed) since the last apply: the only
     /// candidates for deletion, so releasing is O(changes), not O(all).
@@ -545,10 +548,11 @@ impl Dataplane for EbpfDataplane {
         }
     }
 
-    fn reserve(&mut self, _frontends: usize, backends: usize) {
+    fn reserve(&mut self, frontends: usize, backends: usize) {
+        self.frontends
+            .reserve(frontends.saturating_sub(self.frontends.len()));
         // Backends are also keyed by protocol: at least this many.
-        self.backends
-            .reserve(backends.saturating_sub(self.backends.len()));
+        self.backends.reserve(backends);
     }
 
     fn housekeeping(&mut self) -> Result<(), EbpfError> {
