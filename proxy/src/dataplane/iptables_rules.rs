@@ -229,7 +229,7 @@ pub struct IptablesRules {
 }
 
 fn chain(table: &'static str, name: &str) -> Item {
-    Item::Chain(table, name.to_owned())
+    Item::Chain(table, name.into())
 }
 
 /// Appends `rule` to chain `name` of `table` among `out` (creating it).
@@ -241,7 +241,7 @@ fn push(out: &mut Vec<(Item, Content)>, table: &'static str, name: &str, rule: S
     }
     match out
         .iter_mut()
-        .find(|(i, _)| matches!(i, Item::Chain(t, n) if *t == table && n == name))
+        .find(|(i, _)| matches!(i, Item::Chain(t, n) if *t == table && **n == *name))
     {
         Some((_, c)) => c.lines.push(rule),
         None => out.push((chain(table, name), Content::rules(vec![rule]))),
@@ -262,7 +262,7 @@ impl Generator for IptablesRules {
         let mut add = |table: &'static str, name: &str, rule: String| {
             if let Some((_, c)) = out
                 .iter_mut()
-                .find(|(i, _)| matches!(i, Item::Chain(t, n) if *t == table && n == name))
+                .find(|(i, _)| matches!(i, Item::Chain(t, n) if *t == table && **n == *name))
             {
                 c.lines.push(rule);
             }
@@ -414,7 +414,7 @@ impl Generator for IptablesRules {
         // (endpoint, port, endpoint) entries: no chain per endpoint.
         for b in &f.backends {
             out.push((
-                Item::Element(HAIRPIN_SET, hairpin_entry(k, b)),
+                Item::Element(HAIRPIN_SET, hairpin_entry(k, b).into()),
                 Content::default(),
             ));
         }
@@ -594,7 +594,7 @@ pub fn found_ipset(save: &str, rules: &IptablesRules) -> Vec<Found> {
         .filter_map(|l| l.strip_prefix("add ")?.split_once(' '))
         .filter(|(set, _)| *set == HAIRPIN_SET)
         .map(|(_, e)| {
-            let item = Item::Element(HAIRPIN_SET, e.trim().to_owned());
+            let item = Item::Element(HAIRPIN_SET, e.trim().into());
             Found {
                 fingerprint: rules.fingerprint(&item, &Content::default()),
                 item,
@@ -621,7 +621,7 @@ pub fn found(save: &str, table: &'static str, rules: &IptablesRules) -> Vec<Foun
         .into_iter()
         .filter_map(|(i, c)| match i {
             Item::Chain(t, n) if t == table => {
-                Some((n, c.lines.iter().map(|l| normalise(l)).collect()))
+                Some((n.into(), c.lines.iter().map(|l| normalise(l)).collect()))
             }
             _ => None,
         })
@@ -653,7 +653,7 @@ pub fn found(save: &str, table: &'static str, rules: &IptablesRules) -> Vec<Foun
     }
     for (name, lines) in chains {
         out.push(Found {
-            item: Item::Chain(table, name),
+            item: Item::Chain(table, name.into()),
             fingerprint: hash_lines(lines.iter().map(String::as_str)),
             text: None,
         });

@@ -225,11 +225,11 @@ pub struct NftablesRules {
 }
 
 fn chain(name: String) -> Item {
-    Item::Chain("", name)
+    Item::Chain("", name.into())
 }
 
 fn elem(map: &'static str, key: String) -> Item {
-    Item::Element(map, key)
+    Item::Element(map, key.into())
 }
 
 fn value(v: String) -> Content {
@@ -331,7 +331,7 @@ impl Generator for NftablesRules {
             for (b, sep) in order.iter().zip(&seps) {
                 let set = format!("aff-{}-{}", &sep[4..], f.affinity_timeout);
                 out.push((
-                    Item::Set(set.clone()),
+                    Item::Set(set.as_str().into()),
                     value(format!(
                         "type ipv4_addr; flags dynamic,timeout; timeout {}s;",
                         f.affinity_timeout
@@ -514,7 +514,7 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta, detail
             for rule in &c.lines {
                 let _ = writeln!(out, "add rule {t} {name} {rule}");
             }
-            plan.note(0, || name.clone());
+            plan.note(0, || name.to_string());
         }
     }
     for (item, _) in &delta.delete {
@@ -563,7 +563,7 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta, detail
     for (item, _) in &delta.delete {
         if let Item::Chain(_, name) = item {
             let _ = writeln!(out, "delete chain {t} {name}");
-            plan.note(1, || name.clone());
+            plan.note(1, || name.to_string());
         }
     }
     for (item, _) in &delta.delete {
@@ -612,7 +612,7 @@ pub fn found(list: &str, rules: &NftablesRules) -> Vec<Found> {
         let known = CONTAINERS.iter().find(|(_, n, _)| *n == name).map(|c| c.1);
         if known.is_none() && name.starts_with("aff-") {
             out.push(Found {
-                item: Item::Set(name.to_owned()),
+                item: Item::Set(name.into()),
                 fingerprint: hash_lines([]),
                 text: None,
             });
