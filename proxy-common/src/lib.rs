@@ -931,7 +931,9 @@ impl Backend {
 /// An [`Ip6`] from an address.
 pub fn ip6_words(ip: core::net::Ipv6Addr) -> Ip6 {
     let o = ip.octets();
-    core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// The address of an [`Ip6`].
@@ -1084,7 +1086,6 @@ mod decode {
             sock(self.addr, self.port)
         }
     }
-
 
     impl CtKey {
         pub fn is_reply(&self) -> bool {

@@ -124,8 +124,8 @@ pub fn select<A: Backends>(
         let (last, id) = unsafe { ((*a).last_used_ns, (*a).backend_id) };
         let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
         if now.wrapping_sub(last) < timeout
-                && let Some(b) = A::backend(id)
-                && is_slot_member(svc, id)
+            && let Some(b) = A::backend(id)
+            && is_slot_member(svc, id)
         {
             // SAFETY: as above.
             unsafe { (*a).last_used_ns = now };

@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue,
-    FragKey, FragValue, MaglevKey, RevNat, ServiceKey, ServiceKey6, ServiceValue,
-    SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey,
-    SvcStats, maps as def, reply_dst_slot, str_eq,
+    FragKey, FragValue, MaglevKey, RevNat, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey, SvcStats,
+    maps as def, reply_dst_slot, str_eq,
 };
 
 /// Declares a map static from its `proxy_common::maps` descriptor. The

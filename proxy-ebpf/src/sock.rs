@@ -86,7 +86,13 @@ pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run; plain
     // fields read as copies.
-    let (family, addr, port) = unsafe { ((*ctx.sock).family, (*ctx.sock).dst_ip4, (*ctx.sock).dst_port) };
+    let (family, addr, port) = unsafe {
+        (
+            (*ctx.sock).family,
+            (*ctx.sock).dst_ip4,
+            (*ctx.sock).dst_port,
+        )
+    };
     // `dst_port` is in network order in its low 16 bits, as connect stored
     // the backend. An IPv6 socket connected to an IPv4-mapped peer has it
     // in `dst_ip4` as well.
