@@ -125,6 +125,9 @@ enum Verdict<A> {
 
 /// An address family's frontend and socket reverse maps.
 trait SockFamily: Backends + Copy {
+    /// The reverse map's key: a socket and the backend it was pointed at.
+    type RevKey;
+    fn rev_key(cookie: u64, addr: Self, port: u16) -> Self::RevKey;
     fn service(addr: Self, port: u16, proto: u8) -> Option<ServiceValue>;
     fn backend_addr(b: &Self::Backend) -> (Self, u16);
     fn remember(cookie: u64, backend: (Self, u16), frontend: (Self, u16), service_id: u32);
@@ -133,6 +136,16 @@ trait SockFamily: Backends + Copy {
 }
 
 impl SockFamily for u32 {
+    type RevKey = SockRevNatKey;
+    #[inline(always)]
+    fn rev_key(cookie: u64, addr: u32, port: u16) -> SockRevNatKey {
+        SockRevNatKey {
+            cookie,
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
     #[inline(always)]
     fn service(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
         let key = ServiceKey {
@@ -150,44 +163,37 @@ impl SockFamily for u32 {
     }
     #[inline(always)]
     fn remember(cookie: u64, backend: (u32, u16), frontend: (u32, u16), service_id: u32) {
-        let key = SockRevNatKey {
-            cookie,
-            addr: backend.0,
-            port: backend.1,
-            _pad: 0,
-        };
         let rev = SockRevNatValue {
             addr: frontend.0,
             port: frontend.1,
             _pad: 0,
             service_id,
         };
-        let _ = SOCK_REVNAT.insert(key, rev, 0);
+        let _ = SOCK_REVNAT.insert(Self::rev_key(cookie, backend.0, backend.1), rev, 0);
     }
     #[inline(always)]
     fn recall(cookie: u64, addr: u32, port: u16) -> Option<(u32, u16)> {
-        let key = SockRevNatKey {
-            cookie,
-            addr,
-            port,
-            _pad: 0,
-        };
         // SAFETY: copied out at once.
-        unsafe { SOCK_REVNAT.get(key) }.map(|r| (r.addr, r.port))
+        unsafe { SOCK_REVNAT.get(Self::rev_key(cookie, addr, port)) }.map(|r| (r.addr, r.port))
     }
     #[inline(always)]
     fn forget(cookie: u64, addr: u32, port: u16) {
-        let key = SockRevNatKey {
-            cookie,
-            addr,
-            port,
-            _pad: 0,
-        };
-        let _ = SOCK_REVNAT.remove(key);
+        let _ = SOCK_REVNAT.remove(Self::rev_key(cookie, addr, port));
     }
 }
 
 impl SockFamily for Ip6 {
+    type RevKey = SockRevNatKey6;
+    #[inline(always)]
+    fn rev_key(cookie: u64, addr: Ip6, port: u16) -> SockRevNatKey6 {
+        SockRevNatKey6 {
+            cookie,
+            addr,
+            port,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
     #[inline(always)]
     fn service(addr: Ip6, port: u16, proto: u8) -> Option<ServiceValue> {
         let key = ServiceKey6 {
@@ -205,43 +211,22 @@ impl SockFamily for Ip6 {
     }
     #[inline(always)]
     fn remember(cookie: u64, backend: (Ip6, u16), frontend: (Ip6, u16), service_id: u32) {
-        let key = SockRevNatKey6 {
-            cookie,
-            addr: backend.0,
-            port: backend.1,
-            _pad: 0,
-            _pad2: 0,
-        };
         let rev = SockRevNatValue6 {
             addr: frontend.0,
             port: frontend.1,
             _pad: 0,
             service_id,
         };
-        let _ = SOCK_REVNAT6.insert(key, rev, 0);
+        let _ = SOCK_REVNAT6.insert(Self::rev_key(cookie, backend.0, backend.1), rev, 0);
     }
     #[inline(always)]
     fn recall(cookie: u64, addr: Ip6, port: u16) -> Option<(Ip6, u16)> {
-        let key = SockRevNatKey6 {
-            cookie,
-            addr,
-            port,
-            _pad: 0,
-            _pad2: 0,
-        };
         // SAFETY: copied out at once.
-        unsafe { SOCK_REVNAT6.get(key) }.map(|r| (r.addr, r.port))
+        unsafe { SOCK_REVNAT6.get(Self::rev_key(cookie, addr, port)) }.map(|r| (r.addr, r.port))
     }
     #[inline(always)]
     fn forget(cookie: u64, addr: Ip6, port: u16) {
-        let key = SockRevNatKey6 {
-            cookie,
-            addr,
-            port,
-            _pad: 0,
-            _pad2: 0,
-        };
-        let _ = SOCK_REVNAT6.remove(key);
+        let _ = SOCK_REVNAT6.remove(Self::rev_key(cookie, addr, port));
     }
 }
 
@@ -300,12 +285,23 @@ fn pick<A: SockFamily>(ctx: &SockAddrContext, addr: A, port: u16, protocol: u8) 
     Verdict::To(to.0, to.1)
 }
 
+/// The program's return for a verdict; `set` writes the backend into the
+/// context.
 #[inline(always)]
-fn refuse() -> i32 {
-    // SAFETY: plain helper call; makes the syscall fail with ECONNREFUSED
-    // instead of EPERM.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
-    REJECT
+fn finish<A>(verdict: Verdict<A>, set: impl FnOnce(A, u16)) -> i32 {
+    match verdict {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => {
+            // SAFETY: plain helper call; makes the syscall fail with
+            // ECONNREFUSED instead of EPERM.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
+        Verdict::To(addr, port) => {
+            set(addr, port);
+            ALLOW
+        }
+    }
 }
 
 #[inline(always)]
@@ -337,15 +333,11 @@ fn translate4(ctx: &SockAddrContext) -> i32 {
     if !translatable(protocol) {
         return ALLOW;
     }
-    match pick::<u32>(ctx, sa.user_ip4, sa.user_port as u16, protocol) {
-        Verdict::Pass => ALLOW,
-        Verdict::Refuse => refuse(),
-        Verdict::To(addr, port) => {
-            sa.user_ip4 = addr;
-            sa.user_port = port as u32;
-            ALLOW
-        }
-    }
+    let verdict = pick::<u32>(ctx, sa.user_ip4, sa.user_port as u16, protocol);
+    finish(verdict, |addr, port| {
+        sa.user_ip4 = addr;
+        sa.user_port = port as u32;
+    })
 }
 
 #[inline(always)]
@@ -358,25 +350,17 @@ fn translate6(ctx: &SockAddrContext) -> i32 {
     let addr: Ip6 = sa.user_ip6;
     let port = sa.user_port as u16;
     if v4_mapped(&addr) {
-        return match pick::<u32>(ctx, addr[3], port, protocol) {
-            Verdict::Pass => ALLOW,
-            Verdict::Refuse => refuse(),
-            Verdict::To(a, p) => {
-                sa.user_ip6[3] = a;
-                sa.user_port = p as u32;
-                ALLOW
-            }
-        };
-    }
-    match pick::<Ip6>(ctx, addr, port, protocol) {
-        Verdict::Pass => ALLOW,
-        Verdict::Refuse => refuse(),
-        Verdict::To(a, p) => {
-            set_ip6(sa, a);
+        let verdict = pick::<u32>(ctx, addr[3], port, protocol);
+        return finish(verdict, |a, p| {
+            sa.user_ip6[3] = a;
             sa.user_port = p as u32;
-            ALLOW
-        }
+        });
     }
+    let verdict = pick::<Ip6>(ctx, addr, port, protocol);
+    finish(verdict, |a, p| {
+        set_ip6(sa, a);
+        sa.user_port = p as u32;
+    })
 }
 
 #[inline(always)]
