@@ -20,7 +20,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// How the kernel stores a map ([`MapDef::kind`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -726,6 +726,44 @@ pub struct Config {
     pub node_addr: u32,
     /// [`config_flags`] bits.
     pub flags: u32,
+    /// The cluster's pod networks (`--cluster-cidr`), while no frontend
+    /// lies inside them: a packet to an address inside one is pod traffic
+    /// (a backend socket LB or another node already chose, or no service at
+    /// all) and skips the frontend lookup. Unused slots are all zero.
+    pub pod_nets: [Net4; POD_NETS],
+}
+
+/// Slots of [`Config::pod_nets`].
+pub const POD_NETS: usize = 4;
+
+/// An IPv4 prefix: address and mask, both network byte order. A zero mask
+/// is an unused slot (it matches nothing, not everything).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net4 {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+impl Net4 {
+    /// `addr/len`, `addr` in network byte order (`u32::from_ne_bytes` of
+    /// the octets); a `len` of 0 or above 32 gives the unused slot.
+    pub const fn new(addr: u32, len: u8) -> Net4 {
+        if len == 0 || len > 32 {
+            return Net4 { addr: 0, mask: 0 };
+        }
+        let mask = (u32::MAX << (32 - len as u32)).to_be();
+        Net4 {
+            addr: addr & mask,
+            mask,
+        }
+    }
+
+    /// Whether `addr` (network order) is inside; never for an unused slot.
+    #[inline(always)]
+    pub const fn contains(&self, addr: u32) -> bool {
+        self.mask != 0 && addr & self.mask == self.addr
+    }
 }
 
 /// [`Config::flags`] bits.
@@ -852,7 +890,8 @@ const _: () = {
     assert!(core::mem::size_of::<RevNat>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 32);
-    assert!(core::mem::size_of::<Config>() == 8);
+    assert!(core::mem::size_of::<Net4>() == 8);
+    assert!(core::mem::size_of::<Config>() == 8 + 8 * POD_NETS);
     assert!(core::mem::size_of::<SourceRangeKey>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
@@ -1163,6 +1202,13 @@ mod decode {
         /// The node address; None when not configured.
         pub fn node_ip(&self) -> Option<Ipv4Addr> {
             (self.node_addr != 0).then(|| ip(self.node_addr))
+        }
+        /// The pod networks in use (address, prefix length).
+        pub fn pod_networks(&self) -> impl Iterator<Item = (Ipv4Addr, u8)> + '_ {
+            self.pod_nets
+                .iter()
+                .filter(|n| n.mask != 0)
+                .map(|n| (ip(n.addr), u32::from_be(n.mask).count_ones() as u8))
         }
     }
 }

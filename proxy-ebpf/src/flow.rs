@@ -10,8 +10,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use proxy_common::{
-    Backend, CtValue, HAIRPIN_ADDR, ServiceValue, backend_flags, config_flags, ct_dir, ct_flags,
-    stat,
+    Backend, CtValue, HAIRPIN_ADDR, POD_NETS, ServiceValue, backend_flags, config_flags, ct_dir,
+    ct_flags, stat,
 };
 
 use crate::{
@@ -47,9 +47,34 @@ pub const SNAT_PROBES: u32 = 16;
 /// The frontend this packet is addressed to.
 #[inline(always)]
 pub fn service(pkt: &Packet) -> Option<ServiceValue> {
+    // Fast exit before the hash lookup: a destination inside the pod
+    // networks is a pod (the agent clears them while a frontend lies
+    // there). That is all pod-to-pod traffic, including what socket LB
+    // translated at connect() and what the per-packet path already sent to
+    // its backend: no hash lookup whose cost grows with the number of
+    // frontends, just the array slot the verifier inlines.
+    if to_pod_network(pkt.tuple.daddr) {
+        return None;
+    }
     // SAFETY: the value is copied out at once; a concurrent update replaces
     // the whole value, so the copy is either the old or the new one.
     unsafe { SERVICES.get(pkt.tuple.service_key()) }.copied()
+}
+
+/// Whether `addr` (network order) is inside one of `CONFIG`'s pod networks.
+#[inline(always)]
+fn to_pod_network(addr: u32) -> bool {
+    let Some(c) = CONFIG.get(0) else {
+        return false;
+    };
+    let mut i = 0;
+    while i < POD_NETS {
+        if c.pod_nets[i].contains(addr) {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The packet's existing flow (SERVICE entry) whose backend still exists,

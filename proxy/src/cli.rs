@@ -168,10 +168,11 @@ pub struct Args {
     /// (default 16384).
     #[arg(long, default_value = "auto", value_parser = parse_sizing)]
     pub bpf_source_ranges_map_max: Sizing,
-    /// The pod network(s), comma-separated CIDRs (kube-proxy's
-    /// --cluster-cidr). Validated; the eBPF mode never masquerades
-    /// east-west traffic, so it does not need it to tell pod traffic
-    /// apart.
+    /// The pod network(s), comma-separated IPv4 CIDRs (kube-proxy's
+    /// --cluster-cidr; at most 4 in the eBPF mode). The eBPF mode never
+    /// masquerades east-west traffic; it uses them to let packets to pods
+    /// leave the per-packet programs without a frontend lookup (off while
+    /// a frontend lies inside them). Unset: every packet takes the lookup.
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<String>,
     /// Where /healthz and /livez are served (ip:port, or ip for port

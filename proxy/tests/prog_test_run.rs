@@ -43,8 +43,15 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(|_| {})
+}
+
+/// [`fixture`] with the dataplane's configuration adjusted first.
+fn fixture_with(configure: impl FnOnce(&mut EbpfConfig)) -> Fixture {
     let dir = PinDir::new("test");
-    let mut dp = EbpfDataplane::load(EbpfConfig::new(dir.0.clone()))
+    let mut cfg = EbpfConfig::new(dir.0.clone());
+    configure(&mut cfg);
+    let mut dp = EbpfDataplane::load(cfg)
         .expect("load eBPF dataplane (root and bpffs needed: cargo xtask setup)");
     let backend = |addr, port| BackendAddr {
         addr,
@@ -1777,6 +1784,7 @@ fn socket_lb_traffic_takes_the_fast_exit_without_touching_conntrack() {
             proxy_common::Config {
                 node_addr: u32::from_ne_bytes(NODE.octets()),
                 flags: proxy_common::config_flags::DSR,
+                ..Default::default()
             },
             0,
         )
@@ -2084,4 +2092,78 @@ fn socket_lb_packet_cost() {
             );
         }
     }
+}
+
+// ---- pod networks skip the frontend lookup ----------------------------------
+
+/// The pod networks `CONFIG` holds now.
+fn pod_nets(fx: &Fixture) -> [proxy_common::Net4; proxy_common::POD_NETS] {
+    let maps = proxy::maps::Maps::open_pinned(&fx.dir.0).expect("pinned maps");
+    maps.config.get(&0, 0).expect("CONFIG").pod_nets
+}
+
+fn net4(addr: Ipv4Addr, len: u8) -> proxy_common::Net4 {
+    proxy_common::Net4::new(u32::from_ne_bytes(addr.octets()), len)
+}
+
+#[test]
+fn packets_to_the_pod_network_skip_the_frontend_lookup_while_no_frontend_is_there() {
+    let pod_net = (Ipv4Addr::new(10, 244, 0, 0), 16);
+    let mut fx = fixture_with(|c| c.pod_networks = vec![pod_net]);
+    let unused = proxy_common::Net4::default();
+    let configured = [net4(pod_net.0, pod_net.1), unused, unused, unused];
+    assert_eq!(pod_nets(&fx), configured, "--cluster-cidr in CONFIG");
+
+    // Frontends outside the pod network are translated as ever.
+    let frame = Frame::tcp(CLIENT, 40000, VIP, 80).build();
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_and_verify(&out);
+    assert!([B1, B2].contains(&p.dst), "DNATed to {}", p.dst);
+
+    // A frontend inside the pod network turns the fast exit off, so it is
+    // translated; when it goes, the fast exit is back.
+    let inside = FrontendKey {
+        addr: Ipv4Addr::new(10, 244, 9, 9),
+        port: 80,
+        proto: Protocol::Tcp,
+    };
+    let fe = Frontend {
+        kind: FrontendKind::ExternalIp,
+        backends: vec![BackendAddr {
+            addr: B2,
+            port: 8081,
+            terminating: false,
+            local: false,
+        }],
+        affinity_timeout: 0,
+        source_ranges: vec![],
+        maglev_table_size: None,
+        local_only: false,
+    };
+    fx.dp
+        .apply(&[Change::Upsert(inside, fe)])
+        .expect("program a frontend inside the pod network");
+    assert_eq!(pod_nets(&fx), [unused; 4], "fast exit off");
+    let frame = Frame::tcp(CLIENT, 40001, inside.addr, 80).build();
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse_and_verify(&out);
+    assert_eq!((p.dst, p.dport), (B2, 8081), "translated");
+    fx.dp.apply(&[Change::Remove(inside)]).expect("remove it");
+    assert_eq!(pod_nets(&fx), configured, "fast exit back");
+
+    // The kernel side: with the frontend's own network in CONFIG, a packet
+    // to it leaves untouched (no lookup), where it was translated above.
+    let mut maps = proxy::maps::Maps::open_pinned(&fx.dir.0).expect("pinned maps");
+    let mut cfg = maps.config.get(&0, 0).expect("CONFIG");
+    cfg.pod_nets[1] = net4(Ipv4Addr::new(10, 96, 0, 0), 16);
+    maps.config.set(0, cfg, 0).expect("set CONFIG");
+    let dnat = fx.stat(stat::DNAT);
+    let frame = Frame::tcp(CLIENT, 40002, VIP, 80).build();
+    for prog in [progs::TC_FROM_POD, progs::TC_FROM_NETDEV] {
+        let (rc, out) = fx.run(prog, &frame);
+        assert_eq!((rc, &out), (TC_ACT_OK, &frame), "{prog}: passes as it came");
+    }
+    assert_eq!(fx.stat(stat::DNAT), dnat, "nothing translated");
 }

@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{apiserver::ApiServer, cluster::Node};
+use crate::{
+    apiserver::ApiServer,
+    cluster::{Node, POD_NETWORK},
+};
 
 /// Directory holding the workspace's built binaries (`target/debug`).
 /// `PROXY_BIN_DIR` overrides it.
@@ -127,6 +130,11 @@ impl Agent {
         let mut args = opts.args.clone();
         if !args.iter().any(|a| a.starts_with("--socket-lb")) {
             args.extend(["--socket-lb".to_owned(), "false".to_owned()]);
+        }
+        // The test cluster's pod network, as a deployment passes its own
+        // (the eBPF mode lets packets to it skip the frontend lookup).
+        if !args.iter().any(|a| a.starts_with("--cluster-cidr")) {
+            args.extend(["--cluster-cidr".to_owned(), POD_NETWORK.to_owned()]);
         }
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding
         // bpffs (a DaemonSet gets /sys/fs/bpf as a hostPath the same way).

@@ -79,9 +79,22 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
 
 /// The eBPF dataplane as the flags configure it; `auto` capacities from
 /// `cluster`.
-fn ebpf_dataplane(args: &Args, cluster: &ClusterSize, loader: Loader) -> Result<EbpfDataplane> {
+fn ebpf_dataplane(
+    args: &Args,
+    cluster_cidrs: &[(std::net::Ipv4Addr, u8)],
+    cluster: &ClusterSize,
+    loader: Loader,
+) -> Result<EbpfDataplane> {
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
+    if cluster_cidrs.len() > proxy_common::POD_NETS {
+        bail!(
+            "--cluster-cidr: {} networks, the eBPF mode takes at most {}",
+            cluster_cidrs.len(),
+            proxy_common::POD_NETS
+        );
+    }
+    cfg.pod_networks = cluster_cidrs.to_vec();
     if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
         bail!(
             "--maglev-table-size {} is not a prime number (default {})",
@@ -219,7 +232,7 @@ async fn run() -> Result<()> {
             proxy::memory::log("caches listed");
             let size = cluster_size(&stores, &node, args.maglev_table_size);
             proxy::memory::log("cluster sized");
-            let mut dp = ebpf_dataplane(&args, &size, loader)?;
+            let mut dp = ebpf_dataplane(&args, &cluster_cidrs, &size, loader)?;
             proxy::memory::log("maps loaded");
             // Logged once the maps are loaded too (the pinned state
             // adopted): the point from which the agent programs.

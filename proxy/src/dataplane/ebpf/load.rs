@@ -1,7 +1,7 @@
 //! Loading the object and attaching its programs (pinned links).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fs,
     net::Ipv4Addr,
     time::Instant,
@@ -232,6 +232,8 @@ impl EbpfDataplane {
             removed_frontends: HashSet::new(),
             maglev_tables: MaglevTables::new(),
             node_addr: None,
+            pod_net_frontends: BTreeSet::new(),
+            config: None,
             last_gc: Instant::now(),
             last_gc_stats: GcStats::default(),
             _logger: logger,
@@ -239,6 +241,16 @@ impl EbpfDataplane {
         dp.adopt()?;
         dp.table = dp.table_from_maps();
         dp.count_backend_refs();
+        dp.pod_net_frontends = dp
+            .frontends
+            .keys()
+            .filter(|k| dp.in_pod_network(k.addr))
+            .copied()
+            .collect();
+        // The node address an earlier agent wrote stays until the Node says
+        // otherwise; the pod networks are this agent's.
+        dp.node_addr = dp.maps.config.get(&0, 0).ok().and_then(|c| c.node_ip());
+        dp.write_config()?;
         dp.socket_lb()?;
         dp.remove_other_layouts();
         Ok(dp)

@@ -585,6 +585,10 @@ impl Maps {
             service_stats,
             config: ConfigEntry {
                 node_address: config.node_ip(),
+                pod_networks: config
+                    .pod_networks()
+                    .map(|(addr, len)| Cidr { addr, len })
+                    .collect(),
             },
             source_ranges,
             maglev,
@@ -1053,6 +1057,9 @@ pub struct ServiceStatsEntry {
 pub struct ConfigEntry {
     /// Where north-south traffic to remote backends is SNATed to.
     pub node_address: Option<Ipv4Addr>,
+    /// Packets to these skip the frontend lookup (`--cluster-cidr`; empty
+    /// while a frontend lies inside one).
+    pub pod_networks: Vec<Cidr>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -29,7 +29,7 @@ pub mod maps;
 mod resize;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -45,7 +45,7 @@ use aya::{
     maps::MapError,
     programs::{ProgramError, SchedClassifier, Xdp, links::PinnedLink},
 };
-use proxy_common::{Backend, Config, MapInfo, config_flags, progs};
+use proxy_common::{Backend, Config, MapInfo, Net4, config_flags, progs};
 
 use tracing::{debug, info, warn};
 
@@ -152,6 +152,10 @@ pub struct EbpfConfig {
     /// `proxy_common::maps` (from [`capacity::MapSizing::capacities`]:
     /// `--bpf-lb-map-max`, `--maglev-map-max`, ...).
     pub map_max_entries: BTreeMap<&'static str, u32>,
+    /// The cluster's pod networks (`--cluster-cidr`, at most
+    /// [`proxy_common::POD_NETS`]): packets to them skip the frontend
+    /// lookup while no frontend lies inside them.
+    pub pod_networks: Vec<(Ipv4Addr, u8)>,
 }
 
 impl EbpfConfig {
@@ -166,6 +170,7 @@ impl EbpfConfig {
             dsr: false,
             xdp_mode: links::XdpAttach::Auto,
             map_max_entries: BTreeMap::new(),
+            pod_networks: Vec::new(),
         }
     }
 
@@ -277,6 +282,11 @@ pub struct EbpfDataplane {
     maglev_tables: MaglevTables,
     /// The node address last written to `CONFIG`.
     node_addr: Option<Ipv4Addr>,
+    /// Programmed frontends inside `cfg.pod_networks`: while there is one,
+    /// `CONFIG` carries no pod networks (their fast exit would skip it).
+    pod_net_frontends: BTreeSet<FrontendKey>,
+    /// What `CONFIG` holds, once this agent wrote or read it.
+    config: Option<Config>,
     last_gc: Instant,
     last_gc_stats: GcStats,
     // Keeps the aya-log ring buffer alive (rare error paths log through it).
@@ -370,12 +380,40 @@ impl EbpfDataplane {
     /// Write the node address north-south SNAT and DSR use (`CONFIG`), when
     /// it differs from what is there.
     pub fn set_node_address(&mut self, addr: Option<Ipv4Addr>) -> Result<(), EbpfError> {
-        let cfg = Config {
-            node_addr: addr.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
+        let changed = self.node_addr != addr;
+        self.node_addr = addr;
+        self.write_config()?;
+        if changed {
+            info!(node_address = ?addr, "north-south node address");
+        }
+        Ok(())
+    }
+
+    /// `CONFIG` as the settings and the programmed frontends make it now.
+    fn desired_config(&self) -> Config {
+        let mut pod_nets = [Net4::default(); proxy_common::POD_NETS];
+        if self.pod_net_frontends.is_empty() {
+            for (slot, (addr, len)) in pod_nets.iter_mut().zip(&self.cfg.pod_networks) {
+                *slot = Net4::new(u32::from_ne_bytes(addr.octets()), *len);
+            }
+        }
+        Config {
+            node_addr: self
+                .node_addr
+                .map(|a| u32::from_ne_bytes(a.octets()))
+                .unwrap_or(0),
             flags: if self.cfg.dsr { config_flags::DSR } else { 0 },
-        };
-        if self.maps.config.get(&0, 0).ok() == Some(cfg) {
-            self.node_addr = addr;
+            pod_nets,
+        }
+    }
+
+    /// Write `CONFIG` when it differs from what it holds.
+    fn write_config(&mut self) -> Result<(), EbpfError> {
+        let cfg = self.desired_config();
+        if self.config.is_none() {
+            self.config = self.maps.config.get(&0, 0).ok();
+        }
+        if self.config == Some(cfg) {
             return Ok(());
         }
         self.maps
@@ -384,13 +422,60 @@ impl EbpfDataplane {
             .map_err(|source| EbpfError::Update {
                 map: proxy_common::maps::CONFIG.name,
                 op: "set",
-                frontend: format!("(node address {addr:?})"),
+                frontend: format!(
+                    "(node address {:?}, pod networks {:?})",
+                    self.node_addr, self.cfg.pod_networks
+                ),
                 source: Box::new(source),
             })?;
-        if self.node_addr != addr {
-            info!(node_address = ?addr, "north-south node address");
+        self.config = Some(cfg);
+        Ok(())
+    }
+
+    /// Whether `addr` lies inside `--cluster-cidr`.
+    fn in_pod_network(&self, addr: Ipv4Addr) -> bool {
+        let raw = u32::from_ne_bytes(addr.octets());
+        self.cfg
+            .pod_networks
+            .iter()
+            .any(|(a, len)| Net4::new(u32::from_ne_bytes(a.octets()), *len).contains(raw))
+    }
+
+    /// Before a batch: frontends it puts inside the pod networks turn their
+    /// fast exit off first, so no packet to them skips the lookup.
+    fn before_apply(&mut self, changes: &[Change]) -> Result<(), EbpfError> {
+        let was_empty = self.pod_net_frontends.is_empty();
+        for c in changes {
+            if let Change::Upsert(k, _) = c
+                && self.in_pod_network(k.addr)
+            {
+                self.pod_net_frontends.insert(*k);
+            }
         }
-        self.node_addr = addr;
+        if was_empty && let Some(k) = self.pod_net_frontends.first() {
+            warn!(
+                frontend = %k,
+                cluster_cidr = ?self.cfg.pod_networks,
+                "a frontend lies inside --cluster-cidr: packets to pods take the frontend lookup while one does"
+            );
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
+    /// After a batch: only programmed frontends keep the fast exit off.
+    fn after_apply(&mut self) -> Result<(), EbpfError> {
+        if self.pod_net_frontends.is_empty() {
+            return Ok(());
+        }
+        let frontends = &self.frontends;
+        self.pod_net_frontends.retain(|k| frontends.contains_key(k));
+        if self.pod_net_frontends.is_empty() {
+            info!(
+                "no frontend inside --cluster-cidr any more: packets to pods skip the frontend lookup again"
+            );
+            self.write_config()?;
+        }
         Ok(())
     }
 
@@ -513,6 +598,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats, EbpfError> {
+        self.before_apply(changes)?;
         let mut stats = ApplyStats::default();
         let mut first_error = None;
         let mut failed = 0usize;
@@ -542,6 +628,7 @@ impl Dataplane for EbpfDataplane {
         // Backends are reference-counted: this visits only those whose
         // count fell to zero in this batch.
         self.release_backends(&mut stats);
+        self.after_apply()?;
         match first_error {
             Some(e) => Err(e),
             None => Ok(stats),
