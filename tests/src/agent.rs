@@ -3,6 +3,7 @@
 //! [`Agent`] stops it and removes its pin directory.
 
 use std::{
+    collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -87,6 +88,11 @@ pub struct AgentOptions {
     /// Wait for this log line before returning (None: don't wait).
     pub ready_line: Option<String>,
     pub ready_timeout: Duration,
+    /// Run the agent with exactly these capabilities (Kubernetes'
+    /// spelling, e.g. `NET_ADMIN`; see [`crate::privilege`]). None: as
+    /// root with every capability, unless `PROXY_TESTS_MANIFEST_CAPS=1`,
+    /// which gives every agent deploy/'s set.
+    pub capabilities: Option<BTreeSet<String>>,
 }
 
 impl Default for AgentOptions {
@@ -95,6 +101,7 @@ impl Default for AgentOptions {
             args: Vec::new(),
             ready_line: Some("caches synced".into()),
             ready_timeout: Duration::from_secs(20),
+            capabilities: None,
         }
     }
 }
@@ -138,9 +145,28 @@ impl Agent {
         }
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding
         // bpffs (a DaemonSet gets /sys/fs/bpf as a hostPath the same way).
+        let capabilities = match &opts.capabilities {
+            Some(c) => Some(c.clone()),
+            None if std::env::var_os("PROXY_TESTS_MANIFEST_CAPS").is_some_and(|v| v == "1") => {
+                Some(crate::privilege::agent_capabilities()?)
+            }
+            None => None,
+        };
         let mut argv: Vec<std::ffi::OsString> = vec![
             format!("--net={}", node.ns.path().display()).into(),
             "--".into(),
+        ];
+        // nsenter (which needs SYS_ADMIN) first, then setpriv drops what
+        // the manifest does not grant; each execs the next in place.
+        if let Some(caps) = &capabilities {
+            argv.push("setpriv".into());
+            argv.extend(
+                crate::privilege::setpriv_args(caps)
+                    .into_iter()
+                    .map(Into::into),
+            );
+        }
+        argv.extend([
             binary("proxy")?.into(),
             "--kubeconfig".into(),
             kubeconfig.clone().into(),
@@ -148,7 +174,7 @@ impl Agent {
             node.name.clone().into(),
             "--bpffs-path".into(),
             bpffs_path.clone().into(),
-        ];
+        ]);
         if !args.iter().any(|a| a == "--mode") {
             argv.extend(["--mode".into(), "ebpf".into()]);
         }
@@ -199,8 +225,9 @@ impl Agent {
         self.spawn()
     }
 
-    /// The agent's process id (nsenter execs the agent without forking, so
-    /// this is the agent itself), None once stopped.
+    /// The agent's process id (nsenter, and setpriv when capabilities are
+    /// set, exec the agent without forking, so this is the agent itself),
+    /// None once stopped.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -7,6 +7,7 @@
 //! * [`apiserver`]: a Kubernetes API server fixture speaking the real
 //!   list/watch protocol for Services, EndpointSlices and Nodes.
 //! * [`rbac`]: deploy/'s ClusterRole as the fixture's authorizer.
+//! * [`privilege`]: deploy/'s capability set, to run the agent with it.
 
 pub mod agent;
 pub mod apiserver;
@@ -14,5 +15,6 @@ pub mod bench;
 pub mod cgroup;
 pub mod cluster;
 pub mod netns;
+pub mod privilege;
 pub mod rbac;
 pub mod scenario;

@@ -12,7 +12,7 @@
 //! Objects are built with [`Service`] and [`EndpointSlice`] and applied with
 //! [`Scenario::apply`] (create or replace).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -498,6 +498,7 @@ pub struct ScenarioBuilder {
     servers: Vec<ServerSpec>,
     objects: Vec<Value>,
     agent_args: Vec<String>,
+    capabilities: Option<BTreeSet<String>>,
 }
 
 impl ScenarioBuilder {
@@ -562,6 +563,13 @@ impl ScenarioBuilder {
         self
     }
 
+    /// Run every agent with exactly these capabilities (see
+    /// [`AgentOptions::capabilities`]).
+    pub fn capabilities(mut self, caps: BTreeSet<String>) -> Self {
+        self.capabilities = Some(caps);
+        self
+    }
+
     pub fn build(self) -> Result<Scenario> {
         let cluster = Cluster::new(self.spec).context("building the cluster")?;
         let mut tcp = Vec::new();
@@ -606,12 +614,14 @@ impl ScenarioBuilder {
                     args.extend(["--cgroup-path".to_owned(), cg.path().display().to_string()]);
                     args.extend(self.agent_args.iter().cloned());
                     let api = &api;
+                    let capabilities = self.capabilities.clone();
                     s.spawn(move || {
                         Agent::start(
                             node,
                             api,
                             AgentOptions {
                                 args,
+                                capabilities,
                                 ..Default::default()
                             },
                         )
@@ -662,6 +672,7 @@ impl Scenario {
             servers: Vec::new(),
             objects: Vec::new(),
             agent_args: Vec::new(),
+            capabilities: None,
         }
     }
 

@@ -1375,6 +1375,7 @@ impl<'a> Bench<'a> {
             args,
             ready_line: None,
             ready_timeout: Duration::from_secs(300),
+            capabilities: None,
         };
         let sync_timeout = Duration::from_secs_f64(self.args.sync_timeout);
         let t = Instant::now();

@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     fs,
     net::Ipv4Addr,
+    path::Path,
     time::Instant,
 };
 
@@ -118,6 +119,25 @@ fn core_relocations(obj: &[u8]) -> Option<u32> {
     Some(0)
 }
 
+/// Create `path` (and missing parents: `--bpffs-path` itself when new)
+/// readable by root only, and make an existing `path` so: a pinned map's
+/// directory mode is all that stands between another local process and the
+/// load balancer's state. An existing parent keeps its mode (it may be the
+/// bpffs root).
+fn private_dir(path: &Path) -> Result<(), EbpfError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| EbpfError::PinDir {
+        path: path.to_owned(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
 impl EbpfDataplane {
     /// Load the programs, open (or create) the pinned maps and adopt what an
     /// earlier agent programmed there.
@@ -131,10 +151,7 @@ impl EbpfDataplane {
             return Err(EbpfError::NoObject);
         }
         let dir = pin_dir(&cfg.bpffs_path);
-        fs::create_dir_all(&dir).map_err(|source| EbpfError::PinDir {
-            path: dir.clone(),
-            source,
-        })?;
+        private_dir(&dir)?;
         // Every map from its descriptor: its capacity, and a pin of the
         // same layout to adopt.
         let mut loader = loader.0;
@@ -207,10 +224,7 @@ impl EbpfDataplane {
         let prog: &mut Xdp = program(&mut ebpf, progs::XDP_NODEPORT)?;
         prog.load().map_err(failed(progs::XDP_NODEPORT))?;
         let links = links_dir(&cfg.bpffs_path);
-        fs::create_dir_all(&links).map_err(|source| EbpfError::PinDir {
-            path: links.clone(),
-            source,
-        })?;
+        private_dir(&links)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let capacities = maps.capacities()?.into_iter().collect();
         let mut dp = EbpfDataplane {
