@@ -328,9 +328,69 @@ fn daemonset_follows_the_api_servers_rules_and_the_design() -> Result<()> {
         for image in text.split("\"image\":\"").skip(1) {
             let image = image.split('"').next().unwrap_or_default();
             assert!(
-                image == "kube-proxy-ebpf:dev"
+                image == AGENT_IMAGE
+                    || image == TOOLS_IMAGE
                     || image.rsplit_once(':').is_some_and(|(_, t)| t != "latest"),
                 "{}: image {image} is not pinned",
+                f.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+const AGENT_IMAGE: &str = "kube-proxy-ebpf:dev";
+const TOOLS_IMAGE: &str = "kube-proxy-ebpf-tools:dev";
+
+/// The agent's image carries what the agent runs and nothing else: the
+/// smoke and benchmark tools live in their own image, built from the
+/// Dockerfile's `tools` stage, and only those pods use it.
+#[test]
+fn the_agent_image_carries_no_benchmark_tools() -> Result<()> {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile"))?;
+    // Stage name -> its instructions (comments left out).
+    let mut stages: BTreeMap<String, String> = BTreeMap::new();
+    let mut current = None;
+    for line in dockerfile.lines() {
+        if let Some(rest) = line.strip_prefix("FROM ") {
+            let name = rest
+                .split_once(" AS ")
+                .map(|(_, n)| n.trim().to_owned())
+                .context("every stage is named (FROM ... AS name)")?;
+            current = Some(name.clone());
+            stages.insert(name, String::new());
+        } else if let Some(name) = &current
+            && !line.trim_start().starts_with('#')
+            && let Some(text) = stages.get_mut(name)
+        {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    let runtime = stages.get("runtime").context("no runtime stage")?;
+    let tools = stages.get("tools").context("no tools stage")?;
+    for tool in ["curl", "iperf3"] {
+        assert!(!runtime.contains(tool), "runtime stage installs {tool}");
+        assert!(tools.contains(tool), "tools stage lacks {tool}");
+    }
+    for tool in ["iptables", "nftables", "ipvsadm", "conntrack"] {
+        assert!(runtime.contains(tool), "runtime stage lacks {tool}");
+    }
+    assert!(dockerfile.contains("FROM runtime AS tools"));
+    let ds = daemonset()?;
+    let pod = &ds["spec"]["template"]["spec"];
+    for c in ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_array().into_iter().flatten())
+    {
+        assert_eq!(c["image"], AGENT_IMAGE, "DaemonSet container {}", c["name"]);
+    }
+    for d in ["smoke", "bench"] {
+        for (f, doc) in manifests_in(&deploy_dir().join(d))? {
+            let text = serde_json::to_string(&doc)?;
+            assert!(
+                !text.contains(&format!("\"image\":\"{AGENT_IMAGE}\"")),
+                "{}: a test pod runs the agent's image",
                 f.display()
             );
         }

@@ -32,6 +32,8 @@ pub const CLUSTER: &str = "kind";
 const CONTEXT: &str = "kind-kind";
 /// The image the manifests run (never pulled: loaded into the nodes).
 pub const IMAGE: &str = "kube-proxy-ebpf:dev";
+/// The smoke check's and benchmark pods' image (curl, iperf3).
+pub const TOOLS_IMAGE: &str = "kube-proxy-ebpf-tools:dev";
 /// NodePort of deploy/smoke/smoke.yaml's echo-nodeport Service.
 const SMOKE_NODEPORT: u16 = 30080;
 
@@ -175,13 +177,17 @@ pub fn kind() -> Result<()> {
             .arg(deploy.join("kind-config.yaml")))?;
     }
 
-    // 2. Image, built from the repository root and loaded into every node.
-    run(Command::new(&t.docker)
-        .args(["build", "-f"])
-        .arg(deploy.join("Dockerfile"))
-        .args(["-t", IMAGE])
-        .arg(&root))?;
-    run(Command::new(&t.kind).args(["load", "docker-image", IMAGE, "--name", CLUSTER]))?;
+    // 2. Images, built from the repository root and loaded into every
+    // node: the agent's, and the tools image the smoke and benchmark pods
+    // run (the agent's image carries no curl or iperf3).
+    for (target, image) in [("runtime", IMAGE), ("tools", TOOLS_IMAGE)] {
+        run(Command::new(&t.docker)
+            .args(["build", "-f"])
+            .arg(deploy.join("Dockerfile"))
+            .args(["--target", target, "-t", image])
+            .arg(&root))?;
+        run(Command::new(&t.kind).args(["load", "docker-image", image, "--name", CLUSTER]))?;
+    }
 
     // 3. The agent.
     run(t
