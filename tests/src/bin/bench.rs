@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
@@ -89,6 +89,8 @@ struct Args {
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The measured service's IPv6 ClusterIP (it is dual-stack).
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const CONN_PORT: u16 = 7000;
 /// The echo server pinned to [`LAT_CPU`], for latency without cross-CPU
 /// wakeups.
@@ -705,11 +707,8 @@ impl Lane {
             .collect::<Result<Vec<_>>>()?;
         let server_pod = cluster.pod(2, 1);
         let serve = |port: u16, cpu: Option<usize>| -> Result<Proc> {
-            let mut a = vec![
-                "serve".to_owned(),
-                "--bind".into(),
-                format!("0.0.0.0:{port}"),
-            ];
+            // Both families on one socket (IPv4-mapped on [::]).
+            let mut a = vec!["serve".to_owned(), "--bind".into(), format!("[::]:{port}")];
             if let Some(c) = cpu {
                 a.extend([
                     "--threads".into(),
@@ -763,6 +762,22 @@ impl Lane {
         } else {
             SocketAddr::from((VIP, port))
         }
+    }
+
+    /// [`Self::conn_to`] over IPv6: the pod's IPv6 address, else the
+    /// service's IPv6 ClusterIP.
+    fn conn_to6(&self, port: u16) -> SocketAddr {
+        if self.mode == "direct" {
+            SocketAddr::from((self.cluster.pod(2, 1).ip6, port))
+        } else {
+            SocketAddr::from((VIP6, port))
+        }
+    }
+
+    /// Whether this mode serves an IPv6 ClusterIP (see
+    /// [`bench::IPV6_MODES`]).
+    fn serves_ipv6(&self) -> bool {
+        bench::IPV6_MODES.contains(&self.mode.as_str())
     }
 
     fn iperf_to(&self) -> (SocketAddr, SocketAddr) {
@@ -1100,9 +1115,12 @@ impl<'a> Bench<'a> {
     fn throughput(&mut self, lane: usize, r: usize) {
         let mode = self.lanes[lane].mode.clone();
         let (cip, np) = self.lanes[lane].iperf_to();
+        let cip6 = self.lanes[lane].conn_to6(IPERF_PORT);
+        let v6 = self.lanes[lane].serves_ipv6();
         let secs = (self.args.duration.round() as u64).max(1);
         for (key, ext, to, streams, udp) in [
             ("tcp_clusterip_1", false, cip, 1, false),
+            ("tcp_clusterip_v6_1", false, cip6, 1, false),
             ("tcp_clusterip_4", false, cip, 4, false),
             ("tcp_nodeport_1", true, np, 1, false),
             ("tcp_nodeport_4", true, np, 4, false),
@@ -1111,6 +1129,9 @@ impl<'a> Bench<'a> {
             // The smoke run keeps one test per path (ClusterIP, NodePort,
             // UDP).
             if self.args.quick && streams == 4 {
+                continue;
+            }
+            if to.is_ipv6() && !v6 {
                 continue;
             }
             let cost = Cost::start();
@@ -1150,8 +1171,7 @@ impl<'a> Bench<'a> {
 
     /// `connrate rate` for `secs` seconds from the client pod: its JSON
     /// report.
-    fn rate(&self, lane: usize, secs: f64) -> Result<Value> {
-        let to = self.lanes[lane].conn_to(CONN_PORT);
+    fn rate(&self, lane: usize, to: SocketAddr, secs: f64) -> Result<Value> {
         let cmd = self.lanes[lane].client_cmd(
             &self.connrate,
             &[
@@ -1178,7 +1198,11 @@ impl<'a> Bench<'a> {
     fn conn(&mut self, lane: usize, scale: Option<usize>, r: usize) {
         let mode = self.lanes[lane].mode.clone();
         let cost = Cost::start();
-        let res = self.rate(lane, self.args.duration);
+        let res = self.rate(
+            lane,
+            self.lanes[lane].conn_to(CONN_PORT),
+            self.args.duration,
+        );
         let cpu = cost.finish();
         match res {
             Ok(v) => {
@@ -1221,7 +1245,7 @@ impl<'a> Bench<'a> {
         let pids = self.lanes[lane].agent_pids();
         if !pids.is_empty() {
             let pass = StatsPass::start(pids);
-            let res = self.rate(lane, self.stats_secs());
+            let res = self.rate(lane, self.lanes[lane].conn_to(CONN_PORT), self.stats_secs());
             let progs = pass.finish();
             match res {
                 Ok(v) => {
@@ -1238,6 +1262,43 @@ impl<'a> Bench<'a> {
                     self.record_bpf(&mode, "conn_rate", scale, r, &progs, Some(ok));
                 }
                 Err(e) => self.fail(&mode, "conn_rate statistics pass", scale, &format!("{e:#}")),
+            }
+        }
+        // The connection rate over IPv6, as a ratio to IPv6 direct.
+        if self.lanes[lane].serves_ipv6() {
+            let to = self.lanes[lane].conn_to6(CONN_PORT);
+            match self.rate(lane, to, self.args.duration) {
+                Ok(v) if v["connections"].as_u64().unwrap_or(0) > 0 => {
+                    let (ok, errors) = (
+                        v["connections"].as_u64().unwrap_or(0),
+                        v["errors"].as_u64().unwrap_or(0),
+                    );
+                    if errors * 100 > ok {
+                        self.fail(
+                            &mode,
+                            "conn_rate_v6 errors",
+                            scale,
+                            &format!("{errors} errors beside {ok} connections (last: {}); the rate counts successes only", v["last_error"]),
+                        );
+                    }
+                    self.record(
+                        &mode,
+                        "conn_rate_v6",
+                        scale,
+                        r,
+                        v["rate"].as_f64().unwrap_or(0.0),
+                    );
+                }
+                Ok(v) => self.fail(
+                    &mode,
+                    "conn_rate_v6",
+                    scale,
+                    &format!(
+                        "no connection succeeded ({} errors, last: {})",
+                        v["errors"], v["last_error"]
+                    ),
+                ),
+                Err(e) => self.fail(&mode, "conn_rate_v6", scale, &format!("{e:#}")),
             }
         }
         // As the scheduler places both ends, then both on one CPU.
@@ -1300,8 +1361,20 @@ impl<'a> Bench<'a> {
                 .endpoint(Endpoint::ready(backend))
                 .to_json(),
         )?;
+        // Dual-stack: the IPv6 ClusterIP's endpoints come from their own
+        // slice, as Kubernetes keeps one per family.
         api.create(
-            Service::cluster_ip("bench", VIP)
+            EndpointSlice::new("bench-v6", "bench")
+                .ipv6()
+                .tcp_port("conn", CONN_PORT)
+                .tcp_port("lat", LAT_PORT)
+                .tcp_port("iperf-tcp", IPERF_PORT)
+                .udp_port("iperf-udp", IPERF_PORT)
+                .endpoint(Endpoint::ready(backend).ipv6(backend))
+                .to_json(),
+        )?;
+        api.create(
+            Service::dual_stack("bench", VIP.into(), VIP6.into())
                 .tcp("conn", CONN_PORT, CONN_PORT)
                 .tcp("lat", LAT_PORT, LAT_PORT)
                 .tcp("iperf-tcp", IPERF_PORT, IPERF_PORT)
@@ -1472,8 +1545,24 @@ impl<'a> Bench<'a> {
                     mode,
                     scale,
                     reason,
+                    metric: None,
                 });
                 continue;
+            }
+            if !l.serves_ipv6() {
+                let mode = l.mode.clone();
+                let mut metrics = vec!["conn_rate_v6"];
+                if si == 0 && !self.args.skip_throughput {
+                    metrics.push("tcp_clusterip_v6_1");
+                }
+                for m in metrics {
+                    self.run.not_run.push(bench::NotRun {
+                        mode: mode.clone(),
+                        scale,
+                        reason: "IPv6 is not programmed in this mode yet (socket LB only)".into(),
+                        metric: Some(m.into()),
+                    });
+                }
             }
             if let Err(e) = self.setup(lane, si, scale) {
                 let mode = self.lanes[lane].mode.clone();
