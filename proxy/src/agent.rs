@@ -597,6 +597,8 @@ pub async fn run<D: Dataplane>(
     telemetry.set_reader(dp.stats_reader());
     let wh = stores.watch_health.clone();
     telemetry.set_pending_source(Box::new(move || wh.stale_since()));
+    let st = stores.clone();
+    telemetry.set_change_source(Box::new(move || st.change_counts()));
     stores.request_full();
     loop {
         // Every change queued so far is in the batch taken next.

@@ -16,6 +16,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
+    time::SystemTime,
 };
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -28,38 +29,80 @@ use crate::model::{ServiceInfo, SliceInfo, SliceView};
 pub type ObjectKey = (Arc<str>, Arc<str>);
 
 /// Which services changed since the last sync, or whether everything must
-/// be rebuilt.
+/// be rebuilt; and kube-proxy's change counts (see [`ChangeCounts`]).
 #[derive(Debug, Default)]
 pub struct ChangeTracker {
-    services: HashSet<ObjectKey>,
+    /// Services whose Service object changed.
+    service_marks: HashSet<ObjectKey>,
+    /// Services whose EndpointSlices changed.
+    endpoint_marks: HashSet<ObjectKey>,
     full: bool,
+    service_total: u64,
+    endpoint_total: u64,
+    last_queued: Option<SystemTime>,
+}
+
+/// kube-proxy's `sync_proxy_rules_{service,endpoint}_changes_{pending,total}`
+/// and `sync_proxy_rules_last_queued_timestamp_seconds`: distinct services
+/// with a change not yet synced (per kind of object), changes seen since
+/// the agent started, and when the last one was queued.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub service_pending: usize,
+    pub endpoint_pending: usize,
+    pub service_total: u64,
+    pub endpoint_total: u64,
+    pub last_queued: Option<SystemTime>,
 }
 
 impl ChangeTracker {
-    /// Mark one service for rebuilding.
-    pub fn service(&mut self, key: ObjectKey) {
-        if self.full {
-            return;
-        }
-        self.services.insert(key);
+    /// A Service object of `key` changed: rebuild that service.
+    pub fn service_changed(&mut self, key: ObjectKey) {
+        self.service_total += 1;
+        self.last_queued = Some(SystemTime::now());
+        self.service_marks.insert(key);
     }
 
-    /// Ask for a full rebuild (the marks are then moot).
+    /// One EndpointSlice changed: rebuild the services it belonged to and
+    /// belongs to (one change, however many services).
+    pub fn endpoints_changed(&mut self, services: impl IntoIterator<Item = ObjectKey>) {
+        self.endpoint_total += 1;
+        self.last_queued = Some(SystemTime::now());
+        self.endpoint_marks.extend(services);
+    }
+
+    /// Ask for a full rebuild (the marks then only count as pending
+    /// changes; the rebuild covers them).
     pub fn full(&mut self) {
         self.full = true;
-        self.services = HashSet::new();
     }
 
     /// Nothing marked.
     pub fn is_empty(&self) -> bool {
-        !self.full && self.services.is_empty()
+        !self.full && self.service_marks.is_empty() && self.endpoint_marks.is_empty()
     }
 
-    /// Take the marks: (full rebuild, services marked).
+    /// Take the marks: (full rebuild, services marked; empty when full).
     pub fn take(&mut self) -> (bool, Vec<ObjectKey>) {
         let full = std::mem::take(&mut self.full);
-        let services = std::mem::take(&mut self.services);
-        (full, services.into_iter().collect())
+        let mut services = std::mem::take(&mut self.service_marks);
+        let endpoints = std::mem::take(&mut self.endpoint_marks);
+        if full {
+            return (true, Vec::new());
+        }
+        services.extend(endpoints);
+        (false, services.into_iter().collect())
+    }
+
+    /// The counts as they stand.
+    pub fn counts(&self) -> ChangeCounts {
+        ChangeCounts {
+            service_pending: self.service_marks.len(),
+            endpoint_pending: self.endpoint_marks.len(),
+            service_total: self.service_total,
+            endpoint_total: self.endpoint_total,
+            last_queued: self.last_queued,
+        }
     }
 }
 
@@ -150,13 +193,13 @@ impl Cache {
         match ev {
             Event::Apply(s) => {
                 let (key, info) = self.service_info(&s);
-                self.tracker.service(key.clone());
+                self.tracker.service_changed(key.clone());
                 self.services.insert(key, info);
             }
             Event::Delete(s) => {
                 let key = self.key_of(&s.metadata);
                 self.services.remove(&key);
-                self.tracker.service(key);
+                self.tracker.service_changed(key);
             }
             Event::Init => self.relist_services = Some(HashMap::new()),
             Event::InitApply(s) => {
@@ -194,21 +237,27 @@ impl Cache {
                         .or_default()
                         .push(new);
                 }
-                for s in old_service.into_iter().chain(service) {
-                    self.tracker.service((key.0.clone(), s));
-                }
+                let ns = key.0.clone();
+                self.tracker.endpoints_changed(
+                    old_service
+                        .into_iter()
+                        .chain(service)
+                        .map(|s| (ns.clone(), s)),
+                );
             }
             Event::Delete(s) => {
                 let key = self.key_of(&s.metadata);
+                let mut owners = Vec::with_capacity(2);
                 if let Some(old) = self.slices.remove(&key)
                     && let Some(o) = old.service.clone()
                 {
                     self.unindex(&key, &o);
-                    self.tracker.service((key.0.clone(), o));
+                    owners.push((key.0.clone(), o));
                 }
                 if let Some(n) = s.service_name() {
-                    self.tracker.service((key.0.clone(), n.into()));
+                    owners.push((key.0.clone(), n.into()));
                 }
+                self.tracker.endpoints_changed(owners);
             }
             Event::Init => self.relist_slices = Some(HashMap::new()),
             Event::InitApply(s) => {
@@ -288,6 +337,11 @@ impl Cache {
     /// Something is marked.
     pub fn pending(&self) -> bool {
         !self.tracker.is_empty()
+    }
+
+    /// kube-proxy's change counts.
+    pub fn change_counts(&self) -> ChangeCounts {
+        self.tracker.counts()
     }
 
     /// The Node, if known.
@@ -433,6 +487,36 @@ mod tests {
         c.slice_event(Event::Delete(slice("a-1", Some("b"))));
         assert_eq!(marked(&mut c), (false, vec!["a".into(), "b".into()]));
         assert!(slice_names(&mut c, "a").is_empty());
+    }
+
+    #[test]
+    fn change_counts_follow_kube_proxys_metrics() {
+        let mut c = Cache::default();
+        assert_eq!(c.change_counts(), ChangeCounts::default());
+        c.service_event(Event::Apply(svc("a")));
+        c.service_event(Event::Apply(svc("a")));
+        c.slice_event(Event::Apply(slice("a-1", Some("a"))));
+        c.slice_event(Event::Apply(slice("b-1", Some("b"))));
+        // Moved from a to b: one change, both services pending.
+        c.slice_event(Event::Apply(slice("a-1", Some("b"))));
+        let n = c.change_counts();
+        assert_eq!((n.service_pending, n.endpoint_pending), (1, 2));
+        assert_eq!((n.service_total, n.endpoint_total), (2, 3));
+        assert!(n.last_queued.is_some());
+        // A sync takes the pending changes; the totals stay.
+        let _ = c.take();
+        let m = c.change_counts();
+        assert_eq!((m.service_pending, m.endpoint_pending), (0, 0));
+        assert_eq!((m.service_total, m.endpoint_total), (2, 3));
+        assert_eq!(m.last_queued, n.last_queued);
+        // A full rebuild (sync period) queues no change of its own, and
+        // takes the pending ones with it.
+        c.slice_event(Event::Delete(slice("b-1", Some("b"))));
+        c.request_full();
+        assert_eq!(c.change_counts().endpoint_pending, 1);
+        assert_eq!(marked(&mut c), (true, vec![]));
+        assert_eq!(c.change_counts().endpoint_pending, 0);
+        assert_eq!(c.change_counts().endpoint_total, 4);
     }
 
     #[test]

@@ -319,6 +319,11 @@ impl Stores {
     pub fn request_full(&self) {
         lock(&self.cache).request_full();
     }
+
+    /// The change tracker's counts (for `/metrics`).
+    pub fn change_counts(&self) -> crate::changes::ChangeCounts {
+        lock(&self.cache).change_counts()
+    }
 }
 
 /// A watch whose events, each object as `trim` leaves it (what the model

@@ -68,6 +68,9 @@ struct Health {
 /// unreachable API server); None: nothing pending.
 pub type PendingSource = Box<dyn Fn() -> Option<Instant> + Send + Sync>;
 
+/// The change tracker's counts, read at every scrape.
+pub type ChangeSource = Box<dyn Fn() -> crate::changes::ChangeCounts + Send + Sync>;
+
 #[derive(Debug)]
 struct State {
     sync_duration: Histogram,
@@ -110,6 +113,7 @@ pub struct Telemetry {
     state: Mutex<State>,
     reader: Mutex<Option<Box<dyn StatsReader>>>,
     pending: Mutex<Option<PendingSource>>,
+    changes: Mutex<Option<ChangeSource>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,6 +144,7 @@ impl Telemetry {
             }),
             reader: Mutex::new(None),
             pending: Mutex::new(None),
+            changes: Mutex::new(None),
         }
     }
 
@@ -228,6 +233,11 @@ impl Telemetry {
         *lock(&self.pending) = Some(f);
     }
 
+    /// Where `/metrics` reads kube-proxy's change counts.
+    pub fn set_change_source(&self, f: ChangeSource) {
+        *lock(&self.changes) = Some(f);
+    }
+
     /// `/healthz`: 200 while syncs succeed and nothing has been pending (a
     /// change not yet synced, a failing sync, an unreachable API server)
     /// longer than 2x the sync period; 503 before the first sync and when
@@ -264,8 +274,13 @@ impl Telemetry {
                 None => None,
             }
         };
+        let changes = lock(&self.changes).as_ref().map(|f| f());
         let s = lock(&self.state);
-        render(&s, self.mode, dp.as_ref())
+        let mut out = render(&s, self.mode, dp.as_ref());
+        if let Some(c) = changes {
+            render_changes(&mut out, &c);
+        }
+        out
     }
 }
 
@@ -332,6 +347,51 @@ fn fmt_f64(v: f64) -> String {
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// kube-proxy's change metrics, with its names and meanings.
+fn render_changes(o: &mut String, c: &crate::changes::ChangeCounts) {
+    for (name, kind, help, value) in [
+        (
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "gauge",
+            "Pending proxy rules Service changes (services whose Service object changed since the last sync)",
+            c.service_pending as u64,
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "counter",
+            "Cumulative proxy rules Service changes",
+            c.service_total,
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "gauge",
+            "Pending proxy rules Endpoint changes (services whose EndpointSlices changed since the last sync)",
+            c.endpoint_pending as u64,
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "counter",
+            "Cumulative proxy rules Endpoint changes",
+            c.endpoint_total,
+        ),
+    ] {
+        header(o, name, kind, help);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    let name = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds";
+    header(
+        o,
+        name,
+        "gauge",
+        "The last time a sync of proxy rules was queued (Unix seconds)",
+    );
+    let ts = c
+        .last_queued
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    let _ = writeln!(o, "{name} {}", fmt_f64(ts));
 }
 
 fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
@@ -687,8 +747,20 @@ mod tests {
             drops: vec![("source_range".into(), 3)],
             counters: vec![("dnat".into(), 9)],
         }))));
+        t.set_change_source(Box::new(|| crate::changes::ChangeCounts {
+            service_pending: 1,
+            endpoint_pending: 2,
+            service_total: 3,
+            endpoint_total: 4,
+            last_queued: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+        }));
         let m = t.render();
         for line in [
+            "kubeproxy_sync_proxy_rules_service_changes_pending 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 2",
+            "kubeproxy_sync_proxy_rules_service_changes_total 3",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 4",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds 1700000000",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.002\"} 0",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 1",

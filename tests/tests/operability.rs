@@ -633,6 +633,33 @@ fn metrics_follow_syncs_and_traffic() {
     });
     let p1 = sample(&after, packets).expect("packets after");
     assert!(p1 >= p0 + 20.0, "packets grew by the traffic: {p0} -> {p1}");
+    // kube-proxy's change metrics: the new Service and its slice are one
+    // change each, synced (nothing pending), queued after the first scrape.
+    let changes = |m: &str, kind: &str| -> (f64, f64) {
+        let name = format!("kubeproxy_sync_proxy_rules_{kind}_changes");
+        (
+            sample(m, &format!("{name}_total"))
+                .unwrap_or_else(|| panic!("no {name}_total in\n{m}")),
+            sample(m, &format!("{name}_pending")).unwrap_or_else(|| panic!("no {name}_pending")),
+        )
+    };
+    let synced = poll(Duration::from_secs(10), || {
+        let m = scrape();
+        for kind in ["service", "endpoint"] {
+            let ((t0, _), (t1, pending)) = (changes(&before, kind), changes(&m, kind));
+            if t1 < t0 + 1.0 || pending != 0.0 {
+                return Err(format!(
+                    "{kind} changes: total {t0} -> {t1}, pending {pending}"
+                ));
+            }
+        }
+        Ok(m)
+    });
+    let queued = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds";
+    assert!(
+        sample(&synced, queued) > sample(&before, queued),
+        "{queued} moved with the change"
+    );
     assert!(
         sample(&after, "kubeproxy_ebpf_conntrack_entries").is_some_and(|n| n > 0.0),
         "conntrack entries counted"
