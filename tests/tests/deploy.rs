@@ -89,7 +89,7 @@ fn every_manifest_validates_strictly() -> Result<()> {
 }
 
 #[test]
-fn kind_config_has_no_kube_proxy_and_two_workers() -> Result<()> {
+fn kind_config_is_dual_stack_without_kube_proxy_and_has_two_workers() -> Result<()> {
     let docs = yaml_documents(&deploy_dir().join("kind-config.yaml"))?;
     let [cfg] = docs.as_slice() else {
         bail!(
@@ -100,6 +100,17 @@ fn kind_config_has_no_kube_proxy_and_two_workers() -> Result<()> {
     assert_eq!(cfg["kind"], "Cluster");
     assert_eq!(cfg["apiVersion"], "kind.x-k8s.io/v1alpha4");
     assert_eq!(cfg["networking"]["kubeProxyMode"], "none");
+    assert_eq!(cfg["networking"]["ipFamily"], "dual");
+    // The IPv4 pod network is the one the DaemonSet passes as
+    // --cluster-cidr.
+    let pods = cfg["networking"]["podSubnet"].as_str().context("podSubnet")?;
+    let ds = serde_json::to_string(&daemonset()?)?;
+    let v4 = pods
+        .split(',')
+        .find(|c| !c.contains(':'))
+        .context("an IPv4 pod subnet")?;
+    assert!(pods.split(',').any(|c| c.contains(':')), "an IPv6 pod subnet");
+    assert!(ds.contains(&format!("--cluster-cidr={v4}")), "--cluster-cidr={v4} in the DaemonSet");
     let roles: Vec<&str> = cfg["nodes"]
         .as_array()
         .context("nodes")?
