@@ -442,7 +442,23 @@ fn closed_socket_roundtrip(vip: IpAddr, loopback: IpAddr) {
         });
     }
     let mut child = cmd.spawn().expect("client");
-    let (_conn, _) = server.accept().expect("the client reached the backend");
+    // Not translated, the client would hang on an address nobody has: a
+    // bounded wait, then the test fails (and the client is killed).
+    server.set_nonblocking(true).expect("nonblocking");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let _conn = loop {
+        match server.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("the client did not reach the backend through {vip}:80");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut line)
