@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::Duration,
 };
@@ -116,10 +116,53 @@ pub fn cap_maglev_sizes<'a>(
 }
 
 /// The address north-south flows to remote backends are SNATed to (and
-/// DSR answers from): the node's first address, as the Node object lists
-/// it now.
-pub fn node_address(node: &NodeContext) -> Option<std::net::Ipv4Addr> {
-    node.addresses.first().copied()
+/// DSR answers from): the node's first IPv4 address, as the Node object
+/// lists it now (the per-packet path is IPv4 only).
+pub fn node_address(node: &NodeContext) -> Option<Ipv4Addr> {
+    node.first_ipv4()
+}
+
+/// Backend (address, port) -> programmed frontends using it, one map per
+/// family (an IPv4 key stays 6 bytes).
+#[derive(Debug, Default)]
+struct BackendRefs {
+    v4: HashMap<(Ipv4Addr, u16), u32>,
+    v6: HashMap<(Ipv6Addr, u16), u32>,
+}
+
+impl BackendRefs {
+    fn with_capacity(n: usize) -> BackendRefs {
+        BackendRefs {
+            v4: HashMap::with_capacity(n),
+            v6: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, addr: IpAddr, port: u16) {
+        match addr {
+            IpAddr::V4(a) => *self.v4.entry((a, port)).or_default() += 1,
+            IpAddr::V6(a) => *self.v6.entry((a, port)).or_default() += 1,
+        }
+    }
+
+    fn release(&mut self, addr: IpAddr, port: u16) {
+        fn dec<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
+            if let Some(n) = m.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&k);
+                }
+            }
+        }
+        match addr {
+            IpAddr::V4(a) => dec(&mut self.v4, (a, port)),
+            IpAddr::V6(a) => dec(&mut self.v6, (a, port)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
 }
 
 /// One service port's claim on a frontend.
@@ -134,7 +177,7 @@ struct Claim {
 #[derive(Debug)]
 struct HealthClaim {
     owner: Arc<ServicePortName>,
-    local: Vec<Ipv4Addr>,
+    local: Vec<IpAddr>,
 }
 
 /// What one Service contributes to the desired state.
@@ -159,7 +202,7 @@ pub struct SyncState {
     /// Health-check port -> claims, sorted by owner.
     health: HashMap<u16, Vec<HealthClaim>>,
     /// Backend (address, port) -> programmed frontends using it.
-    backends: HashMap<(Ipv4Addr, u16), u32>,
+    backends: BackendRefs,
     /// Services with errors -> their errors.
     errors: BTreeMap<ObjectKey, Vec<ModelError>>,
     error_count: usize,
@@ -185,7 +228,7 @@ impl SyncState {
             services: HashMap::new(),
             claims: HashMap::new(),
             health: HashMap::new(),
-            backends: HashMap::new(),
+            backends: BackendRefs::default(),
             errors: BTreeMap::new(),
             error_count: 0,
             ports: 0,
@@ -236,7 +279,7 @@ impl SyncState {
             .flat_map(|i| i.slices.iter())
             .map(|s| s.endpoints.len())
             .sum();
-        self.backends = HashMap::with_capacity(endpoints);
+        self.backends = BackendRefs::with_capacity(endpoints);
         self.errors = BTreeMap::new();
         self.error_count = self.node_errors.len();
         self.ports = 0;
@@ -253,7 +296,7 @@ impl SyncState {
                 continue;
             };
             for b in &winner.frontend.backends {
-                *self.backends.entry((b.addr, b.port)).or_default() += 1;
+                self.backends.add(b.addr, b.port);
             }
             owners.push((*k, Some(winner.owner.clone())));
         }
@@ -332,18 +375,12 @@ impl SyncState {
             if old.as_ref().map(|o| &o.1) != new.map(|n| &n.frontend) {
                 if let Some((_, f)) = &old {
                     for b in &f.backends {
-                        let e = (b.addr, b.port);
-                        if let Some(n) = self.backends.get_mut(&e) {
-                            *n -= 1;
-                            if *n == 0 {
-                                self.backends.remove(&e);
-                            }
-                        }
+                        self.backends.release(b.addr, b.port);
                     }
                 }
                 if let Some(n) = new {
                     for b in &n.frontend.backends {
-                        *self.backends.entry((b.addr, b.port)).or_default() += 1;
+                        self.backends.add(b.addr, b.port);
                     }
                 }
             }
@@ -474,7 +511,7 @@ impl SyncState {
                 contribution.frontends.push((k, owner.clone()));
             }
             if let Some(port) = sp.health_check_node_port {
-                let mut local: Vec<Ipv4Addr> = sp
+                let mut local: Vec<IpAddr> = sp
                     .endpoints
                     .iter()
                     .filter(|e| e.local && e.ready && !e.terminating)
@@ -509,7 +546,7 @@ impl SyncState {
     fn health_of(&self, port: u16) -> Option<ServiceHealth> {
         let claims = self.health.get(&port)?;
         let first = claims.first()?;
-        let mut ips: Vec<Ipv4Addr> = claims
+        let mut ips: Vec<IpAddr> = claims
             .iter()
             .flat_map(|c| c.local.iter().copied())
             .collect();
@@ -741,11 +778,12 @@ mod tests {
     }
 
     #[test]
-    fn the_node_address_is_the_nodes_first() {
+    fn the_node_address_is_the_nodes_first_ipv4() {
         let node = NodeContext {
             addresses: vec![
-                std::net::Ipv4Addr::new(172, 18, 0, 3),
-                std::net::Ipv4Addr::new(192, 0, 2, 1),
+                "fd00:18::3".parse().unwrap(),
+                std::net::Ipv4Addr::new(172, 18, 0, 3).into(),
+                std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
             ],
             ..Default::default()
         };

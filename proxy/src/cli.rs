@@ -106,8 +106,8 @@ pub struct Args {
     #[arg(long = "devices", value_delimiter = ',')]
     pub devices: Vec<String>,
     /// Networks whose node addresses serve NodePorts (comma-separated
-    /// CIDRs, as kube-proxy's --nodeport-addresses); default: all of the
-    /// node's addresses.
+    /// IPv4 or IPv6 CIDRs, as kube-proxy's --nodeport-addresses); default:
+    /// all of the node's addresses.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Direct server return for NodePort/ExternalIP/LoadBalancer traffic to
@@ -168,11 +168,12 @@ pub struct Args {
     /// (default 16384).
     #[arg(long, default_value = "auto", value_parser = parse_sizing)]
     pub bpf_source_ranges_map_max: Sizing,
-    /// The pod network(s), comma-separated IPv4 CIDRs (kube-proxy's
-    /// --cluster-cidr; at most 4 in the eBPF mode). The eBPF mode never
-    /// masquerades east-west traffic; it uses them to let packets to pods
-    /// leave the per-packet programs without a frontend lookup (off while
-    /// a frontend lies inside them). Unset: every packet takes the lookup.
+    /// The pod network(s), comma-separated CIDRs (kube-proxy's
+    /// --cluster-cidr; at most 4 IPv4 ones in the eBPF mode). The eBPF mode
+    /// never masquerades east-west traffic; it uses the IPv4 ones to let
+    /// packets to pods leave the per-packet programs (IPv4 only) without a
+    /// frontend lookup (off while a frontend lies inside them). Unset:
+    /// every packet takes the lookup.
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<String>,
     /// Where /healthz and /livez are served (ip:port, or ip for port

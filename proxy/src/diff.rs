@@ -55,7 +55,7 @@ mod tests {
 
     fn key(last: u8) -> FrontendKey {
         FrontendKey {
-            addr: Ipv4Addr::new(10, 96, 0, last),
+            addr: Ipv4Addr::new(10, 96, 0, last).into(),
             port: 80,
             proto: Protocol::Tcp,
         }
@@ -67,7 +67,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|b| BackendAddr {
-                    addr: Ipv4Addr::new(10, 244, 1, *b),
+                    addr: Ipv4Addr::new(10, 244, 1, *b).into(),
                     port: 8080,
                     terminating: false,
                     local: true,

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -32,7 +32,7 @@ pub struct ServiceHealth {
 
 /// Health-check port -> what it reports, from the desired table.
 pub fn desired(table: &ServiceTable) -> BTreeMap<u16, ServiceHealth> {
-    let mut out: BTreeMap<u16, (ServiceHealth, Vec<Ipv4Addr>)> = BTreeMap::new();
+    let mut out: BTreeMap<u16, (ServiceHealth, Vec<IpAddr>)> = BTreeMap::new();
     for sp in table.services.values() {
         let Some(port) = sp.health_check_node_port else {
             continue;

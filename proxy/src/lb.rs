@@ -1,23 +1,37 @@
 //! The service table flattened into frontends (address, port, protocol)
 //! with their backend lists: what every dataplane programs. Pure.
+//!
+//! Dual stack: a frontend is of one address family and gets only the
+//! endpoints and source ranges of that family; a Service of one family
+//! never gets endpoints of the other.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 use crate::model::{
-    NodeContext, Protocol, ServicePort, ServicePortName, ServiceTable, usable_endpoints,
+    NodeContext, Protocol, ServicePort, ServicePortName, ServiceTable, usable_endpoints_where,
 };
 
 /// Where traffic is addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct FrontendKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        // `10.96.0.10:80/TCP`, `[fd00:96::10]:80/TCP`.
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.addr, self.port),
+            self.proto
+        )
     }
 }
 
@@ -32,7 +46,7 @@ pub enum FrontendKind {
 /// A backend as the data path sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub terminating: bool,
     pub local: bool,
@@ -46,8 +60,9 @@ pub struct Frontend {
     /// `sessionAffinity: ClientIP` timeout in seconds; 0: none.
     pub affinity_timeout: u32,
     /// Client networks allowed (LoadBalancer frontends with
-    /// `loadBalancerSourceRanges`); empty: any client.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// `loadBalancerSourceRanges`), of the frontend's family only; empty:
+    /// any client.
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// Per-service Maglev table size (annotation); None: the agent's.
     pub maglev_table_size: Option<u32>,
     /// The traffic policy that applies to this frontend is `Local`
@@ -92,9 +107,26 @@ impl LbTable {
 ///
 /// Local policy means this node's endpoints only; none local means no
 /// backend, so traffic is rejected here, never sent to another node.
+///
+/// Families, as kube-proxy's per-family proxiers: the service is served in
+/// the families of its ClusterIPs (IPv4 when it has none); an address of
+/// another family (a NodePort node address, an ExternalIP) gets no
+/// frontend. Each frontend gets the endpoints and source ranges of its own
+/// family only.
 pub fn port_frontends(sp: &ServicePort, node: &NodeContext) -> Vec<(FrontendKey, Frontend)> {
-    let backends = |local_only: bool| -> Vec<BackendAddr> {
-        usable_endpoints(&sp.endpoints, local_only)
+    let serves = |v6: bool| -> bool {
+        if sp.cluster_ips.is_empty() {
+            !v6
+        } else {
+            sp.cluster_ips.iter().any(|ip| ip.is_ipv6() == v6)
+        }
+    };
+    // Backends per (family, traffic policy), index [v6][local_only].
+    let backends = |v6: bool, local_only: bool| -> Vec<BackendAddr> {
+        if !serves(v6) {
+            return Vec::new();
+        }
+        usable_endpoints_where(&sp.endpoints, local_only, |e| e.ip.is_ipv6() == v6)
             .into_iter()
             .map(|e| BackendAddr {
                 addr: e.ip,
@@ -104,13 +136,22 @@ pub fn port_frontends(sp: &ServicePort, node: &NodeContext) -> Vec<(FrontendKey,
             })
             .collect()
     };
-    let internal = backends(sp.internal_policy_local);
-    let external = backends(sp.external_policy_local);
+    let lists = [false, true].map(|v6| {
+        [
+            backends(v6, sp.internal_policy_local),
+            backends(v6, sp.external_policy_local),
+        ]
+    });
     let proto = sp.name.protocol;
     let affinity_timeout = sp.affinity_timeout.unwrap_or(0);
     let mut out: Vec<(FrontendKey, Frontend)> = Vec::new();
-    let mut add = |addr: Ipv4Addr, port: u16, kind: FrontendKind, b: &Vec<BackendAddr>| {
-        let local_only = if kind == FrontendKind::ClusterIp {
+    let mut add = |addr: IpAddr, port: u16, kind: FrontendKind| {
+        let v6 = addr.is_ipv6();
+        if !serves(v6) {
+            return;
+        }
+        let internal = kind == FrontendKind::ClusterIp;
+        let local_only = if internal {
             sp.internal_policy_local
         } else {
             sp.external_policy_local
@@ -122,7 +163,11 @@ pub fn port_frontends(sp: &ServicePort, node: &NodeContext) -> Vec<(FrontendKey,
         let guarded = kind == FrontendKind::LoadBalancer
             || (node.source_ranges_all && kind != FrontendKind::ClusterIp);
         let source_ranges = if guarded {
-            sp.source_ranges.clone()
+            sp.source_ranges
+                .iter()
+                .filter(|(net, _)| net.is_ipv6() == v6)
+                .copied()
+                .collect()
         } else {
             Vec::new()
         };
@@ -130,7 +175,7 @@ pub fn port_frontends(sp: &ServicePort, node: &NodeContext) -> Vec<(FrontendKey,
             key,
             Frontend {
                 kind,
-                backends: b.clone(),
+                backends: lists[usize::from(v6)][usize::from(!internal)].clone(),
                 affinity_timeout,
                 source_ranges,
                 maglev_table_size: sp.maglev_table_size,
@@ -139,18 +184,18 @@ pub fn port_frontends(sp: &ServicePort, node: &NodeContext) -> Vec<(FrontendKey,
         ));
     };
     for ip in &sp.cluster_ips {
-        add(*ip, sp.port, FrontendKind::ClusterIp, &internal);
+        add(*ip, sp.port, FrontendKind::ClusterIp);
     }
     if let Some(np) = sp.node_port {
         for ip in node.nodeport_addresses() {
-            add(ip, np, FrontendKind::NodePort, &external);
+            add(ip, np, FrontendKind::NodePort);
         }
     }
     for ip in &sp.external_ips {
-        add(*ip, sp.port, FrontendKind::ExternalIp, &external);
+        add(*ip, sp.port, FrontendKind::ExternalIp);
     }
     for ip in &sp.load_balancer_ips {
-        add(*ip, sp.port, FrontendKind::LoadBalancer, &external);
+        add(*ip, sp.port, FrontendKind::LoadBalancer);
     }
     out
 }

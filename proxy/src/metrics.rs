@@ -580,13 +580,14 @@ fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
     o
 }
 
-/// `ip:port/PROTO` (as [`FrontendKey`] displays) back into the key.
+/// `ip:port/PROTO` or `[ip6]:port/PROTO` (as [`FrontendKey`] displays)
+/// back into the key.
 fn parse_frontend(s: &str) -> Option<FrontendKey> {
     let (addr, proto) = s.rsplit_once('/')?;
-    let (ip, port) = addr.rsplit_once(':')?;
+    let sa: std::net::SocketAddr = addr.parse().ok()?;
     Some(FrontendKey {
-        addr: ip.parse().ok()?,
-        port: port.parse().ok()?,
+        addr: sa.ip(),
+        port: sa.port(),
         proto: Protocol::parse(proto)?,
     })
 }
@@ -640,7 +641,7 @@ mod tests {
     fn owners_follow_the_deltas_and_a_reset() {
         let t = Telemetry::new("ebpf", Duration::from_secs(30));
         let fk = |last: u8| FrontendKey {
-            addr: std::net::Ipv4Addr::new(10, 96, 0, last),
+            addr: std::net::Ipv4Addr::new(10, 96, 0, last).into(),
             port: 80,
             proto: Protocol::Tcp,
         };
@@ -697,6 +698,8 @@ mod tests {
         assert_eq!(t.owners().len(), 1);
         assert_eq!(parse_frontend("10.96.0.4:80/TCP"), Some(fk(4)));
         assert_eq!(parse_frontend("10.96.0.4:80"), None);
+        let six = parse_frontend("[fd00:96::4]:80/UDP").expect("an IPv6 frontend");
+        assert_eq!(six.to_string(), "[fd00:96::4]:80/UDP");
     }
 
     #[test]
@@ -710,7 +713,7 @@ mod tests {
                 reset: true,
                 changes: vec![(
                     FrontendKey {
-                        addr: std::net::Ipv4Addr::new(10, 96, 0, 10),
+                        addr: std::net::Ipv4Addr::new(10, 96, 0, 10).into(),
                         port: 80,
                         proto: Protocol::Tcp,
                     },

@@ -5,9 +5,13 @@
 //!   services labelled `service.kubernetes.io/headless` or with a
 //!   `service.kubernetes.io/service-proxy-name` are ignored;
 //! * endpoints come from EndpointSlices (label `kubernetes.io/service-name`,
-//!   same namespace, `addressType: IPv4`); a service port is matched to a
-//!   slice port by name and protocol, so a named `targetPort` resolves per
-//!   slice (two pods may map one name to different numbers);
+//!   same namespace, `addressType: IPv4` or `IPv6`); a service port is
+//!   matched to a slice port by name and protocol, so a named `targetPort`
+//!   resolves per slice (two pods may map one name to different numbers);
+//! * dual stack: addresses of both families are kept (`spec.clusterIPs` in
+//!   order, ExternalIPs, LoadBalancer IPs, source ranges, endpoints, the
+//!   Node's addresses); [`crate::lb`] gives a frontend of one family only
+//!   the endpoints and source ranges of that family;
 //! * only `ready` endpoints serve; when none is ready, `serving` and
 //!   `terminating` ones do (graceful termination fallback).
 //!
@@ -18,7 +22,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::{
@@ -32,8 +36,8 @@ use serde::{Deserialize, Deserializer};
 
 mod stored;
 pub use stored::{
-    BadAddress, EndpointInfo, IpField, NO_NODE, PortInfo, ProtocolField, READY, SERVING,
-    ServiceInfo, SliceInfo, SlicePortInfo, SpecInfo, TERMINATING,
+    AddressType, BadAddress, EndpointInfo, IpField, NO_NODE, PortInfo, ProtocolField, READY,
+    SERVING, ServiceInfo, SliceEndpoints, SliceInfo, SlicePortInfo, SpecInfo, TERMINATING,
 };
 
 /// Label kube-proxy uses to let another proxy own a service.
@@ -253,7 +257,7 @@ pub enum ServiceType {
 /// terminating (the graceful-termination fallback).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Target port, resolved from the EndpointSlice.
     pub port: u16,
     /// `ready`; otherwise the endpoint is serving and terminating and is
@@ -268,7 +272,22 @@ pub struct Endpoint {
 /// ones; if there is none, the serving+terminating ones. With `local_only`
 /// (traffic policy Local) the same choice among this node's endpoints.
 pub fn usable_endpoints(endpoints: &[Endpoint], local_only: bool) -> Vec<&Endpoint> {
-    let candidates = || endpoints.iter().filter(move |e| !local_only || e.local);
+    usable_endpoints_where(endpoints, local_only, |_| true)
+}
+
+/// [`usable_endpoints`] among the endpoints `keep` accepts (one address
+/// family: each family chooses on its own, as kube-proxy's per-family
+/// proxiers do).
+pub fn usable_endpoints_where(
+    endpoints: &[Endpoint],
+    local_only: bool,
+    keep: impl Fn(&Endpoint) -> bool,
+) -> Vec<&Endpoint> {
+    let candidates = || {
+        endpoints
+            .iter()
+            .filter(|e| (!local_only || e.local) && keep(e))
+    };
     let ready: Vec<&Endpoint> = candidates().filter(|e| e.ready).collect();
     if !ready.is_empty() {
         return ready;
@@ -281,23 +300,27 @@ pub fn usable_endpoints(endpoints: &[Endpoint], local_only: bool) -> Vec<&Endpoi
 pub struct ServicePort {
     pub name: ServicePortName,
     pub service_type: ServiceType,
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// `spec.clusterIPs` (both families, in order: the first is the
+    /// service's primary family).
+    pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub node_port: Option<u16>,
-    pub external_ips: Vec<Ipv4Addr>,
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity_timeout: Option<u32>,
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
     /// `healthCheckNodePort` (LoadBalancer with externalTrafficPolicy Local).
     pub health_check_node_port: Option<u16>,
-    /// `loadBalancerSourceRanges`: (network, prefix length); empty: any.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// `loadBalancerSourceRanges`: (network, prefix length), both
+    /// families; empty: any.
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// Maglev table size from [`ANNOTATION_MAGLEV_TABLE_SIZE`].
     pub maglev_table_size: Option<u32>,
-    /// Ready and serving+terminating endpoints, sorted, without duplicates
-    /// (an address ready in one slice is not repeated as terminating).
+    /// Ready and serving+terminating endpoints of both families, sorted,
+    /// without duplicates (an address ready in one slice is not repeated
+    /// as terminating).
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -323,48 +346,69 @@ pub struct ModelError {
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
     pub node_name: String,
-    /// The node's IPv4 addresses (InternalIP and ExternalIP of its Node
-    /// object): where NodePorts are served.
-    pub addresses: Vec<Ipv4Addr>,
-    /// `--nodeport-addresses`: only addresses inside these networks serve
-    /// NodePorts; empty: all of them.
-    pub nodeport_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// The node's addresses of both families (InternalIP and ExternalIP of
+    /// its Node object): where NodePorts are served.
+    pub addresses: Vec<IpAddr>,
+    /// `--nodeport-addresses` (both families): only addresses inside these
+    /// networks serve NodePorts; empty: all of them.
+    pub nodeport_cidrs: Vec<(IpAddr, u8)>,
     /// `--source-ranges-all`: `loadBalancerSourceRanges` also guard the
     /// service's NodePorts and ExternalIPs, not only its LoadBalancer IPs.
     pub source_ranges_all: bool,
 }
 
 impl NodeContext {
-    /// The addresses NodePorts are served on.
-    pub fn nodeport_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    /// The addresses NodePorts are served on (both families).
+    pub fn nodeport_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.addresses.iter().copied().filter(|a| {
             self.nodeport_cidrs.is_empty()
-                || self.nodeport_cidrs.iter().any(|(net, len)| {
-                    let mask = if *len == 0 {
-                        0
-                    } else {
-                        u32::MAX << (32 - u32::from(*len))
-                    };
-                    u32::from(*a) & mask == u32::from(*net)
-                })
+                || self
+                    .nodeport_cidrs
+                    .iter()
+                    .any(|(net, len)| cidr_contains(*net, *len, *a))
+        })
+    }
+
+    /// The node's first IPv4 address, if it has one.
+    pub fn first_ipv4(&self) -> Option<Ipv4Addr> {
+        self.addresses.iter().find_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
         })
     }
 }
 
-/// Parse `--nodeport-addresses` style CIDRs (`a.b.c.d/n`); the error names
-/// the bad value.
-pub fn parse_cidrs(list: &[String]) -> Result<Vec<(Ipv4Addr, u8)>, String> {
+/// `addr` with the bits past the first `len` cleared (`len` at most the
+/// family's width).
+pub fn network(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
+/// Whether `addr` lies in the network `net/len` (never across families).
+pub fn cidr_contains(net: IpAddr, len: u8, addr: IpAddr) -> bool {
+    net.is_ipv4() == addr.is_ipv4() && network(addr, len) == net
+}
+
+/// Parse `--nodeport-addresses` style CIDRs (`a.b.c.d/n`, `fd00::/64`);
+/// the error names the bad value.
+pub fn parse_cidrs(list: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
     list.iter()
-        .map(|s| match parse_cidr(s.trim()) {
-            Some(Some(c)) => Ok(c),
-            _ => Err(format!("{s:?} is not an IPv4 CIDR")),
-        })
+        .map(|s| parse_cidr(s.trim()).ok_or_else(|| format!("{s:?} is not an IPv4 or IPv6 CIDR")))
         .collect()
 }
 
-/// IPv4 InternalIP/ExternalIP addresses of a Node; others are skipped,
-/// unparsable ones reported.
-pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<Ipv4Addr>, Vec<ModelError>) {
+/// InternalIP/ExternalIP addresses of a Node, both families, each once, in
+/// the Node's order; others are skipped, unparsable ones reported.
+pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<IpAddr>, Vec<ModelError>) {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     let name = node.metadata.name.clone().unwrap_or_default();
@@ -378,8 +422,8 @@ pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<Ipv4Addr>
         if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
             continue;
         }
-        match a.address.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) if !out.contains(&ip) => out.push(ip),
+        match a.address.parse::<IpAddr>() {
+            Ok(ip) if !out.contains(&ip) => out.push(ip),
             Ok(_) => {}
             Err(_) => errors.push(ModelError {
                 kind: "Node",
@@ -438,18 +482,47 @@ pub fn build_stored<'a>(
     (table, errors)
 }
 
+/// The address families a Service is served in: those of its ClusterIPs
+/// (kube-proxy's per-family proxiers each take the services with a
+/// ClusterIP of their family); IPv4 when none is an address.
+pub fn service_families(svc: &ServiceInfo) -> Vec<AddressType> {
+    let ips = svc.spec.as_ref().map_or(&[][..], |s| &s.cluster_ips[..]);
+    let mut out = Vec::new();
+    for f in ips.iter().filter_map(IpField::ip) {
+        let family = if f.is_ipv4() {
+            AddressType::V4
+        } else {
+            AddressType::V6
+        };
+        if !out.contains(&family) {
+            out.push(family);
+        }
+    }
+    if out.is_empty() {
+        out.push(AddressType::V4);
+    }
+    out
+}
+
 /// The service ports of one Service, from the Service, the EndpointSlices
-/// labelled with its name (any address type: only IPv4 ones are read) and
-/// the node context, sorted by name (a port name given twice: the later
-/// one, as a table insert keeps). Errors go to `errors`.
+/// labelled with its name (those of `addressType` `IPv4` or `IPv6` that
+/// match a family of the service, see [`service_families`]: a Service of
+/// one family never gets endpoints of the other) and the node context,
+/// sorted by name (a port name given twice: the later one, as a table
+/// insert keeps). Errors go to `errors`.
 pub fn build_service(
     svc: &ServiceInfo,
     slices: &[&SliceInfo],
     node: &NodeContext,
     errors: &mut Vec<ModelError>,
 ) -> Vec<ServicePort> {
-    let v4: Vec<&SliceInfo> = slices.iter().copied().filter(|s| s.ipv4).collect();
-    let mut ports = service_ports(svc, &svc.namespace, &svc.name, &v4, node, errors);
+    let families = service_families(svc);
+    let read: Vec<&SliceInfo> = slices
+        .iter()
+        .copied()
+        .filter(|s| s.address_type().is_some_and(|t| families.contains(&t)))
+        .collect();
+    let mut ports = service_ports(svc, &svc.namespace, &svc.name, &read, node, errors);
     // Stable sort: among equal names the later one ends up last; keep it.
     ports.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out: Vec<ServicePort> = Vec::with_capacity(ports.len());
@@ -567,9 +640,7 @@ fn service_ports(
     let mut source_ranges = Vec::new();
     for (i, r) in spec.source_ranges.iter().enumerate() {
         match parse_cidr(r.trim()) {
-            Some(Some(c)) => source_ranges.push(c),
-            // IPv6 ranges apply to IPv6 frontends (dual stack, later).
-            Some(None) => {}
+            Some(c) => source_ranges.push(c),
             None => errors.push(err(
                 &object,
                 format!("spec.loadBalancerSourceRanges[{i}]"),
@@ -669,19 +740,14 @@ fn service_ports(
     out
 }
 
-/// `a.b.c.d/n` -> Some(Some((network, n))); an IPv6 CIDR -> Some(None);
-/// garbage -> None. Host bits are cleared.
-fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
+/// `a.b.c.d/n` or `fd00::/n` -> (network, n), host bits cleared; garbage
+/// (or a prefix longer than the family's width) -> None.
+fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (ip, len) = s.split_once('/')?;
     let len: u8 = len.parse().ok()?;
-    match ip.parse::<std::net::IpAddr>().ok()? {
-        std::net::IpAddr::V4(ip) if len <= 32 => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            Some(Some((Ipv4Addr::from(u32::from(ip) & mask), len)))
-        }
-        std::net::IpAddr::V6(_) if len <= 128 => Some(None),
-        _ => None,
-    }
+    let ip = ip.parse::<IpAddr>().ok()?;
+    let width = if ip.is_ipv4() { 32 } else { 128 };
+    (len <= width).then(|| (network(ip, len), len))
 }
 
 fn parse_ips(
@@ -689,17 +755,15 @@ fn parse_ips(
     object: &str,
     field: &str,
     errors: &mut Vec<ModelError>,
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (i, ip) in raw.iter().enumerate() {
-        match ip {
-            IpField::V4(ip) => out.push(*ip),
-            // IPv6 families are served once dual stack lands; not an error.
-            IpField::V6 => {}
-            IpField::Other(s) => errors.push(err(
+        match ip.ip() {
+            Some(ip) => out.push(ip),
+            None => errors.push(err(
                 object,
                 format!("{field}[{i}]"),
-                &**s,
+                ip.raw(),
                 "not an IP address",
             )),
         }
@@ -742,7 +806,7 @@ fn endpoints_for(
             let is_ready = ep.conditions & READY != 0;
             let is_serving = ep.conditions & SERVING != 0;
             let is_terminating = ep.conditions & TERMINATING != 0;
-            let local = slice.node_of(ep) == Some(node.node_name.as_str());
+            let local = slice.node_of(&ep) == Some(node.node_name.as_str());
             // As kube-proxy: `ready` decides (publishNotReadyAddresses
             // makes the controller report every address ready).
             if is_ready {
@@ -763,18 +827,19 @@ fn endpoints_for(
                 });
             }
         }
+        let family = slice.address_type().map_or("", AddressType::name);
         for b in slice.bad_addresses.iter() {
             errors.push(ModelError {
                 kind: "EndpointSlice",
                 object: slice_name(),
                 field: format!("endpoints[{}].addresses[{}]", b.endpoint, b.address),
                 value: b.value.to_string(),
-                reason: "not an IPv4 address".to_owned(),
+                reason: format!("not an {family} address"),
             });
         }
     }
     // An address listed ready in one slice wins over a terminating copy.
-    let ready_addrs: BTreeSet<(Ipv4Addr, u16)> = ready.iter().map(|e| (e.ip, e.port)).collect();
+    let ready_addrs: BTreeSet<(IpAddr, u16)> = ready.iter().map(|e| (e.ip, e.port)).collect();
     ready
         .into_iter()
         .chain(

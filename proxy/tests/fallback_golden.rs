@@ -40,7 +40,7 @@ fn opts() -> proxy::dataplane::fallback::RuleOptions {
 
 fn key(a: [u8; 4], port: u16, proto: Protocol) -> FrontendKey {
     FrontendKey {
-        addr: Ipv4Addr::from(a),
+        addr: Ipv4Addr::from(a).into(),
         port,
         proto,
     }
@@ -48,7 +48,7 @@ fn key(a: [u8; 4], port: u16, proto: Protocol) -> FrontendKey {
 
 fn be(last: u8, node: u8, port: u16, local_node: u8) -> BackendAddr {
     BackendAddr {
-        addr: Ipv4Addr::new(10, 244, node, last),
+        addr: Ipv4Addr::new(10, 244, node, last).into(),
         port,
         terminating: false,
         local: node == local_node,
@@ -82,7 +82,7 @@ fn fixture() -> BTreeMap<FrontendKey, Frontend> {
     );
     sticky.affinity_timeout = 10800;
     let mut lb = fe(LoadBalancer, web());
-    lb.source_ranges = vec![(Ipv4Addr::new(203, 0, 113, 0), 24)];
+    lb.source_ranges = vec![(Ipv4Addr::new(203, 0, 113, 0).into(), 24)];
     BTreeMap::from([
         (key([10, 96, 0, 10], 80, Tcp), fe(ClusterIp, web())),
         (key([10, 96, 0, 10], 53, Udp), fe(ClusterIp, dns)),
@@ -106,7 +106,7 @@ fn one_endpoint_removed() -> BTreeMap<FrontendKey, Frontend> {
         .expect("fixture has sticky");
     sticky
         .backends
-        .retain(|b| b.addr != Ipv4Addr::new(10, 244, 2, 3));
+        .retain(|b| b.addr != std::net::IpAddr::from(Ipv4Addr::new(10, 244, 2, 3)));
     f
 }
 

@@ -68,7 +68,7 @@ fn table(services: u32, endpoints: u32) -> BTreeMap<FrontendKey, Frontend> {
     (1..=services)
         .map(|i| {
             let k = FrontendKey {
-                addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i),
+                addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i).into(),
                 port: 80,
                 proto: Protocol::Tcp,
             };
@@ -76,7 +76,7 @@ fn table(services: u32, endpoints: u32) -> BTreeMap<FrontendKey, Frontend> {
                 kind: FrontendKind::ClusterIp,
                 backends: (0..endpoints)
                     .map(|e| BackendAddr {
-                        addr: Ipv4Addr::from(base + i * endpoints + e),
+                        addr: Ipv4Addr::from(base + i * endpoints + e).into(),
                         port: 8080,
                         terminating: false,
                         local: false,

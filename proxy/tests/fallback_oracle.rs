@@ -22,7 +22,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use proxy::{
@@ -70,7 +70,7 @@ fn random_frontend(rng: &mut Rng, kind: FrontendKind) -> Frontend {
     };
     let mut backends: Vec<BackendAddr> = (0..n)
         .map(|_| BackendAddr {
-            addr: Ipv4Addr::new(10, 244, rng.below(3) as u8, 2 + rng.below(6) as u8),
+            addr: Ipv4Addr::new(10, 244, rng.below(3) as u8, 2 + rng.below(6) as u8).into(),
             port: 8080 + rng.below(2) as u16,
             terminating: false,
             local: rng.chance(50),
@@ -87,7 +87,7 @@ fn random_frontend(rng: &mut Rng, kind: FrontendKind) -> Frontend {
             0
         },
         source_ranges: if kind == FrontendKind::LoadBalancer && rng.chance(50) {
-            vec![(Ipv4Addr::new(203, 0, 113, 0), 24)]
+            vec![(Ipv4Addr::new(203, 0, 113, 0).into(), 24)]
         } else {
             vec![]
         },
@@ -105,20 +105,39 @@ fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
         let proto = [Protocol::Tcp, Protocol::Udp][rng.below(2) as usize];
         match rng.below(5) {
             0 | 1 => {
+                // Now and then an IPv6 ClusterIP with IPv6 backends: the
+                // fallback modes keep it out of their rules, whatever
+                // happens around it.
+                let host = 1 + rng.below(12) as u8;
+                let v6 = rng.chance(25);
+                let addr: IpAddr = if v6 {
+                    Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, host.into()).into()
+                } else {
+                    Ipv4Addr::new(10, 96, 0, host).into()
+                };
                 let k = FrontendKey {
-                    addr: Ipv4Addr::new(10, 96, 0, 1 + rng.below(12) as u8),
+                    addr,
                     port: 80,
                     proto,
                 };
-                next.frontends
-                    .insert(k, random_frontend(rng, FrontendKind::ClusterIp));
+                let mut f = random_frontend(rng, FrontendKind::ClusterIp);
+                if v6 {
+                    for b in &mut f.backends {
+                        if let IpAddr::V4(a) = b.addr {
+                            let [_, _, c, d] = a.octets();
+                            b.addr =
+                                Ipv6Addr::new(0xfd00, 0x244, c.into(), 0, 0, 0, 0, d.into()).into();
+                        }
+                    }
+                }
+                next.frontends.insert(k, f);
             }
             2 => {
                 let port = 30000 + rng.below(4) as u16;
                 let f = random_frontend(rng, FrontendKind::NodePort);
                 for (i, n) in NODES.iter().enumerate() {
                     let k = FrontendKey {
-                        addr: Ipv4Addr::from(*n),
+                        addr: Ipv4Addr::from(*n).into(),
                         port,
                         proto,
                     };
@@ -134,7 +153,7 @@ fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
                 let kind =
                     [FrontendKind::ExternalIp, FrontendKind::LoadBalancer][rng.below(2) as usize];
                 let k = FrontendKey {
-                    addr: Ipv4Addr::new(198, 51, 100, 1 + rng.below(4) as u8),
+                    addr: Ipv4Addr::new(198, 51, 100, 1 + rng.below(4) as u8).into(),
                     port: 443,
                     proto,
                 };
@@ -774,7 +793,7 @@ fn changes_stay_local<G: Generator>(mode: &str, g: &G) {
             ),
         };
         let k = FrontendKey {
-            addr,
+            addr: addr.into(),
             port: 30000 + i,
             proto,
         };
@@ -785,7 +804,7 @@ fn changes_stay_local<G: Generator>(mode: &str, g: &G) {
     state.commit(d);
     let keys: Vec<FrontendKey> = table.frontends.keys().copied().collect();
     let new_key = FrontendKey {
-        addr: Ipv4Addr::new(10, 96, 9, 9),
+        addr: Ipv4Addr::new(10, 96, 9, 9).into(),
         port: 80,
         proto: Protocol::Tcp,
     };
@@ -807,7 +826,7 @@ fn changes_stay_local<G: Generator>(mode: &str, g: &G) {
             .unwrap_or_else(|| random_frontend(&mut rng, FrontendKind::ClusterIp));
         match n % 5 {
             0 => f.backends.push(BackendAddr {
-                addr: Ipv4Addr::new(10, 244, 7, n as u8),
+                addr: Ipv4Addr::new(10, 244, 7, n as u8).into(),
                 port: 8080,
                 terminating: false,
                 local: n % 2 == 0,

@@ -21,7 +21,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
@@ -144,6 +144,8 @@ fn ip_pool(rng: &mut Rng) -> String {
         "192.0.2.11",
         "10.0.0.1", // also a node address: clashes with NodePorts
         "fd00::1",
+        "fd00::2",
+        "fd00:18::1", // a node address too
         "300.1.1.1",
     ])
     .to_string()
@@ -167,7 +169,12 @@ fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
         ip_pool(rng)
     };
     let cluster_ips = if rng.chance(30) {
-        Some(vec![cluster_ip.clone(), "fd00::10".to_owned()])
+        // Dual stack (or two addresses of one family, which the API server
+        // refuses but the model must survive).
+        Some(vec![
+            cluster_ip.clone(),
+            rng.pick(&["fd00::10", "fd00::1", "10.96.0.9"]).to_string(),
+        ])
     } else {
         None
     };
@@ -225,8 +232,14 @@ fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
             health_check_node_port: *rng.pick(&[None, Some(32000), Some(32001), Some(99_999)]),
             load_balancer_source_ranges: rng.chance(30).then(|| {
                 vec![
-                    rng.pick(&["10.0.0.0/8", "192.0.2.0/24", "bad", "fd00::/8"])
-                        .to_string(),
+                    rng.pick(&[
+                        "10.0.0.0/8",
+                        "192.0.2.0/24",
+                        "bad",
+                        "fd00::/8",
+                        "fd00:1::/129",
+                    ])
+                    .to_string(),
                 ]
             }),
             ..Default::default()
@@ -264,12 +277,21 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
             ..Default::default()
         });
     }
+    // Both families (dual-stack services read one slice of each); now and
+    // then an address of the other family or garbage, to be reported.
+    let address_type = rng
+        .pick(&["IPv4", "IPv4", "IPv6", "IPv6", "FQDN"])
+        .to_string();
     let mut endpoints = Vec::new();
     for _ in 0..rng.below(4) {
+        let v4 = format!("10.244.{}.{}", rng.below(2), 1 + rng.below(5));
+        let v6 = format!("fd00:244:{}::{}", rng.below(2), 1 + rng.below(5));
         let addr = if rng.chance(5) {
             "bogus".to_owned()
+        } else if (address_type == "IPv6") != rng.chance(5) {
+            v6
         } else {
-            format!("10.244.{}.{}", rng.below(2), 1 + rng.below(5))
+            v4
         };
         endpoints.push(EndpointView {
             addresses: vec![addr],
@@ -291,7 +313,7 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
             ..Default::default()
         },
         service: None,
-        address_type: rng.pick(&["IPv4", "IPv4", "IPv4", "IPv6"]).to_string(),
+        address_type,
         ports: Some(ports),
         endpoints,
     };
@@ -304,7 +326,14 @@ fn random_node(rng: &mut Rng) -> Node {
     for _ in 0..rng.below(3) {
         addresses.push(NodeAddress {
             address: rng
-                .pick(&["10.0.0.1", "10.0.0.2", "192.0.2.1", "bogus"])
+                .pick(&[
+                    "10.0.0.1",
+                    "10.0.0.2",
+                    "192.0.2.1",
+                    "fd00:18::1",
+                    "fd00::1",
+                    "bogus",
+                ])
                 .to_string(),
             type_: rng
                 .pick(&["InternalIP", "ExternalIP", "Hostname"])
@@ -426,7 +455,7 @@ fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
         limits.maglev_max_table_size,
     ));
     let lb = LbTable::from_services(&table, &node);
-    let endpoints: BTreeSet<(Ipv4Addr, u16)> = lb
+    let endpoints: BTreeSet<(IpAddr, u16)> = lb
         .frontends
         .values()
         .flat_map(|f| f.backends.iter().map(|b| (b.addr, b.port)))
@@ -461,7 +490,10 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
     let base = NodeContext {
         node_name: NODE.into(),
         nodeport_cidrs: if rng.chance(30) {
-            vec![(Ipv4Addr::new(10, 0, 0, 0), 8)]
+            vec![
+                (Ipv4Addr::new(10, 0, 0, 0).into(), 8),
+                ("fd00:18::".parse().expect("an IPv6 address"), 64),
+            ]
         } else {
             vec![]
         },
@@ -481,6 +513,7 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
     cache.request_full();
     let mut full_syncs = 0;
     let mut incremental_syncs = 0;
+    let (mut v6_served, mut dual_stack) = (0, 0);
     for i in 0..steps {
         let what = step(&mut rng, &mut world, &mut cache);
         let fail = rng.chance(3);
@@ -542,10 +575,37 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
         if dp.programmed.frontends != want.lb.frontends {
             return Err(ctx("programmed frontends differ from a full rebuild"));
         }
-        let node_addr = world
-            .node
-            .as_ref()
-            .and_then(|n| model::node_addresses(n).0.first().copied());
+        let node_addr = world.node.as_ref().and_then(|n| {
+            model::node_addresses(n)
+                .0
+                .into_iter()
+                .find_map(|a| match a {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                })
+        });
+        // Coverage of the IPv6 paths: served IPv6 frontends, and
+        // dual-stack service ports (frontends of both families).
+        if want
+            .lb
+            .frontends
+            .iter()
+            .any(|(k, f)| k.addr.is_ipv6() && !f.backends.is_empty())
+        {
+            v6_served += 1;
+        }
+        let mut families: BTreeMap<&model::ServicePortName, (bool, bool)> = BTreeMap::new();
+        for (k, owner) in &want.lb.owners {
+            let e = families.entry(owner).or_default();
+            if k.addr.is_ipv4() {
+                e.0 = true;
+            } else {
+                e.1 = true;
+            }
+        }
+        if families.values().any(|(a, b)| *a && *b) {
+            dual_stack += 1;
+        }
         if dp.node_address != node_addr {
             return Err(ctx(&format!(
                 "node address {:?}, want {node_addr:?}",
@@ -589,10 +649,15 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
             )));
         }
     }
-    // The run must have exercised both paths.
+    // The run must have exercised both paths, and both families.
     if incremental_syncs < steps / 2 || full_syncs == 0 {
         return Err(format!(
             "seed {seed}: {incremental_syncs} incremental and {full_syncs} full syncs"
+        ));
+    }
+    if steps >= 200 && (v6_served < steps / 100 || dual_stack < steps / 100) {
+        return Err(format!(
+            "seed {seed}: IPv6 frontends with backends after {v6_served} syncs, dual-stack service ports after {dual_stack}, of {steps} steps"
         ));
     }
     Ok(())

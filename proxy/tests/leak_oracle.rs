@@ -1,7 +1,8 @@
 //! Leak oracle for the eBPF dataplane's map programming.
 //!
 //! A seeded generator applies random sequences of changes (ClusterIP,
-//! NodePort and LoadBalancer frontends; Maglev with the agent's size or a
+//! NodePort and LoadBalancer frontends of both families, IPv6 ones with
+//! IPv6 backends in `SVC_V6`/`BACKENDS_V6`; Maglev with the agent's size or a
 //! per-frontend one; source ranges; affinity; `local_only`; backends shared
 //! between frontends; table sizes changed; backend lists grown and shrunk;
 //! frontends removed) to one dataplane. At checkpoints every map the agent
@@ -28,7 +29,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     hash::{DefaultHasher, Hash, Hasher},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
@@ -45,8 +46,8 @@ use proxy::{
     model::Protocol,
 };
 use proxy_common::{
-    AffinityMatchKey, Backend, MaglevKey, MapKind, RevNat, ServiceKey, ServiceValue, SlotKey,
-    SourceRangeKey, maps,
+    AffinityMatchKey, Backend, Backend6, MaglevKey, MapKind, RevNat, ServiceKey, ServiceKey6,
+    ServiceValue, SlotKey, SourceRangeKey, maps,
 };
 
 /// The agent-wide Maglev table size of the dataplanes under test (small,
@@ -191,6 +192,7 @@ fn kernel_written(name: &str) -> bool {
         maps::CONNTRACK.name,
         maps::AFFINITY.name,
         maps::SOCK_REVNAT.name,
+        maps::SOCK_REVNAT6.name,
         maps::FRAGMENTS.name,
         maps::STATS.name,
     ]
@@ -202,36 +204,63 @@ fn canonical(pin_dir: &Path) -> BTreeMap<String, Vec<String>> {
     let raw = dump(pin_dir);
     let get = |name: &str| raw.get(name).map(Vec::as_slice).unwrap_or_default();
 
-    let mut services: BTreeMap<u32, (ServiceKey, ServiceValue)> = BTreeMap::new();
+    // Frontends of both families by id (ids are one space): the map that
+    // holds each, the frontend rendered, its value.
+    let mut services: BTreeMap<u32, (&'static str, String, ServiceValue)> = BTreeMap::new();
+    let render = |a: IpAddr, port: u16, proto: u8| {
+        format!(
+            "{}/{}",
+            std::net::SocketAddr::new(a, u16::from_be(port)),
+            proxy_proto(proto)
+        )
+    };
     for (k, v) in get(maps::SERVICES.name) {
         let k: ServiceKey = pod(k, "SVC key");
         let v: ServiceValue = pod(v, "SVC value");
-        services.insert(v.id, (k, v));
+        let f = render(ip(k.addr).into(), k.port, k.proto);
+        services.insert(v.id, (maps::SERVICES.name, f, v));
+    }
+    for (k, v) in get(maps::SERVICES6.name) {
+        let k: ServiceKey6 = pod(k, "SVC_V6 key");
+        let v: ServiceValue = pod(v, "SVC_V6 value");
+        let f = render(proxy_common::ip6_addr(k.addr).into(), k.port, k.proto);
+        let twice = services.insert(v.id, (maps::SERVICES6.name, f, v));
+        assert!(twice.is_none(), "frontend id {} in SVC_V4 and SVC_V6", v.id);
     }
     let fe = |id: u32| -> String {
         match services.get(&id) {
-            Some((k, _)) => format!(
-                "{}:{}/{}",
-                ip(k.addr),
-                u16::from_be(k.port),
-                proxy_proto(k.proto)
-            ),
+            Some((_, f, _)) => f.clone(),
             None => format!("orphan-frontend#{id}"),
         }
     };
-    let mut backends: BTreeMap<u32, Backend> = BTreeMap::new();
+    // Backends of both families by id: the map that holds each, rendered.
+    let mut backends: BTreeMap<u32, (&'static str, String)> = BTreeMap::new();
+    let render_backend = |a: IpAddr, port: u16, proto: u8, flags: u8| {
+        format!("{} flags={flags:#x}", render(a, port, proto))
+    };
     for (k, v) in get(maps::BACKENDS.name) {
-        backends.insert(pod(k, "BACKENDS key"), pod(v, "BACKENDS value"));
+        let b: Backend = pod(v, "BACKENDS value");
+        let r = render_backend(ip(b.addr).into(), b.port, b.proto, b.flags);
+        backends.insert(pod(k, "BACKENDS key"), (maps::BACKENDS.name, r));
+    }
+    for (k, v) in get(maps::BACKENDS6.name) {
+        let b: Backend6 = pod(v, "BACKENDS_V6 value");
+        let r = render_backend(
+            proxy_common::ip6_addr(b.addr).into(),
+            b.port,
+            b.proto,
+            b.flags,
+        );
+        let id: u32 = pod(k, "BACKENDS_V6 key");
+        let twice = backends.insert(id, (maps::BACKENDS6.name, r));
+        assert!(
+            twice.is_none(),
+            "backend id {id} in BACKENDS_V4 and BACKENDS_V6"
+        );
     }
     let be = |id: u32| -> String {
         match backends.get(&id) {
-            Some(b) => format!(
-                "{}:{}/{} flags={:#x}",
-                ip(b.addr),
-                u16::from_be(b.port),
-                proxy_proto(b.proto),
-                b.flags
-            ),
+            Some((_, b)) => b.clone(),
             None => format!("dangling-backend#{id}"),
         }
     };
@@ -265,14 +294,14 @@ fn canonical(pin_dir: &Path) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut put = |map: &str, entry: String| out.entry(map.to_owned()).or_default().push(entry);
 
-    for (id, (_, v)) in &services {
+    for (id, (map, _, v)) in &services {
         let table = if v.maglev_size != 0 {
             table_name(v.maglev_table, v.maglev_size)
         } else {
             "-".to_owned()
         };
         put(
-            maps::SERVICES.name,
+            map,
             format!(
                 "{} count={} flags={:#x} affinity={} maglev_size={} table={table}",
                 fe(*id),
@@ -291,7 +320,7 @@ fn canonical(pin_dir: &Path) -> BTreeMap<String, Vec<String>> {
         let k: SlotKey = pod(k, "SLOTS key");
         let v: u32 = pod(v, "SLOTS value");
         match services.get(&k.service_id) {
-            Some((_, s)) if k.generation == s.generation as u16 && k.index < s.count => {
+            Some((_, _, s)) if k.generation == s.generation as u16 && k.index < s.count => {
                 live.entry(k.service_id).or_default().insert(k.index, v);
             }
             _ => put(
@@ -313,8 +342,8 @@ fn canonical(pin_dir: &Path) -> BTreeMap<String, Vec<String>> {
             format!("{} [{}]", fe(*id), list.join(", ")),
         );
     }
-    for id in backends.keys() {
-        put(maps::BACKENDS.name, be(*id));
+    for (map, b) in backends.values() {
+        put(map, b.clone());
     }
     for (k, v) in get(maps::REVNAT.name) {
         let id: u32 = pod(k, "REVNAT key");
@@ -352,14 +381,14 @@ fn canonical(pin_dir: &Path) -> BTreeMap<String, Vec<String>> {
     }
     let used: BTreeSet<u32> = services
         .values()
-        .filter(|(_, v)| v.maglev_size != 0)
-        .map(|(_, v)| v.maglev_table)
+        .filter(|(_, _, v)| v.maglev_size != 0)
+        .map(|(_, _, v)| v.maglev_table)
         .collect();
     for table_id in tables.keys() {
         let users: Vec<String> = services
             .values()
-            .filter(|(_, v)| v.maglev_size != 0 && v.maglev_table == *table_id)
-            .map(|(_, v)| fe(v.id))
+            .filter(|(_, _, v)| v.maglev_size != 0 && v.maglev_table == *table_id)
+            .map(|(_, _, v)| fe(v.id))
             .collect();
         put(
             maps::MAGLEV.name,
@@ -378,8 +407,10 @@ fn canonical(pin_dir: &Path) -> BTreeMap<String, Vec<String>> {
     for (name, entries) in &raw {
         let known = [
             maps::SERVICES.name,
+            maps::SERVICES6.name,
             maps::SLOTS.name,
             maps::BACKENDS.name,
+            maps::BACKENDS6.name,
             maps::REVNAT.name,
             maps::SVC_STATS.name,
             maps::SOURCE_RANGES.name,
@@ -477,10 +508,15 @@ impl Rng {
     }
 }
 
-/// The frontends the generator draws from: a kind per key.
+/// The frontends the generator draws from: a kind per key, both families.
 fn pool() -> Vec<(FrontendKey, FrontendKind)> {
     let k = |a: [u8; 4], port, proto| FrontendKey {
-        addr: Ipv4Addr::from(a),
+        addr: Ipv4Addr::from(a).into(),
+        port,
+        proto,
+    };
+    let k6 = |a: &str, port, proto| FrontendKey {
+        addr: a.parse().expect("an IPv6 address"),
         port,
         proto,
     };
@@ -497,24 +533,40 @@ fn pool() -> Vec<(FrontendKey, FrontendKind)> {
         (k([172, 18, 0, 1], 443, Tcp), LoadBalancer),
         (k([172, 18, 0, 2], 53, Udp), LoadBalancer),
         (k([172, 18, 0, 3], 80, Tcp), LoadBalancer),
+        (k6("fd00:96::1", 80, Tcp), ClusterIp),
+        (k6("fd00:96::1", 53, Udp), ClusterIp),
+        (k6("fd00:96::2", 80, Tcp), ClusterIp),
+        (k6("fd00:18::10", 30001, Tcp), NodePort),
+        (k6("fd00:18::1", 80, Tcp), LoadBalancer),
+        (k6("fd00:18::2", 53, Udp), LoadBalancer),
     ]
 }
 
-/// Backends are shared between frontends: the same few addresses and a
-/// port per protocol. Their flags are a function of the address, so a
-/// backend's value never depends on which frontend wrote it last.
-fn backend(i: usize) -> (Ipv4Addr, bool, bool) {
-    let addr = Ipv4Addr::new(10, 244, 1 + (i % 2) as u8, 2 + i as u8);
+/// Backends are shared between frontends: the same few addresses (of the
+/// frontend's family) and a port per protocol. Their flags are a function
+/// of the address, so a backend's value never depends on which frontend
+/// wrote it last.
+fn backend(i: usize, v6: bool) -> (IpAddr, bool, bool) {
+    let (subnet, host) = (1 + (i % 2) as u16, 2 + i as u16);
+    let addr = if v6 {
+        Ipv6Addr::new(0xfd00, 0x244, subnet, 0, 0, 0, 0, host).into()
+    } else {
+        Ipv4Addr::new(10, 244, subnet as u8, host as u8).into()
+    };
     (addr, i % 5 == 4, i.is_multiple_of(2))
 }
 const BACKENDS: usize = 9;
 
-fn backend_list(idx: &BTreeSet<usize>, proto: Protocol) -> Vec<BackendAddr> {
-    let port = if proto == Protocol::Udp { 5353 } else { 8080 };
+fn backend_list(idx: &BTreeSet<usize>, key: &FrontendKey) -> Vec<BackendAddr> {
+    let port = if key.proto == Protocol::Udp {
+        5353
+    } else {
+        8080
+    };
     let mut v: Vec<BackendAddr> = idx
         .iter()
         .map(|i| {
-            let (addr, terminating, local) = backend(*i);
+            let (addr, terminating, local) = backend(*i, key.addr.is_ipv6());
             BackendAddr {
                 addr,
                 port,
@@ -534,7 +586,8 @@ struct Spec {
     kind: FrontendKind,
     backends: BTreeSet<usize>,
     affinity: u32,
-    ranges: Vec<(Ipv4Addr, u8)>,
+    /// Indices into [`RANGES`] (the frontend's family's).
+    ranges: Vec<usize>,
     maglev: Option<u32>,
     local_only: bool,
 }
@@ -543,9 +596,16 @@ impl Spec {
     fn frontend(&self, key: &FrontendKey) -> Frontend {
         Frontend {
             kind: self.kind,
-            backends: backend_list(&self.backends, key.proto),
+            backends: backend_list(&self.backends, key),
             affinity_timeout: self.affinity,
-            source_ranges: self.ranges.clone(),
+            source_ranges: self
+                .ranges
+                .iter()
+                .map(|i| {
+                    let (net, len) = RANGES[usize::from(key.addr.is_ipv6())][*i];
+                    (net.parse().expect("a network address"), len)
+                })
+                .collect(),
             maglev_table_size: self.maglev,
             local_only: self.local_only,
         }
@@ -561,18 +621,20 @@ fn random_maglev(rng: &mut Rng) -> Option<u32> {
     [None, None, Some(251), Some(1021), Some(13)][rng.below(5)]
 }
 
-fn random_ranges(rng: &mut Rng, kind: FrontendKind) -> Vec<(Ipv4Addr, u8)> {
+/// Source ranges by family (IPv4, IPv6), as `lb` gives a frontend only
+/// its own family's.
+const RANGES: [[(&str, u8); 3]; 2] = [
+    [("192.168.0.0", 16), ("10.1.0.0", 24), ("203.0.113.7", 32)],
+    [("fd00:1::", 32), ("2001:db8::", 48), ("2001:db8:1::7", 128)],
+];
+
+fn random_ranges(rng: &mut Rng, kind: FrontendKind) -> Vec<usize> {
     if kind != FrontendKind::LoadBalancer || rng.chance(50) {
         return Vec::new();
     }
-    let all = [
-        (Ipv4Addr::new(192, 168, 0, 0), 16),
-        (Ipv4Addr::new(10, 1, 0, 0), 24),
-        (Ipv4Addr::new(203, 0, 113, 7), 32),
-    ];
-    let mut v: Vec<(Ipv4Addr, u8)> = all.into_iter().filter(|_| rng.chance(60)).collect();
+    let mut v: Vec<usize> = (0..RANGES[0].len()).filter(|_| rng.chance(60)).collect();
     if v.is_empty() {
-        v.push(all[rng.below(all.len())]);
+        v.push(rng.below(RANGES[0].len()));
     }
     v
 }
@@ -736,6 +798,12 @@ fn run_seed(seed: u64, steps: usize) {
             );
         }
     }
+    // Both families were exercised (the pool has both; a seed that never
+    // drew an IPv6 frontend would prove nothing about SVC_V6).
+    assert!(
+        history.contains("+[fd00"),
+        "seed {seed}: no IPv6 frontend in {steps} steps:\n{history}"
+    );
     // Everything goes: every hash and LPM map must be empty again (arrays
     // always hold all their entries).
     let all: Vec<Change> = state.keys().map(|k| Change::Remove(*k)).collect();

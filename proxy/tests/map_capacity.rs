@@ -40,7 +40,7 @@ fn table(n: u32, per: u32) -> LbTable {
     for i in 0..n {
         let backends = (0..per)
             .map(|j| BackendAddr {
-                addr: Ipv4Addr::from(0x0a80_0000 + i * per + j),
+                addr: Ipv4Addr::from(0x0a80_0000 + i * per + j).into(),
                 port: 8080,
                 terminating: false,
                 local: true,
@@ -63,7 +63,7 @@ fn table(n: u32, per: u32) -> LbTable {
 
 fn vip(i: u32) -> FrontendKey {
     FrontendKey {
-        addr: Ipv4Addr::from(0x0a60_0000 + i),
+        addr: Ipv4Addr::from(0x0a60_0000 + i).into(),
         port: 80,
         proto: Protocol::Tcp,
     }
@@ -297,7 +297,7 @@ fn a_full_map_fails_clearly_counts_and_the_frontends_that_fit_serve() {
         .next()
         .map(|(k, f)| (*k, f.clone()))
         .expect("a programmed frontend");
-    let (rc, out) = run_tc(&dp, &syn(CLIENT, 40000, fits.addr, fits.port));
+    let (rc, out) = run_tc(&dp, &syn(CLIENT, 40000, v4(fits.addr), fits.port));
     assert_eq!(rc, TC_ACT_OK);
     let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
     assert!(
@@ -311,7 +311,7 @@ fn a_full_map_fails_clearly_counts_and_the_frontends_that_fit_serve() {
             Change::Remove(_) => None,
         })
         .expect("a frontend that did not fit");
-    let frame = syn(CLIENT, 40001, left_out.addr, left_out.port);
+    let frame = syn(CLIENT, 40001, v4(left_out.addr), left_out.port);
     let (rc, out) = run_tc(&dp, &frame);
     assert_eq!(rc, TC_ACT_OK);
     assert_eq!(
@@ -351,7 +351,7 @@ fn a_restart_with_larger_capacities_grows_pinned_maps_and_keeps_their_entries() 
     assert_eq!(e[defs::SLOTS.name], 20);
     assert_eq!(e[defs::BACKENDS.name], 20);
     let (k, f) = first.frontends.iter().next().expect("one");
-    let (_, out) = run_tc(&dp, &syn(CLIENT, 40002, k.addr, k.port));
+    let (_, out) = run_tc(&dp, &syn(CLIENT, 40002, v4(k.addr), k.port));
     let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
     assert!(f.backends.iter().any(|b| b.addr == dst), "{k} -> {dst}");
     // And there is room now.
@@ -395,6 +395,14 @@ fn fold(mut sum: u32) -> u16 {
 }
 
 /// An Ethernet + IPv4 + TCP SYN frame with valid checksums.
+/// The IPv4 address of a frontend of this (IPv4-only) test.
+fn v4(a: std::net::IpAddr) -> Ipv4Addr {
+    match a {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("{a}: an IPv6 frontend in an IPv4 test"),
+    }
+}
+
 fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend_from_slice(&sport.to_be_bytes());

@@ -39,7 +39,7 @@ fn spn(name: &str, port: &str, protocol: Protocol) -> ServicePortName {
 
 fn ep(ip: [u8; 4], port: u16, terminating: bool, local: bool) -> Endpoint {
     Endpoint {
-        ip: Ipv4Addr::from(ip),
+        ip: Ipv4Addr::from(ip).into(),
         port,
         ready: !terminating,
         terminating,
@@ -63,7 +63,10 @@ fn ignores_headless_externalname_and_foreign_services() {
 fn named_target_ports_resolve_per_slice_and_only_ready_endpoints_serve() {
     let (table, _) = build();
     let http = &table.services[&spn("web", "http", Protocol::Tcp)];
-    assert_eq!(http.cluster_ips, vec![Ipv4Addr::new(10, 96, 0, 10)]);
+    assert_eq!(
+        http.cluster_ips,
+        vec![std::net::IpAddr::from(Ipv4Addr::new(10, 96, 0, 10))]
+    );
     assert_eq!(http.port, 80);
     // 10.244.1.3 is neither ready nor serving; 10.244.2.3 is a
     // serving+terminating candidate; the other namespace's slice and the
@@ -238,7 +241,10 @@ status:
 "#,
     );
     let (addresses, errors) = model::node_addresses(&nodes[0]);
-    assert_eq!(addresses, vec![Ipv4Addr::new(172, 18, 0, 11)]);
+    assert_eq!(
+        addresses,
+        vec![std::net::IpAddr::from(Ipv4Addr::new(172, 18, 0, 11))]
+    );
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0]
@@ -280,13 +286,16 @@ status:
 fn nodeport_addresses_limit_where_node_ports_are_served() {
     let mut node = NodeContext {
         node_name: "node1".into(),
-        addresses: vec![Ipv4Addr::new(172, 18, 0, 11), Ipv4Addr::new(192, 168, 5, 1)],
+        addresses: vec![
+            Ipv4Addr::new(172, 18, 0, 11).into(),
+            Ipv4Addr::new(192, 168, 5, 1).into(),
+        ],
         nodeport_cidrs: model::parse_cidrs(&["192.168.0.0/16".to_string()]).expect("cidr"),
         ..Default::default()
     };
     assert_eq!(
         node.nodeport_addresses().collect::<Vec<_>>(),
-        vec![Ipv4Addr::new(192, 168, 5, 1)]
+        vec![std::net::IpAddr::from(Ipv4Addr::new(192, 168, 5, 1))]
     );
     node.nodeport_cidrs.clear();
     assert_eq!(node.nodeport_addresses().count(), 2);
@@ -312,7 +321,7 @@ status:
     );
     let mut node = NodeContext {
         node_name: "node1".into(),
-        addresses: vec![Ipv4Addr::new(172, 18, 0, 11)],
+        addresses: vec![Ipv4Addr::new(172, 18, 0, 11).into()],
         ..Default::default()
     };
     let (table, errors) = model::build(&svc, &[], &node);
@@ -336,7 +345,11 @@ status:
         .values()
         .find(|f| !f.source_ranges.is_empty())
         .expect("guarded");
-    assert_eq!(fe.source_ranges, vec![(Ipv4Addr::new(203, 0, 113, 0), 24)]);
+    assert_eq!(
+        fe.source_ranges,
+        vec![(Ipv4Addr::new(203, 0, 113, 0).into(), 24)],
+        "the IPv6 range is not the IPv4 frontend's"
+    );
     node.source_ranges_all = true;
     let lb = LbTable::from_services(&table, &node);
     assert_eq!(
@@ -579,4 +592,337 @@ endpoints:
     assert!(ports[0].endpoints.is_empty());
     let (table, _) = model::build(&svc, &slices, &NodeContext::default());
     assert_eq!(table.services.values().cloned().collect::<Vec<_>>(), ports);
+}
+
+// --- dual stack ---------------------------------------------------------------
+
+/// (frontend and kind, backend addresses) of every frontend.
+fn frontends_with_backends(lb: &LbTable) -> Vec<(String, Vec<String>)> {
+    lb.frontends
+        .iter()
+        .map(|(k, f)| {
+            (
+                format!("{k} {:?}", f.kind),
+                f.backends
+                    .iter()
+                    .map(|b| std::net::SocketAddr::new(b.addr, b.port).to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn dual_stack_node() -> NodeContext {
+    NodeContext {
+        node_name: "node1".into(),
+        addresses: vec![
+            Ipv4Addr::new(172, 18, 0, 11).into(),
+            "fd00:18::11".parse().expect("address"),
+        ],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_dual_stack_service_gives_each_family_only_its_own_endpoints() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  clusterIPs: [10.96.0.50, "fd00:96::50"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports: [{port: 80, nodePort: 30050, protocol: TCP}]
+"#,
+    );
+    let slices: Vec<SliceView> = load(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-v4, namespace: default, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv4
+ports: [{port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: node1}
+- {addresses: [10.244.2.2], nodeName: node2}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-v6, namespace: default, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv6
+ports: [{port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["fd00:244:1::2"], nodeName: node1}
+- {addresses: ["fd00:244:2::2"], nodeName: node2, conditions: {ready: false, serving: true, terminating: true}}
+"#,
+    );
+    let node = dual_stack_node();
+    let (table, errors) = model::build(&svc, &slices, &node);
+    assert!(errors.is_empty(), "{errors:?}");
+    let sp = &table.services[&spn("dual", "", Protocol::Tcp)];
+    assert_eq!(
+        sp.cluster_ips,
+        vec![
+            std::net::IpAddr::from(Ipv4Addr::new(10, 96, 0, 50)),
+            "fd00:96::50".parse::<std::net::IpAddr>().expect("address"),
+        ],
+        "both families, in spec.clusterIPs order"
+    );
+    let lb = LbTable::from_services(&table, &node);
+    // The IPv6 family has one ready endpoint: the terminating one does not
+    // serve there, whatever the IPv4 family has.
+    assert_eq!(
+        frontends_with_backends(&lb),
+        vec![
+            (
+                "10.96.0.50:80/TCP ClusterIp".to_owned(),
+                vec!["10.244.1.2:8080".to_owned(), "10.244.2.2:8080".to_owned()]
+            ),
+            (
+                "172.18.0.11:30050/TCP NodePort".to_owned(),
+                vec!["10.244.1.2:8080".to_owned(), "10.244.2.2:8080".to_owned()]
+            ),
+            (
+                "[fd00:18::11]:30050/TCP NodePort".to_owned(),
+                vec!["[fd00:244:1::2]:8080".to_owned()]
+            ),
+            (
+                "[fd00:96::50]:80/TCP ClusterIp".to_owned(),
+                vec!["[fd00:244:1::2]:8080".to_owned()]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn an_ipv6_only_service_reads_ipv6_slices_and_serves_on_ipv6_node_addresses() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: six, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: "fd00:96::60"
+  clusterIPs: ["fd00:96::60"]
+  ipFamilies: [IPv6]
+  externalIPs: ["2001:db8::60", 192.0.2.60]
+  ports: [{name: dns, port: 53, nodePort: 30053, protocol: UDP}]
+"#,
+    );
+    let slices: Vec<SliceView> = load(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: six-a, namespace: default, labels: {kubernetes.io/service-name: six}}
+addressType: IPv6
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: ["fd00:244:1::7"], nodeName: node1}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: six-stray, namespace: default, labels: {kubernetes.io/service-name: six}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: [10.244.1.7], nodeName: node1}
+"#,
+    );
+    let node = dual_stack_node();
+    let (table, errors) = model::build(&svc, &slices, &node);
+    assert!(errors.is_empty(), "{errors:?}");
+    let sp = &table.services[&spn("six", "dns", Protocol::Udp)];
+    assert_eq!(
+        sp.endpoints
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect::<Vec<_>>(),
+        ["fd00:244:1::7"],
+        "the IPv4 slice of an IPv6-only service is not read"
+    );
+    let lb = LbTable::from_services(&table, &node);
+    let v6 = vec!["[fd00:244:1::7]:5353".to_owned()];
+    // No IPv4 frontend: not on the node's IPv4 address, not for the IPv4
+    // ExternalIP (kube-proxy's IPv4 proxier does not take the service).
+    assert_eq!(
+        frontends_with_backends(&lb),
+        vec![
+            ("[2001:db8::60]:53/UDP ExternalIp".to_owned(), v6.clone()),
+            ("[fd00:18::11]:30053/UDP NodePort".to_owned(), v6.clone()),
+            ("[fd00:96::60]:53/UDP ClusterIp".to_owned(), v6),
+        ]
+    );
+}
+
+#[test]
+fn a_bad_address_in_an_ipv6_slice_is_reported_with_its_field() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: six, namespace: default}
+spec:
+  clusterIPs: ["fd00:96::61", "fd00:96::zz"]
+  ports: [{port: 80, protocol: TCP}]
+"#,
+    );
+    let slices: Vec<SliceView> = load(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: six-1, namespace: default, labels: {kubernetes.io/service-name: six}}
+addressType: IPv6
+ports: [{port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["fd00:244:1::8"]}
+- {addresses: [10.244.1.8, "fd00:244:1::9"]}
+- {addresses: [garbage]}
+"#,
+    );
+    let (table, errors) = model::build(&svc, &slices, &NodeContext::default());
+    let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        msgs,
+        [
+            "Service default/six: field spec.clusterIPs[1] = \"fd00:96::zz\": not an IP address",
+            "EndpointSlice default/six-1: field endpoints[1].addresses[0] = \"10.244.1.8\": not an IPv6 address",
+            "EndpointSlice default/six-1: field endpoints[2].addresses[0] = \"garbage\": not an IPv6 address",
+        ]
+    );
+    // The rest is used: the good ClusterIP, the good addresses.
+    let sp = &table.services[&spn("six", "", Protocol::Tcp)];
+    assert_eq!(
+        sp.cluster_ips,
+        vec!["fd00:96::61".parse::<std::net::IpAddr>().expect("address")]
+    );
+    assert_eq!(
+        sp.endpoints
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect::<Vec<_>>(),
+        ["fd00:244:1::8", "fd00:244:1::9"]
+    );
+}
+
+#[test]
+fn source_ranges_apply_per_family() {
+    let svc: Vec<Service> = load(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: guarded, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.70, "fd00:96::70"]
+  loadBalancerSourceRanges: [203.0.113.9/24, "2001:db8:1::5/48", "2001:db8::/129"]
+  ports: [{port: 443, nodePort: 30443, protocol: TCP}]
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.70}, {ip: "2001:db8:ff::70"}]}
+"#,
+    );
+    let node = dual_stack_node();
+    let (table, errors) = model::build(&svc, &[], &node);
+    let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        msgs,
+        [
+            "Service default/guarded: field spec.loadBalancerSourceRanges[2] = \"2001:db8::/129\": not a CIDR"
+        ]
+    );
+    let ranges = |lb: &LbTable| -> Vec<(String, Vec<String>)> {
+        lb.frontends
+            .iter()
+            .filter(|(_, f)| !f.source_ranges.is_empty())
+            .map(|(k, f)| {
+                (
+                    k.to_string(),
+                    f.source_ranges
+                        .iter()
+                        .map(|(n, l)| format!("{n}/{l}"))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let lb = LbTable::from_services(&table, &node);
+    // Host bits cleared; each LoadBalancer IP gets its own family's range.
+    assert_eq!(
+        ranges(&lb),
+        vec![
+            (
+                "198.51.100.70:443/TCP".to_owned(),
+                vec!["203.0.113.0/24".to_owned()]
+            ),
+            (
+                "[2001:db8:ff::70]:443/TCP".to_owned(),
+                vec!["2001:db8:1::/48".to_owned()]
+            ),
+        ]
+    );
+    let mut all = node.clone();
+    all.source_ranges_all = true;
+    let lb = LbTable::from_services(&table, &all);
+    let guarded: Vec<String> = ranges(&lb).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        guarded,
+        [
+            "172.18.0.11:30443/TCP",
+            "198.51.100.70:443/TCP",
+            "[2001:db8:ff::70]:443/TCP",
+            "[fd00:18::11]:30443/TCP",
+        ]
+    );
+}
+
+#[test]
+fn node_addresses_and_nodeport_cidrs_take_both_families() {
+    let nodes: Vec<k8s_openapi::api::core::v1::Node> = load(
+        r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node1}
+status:
+  addresses:
+  - {type: InternalIP, address: 172.18.0.11}
+  - {type: InternalIP, address: "fd00:18::11"}
+  - {type: ExternalIP, address: "2001:db8::11"}
+  - {type: InternalIP, address: "fd00:18::11"}
+  - {type: ExternalIP, address: "fd00::zz"}
+"#,
+    );
+    let (addresses, errors) = model::node_addresses(&nodes[0]);
+    assert_eq!(
+        addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["172.18.0.11", "fd00:18::11", "2001:db8::11"]
+    );
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("status.addresses[4].address = \"fd00::zz\""),
+        "{errors:?}"
+    );
+    let node = NodeContext {
+        addresses,
+        nodeport_cidrs: model::parse_cidrs(&["fd00:18::/64".to_string(), "10.0.0.0/8".to_string()])
+            .expect("cidrs"),
+        ..Default::default()
+    };
+    assert_eq!(
+        node.nodeport_addresses()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>(),
+        ["fd00:18::11"]
+    );
+    assert_eq!(node.first_ipv4(), Some(Ipv4Addr::new(172, 18, 0, 11)));
+    let err = model::parse_cidrs(&["fd00::/129".to_string()]).expect_err("bad");
+    assert!(err.contains("\"fd00::/129\""), "{err}");
 }

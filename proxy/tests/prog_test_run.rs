@@ -53,8 +53,8 @@ fn fixture_with(configure: impl FnOnce(&mut EbpfConfig)) -> Fixture {
     configure(&mut cfg);
     let mut dp = EbpfDataplane::load(cfg)
         .expect("load eBPF dataplane (root and bpffs needed: cargo xtask setup)");
-    let backend = |addr, port| BackendAddr {
-        addr,
+    let backend = |addr: Ipv4Addr, port| BackendAddr {
+        addr: addr.into(),
         port,
         terminating: false,
         local: true,
@@ -67,15 +67,15 @@ fn fixture_with(configure: impl FnOnce(&mut EbpfConfig)) -> Fixture {
         maglev_table_size: None,
         local_only: false,
     };
-    let tcp = |addr| FrontendKey {
-        addr,
+    let tcp = |addr: Ipv4Addr| FrontendKey {
+        addr: addr.into(),
         port: 80,
         proto: Protocol::Tcp,
     };
     let changes = vec![
         Change::Upsert(
             FrontendKey {
-                addr: VIP,
+                addr: VIP.into(),
                 port: 80,
                 proto: Protocol::Tcp,
             },
@@ -83,7 +83,7 @@ fn fixture_with(configure: impl FnOnce(&mut EbpfConfig)) -> Fixture {
         ),
         Change::Upsert(
             FrontendKey {
-                addr: VIP,
+                addr: VIP.into(),
                 port: 53,
                 proto: Protocol::Udp,
             },
@@ -91,7 +91,7 @@ fn fixture_with(configure: impl FnOnce(&mut EbpfConfig)) -> Fixture {
         ),
         Change::Upsert(
             FrontendKey {
-                addr: EMPTY_VIP,
+                addr: EMPTY_VIP.into(),
                 port: 80,
                 proto: Protocol::Tcp,
             },
@@ -116,7 +116,7 @@ fn fixture_with_empty_udp() -> Fixture {
     fx.dp
         .apply(&[Change::Upsert(
             FrontendKey {
-                addr: EMPTY_VIP,
+                addr: EMPTY_VIP.into(),
                 port: 53,
                 proto: Protocol::Udp,
             },
@@ -163,6 +163,14 @@ impl Fixture {
 }
 
 // ---- frame crafting -------------------------------------------------------
+
+/// The IPv4 address of a frontend of these (IPv4) frames.
+fn v4(a: std::net::IpAddr) -> Ipv4Addr {
+    match a {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("{a}: an IPv6 frontend in an IPv4 frame"),
+    }
+}
 
 fn csum_fold(mut sum: u32) -> u16 {
     while sum >> 16 != 0 {
@@ -850,7 +858,7 @@ fn north_south() -> Fixture {
     let np = |port, backends: Vec<BackendAddr>| {
         Change::Upsert(
             FrontendKey {
-                addr: NODE,
+                addr: NODE.into(),
                 port,
                 proto: Protocol::Tcp,
             },
@@ -864,8 +872,8 @@ fn north_south() -> Fixture {
             },
         )
     };
-    let b = |addr, local| BackendAddr {
-        addr,
+    let b = |addr: Ipv4Addr, local| BackendAddr {
+        addr: addr.into(),
         port: 8080,
         terminating: false,
         local,
@@ -1022,17 +1030,17 @@ fn tc_alone_translates_north_south_flows_without_xdp() {
 /// 30091 with a remote one.
 fn north_south_udp() -> Fixture {
     let mut fx = north_south();
-    let np = |port, addr, local| {
+    let np = |port, addr: Ipv4Addr, local| {
         Change::Upsert(
             FrontendKey {
-                addr: NODE,
+                addr: NODE.into(),
                 port,
                 proto: Protocol::Udp,
             },
             Frontend {
                 kind: FrontendKind::NodePort,
                 backends: vec![BackendAddr {
-                    addr,
+                    addr: addr.into(),
                     port: 8080,
                     terminating: false,
                     local,
@@ -1109,20 +1117,20 @@ fn source_ranges_hold_for_pods_reaching_a_load_balancer_ip() {
     fx.dp
         .apply(&[Change::Upsert(
             FrontendKey {
-                addr: lb_ip,
+                addr: lb_ip.into(),
                 port: 80,
                 proto: Protocol::Tcp,
             },
             Frontend {
                 kind: FrontendKind::LoadBalancer,
                 backends: vec![BackendAddr {
-                    addr: B2,
+                    addr: B2.into(),
                     port: 8080,
                     terminating: false,
                     local: false,
                 }],
                 affinity_timeout: 0,
-                source_ranges: vec![(CLIENT, 32)],
+                source_ranges: vec![(CLIENT.into(), 32)],
                 maglev_table_size: None,
                 local_only: false,
             },
@@ -1150,7 +1158,7 @@ fn maglev_node(reverse: bool) -> Fixture {
     let mut fx = fixture();
     let mut backends: Vec<BackendAddr> = (2..7)
         .map(|i| BackendAddr {
-            addr: Ipv4Addr::new(10, 244, 9, i),
+            addr: Ipv4Addr::new(10, 244, 9, i).into(),
             port: 8080,
             terminating: false,
             local: false,
@@ -1162,7 +1170,7 @@ fn maglev_node(reverse: bool) -> Fixture {
     fx.dp
         .apply(&[Change::Upsert(
             FrontendKey {
-                addr: NODE,
+                addr: NODE.into(),
                 port: 30090,
                 proto: Protocol::Tcp,
             },
@@ -1220,14 +1228,14 @@ fn maglev_two_nodes_pick_the_same_backend_and_match_userspace() {
 fn maglev_table_size_can_be_set_per_frontend() {
     let mut fx = maglev_node(false);
     let key = FrontendKey {
-        addr: NODE,
+        addr: NODE.into(),
         port: 30091,
         proto: Protocol::Tcp,
     };
     let fe = Frontend {
         kind: FrontendKind::NodePort,
         backends: vec![BackendAddr {
-            addr: B2,
+            addr: B2.into(),
             port: 8080,
             terminating: false,
             local: false,
@@ -1252,17 +1260,17 @@ fn maglev_table_size_can_be_set_per_frontend() {
 fn affinity_forgets_a_backend_that_left_a_large_frontend() {
     let mut fx = fixture();
     let a = FrontendKey {
-        addr: Ipv4Addr::new(10, 96, 0, 20),
+        addr: Ipv4Addr::new(10, 96, 0, 20).into(),
         port: 80,
         proto: Protocol::Tcp,
     };
     let b = FrontendKey {
-        addr: Ipv4Addr::new(10, 96, 0, 21),
+        addr: Ipv4Addr::new(10, 96, 0, 21).into(),
         ..a
     };
     let all: Vec<BackendAddr> = (1..=70u8)
         .map(|i| BackendAddr {
-            addr: Ipv4Addr::new(10, 244, 3, i),
+            addr: Ipv4Addr::new(10, 244, 3, i).into(),
             port: 8080,
             terminating: false,
             local: true,
@@ -1285,7 +1293,7 @@ fn affinity_forgets_a_backend_that_left_a_large_frontend() {
     let to_a = |fx: &Fixture, sport| {
         let (rc, out) = fx.run(
             progs::TC_FROM_POD,
-            &Frame::tcp(CLIENT, sport, a.addr, 80).build(),
+            &Frame::tcp(CLIENT, sport, v4(a.addr), 80).build(),
         );
         assert_eq!(rc, TC_ACT_OK);
         parse_and_verify(&out).dst
@@ -1364,14 +1372,14 @@ fn sock_release_forgets_the_socket_reverse_entry() {
     fx.dp
         .apply(&[Change::Upsert(
             FrontendKey {
-                addr: VIP,
+                addr: VIP.into(),
                 port: 53,
                 proto: Protocol::Udp,
             },
             Frontend {
                 kind: FrontendKind::ClusterIp,
                 backends: vec![BackendAddr {
-                    addr: B1,
+                    addr: B1.into(),
                     port: 5353,
                     terminating: false,
                     local: true,
@@ -2124,14 +2132,14 @@ fn packets_to_the_pod_network_skip_the_frontend_lookup_while_no_frontend_is_ther
     // A frontend inside the pod network turns the fast exit off, so it is
     // translated; when it goes, the fast exit is back.
     let inside = FrontendKey {
-        addr: Ipv4Addr::new(10, 244, 9, 9),
+        addr: Ipv4Addr::new(10, 244, 9, 9).into(),
         port: 80,
         proto: Protocol::Tcp,
     };
     let fe = Frontend {
         kind: FrontendKind::ExternalIp,
         backends: vec![BackendAddr {
-            addr: B2,
+            addr: B2.into(),
             port: 8081,
             terminating: false,
             local: false,
@@ -2145,7 +2153,7 @@ fn packets_to_the_pod_network_skip_the_frontend_lookup_while_no_frontend_is_ther
         .apply(&[Change::Upsert(inside, fe)])
         .expect("program a frontend inside the pod network");
     assert_eq!(pod_nets(&fx), [unused; 4], "fast exit off");
-    let frame = Frame::tcp(CLIENT, 40001, inside.addr, 80).build();
+    let frame = Frame::tcp(CLIENT, 40001, v4(inside.addr), 80).build();
     let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
     assert_eq!(rc, TC_ACT_OK);
     let p = parse_and_verify(&out);

@@ -499,9 +499,18 @@ pub struct ScenarioBuilder {
     objects: Vec<Value>,
     agent_args: Vec<String>,
     capabilities: Option<BTreeSet<String>>,
+    /// Servers listen on `[::]` (both families) instead of `0.0.0.0`.
+    dual_stack_servers: bool,
 }
 
 impl ScenarioBuilder {
+    /// Every server listens on `[::]:port`, so it answers over IPv6 as well
+    /// as IPv4 (an IPv4 client then shows as `::ffff:a.b.c.d` in replies).
+    pub fn dual_stack_servers(mut self) -> Self {
+        self.dual_stack_servers = true;
+        self
+    }
+
     /// The cluster to build (default: 2 nodes x 2 pods, external client).
     pub fn cluster(mut self, spec: ClusterSpec) -> Self {
         self.spec = spec;
@@ -577,7 +586,12 @@ impl ScenarioBuilder {
         for s in &self.servers {
             let pod = cluster.pod(s.node, s.pod);
             let name = s.name.clone().unwrap_or_else(|| pod.name.clone());
-            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.port));
+            let any: IpAddr = if self.dual_stack_servers {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            let bind = SocketAddr::new(any, s.port);
             match s.tcp_mode {
                 Some(mode) => tcp.push(TcpServer::start_mode(&pod.ns, &name, bind, mode)?),
                 None => udp.push(UdpServer::start(&pod.ns, &name, bind)?),
@@ -673,6 +687,7 @@ impl Scenario {
             objects: Vec::new(),
             agent_args: Vec::new(),
             capabilities: None,
+            dual_stack_servers: false,
         }
     }
 
@@ -1176,7 +1191,8 @@ pub fn stats(agent: &Agent) -> Result<BTreeMap<String, u64>> {
         .collect())
 }
 
-/// Frontends an agent programmed (`proxyctl dump-maps`), as `ip:port/PROTO`.
+/// Frontends an agent programmed (`proxyctl dump-maps`), as `ip:port/PROTO`
+/// (`[ip6]:port/PROTO` for IPv6).
 pub fn frontends(agent: &Agent) -> Result<Vec<String>> {
     let dump: Value = serde_json::from_str(&agent.proxyctl(&["dump-maps", "--output", "json"])?)
         .context("parsing dump-maps JSON")?;
@@ -1185,9 +1201,14 @@ pub fn frontends(agent: &Agent) -> Result<Vec<String>> {
         .context("dump-maps: no services array")?
         .iter()
         .map(|s| {
+            let ip = s["frontend"]["ip"].as_str().unwrap_or("");
+            // IPv6 in brackets, as the agent writes frontends.
+            let ip = match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
+                _ => ip.to_owned(),
+            };
             format!(
-                "{}:{}/{}",
-                s["frontend"]["ip"].as_str().unwrap_or(""),
+                "{ip}:{}/{}",
                 s["frontend"]["port"],
                 s["frontend"]["proto"].as_str().unwrap_or("")
             )

@@ -544,7 +544,7 @@ fn ipvs_glue_rejects_guards_marks_and_cleans_up() {
     let before = snapshot_with_sets(&node);
 
     let be = BackendAddr {
-        addr: Ipv4Addr::new(10, 244, 0, 2),
+        addr: Ipv4Addr::new(10, 244, 0, 2).into(),
         port: 8080,
         terminating: false,
         local: true,
@@ -553,12 +553,12 @@ fn ipvs_glue_rejects_guards_marks_and_cleans_up() {
         kind,
         backends: vec![be],
         affinity_timeout: 0,
-        source_ranges: ranges,
+        source_ranges: ranges.into_iter().map(|(a, l)| (a.into(), l)).collect(),
         maglev_table_size: None,
         local_only: false,
     };
-    let key = |addr, port| FrontendKey {
-        addr,
+    let key = |addr: Ipv4Addr, port| FrontendKey {
+        addr: addr.into(),
         port,
         proto: Protocol::Tcp,
     };

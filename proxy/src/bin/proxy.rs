@@ -81,20 +81,29 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
 /// `cluster`.
 fn ebpf_dataplane(
     args: &Args,
-    cluster_cidrs: &[(std::net::Ipv4Addr, u8)],
+    cluster_cidrs: &[(std::net::IpAddr, u8)],
     cluster: &ClusterSize,
     loader: Loader,
 ) -> Result<EbpfDataplane> {
     let mut cfg = EbpfConfig::new(args.bpffs_path.clone());
     cfg.pod_devices = args.pod_devices.clone();
-    if cluster_cidrs.len() > proxy_common::POD_NETS {
+    // The fast exit is the per-packet path's, which is IPv4 only: IPv6
+    // pod networks have nothing to skip.
+    let v4: Vec<(std::net::Ipv4Addr, u8)> = cluster_cidrs
+        .iter()
+        .filter_map(|(a, len)| match a {
+            std::net::IpAddr::V4(a) => Some((*a, *len)),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    if v4.len() > proxy_common::POD_NETS {
         bail!(
-            "--cluster-cidr: {} networks, the eBPF mode takes at most {}",
-            cluster_cidrs.len(),
+            "--cluster-cidr: {} IPv4 networks, the eBPF mode takes at most {}",
+            v4.len(),
             proxy_common::POD_NETS
         );
     }
-    cfg.pod_networks = cluster_cidrs.to_vec();
+    cfg.pod_networks = v4;
     if args.maglev_table_size != 0 && !proxy::maglev::is_prime(args.maglev_table_size) {
         bail!(
             "--maglev-table-size {} is not a prime number (default {})",

@@ -2,15 +2,20 @@
 //! stable chain-name hashes, the running state they diff against, the
 //! external commands they run, and the UDP conntrack flush kube-proxy does
 //! for removed endpoints.
+//!
+//! IPv4 only for now: the fallback modes (iptables, nftables, IPVS) keep
+//! IPv6 frontends in their programmed table (so the agent's diff is
+//! stable) but write no rule for them ([`programs`]), and say so in one
+//! log line whenever their number changes ([`Ipv6Left`]).
 
 use std::{
     collections::BTreeMap,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::{Command, Stdio},
 };
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub mod incremental;
 
@@ -65,6 +70,47 @@ pub enum FallbackError {
         status: String,
         stderr: String,
     },
+}
+
+/// Whether the fallback modes program frontend `k`: IPv4 ones only (IPv6
+/// frontends are not programmed in these modes yet).
+pub fn programs(k: &FrontendKey) -> bool {
+    k.addr.is_ipv4()
+}
+
+/// The IPv6 frontends a fallback mode leaves out: counted after every sync,
+/// logged (info) when their number changed, not once per frontend.
+#[derive(Debug, Default)]
+pub struct Ipv6Left {
+    count: usize,
+}
+
+impl Ipv6Left {
+    /// After a sync: `programmed` is the mode's table now. Returns the
+    /// number of IPv6 frontends it leaves out.
+    pub fn after_sync(
+        &mut self,
+        mode: &str,
+        programmed: &BTreeMap<FrontendKey, Frontend>,
+    ) -> usize {
+        // Keys order by address and IPv4 sorts before IPv6: the IPv6
+        // frontends are the tail of the table.
+        let first = FrontendKey {
+            addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            port: 0,
+            proto: Protocol::Tcp,
+        };
+        let n = programmed.range(first..).count();
+        if n != self.count {
+            info!(
+                mode,
+                ipv6_frontends = n,
+                "{n} IPv6 frontend(s) not programmed: IPv6 is not programmed in this mode yet (the eBPF mode's socket LB serves IPv6)"
+            );
+            self.count = n;
+        }
+        n
+    }
 }
 
 /// Runs `program args...` with `stdin` fed in; returns stdout.
@@ -337,27 +383,35 @@ fn stale_udp_flows_of(
     new: Option<&Frontend>,
     out: &mut Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)>,
 ) {
+    let IpAddr::V4(vip) = k.addr else {
+        // Not programmed here (see `programs`): no flows of ours.
+        return;
+    };
     if k.proto != Protocol::Udp {
         return;
     }
+    let v4 = |b: &BackendAddr| match b.addr {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    };
     if let Some(f) = new
         && !f.backends.is_empty()
         && old.is_some_and(|b| b.backends.is_empty())
     {
-        out.push((k.addr, k.port, None));
+        out.push((vip, k.port, None));
     }
     if let Some(f) = old {
         let now: Vec<Ipv4Addr> = new
-            .map(|n| n.backends.iter().map(|b| b.addr).collect())
+            .map(|n| n.backends.iter().filter_map(v4).collect())
             .unwrap_or_default();
         let mut gone: Vec<Ipv4Addr> = f
             .backends
             .iter()
-            .map(|b| b.addr)
+            .filter_map(v4)
             .filter(|a| !now.contains(a))
             .collect();
         gone.dedup();
-        out.extend(gone.into_iter().map(|a| (k.addr, k.port, Some(a))));
+        out.extend(gone.into_iter().map(|a| (vip, k.port, Some(a))));
     }
 }
 
@@ -416,7 +470,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|b| BackendAddr {
-                    addr: Ipv4Addr::new(10, 244, 1, *b),
+                    addr: Ipv4Addr::new(10, 244, 1, *b).into(),
                     port: 53,
                     terminating: false,
                     local: true,
@@ -431,8 +485,9 @@ mod tests {
 
     #[test]
     fn udp_flows_to_flush() {
+        let vip = Ipv4Addr::new(10, 96, 0, 10);
         let k = FrontendKey {
-            addr: Ipv4Addr::new(10, 96, 0, 10),
+            addr: vip.into(),
             port: 53,
             proto: Protocol::Udp,
         };
@@ -440,15 +495,70 @@ mod tests {
         let new = BTreeMap::from([(k, fe(&[3]))]);
         assert_eq!(
             stale_udp_flows(&old, &new),
-            vec![(k.addr, 53, Some(Ipv4Addr::new(10, 244, 1, 2)))]
+            vec![(vip, 53, Some(Ipv4Addr::new(10, 244, 1, 2)))]
         );
         let empty = BTreeMap::from([(k, fe(&[]))]);
-        assert_eq!(stale_udp_flows(&empty, &new), vec![(k.addr, 53, None)]);
+        assert_eq!(stale_udp_flows(&empty, &new), vec![(vip, 53, None)]);
         let tcp = FrontendKey {
             proto: Protocol::Tcp,
             ..k
         };
         let old = BTreeMap::from([(tcp, fe(&[2]))]);
         assert!(stale_udp_flows(&old, &BTreeMap::new()).is_empty());
+        // IPv6 frontends are not programmed here: nothing of theirs to flush.
+        let six = FrontendKey {
+            addr: "fd00:96::10".parse().expect("address"),
+            ..k
+        };
+        let old = BTreeMap::from([(six, fe6(&[2, 3]))]);
+        let new = BTreeMap::from([(six, fe6(&[3]))]);
+        assert!(stale_udp_flows(&old, &new).is_empty());
+    }
+
+    fn fe6(backends: &[u16]) -> Frontend {
+        let mut f = fe(&[]);
+        f.backends = backends
+            .iter()
+            .map(|b| BackendAddr {
+                addr: Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, *b).into(),
+                port: 53,
+                terminating: false,
+                local: true,
+            })
+            .collect();
+        f
+    }
+
+    #[test]
+    fn ipv6_frontends_are_counted_and_left_out() {
+        let v4 = FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, 10).into(),
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        let v6 = |port| FrontendKey {
+            addr: "fd00:96::10".parse().expect("address"),
+            port,
+            proto: Protocol::Udp,
+        };
+        assert!(programs(&v4));
+        assert!(!programs(&v6(53)));
+        let mut table = BTreeMap::from([(v4, fe(&[2])), (v6(53), fe6(&[2]))]);
+        let mut left = Ipv6Left::default();
+        assert_eq!(left.after_sync("test", &table), 1);
+        table.insert(v6(54), fe6(&[3]));
+        table.insert(v6(1), fe6(&[3]));
+        assert_eq!(left.after_sync("test", &table), 3);
+        table.retain(|k, _| k.addr.is_ipv4());
+        assert_eq!(left.after_sync("test", &table), 0);
+        // The rule generators write nothing for an IPv6 frontend.
+        use super::super::{iptables_rules::IptablesRules, nftables_rules::NftablesRules};
+        use incremental::Generator;
+        let mut out = Vec::new();
+        IptablesRules::default().frontend(&v6(53), &fe6(&[2]), &mut out);
+        NftablesRules::default().frontend(&v6(53), &fe6(&[2]), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        IptablesRules::default().frontend(&v4, &fe(&[2]), &mut out);
+        assert!(!out.is_empty(), "an IPv4 frontend has rules");
     }
 }

@@ -30,6 +30,8 @@ pub struct IptablesDataplane {
     /// failed write: the kernel was re-read).
     full: bool,
     ticks: u32,
+    /// IPv6 frontends left out (IPv4 only for now).
+    ipv6_left: fallback::Ipv6Left,
 }
 
 fn save(table: &str) -> Result<String, FallbackError> {
@@ -195,6 +197,7 @@ impl IptablesDataplane {
             rules,
             state,
             full: true,
+            ipv6_left: fallback::Ipv6Left::default(),
             ticks: 0,
         })
     }
@@ -281,6 +284,8 @@ impl Dataplane for IptablesDataplane {
             &before,
             &self.programmed.frontends,
         ));
+        self.ipv6_left
+            .after_sync(self.mode(), &self.programmed.frontends);
         Ok(change_stats(&before, &self.programmed.frontends))
     }
 

@@ -329,6 +329,9 @@ impl Generator for IptablesRules {
     }
 
     fn frontend(&self, k: &FrontendKey, f: &Frontend, out: &mut Vec<(Item, Content)>) {
+        if !super::fallback::programs(k) {
+            return;
+        }
         let p = proto_lower(k.proto);
         let m = format!("-d {}/32 -p {p}", k.addr);
         let dport = format!("-m {p} --dport {}", k.port);
@@ -761,7 +764,7 @@ mod tests {
         (1..=n)
             .map(|i| {
                 let k = FrontendKey {
-                    addr: std::net::Ipv4Addr::new(10, 96, 0, i),
+                    addr: std::net::Ipv4Addr::new(10, 96, 0, i).into(),
                     port: 80,
                     proto: crate::model::Protocol::Tcp,
                 };
@@ -769,7 +772,7 @@ mod tests {
                     kind: FrontendKind::ClusterIp,
                     backends: (1..=backends)
                         .map(|b| crate::lb::BackendAddr {
-                            addr: std::net::Ipv4Addr::new(10, 244, i, b),
+                            addr: std::net::Ipv4Addr::new(10, 244, i, b).into(),
                             port: 8080,
                             terminating: false,
                             local: true,

@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use crate::{
@@ -419,11 +419,15 @@ pub struct IpvsState {
 pub fn desired(frontends: &BTreeMap<FrontendKey, Frontend>, scheduler: &str) -> IpvsState {
     let mut st = IpvsState::default();
     for (k, f) in frontends {
+        // IPv4 only for now (see `fallback::programs`).
+        let IpAddr::V4(addr) = k.addr else {
+            continue;
+        };
         if f.kind != FrontendKind::NodePort {
-            st.addresses.insert(k.addr);
+            st.addresses.insert(addr);
         }
         let vs = VirtualServer {
-            addr: k.addr,
+            addr,
             port: k.port,
             proto: k.proto,
             scheduler: scheduler.to_owned(),
@@ -432,10 +436,13 @@ pub fn desired(frontends: &BTreeMap<FrontendKey, Frontend>, scheduler: &str) -> 
         let rs = f
             .backends
             .iter()
-            .map(|b| RealServer {
-                addr: b.addr,
-                port: b.port,
-                weight: 1,
+            .filter_map(|b| match b.addr {
+                IpAddr::V4(addr) => Some(RealServer {
+                    addr,
+                    port: b.port,
+                    weight: 1,
+                }),
+                IpAddr::V6(_) => None,
             })
             .collect();
         st.services.insert(*k, (vs, rs));
@@ -501,6 +508,8 @@ pub struct IpvsDataplane {
     programmed: crate::lb::LbTable,
     glue: super::ipvs_glue::Glue,
     ticks: u32,
+    /// IPv6 frontends left out (IPv4 only for now).
+    ipv6_left: super::fallback::Ipv6Left,
 }
 
 impl IpvsDataplane {
@@ -522,6 +531,7 @@ impl IpvsDataplane {
             programmed: crate::lb::LbTable::default(),
             glue,
             ticks: 0,
+            ipv6_left: super::fallback::Ipv6Left::default(),
         };
         dp.reset()?;
         Ok(dp)
@@ -598,6 +608,8 @@ impl super::Dataplane for IpvsDataplane {
         ));
         let stats = super::iptables::stats(&self.programmed, changes);
         self.programmed = next;
+        self.ipv6_left
+            .after_sync(self.mode(), &self.programmed.frontends);
         Ok(stats)
     }
 
@@ -776,7 +788,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|b| BackendAddr {
-                    addr: Ipv4Addr::new(10, 244, 1, *b),
+                    addr: Ipv4Addr::new(10, 244, 1, *b).into(),
                     port: 8080,
                     terminating: false,
                     local: true,
@@ -790,7 +802,7 @@ mod tests {
         BTreeMap::from([
             (
                 FrontendKey {
-                    addr: Ipv4Addr::new(10, 96, 0, 10),
+                    addr: Ipv4Addr::new(10, 96, 0, 10).into(),
                     port: 80,
                     proto: Protocol::Tcp,
                 },
@@ -798,13 +810,34 @@ mod tests {
             ),
             (
                 FrontendKey {
-                    addr: Ipv4Addr::new(172, 18, 0, 11),
+                    addr: Ipv4Addr::new(172, 18, 0, 11).into(),
                     port: 30080,
                     proto: Protocol::Tcp,
                 },
                 fe(FrontendKind::NodePort, backends),
             ),
         ])
+    }
+
+    #[test]
+    fn ipv6_frontends_get_no_virtual_server() {
+        let mut fes = frontends(&[2, 3]);
+        let mut six = fes.values().next().cloned().expect("a frontend");
+        six.backends = vec![BackendAddr {
+            addr: "fd00:244:1::2".parse().expect("address"),
+            port: 8080,
+            terminating: false,
+            local: true,
+        }];
+        fes.insert(
+            FrontendKey {
+                addr: "fd00:96::10".parse().expect("address"),
+                port: 80,
+                proto: Protocol::Tcp,
+            },
+            six,
+        );
+        assert_eq!(desired(&fes, "rr"), desired(&frontends(&[2, 3]), "rr"));
     }
 
     #[test]

@@ -146,7 +146,10 @@ pub fn sets(
             v.insert(entry);
         }
     };
-    for (k, f) in frontends {
+    for (k, f) in frontends
+        .iter()
+        .filter(|(k, _)| super::fallback::programs(k))
+    {
         match f.kind {
             FrontendKind::ClusterIp => add("KUBE-CLUSTER-IP", ip_port(k)),
             FrontendKind::ExternalIp => {
@@ -516,7 +519,7 @@ mod tests {
 
     fn key(a: [u8; 4], port: u16, proto: Protocol) -> FrontendKey {
         FrontendKey {
-            addr: Ipv4Addr::from(a),
+            addr: Ipv4Addr::from(a).into(),
             port,
             proto,
         }
@@ -528,7 +531,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|b| BackendAddr {
-                    addr: Ipv4Addr::from(*b),
+                    addr: Ipv4Addr::from(*b).into(),
                     port: 8080,
                     terminating: false,
                     local: true,
@@ -552,7 +555,7 @@ mod tests {
         np.local_only = true;
         f.insert(key([192, 168, 0, 1], 30080, Protocol::Udp), np);
         let mut lb = fe(FrontendKind::LoadBalancer, &[]);
-        lb.source_ranges = vec![(Ipv4Addr::new(192, 168, 100, 0), 24)];
+        lb.source_ranges = vec![(Ipv4Addr::new(192, 168, 100, 0).into(), 24)];
         f.insert(key([1, 2, 3, 4], 443, Protocol::Tcp), lb);
         let addrs = [Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(1, 2, 3, 4)].into();
         let s = sets(&f, &addrs);

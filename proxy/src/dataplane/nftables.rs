@@ -29,6 +29,8 @@ pub struct NftablesDataplane {
     /// The next write compares every item, not only the changed
     /// frontends' (first sync; after a failed write).
     full: bool,
+    /// IPv6 frontends left out (IPv4 only for now).
+    ipv6_left: fallback::Ipv6Left,
 }
 
 fn nft(input: &str) -> Result<(), FallbackError> {
@@ -78,6 +80,7 @@ impl NftablesDataplane {
             rules,
             state,
             full: true,
+            ipv6_left: fallback::Ipv6Left::default(),
         })
     }
 }
@@ -155,6 +158,8 @@ impl Dataplane for NftablesDataplane {
             &before,
             &self.programmed.frontends,
         ));
+        self.ipv6_left
+            .after_sync(self.mode(), &self.programmed.frontends);
         Ok(change_stats(&before, &self.programmed.frontends))
     }
 

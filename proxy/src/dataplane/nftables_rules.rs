@@ -36,7 +36,11 @@
 //! No-endpoint rejects sit in prerouting (nft allows `reject` there), so
 //! they work on nodes without a route for the service range too.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use super::fallback::{
     MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash,
@@ -186,7 +190,7 @@ fn fixed_chains() -> BTreeMap<String, Content> {
 fn chain_hash(k: &FrontendKey, f: &Frontend) -> String {
     if f.kind == FrontendKind::NodePort {
         frontend_hash(&FrontendKey {
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: Ipv4Addr::UNSPECIFIED.into(),
             ..*k
         })
     } else {
@@ -257,6 +261,9 @@ impl Generator for NftablesRules {
     }
 
     fn frontend(&self, k: &FrontendKey, f: &Frontend, out: &mut Vec<(Item, Content)>) {
+        if !super::fallback::programs(k) {
+            return;
+        }
         let p = proto_lower(k.proto);
         let h = chain_hash(k, f);
         let full_key = format!("{} . {p} . {}", k.addr, k.port);
@@ -302,7 +309,7 @@ impl Generator for NftablesRules {
         out.push((elem(map, key), value(format!("goto {svc}"))));
         // A pod reaching itself through the service: masqueraded in
         // postrouting (one set element, not a chain per endpoint).
-        let mut addrs: Vec<Ipv4Addr> = f.backends.iter().map(|b| b.addr).collect();
+        let mut addrs: Vec<IpAddr> = f.backends.iter().map(|b| b.addr).collect();
         addrs.sort_unstable();
         addrs.dedup(); // one pair per address, whatever its ports
         for a in addrs {
@@ -311,7 +318,7 @@ impl Generator for NftablesRules {
         // For NodePorts the chains are keyed by port only.
         let ck = if nodeport {
             FrontendKey {
-                addr: Ipv4Addr::UNSPECIFIED,
+                addr: Ipv4Addr::UNSPECIFIED.into(),
                 ..*k
             }
         } else {
@@ -700,14 +707,14 @@ mod tests {
     #[test]
     fn a_new_service_adds_one_element_and_its_chains() {
         let k = |i: u8| FrontendKey {
-            addr: Ipv4Addr::new(10, 96, 0, i),
+            addr: Ipv4Addr::new(10, 96, 0, i).into(),
             port: 80,
             proto: crate::model::Protocol::Tcp,
         };
         let f = |i: u8| Frontend {
             kind: FrontendKind::ClusterIp,
             backends: vec![crate::lb::BackendAddr {
-                addr: Ipv4Addr::new(10, 244, 0, i),
+                addr: Ipv4Addr::new(10, 244, 0, i).into(),
                 port: 8080,
                 terminating: false,
                 local: true,
@@ -741,14 +748,14 @@ mod tests {
     #[test]
     fn nodeport_chains_shared_by_node_addresses_stay_while_one_remains() {
         let k = |a: u8| FrontendKey {
-            addr: Ipv4Addr::new(172, 18, 0, a),
+            addr: Ipv4Addr::new(172, 18, 0, a).into(),
             port: 30080,
             proto: crate::model::Protocol::Tcp,
         };
         let f = Frontend {
             kind: FrontendKind::NodePort,
             backends: vec![crate::lb::BackendAddr {
-                addr: Ipv4Addr::new(10, 244, 0, 2),
+                addr: Ipv4Addr::new(10, 244, 0, 2).into(),
                 port: 8080,
                 terminating: false,
                 local: true,

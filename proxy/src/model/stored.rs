@@ -2,9 +2,11 @@
 //! fields [`super::build_service`] reads, in compact types. The cache holds
 //! one of these per object of the cluster (100,000 services and 1,000,000
 //! endpoints at the largest scale the benchmark runs), so every byte here
-//! is paid a million times: an endpoint is 12 bytes (its IPv4 address, an
-//! index into its slice's node names, its conditions), where the watched
-//! form costs about 120 with its strings.
+//! is paid a million times: an endpoint of an IPv4 slice is 12 bytes (its
+//! address, an index into its slice's node names, its conditions), one of
+//! an IPv6 slice 24, where the watched form costs about 120 with its
+//! strings. The address family is stored once per slice
+//! ([`SliceEndpoints`]), not per endpoint.
 //!
 //! Lossless for the model: every value the model can report in an error
 //! (an address that does not parse, an unknown protocol, ...) is kept as
@@ -12,7 +14,7 @@
 //! value.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -45,8 +47,7 @@ impl ProtocolField {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IpField {
     V4(Ipv4Addr),
-    /// IPv6: served once dual stack lands, skipped meanwhile.
-    V6,
+    V6(Ipv6Addr),
     /// Not an IP address (`None` for a headless service, or garbage): the
     /// value as written.
     Other(Box<str>),
@@ -56,8 +57,26 @@ impl IpField {
     fn of(raw: &str) -> IpField {
         match raw.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => IpField::V4(ip),
-            Ok(IpAddr::V6(_)) => IpField::V6,
+            Ok(IpAddr::V6(ip)) => IpField::V6(ip),
             Err(_) => IpField::Other(raw.into()),
+        }
+    }
+
+    /// The value as written (an address as it prints).
+    pub fn raw(&self) -> String {
+        match self {
+            IpField::V4(ip) => ip.to_string(),
+            IpField::V6(ip) => ip.to_string(),
+            IpField::Other(s) => s.to_string(),
+        }
+    }
+
+    /// The address, if the field holds one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            IpField::V4(ip) => Some(IpAddr::V4(*ip)),
+            IpField::V6(ip) => Some(IpAddr::V6(*ip)),
+            IpField::Other(_) => None,
         }
     }
 
@@ -203,19 +222,21 @@ pub const TERMINATING: u8 = 4;
 /// No node name.
 pub const NO_NODE: u32 = u32::MAX;
 
-/// One address of one endpoint of an IPv4 EndpointSlice (an endpoint with
-/// two addresses is two of these).
+/// One address of one endpoint of an EndpointSlice (an endpoint with two
+/// addresses is two of these); `A` is the slice's address type
+/// ([`Ipv4Addr`] or [`Ipv6Addr`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EndpointInfo {
-    pub ip: Ipv4Addr,
+pub struct EndpointInfo<A = Ipv4Addr> {
+    pub ip: A,
     /// Index into [`SliceInfo::nodes`]; [`NO_NODE`]: none.
     pub node: u32,
     /// [`READY`], [`SERVING`], [`TERMINATING`], defaults applied.
     pub conditions: u8,
 }
 
-/// An address of an IPv4 slice that is not an IPv4 address, kept to be
-/// reported: `endpoints[endpoint].addresses[address]`.
+/// An address of a slice that is not an address of the slice's
+/// `addressType`, kept to be reported:
+/// `endpoints[endpoint].addresses[address]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BadAddress {
     pub endpoint: u32,
@@ -231,29 +252,139 @@ pub struct SliceInfo {
     pub name: Arc<str>,
     /// The `kubernetes.io/service-name` label.
     pub service: Option<Arc<str>>,
-    /// `addressType: IPv4`: the only slices the model reads (the others
-    /// keep no ports or endpoints).
-    pub ipv4: bool,
     pub ports: Box<[SlicePortInfo]>,
     /// The distinct node names of the endpoints.
     pub nodes: Box<[Box<str>]>,
-    pub endpoints: Box<[EndpointInfo]>,
+    /// The endpoints, typed by the slice's `addressType`.
+    pub endpoints: SliceEndpoints,
     pub bad_addresses: Box<[BadAddress]>,
+}
+
+/// The endpoints of a slice, by its `addressType`: `IPv4` and `IPv6`
+/// slices are read; the others (`FQDN`) keep no ports or endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SliceEndpoints {
+    #[default]
+    Other,
+    V4(Box<[EndpointInfo<Ipv4Addr>]>),
+    V6(Box<[EndpointInfo<Ipv6Addr>]>),
+}
+
+impl SliceEndpoints {
+    /// Every endpoint address, the address widened to [`IpAddr`].
+    pub fn iter(&self) -> impl Iterator<Item = EndpointInfo<IpAddr>> + '_ {
+        fn widen<A: Copy + Into<IpAddr>>(e: &EndpointInfo<A>) -> EndpointInfo<IpAddr> {
+            EndpointInfo {
+                ip: e.ip.into(),
+                node: e.node,
+                conditions: e.conditions,
+            }
+        }
+        let (v4, v6) = match self {
+            SliceEndpoints::Other => (&[][..], &[][..]),
+            SliceEndpoints::V4(e) => (&e[..], &[][..]),
+            SliceEndpoints::V6(e) => (&[][..], &e[..]),
+        };
+        v4.iter().map(widen).chain(v6.iter().map(widen))
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            SliceEndpoints::Other => 0,
+            SliceEndpoints::V4(e) => e.len(),
+            SliceEndpoints::V6(e) => e.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An EndpointSlice's `addressType`, as far as the model reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressType {
+    V4,
+    V6,
+}
+
+impl AddressType {
+    /// `IPv4` or `IPv6`; None for any other type (`FQDN`).
+    pub fn of(raw: &str) -> Option<AddressType> {
+        match raw {
+            "IPv4" => Some(AddressType::V4),
+            "IPv6" => Some(AddressType::V6),
+            _ => None,
+        }
+    }
+
+    /// The API's name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            AddressType::V4 => "IPv4",
+            AddressType::V6 => "IPv6",
+        }
+    }
+}
+
+/// Parses the addresses of a slice of one address type `A`; what does not
+/// parse as an `A` becomes a [`BadAddress`].
+fn parse_endpoints<A: std::str::FromStr>(
+    s: &SliceView,
+    nodes: &mut Vec<Box<str>>,
+    bad: &mut Vec<BadAddress>,
+) -> Box<[EndpointInfo<A>]> {
+    let mut names: Vec<&str> = Vec::new();
+    let mut endpoints = Vec::with_capacity(s.endpoints.len());
+    for (i, ep) in s.endpoints.iter().enumerate() {
+        let cond = ep.conditions.as_ref();
+        // Per the API, an unset `ready` or `serving` means true.
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let conditions = (u8::from(ready) * READY)
+            | (u8::from(serving) * SERVING)
+            | (u8::from(terminating) * TERMINATING);
+        let node = match ep.node_name.as_deref() {
+            None => NO_NODE,
+            Some(n) => match names.iter().position(|x| *x == n) {
+                Some(at) => at as u32,
+                None => {
+                    names.push(n);
+                    (names.len() - 1) as u32
+                }
+            },
+        };
+        for (j, addr) in ep.addresses.iter().enumerate() {
+            match addr.parse::<A>() {
+                Ok(ip) => endpoints.push(EndpointInfo {
+                    ip,
+                    node,
+                    conditions,
+                }),
+                Err(_) => bad.push(BadAddress {
+                    endpoint: i as u32,
+                    address: j as u32,
+                    value: addr.as_str().into(),
+                }),
+            }
+        }
+    }
+    *nodes = names.into_iter().map(Into::into).collect();
+    endpoints.into_boxed_slice()
 }
 
 impl SliceInfo {
     pub fn of(s: &SliceView) -> SliceInfo {
-        let ipv4 = s.address_type == "IPv4";
         let mut info = SliceInfo {
             namespace: s.metadata.namespace.as_deref().unwrap_or_default().into(),
             name: s.metadata.name.as_deref().unwrap_or_default().into(),
             service: s.service_name().map(Into::into),
-            ipv4,
             ..Default::default()
         };
-        if !ipv4 {
+        let Some(family) = AddressType::of(&s.address_type) else {
             return info;
-        }
+        };
         info.ports = s
             .ports
             .iter()
@@ -264,51 +395,28 @@ impl SliceInfo {
                 port: p.port,
             })
             .collect();
-        let mut nodes: Vec<&str> = Vec::new();
-        let mut endpoints = Vec::with_capacity(s.endpoints.len());
+        let mut nodes = Vec::new();
         let mut bad = Vec::new();
-        for (i, ep) in s.endpoints.iter().enumerate() {
-            let cond = ep.conditions.as_ref();
-            // Per the API, an unset `ready` or `serving` means true.
-            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            let conditions = (u8::from(ready) * READY)
-                | (u8::from(serving) * SERVING)
-                | (u8::from(terminating) * TERMINATING);
-            let node = match ep.node_name.as_deref() {
-                None => NO_NODE,
-                Some(n) => match nodes.iter().position(|x| *x == n) {
-                    Some(at) => at as u32,
-                    None => {
-                        nodes.push(n);
-                        (nodes.len() - 1) as u32
-                    }
-                },
-            };
-            for (j, addr) in ep.addresses.iter().enumerate() {
-                match addr.parse::<Ipv4Addr>() {
-                    Ok(ip) => endpoints.push(EndpointInfo {
-                        ip,
-                        node,
-                        conditions,
-                    }),
-                    Err(_) => bad.push(BadAddress {
-                        endpoint: i as u32,
-                        address: j as u32,
-                        value: addr.as_str().into(),
-                    }),
-                }
-            }
-        }
-        info.nodes = nodes.into_iter().map(Into::into).collect();
-        info.endpoints = endpoints.into_boxed_slice();
+        info.endpoints = match family {
+            AddressType::V4 => SliceEndpoints::V4(parse_endpoints(s, &mut nodes, &mut bad)),
+            AddressType::V6 => SliceEndpoints::V6(parse_endpoints(s, &mut nodes, &mut bad)),
+        };
+        info.nodes = nodes.into_boxed_slice();
         info.bad_addresses = bad.into_boxed_slice();
         info
     }
 
+    /// The slice's address type, if the model reads it (`IPv4`, `IPv6`).
+    pub fn address_type(&self) -> Option<AddressType> {
+        match self.endpoints {
+            SliceEndpoints::Other => None,
+            SliceEndpoints::V4(_) => Some(AddressType::V4),
+            SliceEndpoints::V6(_) => Some(AddressType::V6),
+        }
+    }
+
     /// The node name of an endpoint.
-    pub fn node_of(&self, e: &EndpointInfo) -> Option<&str> {
+    pub fn node_of<A>(&self, e: &EndpointInfo<A>) -> Option<&str> {
         self.nodes.get(e.node as usize).map(|n| &**n)
     }
 }
@@ -321,7 +429,8 @@ mod tests {
     /// are held once per Service, slice or endpoint of the cluster).
     #[test]
     fn stored_forms_stay_compact() {
-        assert_eq!(std::mem::size_of::<EndpointInfo>(), 12);
+        assert_eq!(std::mem::size_of::<EndpointInfo<Ipv4Addr>>(), 12);
+        assert_eq!(std::mem::size_of::<EndpointInfo<Ipv6Addr>>(), 24);
         assert!(std::mem::size_of::<SliceInfo>() <= 120);
         assert!(std::mem::size_of::<ServiceInfo>() <= 176);
         assert!(std::mem::size_of::<IpField>() <= 24);

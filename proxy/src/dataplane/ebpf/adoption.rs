@@ -1,12 +1,14 @@
-//! Adopting what an earlier agent pinned.
+//! Adopting what an earlier agent pinned: frontends and backends of both
+//! families (`SVC_V4`/`SVC_V6`, `BACKENDS_V4`/`BACKENDS_V6`), with the
+//! slots, Maglev tables and source ranges they use.
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use aya::maps::MapError;
-use proxy_common::{Backend, MaglevKey, ServiceKey, ServiceValue, SlotKey};
+use proxy_common::{Backend, Backend6, MaglevKey, ServiceKey, ServiceKey6, ServiceValue, SlotKey};
 use tracing::info;
 
 use super::{
@@ -19,20 +21,20 @@ impl EbpfDataplane {
     /// inconsistent (slots of a dead generation, orphaned rev-NAT entries).
     pub(super) fn adopt(&mut self) -> Result<(), EbpfError> {
         let m = &mut self.maps;
-        let backends: Vec<(u32, Backend)> = collect(m.backends.iter(), "BACKENDS")?;
-        for (id, b) in backends {
+        let v4: Vec<(u32, Backend)> = collect(m.backends.iter(), "BACKENDS_V4")?;
+        let v6: Vec<(u32, Backend6)> = collect(m.backends6.iter(), "BACKENDS_V6")?;
+        let backends = v4
+            .into_iter()
+            .map(|(id, b)| (id, IpAddr::from(b.ip()), b.host_port(), b.proto, b.flags))
+            .chain(
+                v6.into_iter()
+                    .map(|(id, b)| (id, IpAddr::from(b.ip()), b.host_port(), b.proto, b.flags)),
+            );
+        for (id, addr, port, proto, flags) in backends {
             self.next_backend_id = self.next_backend_id.max(id.wrapping_add(1));
             self.backends.insert(
-                BackendIdentity {
-                    addr: b.ip(),
-                    port: b.host_port(),
-                    proto: b.proto,
-                },
-                BackendEntry {
-                    id,
-                    flags: b.flags,
-                    refs: 0,
-                },
+                BackendIdentity { addr, port, proto },
+                BackendEntry { id, flags, refs: 0 },
             );
         }
         let mut ranges: HashMap<u32, Vec<(Ipv4Addr, u8)>> = HashMap::new();
@@ -43,12 +45,22 @@ impl EbpfDataplane {
                 .or_default()
                 .push((d.ip(), k.prefix_len().saturating_sub(32) as u8));
         }
-        let services: Vec<(ServiceKey, ServiceValue)> = collect(m.services.iter(), "SERVICES")?;
+        let v4: Vec<(ServiceKey, ServiceValue)> = collect(m.services.iter(), "SVC_V4")?;
+        let v6: Vec<(ServiceKey6, ServiceValue)> = collect(m.services6.iter(), "SVC_V6")?;
+        // (address, port, protocol number, value) of both families.
+        let services: Vec<(IpAddr, u16, u8, ServiceValue)> = v4
+            .into_iter()
+            .map(|(k, v)| (IpAddr::from(k.ip()), k.host_port(), k.proto, v))
+            .chain(
+                v6.into_iter()
+                    .map(|(k, v)| (IpAddr::from(k.ip()), k.host_port(), k.proto, v)),
+            )
+            .collect();
         // Maglev tables: the size each referenced table id must have, and
         // how many of its slots are there. Entries of no referenced table,
         // or beyond its size, are stale.
         let mut table_size: HashMap<u32, u32> = HashMap::new();
-        for (_, v) in &services {
+        for (.., v) in &services {
             if v.maglev_size != 0 {
                 table_size.entry(v.maglev_table).or_insert(v.maglev_size);
             }
@@ -64,9 +76,9 @@ impl EbpfDataplane {
         let complete =
             |t: u32, size: u32| table_size.get(&t) == Some(&size) && present.get(&t) == Some(&size);
         let mut live_slots = BTreeSet::new();
-        for (k, v) in services {
+        for (addr, port, proto, v) in services {
             self.next_frontend_id = self.next_frontend_id.max(v.id.wrapping_add(1));
-            let Some(proto) = Protocol::from_number(k.proto) else {
+            let Some(proto) = Protocol::from_number(proto) else {
                 continue;
             };
             let mut ids = Vec::with_capacity(v.count as usize);
@@ -81,11 +93,7 @@ impl EbpfDataplane {
                     ids.push(id);
                 }
             }
-            let key = FrontendKey {
-                addr: k.ip(),
-                port: k.host_port(),
-                proto,
-            };
+            let key = FrontendKey { addr, port, proto };
             self.frontends.insert(
                 key,
                 Programmed {
@@ -98,7 +106,8 @@ impl EbpfDataplane {
                     maglev_table: (v.maglev_size != 0 && complete(v.maglev_table, v.maglev_size))
                         .then_some(v.maglev_table),
                     // Not pinned: a size other than the agent's must have
-                    // come from an annotation.
+                    // come from an annotation (an IPv6 frontend has none in
+                    // the maps; its size is never compared, see `upsert`).
                     maglev_override: (v.maglev_size != 0
                         && v.maglev_size != self.cfg.maglev_table_size)
                         .then_some(v.maglev_size),

@@ -208,8 +208,8 @@ pub struct ClusterSizer {
     c: ClusterSize,
     maglev_size: u32,
     keys: HashSet<FrontendKey>,
-    backends: HashSet<(std::net::Ipv4Addr, u16, crate::model::Protocol)>,
-    tables: HashSet<(Vec<(std::net::Ipv4Addr, u16)>, u32)>,
+    backends: HashSet<(std::net::IpAddr, u16, crate::model::Protocol)>,
+    tables: HashSet<(Vec<(std::net::IpAddr, u16)>, u32)>,
 }
 
 impl ClusterSizer {
@@ -228,12 +228,17 @@ impl ClusterSizer {
         c.frontends += 1;
         c.pairs += f.backends.len() as u64;
         c.max_backends = c.max_backends.max(f.backends.len() as u64);
-        c.source_ranges += f.source_ranges.len() as u64;
+        // Only IPv4 frontends' ranges (and Maglev tables) are written: the
+        // per-packet path is IPv4 only.
+        let v4 = k.addr.is_ipv4();
+        if v4 {
+            c.source_ranges += f.source_ranges.len() as u64;
+        }
         for b in &f.backends {
             self.backends.insert((b.addr, b.port, k.proto));
         }
         let m = f.maglev_table_size.unwrap_or(self.maglev_size);
-        if m != 0 && f.kind != FrontendKind::ClusterIp && !f.backends.is_empty() {
+        if v4 && m != 0 && f.kind != FrontendKind::ClusterIp && !f.backends.is_empty() {
             let ids: Vec<_> = f.backends.iter().map(|b| (b.addr, b.port)).collect();
             if self.tables.insert((ids, m)) {
                 c.maglev_slots += u64::from(m);
@@ -347,7 +352,7 @@ mod tests {
         for i in 0..n {
             let backends = (0..per)
                 .map(|j| BackendAddr {
-                    addr: Ipv4Addr::from(0x0a00_0000 + i * per + j),
+                    addr: Ipv4Addr::from(0x0a00_0000 + i * per + j).into(),
                     port: 8080,
                     terminating: false,
                     local: false,
@@ -355,7 +360,7 @@ mod tests {
                 .collect();
             t.frontends.insert(
                 FrontendKey {
-                    addr: Ipv4Addr::from(0x0a60_0000 + i),
+                    addr: Ipv4Addr::from(0x0a60_0000 + i).into(),
                     port: 80,
                     proto: Protocol::Tcp,
                 },
@@ -363,7 +368,7 @@ mod tests {
                     kind,
                     backends,
                     affinity_timeout: 0,
-                    source_ranges: vec![(Ipv4Addr::new(192, 0, 2, 0), 24)],
+                    source_ranges: vec![(Ipv4Addr::new(192, 0, 2, 0).into(), 24)],
                     maglev_table_size: None,
                     local_only: false,
                 },
@@ -391,6 +396,30 @@ mod tests {
         assert_eq!(c.maglev_slots, 3 * 251);
         let c = ClusterSize::of(&table(3, 4, FrontendKind::LoadBalancer), 0);
         assert_eq!(c.maglev_slots, 0);
+        // An IPv6 frontend counts as a frontend with its backends; its
+        // ranges and Maglev table are not written, so not counted.
+        let mut t = table(3, 4, FrontendKind::LoadBalancer);
+        let mut six = t.frontends.values().next().cloned().expect("a frontend");
+        six.backends = vec![BackendAddr {
+            addr: "fd00:244::2".parse().expect("address"),
+            port: 8080,
+            terminating: false,
+            local: false,
+        }];
+        six.source_ranges = vec![("2001:db8::".parse().expect("address"), 32)];
+        t.frontends.insert(
+            FrontendKey {
+                addr: "fd00:96::1".parse().expect("address"),
+                port: 80,
+                proto: Protocol::Tcp,
+            },
+            six,
+        );
+        let c = ClusterSize::of(&t, 251);
+        assert_eq!(
+            (c.frontends, c.backends, c.source_ranges, c.maglev_slots),
+            (4, 13, 3, 3 * 251)
+        );
     }
 
     #[test]
@@ -407,6 +436,10 @@ mod tests {
         assert_eq!(caps[defs::REVNAT.name], 151_552);
         assert_eq!(caps[defs::SVC_STATS.name], 151_552);
         assert_eq!(caps[defs::BACKENDS.name], 1_503_232);
+        // The IPv6 maps follow the same flags (frontend and backend ids
+        // are one space: either family may hold all of them).
+        assert_eq!(caps[defs::SERVICES6.name], 151_552);
+        assert_eq!(caps[defs::BACKENDS6.name], 1_503_232);
         assert_eq!(caps[defs::SLOTS.name], 1_503_232);
         assert_eq!(caps[defs::AFFINITY_MATCH.name], 1_503_232);
         // Traffic-driven maps and Maglev (no north-south) keep defaults.

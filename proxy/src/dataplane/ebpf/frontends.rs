@@ -1,11 +1,23 @@
 //! Programming frontends: backends, slots, service entries.
+//!
+//! IPv6 frontends (socket LB only: the per-packet programs are IPv4 only)
+//! go to `SVC_V6` and their backends to `BACKENDS_V6`; slots, affinity
+//! membership and counters are shared with IPv4 (ids are one space). What
+//! only the per-packet path reads is not written for them: no `REVNAT_V4`
+//! entry, no Maglev table, no `SRC_RANGES_V4` entries. An IPv6 frontend
+//! with source ranges is written with the `SOURCE_RANGES` flag: socket LB
+//! leaves such a frontend to the per-packet path, which has no IPv6 yet,
+//! so it is not served (closed, never open to every client).
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use proxy_common::{
-    AffinityMatchKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SlotKey,
-    SourceRangeKey, SvcStats, backend_flags, maps as defs, svc_flags,
+    AffinityMatchKey, Backend, Backend6, MaglevKey, RevNat, ServiceKey, ServiceKey6, ServiceValue,
+    SlotKey, SourceRangeKey, SvcStats, backend_flags, maps as defs, svc_flags,
 };
 use tracing::warn;
 
@@ -44,7 +56,6 @@ impl EbpfDataplane {
         if b.local {
             flags |= backend_flags::LOCAL;
         }
-        let value = Backend::new(b.addr, b.port, proto, flags);
         let (id, refs) = match self.backends.get(&identity) {
             Some(e) if e.flags == flags => return Ok(e.id),
             Some(e) => (e.id, Some(e.refs)),
@@ -54,11 +65,11 @@ impl EbpfDataplane {
                 (id, None)
             }
         };
-        if let Err(source) = self.maps.backends.insert(id, value, 0) {
+        if let Err((map, source)) = self.write_backend(id, &identity, flags) {
             return Err(self.map_error(
-                proxy_common::maps::BACKENDS.name,
+                map,
                 "insert",
-                format!("(backend {}:{})", b.addr, b.port),
+                format!("(backend {})", std::net::SocketAddr::new(b.addr, b.port)),
                 source,
             ));
         }
@@ -101,16 +112,19 @@ impl EbpfDataplane {
             }
         };
         let flags = service_flags(fe);
-        let want_table = self.maglev_key(fe, &ids);
+        let want_table = self.maglev_key(key, fe, &ids);
+        // An IPv6 frontend's ranges and Maglev size are in no map (see the
+        // module documentation): they cannot differ from what is there.
+        let v4 = key.addr.is_ipv4();
         let (id, generation, old) = match self.frontends.get(key) {
             Some(p)
                 if *p.backend_ids == *ids
                     && p.flags == flags
                     && p.affinity_timeout == fe.affinity_timeout
-                    && *p.source_ranges == *fe.source_ranges
+                    && *p.source_ranges == *lpm_ranges(fe)
                     && p.maglev_table.and_then(|t| self.maglev_tables.key(t))
                         == want_table.as_ref()
-                    && p.maglev_override == fe.maglev_table_size =>
+                    && (!v4 || p.maglev_override == fe.maglev_table_size) =>
             {
                 // Nothing in the maps changes; what the agent asked for may
                 // (a field the maps do not hold).
@@ -192,17 +206,21 @@ impl EbpfDataplane {
             if let Err(e) = self.maps.svc_stats.insert(id, zero, 0) {
                 return Err(update(self, "insert", defs::SVC_STATS.name, e));
             }
-            let rev = RevNat {
-                addr: u32::from_ne_bytes(key.addr.octets()),
-                port: key.port.to_be(),
-                _pad: 0,
-            };
-            if let Err(e) = self.maps.revnat.insert(id, rev, 0) {
-                return Err(update(self, "insert", defs::REVNAT.name, e));
+            // Reverse NAT is the per-packet path's (IPv4 only).
+            if let IpAddr::V4(a) = key.addr {
+                let rev = RevNat {
+                    addr: u32::from_ne_bytes(a.octets()),
+                    port: key.port.to_be(),
+                    _pad: 0,
+                };
+                if let Err(e) = self.maps.revnat.insert(id, rev, 0) {
+                    return Err(update(self, "insert", defs::REVNAT.name, e));
+                }
             }
         }
         // Allowed ranges before the service entry that enables the check.
-        for (addr, len) in &fe.source_ranges {
+        let ranges = lpm_ranges(fe);
+        for (addr, len) in &ranges {
             if let Err(e) = self
                 .maps
                 .source_ranges
@@ -233,12 +251,10 @@ impl EbpfDataplane {
             maglev_size: table.map(|(_, m)| m).unwrap_or(0),
             maglev_table: table.map(|(t, _)| t).unwrap_or(0),
         };
-        if let Err(e) = self
-            .maps
-            .services
-            .insert(ServiceKey::new(key.addr, key.port, proto), value, 0)
-            .map_err(|e| update(self, "insert", defs::SERVICES.name, e))
-        {
+        let written = self
+            .write_service(key, value)
+            .map_err(|(map, e)| update(self, "insert", map, e));
+        if let Err(e) = written {
             // The new table has no user after all.
             if let Some((t, _)) = table
                 && table.map(|x| x.0) != old_table
@@ -276,11 +292,7 @@ impl EbpfDataplane {
             for backend_id in old.backend_ids.iter().filter(|b| !ids.contains(b)) {
                 self.delete_affinity_match(id, *backend_id);
             }
-            for (addr, len) in old
-                .source_ranges
-                .iter()
-                .filter(|r| !fe.source_ranges.contains(r))
-            {
+            for (addr, len) in old.source_ranges.iter().filter(|r| !ranges.contains(r)) {
                 let _ = self.maps.source_ranges.remove(&range_key(id, *addr, *len));
             }
         }
@@ -292,7 +304,7 @@ impl EbpfDataplane {
                 generation,
                 flags,
                 affinity_timeout: fe.affinity_timeout,
-                source_ranges: fe.source_ranges.as_slice().into(),
+                source_ranges: ranges.into(),
                 backend_ids: ids.into(),
                 maglev_table: table.map(|(t, _)| t),
                 maglev_override: fe.maglev_table_size,
@@ -326,24 +338,28 @@ impl EbpfDataplane {
             let _ = self.maps.svc_stats.remove(&t.id);
             let _ = self.maps.revnat.remove(&t.id);
         }
-        for (addr, len) in &fe.source_ranges {
-            if old.is_none_or(|o| !o.source_ranges.contains(&(*addr, *len))) {
-                let _ = self
-                    .maps
-                    .source_ranges
-                    .remove(&range_key(t.id, *addr, *len));
+        for (addr, len) in lpm_ranges(fe) {
+            if old.is_none_or(|o| !o.source_ranges.contains(&(addr, len))) {
+                let _ = self.maps.source_ranges.remove(&range_key(t.id, addr, len));
             }
         }
     }
 
     /// What Maglev table a north-south frontend needs (None: ClusterIP,
-    /// Maglev off, or no backends).
-    pub(super) fn maglev_key(&self, fe: &Frontend, ids: &[u32]) -> Option<TableKey> {
+    /// IPv6 (Maglev is the per-packet path's), Maglev off, or no
+    /// backends).
+    pub(super) fn maglev_key(
+        &self,
+        key: &FrontendKey,
+        fe: &Frontend,
+        ids: &[u32],
+    ) -> Option<TableKey> {
         let size = fe.maglev_table_size.unwrap_or(self.cfg.maglev_table_size);
-        (size != 0 && fe.kind != FrontendKind::ClusterIp && !ids.is_empty()).then(|| TableKey {
-            backend_ids: ids.to_vec(),
-            size,
-        })
+        (size != 0 && key.addr.is_ipv4() && fe.kind != FrontendKind::ClusterIp && !ids.is_empty())
+            .then(|| TableKey {
+                backend_ids: ids.to_vec(),
+                size,
+            })
     }
 
     /// The id and size of a table with `k`'s content: an existing one
@@ -409,25 +425,23 @@ impl EbpfDataplane {
         key: &FrontendKey,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
-        let Some(p) = self.frontends.get(key) else {
+        let Some(p) = self.frontends.get(key).cloned() else {
             return Ok(());
         };
-        let skey = ServiceKey::new(key.addr, key.port, key.proto.number());
-        match self.maps.services.remove(&skey) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
+        let proto = key.proto.number();
+        match self.delete_service(key) {
+            Ok(()) | Err((_, MapError::KeyNotFound)) => {}
+            Err((map, source)) => {
                 // Still programmed: kept, so a later sync retries.
                 return Err(EbpfError::Update {
-                    map: defs::SERVICES.name,
+                    map,
                     op: "delete",
                     frontend: key.to_string(),
                     source: Box::new(source),
                 });
             }
         }
-        let p = p.clone();
         self.frontends.remove(key);
-        let proto = key.proto.number();
         if let Some(prev) = self.table.frontends.remove(key) {
             for b in &prev.backends {
                 let i = identity(b, proto);
@@ -483,10 +497,78 @@ impl EbpfDataplane {
             if self.backends.get(&k).is_some_and(|e| e.refs == 0)
                 && let Some(e) = self.backends.remove(&k)
             {
-                let _ = self.maps.backends.remove(&e.id);
+                let _ = self.delete_backend(e.id, k.addr);
                 self.removed_backends.insert(e.id);
                 stats.backends_removed += 1;
             }
+        }
+    }
+}
+
+/// The one place each family's map is chosen: a frontend's service entry
+/// (`SVC_V4` / `SVC_V6`) and a backend (`BACKENDS_V4` / `BACKENDS_V6`).
+/// Errors carry the map's name.
+impl EbpfDataplane {
+    fn write_service(
+        &mut self,
+        key: &FrontendKey,
+        value: ServiceValue,
+    ) -> Result<(), (&'static str, MapError)> {
+        let proto = key.proto.number();
+        match key.addr {
+            IpAddr::V4(a) => self
+                .maps
+                .services
+                .insert(ServiceKey::new(a, key.port, proto), value, 0)
+                .map_err(|e| (defs::SERVICES.name, e)),
+            IpAddr::V6(a) => self
+                .maps
+                .services6
+                .insert(ServiceKey6::new(a, key.port, proto), value, 0)
+                .map_err(|e| (defs::SERVICES6.name, e)),
+        }
+    }
+
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<(), (&'static str, MapError)> {
+        let proto = key.proto.number();
+        match key.addr {
+            IpAddr::V4(a) => self
+                .maps
+                .services
+                .remove(&ServiceKey::new(a, key.port, proto))
+                .map_err(|e| (defs::SERVICES.name, e)),
+            IpAddr::V6(a) => self
+                .maps
+                .services6
+                .remove(&ServiceKey6::new(a, key.port, proto))
+                .map_err(|e| (defs::SERVICES6.name, e)),
+        }
+    }
+
+    fn write_backend(
+        &mut self,
+        id: u32,
+        b: &BackendIdentity,
+        flags: u8,
+    ) -> Result<(), (&'static str, MapError)> {
+        match b.addr {
+            IpAddr::V4(a) => self
+                .maps
+                .backends
+                .insert(id, Backend::new(a, b.port, b.proto, flags), 0)
+                .map_err(|e| (defs::BACKENDS.name, e)),
+            IpAddr::V6(a) => self
+                .maps
+                .backends6
+                .insert(id, Backend6::new(a, b.port, b.proto, flags), 0)
+                .map_err(|e| (defs::BACKENDS6.name, e)),
+        }
+    }
+
+    fn delete_backend(&mut self, id: u32, family: IpAddr) -> Result<(), MapError> {
+        match family {
+            IpAddr::V4(_) => self.maps.backends.remove(&id),
+            IpAddr::V6(_) => self.maps.backends6.remove(&id),
         }
     }
 }
@@ -509,7 +591,20 @@ pub(super) fn range_key(id: u32, addr: Ipv4Addr, len: u8) -> LpmKey<SourceRangeK
     )
 }
 
-/// The `SVC_V4` flag bits of a frontend: its kind and its per-service
+/// The ranges of `fe` that go to `SRC_RANGES_V4` (an IPv4 frontend's; an
+/// IPv6 frontend's ranges are IPv6 and go nowhere: see the module
+/// documentation).
+pub(super) fn lpm_ranges(fe: &Frontend) -> Vec<(Ipv4Addr, u8)> {
+    fe.source_ranges
+        .iter()
+        .filter_map(|(a, len)| match a {
+            IpAddr::V4(a) => Some((*a, *len)),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// The `SVC_V4` / `SVC_V6` flag bits of a frontend: its kind and its per-service
 /// options. [`frontend_of`] is the inverse.
 pub(super) fn service_flags(fe: &Frontend) -> u16 {
     let mut flags = kind_flags(fe.kind);
@@ -530,7 +625,11 @@ pub(super) fn frontend_of(p: &Programmed, backends: Vec<BackendAddr>) -> Fronten
         kind: flags_kind(p.flags),
         backends,
         affinity_timeout: p.affinity_timeout,
-        source_ranges: p.source_ranges.to_vec(),
+        source_ranges: p
+            .source_ranges
+            .iter()
+            .map(|(a, len)| (IpAddr::V4(*a), *len))
+            .collect(),
         maglev_table_size: p.maglev_override,
         local_only: flags.local_only(),
     }

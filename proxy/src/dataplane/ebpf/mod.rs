@@ -31,7 +31,7 @@ mod resize;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -45,7 +45,7 @@ use aya::{
     maps::MapError,
     programs::{ProgramError, SchedClassifier, Xdp, links::PinnedLink},
 };
-use proxy_common::{Backend, Config, MapInfo, Net4, config_flags, progs};
+use proxy_common::{Config, MapInfo, Net4, config_flags, progs};
 
 use tracing::{debug, info, warn};
 
@@ -200,7 +200,7 @@ struct Programmed {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct BackendIdentity {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     proto: u8,
 }
@@ -214,13 +214,6 @@ struct BackendEntry {
     refs: u32,
     /// `Backend::flags`.
     flags: u8,
-}
-
-impl BackendIdentity {
-    /// The `BACKENDS_V4` value of this backend with `flags`.
-    fn value(&self, flags: u8) -> Backend {
-        Backend::new(self.addr, self.port, self.proto, flags)
-    }
 }
 
 /// Failed inserts per map, indexed like `proxy_common::maps::ALL`.
@@ -257,8 +250,8 @@ pub struct EbpfDataplane {
     /// What `frontends` programs, as the agent asked for it (lent to the
     /// diff): kept with `frontends`, entry for entry.
     table: LbTable,
-    /// Every backend in `BACKENDS_V4`: its id, value and how many
-    /// frontends' lists hold it.
+    /// Every backend in `BACKENDS_V4` and `BACKENDS_V6`: its id, value and
+    /// how many frontends' lists hold it.
     backends: backends::Backends,
     /// Backends whose reference count dropped to 0 (or that were written
     /// for a frontend that then failed) since the last apply: the only
@@ -353,6 +346,14 @@ impl EbpfDataplane {
             .filter(|(_, v)| removed.contains(&v.service_id))
             .map(|(k, _)| k)
             .collect();
+        let sock6: Vec<_> = self
+            .maps
+            .sock_revnat6
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| removed.contains(&v.service_id))
+            .map(|(k, _)| k)
+            .collect();
         let aff: Vec<_> = self
             .maps
             .affinity
@@ -360,9 +361,12 @@ impl EbpfDataplane {
             .filter_map(Result::ok)
             .filter(|k| removed.contains(&k.service_id))
             .collect();
-        let n = sock.len() + aff.len();
+        let n = sock.len() + sock6.len() + aff.len();
         for k in sock {
             let _ = self.maps.sock_revnat.remove(&k);
+        }
+        for k in sock6 {
+            let _ = self.maps.sock_revnat6.remove(&k);
         }
         for k in aff {
             let _ = self.maps.affinity.remove(&k);
@@ -432,8 +436,12 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// Whether `addr` lies inside `--cluster-cidr`.
-    fn in_pod_network(&self, addr: Ipv4Addr) -> bool {
+    /// Whether `addr` lies inside `--cluster-cidr` (its IPv4 networks: the
+    /// fast exit is the IPv4 per-packet path's).
+    fn in_pod_network(&self, addr: IpAddr) -> bool {
+        let IpAddr::V4(addr) = addr else {
+            return false;
+        };
         let raw = u32::from_ne_bytes(addr.octets());
         self.cfg
             .pod_networks
@@ -509,10 +517,18 @@ impl EbpfDataplane {
     /// The table as the maps hold it (after adoption: what an earlier agent
     /// programmed).
     fn table_from_maps(&self) -> LbTable {
-        let by_id: HashMap<u32, Backend> = self
+        let by_id: HashMap<u32, BackendAddr> = self
             .backends
             .iter()
-            .map(|(k, e)| (e.id, k.value(e.flags)))
+            .map(|(k, e)| {
+                let b = BackendAddr {
+                    addr: k.addr,
+                    port: k.port,
+                    terminating: e.flags & proxy_common::backend_flags::TERMINATING != 0,
+                    local: e.flags & proxy_common::backend_flags::LOCAL != 0,
+                };
+                (e.id, b)
+            })
             .collect();
         let mut lb = LbTable::default();
         for (k, p) in &self.frontends {
@@ -520,12 +536,7 @@ impl EbpfDataplane {
                 .backend_ids
                 .iter()
                 .filter_map(|id| by_id.get(id))
-                .map(|b| BackendAddr {
-                    addr: b.ip(),
-                    port: b.host_port(),
-                    terminating: b.is_terminating(),
-                    local: b.is_local(),
-                })
+                .copied()
                 .collect();
             lb.frontends.insert(*k, frontends::frontend_of(p, backends));
         }

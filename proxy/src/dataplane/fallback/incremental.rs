@@ -17,10 +17,14 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
+    net::{IpAddr, Ipv4Addr},
     num::NonZeroU64,
 };
 
-use crate::lb::{Frontend, FrontendKey};
+use crate::{
+    lb::{Frontend, FrontendKey},
+    model::Protocol,
+};
 
 /// One thing a fallback mode programs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +75,39 @@ pub fn hash_lines<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
     h.finish()
 }
 
+/// A frontend as an item's owner holds it: 8 bytes, as the fallback
+/// modes write items for IPv4 frontends only
+/// ([`super::programs`]; a [`FrontendKey`] takes 20 with its `IpAddr`).
+/// Ordered as the `FrontendKey`s it stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct OwnerKey {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: Protocol,
+}
+
+impl OwnerKey {
+    /// None for an IPv6 frontend (it contributes no item).
+    fn of(k: &FrontendKey) -> Option<OwnerKey> {
+        match k.addr {
+            IpAddr::V4(addr) => Some(OwnerKey {
+                addr,
+                port: k.port,
+                proto: k.proto,
+            }),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn key(self) -> FrontendKey {
+        FrontendKey {
+            addr: self.addr.into(),
+            port: self.port,
+            proto: self.proto,
+        }
+    }
+}
+
 /// Who wants an item: nobody, the mode itself (a fixed item), or the
 /// frontends contributing it (nearly always one). 16 bytes: there is one
 /// per item, ~120k at 10k services x 10 endpoints.
@@ -79,16 +116,20 @@ enum Owners {
     #[default]
     None,
     Fixed,
-    One(FrontendKey),
+    One(OwnerKey),
     /// Boxed: a `Vec` inline would make every slot 8 bytes bigger, for
     /// the few items several frontends share.
     #[allow(clippy::box_collection)]
-    Many(Box<Vec<FrontendKey>>),
+    Many(Box<Vec<OwnerKey>>),
 }
 
 impl Owners {
-    /// `k` contributes (a fixed item stays the mode's).
+    /// `k` contributes (a fixed item stays the mode's). The generators
+    /// write nothing for an IPv6 frontend, so it never owns an item.
     fn add(&mut self, k: FrontendKey) {
+        let Some(k) = OwnerKey::of(&k) else {
+            return;
+        };
         *self = match std::mem::take(self) {
             Owners::None => Owners::One(k),
             Owners::Fixed => Owners::Fixed,
@@ -104,10 +145,13 @@ impl Owners {
     }
 
     fn remove(&mut self, k: &FrontendKey) {
+        let Some(k) = OwnerKey::of(k) else {
+            return;
+        };
         *self = match std::mem::take(self) {
-            Owners::One(o) if o == *k => Owners::None,
+            Owners::One(o) if o == k => Owners::None,
             Owners::Many(mut v) => {
-                v.retain(|o| o != k);
+                v.retain(|o| *o != k);
                 match v.len() {
                     0 => Owners::None,
                     1 => Owners::One(v[0]),
@@ -123,8 +167,8 @@ impl Owners {
     fn winner(&self) -> Option<FrontendKey> {
         match self {
             Owners::None | Owners::Fixed => None,
-            Owners::One(k) => Some(*k),
-            Owners::Many(v) => v.iter().max().copied(),
+            Owners::One(k) => Some(k.key()),
+            Owners::Many(v) => v.iter().max().map(|k| k.key()),
         }
     }
 
@@ -541,7 +585,7 @@ mod tests {
     #[test]
     fn owners_pick_the_greatest_key() {
         let k = |p| FrontendKey {
-            addr: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            addr: std::net::Ipv4Addr::new(10, 0, 0, 1).into(),
             port: p,
             proto: crate::model::Protocol::Tcp,
         };
