@@ -103,14 +103,22 @@ fn kind_config_is_dual_stack_without_kube_proxy_and_has_two_workers() -> Result<
     assert_eq!(cfg["networking"]["ipFamily"], "dual");
     // The IPv4 pod network is the one the DaemonSet passes as
     // --cluster-cidr.
-    let pods = cfg["networking"]["podSubnet"].as_str().context("podSubnet")?;
+    let pods = cfg["networking"]["podSubnet"]
+        .as_str()
+        .context("podSubnet")?;
     let ds = serde_json::to_string(&daemonset()?)?;
     let v4 = pods
         .split(',')
         .find(|c| !c.contains(':'))
         .context("an IPv4 pod subnet")?;
-    assert!(pods.split(',').any(|c| c.contains(':')), "an IPv6 pod subnet");
-    assert!(ds.contains(&format!("--cluster-cidr={v4}")), "--cluster-cidr={v4} in the DaemonSet");
+    assert!(
+        pods.split(',').any(|c| c.contains(':')),
+        "an IPv6 pod subnet"
+    );
+    assert!(
+        ds.contains(&format!("--cluster-cidr={v4}")),
+        "--cluster-cidr={v4} in the DaemonSet"
+    );
     let roles: Vec<&str> = cfg["nodes"]
         .as_array()
         .context("nodes")?

@@ -109,6 +109,14 @@ fn entries(dump: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} not in the dump"))
 }
 
+/// The IPv6 addresses of the dump's backend entries.
+fn v6_backend_ips(d: &Value) -> Vec<String> {
+    backend_ips(d)
+        .into_iter()
+        .filter(|ip| ip.contains(':'))
+        .collect()
+}
+
 /// The backend addresses (`ip`) of a dump.
 fn backend_ips(dump: &Value) -> Vec<String> {
     let mut v: Vec<String> = dump["backends"]
@@ -213,13 +221,9 @@ fn ipv6_and_dual_stack_cluster_ips_through_socket_lb_then_removed() {
     let d = dump(&s, 1);
     assert_eq!(entries(&d, "SVC_V6"), 4, "six and dual, TCP and UDP");
     let (ip21, ip22) = (s.pod(2, 1).ip6.to_string(), s.pod(2, 2).ip6.to_string());
-    let v6_backends: Vec<String> = backend_ips(&d)
-        .into_iter()
-        .filter(|ip| ip.contains(':'))
-        .collect();
     // (address, port, protocol) each: TCP and UDP per pod.
     assert_eq!(
-        v6_backends,
+        v6_backend_ips(&d),
         [ip21.clone(), ip21.clone(), ip22.clone(), ip22.clone()],
         "BACKENDS_V6"
     );
@@ -239,12 +243,8 @@ fn ipv6_and_dual_stack_cluster_ips_through_socket_lb_then_removed() {
     });
     let d = dump(&s, 1);
     assert_eq!(entries(&d, "SVC_V6"), 2, "only the dual-stack service's");
-    let v6_backends: Vec<String> = backend_ips(&d)
-        .into_iter()
-        .filter(|ip| ip.contains(':'))
-        .collect();
     assert_eq!(
-        v6_backends,
+        v6_backend_ips(&d),
         [ip22.clone(), ip22],
         "BACKENDS_V6 after removal"
     );
