@@ -1193,6 +1193,54 @@ impl<'a> Bench<'a> {
         self.args.stats_duration.max(0.2)
     }
 
+    /// Records a `connrate rate` result under `key`, or the failure: none
+    /// succeeded, or more than 1 % errors beside the successes (recorded,
+    /// the rate counting successes only). Returns the successes and the
+    /// report when a rate was recorded.
+    fn record_rate(
+        &mut self,
+        mode: &str,
+        key: &str,
+        scale: Option<usize>,
+        r: usize,
+        res: Result<Value>,
+    ) -> Option<(u64, Value)> {
+        let v = match res {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(mode, key, scale, &format!("{e:#}"));
+                return None;
+            }
+        };
+        let ok = v["connections"].as_u64().unwrap_or(0);
+        let errors = v["errors"].as_u64().unwrap_or(0);
+        if ok == 0 {
+            self.fail(
+                mode,
+                key,
+                scale,
+                &format!(
+                    "no connection succeeded ({errors} errors, last: {})",
+                    v["last_error"]
+                ),
+            );
+            return None;
+        }
+        if errors * 100 > ok {
+            self.fail(
+                mode,
+                &format!("{key} errors"),
+                scale,
+                &format!(
+                    "{errors} errors beside {ok} connections (last: {}); the rate counts successes only",
+                    v["last_error"]
+                ),
+            );
+        }
+        self.record(mode, key, scale, r, v["rate"].as_f64().unwrap_or(0.0));
+        Some((ok, v))
+    }
+
     /// Connection rate (with its CPU cost; then a statistics pass for the
     /// programs' own cost) and request/response latency of one round.
     fn conn(&mut self, lane: usize, scale: Option<usize>, r: usize) {
@@ -1204,43 +1252,11 @@ impl<'a> Bench<'a> {
             self.args.duration,
         );
         let cpu = cost.finish();
-        match res {
-            Ok(v) => {
-                let ok = v["connections"].as_u64().unwrap_or(0);
-                let errors = v["errors"].as_u64().unwrap_or(0);
-                if ok == 0 {
-                    self.fail(
-                        &mode,
-                        "conn_rate",
-                        scale,
-                        &format!(
-                            "no connection succeeded ({errors} errors, last: {})",
-                            v["last_error"]
-                        ),
-                    );
-                } else {
-                    if errors * 100 > ok {
-                        self.fail(
-                            &mode,
-                            "conn_rate errors",
-                            scale,
-                            &format!("{errors} errors beside {ok} connections (last: {}); the rate counts successes only", v["last_error"]),
-                        );
-                    }
-                    self.record(
-                        &mode,
-                        "conn_rate",
-                        scale,
-                        r,
-                        v["rate"].as_f64().unwrap_or(0.0),
-                    );
-                    if let Some(cpu) = cpu {
-                        self.record(&mode, "conn_cpu", scale, r, cpu * 1e6 / ok as f64);
-                    }
-                    self.record_percentiles(&mode, "conn", scale, r, &v);
-                }
+        if let Some((ok, v)) = self.record_rate(&mode, "conn_rate", scale, r, res) {
+            if let Some(cpu) = cpu {
+                self.record(&mode, "conn_cpu", scale, r, cpu * 1e6 / ok as f64);
             }
-            Err(e) => self.fail(&mode, "conn_rate", scale, &format!("{e:#}")),
+            self.record_percentiles(&mode, "conn", scale, r, &v);
         }
         let pids = self.lanes[lane].agent_pids();
         if !pids.is_empty() {
@@ -1267,39 +1283,8 @@ impl<'a> Bench<'a> {
         // The connection rate over IPv6, as a ratio to IPv6 direct.
         if self.lanes[lane].serves_ipv6() {
             let to = self.lanes[lane].conn_to6(CONN_PORT);
-            match self.rate(lane, to, self.args.duration) {
-                Ok(v) if v["connections"].as_u64().unwrap_or(0) > 0 => {
-                    let (ok, errors) = (
-                        v["connections"].as_u64().unwrap_or(0),
-                        v["errors"].as_u64().unwrap_or(0),
-                    );
-                    if errors * 100 > ok {
-                        self.fail(
-                            &mode,
-                            "conn_rate_v6 errors",
-                            scale,
-                            &format!("{errors} errors beside {ok} connections (last: {}); the rate counts successes only", v["last_error"]),
-                        );
-                    }
-                    self.record(
-                        &mode,
-                        "conn_rate_v6",
-                        scale,
-                        r,
-                        v["rate"].as_f64().unwrap_or(0.0),
-                    );
-                }
-                Ok(v) => self.fail(
-                    &mode,
-                    "conn_rate_v6",
-                    scale,
-                    &format!(
-                        "no connection succeeded ({} errors, last: {})",
-                        v["errors"], v["last_error"]
-                    ),
-                ),
-                Err(e) => self.fail(&mode, "conn_rate_v6", scale, &format!("{e:#}")),
-            }
+            let res = self.rate(lane, to, self.args.duration);
+            self.record_rate(&mode, "conn_rate_v6", scale, r, res);
         }
         // As the scheduler places both ends, then both on one CPU.
         for (prefix, port, pin) in [
