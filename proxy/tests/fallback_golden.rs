@@ -58,7 +58,7 @@ fn be(last: u8, node: u8, port: u16, local_node: u8) -> BackendAddr {
 fn fe(kind: FrontendKind, backends: Vec<BackendAddr>) -> Frontend {
     Frontend {
         kind,
-        backends,
+        backends: backends.into(),
         affinity_timeout: 0,
         source_ranges: vec![],
         maglev_table_size: None,
@@ -104,9 +104,11 @@ fn one_endpoint_removed() -> BTreeMap<FrontendKey, Frontend> {
     let sticky = f
         .get_mut(&key([10, 96, 0, 20], 80, Protocol::Tcp))
         .expect("fixture has sticky");
-    sticky
+    sticky.backends = sticky
         .backends
-        .retain(|b| b.addr != std::net::IpAddr::from(Ipv4Addr::new(10, 244, 2, 3)));
+        .iter()
+        .filter(|b| b.addr != std::net::IpAddr::from(Ipv4Addr::new(10, 244, 2, 3)))
+        .collect();
     f
 }
 
@@ -214,8 +216,7 @@ fn nftables_endpoints_appearing_swap_one_map_element() {
     before
         .get_mut(&key([10, 96, 0, 10], 80, Protocol::Tcp))
         .expect("web")
-        .backends
-        .clear();
+        .backends = Default::default();
     let d = partial(&nftr(), &before, &fixture());
     let (input, plan) = nftables_rules::render(&d);
     assert_eq!(plan.elements_deleted.len(), 1, "{input}");

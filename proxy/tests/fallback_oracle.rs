@@ -80,7 +80,7 @@ fn random_frontend(rng: &mut Rng, kind: FrontendKind) -> Frontend {
     backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
     Frontend {
         kind,
-        backends,
+        backends: backends.into(),
         affinity_timeout: if rng.chance(20) {
             [10800, 60][rng.below(2) as usize]
         } else {
@@ -122,13 +122,15 @@ fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
                 };
                 let mut f = random_frontend(rng, FrontendKind::ClusterIp);
                 if v6 {
-                    for b in &mut f.backends {
+                    let mut backends = f.backends.to_vec();
+                    for b in &mut backends {
                         if let IpAddr::V4(a) = b.addr {
                             let [_, _, c, d] = a.octets();
                             b.addr =
                                 Ipv6Addr::new(0xfd00, 0x244, c.into(), 0, 0, 0, 0, d.into()).into();
                         }
                     }
+                    f.backends = backends.into();
                 }
                 next.frontends.insert(k, f);
             }
@@ -824,20 +826,22 @@ fn changes_stay_local<G: Generator>(mode: &str, g: &G) {
         let mut f = old
             .clone()
             .unwrap_or_else(|| random_frontend(&mut rng, FrontendKind::ClusterIp));
+        let mut backends = f.backends.to_vec();
         match n % 5 {
-            0 => f.backends.push(BackendAddr {
+            0 => backends.push(BackendAddr {
                 addr: Ipv4Addr::new(10, 244, 7, n as u8).into(),
                 port: 8080,
                 terminating: false,
                 local: n % 2 == 0,
             }),
             1 => {
-                f.backends.pop();
+                backends.pop();
             }
-            2 => f.backends.clear(),
+            2 => backends.clear(),
             3 => f.affinity_timeout = if f.affinity_timeout > 0 { 0 } else { 60 },
             _ => {}
         }
+        f.backends = backends.into();
         if n % 5 == 4 && old.is_some() {
             next.frontends.remove(&k);
         } else {

@@ -596,7 +596,7 @@ impl Spec {
     fn frontend(&self, key: &FrontendKey) -> Frontend {
         Frontend {
             kind: self.kind,
-            backends: backend_list(&self.backends, key),
+            backends: backend_list(&self.backends, key).into(),
             affinity_timeout: self.affinity,
             source_ranges: self
                 .ranges

@@ -409,7 +409,8 @@ fn closed_socket_roundtrip(vip: IpAddr, loopback: IpAddr) {
                 port,
                 terminating: false,
                 local: true,
-            }],
+            }]
+            .into(),
             affinity_timeout: 0,
             source_ranges: vec![],
             maglev_table_size: None,

@@ -61,7 +61,7 @@ fn fixture_with(configure: impl FnOnce(&mut EbpfConfig)) -> Fixture {
     };
     let fe = |backends: Vec<BackendAddr>| Frontend {
         kind: FrontendKind::ClusterIp,
-        backends,
+        backends: backends.into(),
         affinity_timeout: 0,
         source_ranges: vec![],
         maglev_table_size: None,
@@ -122,7 +122,7 @@ fn fixture_with_empty_udp() -> Fixture {
             },
             Frontend {
                 kind: FrontendKind::ClusterIp,
-                backends: vec![],
+                backends: vec![].into(),
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
@@ -864,7 +864,7 @@ fn north_south() -> Fixture {
             },
             Frontend {
                 kind: FrontendKind::NodePort,
-                backends,
+                backends: backends.into(),
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
@@ -1044,7 +1044,8 @@ fn north_south_udp() -> Fixture {
                     port: 8080,
                     terminating: false,
                     local,
-                }],
+                }]
+                .into(),
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
@@ -1128,7 +1129,8 @@ fn source_ranges_hold_for_pods_reaching_a_load_balancer_ip() {
                     port: 8080,
                     terminating: false,
                     local: false,
-                }],
+                }]
+                .into(),
                 affinity_timeout: 0,
                 source_ranges: vec![(CLIENT.into(), 32)],
                 maglev_table_size: None,
@@ -1176,7 +1178,7 @@ fn maglev_node(reverse: bool) -> Fixture {
             },
             Frontend {
                 kind: FrontendKind::NodePort,
-                backends,
+                backends: backends.into(),
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
@@ -1239,7 +1241,8 @@ fn maglev_table_size_can_be_set_per_frontend() {
             port: 8080,
             terminating: false,
             local: false,
-        }],
+        }]
+        .into(),
         affinity_timeout: 0,
         source_ranges: vec![],
         maglev_table_size: Some(13),
@@ -1278,7 +1281,7 @@ fn affinity_forgets_a_backend_that_left_a_large_frontend() {
         .collect();
     let fe = |backends: Vec<BackendAddr>, affinity_timeout| Frontend {
         kind: FrontendKind::ClusterIp,
-        backends,
+        backends: backends.into(),
         affinity_timeout,
         source_ranges: vec![],
         maglev_table_size: None,
@@ -1383,7 +1386,8 @@ fn sock_release_forgets_the_socket_reverse_entry() {
                     port: 5353,
                     terminating: false,
                     local: true,
-                }],
+                }]
+                .into(),
                 affinity_timeout: 0,
                 source_ranges: vec![],
                 maglev_table_size: None,
@@ -2143,7 +2147,8 @@ fn packets_to_the_pod_network_skip_the_frontend_lookup_while_no_frontend_is_ther
             port: 8081,
             terminating: false,
             local: false,
-        }],
+        }]
+        .into(),
         affinity_timeout: 0,
         source_ranges: vec![],
         maglev_table_size: None,

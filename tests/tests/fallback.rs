@@ -551,7 +551,7 @@ fn ipvs_glue_rejects_guards_marks_and_cleans_up() {
     };
     let fe = |kind, ranges: Vec<(Ipv4Addr, u8)>| Frontend {
         kind,
-        backends: vec![be],
+        backends: vec![be].into(),
         affinity_timeout: 0,
         source_ranges: ranges.into_iter().map(|(a, l)| (a.into(), l)).collect(),
         maglev_table_size: None,

@@ -338,7 +338,7 @@ pub fn change_stats(
             }
             None => {
                 s.removed += 1;
-                s.backends_removed += old.map_or(0, Vec::len);
+                s.backends_removed += old.map_or(0, |o| o.len());
             }
         }
     }
@@ -390,7 +390,7 @@ fn stale_udp_flows_of(
     if k.proto != Protocol::Udp {
         return;
     }
-    let v4 = |b: &BackendAddr| match b.addr {
+    let v4 = |b: BackendAddr| match b.addr {
         IpAddr::V4(a) => Some(a),
         IpAddr::V6(_) => None,
     };

@@ -417,7 +417,7 @@ impl Generator for IptablesRules {
         // (endpoint, port, endpoint) entries: no chain per endpoint.
         for b in &f.backends {
             out.push((
-                Item::Element(HAIRPIN_SET, hairpin_entry(k, b).into()),
+                Item::Element(HAIRPIN_SET, hairpin_entry(k, &b).into()),
                 Content::default(),
             ));
         }

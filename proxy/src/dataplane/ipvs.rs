@@ -828,7 +828,8 @@ mod tests {
             port: 8080,
             terminating: false,
             local: true,
-        }];
+        }]
+        .into();
         fes.insert(
             FrontendKey {
                 addr: "fd00:96::10".parse().expect("address"),

@@ -204,8 +204,8 @@ pub const HAIRPIN_SET: &str = "hairpin-endpoints";
 
 /// A frontend's endpoints in rule order: as given, except that for an
 /// external frontend the local ones come first (see the service chain).
-pub fn endpoint_order(f: &Frontend) -> Vec<&crate::lb::BackendAddr> {
-    let mut order: Vec<&crate::lb::BackendAddr> = f.backends.iter().collect();
+pub fn endpoint_order(f: &Frontend) -> Vec<crate::lb::BackendAddr> {
+    let mut order: Vec<crate::lb::BackendAddr> = f.backends.iter().collect();
     if f.kind != FrontendKind::ClusterIp {
         order.sort_by_key(|b| !b.local);
     }
@@ -718,7 +718,8 @@ mod tests {
                 port: 8080,
                 terminating: false,
                 local: true,
-            }],
+            }]
+            .into(),
             affinity_timeout: 0,
             source_ranges: vec![],
             maglev_table_size: None,
@@ -759,7 +760,8 @@ mod tests {
                 port: 8080,
                 terminating: false,
                 local: true,
-            }],
+            }]
+            .into(),
             affinity_timeout: 0,
             source_ranges: vec![],
             maglev_table_size: None,

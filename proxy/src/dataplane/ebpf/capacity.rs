@@ -405,7 +405,8 @@ mod tests {
             port: 8080,
             terminating: false,
             local: false,
-        }];
+        }]
+        .into();
         six.source_ranges = vec![("2001:db8::".parse().expect("address"), 32)];
         t.frontends.insert(
             FrontendKey {

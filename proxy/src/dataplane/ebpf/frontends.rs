@@ -102,7 +102,7 @@ impl EbpfDataplane {
         let ids = match fe
             .backends
             .iter()
-            .map(|b| self.backend_id(b, proto, stats))
+            .map(|b| self.backend_id(&b, proto, stats))
             .collect::<Result<Vec<u32>, _>>()
         {
             Ok(ids) => ids,
@@ -272,13 +272,13 @@ impl EbpfDataplane {
         // The frontend's backends now: references move from the old list
         // to the new one (new first, so shared ones never reach 0).
         for b in &fe.backends {
-            if let Some(refs) = self.backends.refs_mut(&identity(b, proto)) {
+            if let Some(refs) = self.backends.refs_mut(&identity(&b, proto)) {
                 *refs += 1;
             }
         }
         if let Some(prev) = self.table.frontends.get(key) {
             for b in &prev.backends {
-                let i = identity(b, proto);
+                let i = identity(&b, proto);
                 if let Some(refs) = self.backends.refs_mut(&i) {
                     *refs = refs.saturating_sub(1);
                     if *refs == 0 {
@@ -317,7 +317,7 @@ impl EbpfDataplane {
     /// uses go at the end of the apply.
     fn forget_unused(&mut self, fe: &Frontend, proto: u8) {
         for b in &fe.backends {
-            let i = identity(b, proto);
+            let i = identity(&b, proto);
             if self.backends.get(&i).is_some_and(|e| e.refs == 0) {
                 self.unreferenced.insert(i);
             }
@@ -444,7 +444,7 @@ impl EbpfDataplane {
         self.frontends.remove(key);
         if let Some(prev) = self.table.frontends.remove(key) {
             for b in &prev.backends {
-                let i = identity(b, proto);
+                let i = identity(&b, proto);
                 if let Some(refs) = self.backends.refs_mut(&i) {
                     *refs = refs.saturating_sub(1);
                     if *refs == 0 {
@@ -623,7 +623,7 @@ pub(super) fn frontend_of(p: &Programmed, backends: Vec<BackendAddr>) -> Fronten
     let flags = SvcFlags(p.flags);
     Frontend {
         kind: flags_kind(p.flags),
-        backends,
+        backends: backends.into(),
         affinity_timeout: p.affinity_timeout,
         source_ranges: p
             .source_ranges
