@@ -58,6 +58,10 @@ pub struct Synced {
     pub errors: Option<Vec<ModelError>>,
     /// Objects (or parts) that cannot be programmed, now.
     pub error_count: usize,
+    /// Service ports whose Local policy finds no endpoint on this node
+    /// while they have endpoints: [internal, external] (see
+    /// [`model::ServicePort::no_local_endpoints`]).
+    pub no_local: [usize; 2],
     /// Service ports in the desired state.
     pub services: usize,
     /// Distinct backends (address, port) in the desired state.
@@ -184,6 +188,7 @@ struct HealthClaim {
 #[derive(Debug, Default)]
 struct Contribution {
     ports: usize,
+    no_local: [usize; 2],
     frontends: Vec<(FrontendKey, Arc<ServicePortName>)>,
     health: Vec<(u16, Arc<ServicePortName>)>,
 }
@@ -207,6 +212,8 @@ pub struct SyncState {
     errors: BTreeMap<ObjectKey, Vec<ModelError>>,
     error_count: usize,
     ports: usize,
+    /// Sum of the contributions' `no_local`.
+    no_local: [usize; 2],
 }
 
 /// The winner of a frontend before a sync touched it.
@@ -232,6 +239,7 @@ impl SyncState {
             errors: BTreeMap::new(),
             error_count: 0,
             ports: 0,
+            no_local: [0; 2],
         }
     }
 
@@ -283,6 +291,7 @@ impl SyncState {
         self.errors = BTreeMap::new();
         self.error_count = self.node_errors.len();
         self.ports = 0;
+        self.no_local = [0; 2];
         let mut touched_health = BTreeSet::new();
         for input in services {
             let key = key_of(&input.service);
@@ -339,6 +348,7 @@ impl SyncState {
             health,
             errors: Some(self.errors()),
             error_count: self.error_count,
+            no_local: self.no_local,
             services: self.ports,
             endpoints: self.backends.len(),
             owners,
@@ -403,6 +413,7 @@ impl SyncState {
             health,
             errors: errors_changed.then(|| self.errors()),
             error_count: self.error_count,
+            no_local: self.no_local,
             services: self.ports,
             endpoints: self.backends.len(),
             owners,
@@ -446,6 +457,9 @@ impl SyncState {
         self.error_count -= errors.as_ref().map_or(0, Vec::len);
         let contribution = self.services.remove(key)?;
         self.ports -= contribution.ports;
+        for (total, n) in self.no_local.iter_mut().zip(contribution.no_local) {
+            *total -= n;
+        }
         for (k, owner) in contribution.frontends {
             Self::touch(before, &self.claims, k);
             if let Some(list) = self.claims.get_mut(&k) {
@@ -488,6 +502,10 @@ impl SyncState {
         };
         self.ports += ports.len();
         for sp in &ports {
+            for (i, n) in sp.no_local_endpoints().into_iter().enumerate() {
+                contribution.no_local[i] += n;
+                self.no_local[i] += n;
+            }
             let owner = Arc::new(sp.name.clone());
             let frontends = lb::port_frontends(sp, &self.node);
             contribution.frontends.reserve_exact(frontends.len());
@@ -640,7 +658,7 @@ pub async fn run<D: Dataplane>(
     loop {
         // Every change queued so far is in the batch taken next.
         stores.watch_health.take_pending();
-        if let Some(batch) = stores.take() {
+        if let Some((batch, trigger_times)) = stores.take() {
             let start = Instant::now();
             last_start = Some(start);
             let full = matches!(batch, Batch::Full { .. });
@@ -660,7 +678,9 @@ pub async fn run<D: Dataplane>(
                         changes: std::mem::take(&mut s.owners),
                     };
                     telemetry.sync_succeeded(start.elapsed(), s.services, s.endpoints, owners);
+                    telemetry.programmed(&trigger_times);
                     telemetry.set_invalid_objects(s.error_count);
+                    telemetry.set_no_local_endpoints(s.no_local[0], s.no_local[1]);
                     if let Some(errors) = &s.errors {
                         // Warn once per problem while it lasts; debug when
                         // a later sync lists it again.

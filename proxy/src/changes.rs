@@ -30,7 +30,7 @@ pub type ObjectKey = (Arc<str>, Arc<str>);
 
 /// Which services changed since the last sync, or whether everything must
 /// be rebuilt; and kube-proxy's change counts (see [`ChangeCounts`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ChangeTracker {
     /// Services whose Service object changed.
     service_marks: HashSet<ObjectKey>,
@@ -40,6 +40,28 @@ pub struct ChangeTracker {
     service_total: u64,
     endpoint_total: u64,
     last_queued: Option<SystemTime>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` of every
+    /// EndpointSlice change queued since the last sync (kube-proxy's
+    /// `lastChangeTriggerTimes`), for `network_programming_duration_seconds`.
+    trigger_times: Vec<SystemTime>,
+    /// When the tracker started: older trigger times are not this agent's
+    /// to report (the change was programmed by whoever ran before).
+    started: SystemTime,
+}
+
+impl Default for ChangeTracker {
+    fn default() -> ChangeTracker {
+        ChangeTracker {
+            service_marks: HashSet::new(),
+            endpoint_marks: HashSet::new(),
+            full: false,
+            service_total: 0,
+            endpoint_total: 0,
+            last_queued: None,
+            trigger_times: Vec::new(),
+            started: SystemTime::now(),
+        }
+    }
 }
 
 /// kube-proxy's `sync_proxy_rules_{service,endpoint}_changes_{pending,total}`
@@ -64,11 +86,26 @@ impl ChangeTracker {
     }
 
     /// One EndpointSlice changed: rebuild the services it belonged to and
-    /// belongs to (one change, however many services).
-    pub fn endpoints_changed(&mut self, services: impl IntoIterator<Item = ObjectKey>) {
+    /// belongs to (one change, however many services). `trigger`: the
+    /// slice's last-change trigger time, if it has one.
+    pub fn endpoints_changed(
+        &mut self,
+        services: impl IntoIterator<Item = ObjectKey>,
+        trigger: Option<SystemTime>,
+    ) {
+        let now = SystemTime::now();
         self.endpoint_total += 1;
-        self.last_queued = Some(SystemTime::now());
+        self.last_queued = Some(now);
         self.endpoint_marks.extend(services);
+        if let Some(t) = trigger.filter(|t| *t >= self.started) {
+            self.trigger_times.push(t);
+        }
+    }
+
+    /// The trigger times queued since the last call (see
+    /// [`ChangeTracker::endpoints_changed`]).
+    pub fn take_trigger_times(&mut self) -> Vec<SystemTime> {
+        std::mem::take(&mut self.trigger_times)
     }
 
     /// Ask for a full rebuild (the marks then only count as pending
@@ -243,6 +280,7 @@ impl Cache {
                         .into_iter()
                         .chain(service)
                         .map(|s| (ns.clone(), s)),
+                    s.trigger_time,
                 );
             }
             Event::Delete(s) => {
@@ -257,7 +295,7 @@ impl Cache {
                 if let Some(n) = s.service_name() {
                     owners.push((key.0.clone(), n.into()));
                 }
-                self.tracker.endpoints_changed(owners);
+                self.tracker.endpoints_changed(owners, None);
             }
             Event::Init => self.relist_slices = Some(HashMap::new()),
             Event::InitApply(s) => {
@@ -380,6 +418,13 @@ impl Cache {
         }
     }
 
+    /// Take what changed since the last call and the EndpointSlice trigger
+    /// times it includes: None when nothing did.
+    pub fn take_with_trigger_times(&mut self) -> Option<(Batch, Vec<SystemTime>)> {
+        let batch = self.take()?;
+        Some((batch, self.tracker.take_trigger_times()))
+    }
+
     /// Take what changed since the last call: None when nothing did.
     pub fn take(&mut self) -> Option<Batch> {
         if self.tracker.is_empty() {
@@ -461,6 +506,30 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// kube-proxy's network programming latency starts at a slice's trigger
+    /// time: each change's time is handed over once, with the batch that
+    /// programs it; times from before the agent started are not its own.
+    #[test]
+    fn trigger_times_go_with_the_batch_that_programs_them() {
+        use std::time::Duration;
+        let mut c = Cache::default();
+        c.service_event(Event::Apply(svc("a")));
+        let stamped = |name: &str, t: SystemTime| SliceView {
+            trigger_time: Some(t),
+            ..slice(name, Some("a"))
+        };
+        let before_start = SystemTime::now() - Duration::from_secs(60);
+        c.slice_event(Event::Apply(stamped("a-1", before_start)));
+        let now = SystemTime::now();
+        c.slice_event(Event::Apply(stamped("a-2", now)));
+        c.slice_event(Event::Apply(slice("a-3", Some("a"))));
+        let (_, times) = c.take_with_trigger_times().expect("a batch");
+        assert_eq!(times, vec![now]);
+        c.slice_event(Event::Delete(slice("a-2", Some("a"))));
+        let (_, times) = c.take_with_trigger_times().expect("a batch");
+        assert!(times.is_empty(), "{times:?}");
     }
 
     #[test]

@@ -310,9 +310,10 @@ impl Stores {
         lock(&self.cache).node()
     }
 
-    /// What changed since the last call (None: nothing).
-    pub fn take(&self) -> Option<Batch> {
-        lock(&self.cache).take()
+    /// What changed since the last call, with the EndpointSlice trigger
+    /// times it includes (None: nothing).
+    pub fn take(&self) -> Option<(Batch, Vec<std::time::SystemTime>)> {
+        lock(&self.cache).take_with_trigger_times()
     }
 
     /// Ask for a full rebuild at the next [`Stores::take`].

@@ -276,13 +276,7 @@ impl LbTable {
 /// frontend. Each frontend gets the endpoints and source ranges of its own
 /// family only.
 pub fn port_frontends(sp: &ServicePort, node: &NodeContext) -> Vec<(FrontendKey, Frontend)> {
-    let serves = |v6: bool| -> bool {
-        if sp.cluster_ips.is_empty() {
-            !v6
-        } else {
-            sp.cluster_ips.iter().any(|ip| ip.is_ipv6() == v6)
-        }
-    };
+    let serves = |v6: bool| sp.serves(v6);
     // Backends per (family, traffic policy), index [v6][local_only].
     let backends = |v6: bool, local_only: bool| -> Backends {
         if !serves(v6) {

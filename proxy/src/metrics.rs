@@ -26,6 +26,18 @@ pub fn sync_buckets() -> Vec<f64> {
     (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
 }
 
+/// Buckets of the network programming latency histogram: kube-proxy's
+/// (0.25 s, 0.5 s; 1 s steps to 59 s; 5 s steps to 115 s; 30 s steps to
+/// 5 min).
+pub fn programming_buckets() -> Vec<f64> {
+    let linear = |start: f64, width: f64, n: u32| (0..n).map(move |i| start + width * f64::from(i));
+    linear(0.25, 0.25, 2)
+        .chain(linear(1.0, 1.0, 59))
+        .chain(linear(60.0, 5.0, 12))
+        .chain(linear(120.0, 30.0, 7))
+        .collect()
+}
+
 #[derive(Clone, Debug)]
 struct Histogram {
     bounds: Vec<f64>,
@@ -74,6 +86,11 @@ pub type ChangeSource = Box<dyn Fn() -> crate::changes::ChangeCounts + Send + Sy
 #[derive(Debug)]
 struct State {
     sync_duration: Histogram,
+    /// From an EndpointSlice's trigger time to the sync that programmed it.
+    programming: Histogram,
+    /// Service ports with a Local traffic policy, endpoints, and none on
+    /// this node: [internal, external].
+    no_local: [usize; 2],
     syncs: BTreeMap<&'static str, u64>,
     errors: BTreeMap<String, u64>,
     last_sync_ts: f64,
@@ -133,6 +150,8 @@ impl Telemetry {
             health: Mutex::default(),
             state: Mutex::new(State {
                 sync_duration: Histogram::new(sync_buckets()),
+                programming: Histogram::new(programming_buckets()),
+                no_local: [0; 2],
                 syncs: BTreeMap::new(),
                 errors: BTreeMap::new(),
                 last_sync_ts: 0.0,
@@ -202,6 +221,27 @@ impl Telemetry {
             .iter()
             .map(|(k, o)| (k.to_string(), o.to_string()))
             .collect()
+    }
+
+    /// A successful sync programmed EndpointSlice changes triggered at
+    /// `trigger_times` (kube-proxy's network programming latency: from the
+    /// trigger to now; a clock that went backwards counts 0).
+    pub fn programmed(&self, trigger_times: &[SystemTime]) {
+        if trigger_times.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let mut s = lock(&self.state);
+        for t in trigger_times {
+            let took = now.duration_since(*t).unwrap_or_default();
+            s.programming.observe(took.as_secs_f64());
+        }
+    }
+
+    /// Service ports with a Local traffic policy and endpoints, none of
+    /// them on this node, per policy (internal, external).
+    pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
+        lock(&self.state).no_local = [internal, external];
     }
 
     /// A sync the dataplane refused (retried).
@@ -394,23 +434,42 @@ fn render_changes(o: &mut String, c: &crate::changes::ChangeCounts) {
     let _ = writeln!(o, "{name} {}", fmt_f64(ts));
 }
 
-fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
-    let mut o = String::new();
-    let h = &s.sync_duration;
-    // kube-proxy's name and meaning: time of one sync of the rules.
-    let name = "kubeproxy_sync_proxy_rules_duration_seconds";
-    header(
-        &mut o,
-        name,
-        "histogram",
-        "SyncProxyRules latency in seconds (one sync: model, diff and dataplane update)",
-    );
+fn histogram(o: &mut String, name: &str, help: &str, h: &Histogram) {
+    header(o, name, "histogram", help);
     for (b, c) in h.bounds.iter().zip(&h.counts) {
         let _ = writeln!(o, "{name}_bucket{{le=\"{}\"}} {c}", fmt_f64(*b));
     }
     let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
     let _ = writeln!(o, "{name}_sum {}", fmt_f64(h.sum));
     let _ = writeln!(o, "{name}_count {}", h.count);
+}
+
+fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
+    let mut o = String::new();
+    // kube-proxy's names and meanings: time of one sync of the rules; time
+    // from an EndpointSlice change's trigger to the sync that programmed it.
+    histogram(
+        &mut o,
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "SyncProxyRules latency in seconds (one sync: model, diff and dataplane update)",
+        &s.sync_duration,
+    );
+    histogram(
+        &mut o,
+        "kubeproxy_network_programming_duration_seconds",
+        "In Cluster Network Programming Latency in seconds (EndpointSlice last-change-trigger-time to programmed)",
+        &s.programming,
+    );
+    let name = "kubeproxy_sync_proxy_rules_no_local_endpoints_total";
+    header(
+        &mut o,
+        name,
+        "gauge",
+        "Number of services with a Local traffic policy and no endpoints on this node",
+    );
+    for (policy, n) in ["internal", "external"].iter().zip(s.no_local) {
+        let _ = writeln!(o, "{name}{{traffic_policy=\"{policy}\"}} {n}");
+    }
 
     let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
     header(

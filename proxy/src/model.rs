@@ -46,6 +46,10 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label linking an EndpointSlice to its service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// When the change an EndpointSlice reflects was triggered (RFC 3339, set
+/// by the EndpointSlice controller): the start of kube-proxy's network
+/// programming latency.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Annotation overriding `--maglev-table-size` for one service (a prime).
 pub const ANNOTATION_MAGLEV_TABLE_SIZE: &str = "kube-proxy-ebpf.io/maglev-table-size";
 /// The label selector the agent watches services and slices with.
@@ -66,6 +70,10 @@ pub struct SliceView {
     /// [`trim_slice`] (a label map costs a B-tree node).
     #[serde(skip)]
     pub service: Option<String>,
+    /// The [`ANNOTATION_TRIGGER_TIME`] annotation, moved here by
+    /// [`trim_slice`] (None: absent or not a timestamp).
+    #[serde(skip)]
+    pub trigger_time: Option<std::time::SystemTime>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub address_type: String,
     #[serde(default)]
@@ -100,7 +108,8 @@ impl SliceView {
 }
 
 /// Keeps of a watched slice only what [`build`] reads (name, namespace,
-/// service, address type, ports, endpoints), sized to fit: the agent holds
+/// service, address type, ports, endpoints) and its trigger time (for
+/// the agent's metrics), sized to fit: the agent holds
 /// every slice of the cluster.
 pub fn trim_slice(s: &mut SliceView) {
     if s.service.is_none() {
@@ -109,6 +118,14 @@ pub fn trim_slice(s: &mut SliceView) {
             .labels
             .as_mut()
             .and_then(|l| l.remove(LABEL_SERVICE_NAME));
+    }
+    if s.trigger_time.is_none() {
+        s.trigger_time = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
+            .and_then(|t| parse_timestamp(t));
     }
     s.metadata = ObjectMeta {
         name: s.metadata.name.take(),
@@ -119,6 +136,12 @@ pub fn trim_slice(s: &mut SliceView) {
     for e in &mut s.endpoints {
         e.addresses.shrink_to_fit();
     }
+}
+
+/// An RFC 3339 timestamp (None: not one; the metric it feeds skips it).
+pub fn parse_timestamp(t: &str) -> Option<std::time::SystemTime> {
+    let ts: k8s_openapi::jiff::Timestamp = t.parse().ok()?;
+    Some(std::time::SystemTime::from(ts))
 }
 
 /// Keeps of a watched service's metadata only what [`build`] reads (name,
@@ -322,6 +345,50 @@ pub struct ServicePort {
     /// without duplicates (an address ready in one slice is not repeated
     /// as terminating).
     pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePort {
+    /// Whether the port is served in IPv6 (`true`) or IPv4, as kube-proxy's
+    /// per-family proxiers: in the families of its ClusterIPs (IPv4 when it
+    /// has none).
+    pub fn serves(&self, v6: bool) -> bool {
+        if self.cluster_ips.is_empty() {
+            !v6
+        } else {
+            self.cluster_ips.iter().any(|ip| ip.is_ipv6() == v6)
+        }
+    }
+
+    /// Reachable from outside the cluster: a NodePort, ExternalIPs or
+    /// LoadBalancer IPs.
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total` for this
+    /// port, [internal, external]: per family it is served in, 1 when the
+    /// port has endpoints but its Local traffic policy (internal; external
+    /// for an externally accessible port) finds none on this node, so that
+    /// traffic is dropped here.
+    pub fn no_local_endpoints(&self) -> [usize; 2] {
+        let mut n = [0; 2];
+        for v6 in [false, true] {
+            if !self.serves(v6) {
+                continue;
+            }
+            let family = |e: &Endpoint| e.ip.is_ipv6() == v6;
+            if usable_endpoints_where(&self.endpoints, false, family).is_empty()
+                || !usable_endpoints_where(&self.endpoints, true, family).is_empty()
+            {
+                continue;
+            }
+            n[0] += usize::from(self.internal_policy_local);
+            n[1] += usize::from(self.external_policy_local && self.externally_accessible());
+        }
+        n
+    }
 }
 
 /// Everything the agent should program.
@@ -848,4 +915,98 @@ fn endpoints_for(
                 .filter(|e| !ready_addrs.contains(&(e.ip, e.port))),
         )
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn a_slice_keeps_its_trigger_time_and_nothing_else_of_its_annotations() {
+        let mut s: SliceView = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"},
+                "annotations": {
+                    "endpoints.kubernetes.io/last-change-trigger-time": "2026-12-06T03:40:01.5Z",
+                    "other": "x",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [],
+        }))
+        .expect("a slice");
+        trim_slice(&mut s);
+        assert_eq!(s.service.as_deref(), Some("web"));
+        assert_eq!(
+            s.trigger_time,
+            Some(UNIX_EPOCH + Duration::from_millis(1_796_528_401_500))
+        );
+        assert!(s.metadata.annotations.is_none() && s.metadata.labels.is_none());
+        assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    fn port(endpoints: &[(&str, bool)]) -> ServicePort {
+        ServicePort {
+            name: ServicePortName {
+                namespace: "default".into(),
+                name: "web".into(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            service_type: ServiceType::ClusterIP,
+            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 10).into()],
+            port: 80,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            affinity_timeout: None,
+            external_policy_local: false,
+            internal_policy_local: false,
+            health_check_node_port: None,
+            source_ranges: vec![],
+            maglev_table_size: None,
+            endpoints: endpoints
+                .iter()
+                .map(|(ip, local)| Endpoint {
+                    ip: ip.parse().expect("an address"),
+                    port: 8080,
+                    ready: true,
+                    terminating: false,
+                    local: *local,
+                })
+                .collect(),
+        }
+    }
+
+    /// kube-proxy counts a service port (per family) when it has endpoints
+    /// but its Local policy finds none on this node; external only when
+    /// the port is reachable from outside.
+    #[test]
+    fn no_local_endpoints_counts_local_policies_that_drop_here() {
+        let remote = [("10.244.2.5", false)];
+        let mut sp = port(&remote);
+        assert_eq!(sp.no_local_endpoints(), [0, 0], "Cluster policies");
+        sp.internal_policy_local = true;
+        sp.external_policy_local = true;
+        assert_eq!(sp.no_local_endpoints(), [1, 0], "not externally accessible");
+        sp.node_port = Some(30080);
+        assert_eq!(sp.no_local_endpoints(), [1, 1]);
+        let mut local = port(&[("10.244.2.5", false), ("10.244.1.5", true)]);
+        local.internal_policy_local = true;
+        local.external_policy_local = true;
+        local.node_port = Some(30080);
+        assert_eq!(local.no_local_endpoints(), [0, 0], "a local endpoint");
+        let mut none = port(&[]);
+        none.internal_policy_local = true;
+        assert_eq!(none.no_local_endpoints(), [0, 0], "no endpoints at all");
+        let mut dual = port(&[("10.244.2.5", false), ("fd00:244:2::5", false)]);
+        dual.cluster_ips
+            .push("fd00:96::10".parse().expect("an address"));
+        dual.internal_policy_local = true;
+        assert_eq!(dual.no_local_endpoints(), [2, 0], "one per family");
+    }
 }

@@ -313,6 +313,7 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
             ..Default::default()
         },
         service: None,
+        trigger_time: None,
         address_type,
         ports: Some(ports),
         endpoints,
@@ -438,6 +439,8 @@ struct Oracle {
     health: BTreeMap<u16, health::ServiceHealth>,
     services: usize,
     endpoints: usize,
+    /// kube-proxy's no-local-endpoints counts, [internal, external].
+    no_local: [usize; 2],
 }
 
 fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
@@ -462,7 +465,14 @@ fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
         .collect();
     let mut errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
     errors.sort();
+    let mut no_local = [0; 2];
+    for sp in table.services.values() {
+        for (total, n) in no_local.iter_mut().zip(sp.no_local_endpoints()) {
+            *total += n;
+        }
+    }
     Oracle {
+        no_local,
         health: health::desired(&table),
         services: table.services.len(),
         endpoints: endpoints.len(),
@@ -485,7 +495,9 @@ fn steps() -> usize {
         .unwrap_or(1500)
 }
 
-fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
+/// Runs one seed; Ok: in how many syncs a Local policy (internal,
+/// external) found no local endpoint (coverage of that count).
+fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let base = NodeContext {
         node_name: NODE.into(),
@@ -510,10 +522,11 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
     let telemetry = Telemetry::new("recorder", Duration::from_secs(30));
     let mut health_ports: BTreeMap<u16, health::ServiceHealth> = BTreeMap::new();
     let mut error_count;
+    let mut no_local;
     cache.request_full();
     let mut full_syncs = 0;
     let mut incremental_syncs = 0;
-    let (mut v6_served, mut dual_stack) = (0, 0);
+    let (mut v6_served, mut dual_stack, mut no_local_seen) = (0, 0, [0; 2]);
     for i in 0..steps {
         let what = step(&mut rng, &mut world, &mut cache);
         let fail = rng.chance(3);
@@ -546,6 +559,7 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
                     },
                 );
                 error_count = s.error_count;
+                no_local = s.no_local;
                 if let Some(errors) = s.errors {
                     assert_eq!(errors.len(), s.error_count);
                 }
@@ -627,6 +641,15 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
                 want.health
             )));
         }
+        for (seen, n) in no_local_seen.iter_mut().zip(want.no_local) {
+            *seen += usize::from(n > 0);
+        }
+        if no_local != want.no_local {
+            return Err(ctx(&format!(
+                "no-local-endpoints counts {no_local:?}, want {:?}",
+                want.no_local
+            )));
+        }
         if state.services() != want.services || state.endpoints() != want.endpoints {
             return Err(ctx(&format!(
                 "counts: services {} endpoints {}, want {} {}",
@@ -660,17 +683,28 @@ fn run_seed(seed: u64, steps: usize) -> Result<(), String> {
             "seed {seed}: IPv6 frontends with backends after {v6_served} syncs, dual-stack service ports after {dual_stack}, of {steps} steps"
         ));
     }
-    Ok(())
+    Ok(no_local_seen)
 }
 
 #[test]
 fn incremental_sync_equals_a_full_rebuild_after_every_event() {
     let steps = steps();
+    let mut no_local_seen = [0; 2];
     for seed in seeds() {
-        if let Err(e) = run_seed(seed, steps) {
-            panic!("INCREMENTAL_SEEDS={seed} failed: {e}");
+        match run_seed(seed, steps) {
+            Ok(seen) => {
+                for (total, n) in no_local_seen.iter_mut().zip(seen) {
+                    *total += n;
+                }
+            }
+            Err(e) => panic!("INCREMENTAL_SEEDS={seed} failed: {e}"),
         }
     }
+    // The seeds together must have exercised the no-local-endpoints counts.
+    assert!(
+        steps < 300 || no_local_seen.iter().all(|n| *n > 0),
+        "Local policies without local endpoints in {no_local_seen:?} syncs (internal, external)"
+    );
 }
 
 /// A frontend two services claim goes to the first by namespace/name; when
@@ -703,6 +737,7 @@ fn a_contested_frontend_passes_to_the_next_claimant() {
                 ..Default::default()
             },
             service: Some(service.into()),
+            trigger_time: None,
             address_type: "IPv4".into(),
             ports: Some(vec![EndpointPort {
                 port: Some(8080),

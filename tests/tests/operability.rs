@@ -572,6 +572,7 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
 fn metrics_follow_syncs_and_traffic() {
     let (cluster, _server, api) = web_cluster("10.96.6.1");
     let (client, p12) = (cluster.pod(1, 1), cluster.pod(1, 2));
+    let agent_started = std::time::SystemTime::now();
     let agent = Agent::start(cluster.node(1), &api, AgentOptions::default()).expect("agent");
     let ns = &cluster.node(1).ns;
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 10249));
@@ -660,6 +661,61 @@ fn metrics_follow_syncs_and_traffic() {
         sample(&synced, queued) > sample(&before, queued),
         "{queued} moved with the change"
     );
+
+    // kube-proxy's network_programming_duration_seconds: a slice whose
+    // change the EndpointSlice controller stamped 1 s ago is observed once,
+    // at 1 s or more (a stamp from before the agent started would not
+    // count: it waits). sync_proxy_rules_no_local_endpoints_total: the same
+    // service has internalTrafficPolicy Local and its only endpoint on
+    // node2, so its ClusterIP finds none on node1.
+    let programming = "kubeproxy_network_programming_duration_seconds";
+    let (count0, sum0) = (
+        sample(&synced, &format!("{programming}_count"))
+            .unwrap_or_else(|| panic!("no {programming} in\n{synced}")),
+        sample(&synced, &format!("{programming}_sum")).expect("sum"),
+    );
+    let no_local = |policy: &str| {
+        format!(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"{policy}\"}}"
+        )
+    };
+    assert_eq!(sample(&synced, &no_local("internal")), Some(0.0));
+    if let Ok(up) = agent_started.elapsed() {
+        std::thread::sleep(Duration::from_secs(3).saturating_sub(up));
+    }
+    let triggered = std::time::SystemTime::now() - Duration::from_secs(1);
+    let triggered = k8s_openapi::jiff::Timestamp::try_from(triggered).expect("a timestamp");
+    let yaml = cluster_ip("web3", "10.96.6.3", &[(p12.ip, "node2")])
+        .replace(
+            "  ports: [{name: http",
+            "  internalTrafficPolicy: Local\n  ports: [{name: http",
+        )
+        .replace(
+            "metadata: {name: web3-1, namespace: default,",
+            &format!(
+                "metadata: {{name: web3-1, namespace: default, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{triggered}\"}},"
+            ),
+        );
+    assert!(yaml.contains("last-change-trigger-time") && yaml.contains("internalTrafficPolicy"));
+    api.apply_yaml(&yaml).expect("third service");
+    poll(Duration::from_secs(10), || {
+        let m = scrape();
+        let count = sample(&m, &format!("{programming}_count")).unwrap_or(0.0);
+        let sum = sample(&m, &format!("{programming}_sum")).unwrap_or(0.0);
+        let internal = sample(&m, &no_local("internal"));
+        let external = sample(&m, &no_local("external"));
+        if count == count0 + 1.0
+            && (1.0..10.0).contains(&(sum - sum0))
+            && internal == Some(1.0)
+            && external == Some(0.0)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "{programming}: count {count0} -> {count}, sum {sum0} -> {sum}; no local endpoints: internal {internal:?}, external {external:?}"
+            ))
+        }
+    });
     assert!(
         sample(&after, "kubeproxy_ebpf_conntrack_entries").is_some_and(|n| n > 0.0),
         "conntrack entries counted"
