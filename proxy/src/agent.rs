@@ -309,9 +309,19 @@ impl SyncState {
             .copied()
             .collect();
         removed.sort_unstable();
-        // Applied in chunks, upserts first: the changes never hold a
-        // second copy of the whole table.
+        // Applied in chunks (the changes never hold a second copy of the
+        // whole table), removals first: they make room in a full map for
+        // the upserts. A failed chunk does not stop the others (the first
+        // error is returned: a full sync retries what failed).
         let mut changes = 0;
+        let mut first_error = None;
+        for chunk in removed.chunks(APPLY_CHUNK) {
+            let batch: Vec<Change> = chunk.iter().map(|k| Change::Remove(*k)).collect();
+            changes += batch.len();
+            if let Err(e) = self.apply(dp, &batch) {
+                first_error.get_or_insert(e);
+            }
+        }
         for chunk in keys.chunks(APPLY_CHUNK) {
             let programmed = dp.programmed();
             let batch: Vec<Change> = chunk
@@ -322,12 +332,12 @@ impl SyncState {
                 })
                 .collect();
             changes += batch.len();
-            self.apply(dp, &batch)?;
+            if let Err(e) = self.apply(dp, &batch) {
+                first_error.get_or_insert(e);
+            }
         }
-        for chunk in removed.chunks(APPLY_CHUNK) {
-            let batch: Vec<Change> = chunk.iter().map(|k| Change::Remove(*k)).collect();
-            changes += batch.len();
-            self.apply(dp, &batch)?;
+        if let Some(e) = first_error {
+            return Err(e);
         }
         let health = touched_health
             .into_iter()
