@@ -29,6 +29,7 @@ use crate::{
     lb::{self, Frontend, FrontendKey, LbTable},
     metrics::{OwnerChanges, Telemetry},
     model::{self, ModelError, NodeContext, ServiceInfo, ServicePort, ServicePortName, SliceInfo},
+    pressure::PressureWatch,
 };
 
 /// Shortest time between the starts of two syncs (kube-proxy's
@@ -621,6 +622,29 @@ pub struct RunOptions {
     pub limits: Limits,
 }
 
+/// The dataplane's map events since the last call: logged, counted and
+/// posted as Warning Events on the Node as [`PressureWatch`] decides.
+fn report_pressure<D: Dataplane>(
+    watch: &mut PressureWatch,
+    dp: &mut D,
+    telemetry: &Telemetry,
+    events: Option<&mut EventRecorder>,
+) {
+    let map_events = dp.take_map_events();
+    if map_events.is_empty() {
+        return;
+    }
+    let warnings = watch.observe(map_events, std::time::Instant::now());
+    for w in &warnings {
+        telemetry.map_warning(w.map, w.reason);
+    }
+    if let Some(ev) = events {
+        for w in warnings {
+            ev.warn_node(w.reason, w.message);
+        }
+    }
+}
+
 /// Run until `shutdown` resolves.
 pub async fn run<D: Dataplane>(
     mut dp: D,
@@ -640,6 +664,10 @@ pub async fn run<D: Dataplane>(
     let mut last_start: Option<Instant> = None;
     let mut health_servers = HealthServers::default();
     let mut problems = std::collections::HashSet::new();
+    let mut pressure = PressureWatch::default();
+    // The last failed sync's error: a failure repeating itself (a full
+    // map, retried every second) is logged at debug.
+    let mut last_failure: Option<String> = None;
     let telemetry = opts.telemetry.clone();
     telemetry.set_reader(dp.stats_reader());
     let wh = stores.watch_health.clone();
@@ -688,6 +716,8 @@ pub async fn run<D: Dataplane>(
                             ev.report(errors);
                         }
                     }
+                    pressure.sync_succeeded();
+                    last_failure = None;
                     health_servers.update(s.full, s.health).await;
                     if s.full && !first_synced {
                         first_synced = true;
@@ -697,11 +727,18 @@ pub async fn run<D: Dataplane>(
                 }
                 Err(e) => {
                     telemetry.sync_failed(start.elapsed());
-                    warn!(error = %e, "sync failed; a full sync follows on the next event or tick");
+                    let msg = e.to_string();
+                    if last_failure.as_ref() == Some(&msg) {
+                        debug!(error = %e, "sync failed again; a full sync follows on the next event or tick");
+                    } else {
+                        warn!(error = %e, "sync failed; a full sync follows on the next event or tick");
+                    }
+                    last_failure = Some(msg);
                     stores.request_full();
                     true
                 }
             };
+            report_pressure(&mut pressure, &mut dp, &telemetry, opts.events.as_mut());
         }
         tokio::select! {
             _ = &mut shutdown => return,
@@ -721,6 +758,7 @@ pub async fn run<D: Dataplane>(
                     telemetry.error("housekeeping", 1);
                     warn!(error = %e, "housekeeping failed");
                 }
+                report_pressure(&mut pressure, &mut dp, &telemetry, opts.events.as_mut());
                 // Periodic full resync, as kube-proxy's syncPeriod.
                 if failed || last_full.elapsed() >= opts.sync_period {
                     stores.request_full();

@@ -17,7 +17,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::PinDir;
 use proxy::{
     dataplane::{
-        Dataplane,
+        Dataplane, MapEvent,
         ebpf::{
             EbpfConfig, EbpfDataplane, EbpfError,
             capacity::{ClusterSize, Knob, MapSizing, Sizing},
@@ -231,6 +231,22 @@ fn a_full_map_fails_clearly_counts_and_the_frontends_that_fit_serve() {
         "one failed insert per frontend that did not fit"
     );
     assert_eq!(dp.insert_failures(defs::SLOTS.name), 0);
+    // The agent hears of it once for the batch (it logs it and posts the
+    // Event), naming the first frontend that did not fit.
+    let events = dp.take_map_events();
+    assert!(
+        matches!(
+            &events[..],
+            [MapEvent::Full {
+                map: "SVC_V4",
+                capacity: 10,
+                flag: "--bpf-lb-map-max",
+                what,
+            }] if what.starts_with("10.96.0.")
+        ),
+        "{events:?}"
+    );
+    assert!(dp.take_map_events().is_empty(), "taken");
 
     // The 10 that fit are whole; the 15 others left nothing behind.
     assert_eq!(dp.programmed().frontends.len(), 10);
@@ -271,6 +287,17 @@ fn a_full_map_fails_clearly_counts_and_the_frontends_that_fit_serve() {
             .any(|l| l == "kubeproxy_ebpf_map_capacity{map=\"SVC_V4\"} 10"),
         "{m}"
     );
+    // Pressure: entries / capacity (20 slots of 262144).
+    for (map, want) in [
+        ("SVC_V4", "1".to_owned()),
+        (
+            "SLOTS_V4",
+            (20.0 / f64::from(defs::SLOTS.max_entries)).to_string(),
+        ),
+    ] {
+        let line = format!("kubeproxy_ebpf_map_pressure{{map=\"{map}\"}} {want}");
+        assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
+    }
 
     // The next sync retries the 15 and fails again: counted again.
     let retry: Vec<Change> = desired
