@@ -456,3 +456,69 @@ fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     f.extend_from_slice(&l4);
     f
 }
+
+/// Conntrack under pressure grows at the next start: the live flows of the
+/// pinned map (idle ones past their timeout not counted) are `auto`'s
+/// need, and the restarted agent's map is 1.5x that, with every entry
+/// copied.
+#[test]
+fn a_conntrack_under_pressure_grows_at_the_next_start() {
+    use proxy::dataplane::conntrack::{self, Timeouts};
+    use proxy_common::{CtKey, CtValue, ct_flags, proto};
+
+    let dir = PinDir::new("ct-grow");
+    let default = defs::CONNTRACK.max_entries;
+    let (live, stale) = (200_000u32, 1_000u32);
+    {
+        let dp = load(&dir, MapSizing::default().capacities(None));
+        assert_eq!(dp.capacities()[defs::CONNTRACK.name], default);
+        let mut maps = proxy::maps::Maps::open_pinned(&dir.0).expect("pinned maps");
+        let now = conntrack::monotonic_ns();
+        for i in 0..live + stale {
+            let (p, last_seen, flags) = if i < live {
+                (proto::TCP, now, ct_flags::TCP_ESTABLISHED)
+            } else {
+                // UDP idle for 2 minutes: past its 60 s.
+                (proto::UDP, now.saturating_sub(120_000_000_000), 0)
+            };
+            let k = CtKey {
+                saddr: i,
+                daddr: 1,
+                sport: 1,
+                dport: 1,
+                proto: p,
+                dir: 0,
+                _pad: 0,
+            };
+            let v = CtValue {
+                last_seen_ns: last_seen,
+                backend_id: 1,
+                service_id: 1,
+                flags,
+                _pad: 0,
+                nat_addr: 0,
+                nat_port: 0,
+                _pad2: 0,
+            };
+            maps.conntrack.insert(k, v, 0).expect("ct entry");
+        }
+    }
+    let found = conntrack::pinned_live(&dir.0, &Timeouts::default())
+        .expect("count")
+        .expect("pinned");
+    assert_eq!(found, u64::from(live), "live flows only");
+    let size = ClusterSize {
+        conntrack: found,
+        ..Default::default()
+    };
+    let caps = MapSizing::default().capacities(Some(&size));
+    // 200,000 x 1.5 = 300,000, rounded up to a multiple of 4096.
+    assert_eq!(caps[defs::CONNTRACK.name], 303_104);
+    let dp = load(&dir, caps);
+    assert_eq!(dp.capacities()[defs::CONNTRACK.name], 303_104, "grown");
+    assert_eq!(
+        entries(&dp)[defs::CONNTRACK.name],
+        u64::from(live + stale),
+        "every entry copied"
+    );
+}
