@@ -29,6 +29,7 @@ use crate::{
     lb::{self, Frontend, FrontendKey, LbTable},
     metrics::{OwnerChanges, Telemetry},
     model::{self, ModelError, NodeContext, ServiceInfo, ServicePort, ServicePortName, SliceInfo},
+    pressure::PressureWatch,
 };
 
 /// Shortest time between the starts of two syncs (kube-proxy's
@@ -318,9 +319,19 @@ impl SyncState {
             .copied()
             .collect();
         removed.sort_unstable();
-        // Applied in chunks, upserts first: the changes never hold a
-        // second copy of the whole table.
+        // Applied in chunks (the changes never hold a second copy of the
+        // whole table), removals first: they make room in a full map for
+        // the upserts. A failed chunk does not stop the others (the first
+        // error is returned: a full sync retries what failed).
         let mut changes = 0;
+        let mut first_error = None;
+        for chunk in removed.chunks(APPLY_CHUNK) {
+            let batch: Vec<Change> = chunk.iter().map(|k| Change::Remove(*k)).collect();
+            changes += batch.len();
+            if let Err(e) = self.apply(dp, &batch) {
+                first_error.get_or_insert(e);
+            }
+        }
         for chunk in keys.chunks(APPLY_CHUNK) {
             let programmed = dp.programmed();
             let batch: Vec<Change> = chunk
@@ -331,12 +342,12 @@ impl SyncState {
                 })
                 .collect();
             changes += batch.len();
-            self.apply(dp, &batch)?;
+            if let Err(e) = self.apply(dp, &batch) {
+                first_error.get_or_insert(e);
+            }
         }
-        for chunk in removed.chunks(APPLY_CHUNK) {
-            let batch: Vec<Change> = chunk.iter().map(|k| Change::Remove(*k)).collect();
-            changes += batch.len();
-            self.apply(dp, &batch)?;
+        if let Some(e) = first_error {
+            return Err(e);
         }
         let health = touched_health
             .into_iter()
@@ -629,6 +640,29 @@ pub struct RunOptions {
     pub limits: Limits,
 }
 
+/// The dataplane's map events since the last call: logged, counted and
+/// posted as Warning Events on the Node as [`PressureWatch`] decides.
+fn report_pressure<D: Dataplane>(
+    watch: &mut PressureWatch,
+    dp: &mut D,
+    telemetry: &Telemetry,
+    events: Option<&mut EventRecorder>,
+) {
+    let map_events = dp.take_map_events();
+    if map_events.is_empty() {
+        return;
+    }
+    let warnings = watch.observe(map_events, std::time::Instant::now());
+    for w in &warnings {
+        telemetry.map_warning(w.map, w.reason);
+    }
+    if let Some(ev) = events {
+        for w in warnings {
+            ev.warn_node(w.reason, w.message);
+        }
+    }
+}
+
 /// Run until `shutdown` resolves.
 pub async fn run<D: Dataplane>(
     mut dp: D,
@@ -648,6 +682,10 @@ pub async fn run<D: Dataplane>(
     let mut last_start: Option<Instant> = None;
     let mut health_servers = HealthServers::default();
     let mut problems = std::collections::HashSet::new();
+    let mut pressure = PressureWatch::default();
+    // The last failed sync's error: a failure repeating itself (a full
+    // map, retried every second) is logged at debug.
+    let mut last_failure: Option<String> = None;
     let telemetry = opts.telemetry.clone();
     telemetry.set_reader(dp.stats_reader());
     let wh = stores.watch_health.clone();
@@ -698,6 +736,8 @@ pub async fn run<D: Dataplane>(
                             ev.report(errors);
                         }
                     }
+                    pressure.sync_succeeded();
+                    last_failure = None;
                     health_servers.update(s.full, s.health).await;
                     if s.full && !first_synced {
                         first_synced = true;
@@ -707,11 +747,18 @@ pub async fn run<D: Dataplane>(
                 }
                 Err(e) => {
                     telemetry.sync_failed(start.elapsed());
-                    warn!(error = %e, "sync failed; a full sync follows on the next event or tick");
+                    let msg = e.to_string();
+                    if last_failure.as_ref() == Some(&msg) {
+                        debug!(error = %e, "sync failed again; a full sync follows on the next event or tick");
+                    } else {
+                        warn!(error = %e, "sync failed; a full sync follows on the next event or tick");
+                    }
+                    last_failure = Some(msg);
                     stores.request_full();
                     true
                 }
             };
+            report_pressure(&mut pressure, &mut dp, &telemetry, opts.events.as_mut());
         }
         tokio::select! {
             _ = &mut shutdown => return,
@@ -731,6 +778,7 @@ pub async fn run<D: Dataplane>(
                     telemetry.error("housekeeping", 1);
                     warn!(error = %e, "housekeeping failed");
                 }
+                report_pressure(&mut pressure, &mut dp, &telemetry, opts.events.as_mut());
                 // Periodic full resync, as kube-proxy's syncPeriod.
                 if failed || last_full.elapsed() >= opts.sync_period {
                     stores.request_full();

@@ -155,8 +155,9 @@ pub struct Args {
     pub bpf_lb_slot_map_max: Sizing,
     /// Capacity of connection tracking (`CT_V4`, LRU: two entries per
     /// flow); socket-LB reverse entries (`SOCK_RNAT_V4`) get a quarter of
-    /// it, at least 65536. A number, or `auto`: the default (262144), as
-    /// flows do not follow the number of services.
+    /// it, at least 65536. A number, or `auto`: the default (262144), or
+    /// 1.5x the live flows the pinned map holds at start when more (a
+    /// conntrack under pressure grows at the next start).
     #[arg(long, default_value = "auto", value_parser = parse_sizing)]
     pub bpf_ct_map_max: Sizing,
     /// Capacity of the session-affinity map (`AFFINITY_V4`, LRU: one entry

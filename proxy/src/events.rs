@@ -2,7 +2,9 @@
 //! Warning per distinct problem (object, field, value, reason) while it
 //! lasts, posted in the background through a token bucket so a flood of bad
 //! objects cannot flood the API server. A problem that goes away and comes
-//! back is reported again.
+//! back is reported again. Warnings about the agent's own node (a full
+//! eBPF map: [`crate::pressure`]) go to its Node object through the same
+//! bucket.
 
 use std::{
     collections::HashSet,
@@ -87,6 +89,41 @@ pub fn event_for(e: &ModelError, node: &str, now: Timestamp) -> Event {
     }
 }
 
+/// A Warning Event about node `node` itself (as kubelet posts them: in
+/// `default`, the Node's name as its uid so `kubectl describe node` shows
+/// it).
+pub fn node_event(node: &str, reason: &str, message: &str, now: Timestamp) -> Event {
+    Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{node}.")),
+            namespace: Some("default".to_owned()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Node".to_owned()),
+            name: Some(node.to_owned()),
+            uid: Some(node.to_owned()),
+            ..Default::default()
+        },
+        reason: Some(reason.to_owned()),
+        message: Some(message.to_owned()),
+        type_: Some("Warning".to_owned()),
+        source: Some(EventSource {
+            component: Some(COMPONENT.to_owned()),
+            host: Some(node.to_owned()),
+        }),
+        reporting_component: Some(COMPONENT.to_owned()),
+        reporting_instance: Some(node.to_owned()),
+        action: Some("Program".to_owned()),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        ..Default::default()
+    }
+}
+
 /// Posts Events for model errors; call [`EventRecorder::report`] after
 /// every sync with that sync's errors.
 pub struct EventRecorder {
@@ -111,15 +148,47 @@ impl EventRecorder {
         }
     }
 
+    /// Take a token of the bucket (false: rate limited).
+    fn token(&mut self) -> bool {
+        let elapsed = self.last_refill.elapsed();
+        self.tokens = (self.tokens + elapsed.as_secs_f64() / REFILL.as_secs_f64()).min(BURST);
+        self.last_refill = Instant::now();
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// Post a Warning Event about this agent's Node (the caller
+    /// deduplicates: [`crate::pressure::PressureWatch`]). Must run inside
+    /// a tokio runtime.
+    pub fn warn_node(&mut self, reason: &'static str, message: String) {
+        if !self.token() {
+            warn!(reason, "Event rate limit reached; a Node Event is dropped");
+            return;
+        }
+        let ev = node_event(&self.node, reason, &message, Timestamp::now());
+        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        let telemetry = self.telemetry.clone();
+        tokio::spawn(async move {
+            match api.create(&PostParams::default(), &ev).await {
+                Ok(_) => info!(reason, "posted Event {reason} on the Node"),
+                Err(err) => {
+                    warn!(reason, error = %err, "posting an Event failed");
+                    telemetry.error("event", 1);
+                }
+            }
+        });
+    }
+
     /// Post an Event for each problem not reported yet (as far as the rate
     /// limit allows; the rest wait for a later sync) and forget problems
     /// that are gone. Must run inside a tokio runtime.
     pub fn report(&mut self, errors: &[ModelError]) {
-        let elapsed = self.last_refill.elapsed();
-        self.tokens = (self.tokens + elapsed.as_secs_f64() / REFILL.as_secs_f64()).min(BURST);
-        self.last_refill = Instant::now();
         let current: HashSet<Key> = errors.iter().map(key).collect();
-        let mut reported = match self.reported.lock() {
+        let shared = self.reported.clone();
+        let mut reported = match shared.lock() {
             Ok(r) => r,
             Err(p) => p.into_inner(),
         };
@@ -129,11 +198,10 @@ impl EventRecorder {
             if reported.contains(&k) {
                 continue;
             }
-            if self.tokens < 1.0 {
+            if !self.token() {
                 warn!("Event rate limit reached; remaining problems are reported later");
                 break;
             }
-            self.tokens -= 1.0;
             reported.insert(k.clone());
             let ev = event_for(e, &self.node, Timestamp::now());
             let ns = ev
@@ -193,5 +261,25 @@ mod tests {
         let ev = event_for(&node, "node1", Timestamp::UNIX_EPOCH);
         assert_eq!(ev.metadata.namespace.as_deref(), Some("default"));
         assert_eq!(ev.involved_object.namespace, None);
+    }
+
+    #[test]
+    fn node_event_is_on_the_node() {
+        let ev = node_event(
+            "node1",
+            "MapFull",
+            "eBPF map SVC_V4 is full",
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(ev.metadata.namespace.as_deref(), Some("default"));
+        let o = &ev.involved_object;
+        assert_eq!(
+            (o.kind.as_deref(), o.name.as_deref(), o.namespace.as_deref()),
+            (Some("Node"), Some("node1"), None)
+        );
+        assert_eq!(o.uid.as_deref(), Some("node1"));
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
+        assert_eq!(ev.reason.as_deref(), Some("MapFull"));
+        assert_eq!(ev.message.as_deref(), Some("eBPF map SVC_V4 is full"));
     }
 }

@@ -19,6 +19,7 @@ pub mod maglev;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod pressure;
 
 /// The eBPF maps: typed handles and their decoded dump.
 pub use dataplane::ebpf::maps;

@@ -98,6 +98,8 @@ struct State {
     frontends: usize,
     endpoints: usize,
     invalid_objects: usize,
+    /// Map-pressure warnings (map, reason) -> how many were raised.
+    map_warnings: BTreeMap<(String, &'static str), u64>,
     /// Frontend -> service port name, for labels (the names are shared
     /// with the sync loop's state: one entry is a key and a pointer).
     owners: HashMap<FrontendKey, std::sync::Arc<ServicePortName>>,
@@ -159,6 +161,7 @@ impl Telemetry {
                 frontends: 0,
                 endpoints: 0,
                 invalid_objects: 0,
+                map_warnings: BTreeMap::new(),
                 owners: HashMap::new(),
             }),
             reader: Mutex::new(None),
@@ -259,6 +262,15 @@ impl Telemetry {
     /// Problems (object, field, value) the last sync could not program.
     pub fn set_invalid_objects(&self, n: usize) {
         lock(&self.state).invalid_objects = n;
+    }
+
+    /// Count a map-pressure warning (a full map, conntrack under
+    /// pressure: [`crate::pressure`]) about `map`.
+    pub fn map_warning(&self, map: &str, reason: &'static str) {
+        *lock(&self.state)
+            .map_warnings
+            .entry((map.to_owned(), reason))
+            .or_default() += 1;
     }
 
     /// Count an error of `kind` (`sync`, `housekeeping`, `event`,
@@ -540,6 +552,17 @@ fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
         let _ = writeln!(o, "{name} {v}");
     }
 
+    let name = format!("{PREFIX}_map_pressure_warnings_total");
+    header(
+        &mut o,
+        &name,
+        "counter",
+        "Map-pressure warnings raised (logged and posted as a Warning Event on the Node), by map and reason: MapFull (an insert refused), ConntrackPressure (conntrack stays at or above 90% full)",
+    );
+    for ((map, reason), n) in &s.map_warnings {
+        let _ = writeln!(o, "{name}{{map=\"{}\",reason=\"{reason}\"}} {n}", esc(map));
+    }
+
     let name = format!("{PREFIX}_info");
     header(&mut o, &name, "gauge", "The proxy mode in use");
     let _ = writeln!(o, "{name}{{mode=\"{}\"}} 1", esc(mode));
@@ -562,6 +585,21 @@ fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
         );
         for m in &dp.maps {
             let _ = writeln!(o, "{name}{{map=\"{}\"}} {}", esc(&m.name), m.capacity);
+        }
+        let name = format!("{PREFIX}_map_pressure");
+        header(
+            &mut o,
+            &name,
+            "gauge",
+            "Fill of each dataplane map, entries / capacity (Cilium's bpf_map_pressure): a hash map at 1 refuses inserts, an LRU map at 1 evicts; LRU maps are counted at most every 30 s (conntrack: at every sweep)",
+        );
+        for m in &dp.maps {
+            let _ = writeln!(
+                o,
+                "{name}{{map=\"{}\"}} {}",
+                esc(&m.name),
+                fmt_f64(m.pressure())
+            );
         }
         let name = format!("{PREFIX}_map_insert_failures_total");
         header(
@@ -787,13 +825,23 @@ mod tests {
         );
         t.error("event", 2);
         t.set_invalid_objects(3);
+        t.map_warning("SVC_V4", "MapFull");
+        t.map_warning("SVC_V4", "MapFull");
         t.set_reader(Some(Box::new(Fixed(DataplaneStats {
-            maps: vec![MapFill {
-                name: "SVC_V4".into(),
-                entries: 1,
-                capacity: 65536,
-                insert_failures: 5,
-            }],
+            maps: vec![
+                MapFill {
+                    name: "SVC_V4".into(),
+                    entries: 1,
+                    capacity: 65536,
+                    insert_failures: 5,
+                },
+                MapFill {
+                    name: "CT_V4".into(),
+                    entries: 4,
+                    capacity: 8,
+                    insert_failures: 0,
+                },
+            ],
             conntrack: Some(MapFill {
                 name: "CT_V4".into(),
                 entries: 4,
@@ -829,10 +877,13 @@ mod tests {
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
             "kubeproxy_ebpf_errors_total{kind=\"event\"} 2",
             "kubeproxy_ebpf_invalid_objects 3",
+            "kubeproxy_ebpf_map_pressure_warnings_total{map=\"SVC_V4\",reason=\"MapFull\"} 2",
             "kubeproxy_ebpf_programmed_endpoints 2",
             "kubeproxy_ebpf_programmed_frontends 1",
             "kubeproxy_ebpf_map_capacity{map=\"SVC_V4\"} 65536",
             "kubeproxy_ebpf_map_insert_failures_total{map=\"SVC_V4\"} 5",
+            "kubeproxy_ebpf_map_pressure{map=\"SVC_V4\"} 0.0000152587890625",
+            "kubeproxy_ebpf_map_pressure{map=\"CT_V4\"} 0.5",
             "kubeproxy_ebpf_conntrack_entries 4",
             "kubeproxy_ebpf_service_packets_total{frontend=\"10.96.0.10:80/TCP\",kind=\"ClusterIP\",service=\"default/web/TCP\"} 7",
             "kubeproxy_ebpf_service_bytes_total{frontend=\"10.96.0.10:80/TCP\",kind=\"ClusterIP\",service=\"default/web/TCP\"} 700",

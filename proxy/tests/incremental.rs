@@ -81,6 +81,9 @@ struct Recorder {
     node_address: Option<Ipv4Addr>,
     /// Refuse the next batch (before applying any of it).
     fail_next: bool,
+    /// Hold at most this many frontends: a new one beyond it is refused
+    /// (the others of the batch still apply), as a full map does.
+    capacity: Option<usize>,
 }
 
 impl Dataplane for Recorder {
@@ -99,8 +102,17 @@ impl Dataplane for Recorder {
             return Err(std::io::Error::other("refused on purpose"));
         }
         let mut stats = ApplyStats::default();
+        let mut full = None;
         for c in changes {
             match c {
+                Change::Upsert(k, _)
+                    if !self.programmed.frontends.contains_key(k)
+                        && self
+                            .capacity
+                            .is_some_and(|n| self.programmed.frontends.len() >= n) =>
+                {
+                    full.get_or_insert_with(|| std::io::Error::other(format!("full: {k}")));
+                }
                 Change::Upsert(k, f) => {
                     assert_ne!(
                         self.programmed.frontends.get(k),
@@ -119,7 +131,10 @@ impl Dataplane for Recorder {
                 }
             }
         }
-        Ok(stats)
+        match full {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
     }
 
     fn set_node_address(&mut self, addr: Option<Ipv4Addr>) -> Result<(), Self::Error> {
@@ -778,4 +793,56 @@ fn a_contested_frontend_passes_to_the_next_claimant() {
     assert_eq!(backends(&dp), ["10.244.0.2"], "b takes over");
     assert_eq!(s.changes, 1);
     assert_eq!(s.owners[0].1.as_ref().map(|o| o.name.as_str()), Some("b"));
+}
+
+/// A full dataplane (room for 2 frontends, 3 services): the full sync after
+/// the failure programs the one waiting as soon as another service is
+/// deleted, in that same sync (removals go first and a failed chunk does
+/// not stop the rest).
+#[test]
+fn a_full_sync_removes_first_so_a_waiting_frontend_fits() {
+    fn svc(name: &str, vip: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(vip.into()),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+    let mut cache = Cache::default();
+    let mut state = SyncState::new(NodeContext::default(), Limits::default());
+    let mut dp = Recorder {
+        capacity: Some(2),
+        ..Default::default()
+    };
+    for (name, vip) in [("a", "10.96.0.1"), ("b", "10.96.0.2"), ("c", "10.96.0.3")] {
+        cache.service_event(Event::Apply(svc(name, vip)));
+    }
+    let batch = cache.take().expect("services");
+    let err = state.sync(&mut dp, batch).expect_err("c does not fit");
+    assert_eq!(err.to_string(), "full: 10.96.0.3:80/TCP");
+    let vips = |dp: &Recorder| -> Vec<String> {
+        dp.programmed
+            .frontends
+            .keys()
+            .map(|k| k.addr.to_string())
+            .collect()
+    };
+    assert_eq!(vips(&dp), ["10.96.0.1", "10.96.0.2"]);
+    // The agent asks for a full sync after a failure; a is deleted.
+    cache.service_event(Event::Delete(svc("a", "10.96.0.1")));
+    cache.request_full();
+    let batch = cache.take().expect("full");
+    state.sync(&mut dp, batch).expect("room for c after a went");
+    assert_eq!(vips(&dp), ["10.96.0.2", "10.96.0.3"]);
 }

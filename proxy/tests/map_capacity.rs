@@ -17,7 +17,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::PinDir;
 use proxy::{
     dataplane::{
-        Dataplane,
+        Dataplane, MapEvent,
         ebpf::{
             EbpfConfig, EbpfDataplane, EbpfError,
             capacity::{ClusterSize, Knob, MapSizing, Sizing},
@@ -231,6 +231,22 @@ fn a_full_map_fails_clearly_counts_and_the_frontends_that_fit_serve() {
         "one failed insert per frontend that did not fit"
     );
     assert_eq!(dp.insert_failures(defs::SLOTS.name), 0);
+    // The agent hears of it once for the batch (it logs it and posts the
+    // Event), naming the first frontend that did not fit.
+    let events = dp.take_map_events();
+    assert!(
+        matches!(
+            &events[..],
+            [MapEvent::Full {
+                map: "SVC_V4",
+                capacity: 10,
+                flag: "--bpf-lb-map-max",
+                what,
+            }] if what.starts_with("10.96.0.")
+        ),
+        "{events:?}"
+    );
+    assert!(dp.take_map_events().is_empty(), "taken");
 
     // The 10 that fit are whole; the 15 others left nothing behind.
     assert_eq!(dp.programmed().frontends.len(), 10);
@@ -271,6 +287,17 @@ fn a_full_map_fails_clearly_counts_and_the_frontends_that_fit_serve() {
             .any(|l| l == "kubeproxy_ebpf_map_capacity{map=\"SVC_V4\"} 10"),
         "{m}"
     );
+    // Pressure: entries / capacity (20 slots of 262144).
+    for (map, want) in [
+        ("SVC_V4", "1".to_owned()),
+        (
+            "SLOTS_V4",
+            (20.0 / f64::from(defs::SLOTS.max_entries)).to_string(),
+        ),
+    ] {
+        let line = format!("kubeproxy_ebpf_map_pressure{{map=\"{map}\"}} {want}");
+        assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
+    }
 
     // The next sync retries the 15 and fails again: counted again.
     let retry: Vec<Change> = desired
@@ -428,4 +455,70 @@ fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     f.extend_from_slice(&ip);
     f.extend_from_slice(&l4);
     f
+}
+
+/// Conntrack under pressure grows at the next start: the live flows of the
+/// pinned map (idle ones past their timeout not counted) are `auto`'s
+/// need, and the restarted agent's map is 1.5x that, with every entry
+/// copied.
+#[test]
+fn a_conntrack_under_pressure_grows_at_the_next_start() {
+    use proxy::dataplane::conntrack::{self, Timeouts};
+    use proxy_common::{CtKey, CtValue, ct_flags, proto};
+
+    let dir = PinDir::new("ct-grow");
+    let default = defs::CONNTRACK.max_entries;
+    let (live, stale) = (200_000u32, 1_000u32);
+    {
+        let dp = load(&dir, MapSizing::default().capacities(None));
+        assert_eq!(dp.capacities()[defs::CONNTRACK.name], default);
+        let mut maps = proxy::maps::Maps::open_pinned(&dir.0).expect("pinned maps");
+        let now = conntrack::monotonic_ns();
+        for i in 0..live + stale {
+            let (p, last_seen, flags) = if i < live {
+                (proto::TCP, now, ct_flags::TCP_ESTABLISHED)
+            } else {
+                // UDP idle for 2 minutes: past its 60 s.
+                (proto::UDP, now.saturating_sub(120_000_000_000), 0)
+            };
+            let k = CtKey {
+                saddr: i,
+                daddr: 1,
+                sport: 1,
+                dport: 1,
+                proto: p,
+                dir: 0,
+                _pad: 0,
+            };
+            let v = CtValue {
+                last_seen_ns: last_seen,
+                backend_id: 1,
+                service_id: 1,
+                flags,
+                _pad: 0,
+                nat_addr: 0,
+                nat_port: 0,
+                _pad2: 0,
+            };
+            maps.conntrack.insert(k, v, 0).expect("ct entry");
+        }
+    }
+    let found = conntrack::pinned_live(&dir.0, &Timeouts::default())
+        .expect("count")
+        .expect("pinned");
+    assert_eq!(found, u64::from(live), "live flows only");
+    let size = ClusterSize {
+        conntrack: found,
+        ..Default::default()
+    };
+    let caps = MapSizing::default().capacities(Some(&size));
+    // 200,000 x 1.5 = 300,000, rounded up to a multiple of 4096.
+    assert_eq!(caps[defs::CONNTRACK.name], 303_104);
+    let dp = load(&dir, caps);
+    assert_eq!(dp.capacities()[defs::CONNTRACK.name], 303_104, "grown");
+    assert_eq!(
+        entries(&dp)[defs::CONNTRACK.name],
+        u64::from(live + stale),
+        "every entry copied"
+    );
 }

@@ -1,7 +1,8 @@
 //! Operability: `proxyctl` against a running agent's pins (services,
 //! dump-maps, explain), the agent's kube-proxy endpoints (/metrics,
 //! /proxyMode, /healthz through an API server outage), proxyctl without
-//! pins, and Kubernetes Events for objects that cannot be programmed.
+//! pins, Kubernetes Events for objects that cannot be programmed, and a
+//! full eBPF map (pressure metrics, one Event on the Node, retries).
 //! The kube-proxy endpoints (behaviour 21 of docs/service-behaviours.md) are also checked
 //! in every mode with one function (`ebpf::`, `iptables::`, `nftables::`
 //! `kube_proxy_endpoints`).
@@ -1049,6 +1050,173 @@ spec:
         agent.log().contains("cannot program object"),
         "the log line too"
     );
+}
+
+/// Map pressure (`--bpf-lb-map-max 4`, six ClusterIP services): the four
+/// that fit are programmed and answer, the other two are not programmed;
+/// `/metrics` counts the refused inserts and shows the map's pressure at
+/// 1; one log line and one Warning Event on the Node name the map, its
+/// capacity and the flag (not one per retry); deleting two services lets
+/// the other two in.
+#[test]
+fn map_pressure_full_map_keeps_serving_what_fits() {
+    let cluster = Cluster::new(ClusterSpec::default()).expect("cluster");
+    let (client, p12) = (cluster.pod(1, 1), cluster.pod(1, 2));
+    let _server =
+        TcpServer::start(&p12.ns, &p12.name, SocketAddr::from((p12.ip, 8080))).expect("server");
+    let api = ApiServer::start().expect("api");
+    api.apply_yaml(&cluster.node_objects_yaml()).expect("nodes");
+    let agent = Agent::start(
+        cluster.node(1),
+        &api,
+        AgentOptions {
+            args: vec!["--bpf-lb-map-max".into(), "4".into()],
+            ..Default::default()
+        },
+    )
+    .expect("agent");
+    let vip = |i: u8| format!("10.96.8.{}", i + 1);
+    let frontend = |i: u8| format!("{}:80/TCP", vip(i));
+    for i in 0..6u8 {
+        api.apply_yaml(&cluster_ip(
+            &format!("web{i}"),
+            &vip(i),
+            &[(p12.ip, "node1")],
+        ))
+        .expect("service");
+    }
+    let reachable = |i: u8| {
+        let to = SocketAddr::from((vip(i).parse::<Ipv4Addr>().expect("vip"), 80));
+        tcp_request(&client.ns, to, TIMEOUT).is_ok()
+    };
+    // Four frontends fit; which four depends on the order the agent saw
+    // the services in.
+    let fits: Vec<u8> = poll(Duration::from_secs(15), || {
+        let p = programmed(&agent);
+        let fits: Vec<u8> = (0..6).filter(|i| p.contains_key(&frontend(*i))).collect();
+        if fits.len() == 4 && api.list("Service").len() >= 6 {
+            Ok(fits)
+        } else {
+            Err(format!("programmed: {:?}", p.keys().collect::<Vec<_>>()))
+        }
+    });
+    for i in 0..6u8 {
+        if fits.contains(&i) {
+            poll(Duration::from_secs(5), || {
+                reachable(i)
+                    .then_some(())
+                    .ok_or(format!("{} not reachable", frontend(i)))
+            });
+        } else {
+            assert!(
+                !reachable(i),
+                "{} answers but is not programmed",
+                frontend(i)
+            );
+        }
+    }
+
+    // The Warning on the Node: map, capacity, flag.
+    let node_warnings = |api: &ApiServer| -> Vec<Value> {
+        api.list("Event")
+            .into_iter()
+            .filter(|e| e["involvedObject"]["kind"] == "Node" && e["reason"] == "MapFull")
+            .collect()
+    };
+    let events = poll(Duration::from_secs(10), || {
+        let e = node_warnings(&api);
+        (!e.is_empty())
+            .then_some(e)
+            .ok_or("no MapFull Event on the Node".to_owned())
+    });
+    let e = &events[0];
+    let msg = e["message"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(e["type"], "Warning", "{e}");
+    assert_eq!(e["involvedObject"]["name"], "node1", "{e}");
+    assert!(
+        msg.contains("is full (4 entries)") && msg.contains("raise --bpf-lb-map-max"),
+        "{msg}"
+    );
+    // The map it names (the first insert a new frontend needs that a
+    // full map refuses: SVC_STATS, REVNAT_V4 or SVC_V4).
+    let full_map = msg
+        .strip_prefix("eBPF map ")
+        .and_then(|m| m.split(' ').next())
+        .unwrap_or_default()
+        .to_owned();
+
+    // /metrics: the refused inserts and the pressure of the full map.
+    let ns = &cluster.node(1).ns;
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 10249));
+    let m = poll(Duration::from_secs(10), || {
+        let (code, body) = http_get(ns, metrics_addr, "/metrics")?;
+        (code == 200)
+            .then_some(body)
+            .ok_or(format!("status {code}"))
+    });
+    let label = |metric: &str, map: &str| format!("kubeproxy_ebpf_{metric}{{map=\"{map}\"}}");
+    let failures = sample(&m, &label("map_insert_failures_total", &full_map));
+    assert!(
+        failures.is_some_and(|n| n >= 1.0),
+        "insert failures of {full_map}: {failures:?}\n{m}"
+    );
+    for map in [full_map.as_str(), "SVC_V4"] {
+        let p = sample(&m, &label("map_pressure", map));
+        assert_eq!(p, Some(1.0), "pressure of {map}\n{m}");
+    }
+    assert_eq!(
+        sample(&m, &label("map_pressure", "SLOTS_V4")).map(|p| p < 0.01),
+        Some(true),
+        "a map with room\n{m}"
+    );
+    let warned = format!(
+        "kubeproxy_ebpf_map_pressure_warnings_total{{map=\"{full_map}\",reason=\"MapFull\"}}"
+    );
+    assert_eq!(sample(&m, &warned), Some(1.0), "{m}");
+
+    // Retries (a full sync every second) repeat neither the Event nor the
+    // log line.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        node_warnings(&api).len(),
+        1,
+        "one Event while the map is full"
+    );
+    let line = "do not fit and are not programmed";
+    assert_eq!(agent.log().matches(line).count(), 1, "one log line");
+
+    // Room again: the two that did not fit are programmed.
+    for i in fits.iter().take(2) {
+        api.delete("Service", Some("default"), &format!("web{i}"))
+            .expect("delete");
+    }
+    let waiting: Vec<u8> = (0..6).filter(|i| !fits.contains(i)).collect();
+    poll(Duration::from_secs(15), || {
+        let p = programmed(&agent);
+        let missing: Vec<String> = waiting
+            .iter()
+            .map(|i| frontend(*i))
+            .filter(|f| !p.contains_key(f))
+            .collect();
+        missing
+            .is_empty()
+            .then_some(())
+            .ok_or(format!("not programmed yet: {missing:?}"))
+    });
+    for i in &waiting {
+        poll(Duration::from_secs(5), || {
+            reachable(*i)
+                .then_some(())
+                .ok_or(format!("{} not reachable", frontend(*i)))
+        });
+    }
+    poll(Duration::from_secs(5), || {
+        agent
+            .log()
+            .contains("has room again")
+            .then_some(())
+            .ok_or("no \"has room again\" line".to_owned())
+    });
 }
 
 /// `--config`: the file's settings apply (healthz address, sync period, XDP

@@ -125,6 +125,7 @@ fn ebpf_dataplane(
         frontends = cluster.frontends,
         backends = cluster.backends,
         pairs = cluster.pairs,
+        conntrack = cluster.conntrack,
         capacities = ?cfg.map_max_entries,
         "map capacities"
     );
@@ -239,7 +240,16 @@ async fn run() -> Result<()> {
             let stores = k8s::start(client.clone(), &node.node_name, changed.clone());
             stores.ready().await;
             proxy::memory::log("caches listed");
-            let size = cluster_size(&stores, &node, args.maglev_table_size);
+            let mut size = cluster_size(&stores, &node, args.maglev_table_size);
+            // Conntrack follows the flows: what an earlier agent's map
+            // holds now (`auto` grows a map under pressure).
+            match proxy::dataplane::conntrack::pinned_live(
+                &args.bpffs_path,
+                &proxy::dataplane::conntrack::Timeouts::default(),
+            ) {
+                Ok(n) => size.conntrack = n.unwrap_or(0),
+                Err(e) => warn!(error = %e, "counting the pinned conntrack entries"),
+            }
             proxy::memory::log("cluster sized");
             let mut dp = ebpf_dataplane(&args, &cluster_cidrs, &size, loader)?;
             proxy::memory::log("maps loaded");

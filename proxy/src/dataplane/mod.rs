@@ -35,6 +35,43 @@ pub struct MapFill {
     pub insert_failures: u64,
 }
 
+impl MapFill {
+    /// How full the map is: entries / capacity (Cilium's
+    /// `bpf_map_pressure`), 0 for a map without capacity. An LRU map at
+    /// 1.0 evicts; a hash map at 1.0 refuses inserts.
+    pub fn pressure(&self) -> f64 {
+        if self.capacity == 0 {
+            0.0
+        } else {
+            self.entries as f64 / self.capacity as f64
+        }
+    }
+}
+
+/// What a dataplane tells the agent about its maps' room (the agent logs
+/// it and posts Events: the dataplane knows no Kubernetes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapEvent {
+    /// An insert into `map` failed because it holds `capacity` entries:
+    /// `what` (a frontend, or a backend) is not programmed.
+    Full {
+        map: &'static str,
+        capacity: u32,
+        /// The flag that sizes the map.
+        flag: &'static str,
+        what: String,
+    },
+    /// A sweep of the kernel-written LRU map `map` (conntrack) left
+    /// `entries` of `capacity`: an LRU map never refuses an insert, it
+    /// evicts, so its fill is watched instead.
+    Swept {
+        map: &'static str,
+        entries: u64,
+        capacity: u32,
+        flag: &'static str,
+    },
+}
+
 /// Traffic counters of one frontend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendCounters {
@@ -93,6 +130,12 @@ pub trait Dataplane {
 
     /// Periodic work: attach to new interfaces, and so on.
     fn housekeeping(&mut self) -> Result<(), Self::Error>;
+
+    /// Map events since the last call (full maps, conntrack sweeps); the
+    /// agent takes them after every sync and housekeeping.
+    fn take_map_events(&mut self) -> Vec<MapEvent> {
+        Vec::new()
+    }
 
     /// A reader of this dataplane's counters and fill levels for
     /// `/metrics`; None: the mode has none (only the agent's own metrics

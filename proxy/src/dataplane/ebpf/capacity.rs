@@ -6,7 +6,9 @@
 //! home of every map's default capacity); a knob's default is its primary
 //! map's. `auto` picks `max(default, need x 1.5)` rounded up to a multiple
 //! of [`ROUND`], where the need is counted from the first table the agent
-//! programs ([`ClusterSize::of`]).
+//! programs ([`ClusterSize::of`]); conntrack's need is the live flows the
+//! pinned map holds at start, so a conntrack under pressure grows at the
+//! next start (see [`ClusterSize::conntrack`]).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -80,6 +82,7 @@ pub enum Knob {
     Slots,
     /// Tracked flows: `CT_V4`; `SOCK_RNAT_V4` and `SOCK_RNAT_V6` (socket-LB
     /// reverse entries) get a quarter of it, never less than their default.
+    /// `auto`: the live flows the pinned map holds at start x 1.5.
     Conntrack,
     /// Session-affinity entries: `AFFINITY_V4`.
     Affinity,
@@ -157,7 +160,8 @@ impl Knob {
     }
 
     /// Entries the cluster needs of this knob (0: not a function of the
-    /// cluster's size: conntrack and affinity follow traffic).
+    /// cluster's size: affinity follows traffic; conntrack too, so its
+    /// need is the flows it held at start).
     pub fn need(self, c: &ClusterSize) -> u64 {
         match self {
             Knob::Frontends => c.frontends,
@@ -166,7 +170,8 @@ impl Knob {
             Knob::Slots => c.pairs + c.max_backends,
             Knob::SourceRanges => c.source_ranges,
             Knob::Maglev => c.maglev_slots,
-            Knob::Conntrack | Knob::Affinity => 0,
+            Knob::Conntrack => c.conntrack,
+            Knob::Affinity => 0,
         }
     }
 }
@@ -187,6 +192,11 @@ pub struct ClusterSize {
     /// Maglev slots over the distinct tables (backends, size) the
     /// north-south frontends need with table size `maglev_size` (0: off).
     pub maglev_slots: u64,
+    /// Live flows in the conntrack map an earlier agent pinned (0: none).
+    /// Conntrack is an LRU map: full, it evicts instead of refusing, so
+    /// `auto` sizes it to 1.5x what it held: a map more than about two
+    /// thirds full at a restart grows (a pinned map is never shrunk).
+    pub conntrack: u64,
 }
 
 impl ClusterSize {
@@ -389,6 +399,7 @@ mod tests {
                 max_backends: 4,
                 source_ranges: 3,
                 maglev_slots: 0,
+                conntrack: 0,
             }
         );
         // North-south frontends need one Maglev table per distinct set.
@@ -455,6 +466,38 @@ mod tests {
             let info = defs::ALL.iter().find(|i| i.name == name).expect("a map");
             assert_eq!(n, info.max_entries, "{name}");
         }
+    }
+
+    /// Conntrack follows what the pinned map held at start: a map filled
+    /// past about two thirds grows by half at the next start (rounded); a
+    /// flag's number is kept as given.
+    #[test]
+    fn auto_conntrack_grows_with_the_flows_found_at_start() {
+        let ct = defs::CONNTRACK.max_entries;
+        let caps = |flows: u64, sizing: &MapSizing| {
+            let c = ClusterSize {
+                conntrack: flows,
+                ..Default::default()
+            };
+            let caps = sizing.capacities(Some(&c));
+            (caps[defs::CONNTRACK.name], caps[defs::SOCK_REVNAT.name])
+        };
+        let auto = MapSizing::default();
+        // Half full: the default is enough.
+        assert_eq!(caps(u64::from(ct / 2), &auto).0, ct);
+        // Full (an LRU map evicting): 1.5x, rounded up to ROUND.
+        let grown = caps(u64::from(ct), &auto);
+        assert_eq!(grown.0, 393_216);
+        assert_eq!(grown.0 % ROUND as u32, 0);
+        // Socket-LB reverse entries follow (a quarter).
+        assert_eq!(grown.1, 98_304);
+        // 90% full: 1.35x, rounded.
+        let c90 = caps(u64::from(ct) * 9 / 10, &auto).0;
+        assert!(c90 > ct && c90 < 393_216, "{c90}");
+        // A number on the flag wins.
+        let mut fixed = MapSizing::default();
+        fixed.0.insert(Knob::Conntrack, Sizing::Fixed(1000));
+        assert_eq!(caps(u64::from(ct), &fixed).0, 1000);
     }
 
     #[test]

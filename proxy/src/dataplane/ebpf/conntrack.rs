@@ -101,6 +101,44 @@ pub fn sweep(
     Ok(stats)
 }
 
+/// Entries of `ct` that are not idle past their timeout at `now_ns` (what
+/// a sweep would leave): the flows an earlier agent's conntrack holds,
+/// for `auto` sizing at start.
+pub fn live(
+    ct: &HashMap<MapData, CtKey, CtValue>,
+    now_ns: u64,
+    timeouts: &Timeouts,
+) -> Result<u64, MapError> {
+    let mut n = 0u64;
+    for entry in ct.iter() {
+        let (k, v) = match entry {
+            Ok(e) => e,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e),
+        };
+        if now_ns.saturating_sub(v.last_seen_ns) <= timeouts.for_entry(&k, &v) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The live entries (see [`live`]) of the conntrack map pinned under
+/// `bpffs_path` (None: none pinned, a first start).
+pub fn pinned_live(
+    bpffs_path: &std::path::Path,
+    timeouts: &Timeouts,
+) -> Result<Option<u64>, MapError> {
+    let path = super::maps::pin_dir(bpffs_path).join(proxy_common::maps::CONNTRACK.name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path)?;
+    let ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+    live(&ct, monotonic_ns(), timeouts).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

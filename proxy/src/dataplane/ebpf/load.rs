@@ -237,6 +237,8 @@ impl EbpfDataplane {
             unreferenced: HashSet::new(),
             capacities,
             insert_failures: Default::default(),
+            swept_ct: Default::default(),
+            map_events: Vec::new(),
             next_frontend_id: 1,
             next_backend_id: 1,
             attached: HashMap::new(),

@@ -380,6 +380,15 @@ impl Maps {
     /// decoding them (arrays: their length; `MAGLEV_V4`: the sizes of the
     /// distinct tables the frontends point at, without walking its slots).
     pub fn entries(&self) -> Result<Vec<u64>, MapsError> {
+        self.entries_with(|_| None)
+    }
+
+    /// [`Maps::entries`], except for the maps `known` has a figure for
+    /// (`/metrics`: the kernel-written LRU maps, counted less often).
+    pub fn entries_with(
+        &self,
+        known: impl Fn(&MapInfo) -> Option<u64>,
+    ) -> Result<Vec<u64>, MapsError> {
         let tables: std::collections::BTreeMap<u32, u32> = self
             .services()?
             .into_iter()
@@ -388,11 +397,12 @@ impl Maps {
             .collect();
         self.each()
             .into_iter()
-            .map(|(info, m)| match info.kind {
+            .map(|(info, m)| match (info.kind, known(&info)) {
+                (_, Some(n)) => Ok(n),
                 _ if info.name == defs::MAGLEV.name => {
                     Ok(tables.values().map(|m| u64::from(*m)).sum())
                 }
-                MapKind::Array | MapKind::PerCpuArray => capacity(&info, m).map(u64::from),
+                (MapKind::Array | MapKind::PerCpuArray, None) => capacity(&info, m).map(u64::from),
                 _ => match count_batched(m, &info) {
                     Ok(Some(n)) => Ok(n),
                     _ => count_keys(m, key_size(&info)),

@@ -58,7 +58,7 @@ use self::{
     maglev_tables::MaglevTables,
     maps::{Maps, MapsError},
 };
-use super::{ApplyStats, Dataplane, DataplaneStats, FrontendCounters, MapFill};
+use super::{ApplyStats, Dataplane, DataplaneStats, FrontendCounters, MapEvent, MapFill};
 use crate::{
     diff::Change,
     lb::{BackendAddr, FrontendKey, LbTable},
@@ -216,6 +216,9 @@ struct BackendEntry {
     flags: u8,
 }
 
+/// Map events kept for the agent at most.
+const MAX_MAP_EVENTS: usize = 64;
+
 /// Failed inserts per map, indexed like `proxy_common::maps::ALL`.
 #[derive(Debug, Default)]
 pub struct InsertFailures([AtomicU64; proxy_common::maps::ALL.len()]);
@@ -232,6 +235,28 @@ impl InsertFailures {
             .iter()
             .position(|m| m.name == map)
             .map_or(0, |i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Conntrack entries the last sweep left (shared with the `/metrics`
+/// reader: the sweep walks the map anyway, so a scrape need not).
+#[derive(Debug)]
+pub struct SweptEntries(AtomicU64);
+
+impl Default for SweptEntries {
+    fn default() -> Self {
+        SweptEntries(AtomicU64::new(u64::MAX))
+    }
+}
+
+impl SweptEntries {
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    /// None before the first sweep.
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|n| *n != u64::MAX)
     }
 }
 
@@ -261,6 +286,10 @@ pub struct EbpfDataplane {
     capacities: BTreeMap<&'static str, u32>,
     /// Inserts that failed, per map (shared with the `/metrics` reader).
     insert_failures: Arc<InsertFailures>,
+    /// Conntrack entries after the last sweep (shared with `/metrics`).
+    swept_ct: Arc<SweptEntries>,
+    /// Full maps and sweeps since the agent last took them.
+    map_events: Vec<MapEvent>,
     next_frontend_id: u32,
     next_backend_id: u32,
     attached: HashMap<String, Attached>,
@@ -325,6 +354,14 @@ impl EbpfDataplane {
         self.removed_backends.clear();
         self.last_gc = Instant::now();
         self.last_gc_stats = stats;
+        let ct = proxy_common::maps::CONNTRACK.name;
+        self.swept_ct.set(stats.remaining as u64);
+        self.push_event(MapEvent::Swept {
+            map: ct,
+            entries: stats.remaining as u64,
+            capacity: self.capacities.get(ct).copied().unwrap_or(0),
+            flag: capacity::flag_of_map(ct).unwrap_or("--bpf-ct-map-max"),
+        });
         if stats.expired + stats.flushed > 0 {
             debug!(?stats, "conntrack sweep");
         }
@@ -589,6 +626,44 @@ impl EbpfDataplane {
         }
     }
 
+    /// Queue a map event for the agent (bounded: a caller that never takes
+    /// them keeps the newest few).
+    fn push_event(&mut self, e: MapEvent) {
+        if self.map_events.len() >= MAX_MAP_EVENTS {
+            self.map_events.remove(0);
+        }
+        self.map_events.push(e);
+    }
+
+    /// When `e` is a full map: queue a [`MapEvent::Full`] (one per map per
+    /// batch) and log it at debug only. Returns whether it was.
+    fn note_full(&mut self, e: &EbpfError) -> bool {
+        let EbpfError::MapFull {
+            map,
+            capacity,
+            flag,
+            frontend,
+            ..
+        } = e
+        else {
+            return false;
+        };
+        debug!(error = %e, "programming a frontend failed");
+        let queued = self
+            .map_events
+            .iter()
+            .any(|m| matches!(m, MapEvent::Full { map: n, .. } if n == map));
+        if !queued {
+            self.push_event(MapEvent::Full {
+                map,
+                capacity: *capacity,
+                flag,
+                what: frontend.clone(),
+            });
+        }
+        true
+    }
+
     /// Interfaces the tc programs are attached to.
     pub fn attached_interfaces(&self) -> Vec<String> {
         let mut v: Vec<String> = self.attached.keys().cloned().collect();
@@ -612,7 +687,7 @@ impl Dataplane for EbpfDataplane {
         self.before_apply(changes)?;
         let mut stats = ApplyStats::default();
         let mut first_error = None;
-        let mut failed = 0usize;
+        let mut other = 0usize;
         for change in changes {
             // One bad frontend must not stop the others.
             let r = match change {
@@ -620,18 +695,21 @@ impl Dataplane for EbpfDataplane {
                 Change::Remove(k) => self.remove(k, &mut stats),
             };
             if let Err(e) = r {
-                // A full map fails every frontend after it: a few lines
-                // and a count, not one line per frontend per retry.
-                if failed < 3 {
-                    warn!(error = %e, "programming a frontend failed");
+                // A full map fails every frontend after it: the agent logs
+                // it once per map (from the event), not one line per
+                // frontend per retry; other errors: a few lines and a count.
+                if !self.note_full(&e) {
+                    if other < 3 {
+                        warn!(error = %e, "programming a frontend failed");
+                    }
+                    other += 1;
                 }
-                failed += 1;
                 first_error.get_or_insert(e);
             }
         }
-        if failed > 3 {
+        if other > 3 {
             warn!(
-                failed,
+                failed = other,
                 of = changes.len(),
                 "programming frontends failed (first 3 logged)"
             );
@@ -666,11 +744,20 @@ impl Dataplane for EbpfDataplane {
         EbpfDataplane::set_node_address(self, addr)
     }
 
+    fn take_map_events(&mut self) -> Vec<MapEvent> {
+        std::mem::take(&mut self.map_events)
+    }
+
     fn stats_reader(&self) -> Option<Box<dyn super::StatsReader>> {
         // Its own handles on the pinned maps: reads need no access to the
         // dataplane the sync loop owns.
         match Maps::open_pinned(&self.cfg.bpffs_path) {
-            Ok(maps) => Some(Box::new(PinnedStats(maps, self.insert_failures.clone()))),
+            Ok(maps) => Some(Box::new(PinnedStats {
+                maps,
+                insert_failures: self.insert_failures.clone(),
+                swept_ct: self.swept_ct.clone(),
+                lru: Default::default(),
+            })),
             Err(e) => {
                 warn!(error = %e, "no map statistics for /metrics");
                 None
@@ -679,15 +766,79 @@ impl Dataplane for EbpfDataplane {
     }
 }
 
+/// How often `/metrics` walks the kernel-written LRU maps (affinity,
+/// socket-LB reverse entries, fragments) at most: a walk costs up to the
+/// map's capacity, so scrapes in between reuse the last count. Conntrack
+/// is never walked for `/metrics`: the sweep counts it every
+/// `--conntrack-gc-interval`.
+pub const LRU_RECOUNT: Duration = Duration::from_secs(30);
+
+/// The last counts of the LRU maps `/metrics` walked, and when.
+#[derive(Debug, Default)]
+struct LruCounts {
+    at: Option<Instant>,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+impl LruCounts {
+    /// Whether the LRU maps are walked on this read.
+    fn stale(&self, now: Instant) -> bool {
+        self.at
+            .is_none_or(|t| now.saturating_duration_since(t) >= LRU_RECOUNT)
+    }
+
+    /// The figure a read uses for map `info` without walking it (None:
+    /// walk). Hash maps are walked on every read: only the agent writes
+    /// them, so they hold exactly what it programmed, and a batched walk
+    /// is cheap (the scrape decodes every service anyway). Conntrack: the
+    /// last sweep's count; the other LRU maps: the last walk's, until it
+    /// is [`LRU_RECOUNT`] old.
+    fn known(&self, info: &MapInfo, swept_ct: Option<u64>, recount: bool) -> Option<u64> {
+        if info.kind != proxy_common::MapKind::LruHash {
+            return None;
+        }
+        if info.name == proxy_common::maps::CONNTRACK.name && swept_ct.is_some() {
+            return swept_ct;
+        }
+        if recount {
+            None
+        } else {
+            self.counts.get(info.name).copied()
+        }
+    }
+}
+
 /// `/metrics`'s reader: its own handles on the pinned maps, so reads need
 /// no access to the dataplane the sync loop owns.
-struct PinnedStats(Maps, Arc<InsertFailures>);
+struct PinnedStats {
+    maps: Maps,
+    insert_failures: Arc<InsertFailures>,
+    swept_ct: Arc<SweptEntries>,
+    lru: std::sync::Mutex<LruCounts>,
+}
 
 impl super::StatsReader for PinnedStats {
     fn read(&self) -> Result<DataplaneStats, Box<dyn std::error::Error + Send + Sync>> {
-        let mut s = dataplane_stats(&self.0)?;
+        let now = Instant::now();
+        let mut lru = match self.lru.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        let recount = lru.stale(now);
+        let swept = self.swept_ct.get();
+        let mut s = dataplane_stats_with(&self.maps, |info| lru.known(info, swept, recount))?;
+        if recount {
+            for info in &proxy_common::maps::ALL {
+                if info.kind == proxy_common::MapKind::LruHash
+                    && let Some(m) = s.maps.iter().find(|m| m.name == info.name)
+                {
+                    lru.counts.insert(info.name, m.entries);
+                }
+            }
+            lru.at = Some(now);
+        }
         for m in &mut s.maps {
-            m.insert_failures = self.1.get(&m.name);
+            m.insert_failures = self.insert_failures.get(&m.name);
         }
         Ok(s)
     }
@@ -697,10 +848,19 @@ impl super::StatsReader for PinnedStats {
 /// (no Maglev walk: a table is always full, so its entries are the sizes
 /// of the distinct tables).
 pub fn dataplane_stats(m: &Maps) -> Result<DataplaneStats, MapsError> {
+    dataplane_stats_with(m, |_| None)
+}
+
+/// [`dataplane_stats`] with the entries of the maps `known` has a figure
+/// for taken from it instead of counted.
+fn dataplane_stats_with(
+    m: &Maps,
+    known: impl Fn(&MapInfo) -> Option<u64>,
+) -> Result<DataplaneStats, MapsError> {
     let maps: Vec<MapFill> = m
         .capacities()?
         .into_iter()
-        .zip(m.entries()?)
+        .zip(m.entries_with(known)?)
         .map(|((name, capacity), entries)| MapFill {
             name: name.to_owned(),
             entries,
@@ -742,4 +902,62 @@ pub fn dataplane_stats(m: &Maps) -> Result<DataplaneStats, MapsError> {
         drops,
         counters,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::maps as defs;
+
+    use super::*;
+
+    /// Pressure as `/metrics` shows it: hash maps from their walk (what
+    /// the agent wrote), conntrack from the last sweep, the other LRU maps
+    /// from a walk at most every [`LRU_RECOUNT`].
+    #[test]
+    fn pressure_figures_and_where_they_come_from() {
+        let t0 = Instant::now();
+        let mut lru = LruCounts::default();
+        assert!(lru.stale(t0), "the first read walks");
+        // Before any sweep, everything is walked.
+        for info in &defs::ALL {
+            assert_eq!(lru.known(info, None, true), None, "{}", info.name);
+        }
+        lru.counts.insert(defs::AFFINITY.name, 7);
+        lru.counts.insert(defs::CONNTRACK.name, 3);
+        lru.at = Some(t0);
+        assert!(!lru.stale(t0 + LRU_RECOUNT / 2));
+        assert!(lru.stale(t0 + LRU_RECOUNT));
+        // Between walks: LRU maps from the cache, conntrack from the sweep
+        // (also when a walk is due), hash maps always walked.
+        assert_eq!(lru.known(&defs::AFFINITY.info(), Some(9), false), Some(7));
+        assert_eq!(lru.known(&defs::AFFINITY.info(), Some(9), true), None);
+        assert_eq!(lru.known(&defs::CONNTRACK.info(), Some(9), false), Some(9));
+        assert_eq!(lru.known(&defs::CONNTRACK.info(), Some(9), true), Some(9));
+        assert_eq!(lru.known(&defs::CONNTRACK.info(), None, false), Some(3));
+        assert_eq!(lru.known(&defs::SERVICES.info(), Some(9), false), None);
+        assert_eq!(lru.known(&defs::SLOTS.info(), Some(9), false), None);
+
+        // entries / capacity.
+        let fill = |entries, capacity| MapFill {
+            name: "X".into(),
+            entries,
+            capacity,
+            insert_failures: 0,
+        };
+        assert_eq!(fill(4, 4).pressure(), 1.0, "a full hash map");
+        assert_eq!(fill(0, 262_144).pressure(), 0.0);
+        assert_eq!(fill(235_930, 262_144).pressure(), 235_930.0 / 262_144.0);
+        assert!((fill(235_930, 262_144).pressure() - 0.9).abs() < 1e-4);
+        assert_eq!(fill(3, 0).pressure(), 0.0, "no capacity: no pressure");
+    }
+
+    #[test]
+    fn swept_entries_are_none_before_the_first_sweep() {
+        let s = SweptEntries::default();
+        assert_eq!(s.get(), None);
+        s.set(0);
+        assert_eq!(s.get(), Some(0));
+        s.set(12);
+        assert_eq!(s.get(), Some(12));
+    }
 }
