@@ -1,4 +1,4 @@
-//! Topology-aware routing end to end (docs/service-behaviours.md, 24):
+//! Topology-aware routing end to end (docs/service-behaviours.md, 25):
 //! Nodes labelled with `topology.kubernetes.io/zone`, a Service with
 //! `trafficDistribution`, its EndpointSlice's endpoints hinted as the
 //! EndpointSlice controller writes them (the fixture API server has no
