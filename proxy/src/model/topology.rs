@@ -551,6 +551,20 @@ spec:
     }
 
     #[test]
+    fn the_nodes_zone_is_its_label_and_survives_the_trim() {
+        let mut n: k8s_openapi::api::core::v1::Node = parse(
+            "metadata:\n  name: node1\n  labels: {topology.kubernetes.io/zone: a, kubernetes.io/os: linux}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}\n",
+        );
+        model::trim_node(&mut n);
+        assert_eq!(model::node_zone(&n).as_deref(), Some("a"));
+        assert_eq!(n.metadata.labels.as_ref().map(|l| l.len()), Some(1));
+        let mut bare: k8s_openapi::api::core::v1::Node =
+            parse("metadata: {name: node1, labels: {topology.kubernetes.io/zone: \"\"}}\n");
+        model::trim_node(&mut bare);
+        assert_eq!(model::node_zone(&bare), None, "an empty label is no zone");
+    }
+
+    #[test]
     fn hints_are_stored_once_per_slice_and_cost_nothing_without() {
         let n = node(Some("a"));
         let plain = slice("p", "IPv4", &[ep("10.244.1.2", "node1", "a", "")]);
