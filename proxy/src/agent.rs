@@ -215,6 +215,10 @@ pub struct SyncState {
     ports: usize,
     /// Sum of the contributions' `no_local`.
     no_local: [usize; 2],
+    /// Services whose endpoints have topology hints -> a digest of what
+    /// the hints chose when it was last logged (logged again only when it
+    /// changes, not at every sync).
+    topology_logged: HashMap<ObjectKey, u64>,
 }
 
 /// The winner of a frontend before a sync touched it.
@@ -241,6 +245,7 @@ impl SyncState {
             error_count: 0,
             ports: 0,
             no_local: [0; 2],
+            topology_logged: HashMap::new(),
         }
     }
 
@@ -266,12 +271,21 @@ impl SyncState {
         services: Vec<ServiceInput>,
         node: Option<&k8s_openapi::api::core::v1::Node>,
     ) -> Result<Synced, D::Error> {
+        let old_zone = std::mem::take(&mut self.node.zone);
         self.node = self.base.clone();
         self.node_errors = Vec::new();
         if let Some(n) = node {
             let (addresses, errs) = model::node_addresses(n);
             self.node.addresses = addresses;
             self.node_errors = errs;
+            self.node.zone = model::node_zone(n);
+        }
+        if self.node.zone != old_zone {
+            info!(
+                zone = self.node.zone.as_deref().unwrap_or("<none>"),
+                label = model::LABEL_ZONE,
+                "node zone (for topology hints)"
+            );
         }
         // The node address follows the Node object (before frontends that
         // may need it for SNAT).
@@ -298,6 +312,8 @@ impl SyncState {
             let key = key_of(&input.service);
             self.add_service(key, &input, None, &mut touched_health);
         }
+        let services = &self.services;
+        self.topology_logged.retain(|k, _| services.contains_key(k));
         let mut keys: Vec<FrontendKey> = self.claims.keys().copied().collect();
         keys.sort_unstable();
         let mut owners = Vec::with_capacity(keys.len());
@@ -376,8 +392,13 @@ impl SyncState {
         let mut errors_changed = false;
         for (key, input) in list {
             let old_errors = self.remove_service(&key, &mut before, &mut touched_health);
-            if let Some(input) = input {
-                self.add_service(key.clone(), &input, Some(&mut before), &mut touched_health);
+            match input {
+                Some(input) => {
+                    self.add_service(key.clone(), &input, Some(&mut before), &mut touched_health)
+                }
+                None => {
+                    self.topology_logged.remove(&key);
+                }
             }
             errors_changed |= self.errors.get(&key) != old_errors.as_ref();
         }
@@ -507,6 +528,7 @@ impl SyncState {
             ports.iter_mut(),
             self.limits.maglev_max_table_size,
         ));
+        self.log_topology(&key, &ports);
         let mut contribution = Contribution {
             ports: ports.len(),
             ..Default::default()
@@ -567,6 +589,59 @@ impl SyncState {
         if contribution.ports > 0 {
             contribution.health.shrink_to_fit();
             self.services.insert(key, contribution);
+        }
+    }
+
+    /// Log what the topology hints of a service choose, once per change:
+    /// info when they are given but ignored here (and why), debug when
+    /// they are used.
+    fn log_topology(&mut self, key: &ObjectKey, ports: &[ServicePort]) {
+        use std::hash::{Hash, Hasher};
+        let notes: Vec<(&ServicePortName, &'static str, model::Topology)> = ports
+            .iter()
+            .flat_map(|p| {
+                ["IPv4", "IPv6"]
+                    .into_iter()
+                    .zip(p.topology)
+                    .filter(|(_, t)| *t != model::Topology::Any)
+                    .map(move |(f, t)| (&p.name, f, t))
+            })
+            .collect();
+        if notes.is_empty() {
+            if self.topology_logged.remove(key).is_some() {
+                debug!(service = %format_args!("{}/{}", key.0, key.1), "topology hints no longer used");
+            }
+            return;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        notes.hash(&mut h);
+        let digest = h.finish();
+        if self.topology_logged.insert(key.clone(), digest) == Some(digest) {
+            return;
+        }
+        for (name, family, t) in notes {
+            let distribution = ports
+                .iter()
+                .find(|p| &p.name == name)
+                .and_then(|p| p.traffic_distribution)
+                .map_or("<unset>", model::TrafficDistribution::as_str);
+            match t.ignored_because() {
+                Some(reason) => info!(
+                    service = %name,
+                    family,
+                    traffic_distribution = distribution,
+                    zone = self.node.zone.as_deref().unwrap_or("<none>"),
+                    reason,
+                    "topology hints ignored; every endpoint is used"
+                ),
+                None => debug!(
+                    service = %name,
+                    family,
+                    traffic_distribution = distribution,
+                    topology = ?t,
+                    "topology hints used"
+                ),
+            }
         }
     }
 
@@ -815,6 +890,8 @@ mod tests {
             source_ranges: vec![],
             maglev_table_size: size,
             endpoints: vec![],
+            traffic_distribution: None,
+            topology: Default::default(),
         };
         (n, p)
     }

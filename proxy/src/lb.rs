@@ -455,8 +455,11 @@ mod tests {
                     ready: true,
                     terminating: false,
                     local: i == 1,
+                    in_topology: true,
                 })
                 .collect(),
+            traffic_distribution: None,
+            topology: Default::default(),
         };
         let node = NodeContext {
             node_name: "node1".into(),
@@ -466,6 +469,7 @@ mod tests {
             ],
             nodeport_cidrs: vec![],
             source_ranges_all: false,
+            zone: None,
         };
         let fes = port_frontends(&sp, &node);
         let lists: Vec<&Backends> = fes.iter().map(|(_, f)| &f.backends).collect();

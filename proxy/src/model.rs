@@ -13,7 +13,9 @@
 //!   Node's addresses); [`crate::lb`] gives a frontend of one family only
 //!   the endpoints and source ranges of that family;
 //! * only `ready` endpoints serve; when none is ready, `serving` and
-//!   `terminating` ones do (graceful termination fallback).
+//!   `terminating` ones do (graceful termination fallback);
+//! * topology-aware routing from the endpoints' hints, per address family,
+//!   for traffic policy Cluster only (see [`topology`]).
 //!
 //! Bad input never stops the rest: each problem becomes a [`ModelError`]
 //! naming the object, the field and the value, and the offending piece is
@@ -35,10 +37,13 @@ use k8s_openapi::{
 use serde::{Deserialize, Deserializer};
 
 mod stored;
+pub mod topology;
 pub use stored::{
-    AddressType, BadAddress, EndpointInfo, IpField, NO_NODE, PortInfo, ProtocolField, READY,
-    SERVING, ServiceInfo, SliceEndpoints, SliceInfo, SlicePortInfo, SpecInfo, TERMINATING,
+    AddressType, BadAddress, BadHint, EndpointInfo, HintSet, IpField, NO_HINTS, NO_NODE, PortInfo,
+    ProtocolField, READY, SERVING, ServiceInfo, SliceEndpoints, SliceExtra, SliceHints, SliceInfo,
+    SlicePortInfo, SpecInfo, TERMINATING,
 };
+pub use topology::{LABEL_ZONE, Topology, TrafficDistribution};
 
 /// Label kube-proxy uses to let another proxy own a service.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -92,6 +97,45 @@ pub struct EndpointView {
     pub conditions: Option<EndpointConditions>,
     #[serde(default)]
     pub node_name: Option<String>,
+    /// `hints` (topology-aware routing); boxed: most endpoints have none.
+    #[serde(default)]
+    pub hints: Option<Box<HintsView>>,
+}
+
+/// An endpoint's `hints`: the zones and nodes it should serve.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HintsView {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub for_zones: Vec<HintName>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub for_nodes: Vec<HintName>,
+}
+
+/// One `forZones[]` or `forNodes[]` entry. `name` is required by the API;
+/// read as optional so that an entry without one is reported, not a
+/// reason to drop the whole slice.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HintName {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl HintsView {
+    /// Hints for the given zones and nodes (tests, fixtures).
+    pub fn new(zones: &[&str], nodes: &[&str]) -> HintsView {
+        let names = |l: &[&str]| {
+            l.iter()
+                .map(|n| HintName {
+                    name: Some((*n).to_owned()),
+                })
+                .collect()
+        };
+        HintsView {
+            for_zones: names(zones),
+            for_nodes: names(nodes),
+        }
+    }
 }
 
 impl SliceView {
@@ -169,12 +213,19 @@ pub fn trim_service(s: &mut Service) {
     };
 }
 
-/// Keeps of the watched Node only its name and addresses (what
-/// [`node_addresses`] reads; a node's status also lists every image it
-/// holds).
+/// Keeps of the watched Node only its name, its zone label and its
+/// addresses (what [`node_addresses`] and [`node_zone`] read; a node's
+/// status also lists every image it holds).
 pub fn trim_node(n: &mut k8s_openapi::api::core::v1::Node) {
+    let labels = n
+        .metadata
+        .labels
+        .take()
+        .and_then(|mut l| l.remove_entry(LABEL_ZONE))
+        .map(|(k, v)| BTreeMap::from([(k, v)]));
     n.metadata = ObjectMeta {
         name: n.metadata.name.take(),
+        labels,
         ..Default::default()
     };
     n.spec = None;
@@ -289,11 +340,18 @@ pub struct Endpoint {
     pub terminating: bool,
     /// On the node this agent runs on.
     pub local: bool,
+    /// Chosen by its family's topology hints for this node (kube-proxy's
+    /// `availableForTopology`; every endpoint when the hints are not used,
+    /// see [`topology`]). Only traffic policy Cluster looks at it.
+    pub in_topology: bool,
 }
 
 /// The endpoints traffic goes to, as kube-proxy chooses them: the ready
 /// ones; if there is none, the serving+terminating ones. With `local_only`
-/// (traffic policy Local) the same choice among this node's endpoints.
+/// (traffic policy Local) the same choice among this node's endpoints;
+/// otherwise (policy Cluster) among those the topology hints choose
+/// ([`Endpoint::in_topology`]: all of them when the hints are not used,
+/// which is always the case when no endpoint of the family is ready).
 pub fn usable_endpoints(endpoints: &[Endpoint], local_only: bool) -> Vec<&Endpoint> {
     usable_endpoints_where(endpoints, local_only, |_| true)
 }
@@ -309,7 +367,8 @@ pub fn usable_endpoints_where(
     let candidates = || {
         endpoints
             .iter()
-            .filter(|e| (!local_only || e.local) && keep(e))
+            .filter(|e| if local_only { e.local } else { e.in_topology })
+            .filter(|e| keep(e))
     };
     let ready: Vec<&Endpoint> = candidates().filter(|e| e.ready).collect();
     if !ready.is_empty() {
@@ -345,6 +404,12 @@ pub struct ServicePort {
     /// without duplicates (an address ready in one slice is not repeated
     /// as terminating).
     pub endpoints: Vec<Endpoint>,
+    /// `spec.trafficDistribution` (for display: the choice follows the
+    /// hints the EndpointSlice controller writes from it).
+    pub traffic_distribution: Option<TrafficDistribution>,
+    /// How the topology hints choose the Cluster-policy endpoints, per
+    /// family: `[IPv4, IPv6]`.
+    pub topology: [Topology; 2],
 }
 
 impl ServicePort {
@@ -422,6 +487,8 @@ pub struct NodeContext {
     /// `--source-ranges-all`: `loadBalancerSourceRanges` also guard the
     /// service's NodePorts and ExternalIPs, not only its LoadBalancer IPs.
     pub source_ranges_all: bool,
+    /// The Node's [`LABEL_ZONE`] label (see [`node_zone`]); None: unset.
+    pub zone: Option<String>,
 }
 
 impl NodeContext {
@@ -502,6 +569,17 @@ pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<IpAddr>, 
         }
     }
     (out, errors)
+}
+
+/// The Node's zone: its [`LABEL_ZONE`] label (None when unset or empty;
+/// topology hints for zones are then ignored).
+pub fn node_zone(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ZONE))
+        .filter(|z| !z.is_empty())
+        .cloned()
 }
 
 /// Build the desired table. Errors are returned alongside; the table holds
@@ -781,7 +859,8 @@ fn service_ports(
             },
         };
         let port_name = p.name.to_string();
-        let endpoints = endpoints_for(slices, &port_name, protocol, node, &object, errors);
+        let (endpoints, topology) =
+            endpoints_for(slices, &port_name, protocol, node, &object, errors);
         out.push(ServicePort {
             name: ServicePortName {
                 namespace: ns.to_owned(),
@@ -802,6 +881,8 @@ fn service_ports(
             source_ranges: source_ranges.clone(),
             maglev_table_size,
             endpoints,
+            traffic_distribution: spec.traffic_distribution,
+            topology,
         });
     }
     out
@@ -839,7 +920,8 @@ fn parse_ips(
 }
 
 /// The candidate endpoints of `port_name`/`protocol`: ready ones and
-/// serving+terminating ones.
+/// serving+terminating ones, with what the topology hints choose per
+/// family (`[IPv4, IPv6]`).
 fn endpoints_for(
     slices: &[&SliceInfo],
     port_name: &str,
@@ -847,9 +929,11 @@ fn endpoints_for(
     node: &NodeContext,
     service: &str,
     errors: &mut Vec<ModelError>,
-) -> Vec<Endpoint> {
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+) -> (Vec<Endpoint>, [Topology; 2]) {
+    // Endpoint (not yet placed in its topology) -> what its hints say
+    // about this node; an address listed twice has the hints of both.
+    let mut ready: BTreeMap<Endpoint, topology::HintMatch> = BTreeMap::new();
+    let mut terminating: BTreeMap<Endpoint, topology::HintMatch> = BTreeMap::new();
     for slice in slices {
         let slice_name = || format!("{}/{}", slice.namespace, slice.name);
         let Some(target) = slice.ports.iter().find_map(|p| {
@@ -869,33 +953,34 @@ fn endpoints_for(
             });
             continue;
         };
-        for ep in slice.endpoints.iter() {
+        let hints = topology::SliceMatcher::new(slice.hints(), node);
+        for (i, ep) in slice.endpoints.iter().enumerate() {
             let is_ready = ep.conditions & READY != 0;
             let is_serving = ep.conditions & SERVING != 0;
             let is_terminating = ep.conditions & TERMINATING != 0;
             let local = slice.node_of(&ep) == Some(node.node_name.as_str());
+            let hint = hints.of(i);
             // As kube-proxy: `ready` decides (publishNotReadyAddresses
             // makes the controller report every address ready).
-            if is_ready {
-                ready.insert(Endpoint {
-                    ip: ep.ip,
-                    port: target,
-                    ready: true,
-                    terminating: is_terminating,
-                    local,
-                });
+            let into = if is_ready {
+                &mut ready
             } else if is_serving && is_terminating {
-                terminating.insert(Endpoint {
-                    ip: ep.ip,
-                    port: target,
-                    ready: false,
-                    terminating: true,
-                    local,
-                });
-            }
+                &mut terminating
+            } else {
+                continue;
+            };
+            let e = Endpoint {
+                ip: ep.ip,
+                port: target,
+                ready: is_ready,
+                terminating: is_terminating,
+                local,
+                in_topology: true,
+            };
+            *into.entry(e).or_default() |= hint;
         }
         let family = slice.address_type().map_or("", AddressType::name);
-        for b in slice.bad_addresses.iter() {
+        for b in slice.bad_addresses().iter() {
             errors.push(ModelError {
                 kind: "EndpointSlice",
                 object: slice_name(),
@@ -904,17 +989,47 @@ fn endpoints_for(
                 reason: format!("not an {family} address"),
             });
         }
+        for b in slice.bad_hints().iter() {
+            errors.push(ModelError {
+                kind: "EndpointSlice",
+                object: slice_name(),
+                field: format!(
+                    "endpoints[{}].hints.{}[{}].name",
+                    b.endpoint, b.field, b.index
+                ),
+                value: b.value.as_deref().unwrap_or_default().to_owned(),
+                reason: "a hint without a name; the hint is ignored".to_owned(),
+            });
+        }
     }
     // An address listed ready in one slice wins over a terminating copy.
-    let ready_addrs: BTreeSet<(IpAddr, u16)> = ready.iter().map(|e| (e.ip, e.port)).collect();
-    ready
+    let ready_addrs: BTreeSet<(IpAddr, u16)> = ready.keys().map(|e| (e.ip, e.port)).collect();
+    let candidates: Vec<(Endpoint, topology::HintMatch)> = ready
         .into_iter()
         .chain(
             terminating
                 .into_iter()
-                .filter(|e| !ready_addrs.contains(&(e.ip, e.port))),
+                .filter(|(e, _)| !ready_addrs.contains(&(e.ip, e.port))),
         )
-        .collect()
+        .collect();
+    // Each family chooses on its own, from its ready endpoints.
+    let choice = [false, true].map(|v6| {
+        topology::choose(
+            candidates
+                .iter()
+                .filter(|(e, _)| e.ready && e.ip.is_ipv6() == v6)
+                .map(|(_, h)| *h),
+            node,
+        )
+    });
+    let endpoints = candidates
+        .into_iter()
+        .map(|(mut e, h)| {
+            e.in_topology = choice[usize::from(e.ip.is_ipv6())].admits(h);
+            e
+        })
+        .collect();
+    (endpoints, choice)
 }
 
 #[cfg(test)]
@@ -977,8 +1092,11 @@ mod tests {
                     ready: true,
                     terminating: false,
                     local: *local,
+                    in_topology: true,
                 })
                 .collect(),
+            traffic_distribution: None,
+            topology: Default::default(),
         }
     }
 

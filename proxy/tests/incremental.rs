@@ -5,7 +5,9 @@
 //! addresses and ports, affinity, traffic policies, source ranges, the
 //! Maglev annotation, headless and foreign-proxy labels; EndpointSlices
 //! created, changed, split and merged, moved between services by their
-//! label, unlabelled and deleted; Node address changes; relists) and feeds
+//! label, unlabelled and deleted, with and without topology hints (some
+//! for this node or its zone, some bad); Node address and zone label
+//! changes; relists) and feeds
 //! them one at a time through the cache and change tracker into
 //! [`SyncState`], which programs a recording fake dataplane. After every
 //! step the incremental state must equal a rebuild from scratch of the
@@ -44,7 +46,7 @@ use proxy::{
     health,
     lb::LbTable,
     metrics::{OwnerChanges, Telemetry},
-    model::{self, EndpointView, NodeContext, SliceView},
+    model::{self, EndpointView, HintName, HintsView, NodeContext, SliceView, Topology},
 };
 
 /// xorshift64*.
@@ -166,7 +168,7 @@ fn ip_pool(rng: &mut Rng) -> String {
     .to_string()
 }
 
-fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
+fn random_service(rng: &mut Rng, topo: &mut Rng, ns: &str, name: &str) -> Service {
     let type_ = rng
         .pick(&[
             Some("ClusterIP"),
@@ -245,6 +247,9 @@ fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
             external_traffic_policy: Some(if local { "Local" } else { "Cluster" }.into()),
             internal_traffic_policy: rng.chance(25).then(|| "Local".to_owned()),
             health_check_node_port: *rng.pick(&[None, Some(32000), Some(32001), Some(99_999)]),
+            traffic_distribution: topo
+                .pick(&[None, None, Some("PreferClose"), Some("PreferSameNode")])
+                .map(str::to_owned),
             load_balancer_source_ranges: rng.chance(30).then(|| {
                 vec![
                     rng.pick(&[
@@ -273,7 +278,7 @@ fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
     svc
 }
 
-fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
+fn random_slice(rng: &mut Rng, topo: &mut Rng, ns: &str, name: &str) -> SliceView {
     let mut labels = BTreeMap::new();
     if !rng.chance(10) {
         labels.insert(
@@ -298,6 +303,15 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
         .pick(&["IPv4", "IPv4", "IPv6", "IPv6", "FQDN"])
         .to_string();
     let mut endpoints = Vec::new();
+    // Slices carry topology hints (as the EndpointSlice controller writes
+    // them for trafficDistribution or topology-mode Auto), most of those
+    // of s0 and s1, few of the others; now and then one endpoint of such a
+    // slice lacks them, or has a bad one.
+    let for_topology = matches!(
+        labels.get(model::LABEL_SERVICE_NAME).map(String::as_str),
+        Some("s0" | "s1")
+    );
+    let hinted = topo.chance(if for_topology { 90 } else { 60 });
     for _ in 0..rng.below(4) {
         let v4 = format!("10.244.{}.{}", rng.below(2), 1 + rng.below(5));
         let v6 = format!("fd00:244:{}::{}", rng.below(2), 1 + rng.below(5));
@@ -318,6 +332,7 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
             node_name: rng
                 .pick(&[Some(NODE), Some("node2"), None])
                 .map(str::to_owned),
+            hints: (hinted && !topo.chance(5)).then(|| Box::new(random_hints(topo))),
         });
     }
     let mut s = SliceView {
@@ -337,7 +352,20 @@ fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> SliceView {
     s
 }
 
-fn random_node(rng: &mut Rng) -> Node {
+fn random_hints(rng: &mut Rng) -> HintsView {
+    let zones: [&[&str]; 4] = [&["a"], &["b"], &["a", "c"], &["c"]];
+    let nodes: [&[&str]; 4] = [&[], &[], &[NODE], &["node2"]];
+    let (z, n) = (*rng.pick(&zones), *rng.pick(&nodes));
+    let mut h = HintsView::new(z, n);
+    if rng.chance(3) {
+        h.for_zones.push(HintName {
+            name: rng.pick(&[None, Some("")]).map(str::to_owned),
+        });
+    }
+    h
+}
+
+fn random_node(rng: &mut Rng, topo: &mut Rng) -> Node {
     let mut addresses = Vec::new();
     for _ in 0..rng.below(3) {
         addresses.push(NodeAddress {
@@ -356,9 +384,16 @@ fn random_node(rng: &mut Rng) -> Node {
                 .to_string(),
         });
     }
+    let zone = topo.pick(&[None, Some("a"), Some("b"), Some("")]);
     let mut n = Node {
         metadata: ObjectMeta {
             name: Some(NODE.into()),
+            labels: zone.map(|z| {
+                BTreeMap::from([
+                    (model::LABEL_ZONE.to_owned(), z.to_owned()),
+                    ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+                ])
+            }),
             ..Default::default()
         },
         status: Some(NodeStatus {
@@ -381,12 +416,14 @@ struct World {
 }
 
 /// One random event, applied to the world and handed to the cache.
-fn step(rng: &mut Rng, world: &mut World, cache: &mut Cache) -> String {
+/// `topo` draws the topology parts (hints, trafficDistribution, the
+/// Node's zone): the other draws stay those of the seed without them.
+fn step(rng: &mut Rng, topo: &mut Rng, world: &mut World, cache: &mut Cache) -> String {
     let ns = rng.pick(&NAMESPACES).to_string();
     match rng.below(100) {
         0..=29 => {
             let name = rng.pick(&SERVICES).to_string();
-            let s = random_service(rng, &ns, &name);
+            let s = random_service(rng, topo, &ns, &name);
             world.services.insert((ns.clone(), name.clone()), s.clone());
             cache.service_event(Event::Apply(s));
             format!("apply service {ns}/{name}")
@@ -403,7 +440,7 @@ fn step(rng: &mut Rng, world: &mut World, cache: &mut Cache) -> String {
         }
         38..=77 => {
             let name = rng.pick(&SLICES).to_string();
-            let s = random_slice(rng, &ns, &name);
+            let s = random_slice(rng, topo, &ns, &name);
             let what = format!("apply slice {ns}/{name} -> {:?}", s.service_name());
             world.slices.insert((ns, name), s.clone());
             cache.slice_event(Event::Apply(s));
@@ -424,10 +461,10 @@ fn step(rng: &mut Rng, world: &mut World, cache: &mut Cache) -> String {
             }
         }
         90..=94 => {
-            let n = random_node(rng);
+            let n = random_node(rng, topo);
             world.node = Some(n.clone());
             cache.node_event(Event::Apply(n));
-            "node addresses".into()
+            "node addresses and zone".into()
         }
         95..=96 => {
             cache.service_event(Event::Init);
@@ -456,6 +493,10 @@ struct Oracle {
     endpoints: usize,
     /// kube-proxy's no-local-endpoints counts, [internal, external].
     no_local: [usize; 2],
+    /// Service ports whose hints choose endpoints here, and those whose
+    /// hints are ignored (coverage).
+    topology_used: usize,
+    topology_ignored: usize,
 }
 
 fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
@@ -464,6 +505,7 @@ fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
     if let Some(n) = &world.node {
         let (addresses, errs) = model::node_addresses(n);
         node.addresses = addresses;
+        node.zone = model::node_zone(n);
         errors.extend(errs);
     }
     let (mut table, errs) = model::build(world.services.values(), world.slices.values(), &node);
@@ -486,8 +528,15 @@ fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
             *total += n;
         }
     }
+    let topologies = || table.services.values().flat_map(|p| p.topology);
     Oracle {
         no_local,
+        topology_used: topologies()
+            .filter(|t| matches!(t, Topology::SameNode | Topology::SameZone))
+            .count(),
+        topology_ignored: topologies()
+            .filter(|t| t.ignored_because().is_some())
+            .count(),
         health: health::desired(&table),
         services: table.services.len(),
         endpoints: endpoints.len(),
@@ -514,6 +563,7 @@ fn steps() -> usize {
 /// external) found no local endpoint (coverage of that count).
 fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut topo = Rng(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
     let base = NodeContext {
         node_name: NODE.into(),
         nodeport_cidrs: if rng.chance(30) {
@@ -542,8 +592,9 @@ fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
     let mut full_syncs = 0;
     let mut incremental_syncs = 0;
     let (mut v6_served, mut dual_stack, mut no_local_seen) = (0, 0, [0; 2]);
+    let (mut topology_used, mut topology_ignored) = (0, 0);
     for i in 0..steps {
-        let what = step(&mut rng, &mut world, &mut cache);
+        let what = step(&mut rng, &mut topo, &mut world, &mut cache);
         let fail = rng.chance(3);
         dp.fail_next = fail;
         let Some(batch) = cache.take() else {
@@ -623,6 +674,8 @@ fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
         {
             v6_served += 1;
         }
+        topology_used += usize::from(want.topology_used > 0);
+        topology_ignored += usize::from(want.topology_ignored > 0);
         let mut families: BTreeMap<&model::ServicePortName, (bool, bool)> = BTreeMap::new();
         for (k, owner) in &want.lb.owners {
             let e = families.entry(owner).or_default();
@@ -696,6 +749,11 @@ fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
     if steps >= 200 && (v6_served < steps / 100 || dual_stack < steps / 100) {
         return Err(format!(
             "seed {seed}: IPv6 frontends with backends after {v6_served} syncs, dual-stack service ports after {dual_stack}, of {steps} steps"
+        ));
+    }
+    if steps >= 200 && (topology_used < steps / 100 || topology_ignored < steps / 100) {
+        return Err(format!(
+            "seed {seed}: topology hints used after {topology_used} syncs, ignored after {topology_ignored}, of {steps} steps"
         ));
     }
     Ok(no_local_seen)

@@ -44,6 +44,7 @@ fn ep(ip: [u8; 4], port: u16, terminating: bool, local: bool) -> Endpoint {
         ready: !terminating,
         terminating,
         local,
+        in_topology: true,
     }
 }
 

@@ -28,6 +28,9 @@ use crate::apiserver::ApiServer;
 use crate::cgroup::Cgroup;
 use crate::cluster::{Cluster, ClusterSpec, Pod, TcpMode, TcpServer, UdpServer, parse_reply};
 
+/// The Node label naming its zone (topology-aware routing).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
 // ---------------------------------------------------------------------------
 // podclient wire format
 // ---------------------------------------------------------------------------
@@ -501,6 +504,8 @@ pub struct ScenarioBuilder {
     capabilities: Option<BTreeSet<String>>,
     /// Servers listen on `[::]` (both families) instead of `0.0.0.0`.
     dual_stack_servers: bool,
+    /// Labels of the Node objects, by node number (1-based).
+    node_labels: BTreeMap<usize, BTreeMap<String, String>>,
 }
 
 impl ScenarioBuilder {
@@ -509,6 +514,20 @@ impl ScenarioBuilder {
     pub fn dual_stack_servers(mut self) -> Self {
         self.dual_stack_servers = true;
         self
+    }
+
+    /// A label on node `i`'s Node object (1-based).
+    pub fn node_label(mut self, i: usize, key: &str, value: &str) -> Self {
+        self.node_labels
+            .entry(i)
+            .or_default()
+            .insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Node `i` in `zone` (its `topology.kubernetes.io/zone` label).
+    pub fn node_zone(self, i: usize, zone: &str) -> Self {
+        self.node_label(i, LABEL_ZONE, zone)
     }
 
     /// The cluster to build (default: 2 nodes x 2 pods, external client).
@@ -598,11 +617,12 @@ impl ScenarioBuilder {
             }
         }
         let api = ApiServer::start()?;
-        for node in cluster.nodes() {
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            let labels = self.node_labels.get(&(i + 1)).cloned().unwrap_or_default();
             api.create(json!({
                 "apiVersion": "v1",
                 "kind": "Node",
-                "metadata": {"name": node.name},
+                "metadata": {"name": node.name, "labels": labels},
                 "status": {"addresses": [
                     {"type": "InternalIP", "address": node.underlay_ip.to_string()},
                     {"type": "Hostname", "address": node.name},
@@ -688,6 +708,7 @@ impl Scenario {
             agent_args: Vec::new(),
             capabilities: None,
             dual_stack_servers: false,
+            node_labels: BTreeMap::new(),
         }
     }
 
@@ -744,6 +765,25 @@ impl Scenario {
         self.api
             .apply_yaml(&serde_json::to_string(&v).unwrap_or_default())
             .unwrap_or_else(|e| panic!("applying {v}: {e:#}"));
+    }
+
+    /// Set (`Some`) or remove (`None`) a label of node `i`'s Node object.
+    pub fn set_node_label(&self, i: usize, key: &str, value: Option<&str>) {
+        let name = self.cluster.node(i).name.clone();
+        self.api
+            .modify("Node", None, &name, |o| {
+                let labels = &mut o["metadata"]["labels"];
+                if !labels.is_object() {
+                    *labels = json!({});
+                }
+                if let Some(l) = labels.as_object_mut() {
+                    match value {
+                        Some(v) => l.insert(key.to_owned(), json!(v)),
+                        None => l.remove(key),
+                    };
+                }
+            })
+            .unwrap_or_else(|e| panic!("labelling Node {name}: {e:#}"));
     }
 
     /// Delete an object (`kind` as in the API, namespace `default`).
@@ -1395,6 +1435,9 @@ pub struct Service {
     /// `type: LoadBalancer` with these ingress IPs (in `status`).
     lb_ingress: Vec<IpAddr>,
     source_ranges: Vec<String>,
+    /// `spec.trafficDistribution`.
+    traffic_distribution: Option<String>,
+    annotations: BTreeMap<String, String>,
 }
 
 impl Service {
@@ -1414,6 +1457,8 @@ impl Service {
             external_ips: Vec::new(),
             lb_ingress: Vec::new(),
             source_ranges: Vec::new(),
+            traffic_distribution: None,
+            annotations: BTreeMap::new(),
         }
     }
 
@@ -1467,6 +1512,21 @@ impl Service {
 
     pub fn label(mut self, key: &str, value: &str) -> Service {
         self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// `spec.trafficDistribution` (`PreferClose`, `PreferSameZone`,
+    /// `PreferSameNode`). The fixture has no EndpointSlice controller: the
+    /// hints it would write go on the slice's endpoints
+    /// ([`Endpoint::for_zones`], [`Endpoint::for_nodes`]).
+    pub fn traffic_distribution(mut self, value: &str) -> Service {
+        self.traffic_distribution = Some(value.to_owned());
+        self
+    }
+
+    /// An annotation (e.g. `service.kubernetes.io/topology-mode: Auto`).
+    pub fn annotation(mut self, key: &str, value: &str) -> Service {
+        self.annotations.insert(key.to_owned(), value.to_owned());
         self
     }
 
@@ -1589,6 +1649,9 @@ impl KubeObject for Service {
                 spec.insert("sessionAffinity".into(), json!("None"));
             }
         }
+        if let Some(t) = &self.traffic_distribution {
+            spec.insert("trafficDistribution".into(), json!(t));
+        }
         if let Some(p) = self.internal_policy {
             let v = match p {
                 TrafficPolicy::Cluster => "Cluster",
@@ -1601,6 +1664,9 @@ impl KubeObject for Service {
         meta.insert("namespace".into(), json!("default"));
         if !self.labels.is_empty() {
             meta.insert("labels".into(), json!(self.labels));
+        }
+        if !self.annotations.is_empty() {
+            meta.insert("annotations".into(), json!(self.annotations));
         }
         json!({
             "apiVersion": "v1",
@@ -1625,6 +1691,12 @@ pub struct Endpoint {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
+    /// `zone` (informational: the proxy reads the hints).
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`.
+    pub for_zones: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub for_nodes: Vec<String>,
 }
 
 impl Endpoint {
@@ -1636,7 +1708,30 @@ impl Endpoint {
             ready: None,
             serving: None,
             terminating: None,
+            zone: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }
+    }
+
+    /// The endpoint's `zone`.
+    pub fn zone(mut self, zone: &str) -> Endpoint {
+        self.zone = Some(zone.to_owned());
+        self
+    }
+
+    /// `hints.forZones`, as the EndpointSlice controller writes them
+    /// (PreferClose / PreferSameZone: the endpoint's own zone; topology
+    /// mode Auto: zones it balanced onto this endpoint).
+    pub fn for_zones(mut self, zones: &[&str]) -> Endpoint {
+        self.for_zones = zones.iter().map(|z| (*z).to_owned()).collect();
+        self
+    }
+
+    /// `hints.forNodes` (PreferSameNode: the endpoint's own node).
+    pub fn for_nodes(mut self, nodes: &[&str]) -> Endpoint {
+        self.for_nodes = nodes.iter().map(|n| (*n).to_owned()).collect();
+        self
     }
 
     /// Sets the three conditions.
@@ -1694,6 +1789,20 @@ impl Endpoint {
         m.insert("conditions".into(), Value::Object(cond));
         if let Some(n) = &self.node_name {
             m.insert("nodeName".into(), json!(n));
+        }
+        if let Some(z) = &self.zone {
+            m.insert("zone".into(), json!(z));
+        }
+        let names = |l: &[String]| -> Vec<Value> { l.iter().map(|n| json!({"name": n})).collect() };
+        let mut hints = Map::new();
+        if !self.for_zones.is_empty() {
+            hints.insert("forZones".into(), json!(names(&self.for_zones)));
+        }
+        if !self.for_nodes.is_empty() {
+            hints.insert("forNodes".into(), json!(names(&self.for_nodes)));
+        }
+        if !hints.is_empty() {
+            m.insert("hints".into(), Value::Object(hints));
         }
         Value::Object(m)
     }

@@ -62,6 +62,7 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
     let mut node = node.clone();
     if let Some(n) = cache.node() {
         node.addresses = proxy::model::node_addresses(&n).0;
+        node.zone = proxy::model::node_zone(&n);
     }
     let mut sizer = ClusterSizer::new(maglev_size);
     let mut errors = Vec::new();

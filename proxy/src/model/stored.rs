@@ -6,7 +6,10 @@
 //! address, an index into its slice's node names, its conditions), one of
 //! an IPv6 slice 24, where the watched form costs about 120 with its
 //! strings. The address family is stored once per slice
-//! ([`SliceEndpoints`]), not per endpoint.
+//! ([`SliceEndpoints`]), not per endpoint. Topology hints, and addresses
+//! that do not parse, are rare: they live in a side table of their slice
+//! ([`SliceExtra`], [`SliceHints`]), so an endpoint without hints costs
+//! not a byte more.
 //!
 //! Lossless for the model: every value the model can report in an error
 //! (an address that does not parse, an unknown protocol, ...) is kept as
@@ -113,6 +116,9 @@ pub struct SpecInfo {
     pub internal_policy_local: bool,
     /// `loadBalancerSourceRanges`, as written.
     pub source_ranges: Box<[Box<str>]>,
+    /// `trafficDistribution` (the EndpointSlice controller turns it into
+    /// hints; the model reads the hints, not this).
+    pub traffic_distribution: Option<super::TrafficDistribution>,
     pub health_check_node_port: Option<i32>,
     pub ports: Box<[PortInfo]>,
 }
@@ -170,6 +176,10 @@ impl ServiceInfo {
                     .map(|r| r.as_str().into())
                     .collect(),
                 health_check_node_port: s.health_check_node_port,
+                traffic_distribution: s
+                    .traffic_distribution
+                    .as_deref()
+                    .map(super::TrafficDistribution::parse),
                 ports: s
                     .ports
                     .iter()
@@ -244,6 +254,69 @@ pub struct BadAddress {
     pub value: Box<str>,
 }
 
+/// A topology hint of a slice that cannot be used (it has no name):
+/// `endpoints[endpoint].hints.<field>[index].name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadHint {
+    pub endpoint: u32,
+    /// `forZones` or `forNodes`.
+    pub field: &'static str,
+    pub index: u32,
+    /// The name as written (None: unset).
+    pub value: Option<Box<str>>,
+}
+
+/// No hints: an endpoint of [`SliceHints::of`] without any.
+pub const NO_HINTS: u32 = u32::MAX;
+
+/// One endpoint's `hints`: indexes into [`SliceHints::names`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HintSet {
+    /// `forZones[].name`.
+    pub zones: Box<[u32]>,
+    /// `forNodes[].name`.
+    pub nodes: Box<[u32]>,
+}
+
+/// The topology hints of a slice's endpoints. Endpoints of one zone (or
+/// node) share one [`HintSet`], and every name is held once per slice: a
+/// hinted endpoint costs its 4-byte index into [`SliceHints::sets`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceHints {
+    /// The distinct zone and node names the hints give.
+    pub names: Box<[Box<str>]>,
+    /// The distinct hint sets.
+    pub sets: Box<[HintSet]>,
+    /// Per endpoint address, parallel to [`SliceInfo::endpoints`]: index
+    /// into `sets`; [`NO_HINTS`]: none.
+    pub of: Box<[u32]>,
+}
+
+impl SliceHints {
+    /// The hints of the endpoint address at `index` (None: it has none).
+    pub fn of(&self, index: usize) -> Option<&HintSet> {
+        self.of.get(index).and_then(|s| self.sets.get(*s as usize))
+    }
+
+    /// The index of `name` in [`SliceHints::names`], if a hint gives it.
+    pub fn name_index(&self, name: &str) -> Option<u32> {
+        self.names
+            .iter()
+            .position(|n| &**n == name)
+            .map(|i| i as u32)
+    }
+}
+
+/// What few slices have: addresses that do not parse, topology hints.
+/// Boxed in [`SliceInfo::extra`]: a slice without them pays one pointer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceExtra {
+    pub bad_addresses: Box<[BadAddress]>,
+    /// None: no endpoint of the slice has hints.
+    pub hints: Option<SliceHints>,
+    pub bad_hints: Box<[BadHint]>,
+}
+
 /// What the model reads of an EndpointSlice.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SliceInfo {
@@ -257,7 +330,8 @@ pub struct SliceInfo {
     pub nodes: Box<[Box<str>]>,
     /// The endpoints, typed by the slice's `addressType`.
     pub endpoints: SliceEndpoints,
-    pub bad_addresses: Box<[BadAddress]>,
+    /// Bad addresses and topology hints; None: neither.
+    pub extra: Option<Box<SliceExtra>>,
 }
 
 /// The endpoints of a slice, by its `addressType`: `IPv4` and `IPv6`
@@ -332,11 +406,15 @@ impl AddressType {
 fn parse_endpoints<A: std::str::FromStr>(
     s: &SliceView,
     nodes: &mut Vec<Box<str>>,
-    bad: &mut Vec<BadAddress>,
+    extra: &mut SliceExtra,
 ) -> Box<[EndpointInfo<A>]> {
     let mut names: Vec<&str> = Vec::new();
     let mut endpoints = Vec::with_capacity(s.endpoints.len());
+    let mut hints = HintsBuilder::default();
+    let mut bad = Vec::new();
+    let mut bad_hints = Vec::new();
     for (i, ep) in s.endpoints.iter().enumerate() {
+        let set = hints.add(i, ep.hints.as_deref(), &mut bad_hints);
         let cond = ep.conditions.as_ref();
         // Per the API, an unset `ready` or `serving` means true.
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
@@ -357,11 +435,14 @@ fn parse_endpoints<A: std::str::FromStr>(
         };
         for (j, addr) in ep.addresses.iter().enumerate() {
             match addr.parse::<A>() {
-                Ok(ip) => endpoints.push(EndpointInfo {
-                    ip,
-                    node,
-                    conditions,
-                }),
+                Ok(ip) => {
+                    endpoints.push(EndpointInfo {
+                        ip,
+                        node,
+                        conditions,
+                    });
+                    hints.of.push(set);
+                }
                 Err(_) => bad.push(BadAddress {
                     endpoint: i as u32,
                     address: j as u32,
@@ -371,7 +452,85 @@ fn parse_endpoints<A: std::str::FromStr>(
         }
     }
     *nodes = names.into_iter().map(Into::into).collect();
+    extra.bad_addresses = bad.into_boxed_slice();
+    extra.bad_hints = bad_hints.into_boxed_slice();
+    extra.hints = hints.finish();
     endpoints.into_boxed_slice()
+}
+
+/// Collects a slice's hints into a [`SliceHints`]: names and sets each
+/// once.
+#[derive(Default)]
+struct HintsBuilder<'a> {
+    names: Vec<&'a str>,
+    sets: Vec<HintSet>,
+    of: Vec<u32>,
+}
+
+impl<'a> HintsBuilder<'a> {
+    /// The set of endpoint `endpoint`'s hints ([`NO_HINTS`]: none); names
+    /// that cannot be used go to `bad`.
+    fn add(
+        &mut self,
+        endpoint: usize,
+        hints: Option<&'a super::HintsView>,
+        bad: &mut Vec<BadHint>,
+    ) -> u32 {
+        let Some(h) = hints else {
+            return NO_HINTS;
+        };
+        let mut names = |field: &'static str, list: &'a [super::HintName]| -> Box<[u32]> {
+            let mut out = Vec::new();
+            for (j, n) in list.iter().enumerate() {
+                match n.name.as_deref() {
+                    Some(name) if !name.is_empty() => {
+                        let at = match self.names.iter().position(|x| *x == name) {
+                            Some(at) => at,
+                            None => {
+                                self.names.push(name);
+                                self.names.len() - 1
+                            }
+                        };
+                        if !out.contains(&(at as u32)) {
+                            out.push(at as u32);
+                        }
+                    }
+                    other => bad.push(BadHint {
+                        endpoint: endpoint as u32,
+                        field,
+                        index: j as u32,
+                        value: other.map(Into::into),
+                    }),
+                }
+            }
+            out.into_boxed_slice()
+        };
+        let set = HintSet {
+            zones: names("forZones", &h.for_zones),
+            nodes: names("forNodes", &h.for_nodes),
+        };
+        if set.zones.is_empty() && set.nodes.is_empty() {
+            return NO_HINTS;
+        }
+        match self.sets.iter().position(|s| *s == set) {
+            Some(at) => at as u32,
+            None => {
+                self.sets.push(set);
+                (self.sets.len() - 1) as u32
+            }
+        }
+    }
+
+    fn finish(self) -> Option<SliceHints> {
+        if self.sets.is_empty() {
+            return None;
+        }
+        Some(SliceHints {
+            names: self.names.into_iter().map(Into::into).collect(),
+            sets: self.sets.into_boxed_slice(),
+            of: self.of.into_boxed_slice(),
+        })
+    }
 }
 
 impl SliceInfo {
@@ -396,14 +555,31 @@ impl SliceInfo {
             })
             .collect();
         let mut nodes = Vec::new();
-        let mut bad = Vec::new();
+        let mut extra = SliceExtra::default();
         info.endpoints = match family {
-            AddressType::V4 => SliceEndpoints::V4(parse_endpoints(s, &mut nodes, &mut bad)),
-            AddressType::V6 => SliceEndpoints::V6(parse_endpoints(s, &mut nodes, &mut bad)),
+            AddressType::V4 => SliceEndpoints::V4(parse_endpoints(s, &mut nodes, &mut extra)),
+            AddressType::V6 => SliceEndpoints::V6(parse_endpoints(s, &mut nodes, &mut extra)),
         };
         info.nodes = nodes.into_boxed_slice();
-        info.bad_addresses = bad.into_boxed_slice();
+        if extra != SliceExtra::default() {
+            info.extra = Some(Box::new(extra));
+        }
         info
+    }
+
+    /// The addresses of the slice that are not of its `addressType`.
+    pub fn bad_addresses(&self) -> &[BadAddress] {
+        self.extra.as_ref().map_or(&[], |e| &e.bad_addresses)
+    }
+
+    /// The topology hints of the slice's endpoints, if any has one.
+    pub fn hints(&self) -> Option<&SliceHints> {
+        self.extra.as_ref().and_then(|e| e.hints.as_ref())
+    }
+
+    /// The hints that cannot be used.
+    pub fn bad_hints(&self) -> &[BadHint] {
+        self.extra.as_ref().map_or(&[], |e| &e.bad_hints)
     }
 
     /// The slice's address type, if the model reads it (`IPv4`, `IPv6`).
