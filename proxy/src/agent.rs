@@ -221,6 +221,17 @@ pub struct SyncState {
     topology_logged: HashMap<ObjectKey, u64>,
 }
 
+/// `desired` equals what is programmed at `key`: make it hold the
+/// programmed backend list instead of its equal copy, so the desired and
+/// the programmed tables share one allocation again (a rebuild makes new
+/// lists; without this, every periodic full rebuild would leave a second
+/// copy of every unchanged list until the frontend changes).
+fn share_programmed(programmed: &LbTable, key: &FrontendKey, desired: &mut Frontend) {
+    if let Some(p) = programmed.frontends.get(key) {
+        desired.backends = p.backends.clone();
+    }
+}
+
 /// The winner of a frontend before a sync touched it.
 type Before = HashMap<FrontendKey, Option<(Arc<ServicePortName>, Frontend)>>;
 
@@ -350,13 +361,16 @@ impl SyncState {
         }
         for chunk in keys.chunks(APPLY_CHUNK) {
             let programmed = dp.programmed();
-            let batch: Vec<Change> = chunk
-                .iter()
-                .filter_map(|k| {
-                    let w = self.claims.get(k)?.first()?;
-                    diff_one(programmed, *k, Some(&w.frontend))
-                })
-                .collect();
+            let mut batch: Vec<Change> = Vec::new();
+            for k in chunk {
+                let Some(w) = self.claims.get_mut(k).and_then(|c| c.first_mut()) else {
+                    continue;
+                };
+                match diff_one(programmed, *k, Some(&w.frontend)) {
+                    Some(c) => batch.push(c),
+                    None => share_programmed(programmed, k, &mut w.frontend),
+                }
+            }
             changes += batch.len();
             if let Err(e) = self.apply(dp, &batch) {
                 first_error.get_or_insert(e);
@@ -410,7 +424,14 @@ impl SyncState {
         let mut owners = Vec::new();
         for k in keys {
             let old = before.remove(&k).flatten();
-            let new = self.claims.get(&k).and_then(|c| c.first());
+            let mut new = self.claims.get_mut(&k).and_then(|c| c.first_mut());
+            let change = diff_one(programmed, k, new.as_deref().map(|n| &n.frontend));
+            if change.is_none()
+                && let Some(n) = new.as_deref_mut()
+            {
+                share_programmed(programmed, &k, &mut n.frontend);
+            }
+            let new = new.as_deref();
             if old.as_ref().map(|o| &o.0) != new.map(|n| &n.owner) {
                 owners.push((k, new.map(|n| n.owner.clone())));
             }
@@ -426,7 +447,7 @@ impl SyncState {
                     }
                 }
             }
-            match diff_one(programmed, k, new.map(|n| &n.frontend)) {
+            match change {
                 Some(c @ Change::Upsert(..)) => upserts.push(c),
                 Some(c) => removes.push(c),
                 None => {}

@@ -44,7 +44,7 @@ use proxy::{
     dataplane::{ApplyStats, Dataplane},
     diff::Change,
     health,
-    lb::LbTable,
+    lb::{Backends, LbTable},
     metrics::{OwnerChanges, Telemetry},
     model::{self, EndpointView, HintName, HintsView, NodeContext, SliceView, Topology},
 };
@@ -545,6 +545,15 @@ fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
     }
 }
 
+/// The same allocation (not only equal contents).
+fn same_list(a: &Backends, b: &Backends) -> bool {
+    match (a, b) {
+        (Backends::V4(a), Backends::V4(b)) => std::sync::Arc::ptr_eq(a, b),
+        (Backends::Any(a), Backends::Any(b)) => std::sync::Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
 fn seeds() -> Vec<u64> {
     std::env::var("INCREMENTAL_SEEDS")
         .ok()
@@ -654,6 +663,19 @@ fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
         }
         if dp.programmed.frontends != want.lb.frontends {
             return Err(ctx("programmed frontends differ from a full rebuild"));
+        }
+        // One copy of each backend list: the desired state holds the very
+        // list the dataplane programmed (also after a rebuild made an
+        // equal one).
+        if let Some((k, _)) = got.frontends.iter().find(|(k, f)| {
+            dp.programmed
+                .frontends
+                .get(k)
+                .is_some_and(|p| !same_list(&p.backends, &f.backends))
+        }) {
+            return Err(ctx(&format!(
+                "{k}: the desired and programmed backend lists are two copies"
+            )));
         }
         let node_addr = world.node.as_ref().and_then(|n| {
             model::node_addresses(n)
