@@ -1,10 +1,12 @@
 //! `cargo xtask demo`: a two-node cluster of network namespaces, the API
 //! server fixture loaded with `tests/fixtures/demo.yaml`, the agent on each
-//! node, requests from a pod to a ClusterIP, and `proxyctl dump-maps`.
+//! node, requests from a pod to a dual-stack service's ClusterIPs (TCP and
+//! UDP to the IPv4 one, TCP to the IPv6 one, both through socket LB), and
+//! `proxyctl dump-maps`.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -13,7 +15,9 @@ use clap::Parser;
 use proxy_tests::{
     agent::{Agent, AgentOptions},
     apiserver::ApiServer,
-    cluster::{Cluster, ClusterSpec, TcpServer, UdpServer, parse_reply, tcp_request, udp_request},
+    cgroup::Cgroup,
+    cluster::{Cluster, ClusterSpec, TcpServer, UdpServer},
+    scenario::{PodClient, Request},
 };
 
 /// Run the demo.
@@ -28,6 +32,7 @@ struct Args {
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -49,6 +54,8 @@ fn main() -> Result<()> {
     let _servers = [
         TcpServer::start(&b1.ns, &b1.name, SocketAddr::from((b1.ip, 8080)))?,
         TcpServer::start(&b2.ns, &b2.name, SocketAddr::from((b2.ip, 8080)))?,
+        TcpServer::start(&b1.ns, &b1.name, SocketAddr::from((b1.ip6, 8080)))?,
+        TcpServer::start(&b2.ns, &b2.name, SocketAddr::from((b2.ip6, 8080)))?,
     ];
     let _udp = [
         UdpServer::start(&b1.ns, &b1.name, SocketAddr::from((b1.ip, 5353)))?,
@@ -60,39 +67,66 @@ fn main() -> Result<()> {
     let objs = api.apply_yaml(&yaml)?;
     println!("    {} objects loaded", objs.len());
 
-    println!("==> starting the agent (--mode ebpf) on both nodes");
+    println!(
+        "==> starting the agent (--mode ebpf, socket LB on each node's pod cgroup) on both nodes"
+    );
+    let cgroups = [Cgroup::new("demo-node1")?, Cgroup::new("demo-node2")?];
+    let agent_options = |cg: &Cgroup| AgentOptions {
+        args: vec![
+            "--socket-lb".into(),
+            "true".into(),
+            "--cgroup-path".into(),
+            cg.path().display().to_string(),
+        ],
+        ..Default::default()
+    };
     let agents = [
-        Agent::start(cluster.node(1), &api, AgentOptions::default())?,
-        Agent::start(cluster.node(2), &api, AgentOptions::default())?,
+        Agent::start(cluster.node(1), &api, agent_options(&cgroups[0]))?,
+        Agent::start(cluster.node(2), &api, agent_options(&cgroups[1]))?,
     ];
 
-    let client = cluster.pod(1, 1);
+    // The client runs in pod-1-1's namespace and node1's pod cgroup, where
+    // socket LB picks a backend at connect()/sendmsg().
+    let pod = cluster.pod(1, 1);
+    let client = PodClient::new(pod, &cgroups[0]);
     let tcp = SocketAddr::from((VIP, 80));
-    let udp = SocketAddr::from((VIP, 53));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tcp_request(&client.ns, tcp, Duration::from_millis(300)).is_err() {
+    while !client
+        .run(&Request::tcp(tcp))
+        .is_ok_and(|r| r.iter().all(|r| r.ok))
+    {
         if Instant::now() > deadline {
             bail!("{tcp} never answered; agent log:\n{}", agents[0].log());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    for (proto, to) in [("TCP", tcp), ("UDP", udp)] {
+    let requests = [
+        Request::tcp(tcp),
+        Request::udp(SocketAddr::from((VIP, 53))),
+        Request::tcp(SocketAddr::from((VIP6, 80))),
+    ];
+    for req in requests {
+        let req = req.count(args.requests);
+        let from: IpAddr = if req.to.is_ipv6() {
+            pod.ip6.into()
+        } else {
+            pod.ip.into()
+        };
         println!(
-            "==> {} {proto} requests from {} ({}) to ClusterIP {to}",
-            args.requests, client.name, client.ip
+            "==> {} {} requests from {} ({from}) to ClusterIP {}",
+            args.requests,
+            req.proto.k8s(),
+            pod.name,
+            req.to
         );
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        for _ in 0..args.requests {
-            let line = if proto == "TCP" {
-                tcp_request(&client.ns, to, Duration::from_millis(500))
-            } else {
-                udp_request(&client.ns, to, Duration::from_millis(500))
-            }
-            .with_context(|| format!("{proto} request to {to}"))?;
-            let (name, peer) = parse_reply(&line).context("unexpected reply")?;
+        for (i, r) in client.run(&req)?.iter().enumerate() {
+            let (Some(name), Some(peer)) = (r.backend(), r.seen_client()) else {
+                bail!("{} request {i} to {} failed: {r}", req.proto.k8s(), req.to);
+            };
             *seen
-                .entry(format!("{name} (saw client {})", peer.ip()))
+                .entry(format!("{name} (saw client {})", peer.ip().to_canonical()))
                 .or_default() += 1;
         }
         for (backend, n) in seen {
