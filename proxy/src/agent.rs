@@ -185,13 +185,14 @@ struct HealthClaim {
     local: Vec<IpAddr>,
 }
 
-/// What one Service contributes to the desired state.
+/// What one Service contributes to the desired state (one per service of
+/// the cluster: 48 bytes, boxed slices sized exactly).
 #[derive(Debug, Default)]
 struct Contribution {
-    ports: usize,
-    no_local: [usize; 2],
-    frontends: Vec<(FrontendKey, Arc<ServicePortName>)>,
-    health: Vec<(u16, Arc<ServicePortName>)>,
+    ports: u32,
+    no_local: [u32; 2],
+    frontends: Box<[(FrontendKey, Arc<ServicePortName>)]>,
+    health: Box<[(u16, Arc<ServicePortName>)]>,
 }
 
 /// The desired state, kept between syncs and updated per changed service.
@@ -509,11 +510,15 @@ impl SyncState {
         let errors = self.errors.remove(key);
         self.error_count -= errors.as_ref().map_or(0, Vec::len);
         let contribution = self.services.remove(key)?;
-        self.ports -= contribution.ports;
-        for (total, n) in self.no_local.iter_mut().zip(contribution.no_local) {
+        self.ports -= contribution.ports as usize;
+        for (total, n) in self
+            .no_local
+            .iter_mut()
+            .zip(contribution.no_local.map(|n| n as usize))
+        {
             *total -= n;
         }
-        for (k, owner) in contribution.frontends {
+        for (k, owner) in contribution.frontends.into_vec() {
             Self::touch(before, &self.claims, k);
             if let Some(list) = self.claims.get_mut(&k) {
                 list.retain(|c| c.owner != owner);
@@ -522,7 +527,7 @@ impl SyncState {
                 }
             }
         }
-        for (port, owner) in contribution.health {
+        for (port, owner) in contribution.health.into_vec() {
             touched_health.insert(port);
             if let Some(list) = self.health.get_mut(&port) {
                 list.retain(|c| c.owner != owner);
@@ -550,19 +555,18 @@ impl SyncState {
             self.limits.maglev_max_table_size,
         ));
         self.log_topology(&key, &ports);
-        let mut contribution = Contribution {
-            ports: ports.len(),
-            ..Default::default()
-        };
+        let mut no_local = [0u32; 2];
+        let mut contributed = Vec::new();
+        let mut health = Vec::new();
         self.ports += ports.len();
         for sp in &ports {
             for (i, n) in sp.no_local_endpoints().into_iter().enumerate() {
-                contribution.no_local[i] += n;
+                no_local[i] += n as u32;
                 self.no_local[i] += n;
             }
             let owner = Arc::new(sp.name.clone());
             let frontends = lb::port_frontends(sp, &self.node);
-            contribution.frontends.reserve_exact(frontends.len());
+            contributed.reserve_exact(frontends.len());
             for (k, frontend) in frontends {
                 if let Some(b) = before.as_deref_mut() {
                     Self::touch(b, &self.claims, k);
@@ -580,7 +584,7 @@ impl SyncState {
                         frontend,
                     },
                 );
-                contribution.frontends.push((k, owner.clone()));
+                contributed.push((k, owner.clone()));
             }
             if let Some(port) = sp.health_check_node_port {
                 let mut local: Vec<IpAddr> = sp
@@ -599,7 +603,7 @@ impl SyncState {
                         local,
                     },
                 );
-                contribution.health.push((port, owner.clone()));
+                health.push((port, owner.clone()));
                 touched_health.insert(port);
             }
         }
@@ -607,8 +611,13 @@ impl SyncState {
             self.error_count += errors.len();
             self.errors.insert(key.clone(), errors);
         }
-        if contribution.ports > 0 {
-            contribution.health.shrink_to_fit();
+        if !ports.is_empty() {
+            let contribution = Contribution {
+                ports: ports.len() as u32,
+                no_local,
+                frontends: contributed.into_boxed_slice(),
+                health: health.into_boxed_slice(),
+            };
             self.services.insert(key, contribution);
         }
     }
@@ -915,6 +924,12 @@ mod tests {
             topology: Default::default(),
         };
         (n, p)
+    }
+
+    /// One of these per service of the cluster: kept small.
+    #[test]
+    fn a_contribution_stays_small() {
+        assert!(std::mem::size_of::<Contribution>() <= 48);
     }
 
     #[test]

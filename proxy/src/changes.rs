@@ -269,10 +269,13 @@ impl Cache {
                     self.unindex(&key, o);
                 }
                 if let Some(n) = &service {
-                    self.by_service
+                    // Most services have one slice: room for exactly that.
+                    let list = self
+                        .by_service
                         .entry((key.0.clone(), n.clone()))
-                        .or_default()
-                        .push(new);
+                        .or_default();
+                    list.reserve_exact(1);
+                    list.push(new);
                 }
                 let ns = key.0.clone();
                 self.tracker.endpoints_changed(
@@ -312,10 +315,9 @@ impl Cache {
                 let mut index: HashMap<ObjectKey, Vec<Arc<SliceInfo>>> = HashMap::new();
                 for ((ns, _), s) in &self.slices {
                     if let Some(svc) = &s.service {
-                        index
-                            .entry((ns.clone(), svc.clone()))
-                            .or_default()
-                            .push(s.clone());
+                        let list = index.entry((ns.clone(), svc.clone())).or_default();
+                        list.reserve_exact(1);
+                        list.push(s.clone());
                     }
                 }
                 self.by_service = index;

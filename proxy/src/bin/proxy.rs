@@ -160,7 +160,7 @@ async fn shutdown_signal() {
 }
 
 fn main() {
-    proxy::memory::one_arena();
+    proxy::memory::tune_allocator();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
