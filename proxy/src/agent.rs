@@ -6,8 +6,9 @@
 //! the service ports claiming it, first by name wins), so a sync rebuilds
 //! only the services the [`crate::changes`] tracker marked and diffs only
 //! their frontends against [`Dataplane::programmed`]. A full rebuild runs
-//! at start, every sync period, on a Node change or relist, and after a
-//! failed apply.
+//! at start, every sync period, on a Node change or relist, after a
+//! failed apply, and (with `--nodeport-addresses` CIDRs) when the host's
+//! interface addresses inside them change.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -122,8 +123,8 @@ pub fn cap_maglev_sizes<'a>(
 
 /// The address north-south flows to remote backends are SNATed to (and
 /// DSR answers from): the node's primary IPv4 address, as the Node object
-/// lists it now ([`NodeContext::primary`]: the first InternalIP, else the
-/// first ExternalIP; the per-packet path is IPv4 only).
+/// lists it now ([`NodeContext::primary`]: its first IPv4 InternalIP, else
+/// its first IPv4 ExternalIP; the per-packet path is IPv4 only).
 pub fn node_address(node: &NodeContext) -> Option<Ipv4Addr> {
     node.primary_ipv4()
 }
