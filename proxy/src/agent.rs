@@ -6,8 +6,9 @@
 //! the service ports claiming it, first by name wins), so a sync rebuilds
 //! only the services the [`crate::changes`] tracker marked and diffs only
 //! their frontends against [`Dataplane::programmed`]. A full rebuild runs
-//! at start, every sync period, on a Node change or relist, and after a
-//! failed apply.
+//! at start, every sync period, on a Node change or relist, after a
+//! failed apply, and (with `--nodeport-addresses` CIDRs) when the host's
+//! interface addresses inside them change.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -121,10 +122,11 @@ pub fn cap_maglev_sizes<'a>(
 }
 
 /// The address north-south flows to remote backends are SNATed to (and
-/// DSR answers from): the node's first IPv4 address, as the Node object
-/// lists it now (the per-packet path is IPv4 only).
+/// DSR answers from): the node's primary IPv4 address, as the Node object
+/// lists it now ([`NodeContext::primary`]: its first IPv4 InternalIP, else
+/// its first IPv4 ExternalIP; the per-packet path is IPv4 only).
 pub fn node_address(node: &NodeContext) -> Option<Ipv4Addr> {
-    node.first_ipv4()
+    node.primary_ipv4()
 }
 
 /// Backend (address, port) -> programmed frontends using it, one map per
@@ -264,6 +266,22 @@ impl SyncState {
     /// The node context the last full rebuild used.
     pub fn node(&self) -> &NodeContext {
         &self.node
+    }
+
+    /// The host interface addresses the next full rebuild uses (see
+    /// [`NodeContext::host_addresses`]).
+    pub fn host_addresses(&self) -> &[IpAddr] {
+        &self.base.host_addresses
+    }
+
+    /// Set the host interface addresses for the next full rebuild (the
+    /// caller asks for one); whether they changed.
+    pub fn set_host_addresses(&mut self, addresses: Vec<IpAddr>) -> bool {
+        if self.base.host_addresses == addresses {
+            return false;
+        }
+        self.base.host_addresses = addresses;
+        true
     }
 
     /// Apply one batch of changes: rebuild what it names, diff the touched
@@ -768,6 +786,45 @@ fn report_pressure<D: Dataplane>(
     }
 }
 
+/// With `--nodeport-addresses` CIDRs: read the host's interface addresses
+/// and, when those inside the CIDRs changed, hand them to the state and ask
+/// for a full rebuild (NodePorts follow addresses added and removed at run
+/// time). `failing`: the last read failed (logged once until it works).
+fn refresh_host_addresses(state: &mut SyncState, stores: &Stores, failing: &mut bool) {
+    let nodeport = &state.base.nodeport;
+    if !nodeport.uses_host_addresses() {
+        return;
+    }
+    let all = match crate::host::interface_addresses() {
+        Ok(all) => {
+            *failing = false;
+            all
+        }
+        Err(e) => {
+            if !std::mem::replace(failing, true) {
+                warn!(error = %e, "reading the interface addresses; NodePorts stay where they are");
+            }
+            return;
+        }
+    };
+    let used = nodeport.host_addresses_used(&all);
+    let old = state.host_addresses();
+    let added: Vec<&IpAddr> = used.iter().filter(|a| !old.contains(a)).collect();
+    let removed: Vec<&IpAddr> = old.iter().filter(|a| !used.contains(a)).collect();
+    if added.is_empty() && removed.is_empty() {
+        return;
+    }
+    info!(
+        nodeport_addresses = %nodeport,
+        ?added,
+        ?removed,
+        now = ?used,
+        "NodePort addresses changed on the host's interfaces; full rebuild"
+    );
+    state.set_host_addresses(used);
+    stores.request_full();
+}
+
 /// Run until `shutdown` resolves.
 pub async fn run<D: Dataplane>(
     mut dp: D,
@@ -797,6 +854,8 @@ pub async fn run<D: Dataplane>(
     telemetry.set_pending_source(Box::new(move || wh.stale_since()));
     let st = stores.clone();
     telemetry.set_change_source(Box::new(move || st.change_counts()));
+    let mut host_error = false;
+    refresh_host_addresses(&mut state, &stores, &mut host_error);
     stores.request_full();
     loop {
         // Every change queued so far is in the batch taken next.
@@ -884,6 +943,7 @@ pub async fn run<D: Dataplane>(
                     warn!(error = %e, "housekeeping failed");
                 }
                 report_pressure(&mut pressure, &mut dp, &telemetry, opts.events.as_mut());
+                refresh_host_addresses(&mut state, &stores, &mut host_error);
                 // Periodic full resync, as kube-proxy's syncPeriod.
                 if failed || last_full.elapsed() >= opts.sync_period {
                     stores.request_full();
@@ -959,13 +1019,20 @@ mod tests {
     }
 
     #[test]
-    fn the_node_address_is_the_nodes_first_ipv4() {
+    fn the_node_address_is_the_nodes_primary_ipv4_internal_before_external() {
+        let n: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node1"},
+            "status": {"addresses": [
+                {"type": "ExternalIP", "address": "192.0.2.1"},
+                {"type": "InternalIP", "address": "fd00:18::3"},
+                {"type": "Hostname", "address": "node1"},
+                {"type": "InternalIP", "address": "172.18.0.3"},
+                {"type": "InternalIP", "address": "172.18.0.4"},
+            ]}
+        }))
+        .expect("node");
         let node = NodeContext {
-            addresses: vec![
-                "fd00:18::3".parse().unwrap(),
-                std::net::Ipv4Addr::new(172, 18, 0, 3).into(),
-                std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
-            ],
+            addresses: model::node_addresses(&n).0,
             ..Default::default()
         };
         assert_eq!(
@@ -973,5 +1040,11 @@ mod tests {
             Some(std::net::Ipv4Addr::new(172, 18, 0, 3))
         );
         assert_eq!(node_address(&NodeContext::default()), None);
+        // A loopback address is never the node address.
+        let lo = NodeContext {
+            addresses: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+            ..Default::default()
+        };
+        assert_eq!(node_address(&lo), None);
     }
 }

@@ -105,9 +105,12 @@ pub struct Args {
     /// holding the node's InternalIP.
     #[arg(long = "devices", value_delimiter = ',')]
     pub devices: Vec<String>,
-    /// Networks whose node addresses serve NodePorts (comma-separated
-    /// IPv4 or IPv6 CIDRs, as kube-proxy's --nodeport-addresses); default:
-    /// all of the node's addresses.
+    /// Where NodePorts are served, as kube-proxy's --nodeport-addresses:
+    /// `primary` (the node's primary IP of each family, from its Node
+    /// object), or comma-separated IPv4/IPv6 CIDRs (every address of the
+    /// host's interfaces inside them, followed at run time; loopback only
+    /// if a CIDR covers it); not both. Default: every InternalIP and
+    /// ExternalIP of the Node object.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Direct server return for NodePort/ExternalIP/LoadBalancer traffic to
@@ -209,6 +212,13 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--nodeport-addresses`, checked; the error names the flag and the
+    /// value.
+    pub fn nodeport(&self) -> Result<crate::model::NodePortAddresses, String> {
+        crate::model::NodePortAddresses::parse(&self.nodeport_addresses)
+            .map_err(|e| format!("--nodeport-addresses: {e}"))
+    }
+
     /// The map capacity flags, by knob.
     pub fn map_sizing(&self) -> MapSizing {
         MapSizing(
@@ -266,6 +276,46 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::NodePortAddresses;
+
+    #[test]
+    fn nodeport_addresses_primary_cidrs_not_both() {
+        let parse = |v: &[&str]| {
+            let mut argv = vec!["proxy"];
+            for x in v {
+                argv.extend(["--nodeport-addresses", x]);
+            }
+            Args::try_parse_from(argv).expect("parses").nodeport()
+        };
+        assert_eq!(parse(&[]), Ok(NodePortAddresses::NodeObject));
+        assert_eq!(parse(&["primary"]), Ok(NodePortAddresses::Primary));
+        assert_eq!(
+            parse(&["10.1.2.3/8,fd00:18::1/64"]),
+            Ok(NodePortAddresses::Cidrs(vec![
+                ("10.0.0.0".parse().expect("ip"), 8),
+                ("fd00:18::".parse().expect("ip"), 64),
+            ]))
+        );
+        // Repeated flags add up, as comma-separated values.
+        assert_eq!(
+            parse(&["127.0.0.0/8", "172.18.0.0/16"]).map(|n| n.to_string()),
+            Ok("127.0.0.0/8,172.18.0.0/16".to_owned())
+        );
+        for mix in [&["primary,10.0.0.0/8"][..], &["10.0.0.0/8", "primary"]] {
+            let e = parse(mix).expect_err("a mix");
+            assert!(e.starts_with("--nodeport-addresses: "), "{e}");
+            assert!(e.contains("can't use both \"primary\" and CIDRs"), "{e}");
+        }
+        for bad in ["Primary", "10.0.0.1", "10.0.0.0/33", "fd00::/129", "all"] {
+            let e = parse(&[bad]).expect_err(bad);
+            assert_eq!(
+                e,
+                format!(
+                    "--nodeport-addresses: {bad:?} is neither \"primary\" nor an IPv4 or IPv6 CIDR"
+                )
+            );
+        }
+    }
 
     #[test]
     fn defaults_parse() {

@@ -226,7 +226,12 @@ pub fn parse(path: &Path, text: &str) -> Result<(FileConfig, Vec<String>), Confi
             "hostnameOverride" => c.hostname_override = Some(r.string(k, v)?),
             "metricsBindAddress" => c.metrics_bind_address = Some(r.string(k, v)?),
             "healthzBindAddress" => c.healthz_bind_address = Some(r.string(k, v)?),
-            "nodePortAddresses" => c.nodeport_addresses = Some(r.strings(k, v)?),
+            "nodePortAddresses" => {
+                let list = r.strings(k, v)?;
+                crate::model::NodePortAddresses::parse(&list)
+                    .map_err(|e| r.err(k, &Value::String(list.join(",")), e.to_string()))?;
+                c.nodeport_addresses = Some(list);
+            }
             "syncPeriod" => {
                 let s = r.string(k, v)?;
                 c.sync_period = Some(parse_duration(&s).map_err(|e| r.err(k, v, e))?);
@@ -454,6 +459,20 @@ kubeProxyEbpf:
             e.to_string(),
             "c.yaml: field metricsBindAdress = \"1.2.3.4:5\": unknown field"
         );
+        let e = parse(p, &with("nodePortAddresses: [primary, 10.0.0.0/8]")).expect_err("mix");
+        assert!(
+            e.to_string()
+                .contains("field nodePortAddresses = \"primary,10.0.0.0/8\": can't use both \"primary\" and CIDRs"),
+            "{e}"
+        );
+        let e = parse(p, &with("nodePortAddresses: [10.0.0.0/33]")).expect_err("bad CIDR");
+        assert!(
+            e.to_string()
+                .contains("\"10.0.0.0/33\" is neither \"primary\" nor an IPv4 or IPv6 CIDR"),
+            "{e}"
+        );
+        let (c, _) = parse(p, &with("nodePortAddresses: [primary]")).expect("primary");
+        assert_eq!(c.nodeport_addresses, Some(vec!["primary".into()]));
         let e = parse(p, &with("mode: userspace")).expect_err("bad mode");
         assert!(
             e.to_string()

@@ -467,9 +467,7 @@ mod tests {
                 Ipv4Addr::new(192, 168, 0, 1).into(),
                 Ipv4Addr::new(172, 18, 0, 1).into(),
             ],
-            nodeport_cidrs: vec![],
-            source_ranges_all: false,
-            zone: None,
+            ..Default::default()
         };
         let fes = port_frontends(&sp, &node);
         let lists: Vec<&Backends> = fes.iter().map(|(_, f)| &f.backends).collect();

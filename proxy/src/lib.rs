@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod diff;
 pub mod events;
 pub mod health;
+pub mod host;
 pub mod http;
 pub mod inspect;
 pub mod k8s;

@@ -474,16 +474,123 @@ pub struct ModelError {
     pub reason: String,
 }
 
+/// `--nodeport-addresses` (the config file's `nodePortAddresses`): which
+/// addresses of the node serve NodePorts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Unset: every InternalIP and ExternalIP of the Node object (loopback
+    /// ones excepted).
+    #[default]
+    NodeObject,
+    /// `primary` (kube-proxy's default in nftables mode): the node's
+    /// primary IP of each family it has, as [`NodeContext::primary`]
+    /// chooses it from the Node object.
+    Primary,
+    /// CIDRs (both families): every address of the host's interfaces
+    /// ([`NodeContext::host_addresses`]) inside one of them, as
+    /// kube-proxy; a loopback address only when a CIDR covers it.
+    Cidrs(Vec<(IpAddr, u8)>),
+}
+
+/// A `--nodeport-addresses` value that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodePortAddressesError {
+    #[error("{0:?} is neither \"primary\" nor an IPv4 or IPv6 CIDR")]
+    Invalid(String),
+    /// kube-proxy rejects the mix too ("can't use both 'primary' and
+    /// CIDRs").
+    #[error("can't use both \"primary\" and CIDRs ({0:?}): give one or the other")]
+    PrimaryAndCidrs(String),
+}
+
+impl NodePortAddresses {
+    /// The keyword for the node's primary IPs.
+    pub const PRIMARY: &'static str = "primary";
+
+    /// Parse the flag's list: empty (blank entries ignored), `primary`, or
+    /// CIDRs; a mix of `primary` and CIDRs is an error.
+    pub fn parse(list: &[String]) -> Result<NodePortAddresses, NodePortAddressesError> {
+        let mut primary = false;
+        let mut cidrs = Vec::new();
+        for raw in list {
+            let s = raw.trim();
+            if s.is_empty() {
+                continue;
+            }
+            if s == Self::PRIMARY {
+                primary = true;
+            } else {
+                cidrs.push(
+                    parse_cidr(s).ok_or_else(|| NodePortAddressesError::Invalid(raw.clone()))?,
+                );
+            }
+            if primary && !cidrs.is_empty() {
+                return Err(NodePortAddressesError::PrimaryAndCidrs(list.join(",")));
+            }
+        }
+        Ok(match (primary, cidrs.is_empty()) {
+            (true, _) => NodePortAddresses::Primary,
+            (false, true) => NodePortAddresses::NodeObject,
+            (false, false) => NodePortAddresses::Cidrs(cidrs),
+        })
+    }
+
+    /// The host interface addresses this setting serves NodePorts on, of
+    /// `all` (sorted, each once): those inside the CIDRs; none otherwise
+    /// (only CIDRs look at the host's interfaces).
+    pub fn host_addresses_used(&self, all: &[IpAddr]) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = all.iter().copied().filter(|a| self.covers(*a)).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Whether the host's interface addresses matter (CIDRs given).
+    pub fn uses_host_addresses(&self) -> bool {
+        matches!(self, NodePortAddresses::Cidrs(_))
+    }
+
+    fn covers(&self, a: IpAddr) -> bool {
+        match self {
+            NodePortAddresses::Cidrs(cidrs) => {
+                cidrs.iter().any(|(net, len)| cidr_contains(*net, *len, a))
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodePortAddresses::NodeObject => f.write_str("<the Node's addresses>"),
+            NodePortAddresses::Primary => f.write_str(Self::PRIMARY),
+            NodePortAddresses::Cidrs(c) => {
+                for (i, (net, len)) in c.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{net}/{len}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What the model needs to know about the node it runs on.
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
     pub node_name: String,
-    /// The node's addresses of both families (InternalIP and ExternalIP of
-    /// its Node object): where NodePorts are served.
+    /// The node's addresses of both families (InternalIPs, then
+    /// ExternalIPs of its Node object, as [`node_addresses`] orders them):
+    /// the primary IPs and, by default, where NodePorts are served.
     pub addresses: Vec<IpAddr>,
-    /// `--nodeport-addresses` (both families): only addresses inside these
-    /// networks serve NodePorts; empty: all of them.
-    pub nodeport_cidrs: Vec<(IpAddr, u8)>,
+    /// `--nodeport-addresses`: which addresses serve NodePorts.
+    pub nodeport: NodePortAddresses,
+    /// The addresses of the host's interfaces the agent found (with CIDRs
+    /// in `nodeport`; unused otherwise). Filtered here, not by the agent.
+    pub host_addresses: Vec<IpAddr>,
     /// `--source-ranges-all`: `loadBalancerSourceRanges` also guard the
     /// service's NodePorts and ExternalIPs, not only its LoadBalancer IPs.
     pub source_ranges_all: bool,
@@ -492,23 +599,44 @@ pub struct NodeContext {
 }
 
 impl NodeContext {
-    /// The addresses NodePorts are served on (both families).
+    /// The addresses NodePorts are served on (both families), each once.
     pub fn nodeport_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.addresses.iter().copied().filter(|a| {
-            self.nodeport_cidrs.is_empty()
-                || self
-                    .nodeport_cidrs
-                    .iter()
-                    .any(|(net, len)| cidr_contains(*net, *len, *a))
-        })
+        let list: &[IpAddr] = if self.nodeport.uses_host_addresses() {
+            &self.host_addresses
+        } else {
+            &self.addresses
+        };
+        list.iter()
+            .enumerate()
+            .filter(move |(i, a)| {
+                !list[..*i].contains(a)
+                    && match &self.nodeport {
+                        NodePortAddresses::NodeObject => !a.is_loopback(),
+                        NodePortAddresses::Primary => self.primary(a.is_ipv6()) == Some(**a),
+                        NodePortAddresses::Cidrs(_) => self.nodeport.covers(**a),
+                    }
+            })
+            .map(|(_, a)| *a)
     }
 
-    /// The node's first IPv4 address, if it has one.
-    pub fn first_ipv4(&self) -> Option<Ipv4Addr> {
-        self.addresses.iter().find_map(|a| match a {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
+    /// The node's primary IP of a family, as kube-proxy picks it: the
+    /// first of [`NodeContext::addresses`] of that family (InternalIPs
+    /// before ExternalIPs), not a loopback one.
+    pub fn primary(&self, v6: bool) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .find(|a| a.is_ipv6() == v6)
+            .filter(|a| !a.is_loopback())
+            .copied()
+    }
+
+    /// The node's primary IPv4 address, if it has one: what north-south
+    /// flows are SNATed to and DSR answers from.
+    pub fn primary_ipv4(&self) -> Option<Ipv4Addr> {
+        match self.primary(false) {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        }
     }
 }
 
@@ -532,7 +660,7 @@ pub fn cidr_contains(net: IpAddr, len: u8, addr: IpAddr) -> bool {
     net.is_ipv4() == addr.is_ipv4() && network(addr, len) == net
 }
 
-/// Parse `--nodeport-addresses` style CIDRs (`a.b.c.d/n`, `fd00::/64`);
+/// Parse CIDRs (`--cluster-cidr`: `a.b.c.d/n`, `fd00::/64`);
 /// the error names the bad value.
 pub fn parse_cidrs(list: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
     list.iter()
@@ -540,8 +668,10 @@ pub fn parse_cidrs(list: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
         .collect()
 }
 
-/// InternalIP/ExternalIP addresses of a Node, both families, each once, in
-/// the Node's order; others are skipped, unparsable ones reported.
+/// InternalIP/ExternalIP addresses of a Node, both families, each once:
+/// the InternalIPs, then the ExternalIPs, each in the Node's order (the
+/// first of a family is the node's primary IP of that family); other types
+/// are skipped, unparsable addresses reported.
 pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<IpAddr>, Vec<ModelError>) {
     let mut out = Vec::new();
     let mut errors = Vec::new();
@@ -552,21 +682,28 @@ pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> (Vec<IpAddr>, 
         .and_then(|s| s.addresses.as_ref())
         .map(Vec::as_slice)
         .unwrap_or_default();
-    for (i, a) in addrs.iter().enumerate() {
-        if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
-            continue;
-        }
+    // kube-proxy's order (GetNodeHostIPs): InternalIPs, then ExternalIPs.
+    let ordered = ["InternalIP", "ExternalIP"]
+        .into_iter()
+        .flat_map(|t| addrs.iter().enumerate().filter(move |(_, a)| a.type_ == t));
+    let mut bad = Vec::new();
+    for (i, a) in ordered {
         match a.address.parse::<IpAddr>() {
             Ok(ip) if !out.contains(&ip) => out.push(ip),
             Ok(_) => {}
-            Err(_) => errors.push(ModelError {
-                kind: "Node",
-                object: name.clone(),
-                field: format!("status.addresses[{i}].address"),
-                value: a.address.clone(),
-                reason: "not an IP address".to_owned(),
-            }),
+            Err(_) => bad.push(i),
         }
+    }
+    // Reported in the Node's order.
+    bad.sort_unstable();
+    for i in bad {
+        errors.push(ModelError {
+            kind: "Node",
+            object: name.clone(),
+            field: format!("status.addresses[{i}].address"),
+            value: addrs[i].address.clone(),
+            reason: "not an IP address".to_owned(),
+        });
     }
     (out, errors)
 }

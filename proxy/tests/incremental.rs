@@ -7,7 +7,8 @@
 //! created, changed, split and merged, moved between services by their
 //! label, unlabelled and deleted, with and without topology hints (some
 //! for this node or its zone, some bad); Node address and zone label
-//! changes; relists) and feeds
+//! changes; addresses appearing on and leaving the host's interfaces, as
+//! the agent's housekeeping hands them over; relists) and feeds
 //! them one at a time through the cache and change tracker into
 //! [`SyncState`], which programs a recording fake dataplane. After every
 //! step the incremental state must equal a rebuild from scratch of the
@@ -15,7 +16,8 @@
 //! frontends and owners, what is programmed, errors, health-check ports,
 //! counts, and the owner map `/metrics` keeps from the deltas. The fake
 //! dataplane also refuses some batches, as a real one can, to exercise the
-//! recovery (a full rebuild follows).
+//! recovery (a full rebuild follows). `--nodeport-addresses` varies by
+//! seed: unset, `primary` (seeds 3 mod 4) or CIDRs (loopback included).
 //!
 //! Seeds: `INCREMENTAL_SEEDS=1,2,3` (default four fixed seeds); steps per
 //! seed: `INCREMENTAL_STEPS` (default 1500). A failure prints the seed and
@@ -46,7 +48,10 @@ use proxy::{
     health,
     lb::{Backends, LbTable},
     metrics::{OwnerChanges, Telemetry},
-    model::{self, EndpointView, HintName, HintsView, NodeContext, SliceView, Topology},
+    model::{
+        self, EndpointView, HintName, HintsView, NodeContext, NodePortAddresses, SliceView,
+        Topology,
+    },
 };
 
 /// xorshift64*.
@@ -413,7 +418,19 @@ struct World {
     services: BTreeMap<(String, String), Service>,
     slices: BTreeMap<(String, String), SliceView>,
     node: Option<Node>,
+    /// The host's interface addresses.
+    host: Vec<IpAddr>,
 }
+
+/// Addresses the host's interfaces may hold.
+const HOST_ADDRESSES: [&str; 6] = [
+    "10.0.0.1",
+    "10.0.0.7",
+    "192.0.2.9",
+    "127.0.0.1",
+    "fd00:18::7",
+    "::1",
+];
 
 /// One random event, applied to the world and handed to the cache.
 /// `topo` draws the topology parts (hints, trafficDistribution, the
@@ -508,6 +525,7 @@ fn oracle(world: &World, base: &NodeContext, limits: &Limits) -> Oracle {
         node.zone = model::node_zone(n);
         errors.extend(errs);
     }
+    node.host_addresses = base.nodeport.host_addresses_used(&world.host);
     let (mut table, errs) = model::build(world.services.values(), world.slices.values(), &node);
     errors.extend(errs);
     errors.extend(agent::cap_maglev_sizes(
@@ -573,15 +591,21 @@ fn steps() -> usize {
 fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut topo = Rng(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
+    // The host's interface addresses draw from their own generator: the other draws stay those of the seed without them.
+    let mut hosts = Rng(seed.wrapping_mul(0x94d0_49bb_1331_11eb) | 1);
     let base = NodeContext {
         node_name: NODE.into(),
-        nodeport_cidrs: if rng.chance(30) {
-            vec![
+        nodeport: if rng.chance(30) {
+            NodePortAddresses::Cidrs(vec![
                 (Ipv4Addr::new(10, 0, 0, 0).into(), 8),
                 ("fd00:18::".parse().expect("an IPv6 address"), 64),
-            ]
+                (Ipv4Addr::new(127, 0, 0, 0).into(), 8),
+            ])
+        } else if seed % 4 == 3 {
+            // Seed 3 of the default ones.
+            NodePortAddresses::Primary
         } else {
-            vec![]
+            NodePortAddresses::NodeObject
         },
         source_ranges_all: rng.chance(50),
         ..Default::default()
@@ -602,8 +626,24 @@ fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
     let mut incremental_syncs = 0;
     let (mut v6_served, mut dual_stack, mut no_local_seen) = (0, 0, [0; 2]);
     let (mut topology_used, mut topology_ignored) = (0, 0);
+    let mut host_changes = 0;
     for i in 0..steps {
-        let what = step(&mut rng, &mut topo, &mut world, &mut cache);
+        let mut what = step(&mut rng, &mut topo, &mut world, &mut cache);
+        // Addresses come and go on the host's interfaces: as the agent's
+        // housekeeping, hand over those the flag uses and rebuild.
+        if hosts.chance(4) {
+            world.host = HOST_ADDRESSES
+                .iter()
+                .filter(|_| hosts.chance(40))
+                .map(|a| a.parse().expect("an IP address"))
+                .collect();
+            let used = base.nodeport.host_addresses_used(&world.host);
+            if state.set_host_addresses(used) {
+                cache.request_full();
+                host_changes += 1;
+            }
+            what += &format!(", host addresses {:?}", world.host);
+        }
         let fail = rng.chance(3);
         dp.fail_next = fail;
         let Some(batch) = cache.take() else {
@@ -677,14 +717,16 @@ fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
                 "{k}: the desired and programmed backend lists are two copies"
             )));
         }
+        // The primary IPv4, as kube-proxy: the first InternalIP, else the
+        // first ExternalIP.
         let node_addr = world.node.as_ref().and_then(|n| {
-            model::node_addresses(n)
-                .0
-                .into_iter()
-                .find_map(|a| match a {
-                    IpAddr::V4(a) => Some(a),
-                    IpAddr::V6(_) => None,
-                })
+            let addrs = n.status.as_ref()?.addresses.as_ref()?;
+            ["InternalIP", "ExternalIP"].iter().find_map(|t| {
+                addrs
+                    .iter()
+                    .filter(|a| a.type_ == *t)
+                    .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            })
         });
         // Coverage of the IPv6 paths: served IPv6 frontends, and
         // dual-stack service ports (frontends of both families).
@@ -762,7 +804,11 @@ fn run_seed(seed: u64, steps: usize) -> Result<[usize; 2], String> {
             )));
         }
     }
-    // The run must have exercised both paths, and both families.
+    // The run must have exercised both paths, and both families; with
+    // CIDRs, host address changes.
+    if steps >= 200 && base.nodeport.uses_host_addresses() && host_changes == 0 {
+        return Err(format!("seed {seed}: no host address change used"));
+    }
     if incremental_syncs < steps / 2 || full_syncs == 0 {
         return Err(format!(
             "seed {seed}: {incremental_syncs} incremental and {full_syncs} full syncs"

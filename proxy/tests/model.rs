@@ -1,11 +1,14 @@
 //! The pure model on YAML fixtures (no kernel, no API server).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Service;
 use proxy::{
     lb::LbTable,
-    model::{self, Endpoint, NodeContext, Protocol, ServicePortName, ServiceTable, SliceView},
+    model::{
+        self, Endpoint, NodeContext, NodePortAddresses, NodePortAddressesError, Protocol,
+        ServicePortName, ServiceTable, SliceView,
+    },
 };
 use serde::Deserialize;
 
@@ -285,23 +288,122 @@ status:
 
 #[test]
 fn nodeport_addresses_limit_where_node_ports_are_served() {
+    let cidrs = |l: &[&str]| {
+        let list: Vec<String> = l.iter().map(|s| (*s).to_owned()).collect();
+        NodePortAddresses::parse(&list).expect("cidrs")
+    };
+    let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
     let mut node = NodeContext {
         node_name: "node1".into(),
-        addresses: vec![
-            Ipv4Addr::new(172, 18, 0, 11).into(),
-            Ipv4Addr::new(192, 168, 5, 1).into(),
+        addresses: vec![ip("172.18.0.11"), ip("fd00:18::11"), ip("192.168.5.1")],
+        // The host's interfaces: CIDRs look at these, not at the Node.
+        host_addresses: vec![
+            ip("127.0.0.1"),
+            ip("172.18.0.11"),
+            ip("172.18.0.111"),
+            ip("192.168.5.1"),
+            ip("::1"),
+            ip("fd00:18::11"),
         ],
-        nodeport_cidrs: model::parse_cidrs(&["192.168.0.0/16".to_string()]).expect("cidr"),
+        nodeport: cidrs(&["192.168.0.0/16"]),
         ..Default::default()
     };
+    let served = |n: &NodeContext| {
+        n.nodeport_addresses()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(served(&node), ["192.168.5.1"]);
+    // Every interface address inside the CIDRs, Node object or not.
+    node.nodeport = cidrs(&["172.18.0.0/16", "fd00:18::/64"]);
     assert_eq!(
-        node.nodeport_addresses().collect::<Vec<_>>(),
-        vec![std::net::IpAddr::from(Ipv4Addr::new(192, 168, 5, 1))]
+        served(&node),
+        ["172.18.0.11", "172.18.0.111", "fd00:18::11"]
     );
-    node.nodeport_cidrs.clear();
-    assert_eq!(node.nodeport_addresses().count(), 2);
-    let err = model::parse_cidrs(&["10.0.0.0/33".to_string()]).expect_err("bad");
-    assert!(err.contains("\"10.0.0.0/33\""), "{err}");
+    // Loopback only when a CIDR covers it.
+    node.nodeport = cidrs(&["127.0.0.0/8", "::1/128"]);
+    assert_eq!(served(&node), ["127.0.0.1", "::1"]);
+    node.nodeport = cidrs(&["0.0.0.0/0"]);
+    assert_eq!(
+        served(&node),
+        ["127.0.0.1", "172.18.0.11", "172.18.0.111", "192.168.5.1"]
+    );
+    // primary: the first address of each family of the Node object.
+    node.nodeport = NodePortAddresses::Primary;
+    assert_eq!(served(&node), ["172.18.0.11", "fd00:18::11"]);
+    // Unset: every address of the Node object, never loopback.
+    node.nodeport = NodePortAddresses::NodeObject;
+    node.addresses.push(ip("127.0.0.1"));
+    assert_eq!(served(&node), ["172.18.0.11", "fd00:18::11", "192.168.5.1"]);
+    // primary never picks a loopback address (kube-proxy neither).
+    node.nodeport = NodePortAddresses::Primary;
+    node.addresses = vec![ip("127.0.0.1"), ip("fd00:18::11")];
+    assert_eq!(served(&node), ["fd00:18::11"]);
+    // What the agent hands over: the interface addresses the CIDRs use.
+    let all = [
+        ip("10.0.0.2"),
+        ip("172.18.0.11"),
+        ip("fe80::1"),
+        ip("172.18.0.11"),
+    ];
+    assert_eq!(
+        cidrs(&["172.18.0.0/16"]).host_addresses_used(&all),
+        [ip("172.18.0.11")]
+    );
+    assert!(
+        NodePortAddresses::Primary
+            .host_addresses_used(&all)
+            .is_empty()
+    );
+    assert!(!NodePortAddresses::Primary.uses_host_addresses());
+}
+
+#[test]
+fn nodeport_addresses_parse_as_kube_proxy() {
+    let parse = |l: &[&str]| {
+        let list: Vec<String> = l.iter().map(|s| (*s).to_owned()).collect();
+        NodePortAddresses::parse(&list)
+    };
+    assert_eq!(parse(&[]), Ok(NodePortAddresses::NodeObject));
+    assert_eq!(parse(&["", " "]), Ok(NodePortAddresses::NodeObject));
+    assert_eq!(parse(&["primary"]), Ok(NodePortAddresses::Primary));
+    assert_eq!(parse(&[" primary "]), Ok(NodePortAddresses::Primary));
+    assert_eq!(
+        parse(&["10.0.0.0/8", "fd00::/64"]).map(|n| n.to_string()),
+        Ok("10.0.0.0/8,fd00::/64".to_owned())
+    );
+    assert_eq!(
+        parse(&["primary", "127.0.0.1/32"]),
+        Err(NodePortAddressesError::PrimaryAndCidrs(
+            "primary,127.0.0.1/32".into()
+        ))
+    );
+    assert_eq!(
+        parse(&["127.0.0.1/32", "primary"]),
+        Err(NodePortAddressesError::PrimaryAndCidrs(
+            "127.0.0.1/32,primary".into()
+        ))
+    );
+    for bad in [
+        "foo",
+        "1.2.3",
+        "10.20.30.40",
+        "::1",
+        "10.0.0.0/33",
+        "fd00::/129",
+        "PRIMARY",
+    ] {
+        assert_eq!(
+            parse(&["10.0.0.0/8", bad]),
+            Err(NodePortAddressesError::Invalid(bad.into())),
+            "{bad}"
+        );
+    }
+    let e = parse(&["10.0.0.0/33"]).expect_err("bad");
+    assert_eq!(
+        e.to_string(),
+        "\"10.0.0.0/33\" is neither \"primary\" nor an IPv4 or IPv6 CIDR"
+    );
 }
 
 #[test]
@@ -912,8 +1014,9 @@ status:
         "{errors:?}"
     );
     let node = NodeContext {
+        host_addresses: addresses.clone(),
         addresses,
-        nodeport_cidrs: model::parse_cidrs(&["fd00:18::/64".to_string(), "10.0.0.0/8".to_string()])
+        nodeport: NodePortAddresses::parse(&["fd00:18::/64".to_string(), "10.0.0.0/8".to_string()])
             .expect("cidrs"),
         ..Default::default()
     };
@@ -923,7 +1026,8 @@ status:
             .collect::<Vec<_>>(),
         ["fd00:18::11"]
     );
-    assert_eq!(node.first_ipv4(), Some(Ipv4Addr::new(172, 18, 0, 11)));
+    assert_eq!(node.primary_ipv4(), Some(Ipv4Addr::new(172, 18, 0, 11)));
+    assert_eq!(node.primary(true), Some("fd00:18::11".parse().expect("ip")));
     let err = model::parse_cidrs(&["fd00::/129".to_string()]).expect_err("bad");
     assert!(err.contains("\"fd00::/129\""), "{err}");
 }

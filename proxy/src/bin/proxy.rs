@@ -60,6 +60,11 @@ fn cluster_size(stores: &k8s::Stores, node: &NodeContext, maglev_size: u32) -> C
         Err(p) => p.into_inner(),
     };
     let mut node = node.clone();
+    if node.nodeport.uses_host_addresses()
+        && let Ok(all) = proxy::host::interface_addresses()
+    {
+        node.host_addresses = node.nodeport.host_addresses_used(&all);
+    }
     if let Some(n) = cache.node() {
         node.addresses = proxy::model::node_addresses(&n).0;
         node.zone = proxy::model::node_zone(&n);
@@ -189,12 +194,11 @@ async fn run() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
     let node = NodeContext {
         node_name: node_name(&args)?,
-        nodeport_cidrs: proxy::model::parse_cidrs(&args.nodeport_addresses)
-            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?,
+        nodeport: args.nodeport().map_err(anyhow::Error::msg)?,
         source_ranges_all: args.source_ranges_all,
         ..Default::default()
     };
-    info!(node = %node.node_name, mode = args.mode.name(), cluster_cidrs = ?cluster_cidrs, "starting");
+    info!(node = %node.node_name, mode = args.mode.name(), cluster_cidrs = ?cluster_cidrs, nodeport_addresses = %node.nodeport, "starting");
 
     if args.cleanup {
         let failures = cleanup::all_but(None, &args.bpffs_path);
