@@ -2167,6 +2167,12 @@ COMMIT
             ]
         );
         assert!(iptables_frontends("*nat\nCOMMIT\n").is_empty());
+        // ip6tables-save: `/128` kept on -d, dropped on --ctorigdst.
+        let save6 = "*filter\n-A KUBE-SERVICES -p tcp -m comment --comment \"x\" -m conntrack --ctorigdst fd00:96::30 --ctorigdstport 80 -j REJECT --reject-with tcp-reset\nCOMMIT\n*nat\n-A KUBE-NODEPORTS -d fd00:18::11/128 -p tcp -m comment --comment \"y\" -m tcp --dport 30080 -j KUBE-EXT-2MZXRD3S3POEDILG\nCOMMIT\n";
+        assert_eq!(
+            iptables_frontends(save6),
+            ["[fd00:18::11]:30080/TCP", "[fd00:96::30]:80/TCP"]
+        );
         let counted = "*filter\n[7:420] -A KUBE-FIREWALL -m comment --comment \"dropped by loadBalancerSourceRanges\" -m mark --mark 0x8000/0x8000 -j DROP\n[3:1] -A KUBE-SERVICES -j REJECT\nCOMMIT\n";
         assert_eq!(iptables_source_range_drops(counted), 7);
     }
