@@ -17,6 +17,9 @@
 //!   masqueraded, as in kube-proxy).
 //! * `none6`, IPv6-only, ClusterIP + NodePort 30612, no endpoints: TCP is
 //!   refused (reset) and UDP too (ICMPv6 port unreachable), at once.
+//! * `udp6`, IPv6-only UDP ClusterIP: a long-lived flow (one source port)
+//!   moves to the new endpoint when its endpoint is replaced (the mode
+//!   flushes the IPv6 conntrack entries of the removed backend).
 //!
 //! The ip6tables / ip6 table rule counters prove the IPv6 traffic went
 //! through the mode under test (the IPv4 ones stay out of it: the eBPF
@@ -46,6 +49,7 @@ const SIX: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc9, 1);
 const DUAL4: Ipv4Addr = Ipv4Addr::new(10, 96, 202, 2);
 const DUAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc9, 2);
 const NONE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc9, 3);
+const UDP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc9, 4);
 const NP_SIX: u16 = 30610;
 const NP_DUAL: u16 = 30611;
 const NP_NONE: u16 = 30612;
@@ -61,7 +65,9 @@ fn scenario(mode: DataplaneMode) -> Scenario {
         .tcp_server((1, 2), TCP_PORT)
         .tcp_server((2, 1), TCP_PORT)
         .tcp_server((2, 2), TCP_PORT)
+        .udp_server((1, 2), UDP_PORT)
         .udp_server((2, 1), UDP_PORT)
+        .object(&Service::cluster_ip("udp6", UDP6).udp("dns", 53, UDP_PORT))
         .object(&web(Service::cluster_ip("six", SIX)).node_port("http", NP_SIX))
         .object(
             &web(Service::dual_stack("dual", DUAL4.into(), DUAL6.into()))
@@ -84,12 +90,66 @@ fn scenario(mode: DataplaneMode) -> Scenario {
             .endpoint(Endpoint::ready(p21).ipv6(p21)),
     );
     s.apply(&slice("dual-v4", "dual").endpoint(Endpoint::ready(p12)));
+    s.apply(&udp6_slice().endpoint(Endpoint::ready(p12).ipv6(p12)));
     s.apply(
         &slice("dual-v6", "dual")
             .ipv6()
             .endpoint(Endpoint::ready(p22).ipv6(p22)),
     );
     s
+}
+
+/// The `udp6` service's IPv6 slice (its endpoints added by the caller).
+fn udp6_slice() -> EndpointSlice {
+    EndpointSlice::new("udp6-1", "udp6")
+        .ipv6()
+        .udp_port("dns", UDP_PORT)
+}
+
+/// A UDP flow (one source port, a datagram every 25 ms) to `udp6` from
+/// `c` while its endpoint pod-1-2 is replaced by pod-2-1 (the old server
+/// keeps answering, so only the proxy can move the flow).
+fn udp6_flow_moves_to_the_new_endpoint(s: &Scenario, c: &PodClient) {
+    eventually(CONVERGE, || {
+        let r = c.one(proxy_tests::scenario::Protocol::Udp, at(UDP6, 53));
+        match r.backend() {
+            Some("pod-1-2") if r.ok => Ok(()),
+            _ => Err(format!("UDP to {UDP6}: {r}")),
+        }
+    });
+    let to = at(UDP6, 53).to_string();
+    let flow = c
+        .spawn(
+            &[
+                "--proto",
+                "udp",
+                "--to",
+                &to,
+                "--count",
+                "60",
+                "--timeout-ms",
+                "200",
+                "--sport",
+                "41236",
+                "--interval-ms",
+                "25",
+            ]
+            .map(String::from),
+        )
+        .expect("spawn flow");
+    std::thread::sleep(Duration::from_millis(500));
+    let p21 = s.pod(2, 1);
+    s.apply(&udp6_slice().endpoint(Endpoint::ready(p21).ipv6(p21)));
+    let results: Vec<proxy_tests::scenario::ClientResult> =
+        flow.wait(Duration::from_secs(30)).expect("flow");
+    assert_eq!(results.len(), 60);
+    assert_eq!(results[0].backend(), Some("pod-1-2"), "{}", results[0]);
+    for r in &results[results.len() - 15..] {
+        assert!(
+            r.ok && r.backend() == Some("pod-2-1"),
+            "the IPv6 flow moved to the new backend and stays there: {r}"
+        );
+    }
 }
 
 /// Runs `n` TCP requests from pod client `c` to `to`; all must succeed.
@@ -234,6 +294,8 @@ fn ipv6_and_dual_stack_services(mode: DataplaneMode) {
         "{mode:?}: the IPv6 rules counted only +{grown} packets"
     );
     s.assert_datapath();
+
+    udp6_flow_moves_to_the_new_endpoint(&s, &c);
 
     // The IPv6-only service goes: its frontends leave the rules, its
     // address is served no more; the dual-stack one is untouched.
