@@ -2,13 +2,23 @@
 //! iptables/ipset glue: the rules generated for a fixture set of frontends
 //! equal files under `tests/fixtures/fallback/` (regenerate with
 //! `UPDATE_GOLDEN=1`), and a one-endpoint change rewrites only the affected
-//! chains / elements / set entries.
+//! chains / elements / set entries. The same for the IPv6 rules
+//! (ip6tables, the `ip6` table) of the fixture's IPv6 twin, and a
+//! dual-stack table gives each family's rules exactly their own
+//! frontends'.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use proxy::{
     dataplane::{
-        fallback::incremental::{Delta, Generator, State},
+        fallback::{
+            Family,
+            incremental::{Delta, Generator, State},
+        },
         iptables_rules, ipvs, ipvs_glue, nftables_rules,
     },
     lb::{BackendAddr, Frontend, FrontendKey, FrontendKind},
@@ -132,17 +142,98 @@ fn partial<G: Generator>(
     s.plan(g, after, Some(&changed))
 }
 
+/// An IPv4 address of the fixture as its IPv6 twin: 10.96.0.10 ->
+/// fd00:96::10 (hex digits as written), 10.244.2.3 -> fd00:244:2::3,
+/// node 172.18.0.11 -> fd00:18::11, 192.0.2.10 -> 2001:db8:2::10,
+/// 198.51.100.1 -> 2001:db8:100::1.
+fn six(a: IpAddr) -> IpAddr {
+    let IpAddr::V4(v4) = a else { return a };
+    let [p, q, r, t] = v4.octets();
+    let hex = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits");
+    let v6 = match (p, q) {
+        (10, 96) => Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, hex(t)),
+        (10, 244) => Ipv6Addr::new(0xfd00, 0x244, hex(r), 0, 0, 0, 0, hex(t)),
+        (172, 18) => Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, hex(t)),
+        (192, 0) => Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, hex(t)),
+        _ => Ipv6Addr::new(0x2001, 0xdb8, hex(r), 0, 0, 0, 0, hex(t)),
+    };
+    v6.into()
+}
+
+/// The fixture's IPv6 twin: every address mapped by [`six`]; the
+/// LoadBalancer's source ranges are 2001:db8:113::/48 and the IPv4
+/// 203.0.113.0/24 (the IPv6 rules list only the first).
+fn fixture6() -> BTreeMap<FrontendKey, Frontend> {
+    fixture()
+        .into_iter()
+        .map(|(k, mut f)| {
+            f.backends = f
+                .backends
+                .iter()
+                .map(|b| BackendAddr {
+                    addr: six(b.addr),
+                    ..b
+                })
+                .collect();
+            if !f.source_ranges.is_empty() {
+                f.source_ranges
+                    .insert(0, ("2001:db8:113::".parse().expect("address"), 48));
+            }
+            (
+                FrontendKey {
+                    addr: six(k.addr),
+                    ..k
+                },
+                f,
+            )
+        })
+        .collect()
+}
+
+/// Both: a dual-stack node's table.
+fn dual() -> BTreeMap<FrontendKey, Frontend> {
+    let mut t = fixture();
+    t.extend(fixture6());
+    t
+}
+
+/// [`one_endpoint_removed`] of the IPv6 twin (fd00:244:2::3).
+fn one_endpoint_removed6() -> BTreeMap<FrontendKey, Frontend> {
+    let mut f = dual();
+    let sticky = f
+        .get_mut(&FrontendKey {
+            addr: six(Ipv4Addr::new(10, 96, 0, 20).into()),
+            port: 80,
+            proto: Protocol::Tcp,
+        })
+        .expect("fixture has sticky");
+    sticky.backends = sticky
+        .backends
+        .iter()
+        .filter(|b| b.addr != six(Ipv4Addr::new(10, 244, 2, 3).into()))
+        .collect();
+    f
+}
+
 fn ipt() -> iptables_rules::IptablesRules {
-    iptables_rules::IptablesRules { opts: opts() }
+    iptables_rules::IptablesRules::new(opts(), Family::V4)
 }
 
 fn nftr() -> nftables_rules::NftablesRules {
-    nftables_rules::NftablesRules { opts: opts() }
+    nftables_rules::NftablesRules::new(opts(), Family::V4)
+}
+
+fn ipt6() -> iptables_rules::IptablesRules {
+    iptables_rules::IptablesRules::new(opts(), Family::V6)
+}
+
+fn nftr6() -> nftables_rules::NftablesRules {
+    nftables_rules::NftablesRules::new(opts(), Family::V6)
 }
 
 #[test]
 fn iptables_full_sync_matches_golden() {
-    let input = iptables_rules::full_input(&fixture(), &opts());
+    let input = iptables_rules::full_input(&fixture(), &opts(), Family::V4);
     golden("iptables-full.rules", &input);
     assert!(!input.contains("-X "), "{input}");
 }
@@ -186,7 +277,7 @@ fn iptables_one_endpoint_change_rewrites_only_its_chains() {
 
 #[test]
 fn nftables_full_sync_matches_golden() {
-    let input = nftables_rules::full_input(&fixture(), &opts());
+    let input = nftables_rules::full_input(&fixture(), &opts(), Family::V4);
     golden("nftables-full.nft", &input);
     assert!(!input.contains("delete "), "{input}");
 }
@@ -194,7 +285,7 @@ fn nftables_full_sync_matches_golden() {
 #[test]
 fn nftables_one_endpoint_change_rewrites_only_its_chains() {
     let d = partial(&nftr(), &fixture(), &one_endpoint_removed());
-    let (input, plan) = nftables_rules::render(&d);
+    let (input, plan) = nftables_rules::render(&d, Family::V4);
     golden("nftables-partial.nft", &input);
     let h = proxy::dataplane::fallback::frontend_hash(&key([10, 96, 0, 20], 80, Protocol::Tcp));
     assert_eq!(plan.chains_written, vec![format!("svc-{h}")], "{input}");
@@ -218,7 +309,7 @@ fn nftables_endpoints_appearing_swap_one_map_element() {
         .expect("web")
         .backends = Default::default();
     let d = partial(&nftr(), &before, &fixture());
-    let (input, plan) = nftables_rules::render(&d);
+    let (input, plan) = nftables_rules::render(&d, Family::V4);
     assert_eq!(plan.elements_deleted.len(), 1, "{input}");
     assert!(
         plan.elements_deleted[0].starts_with("no-endpoint-services 10.96.0.10 . tcp . 80"),
@@ -229,6 +320,147 @@ fn nftables_endpoints_appearing_swap_one_map_element() {
         plan.elements_added[0].starts_with("service-ips 10.96.0.10 . tcp . 80 : goto svc-"),
         "{input}"
     );
+}
+
+#[test]
+fn each_family_writes_only_its_own_frontends() {
+    for (family, own) in [(Family::V4, fixture()), (Family::V6, fixture6())] {
+        assert_eq!(
+            iptables_rules::full_input(&dual(), &opts(), family),
+            iptables_rules::full_input(&own, &opts(), family),
+            "{family:?}: iptables"
+        );
+        assert_eq!(
+            nftables_rules::full_input(&dual(), &opts(), family),
+            nftables_rules::full_input(&own, &opts(), family),
+            "{family:?}: nftables"
+        );
+    }
+    // No IPv4 address in the IPv6 rules and no IPv6 one in the IPv4 ones
+    // (but for the ip6tables `recent` mask).
+    let v6 = iptables_rules::full_input(&dual(), &opts(), Family::V6)
+        + &nftables_rules::full_input(&dual(), &opts(), Family::V6);
+    for a in [
+        "10.96.",
+        "10.244.",
+        "172.18.",
+        "203.0.113",
+        "ipv4_addr",
+        " ip daddr",
+    ] {
+        assert!(!v6.contains(a), "{a} in the IPv6 rules:\n{v6}");
+    }
+    let v4 = iptables_rules::full_input(&dual(), &opts(), Family::V4)
+        + &nftables_rules::full_input(&dual(), &opts(), Family::V4);
+    for a in ["fd00:", "2001:db8", "ipv6_addr", "ip6 "] {
+        assert!(!v4.contains(a), "{a} in the IPv4 rules:\n{v4}");
+    }
+}
+
+#[test]
+fn ip6tables_full_sync_matches_golden() {
+    let input = iptables_rules::full_input(&dual(), &opts(), Family::V6);
+    golden("ip6tables-full.rules", &input);
+    for want in [
+        "-d fd00:96::10/128 -p tcp",
+        "--ctorigdst fd00:96::30/128 --ctorigdstport 80 -j REJECT --reject-with tcp-reset",
+        "--mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        "-j DNAT --to-destination [fd00:244:2::2]:8080",
+        "--match-set KUBE-RS-HAIRPIN6 dst,dst,src",
+        "-s 2001:db8:113::/48 -j KUBE-EXT-",
+    ] {
+        assert!(input.contains(want), "{want} in:\n{input}");
+    }
+    let mut s = State::default();
+    let d = s.plan(&ipt6(), &dual(), None);
+    let (add, del) = iptables_rules::render_ipset(&d);
+    golden("ip6tables-full.ipset", &add);
+    assert!(
+        add.contains("add KUBE-RS-HAIRPIN6 fd00:244:1::2,tcp:8080,fd00:244:1::2"),
+        "{add}"
+    );
+    assert!(del.is_empty(), "{del}");
+}
+
+#[test]
+fn ip6tables_udp_reject_is_icmpv6() {
+    let mut t = fixture6();
+    let dns = FrontendKey {
+        addr: six(Ipv4Addr::new(10, 96, 0, 10).into()),
+        port: 53,
+        proto: Protocol::Udp,
+    };
+    t.get_mut(&dns).expect("dns").backends = Default::default();
+    let input = iptables_rules::full_input(&t, &opts(), Family::V6);
+    assert!(
+        input.contains(
+            "--ctorigdst fd00:96::10/128 --ctorigdstport 53 -j REJECT --reject-with icmp6-port-unreachable"
+        ),
+        "{input}"
+    );
+}
+
+#[test]
+fn ip6tables_one_endpoint_change_rewrites_only_its_chains() {
+    let d = partial(&ipt6(), &dual(), &one_endpoint_removed6());
+    let (input, plan) = iptables_rules::render(&d);
+    golden("ip6tables-partial.rules", &input);
+    assert_eq!(
+        iptables_rules::render_ipset(&d),
+        (
+            String::new(),
+            "del KUBE-RS-HAIRPIN6 fd00:244:2::3,tcp:8080,fd00:244:2::3\n".to_owned()
+        )
+    );
+    assert_eq!(plan.written.len(), 1, "{input}");
+    assert_eq!(plan.deleted.len(), 1, "{input}");
+    assert!(plan.deleted[0].starts_with("nat/KUBE-SEP-"), "{input}");
+    assert_eq!((plan.rules_added, plan.rules_deleted), (0, 0), "{input}");
+    // The IPv4 rules of the same change: nothing.
+    assert!(partial(&ipt(), &dual(), &one_endpoint_removed6()).is_empty());
+}
+
+#[test]
+fn nftables_ipv6_full_sync_matches_golden() {
+    let input = nftables_rules::full_input(&dual(), &opts(), Family::V6);
+    golden("nftables6-full.nft", &input);
+    assert!(!input.contains("delete "), "{input}");
+    for want in [
+        "add table ip6 kube-proxy-rs",
+        "service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }",
+        "ip6 daddr . meta l4proto . th dport vmap @service-ips",
+        "fib daddr type local ip6 daddr @nodeport-ips",
+        "ct status dnat ip6 saddr . ip6 daddr @hairpin-endpoints",
+        "dnat to [fd00:244:2::2]:8080",
+        "ip6 saddr { 2001:db8:113::/48 } return",
+        "type ipv6_addr; flags dynamic,timeout; timeout 10800s;",
+        "update @aff-",
+        "nodeport-ips { fd00:18::11",
+        "no-endpoint-services { fd00:96::30 . tcp . 80 : goto reject-chain",
+    ] {
+        assert!(input.contains(want), "{want} in:\n{input}");
+    }
+}
+
+#[test]
+fn nftables_ipv6_one_endpoint_change_rewrites_only_its_chains() {
+    let d = partial(&nftr6(), &dual(), &one_endpoint_removed6());
+    let (input, plan) = nftables_rules::render(&d, Family::V6);
+    golden("nftables6-partial.nft", &input);
+    assert_eq!(plan.chains_written.len(), 1, "{input}");
+    assert!(plan.chains_written[0].starts_with("svc-"), "{input}");
+    assert_eq!(plan.chains_deleted.len(), 1, "{input}");
+    assert!(plan.elements_added.is_empty(), "{input}");
+    assert_eq!(
+        plan.elements_deleted,
+        vec!["hairpin-endpoints fd00:244:2::3 . fd00:244:2::3"],
+        "{input}"
+    );
+    assert!(
+        input.lines().all(|l| l.contains(" ip6 kube-proxy-rs ")),
+        "{input}"
+    );
+    assert!(partial(&nftr(), &dual(), &one_endpoint_removed6()).is_empty());
 }
 
 /// The ipvs mode's glue for the fixture: the (fixed) chains and the ip set

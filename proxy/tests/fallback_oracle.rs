@@ -2,9 +2,10 @@
 //!
 //! Pure: a seeded generator applies random sequences of changes
 //! (ClusterIP, NodePort on two node addresses sharing ports, ExternalIP and
-//! LoadBalancer frontends; affinity; source ranges; local and remote
-//! backends; endpoints appearing and disappearing; frontends removed) to
-//! one writer. Every script it emits is run on a model of the kernel (a
+//! LoadBalancer frontends, each IPv4 or IPv6 (with endpoints of its
+//! family); affinity; source ranges; local and remote backends; endpoints
+//! appearing and disappearing; frontends removed) to one writer per
+//! family, as the modes run them. Every script it emits is run on a model of the kernel (a
 //! strict interpreter of the `iptables-restore` / `nft -f` subset the
 //! writers use: deleting what is not there, or a chain still in use, is an
 //! error), and at each step the model must equal, normalised, the model a
@@ -29,7 +30,7 @@ use proxy::{
     dataplane::{
         Dataplane,
         fallback::{
-            RuleOptions, apply_in_place,
+            Family, RuleOptions, apply_in_place,
             incremental::{Generator, Item, State},
         },
         iptables::{self, IptablesDataplane},
@@ -62,6 +63,11 @@ impl Rng {
 }
 
 const NODES: [[u8; 4]; 2] = [[172, 18, 0, 11], [10, 1, 0, 11]];
+/// The nodes' IPv6 addresses (NodePorts of the IPv6 family).
+const NODES6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 0x11),
+];
 
 fn random_frontend(rng: &mut Rng, kind: FrontendKind) -> Frontend {
     let n = match rng.below(6) {
@@ -96,20 +102,40 @@ fn random_frontend(rng: &mut Rng, kind: FrontendKind) -> Frontend {
     }
 }
 
+/// `f` as a frontend of an IPv6 address: its backends' IPv6 twins
+/// (10.244.c.d -> fd00:244:c::d), and an IPv6 source range beside the
+/// IPv4 one (which the IPv6 rules leave out).
+fn six(mut f: Frontend) -> Frontend {
+    let mut backends = f.backends.to_vec();
+    for b in &mut backends {
+        if let IpAddr::V4(a) = b.addr {
+            let [_, _, c, d] = a.octets();
+            b.addr = Ipv6Addr::new(0xfd00, 0x244, c.into(), 0, 0, 0, 0, d.into()).into();
+        }
+    }
+    f.backends = backends.into();
+    if !f.source_ranges.is_empty() {
+        f.source_ranges.push((
+            Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0).into(),
+            48,
+        ));
+    }
+    f
+}
+
 /// One random step from `table`: a few frontends added, changed or
-/// removed. NodePorts come in pairs (both node addresses), as the model
-/// makes them, sometimes (as during a change) with different contents.
+/// removed, about a third of them IPv6. NodePorts come in pairs (both
+/// node addresses of the family), as the model makes them, sometimes (as
+/// during a change) with different contents.
 fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
     let mut next = table.clone();
     for _ in 0..1 + rng.below(4) {
         let proto = [Protocol::Tcp, Protocol::Udp][rng.below(2) as usize];
+        let v6 = rng.chance(35);
+        let family = |f: Frontend| if v6 { six(f) } else { f };
         match rng.below(5) {
             0 | 1 => {
-                // Now and then an IPv6 ClusterIP with IPv6 backends: the
-                // fallback modes keep it out of their rules, whatever
-                // happens around it.
                 let host = 1 + rng.below(12) as u8;
-                let v6 = rng.chance(25);
                 let addr: IpAddr = if v6 {
                     Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, host.into()).into()
                 } else {
@@ -120,31 +146,21 @@ fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
                     port: 80,
                     proto,
                 };
-                let mut f = random_frontend(rng, FrontendKind::ClusterIp);
-                if v6 {
-                    let mut backends = f.backends.to_vec();
-                    for b in &mut backends {
-                        if let IpAddr::V4(a) = b.addr {
-                            let [_, _, c, d] = a.octets();
-                            b.addr =
-                                Ipv6Addr::new(0xfd00, 0x244, c.into(), 0, 0, 0, 0, d.into()).into();
-                        }
-                    }
-                    f.backends = backends.into();
-                }
+                let f = family(random_frontend(rng, FrontendKind::ClusterIp));
                 next.frontends.insert(k, f);
             }
             2 => {
                 let port = 30000 + rng.below(4) as u16;
-                let f = random_frontend(rng, FrontendKind::NodePort);
-                for (i, n) in NODES.iter().enumerate() {
-                    let k = FrontendKey {
-                        addr: Ipv4Addr::from(*n).into(),
-                        port,
-                        proto,
+                let f = family(random_frontend(rng, FrontendKind::NodePort));
+                for i in 0..NODES.len() {
+                    let addr: IpAddr = if v6 {
+                        NODES6[i].into()
+                    } else {
+                        Ipv4Addr::from(NODES[i]).into()
                     };
+                    let k = FrontendKey { addr, port, proto };
                     let f = if i == 1 && rng.chance(20) {
-                        random_frontend(rng, FrontendKind::NodePort)
+                        family(random_frontend(rng, FrontendKind::NodePort))
                     } else {
                         f.clone()
                     };
@@ -154,12 +170,18 @@ fn step(rng: &mut Rng, table: &LbTable) -> LbTable {
             3 => {
                 let kind =
                     [FrontendKind::ExternalIp, FrontendKind::LoadBalancer][rng.below(2) as usize];
+                let host = 1 + rng.below(4) as u8;
+                let addr: IpAddr = if v6 {
+                    Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, host.into()).into()
+                } else {
+                    Ipv4Addr::new(198, 51, 100, host).into()
+                };
                 let k = FrontendKey {
-                    addr: Ipv4Addr::new(198, 51, 100, 1 + rng.below(4) as u8).into(),
+                    addr,
                     port: 443,
                     proto,
                 };
-                next.frontends.insert(k, random_frontend(rng, kind));
+                next.frontends.insert(k, family(random_frontend(rng, kind)));
             }
             _ => {
                 let keys: Vec<FrontendKey> = next.frontends.keys().copied().collect();
@@ -205,16 +227,15 @@ struct IptModel(
 impl IptModel {
     /// `ipset restore` input: adding an entry that is there, or deleting
     /// one that is not, is an error (the writer knows what is there).
-    fn run_ipset(&mut self, script: &str) {
+    fn run_ipset(&mut self, script: &str, family: Family) {
+        let set = iptables_rules::hairpin_set(family);
         for line in script.lines() {
-            if let Some(e) = line.strip_prefix(&format!("add {} ", iptables_rules::HAIRPIN_SET)) {
+            if let Some(e) = line.strip_prefix(&format!("add {set} ")) {
                 assert!(self.1.insert(e.to_owned()), "ipset add of present {e}");
-            } else if let Some(e) =
-                line.strip_prefix(&format!("del {} ", iptables_rules::HAIRPIN_SET))
-            {
+            } else if let Some(e) = line.strip_prefix(&format!("del {set} ")) {
                 assert!(self.1.remove(e), "ipset del of missing {e}");
             } else {
-                panic!("unexpected ipset line {line}");
+                panic!("unexpected ipset line {line} ({family:?})");
             }
         }
     }
@@ -312,8 +333,8 @@ fn braces(s: &str) -> &str {
 }
 
 impl NftModel {
-    fn run(&mut self, script: &str) {
-        let t = format!("ip {} ", nftables_rules::TABLE);
+    fn run(&mut self, script: &str, family: Family) {
+        let t = format!("{} {} ", family.nft(), nftables_rules::TABLE);
         for line in script.lines() {
             if line.starts_with("add table") || line.starts_with("add map") {
                 continue;
@@ -369,7 +390,7 @@ impl NftModel {
                 let gone = self.elements.get_mut(map).and_then(|m| m.remove(braces(e)));
                 assert!(gone.is_some(), "delete of missing element: {line}");
             } else {
-                assert!(line.is_empty(), "unexpected line {line}");
+                assert!(line.is_empty(), "unexpected line {line} ({family:?})");
             }
         }
         self.elements.retain(|_, m| !m.is_empty());
@@ -408,80 +429,98 @@ fn fresh_delta<G: Generator>(
 
 #[test]
 fn random_changes_leave_what_a_fresh_writer_writes() {
-    let ipt = IptablesRules { opts: opts() };
-    let nft = NftablesRules { opts: opts() };
     for seed in seeds() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
-        let (mut ipt_state, mut nft_state) = (State::default(), State::default());
-        let (mut ipt_kernel, mut nft_kernel) = (IptModel::default(), NftModel::default());
+        let ipt = Family::BOTH.map(|f| IptablesRules::new(opts(), f));
+        let nft = Family::BOTH.map(|f| NftablesRules::new(opts(), f));
+        let (mut ipt_state, mut nft_state) = (
+            [State::default(), State::default()],
+            [State::default(), State::default()],
+        );
+        let (mut ipt_kernel, mut nft_kernel) = (
+            [IptModel::default(), IptModel::default()],
+            [NftModel::default(), NftModel::default()],
+        );
         let mut programmed = LbTable::default();
         let mut first = true;
-        let mut partial_bytes = 0usize;
+        // Bytes of partial syncs, and IPv6 frontends seen, per family.
+        let mut partial_bytes = [0usize; 2];
+        let mut v6_seen = 0;
         for i in 0..steps() {
             let desired = if i + 1 == steps() {
                 LbTable::default()
             } else {
                 step(&mut rng, &programmed)
             };
+            v6_seen += desired
+                .frontends
+                .keys()
+                .filter(|k| k.addr.is_ipv6())
+                .count();
             let changes = diff(&programmed, &desired);
             let before = apply_in_place(&mut programmed, &changes);
             let changed = (!first).then_some(&before[..]);
-            let d = ipt_state.plan(&ipt, &programmed.frontends, changed);
-            let script = iptables_rules::render(&d).0;
-            let (set_add, set_del) = iptables_rules::render_ipset(&d);
-            if !first {
-                partial_bytes += script.len();
-            }
-            ipt_kernel.run_ipset(&set_add);
-            ipt_kernel.run(&script);
-            ipt_kernel.run_ipset(&set_del);
-            ipt_state.commit(d);
-            let d = nft_state.plan(&nft, &programmed.frontends, changed);
-            let mut script = nftables_rules::render(&d).0;
-            if first {
-                script.insert_str(0, &nftables_rules::render_prelude());
-            }
-            nft_kernel.run(&script);
-            nft_state.commit(d);
-            first = false;
+            for (x, family) in Family::BOTH.into_iter().enumerate() {
+                let d = ipt_state[x].plan(&ipt[x], &programmed.frontends, changed);
+                let script = iptables_rules::render(&d).0;
+                let (set_add, set_del) = iptables_rules::render_ipset(&d);
+                if !first {
+                    partial_bytes[x] += script.len() + set_add.len() + set_del.len();
+                }
+                ipt_kernel[x].run_ipset(&set_add, family);
+                ipt_kernel[x].run(&script);
+                ipt_kernel[x].run_ipset(&set_del, family);
+                ipt_state[x].commit(d);
+                let d = nft_state[x].plan(&nft[x], &programmed.frontends, changed);
+                let mut script = nftables_rules::render(&d, family).0;
+                if first {
+                    script.insert_str(0, &nftables_rules::render_prelude(family));
+                }
+                nft_kernel[x].run(&script, family);
+                nft_state[x].commit(d);
 
-            // A fresh writer for the same table.
-            let (fresh, d) = fresh_delta(&ipt, &programmed);
-            let mut want = IptModel::default();
-            want.run(&iptables_rules::render(&d).0);
-            want.run_ipset(&iptables_rules::render_ipset(&d).0);
-            assert_eq!(
-                ipt_kernel.normalised(),
-                want.normalised(),
-                "seed {seed} step {i}: iptables"
-            );
-            let mut fresh_state = fresh;
-            fresh_state.commit(d);
-            assert_eq!(
-                ipt_state.believed(),
-                fresh_state.believed(),
-                "seed {seed} step {i}: iptables belief"
-            );
-            let (fresh, d) = fresh_delta(&nft, &programmed);
-            let mut want = NftModel::default();
-            want.run(&nftables_rules::render(&d).0);
-            assert_eq!(
-                nft_kernel.normalised(),
-                want.normalised(),
-                "seed {seed} step {i}: nftables"
-            );
-            let mut fresh_state = fresh;
-            fresh_state.commit(d);
-            assert_eq!(
-                nft_state.believed(),
-                fresh_state.believed(),
-                "seed {seed} step {i}: nftables belief"
+                // A fresh writer for the same table.
+                let (fresh, d) = fresh_delta(&ipt[x], &programmed);
+                let mut want = IptModel::default();
+                want.run(&iptables_rules::render(&d).0);
+                want.run_ipset(&iptables_rules::render_ipset(&d).0, family);
+                assert_eq!(
+                    ipt_kernel[x].normalised(),
+                    want.normalised(),
+                    "seed {seed} step {i}: iptables {family:?}"
+                );
+                let mut fresh_state = fresh;
+                fresh_state.commit(d);
+                assert_eq!(
+                    ipt_state[x].believed(),
+                    fresh_state.believed(),
+                    "seed {seed} step {i}: iptables {family:?} belief"
+                );
+                let (fresh, d) = fresh_delta(&nft[x], &programmed);
+                let mut want = NftModel::default();
+                want.run(&nftables_rules::render(&d, family).0, family);
+                assert_eq!(
+                    nft_kernel[x].normalised(),
+                    want.normalised(),
+                    "seed {seed} step {i}: nftables {family:?}"
+                );
+                let mut fresh_state = fresh;
+                fresh_state.commit(d);
+                assert_eq!(
+                    nft_state[x].believed(),
+                    fresh_state.believed(),
+                    "seed {seed} step {i}: nftables {family:?} belief"
+                );
+            }
+            first = false;
+        }
+        assert!(v6_seen > 0, "seed {seed}: no IPv6 frontend generated");
+        for (x, family) in Family::BOTH.into_iter().enumerate() {
+            assert!(
+                partial_bytes[x] > 0,
+                "seed {seed}: no partial sync wrote anything ({family:?})"
             );
         }
-        assert!(
-            partial_bytes > 0,
-            "seed {seed}: no partial sync wrote anything"
-        );
     }
 }
 
@@ -523,40 +562,61 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Our chains in iptables-save output, normalised.
+/// Our chains in iptables-save and ip6tables-save output, normalised,
+/// each line prefixed with its family.
 fn ipt_kernel() -> Vec<String> {
-    let mut t: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
-    for table in ["filter", "nat"] {
-        let save = sh(&["iptables-save", "-t", table]);
-        let ours = iptables_rules::our_chains(&save, table);
-        let chains = t.entry(table.to_owned()).or_default();
-        for c in &ours {
-            chains.insert(c.clone(), Vec::new());
-        }
-        for line in save.lines() {
-            if let Some(rest) = line.strip_prefix("-A ")
-                && let Some((c, r)) = rest.split_once(' ')
-                && let Some(rules) = chains.get_mut(c)
-            {
-                rules.push(r.to_owned());
+    let mut out = Vec::new();
+    for family in Family::BOTH {
+        let mut t: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+        for table in ["filter", "nat"] {
+            let save = sh(&[family.iptables_save(), "-t", table]);
+            let ours = iptables_rules::our_chains(&save, table);
+            let chains = t.entry(table.to_owned()).or_default();
+            for c in &ours {
+                chains.insert(c.clone(), Vec::new());
+            }
+            for line in save.lines() {
+                if let Some(rest) = line.strip_prefix("-A ")
+                    && let Some((c, r)) = rest.split_once(' ')
+                    && let Some(rules) = chains.get_mut(c)
+                {
+                    rules.push(r.to_owned());
+                }
             }
         }
+        let set_name = iptables_rules::hairpin_set(family);
+        let set = sh(&["ipset", "save", set_name]);
+        let mut entries: Vec<String> = set
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("add {set_name} ")))
+            .map(|e| format!("hairpin {e}"))
+            .collect();
+        entries.sort();
+        out.extend(
+            normalised_ipt(&t)
+                .into_iter()
+                .chain(entries)
+                .map(|l| format!("{family:?} {l}")),
+        );
     }
-    let mut out = normalised_ipt(&t);
-    let set = sh(&["ipset", "save", iptables_rules::HAIRPIN_SET]);
-    let mut entries: Vec<String> = set
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("add {} ", iptables_rules::HAIRPIN_SET)))
-        .map(|e| format!("hairpin {e}"))
-        .collect();
-    entries.sort();
-    out.extend(entries);
     out
 }
 
-/// Our nft table, normalised (chains with rules; elements sorted).
+/// Our nft tables (`ip` and `ip6`), normalised (chains with rules;
+/// elements sorted), each line prefixed with its family.
 fn nft_kernel() -> Vec<String> {
-    let list = sh(&["nft", "list", "table", "ip", nftables_rules::TABLE]);
+    Family::BOTH
+        .into_iter()
+        .flat_map(|family| {
+            nft_table(family)
+                .into_iter()
+                .map(move |l| format!("{family:?} {l}"))
+        })
+        .collect()
+}
+
+fn nft_table(family: Family) -> Vec<String> {
+    let list = sh(&["nft", "list", "table", family.nft(), nftables_rules::TABLE]);
     let mut m = NftModel::default();
     let mut lines = list.lines().map(str::trim);
     while let Some(line) = lines.next() {
@@ -694,6 +754,8 @@ fn iptables_random_changes_in_the_kernel_equal_a_fresh_agent() {
                         .status();
                 }
                 sh(&["iptables", "-t", "nat", "-N", "KUBE-SVC-STRAYSTRAYSTRAY"]);
+                sh(&["ip6tables", "-t", "nat", "-N", "KUBE-SVC-STRAYSTRAYSTRAY"]);
+                sh(&["ip6tables", "-t", "nat", "-F", "KUBE-MARK-MASQ"]);
                 sh(&["iptables", "-t", "nat", "-F", "KUBE-MARK-MASQ"]);
                 sh(&[
                     "iptables",
@@ -729,6 +791,8 @@ fn nftables_random_changes_in_the_kernel_equal_a_fresh_agent() {
             || {
                 sh(&["nft", "add", "chain", "ip", t, "svc-STRAYSTRAYSTRAY"]);
                 sh(&["nft", "flush", "chain", "ip", t, "mark-for-masquerade"]);
+                sh(&["nft", "add", "chain", "ip6", t, "svc-STRAYSTRAYSTRAY"]);
+                sh(&["nft", "flush", "chain", "ip6", t, "mark-for-masquerade"]);
                 sh(&[
                     "nft",
                     "add",
@@ -905,10 +969,10 @@ fn changes_stay_local<G: Generator>(mode: &str, g: &G) {
 
 #[test]
 fn iptables_a_change_writes_only_the_changed_frontends_items() {
-    changes_stay_local("iptables", &IptablesRules { opts: opts() });
+    changes_stay_local("iptables", &IptablesRules::new(opts(), Family::V4));
 }
 
 #[test]
 fn nftables_a_change_writes_only_the_changed_frontends_items() {
-    changes_stay_local("nftables", &NftablesRules { opts: opts() });
+    changes_stay_local("nftables", &NftablesRules::new(opts(), Family::V4));
 }

@@ -619,14 +619,19 @@ impl ScenarioBuilder {
         let api = ApiServer::start()?;
         for (i, node) in cluster.nodes().iter().enumerate() {
             let labels = self.node_labels.get(&(i + 1)).cloned().unwrap_or_default();
+            let mut addresses =
+                vec![json!({"type": "InternalIP", "address": node.underlay_ip.to_string()})];
+            if self.dual_stack_servers {
+                // A dual-stack node: NodePorts on its IPv6 address too.
+                addresses
+                    .push(json!({"type": "InternalIP", "address": node.underlay_ip6.to_string()}));
+            }
+            addresses.push(json!({"type": "Hostname", "address": node.name}));
             api.create(json!({
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {"name": node.name, "labels": labels},
-                "status": {"addresses": [
-                    {"type": "InternalIP", "address": node.underlay_ip.to_string()},
-                    {"type": "Hostname", "address": node.name},
-                ]},
+                "status": {"addresses": addresses},
             }))?;
         }
         for obj in &self.objects {
@@ -989,15 +994,40 @@ impl Scenario {
     }
 }
 
-/// [`Scenario::fallback_counters`] for one node namespace (0 for eBPF).
+/// [`Scenario::fallback_counters`] for one node namespace (0 for eBPF):
+/// both families' rules.
 pub fn fallback_counter(mode: DataplaneMode, ns: &crate::netns::Netns) -> Result<u64> {
+    Ok(fallback_counter_of(mode, ns, false)? + fallback_counter_of(mode, ns, true)?)
+}
+
+/// [`fallback_counter`] of one family's rules: IPv4 (iptables, table `ip`)
+/// or, with `ipv6`, IPv6 (ip6tables, table `ip6`).
+pub fn fallback_counter_of(
+    mode: DataplaneMode,
+    ns: &crate::netns::Netns,
+    ipv6: bool,
+) -> Result<u64> {
+    let save = if ipv6 {
+        "ip6tables-save"
+    } else {
+        "iptables-save"
+    };
     Ok(match mode {
-        DataplaneMode::Iptables => iptables_counter(&ns.exec(&["iptables-save", "-c"])?),
-        DataplaneMode::Nftables => {
-            nft_counter(&ns.exec(&["nft", "list", "table", "ip", NFT_TABLE])?)
-        }
+        DataplaneMode::Iptables => iptables_counter(&ns.exec(&[save, "-c"])?),
+        DataplaneMode::Nftables => nft_counter(&nft_table_text(ns, ipv6)?),
         _ => 0,
     })
+}
+
+/// `nft list table ip[6] kube-proxy-rs` in `ns`; a missing table reads
+/// as empty.
+pub fn nft_table_text(ns: &crate::netns::Netns, ipv6: bool) -> Result<String> {
+    let family = if ipv6 { "ip6" } else { "ip" };
+    match ns.exec(&["nft", "list", "table", family, NFT_TABLE]) {
+        Ok(t) => Ok(t),
+        Err(e) if format!("{e:#}").contains("No such file or directory") => Ok(String::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Packets of our DNAT, REDIRECT and REJECT rules and of the jump to
@@ -1032,8 +1062,18 @@ pub fn mode_frontends(
 ) -> Result<Vec<String>> {
     match mode {
         DataplaneMode::EbpfSocketLb | DataplaneMode::EbpfTc => frontends(agent),
-        DataplaneMode::Iptables => ns.exec(&["iptables-save"]).map(|s| iptables_frontends(&s)),
-        DataplaneMode::Nftables => nft_table_json(ns).and_then(|j| nft_frontends(&j)),
+        DataplaneMode::Iptables => {
+            let mut out = iptables_frontends(&ns.exec(&["iptables-save"])?);
+            out.extend(iptables_frontends(&ns.exec(&["ip6tables-save"])?));
+            out.sort();
+            Ok(out)
+        }
+        DataplaneMode::Nftables => {
+            let mut out = nft_frontends(&nft_table_json(ns)?)?;
+            out.extend(nft_frontends(&nft_table_json_of(ns, "ip6")?)?);
+            out.sort();
+            Ok(out)
+        }
     }
 }
 
@@ -1043,7 +1083,12 @@ pub const NFT_TABLE: &str = "kube-proxy-rs";
 /// `nft -j list table ip kube-proxy-rs` in `ns`; a missing table (nothing
 /// programmed yet, or cleaned up) reads as an empty ruleset.
 pub fn nft_table_json(ns: &crate::netns::Netns) -> Result<Value> {
-    match ns.exec(&["nft", "-j", "list", "table", "ip", NFT_TABLE]) {
+    nft_table_json_of(ns, "ip")
+}
+
+/// [`nft_table_json`] of our table in `family` (`ip`, `ip6`).
+pub fn nft_table_json_of(ns: &crate::netns::Netns, family: &str) -> Result<Value> {
+    match ns.exec(&["nft", "-j", "list", "table", family, NFT_TABLE]) {
         Ok(out) => serde_json::from_str(&out).context("parsing nft -j output"),
         Err(e) if format!("{e:#}").contains("No such file or directory") => {
             Ok(json!({"nftables": []}))
@@ -1102,11 +1147,24 @@ pub fn iptables_frontends(save: &str) -> Vec<String> {
             _ => continue,
         };
         if let (Some(addr), Some(port), false) = (addr, port, proto.is_empty()) {
-            let addr = addr.strip_suffix("/32").unwrap_or(addr);
-            out.insert(format!("{addr}:{port}/{}", proto.to_uppercase()));
+            out.insert(frontend_text(addr, port, proto));
         }
     }
     out.into_iter().collect()
+}
+
+/// `ip:port/PROTO` (`[ip6]:port/PROTO`) from an address as the rules
+/// print it (with or without `/32`, `/128`).
+fn frontend_text(addr: &str, port: &str, proto: &str) -> String {
+    let addr = addr
+        .strip_suffix("/32")
+        .or_else(|| addr.strip_suffix("/128"))
+        .unwrap_or(addr);
+    let addr = match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V6(a)) => format!("[{a}]"),
+        _ => addr.to_owned(),
+    };
+    format!("{addr}:{port}/{}", proto.to_uppercase())
 }
 
 /// Whether `text` contains `ip` as a whole address (not as the start of
@@ -1170,7 +1228,7 @@ pub fn nft_frontends(list: &Value) -> Result<Vec<String>> {
         for e in elems("map", map) {
             match key_parts(&e).as_slice() {
                 [addr, proto, port] => {
-                    out.insert(format!("{addr}:{port}/{}", proto.to_uppercase()));
+                    out.insert(frontend_text(addr, port, proto));
                 }
                 other => bail!("nft map {map}: unexpected element key {other:?} in {e}"),
             }
@@ -1185,7 +1243,7 @@ pub fn nft_frontends(list: &Value) -> Result<Vec<String>> {
             match key_parts(&e).as_slice() {
                 [proto, port] => {
                     for addr in &node_ips {
-                        out.insert(format!("{addr}:{port}/{}", proto.to_uppercase()));
+                        out.insert(frontend_text(addr, port, proto));
                     }
                 }
                 other => bail!("nft map {map}: unexpected element key {other:?} in {e}"),
@@ -2109,6 +2167,12 @@ COMMIT
             ]
         );
         assert!(iptables_frontends("*nat\nCOMMIT\n").is_empty());
+        // ip6tables-save: `/128` kept on -d, dropped on --ctorigdst.
+        let save6 = "*filter\n-A KUBE-SERVICES -p tcp -m comment --comment \"x\" -m conntrack --ctorigdst fd00:96::30 --ctorigdstport 80 -j REJECT --reject-with tcp-reset\nCOMMIT\n*nat\n-A KUBE-NODEPORTS -d fd00:18::11/128 -p tcp -m comment --comment \"y\" -m tcp --dport 30080 -j KUBE-EXT-2MZXRD3S3POEDILG\nCOMMIT\n";
+        assert_eq!(
+            iptables_frontends(save6),
+            ["[fd00:18::11]:30080/TCP", "[fd00:96::30]:80/TCP"]
+        );
         let counted = "*filter\n[7:420] -A KUBE-FIREWALL -m comment --comment \"dropped by loadBalancerSourceRanges\" -m mark --mark 0x8000/0x8000 -j DROP\n[3:1] -A KUBE-SERVICES -j REJECT\nCOMMIT\n";
         assert_eq!(iptables_source_range_drops(counted), 7);
     }

@@ -19,8 +19,9 @@ use proxy_tests::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 1);
 
-/// `iptables-save` (filter and nat) and `nft list ruleset` of `ns`, with
-/// the volatile parts (comment lines with dates, counters) removed.
+/// `iptables-save` and `ip6tables-save` (filter and nat) and `nft list
+/// ruleset` of `ns`, with the volatile parts (comment lines with dates,
+/// counters) removed.
 fn snapshot(ns: &Netns) -> String {
     let strip_counters = |l: &str| {
         // `:CHAIN POLICY [p:b]` -> `:CHAIN POLICY`
@@ -30,13 +31,14 @@ fn snapshot(ns: &Netns) -> String {
         }
     };
     let mut out = String::new();
-    for table in ["filter", "nat"] {
-        let save = ns
-            .exec(&["iptables-save", "-t", table])
-            .expect("iptables-save");
-        for l in save.lines().filter(|l| !l.starts_with('#')) {
-            out.push_str(&strip_counters(l));
-            out.push('\n');
+    for tool in ["iptables-save", "ip6tables-save"] {
+        out.push_str(&format!("--- {tool}\n"));
+        for table in ["filter", "nat"] {
+            let save = ns.exec(&[tool, "-t", table]).expect(tool);
+            for l in save.lines().filter(|l| !l.starts_with('#')) {
+                out.push_str(&strip_counters(l));
+                out.push('\n');
+            }
         }
     }
     out.push_str("--- nft\n");
@@ -141,6 +143,7 @@ fn cleanup_restores_iptables_and_nft_rulesets_and_switching_modes_cleans_up() {
         "nft add table inet other",
         "nft add chain inet other input { type filter hook input priority 0; policy accept; }",
         "nft add rule inet other input tcp dport 2223 drop",
+        "ip6tables -t filter -A INPUT -p tcp --dport 2224 -j DROP",
     ] {
         node.ns
             .exec(&rule.split_whitespace().collect::<Vec<_>>())
@@ -158,6 +161,12 @@ fn cleanup_restores_iptables_and_nft_rulesets_and_switching_modes_cleans_up() {
     let during = snapshot(&node.ns);
     assert!(during.contains(":KUBE-SERVICES"), "{during}");
     assert!(during.contains("-j KUBE-SVC-"), "{during}");
+    // And the same chains in ip6tables (IPv6 frontends' rules).
+    let six = node
+        .ns
+        .exec(&["ip6tables-save", "-t", "nat"])
+        .expect("ip6tables-save");
+    assert!(six.contains(":KUBE-SERVICES"), "{six}");
     ipt.stop().expect("stop");
 
     // nftables mode: starting it removes the iptables mode's chains.
@@ -166,9 +175,10 @@ fn cleanup_restores_iptables_and_nft_rulesets_and_switching_modes_cleans_up() {
     let during = snapshot(&node.ns);
     assert!(!during.contains("KUBE-"), "iptables state left: {during}");
     assert!(during.contains("table ip kube-proxy-rs"), "{during}");
+    assert!(during.contains("table ip6 kube-proxy-rs"), "{during}");
     nft.stop().expect("stop");
 
-    // --cleanup removes our table; the rest is as before.
+    // --cleanup removes our tables; the rest is as before.
     let (ok, out) = run_proxy(
         node,
         &["--cleanup", "--bpffs-path", "/sys/fs/bpf/proxy-tests-none"],

@@ -1,7 +1,7 @@
 //! Removing what each mode leaves in the kernel, so a node can switch modes
 //! (as kube-proxy's `--cleanup`): eBPF pins (maps and links: unpinning a
-//! link detaches its program), our iptables chains and jumps, our nftables
-//! table, IPVS virtual servers and `kube-ipvs0`.
+//! link detaches its program), our iptables and ip6tables chains and jumps,
+//! our nftables tables (`ip` and `ip6`), IPVS virtual servers and `kube-ipvs0`.
 
 use std::{fs, io, path::Path};
 
@@ -53,7 +53,7 @@ pub fn all_but(keep: Option<StateOf>, bpffs_path: &Path) -> usize {
     }
     if keep != Some(StateOf::Nftables) {
         report(
-            "nftables table",
+            "nftables tables",
             nftables::cleanup().map_err(|e| e.to_string()),
         );
     }

@@ -3,10 +3,14 @@
 //! external commands they run, and the UDP conntrack flush kube-proxy does
 //! for removed endpoints.
 //!
-//! IPv4 only for now: the fallback modes (iptables, nftables, IPVS) keep
-//! IPv6 frontends in their programmed table (so the agent's diff is
-//! stable) but write no rule for them ([`programs`]), and say so in one
-//! log line whenever their number changes ([`Ipv6Left`]).
+//! Both families, as kube-proxy runs one proxier per family: the rule
+//! generators are parameterised by [`Family`] and each mode writes one
+//! set of rules per family (nftables: a table in family `ip` and one in
+//! `ip6`; iptables: iptables and ip6tables), each frontend in its own
+//! family's rules only. The IPVS mode is IPv4 only: it keeps IPv6
+//! frontends in its programmed table (so the agent's diff is stable) but
+//! programs none ([`programs`]), and says so in one log line whenever
+//! their number changes ([`Ipv6Left`]).
 
 use std::{
     collections::BTreeMap,
@@ -72,14 +76,119 @@ pub enum FallbackError {
     },
 }
 
-/// Whether the fallback modes program frontend `k`: IPv4 ones only (IPv6
-/// frontends are not programmed in these modes yet).
+/// An address family, as kube-proxy's per-family proxiers see it: what
+/// differs between the IPv4 and the IPv6 rules of the iptables and
+/// nftables modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Both, in the order the modes write them.
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The family of `addr`.
+    pub fn of(addr: IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// Whether frontend `k` belongs to this family's rules.
+    pub fn has(self, k: &FrontendKey) -> bool {
+        Family::of(k.addr) == self
+    }
+
+    /// `IPv4` / `IPv6` (logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    /// The nftables table family, which is also the keyword of its
+    /// address matches (`ip daddr`, `ip6 daddr`).
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    /// The nftables address type (`ipv4_addr`, `ipv6_addr`).
+    pub fn nft_addr_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+
+    /// The prefix length of one address (`/32`, `/128`).
+    pub fn host_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    /// The unspecified address (`0.0.0.0`, `::`).
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// The iptables command of the family (`iptables`, `ip6tables`);
+    /// `-save` and `-restore` are [`Family::iptables_save`] and
+    /// [`Family::iptables_restore`].
+    pub fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    pub fn iptables_save(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        }
+    }
+
+    pub fn iptables_restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    /// The source ranges of `ranges` in this family (kube-proxy's
+    /// per-family proxier sees only those: a service whose ranges are
+    /// all of the other family has no firewall in this one).
+    pub fn ranges(self, ranges: &[(IpAddr, u8)]) -> Vec<(IpAddr, u8)> {
+        ranges
+            .iter()
+            .filter(|(n, _)| Family::of(*n) == self)
+            .copied()
+            .collect()
+    }
+}
+
+/// Whether the IPVS mode programs frontend `k`: IPv4 ones only (its IPv6
+/// frontends are not programmed yet).
 pub fn programs(k: &FrontendKey) -> bool {
     k.addr.is_ipv4()
 }
 
-/// The IPv6 frontends a fallback mode leaves out: counted after every sync,
-/// logged (info) when their number changed, not once per frontend.
+/// The IPv6 frontends a mode leaves out (the IPVS mode): counted after
+/// every sync, logged (info) when their number changed, not once per
+/// frontend.
 #[derive(Debug, Default)]
 pub struct Ipv6Left {
     count: usize,
@@ -105,7 +214,7 @@ impl Ipv6Left {
             info!(
                 mode,
                 ipv6_frontends = n,
-                "{n} IPv6 frontend(s) not programmed: IPv6 is not programmed in this mode yet (the eBPF mode's socket LB serves IPv6)"
+                "{n} IPv6 frontend(s) not programmed: the {mode} mode programs IPv4 only (the eBPF, iptables and nftables modes serve IPv6)"
             );
             self.count = n;
         }
@@ -354,7 +463,7 @@ pub fn change_stats(
 pub fn stale_udp_flows(
     old: &BTreeMap<FrontendKey, Frontend>,
     new: &BTreeMap<FrontendKey, Frontend>,
-) -> Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)> {
+) -> Vec<(IpAddr, u16, Option<IpAddr>)> {
     let keys: std::collections::BTreeSet<&FrontendKey> = old.keys().chain(new.keys()).collect();
     let mut out = Vec::new();
     for k in keys {
@@ -369,7 +478,7 @@ pub fn stale_udp_flows(
 pub fn stale_udp_flows_changed(
     before: &[(FrontendKey, Option<Frontend>)],
     after: &BTreeMap<FrontendKey, Frontend>,
-) -> Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)> {
+) -> Vec<(IpAddr, u16, Option<IpAddr>)> {
     let mut out = Vec::new();
     for (k, old) in before {
         stale_udp_flows_of(k, old.as_ref(), after.get(k), &mut out);
@@ -381,19 +490,12 @@ fn stale_udp_flows_of(
     k: &FrontendKey,
     old: Option<&Frontend>,
     new: Option<&Frontend>,
-    out: &mut Vec<(Ipv4Addr, u16, Option<Ipv4Addr>)>,
+    out: &mut Vec<(IpAddr, u16, Option<IpAddr>)>,
 ) {
-    let IpAddr::V4(vip) = k.addr else {
-        // Not programmed here (see `programs`): no flows of ours.
-        return;
-    };
     if k.proto != Protocol::Udp {
         return;
     }
-    let v4 = |b: BackendAddr| match b.addr {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
-    };
+    let vip = k.addr;
     if let Some(f) = new
         && !f.backends.is_empty()
         && old.is_some_and(|b| b.backends.is_empty())
@@ -401,13 +503,13 @@ fn stale_udp_flows_of(
         out.push((vip, k.port, None));
     }
     if let Some(f) = old {
-        let now: Vec<Ipv4Addr> = new
-            .map(|n| n.backends.iter().filter_map(v4).collect())
+        let now: Vec<IpAddr> = new
+            .map(|n| n.backends.iter().map(|b| b.addr).collect())
             .unwrap_or_default();
-        let mut gone: Vec<Ipv4Addr> = f
+        let mut gone: Vec<IpAddr> = f
             .backends
             .iter()
-            .filter_map(v4)
+            .map(|b| b.addr)
             .filter(|a| !now.contains(a))
             .collect();
         gone.dedup();
@@ -417,11 +519,14 @@ fn stale_udp_flows_of(
 
 /// Deletes conntrack entries with the `conntrack` tool (as kube-proxy does).
 /// "0 flow entries" exits 1: not an error.
-pub fn flush_udp_flows(flows: &[(Ipv4Addr, u16, Option<Ipv4Addr>)]) {
+pub fn flush_udp_flows(flows: &[(IpAddr, u16, Option<IpAddr>)]) {
     for (vip, port, backend) in flows {
+        let family = if vip.is_ipv6() { "ipv6" } else { "ipv4" };
         let (vip, port) = (vip.to_string(), port.to_string());
         let mut args = vec![
             "-D",
+            "-f",
+            family,
             "-p",
             "udp",
             "--orig-dst",
@@ -485,9 +590,9 @@ mod tests {
 
     #[test]
     fn udp_flows_to_flush() {
-        let vip = Ipv4Addr::new(10, 96, 0, 10);
+        let vip: IpAddr = Ipv4Addr::new(10, 96, 0, 10).into();
         let k = FrontendKey {
-            addr: vip.into(),
+            addr: vip,
             port: 53,
             proto: Protocol::Udp,
         };
@@ -495,7 +600,7 @@ mod tests {
         let new = BTreeMap::from([(k, fe(&[3]))]);
         assert_eq!(
             stale_udp_flows(&old, &new),
-            vec![(vip, 53, Some(Ipv4Addr::new(10, 244, 1, 2)))]
+            vec![(vip, 53, Some(Ipv4Addr::new(10, 244, 1, 2).into()))]
         );
         let empty = BTreeMap::from([(k, fe(&[]))]);
         assert_eq!(stale_udp_flows(&empty, &new), vec![(vip, 53, None)]);
@@ -505,14 +610,21 @@ mod tests {
         };
         let old = BTreeMap::from([(tcp, fe(&[2]))]);
         assert!(stale_udp_flows(&old, &BTreeMap::new()).is_empty());
-        // IPv6 frontends are not programmed here: nothing of theirs to flush.
+        // IPv6 frontends' flows as well.
         let six = FrontendKey {
             addr: "fd00:96::10".parse().expect("address"),
             ..k
         };
         let old = BTreeMap::from([(six, fe6(&[2, 3]))]);
         let new = BTreeMap::from([(six, fe6(&[3]))]);
-        assert!(stale_udp_flows(&old, &new).is_empty());
+        assert_eq!(
+            stale_udp_flows(&old, &new),
+            vec![(
+                six.addr,
+                53,
+                Some("fd00:244:1::2".parse().expect("address"))
+            )]
+        );
     }
 
     fn fe6(backends: &[u16]) -> Frontend {
@@ -530,7 +642,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_frontends_are_counted_and_left_out() {
+    fn ipv6_frontends_left_out_by_ipvs_are_counted() {
         let v4 = FrontendKey {
             addr: Ipv4Addr::new(10, 96, 0, 10).into(),
             port: 80,
@@ -551,14 +663,51 @@ mod tests {
         assert_eq!(left.after_sync("test", &table), 3);
         table.retain(|k, _| k.addr.is_ipv4());
         assert_eq!(left.after_sync("test", &table), 0);
-        // The rule generators write nothing for an IPv6 frontend.
+    }
+
+    #[test]
+    fn each_familys_generators_write_only_its_frontends() {
         use super::super::{iptables_rules::IptablesRules, nftables_rules::NftablesRules};
-        use incremental::Generator;
-        let mut out = Vec::new();
-        IptablesRules::default().frontend(&v6(53), &fe6(&[2]), &mut out);
-        NftablesRules::default().frontend(&v6(53), &fe6(&[2]), &mut out);
-        assert!(out.is_empty(), "{out:?}");
-        IptablesRules::default().frontend(&v4, &fe(&[2]), &mut out);
-        assert!(!out.is_empty(), "an IPv4 frontend has rules");
+        use incremental::{Content, Generator, Item};
+        let v4 = FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, 10).into(),
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        let v6 = FrontendKey {
+            addr: "fd00:96::10".parse().expect("address"),
+            ..v4
+        };
+        type Gen = Box<dyn Fn(&FrontendKey, &Frontend, &mut Vec<(Item, Content)>)>;
+        let gens = |family| -> [Gen; 2] {
+            let ipt = IptablesRules::new(RuleOptions::default(), family);
+            let nft = NftablesRules::new(RuleOptions::default(), family);
+            [
+                Box::new(move |k, f, out| ipt.frontend(k, f, out)),
+                Box::new(move |k, f, out| nft.frontend(k, f, out)),
+            ]
+        };
+        for g in gens(Family::V4) {
+            let mut out = Vec::new();
+            g(&v6, &fe6(&[2]), &mut out);
+            assert!(out.is_empty(), "{out:?}");
+            g(&v4, &fe(&[2]), &mut out);
+            assert!(!out.is_empty(), "an IPv4 frontend has IPv4 rules");
+        }
+        for g in gens(Family::V6) {
+            let mut out = Vec::new();
+            g(&v4, &fe(&[2]), &mut out);
+            assert!(out.is_empty(), "{out:?}");
+            g(&v6, &fe6(&[2]), &mut out);
+            assert!(!out.is_empty(), "an IPv6 frontend has IPv6 rules");
+        }
+        assert_eq!(Family::of(v6.addr), Family::V6);
+        assert_eq!(
+            Family::V6.ranges(&[
+                (Ipv4Addr::new(203, 0, 113, 0).into(), 24),
+                ("2001:db8::".parse().expect("address"), 32)
+            ]),
+            vec![("2001:db8::".parse().expect("address"), 32)]
+        );
     }
 }

@@ -46,11 +46,17 @@
 //! `<h>` is [`frontend_hash`] / [`endpoint_hash`]: one chain per frontend
 //! (a ClusterIP and each node address of a NodePort are separate frontends
 //! in [`crate::lb`]), stable across restarts.
+//!
+//! Per address family, as kube-proxy runs one proxier per family: the
+//! IPv4 frontends' rules go to iptables, the IPv6 ones' to ip6tables
+//! (same chains, same generator, [`IptablesRules::family`]: `/128`
+//! matches, `icmp6-port-unreachable`, the IPv6 `recent` mask, `[addr]:port`
+//! DNAT, and the hairpin set `KUBE-RS-HAIRPIN6` of family `inet6`).
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use super::fallback::{
-    DROP_MARK, MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash,
+    DROP_MARK, Family, MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash,
     incremental::{Content, Delta, Found, Generator, Item, State, hash_lines},
     proto_lower,
 };
@@ -142,10 +148,38 @@ fn statistic(i: usize, n: usize) -> String {
 /// matching it `dst,dst,src` (kube-proxy's ipvs mode's KUBE-LOOP-BACK).
 pub const HAIRPIN_SET: &str = "KUBE-RS-HAIRPIN";
 
+/// [`HAIRPIN_SET`] of the IPv6 rules (an ip set holds one family).
+pub const HAIRPIN_SET6: &str = "KUBE-RS-HAIRPIN6";
+
+/// The hairpin ip set of `family`.
+pub fn hairpin_set(family: Family) -> &'static str {
+    match family {
+        Family::V4 => HAIRPIN_SET,
+        Family::V6 => HAIRPIN_SET6,
+    }
+}
+
 /// The `ipset create` arguments of [`HAIRPIN_SET`] (after the name):
 /// room for 10 endpoints x 2 ports of 50k services (the default, 65536,
 /// is full before 10k services x 10 endpoints).
 pub const HAIRPIN_SET_TYPE: [&str; 3] = ["hash:ip,port,ip", "maxelem", "1048576"];
+
+/// The `ipset create` arguments of the hairpin set of `family`.
+pub fn hairpin_set_type(family: Family) -> Vec<&'static str> {
+    let mut v = HAIRPIN_SET_TYPE.to_vec();
+    if family == Family::V6 {
+        v.extend(["family", "inet6"]);
+    }
+    v
+}
+
+/// The `-m recent --mask` of one address of `family`.
+fn recent_mask(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "255.255.255.255",
+        Family::V6 => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    }
+}
 
 /// A [`HAIRPIN_SET`] entry as `ipset save` prints it.
 pub fn hairpin_entry(k: &FrontendKey, b: &crate::lb::BackendAddr) -> String {
@@ -185,15 +219,18 @@ fn words(rule: &str) -> Vec<String> {
 /// A rule body (what follows `-A CHAIN`) in a form that does not depend on
 /// how it was written or how `iptables-save` prints it: options (an option
 /// word and its arguments; a `!` belongs to the option after it) sorted,
-/// quotes dropped, `/32` dropped, decimals to 6 places (iptables-save
-/// prints probabilities with 11).
+/// quotes dropped, `/32` (`/128` of an IPv6 address) dropped, decimals to
+/// 6 places (iptables-save prints probabilities with 11).
 pub fn normalise(rule: &str) -> String {
     let mut groups: Vec<Vec<String>> = Vec::new();
     let mut negate = false;
     for w in words(rule) {
         let w = match w.strip_suffix("/32") {
             Some(a) if a.parse::<std::net::Ipv4Addr>().is_ok() => a.to_owned(),
-            _ => w,
+            _ => match w.strip_suffix("/128") {
+                Some(a) if a.parse::<std::net::Ipv6Addr>().is_ok() => a.to_owned(),
+                _ => w,
+            },
         };
         let w = match w.parse::<f64>() {
             Ok(x) if w.contains('.') => format!("{x:.6}"),
@@ -222,10 +259,18 @@ pub fn normalise(rule: &str) -> String {
     parts.join(" | ")
 }
 
-/// kube-proxy's iptables rules, one frontend at a time.
+/// kube-proxy's iptables rules of one family (iptables or ip6tables), one
+/// frontend at a time (frontends of the other family contribute nothing).
 #[derive(Clone, Debug, Default)]
 pub struct IptablesRules {
     pub opts: RuleOptions,
+    pub family: Family,
+}
+
+impl IptablesRules {
+    pub fn new(opts: RuleOptions, family: Family) -> IptablesRules {
+        IptablesRules { opts, family }
+    }
 }
 
 fn chain(table: &'static str, name: &str) -> Item {
@@ -299,7 +344,8 @@ impl Generator for IptablesRules {
             "nat",
             "KUBE-POSTROUTING",
             format!(
-                "-m comment --comment \"hairpin: a pod reaching itself through a service\" -m conntrack --ctstate DNAT -m set --match-set {HAIRPIN_SET} dst,dst,src -j KUBE-MARK-MASQ"
+                "-m comment --comment \"hairpin: a pod reaching itself through a service\" -m conntrack --ctstate DNAT -m set --match-set {} dst,dst,src -j KUBE-MARK-MASQ",
+                hairpin_set(self.family)
             ),
         );
         add(
@@ -329,11 +375,13 @@ impl Generator for IptablesRules {
     }
 
     fn frontend(&self, k: &FrontendKey, f: &Frontend, out: &mut Vec<(Item, Content)>) {
-        if !super::fallback::programs(k) {
+        if !self.family.has(k) {
             return;
         }
+        let len = self.family.host_len();
+        let mask = recent_mask(self.family);
         let p = proto_lower(k.proto);
-        let m = format!("-d {}/32 -p {p}", k.addr);
+        let m = format!("-d {}/{len} -p {p}", k.addr);
         let dport = format!("-m {p} --dport {}", k.port);
         let h = frontend_hash(k);
         if f.backends.is_empty() {
@@ -358,25 +406,27 @@ impl Generator for IptablesRules {
             // TCP gets a reset: ICMP errors are rate-limited per peer
             // (net.ipv4.icmp_ratelimit), so a client retrying quickly
             // would wait for its SYN retransmit instead of being refused.
-            let with = match k.proto {
-                crate::model::Protocol::Tcp => "tcp-reset",
-                _ => "icmp-port-unreachable",
+            let with = match (k.proto, self.family) {
+                (crate::model::Protocol::Tcp, _) => "tcp-reset",
+                (_, Family::V4) => "icmp-port-unreachable",
+                (_, Family::V6) => "icmp6-port-unreachable",
             };
             push(
                 out,
                 "filter",
                 chain,
                 format!(
-                    "-p {p} -m comment --comment \"{k} has no endpoints\" -m conntrack --ctorigdst {}/32 --ctorigdstport {} -j REJECT --reject-with {with}",
+                    "-p {p} -m comment --comment \"{k} has no endpoints\" -m conntrack --ctorigdst {}/{len} --ctorigdstport {} -j REJECT --reject-with {with}",
                     k.addr, k.port
                 ),
             );
             return;
         }
         let svc = format!("KUBE-SVC-{h}");
+        let source_ranges = self.family.ranges(&f.source_ranges);
         let entry = match f.kind {
             FrontendKind::ClusterIp => svc.clone(),
-            _ if !f.source_ranges.is_empty() => format!("KUBE-FW-{h}"),
+            _ if !source_ranges.is_empty() => format!("KUBE-FW-{h}"),
             _ => format!("KUBE-EXT-{h}"),
         };
         let top = match f.kind {
@@ -394,9 +444,9 @@ impl Generator for IptablesRules {
         );
         if f.kind != FrontendKind::ClusterIp {
             let ext = format!("KUBE-EXT-{h}");
-            if !f.source_ranges.is_empty() {
+            if !source_ranges.is_empty() {
                 let fw = format!("KUBE-FW-{h}");
-                for (net, len) in &f.source_ranges {
+                for (net, len) in &source_ranges {
                     push(out, "nat", &fw, format!("-s {net}/{len} -j {ext}"));
                 }
                 push(
@@ -417,7 +467,7 @@ impl Generator for IptablesRules {
         // (endpoint, port, endpoint) entries: no chain per endpoint.
         for b in &f.backends {
             out.push((
-                Item::Element(HAIRPIN_SET, hairpin_entry(k, &b).into()),
+                Item::Element(hairpin_set(self.family), hairpin_entry(k, &b).into()),
                 Content::default(),
             ));
         }
@@ -434,15 +484,15 @@ impl Generator for IptablesRules {
                 .collect();
             for (b, sep) in order.iter().zip(&seps) {
                 svc_rules.push(format!(
-                    "-m comment --comment \"{}:{}\" -m recent --rcheck --seconds {} --reap --name {sep} --mask 255.255.255.255 --rsource -j {sep}",
-                    b.addr, b.port, f.affinity_timeout
+                    "-m comment --comment \"{}\" -m recent --rcheck --seconds {} --reap --name {sep} --mask {mask} --rsource -j {sep}",
+                    SocketAddr::new(b.addr, b.port),
+                    f.affinity_timeout
                 ));
             }
             for (i, (b, sep)) in order.iter().zip(&seps).enumerate() {
                 svc_rules.push(format!(
-                    "-m comment --comment \"{}:{}\" {}-j {sep}",
-                    b.addr,
-                    b.port,
+                    "-m comment --comment \"{}\" {}-j {sep}",
+                    SocketAddr::new(b.addr, b.port),
                     statistic(i, n)
                 ));
                 let mut sep_rules = Vec::new();
@@ -450,8 +500,8 @@ impl Generator for IptablesRules {
                     sep_rules.push("-j KUBE-MARK-MASQ-EXT".to_owned());
                 }
                 sep_rules.push(format!(
-                    "-p {p} -m recent --set --name {sep} --mask 255.255.255.255 --rsource -m {p} -j DNAT --to-destination {}:{}",
-                    b.addr, b.port
+                    "-p {p} -m recent --set --name {sep} --mask {mask} --rsource -m {p} -j DNAT --to-destination {}",
+                    SocketAddr::new(b.addr, b.port)
                 ));
                 out.push((chain("nat", sep), Content::rules(sep_rules)));
             }
@@ -465,13 +515,10 @@ impl Generator for IptablesRules {
                 if external && !b.local && (i == 0 || order[i - 1].local) {
                     svc_rules.push("-j KUBE-MARK-MASQ-EXT".to_owned());
                 }
+                let to = SocketAddr::new(b.addr, b.port);
                 svc_rules.push(format!(
-                    "-p {p} -m comment --comment \"{}:{}\" {}-m {p} -j DNAT --to-destination {}:{}",
-                    b.addr,
-                    b.port,
+                    "-p {p} -m comment --comment \"{to}\" {}-m {p} -j DNAT --to-destination {to}",
                     statistic(i, n),
-                    b.addr,
-                    b.port
                 ));
             }
         }
@@ -591,13 +638,15 @@ pub fn render_ipset(delta: &Delta) -> (String, String) {
     (add, del)
 }
 
-/// The entries of [`HAIRPIN_SET`] in `ipset save` output, as [`Found`].
+/// The entries of the rules' family's hairpin set in `ipset save`
+/// output, as [`Found`].
 pub fn found_ipset(save: &str, rules: &IptablesRules) -> Vec<Found> {
+    let name = hairpin_set(rules.family);
     save.lines()
         .filter_map(|l| l.strip_prefix("add ")?.split_once(' '))
-        .filter(|(set, _)| *set == HAIRPIN_SET)
+        .filter(|(set, _)| *set == name)
         .map(|(_, e)| {
-            let item = Item::Element(HAIRPIN_SET, e.trim().into());
+            let item = Item::Element(name, e.trim().into());
             Found {
                 fingerprint: rules.fingerprint(&item, &Content::default()),
                 item,
@@ -664,9 +713,14 @@ pub fn found(save: &str, table: &'static str, rules: &IptablesRules) -> Vec<Foun
     out
 }
 
-/// The input a writer starting from nothing sends for `frontends`.
-pub fn full_input(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> String {
-    let g = IptablesRules { opts: opts.clone() };
+/// The input a writer of `family` starting from nothing sends for
+/// `frontends`.
+pub fn full_input(
+    frontends: &BTreeMap<FrontendKey, Frontend>,
+    opts: &RuleOptions,
+    family: Family,
+) -> String {
+    let g = IptablesRules::new(opts.clone(), family);
     let mut s = State::default();
     render(&s.plan(&g, frontends, None)).0
 }

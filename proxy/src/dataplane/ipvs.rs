@@ -602,10 +602,11 @@ impl super::Dataplane for IpvsDataplane {
             }
         }
         self.state = want;
-        super::fallback::flush_udp_flows(&super::fallback::stale_udp_flows(
-            &self.programmed.frontends,
-            &next.frontends,
-        ));
+        // IPv4 only: the IPv6 frontends are not programmed here.
+        let mut flows =
+            super::fallback::stale_udp_flows(&self.programmed.frontends, &next.frontends);
+        flows.retain(|(vip, _, _)| vip.is_ipv4());
+        super::fallback::flush_udp_flows(&flows);
         let stats = super::iptables::stats(&self.programmed, changes);
         self.programmed = next;
         self.ipv6_left

@@ -7,8 +7,15 @@
 //! sync after the first rewrites only the chains and elements that
 //! changed. Pure: no kernel, no processes.
 //!
+//! One table per address family, as kube-proxy's nftables mode has
+//! (`ip kube-proxy-rs` for the IPv4 frontends, `ip6 kube-proxy-rs` for the
+//! IPv6 ones), both from this generator ([`NftablesRules::family`]): the
+//! same chains, maps and sets, with the family's address type and
+//! matches (`ip daddr` / `ip6 daddr`). The no-endpoint `reject` is the
+//! family's default (ICMP / ICMPv6 port unreachable; TCP gets a reset).
+//!
 //! ```text
-//! table ip kube-proxy-rs
+//! table ip kube-proxy-rs (and ip6 kube-proxy-rs)
 //!   nat-prerouting / nat-output (dstnat)   -> services
 //!   services: ip daddr . l4proto . dport vmap @service-ips
 //!             local daddr in @nodeport-ips: l4proto . dport vmap @service-nodeports
@@ -39,51 +46,66 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, SocketAddr},
 };
 
 use super::fallback::{
-    MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash,
+    Family, MASQ_MARK, RuleOptions, endpoint_hash, frontend_hash,
     incremental::{Content, Delta, Found, Generator, Item, State, hash_lines},
     proto_lower,
 };
 use crate::lb::{Frontend, FrontendKey, FrontendKind};
 
-/// Our table (family `ip`).
+/// Our table's name (one in family `ip`, one in `ip6`).
 pub const TABLE: &str = "kube-proxy-rs";
 
-/// Maps and sets declared with the table: (kind, name, body).
-const CONTAINERS: [(&str, &str, &str); 7] = [
-    (
-        "map",
-        "service-ips",
-        "type ipv4_addr . inet_proto . inet_service : verdict;",
-    ),
-    (
-        "map",
-        "service-nodeports",
-        "type inet_proto . inet_service : verdict;",
-    ),
-    (
-        "map",
-        "no-endpoint-services",
-        "type ipv4_addr . inet_proto . inet_service : verdict;",
-    ),
-    (
-        "map",
-        "no-endpoint-nodeports",
-        "type inet_proto . inet_service : verdict;",
-    ),
-    (
-        "map",
-        "firewall-ips",
-        "type ipv4_addr . inet_proto . inet_service : verdict;",
-    ),
-    ("set", "nodeport-ips", "type ipv4_addr;"),
-    ("set", HAIRPIN_SET, "type ipv4_addr . ipv4_addr;"),
+/// Names of the maps and sets declared with the table.
+const CONTAINER_NAMES: [&str; 7] = [
+    "service-ips",
+    "service-nodeports",
+    "no-endpoint-services",
+    "no-endpoint-nodeports",
+    "firewall-ips",
+    "nodeport-ips",
+    HAIRPIN_SET,
 ];
 
-fn fixed_chains() -> BTreeMap<String, Content> {
+/// Maps and sets declared with the table of `family`: (kind, name, body).
+fn containers(family: Family) -> [(&'static str, &'static str, String); 7] {
+    let a = family.nft_addr_type();
+    [
+        (
+            "map",
+            "service-ips",
+            format!("type {a} . inet_proto . inet_service : verdict;"),
+        ),
+        (
+            "map",
+            "service-nodeports",
+            "type inet_proto . inet_service : verdict;".to_owned(),
+        ),
+        (
+            "map",
+            "no-endpoint-services",
+            format!("type {a} . inet_proto . inet_service : verdict;"),
+        ),
+        (
+            "map",
+            "no-endpoint-nodeports",
+            "type inet_proto . inet_service : verdict;".to_owned(),
+        ),
+        (
+            "map",
+            "firewall-ips",
+            format!("type {a} . inet_proto . inet_service : verdict;"),
+        ),
+        ("set", "nodeport-ips", format!("type {a};")),
+        ("set", HAIRPIN_SET, format!("type {a} . {a};")),
+    ]
+}
+
+fn fixed_chains(family: Family) -> BTreeMap<String, Content> {
+    let ip = family.nft();
     let c = |hook: Option<&'static str>, rules: &[&str]| Content {
         hook,
         lines: rules.iter().map(|r| (*r).to_owned()).collect(),
@@ -138,8 +160,10 @@ fn fixed_chains() -> BTreeMap<String, Content> {
             c(
                 None,
                 &[
-                    "ip daddr . meta l4proto . th dport vmap @service-ips",
-                    "fib daddr type local ip daddr @nodeport-ips counter meta l4proto . th dport vmap @service-nodeports",
+                    &format!("{ip} daddr . meta l4proto . th dport vmap @service-ips"),
+                    &format!(
+                        "fib daddr type local {ip} daddr @nodeport-ips counter meta l4proto . th dport vmap @service-nodeports"
+                    ),
                 ],
             ),
         ),
@@ -147,7 +171,9 @@ fn fixed_chains() -> BTreeMap<String, Content> {
             "firewall-check".to_owned(),
             c(
                 None,
-                &["ip daddr . meta l4proto . th dport vmap @firewall-ips"],
+                &[&format!(
+                    "{ip} daddr . meta l4proto . th dport vmap @firewall-ips"
+                )],
             ),
         ),
         (
@@ -155,8 +181,10 @@ fn fixed_chains() -> BTreeMap<String, Content> {
             c(
                 None,
                 &[
-                    "ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
-                    "fib daddr type local ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
+                    &format!("{ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
+                    &format!(
+                        "fib daddr type local {ip} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"
+                    ),
                 ],
             ),
         ),
@@ -174,7 +202,7 @@ fn fixed_chains() -> BTreeMap<String, Content> {
             "masquerading".to_owned(),
             Content::rules(vec![
                 format!(
-                    "ct status dnat ip saddr . ip daddr @{HAIRPIN_SET} jump mark-for-masquerade"
+                    "ct status dnat {ip} saddr . {ip} daddr @{HAIRPIN_SET} jump mark-for-masquerade"
                 ),
                 skip,
                 unmark,
@@ -190,13 +218,17 @@ fn fixed_chains() -> BTreeMap<String, Content> {
 fn chain_hash(k: &FrontendKey, f: &Frontend) -> String {
     if f.kind == FrontendKind::NodePort {
         frontend_hash(&FrontendKey {
-            addr: Ipv4Addr::UNSPECIFIED.into(),
+            addr: NODEPORT_ADDR,
             ..*k
         })
     } else {
         frontend_hash(k)
     }
 }
+
+/// The address NodePort chains are keyed by (whatever the family: each
+/// family has its own table).
+const NODEPORT_ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 /// The set of `endpoint . endpoint` pairs whose connections (a pod
 /// reaching itself through a service) are masqueraded.
@@ -222,10 +254,18 @@ fn pick(i: usize, n: usize) -> String {
     }
 }
 
-/// kube-proxy's nftables rules, one frontend at a time.
+/// kube-proxy's nftables rules of one family's table, one frontend at a
+/// time (frontends of the other family contribute nothing).
 #[derive(Clone, Debug, Default)]
 pub struct NftablesRules {
     pub opts: RuleOptions,
+    pub family: Family,
+}
+
+impl NftablesRules {
+    pub fn new(opts: RuleOptions, family: Family) -> NftablesRules {
+        NftablesRules { opts, family }
+    }
 }
 
 fn chain(name: String) -> Item {
@@ -242,7 +282,7 @@ fn value(v: String) -> Content {
 
 impl Generator for NftablesRules {
     fn fixed(&self) -> Vec<(Item, Content)> {
-        let mut out: Vec<(Item, Content)> = fixed_chains()
+        let mut out: Vec<(Item, Content)> = fixed_chains(self.family)
             .into_iter()
             .map(|(n, c)| (chain(n), c))
             .collect();
@@ -261,9 +301,10 @@ impl Generator for NftablesRules {
     }
 
     fn frontend(&self, k: &FrontendKey, f: &Frontend, out: &mut Vec<(Item, Content)>) {
-        if !super::fallback::programs(k) {
+        if !self.family.has(k) {
             return;
         }
+        let ip = self.family.nft();
         let p = proto_lower(k.proto);
         let h = chain_hash(k, f);
         let full_key = format!("{} . {p} . {}", k.addr, k.port);
@@ -272,17 +313,17 @@ impl Generator for NftablesRules {
         if nodeport {
             out.push((elem("nodeport-ips", k.addr.to_string()), Content::default()));
         }
-        if !f.source_ranges.is_empty() {
+        let source_ranges = self.family.ranges(&f.source_ranges);
+        if !source_ranges.is_empty() {
             let fw = format!("fw-{}", frontend_hash(k));
-            let ranges: Vec<String> = f
-                .source_ranges
+            let ranges: Vec<String> = source_ranges
                 .iter()
                 .map(|(n, l)| format!("{n}/{l}"))
                 .collect();
             out.push((
                 chain(fw.clone()),
                 Content::rules(vec![
-                    format!("ip saddr {{ {} }} return", ranges.join(", ")),
+                    format!("{ip} saddr {{ {} }} return", ranges.join(", ")),
                     "counter drop".to_owned(),
                 ]),
             ));
@@ -318,7 +359,7 @@ impl Generator for NftablesRules {
         // For NodePorts the chains are keyed by port only.
         let ck = if nodeport {
             FrontendKey {
-                addr: Ipv4Addr::UNSPECIFIED.into(),
+                addr: NODEPORT_ADDR,
                 ..*k
             }
         } else {
@@ -340,19 +381,20 @@ impl Generator for NftablesRules {
                 out.push((
                     Item::Set(set.as_str().into()),
                     value(format!(
-                        "type ipv4_addr; flags dynamic,timeout; timeout {}s;",
+                        "type {}; flags dynamic,timeout; timeout {}s;",
+                        self.family.nft_addr_type(),
                         f.affinity_timeout
                     )),
                 ));
-                svc_rules.push(format!("ip saddr @{set} goto {sep}"));
+                svc_rules.push(format!("{ip} saddr @{set} goto {sep}"));
                 let mut sep_rules = Vec::new();
                 if external && !b.local {
                     sep_rules.push("jump mark-for-masquerade-external".to_owned());
                 }
-                sep_rules.push(format!("update @{set} {{ ip saddr }}"));
+                sep_rules.push(format!("update @{set} {{ {ip} saddr }}"));
                 sep_rules.push(format!(
-                    "meta l4proto {p} counter dnat to {}:{}",
-                    b.addr, b.port
+                    "meta l4proto {p} counter dnat to {}",
+                    SocketAddr::new(b.addr, b.port)
                 ));
                 out.push((chain(sep.clone()), Content::rules(sep_rules)));
             }
@@ -370,10 +412,9 @@ impl Generator for NftablesRules {
                     svc_rules.push("jump mark-for-masquerade-external".to_owned());
                 }
                 svc_rules.push(format!(
-                    "{}meta l4proto {p} counter dnat to {}:{}",
+                    "{}meta l4proto {p} counter dnat to {}",
                     pick(i, n),
-                    b.addr,
-                    b.port
+                    SocketAddr::new(b.addr, b.port)
                 ));
             }
         }
@@ -465,38 +506,45 @@ fn element(key: &str, c: &Content) -> String {
     }
 }
 
-/// Creates our table and its maps and sets unless they exist (`add` leaves
-/// existing ones and their elements alone).
-pub fn render_prelude() -> String {
-    let t = format!("ip {TABLE}");
+/// Creates our table of `family` and its maps and sets unless they exist
+/// (`add` leaves existing ones and their elements alone).
+pub fn render_prelude(family: Family) -> String {
+    let t = format!("{} {TABLE}", family.nft());
     let mut out = format!("add table {t}\n");
-    for (kind, name, body) in CONTAINERS {
+    for (kind, name, body) in containers(family) {
         let _ = writeln!(out, "add {kind} {t} {name} {{ {body} }}");
     }
     out
 }
 
-/// The `nft -f` input for `delta`, one transaction: new affinity sets,
+/// The `nft -f` input for `delta` in our table of `family`, one
+/// transaction: new affinity sets,
 /// chains declared then (flushed and) filled, map elements deleted (a
 /// changed verdict is deleted and re-added) and added, then chains and
 /// sets nothing refers to any more deleted.
-pub fn render(delta: &Delta) -> (String, Plan) {
+pub fn render(delta: &Delta, family: Family) -> (String, Plan) {
     let mut out = String::new();
-    let plan = render_to(&mut out, delta, true);
+    let plan = render_to(&mut out, delta, true, family);
     (out, plan)
 }
 
 /// [`render`] into `out` (the tool's stdin: the input is not held whole).
-pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta, detail: bool) -> Plan {
+pub fn render_to<W: std::fmt::Write + ?Sized>(
+    out: &mut W,
+    delta: &Delta,
+    detail: bool,
+    family: Family,
+) -> Plan {
     let mut plan = Plan {
         detail,
         ..Plan::default()
     };
-    let t = format!("ip {TABLE}");
+    let t = format!("{} {TABLE}", family.nft());
+    let addr_type = format!("type {};", family.nft_addr_type());
     let ups = || delta.upsert.iter().zip(&delta.existed);
     for ((item, c, _), existed) in ups() {
         if let (Item::Set(name), false) = (item, existed) {
-            let body = c.lines.first().map_or("type ipv4_addr;", String::as_str);
+            let body = c.lines.first().map_or(addr_type.as_str(), String::as_str);
             let _ = writeln!(out, "add set {t} {name} {{ {body} }}");
         }
     }
@@ -581,7 +629,8 @@ pub fn render_to<W: std::fmt::Write + ?Sized>(out: &mut W, delta: &Delta, detail
     plan
 }
 
-/// What our table holds, from `nft list table ip kube-proxy-rs` output:
+/// What our table holds, from `nft list table ip kube-proxy-rs` (or `ip6`)
+/// output:
 /// chains with the fingerprint of their (normalised) rules, elements of
 /// our maps and sets with that of their value, affinity sets.
 pub fn found(list: &str, rules: &NftablesRules) -> Vec<Found> {
@@ -616,7 +665,7 @@ pub fn found(list: &str, rules: &NftablesRules) -> Vec<Found> {
             .or_else(|| line.strip_prefix("set "))
             .and_then(|l| l.strip_suffix(" {"));
         let Some(name) = container else { continue };
-        let known = CONTAINERS.iter().find(|(_, n, _)| *n == name).map(|c| c.1);
+        let known = CONTAINER_NAMES.iter().find(|n| **n == name).copied();
         if known.is_none() && name.starts_with("aff-") {
             out.push(Found {
                 item: Item::Set(name.into()),
@@ -660,18 +709,25 @@ pub fn found(list: &str, rules: &NftablesRules) -> Vec<Found> {
     out
 }
 
-/// The input a writer starting from an empty table sends for `frontends`.
-pub fn full_input(frontends: &BTreeMap<FrontendKey, Frontend>, opts: &RuleOptions) -> String {
-    let g = NftablesRules { opts: opts.clone() };
+/// The input a writer starting from an empty table of `family` sends for
+/// `frontends`.
+pub fn full_input(
+    frontends: &BTreeMap<FrontendKey, Frontend>,
+    opts: &RuleOptions,
+    family: Family,
+) -> String {
+    let g = NftablesRules::new(opts.clone(), family);
     let mut s = State::default();
-    let mut out = render_prelude();
-    out.push_str(&render(&s.plan(&g, frontends, None)).0);
+    let mut out = render_prelude(family);
+    out.push_str(&render(&s.plan(&g, frontends, None), family).0);
     out
 }
 
-/// The input that removes our table (`--cleanup`), whether or not it exists.
-pub fn render_cleanup() -> String {
-    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+/// The input that removes our table of `family` (`--cleanup`), whether or
+/// not it exists.
+pub fn render_cleanup(family: Family) -> String {
+    let t = format!("{} {TABLE}", family.nft());
+    format!("add table {t}\ndelete table {t}\n")
 }
 
 #[cfg(test)]
@@ -707,14 +763,14 @@ mod tests {
     #[test]
     fn a_new_service_adds_one_element_and_its_chains() {
         let k = |i: u8| FrontendKey {
-            addr: Ipv4Addr::new(10, 96, 0, i).into(),
+            addr: std::net::Ipv4Addr::new(10, 96, 0, i).into(),
             port: 80,
             proto: crate::model::Protocol::Tcp,
         };
         let f = |i: u8| Frontend {
             kind: FrontendKind::ClusterIp,
             backends: vec![crate::lb::BackendAddr {
-                addr: Ipv4Addr::new(10, 244, 0, i).into(),
+                addr: std::net::Ipv4Addr::new(10, 244, 0, i).into(),
                 port: 8080,
                 terminating: false,
                 local: true,
@@ -732,7 +788,7 @@ mod tests {
         let mut s = State::default();
         let d = s.plan(&g, &before, None);
         s.commit(d);
-        let (input, plan) = render(&s.plan(&g, &after, Some(&[(k(41), None)])));
+        let (input, plan) = render(&s.plan(&g, &after, Some(&[(k(41), None)])), Family::V4);
         assert_eq!(plan.chains_written.len(), 1, "svc only: {input}");
         // Its service-ips element and its endpoint's hairpin pair.
         assert_eq!(plan.elements_added.len(), 2, "{input}");
@@ -749,14 +805,14 @@ mod tests {
     #[test]
     fn nodeport_chains_shared_by_node_addresses_stay_while_one_remains() {
         let k = |a: u8| FrontendKey {
-            addr: Ipv4Addr::new(172, 18, 0, a).into(),
+            addr: std::net::Ipv4Addr::new(172, 18, 0, a).into(),
             port: 30080,
             proto: crate::model::Protocol::Tcp,
         };
         let f = Frontend {
             kind: FrontendKind::NodePort,
             backends: vec![crate::lb::BackendAddr {
-                addr: Ipv4Addr::new(10, 244, 0, 2).into(),
+                addr: std::net::Ipv4Addr::new(10, 244, 0, 2).into(),
                 port: 8080,
                 terminating: false,
                 local: true,
@@ -773,7 +829,7 @@ mod tests {
         let d = s.plan(&g, &both, None);
         s.commit(d);
         let one: BTreeMap<_, _> = [(k(11), f.clone())].into();
-        let (input, plan) = render(&s.plan(&g, &one, Some(&[(k(12), Some(f))])));
+        let (input, plan) = render(&s.plan(&g, &one, Some(&[(k(12), Some(f))])), Family::V4);
         assert!(
             plan.chains_deleted.is_empty() && plan.chains_written.is_empty(),
             "{input}"

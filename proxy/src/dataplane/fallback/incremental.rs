@@ -75,10 +75,9 @@ pub fn hash_lines<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
     h.finish()
 }
 
-/// A frontend as an item's owner holds it: 8 bytes, as the fallback
-/// modes write items for IPv4 frontends only
-/// ([`super::programs`]; a [`FrontendKey`] takes 20 with its `IpAddr`).
-/// Ordered as the `FrontendKey`s it stands for.
+/// An IPv4 frontend as an item's owner holds it: 8 bytes (a
+/// [`FrontendKey`] takes 20 with its `IpAddr`). Ordered as the
+/// `FrontendKey`s it stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct OwnerKey {
     addr: Ipv4Addr,
@@ -87,7 +86,7 @@ struct OwnerKey {
 }
 
 impl OwnerKey {
-    /// None for an IPv6 frontend (it contributes no item).
+    /// None for an IPv6 frontend (held boxed: [`Owners::OneV6`]).
     fn of(k: &FrontendKey) -> Option<OwnerKey> {
         match k.addr {
             IpAddr::V4(addr) => Some(OwnerKey {
@@ -117,47 +116,60 @@ enum Owners {
     None,
     Fixed,
     One(OwnerKey),
+    /// One IPv6 frontend: boxed, so that the IPv4 case stays small.
+    OneV6(Box<FrontendKey>),
     /// Boxed: a `Vec` inline would make every slot 8 bytes bigger, for
     /// the few items several frontends share.
     #[allow(clippy::box_collection)]
-    Many(Box<Vec<OwnerKey>>),
+    Many(Box<Vec<FrontendKey>>),
 }
 
 impl Owners {
-    /// `k` contributes (a fixed item stays the mode's). The generators
-    /// write nothing for an IPv6 frontend, so it never owns an item.
+    fn single(k: FrontendKey) -> Owners {
+        match OwnerKey::of(&k) {
+            Some(o) => Owners::One(o),
+            None => Owners::OneV6(Box::new(k)),
+        }
+    }
+
+    fn only(&self) -> Option<FrontendKey> {
+        match self {
+            Owners::One(o) => Some(o.key()),
+            Owners::OneV6(k) => Some(**k),
+            _ => None,
+        }
+    }
+
+    /// `k` contributes (a fixed item stays the mode's).
     fn add(&mut self, k: FrontendKey) {
-        let Some(k) = OwnerKey::of(&k) else {
-            return;
-        };
         *self = match std::mem::take(self) {
-            Owners::None => Owners::One(k),
+            Owners::None => Owners::single(k),
             Owners::Fixed => Owners::Fixed,
-            Owners::One(o) if o == k => Owners::One(o),
-            Owners::One(o) => Owners::Many(Box::new(vec![o, k])),
             Owners::Many(mut v) => {
                 if !v.contains(&k) {
                     v.push(k);
                 }
                 Owners::Many(v)
             }
+            one => match one.only() {
+                Some(o) if o == k => one,
+                Some(o) => Owners::Many(Box::new(vec![o, k])),
+                None => one,
+            },
         }
     }
 
     fn remove(&mut self, k: &FrontendKey) {
-        let Some(k) = OwnerKey::of(k) else {
-            return;
-        };
         *self = match std::mem::take(self) {
-            Owners::One(o) if o == k => Owners::None,
             Owners::Many(mut v) => {
-                v.retain(|o| *o != k);
+                v.retain(|o| o != k);
                 match v.len() {
                     0 => Owners::None,
-                    1 => Owners::One(v[0]),
+                    1 => Owners::single(v[0]),
                     _ => Owners::Many(v),
                 }
             }
+            one if one.only() == Some(*k) => Owners::None,
             other => other,
         }
     }
@@ -167,8 +179,8 @@ impl Owners {
     fn winner(&self) -> Option<FrontendKey> {
         match self {
             Owners::None | Owners::Fixed => None,
-            Owners::One(k) => Some(k.key()),
-            Owners::Many(v) => v.iter().max().map(|k| k.key()),
+            Owners::Many(v) => v.iter().max().copied(),
+            one => one.only(),
         }
     }
 
@@ -604,6 +616,23 @@ mod tests {
         f.add(k(1));
         f.remove(&k(1));
         assert!(f.is_fixed() && !f.is_empty() && f.winner().is_none());
+        // IPv6 frontends own items as well.
+        let six = |p| FrontendKey {
+            addr: "fd00:96::1".parse().expect("address"),
+            port: p,
+            proto: crate::model::Protocol::Tcp,
+        };
+        let mut o = Owners::default();
+        o.add(six(2));
+        assert_eq!(o.winner(), Some(six(2)));
+        o.add(six(7));
+        o.add(six(2));
+        assert_eq!(o.winner(), Some(six(7)));
+        o.remove(&six(7));
+        assert_eq!(o.winner(), Some(six(2)));
+        assert!(matches!(o, Owners::OneV6(_)));
+        o.remove(&six(2));
+        assert!(o.is_empty());
     }
 
     /// One slot per item, ~120k at 10k services x 10 endpoints: every
