@@ -33,6 +33,14 @@ use crate::{
     pressure::PressureWatch,
 };
 
+/// How often a full rebuild runs when nothing else asks for one:
+/// kube-proxy's `FullSyncPeriod` (its iptables and nftables modes sync
+/// only what changed at every `syncPeriod` and rebuild everything hourly).
+/// A rebuild re-reads every cached object (about 4 s of CPU at 100,000
+/// services); the incremental syncs between are checked against it by
+/// the property tests.
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
 /// Shortest time between the starts of two syncs (kube-proxy's
 /// `minSyncPeriod`, BoundedFrequencyRunner): an event that finds the loop
 /// idle for longer is synced at once; events of a burst that arrive sooner
@@ -754,9 +762,12 @@ impl SyncState {
 
 /// What [`run`] needs besides the dataplane and the stores.
 pub struct RunOptions {
-    /// Full resync period (kube-proxy's `syncPeriod`); also sets when
-    /// `/healthz` calls the agent stale (2x).
+    /// kube-proxy's `syncPeriod`: sets when `/healthz` calls the agent
+    /// stale (a change queued for 2x as long).
     pub sync_period: Duration,
+    /// How often the whole desired state is rebuilt from the cache when
+    /// nothing asked for it ([`FULL_SYNC_PERIOD`]).
+    pub full_sync_period: Duration,
     pub telemetry: Arc<Telemetry>,
     /// Kubernetes Events for objects that cannot be programmed.
     pub events: Option<EventRecorder>,
@@ -944,8 +955,11 @@ pub async fn run<D: Dataplane>(
                 }
                 report_pressure(&mut pressure, &mut dp, &telemetry, opts.events.as_mut());
                 refresh_host_addresses(&mut state, &stores, &mut host_error);
-                // Periodic full resync, as kube-proxy's syncPeriod.
-                if failed || last_full.elapsed() >= opts.sync_period {
+                // A full rebuild after a failed sync, and once per
+                // `full_sync_period` (kube-proxy's FullSyncPeriod); the
+                // sync period itself only bounds how long a queued change
+                // may wait (`/healthz`): syncs are incremental.
+                if failed || last_full.elapsed() >= opts.full_sync_period {
                     stores.request_full();
                 }
             }

@@ -191,8 +191,10 @@ pub struct Args {
     /// ip for port 10249; empty disables).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
-    /// Full resync period (e.g. 30s, 1m, 500ms); the health staleness
-    /// limit is twice this.
+    /// kube-proxy's syncPeriod (e.g. 30s, 1m, 500ms): the health
+    /// staleness limit is twice this. Syncs are incremental; the whole
+    /// state is rebuilt hourly, as kube-proxy's full sync (or every sync
+    /// period, if that is longer), on a Node change and after a failure.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: std::time::Duration,
     /// XDP attach mode on the external interfaces: native (driver),

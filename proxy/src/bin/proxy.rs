@@ -316,6 +316,7 @@ fn run_options(
 ) -> RunOptions {
     RunOptions {
         sync_period: args.sync_period,
+        full_sync_period: proxy::agent::FULL_SYNC_PERIOD.max(args.sync_period),
         telemetry: telemetry.clone(),
         events: Some(EventRecorder::new(
             client,
