@@ -54,13 +54,13 @@ pub fn event_for(e: &ModelError, node: &str, now: Timestamp) -> Event {
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => "v1",
     };
-    Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{name}.")),
-            namespace: Some(namespace.clone().unwrap_or_else(|| "default".to_owned())),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
+    let message = format!(
+        "cannot program {} {}: field {} = {:?}: {}",
+        e.kind, e.object, e.field, e.value, e.reason
+    );
+    warning(
+        namespace.clone().unwrap_or_else(|| "default".to_owned()),
+        ObjectReference {
             api_version: Some(api_version.to_owned()),
             kind: Some(e.kind.to_owned()),
             name: Some(name),
@@ -68,46 +68,53 @@ pub fn event_for(e: &ModelError, node: &str, now: Timestamp) -> Event {
             field_path: Some(e.field.clone()),
             ..Default::default()
         },
-        reason: Some(REASON.to_owned()),
-        message: Some(format!(
-            "cannot program {} {}: field {} = {:?}: {}",
-            e.kind, e.object, e.field, e.value, e.reason
-        )),
-        type_: Some("Warning".to_owned()),
-        source: Some(EventSource {
-            component: Some(COMPONENT.to_owned()),
-            host: Some(node.to_owned()),
-        }),
-        reporting_component: Some(COMPONENT.to_owned()),
-        reporting_instance: Some(node.to_owned()),
-        action: Some("Program".to_owned()),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        count: Some(1),
-        ..Default::default()
-    }
+        REASON,
+        message,
+        node,
+        now,
+    )
 }
 
 /// A Warning Event about node `node` itself (as kubelet posts them: in
 /// `default`, the Node's name as its uid so `kubectl describe node` shows
 /// it).
 pub fn node_event(node: &str, reason: &str, message: &str, now: Timestamp) -> Event {
-    Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{node}.")),
-            namespace: Some("default".to_owned()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
+    warning(
+        "default".to_owned(),
+        ObjectReference {
             api_version: Some("v1".to_owned()),
             kind: Some("Node".to_owned()),
             name: Some(node.to_owned()),
             uid: Some(node.to_owned()),
             ..Default::default()
         },
+        reason,
+        message.to_owned(),
+        node,
+        now,
+    )
+}
+
+/// A Warning Event about `involved`, in `namespace`, reported by this
+/// node's agent.
+fn warning(
+    namespace: String,
+    involved: ObjectReference,
+    reason: &str,
+    message: String,
+    node: &str,
+    now: Timestamp,
+) -> Event {
+    let name = involved.name.clone().unwrap_or_default();
+    Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{name}.")),
+            namespace: Some(namespace),
+            ..Default::default()
+        },
+        involved_object: involved,
         reason: Some(reason.to_owned()),
-        message: Some(message.to_owned()),
+        message: Some(message),
         type_: Some("Warning".to_owned()),
         source: Some(EventSource {
             component: Some(COMPONENT.to_owned()),

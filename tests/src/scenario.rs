@@ -1369,6 +1369,69 @@ pub fn names(t: &BTreeMap<String, usize>) -> Vec<&str> {
     t.keys().map(String::as_str).collect()
 }
 
+/// The last check of a scenario: `req` from `c` reaches only backends of
+/// `want`, and the path under test did the work ([`Scenario::assert_path`]).
+#[track_caller]
+pub fn on_path(s: &Scenario, c: &PodClient, req: &Request, want: &[&str]) {
+    let rs = s.assert_path(c, req);
+    let t = tally(&rs, c.ip, req.to);
+    assert!(
+        names(&t).iter().all(|n| want.contains(n)),
+        "{:?} {} from {} reached {t:?}, want {want:?}",
+        req.proto,
+        req.to,
+        c.ip
+    );
+}
+
+/// Replies per backend of a run of `req` from `c` ([`try_tally`]), and
+/// the client's peer must be the address it asked for on every success.
+pub fn backends(
+    c: &PodClient,
+    req: &Request,
+) -> std::result::Result<BTreeMap<String, usize>, String> {
+    let rs = c.run(req).map_err(|e| format!("{e:#}"))?;
+    if let Some(r) = rs.iter().find(|r| r.ok && r.peer != Some(req.to)) {
+        return Err(format!(
+            "client peer is {:?}, not the address it asked for {}: {r}",
+            r.peer, req.to
+        ));
+    }
+    try_tally(&rs, c.ip)
+}
+
+/// Waits until a run of `req` from `c` reaches exactly the backends
+/// `want`, then checks one more run reaches nothing else; returns that
+/// run's replies per backend.
+#[track_caller]
+pub fn until_backends(
+    c: &PodClient,
+    req: &Request,
+    want: &[&str],
+    within: Duration,
+) -> BTreeMap<String, usize> {
+    eventually(within, || {
+        let t = backends(c, req)?;
+        if names(&t) == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{:?} {} from {} reached {t:?}, want {want:?}",
+                req.proto, req.to, c.ip
+            ))
+        }
+    });
+    let t = backends(c, req).unwrap_or_else(|e| panic!("after converging: {e}"));
+    assert!(
+        names(&t).iter().all(|n| want.contains(n)),
+        "{:?} {} from {}: after converging on {want:?} reached {t:?}",
+        req.proto,
+        req.to,
+        c.ip
+    );
+    t
+}
+
 /// Polls `f` every 20 ms until it returns `Ok`, panicking with the last
 /// error after `within`.
 #[track_caller]

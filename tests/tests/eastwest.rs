@@ -28,7 +28,8 @@ use proxy_tests::cgroup::{Cgroup, cgroup_of};
 use proxy_tests::cluster::{Cluster, ClusterSpec, TcpServer, UdpServer, tcp_request};
 use proxy_tests::scenario::{
     ClientResult, DataplaneMode, Endpoint, EndpointSlice, ErrorKind, PodClient, Protocol, Request,
-    Scenario, Service, SocketLb, StreamResult, TrafficPolicy, names, tally, try_tally,
+    Scenario, Service, SocketLb, StreamResult, TrafficPolicy, backends, names, on_path, tally,
+    until_backends,
 };
 
 // ---------------------------------------------------------------------------
@@ -60,49 +61,6 @@ fn tcp(to: SocketAddr, n: usize) -> Request {
 
 fn udp(to: SocketAddr, n: usize) -> Request {
     Request::udp(to).count(n)
-}
-
-/// Runs `req` from `c`: all must succeed with the client's own source IP and
-/// the asked address as peer. Returns replies per backend.
-fn backends(c: &PodClient, req: &Request) -> Result<BTreeMap<String, usize>, String> {
-    let rs = c.run(req).map_err(|e| format!("{e:#}"))?;
-    if let Some(r) = rs.iter().find(|r| r.ok && r.peer != Some(req.to)) {
-        return Err(format!(
-            "client peer is {:?}, not the address it asked for {}: {r}",
-            r.peer, req.to
-        ));
-    }
-    try_tally(&rs, c.ip)
-}
-
-/// Waits until a run of `req` reaches exactly the backends `want`, then
-/// checks that another run reaches no other backend.
-#[track_caller]
-fn until_backends(
-    c: &PodClient,
-    req: &Request,
-    want: &[&str],
-    within: Duration,
-) -> BTreeMap<String, usize> {
-    scenario_eventually(within, || {
-        let t = backends(c, req)?;
-        if names(&t) == want {
-            Ok(())
-        } else {
-            Err(format!(
-                "{:?} {} reached {t:?}, want {want:?}",
-                req.proto, req.to
-            ))
-        }
-    });
-    let t = backends(c, req).unwrap_or_else(|e| panic!("after converging: {e}"));
-    assert!(
-        names(&t).iter().all(|n| want.contains(n)),
-        "{:?} {}: after converging on {want:?} reached {t:?}",
-        req.proto,
-        req.to
-    );
-    t
 }
 
 /// Longest wait of a request that is expected to fail: a ClusterIP that is
@@ -196,21 +154,6 @@ fn until_up(c: &PodClient, req: &Request) {
             Err(format!("{:?} {} not up: {r}", req.proto, req.to))
         }
     });
-}
-
-/// The last check of a scenario: `req` from `c` reaches only backends of
-/// `want`, and the path under test did the work (socket hooks when socket
-/// LB is on, tc programs when off).
-#[track_caller]
-fn on_path(s: &Scenario, c: &PodClient, req: &Request, want: &[&str]) {
-    let rs = s.assert_path(c, req);
-    let t = tally(&rs, c.ip, req.to);
-    assert!(
-        names(&t).iter().all(|n| want.contains(n)),
-        "{:?} {} reached {t:?}, want {want:?}",
-        req.proto,
-        req.to
-    );
 }
 
 /// Like [`on_path`] for a service without usable endpoints: refused at once,

@@ -13,13 +13,11 @@
 //! that must take the path under test (`Scenario::assert_path`) and the
 //! mode's counters must show the work (`Scenario::assert_datapath`).
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use proxy_tests::scenario::{
-    DataplaneMode, Endpoint, EndpointSlice, PodClient, Request, Scenario, Service, names, tally,
-    try_tally,
+    DataplaneMode, Endpoint, EndpointSlice, Request, Scenario, Service, on_path, until_backends,
 };
 
 /// First sync after the agents start.
@@ -55,49 +53,6 @@ fn vip(last: u8) -> Ipv4Addr {
 
 fn tcp(to: SocketAddr, n: usize) -> Request {
     Request::tcp(to).count(n)
-}
-
-fn backends(c: &PodClient, req: &Request) -> Result<BTreeMap<String, usize>, String> {
-    let rs = c.run(req).map_err(|e| format!("{e:#}"))?;
-    try_tally(&rs, c.ip)
-}
-
-/// Waits until a run of `req` from `c` reaches exactly `want`, then checks
-/// another run reaches nothing else.
-#[track_caller]
-fn until_backends(c: &PodClient, req: &Request, want: &[&str], within: Duration) {
-    proxy_tests::scenario::eventually(within, || {
-        let t = backends(c, req)?;
-        if names(&t) == want {
-            Ok(())
-        } else {
-            Err(format!(
-                "client {} to {} reached {t:?}, want {want:?}",
-                c.ip, req.to
-            ))
-        }
-    });
-    let t = backends(c, req).unwrap_or_else(|e| panic!("after converging: {e}"));
-    assert!(
-        names(&t).iter().all(|n| want.contains(n)),
-        "client {} to {}: after converging on {want:?} reached {t:?}",
-        c.ip,
-        req.to
-    );
-}
-
-/// The last check: `req` from `c` takes the path under test and reaches
-/// only `want`.
-#[track_caller]
-fn on_path(s: &Scenario, c: &PodClient, req: &Request, want: &[&str]) {
-    let rs = s.assert_path(c, req);
-    let t = tally(&rs, c.ip, req.to);
-    assert!(
-        names(&t).iter().all(|n| want.contains(n)),
-        "client {} to {} reached {t:?}, want {want:?}",
-        c.ip,
-        req.to
-    );
 }
 
 /// Two nodes, zone a (node 1) and zone b (node 2), a TCP server on pod 2
