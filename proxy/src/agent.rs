@@ -979,24 +979,12 @@ mod tests {
             port: port.into(),
             protocol: Protocol::Tcp,
         };
-        let p = ServicePort {
-            name: n.clone(),
-            service_type: ServiceType::NodePort,
-            cluster_ips: vec![],
-            port: 80,
-            node_port: Some(30080),
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            affinity_timeout: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-            health_check_node_port: None,
-            source_ranges: vec![],
-            maglev_table_size: size,
-            endpoints: vec![],
-            traffic_distribution: None,
-            topology: Default::default(),
-        };
+        let mut p = crate::model::test_port(&[]);
+        p.name = n.clone();
+        p.service_type = ServiceType::NodePort;
+        p.cluster_ips = vec![];
+        p.node_port = Some(30080);
+        p.maglev_table_size = size;
         (n, p)
     }
 

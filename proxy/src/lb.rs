@@ -366,7 +366,7 @@ mod tests {
     use std::net::Ipv6Addr;
 
     use super::*;
-    use crate::model::{Endpoint, ServicePortName, ServiceType};
+    use crate::model::ServiceType;
 
     fn backend(addr: IpAddr, port: u16, terminating: bool, local: bool) -> BackendAddr {
         BackendAddr {
@@ -429,38 +429,13 @@ mod tests {
 
     #[test]
     fn the_nodeport_frontends_of_a_port_share_one_backend_list() {
-        let sp = ServicePort {
-            name: ServicePortName {
-                namespace: "default".into(),
-                name: "web".into(),
-                port: String::new(),
-                protocol: Protocol::Tcp,
-            },
-            service_type: ServiceType::NodePort,
-            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 10).into()],
-            port: 80,
-            node_port: Some(30080),
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            affinity_timeout: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-            health_check_node_port: None,
-            source_ranges: vec![],
-            maglev_table_size: None,
-            endpoints: (1..=3)
-                .map(|i| Endpoint {
-                    ip: Ipv4Addr::new(10, 244, 1, i).into(),
-                    port: 8080,
-                    ready: true,
-                    terminating: false,
-                    local: i == 1,
-                    in_topology: true,
-                })
-                .collect(),
-            traffic_distribution: None,
-            topology: Default::default(),
-        };
+        let mut sp = crate::model::test_port(&[
+            ("10.244.1.1", true),
+            ("10.244.1.2", false),
+            ("10.244.1.3", false),
+        ]);
+        sp.service_type = ServiceType::NodePort;
+        sp.node_port = Some(30080);
         let node = NodeContext {
             node_name: "node1".into(),
             addresses: vec![

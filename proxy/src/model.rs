@@ -1169,6 +1169,46 @@ fn endpoints_for(
     (endpoints, choice)
 }
 
+/// A ClusterIP service port `default/web`, 10.96.0.10:80/TCP, with ready
+/// `endpoints` (address, on this node) on port 8080: what unit tests start
+/// from.
+#[cfg(test)]
+pub(crate) fn test_port(endpoints: &[(&str, bool)]) -> ServicePort {
+    ServicePort {
+        name: ServicePortName {
+            namespace: "default".into(),
+            name: "web".into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        },
+        service_type: ServiceType::ClusterIP,
+        cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 10).into()],
+        port: 80,
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        affinity_timeout: None,
+        external_policy_local: false,
+        internal_policy_local: false,
+        health_check_node_port: None,
+        source_ranges: vec![],
+        maglev_table_size: None,
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, local)| Endpoint {
+                ip: ip.parse().expect("an address"),
+                port: 8080,
+                ready: true,
+                terminating: false,
+                local: *local,
+                in_topology: true,
+            })
+            .collect(),
+        traffic_distribution: None,
+        topology: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
@@ -1201,64 +1241,28 @@ mod tests {
         assert_eq!(parse_timestamp("yesterday"), None);
     }
 
-    fn port(endpoints: &[(&str, bool)]) -> ServicePort {
-        ServicePort {
-            name: ServicePortName {
-                namespace: "default".into(),
-                name: "web".into(),
-                port: String::new(),
-                protocol: Protocol::Tcp,
-            },
-            service_type: ServiceType::ClusterIP,
-            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 10).into()],
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            affinity_timeout: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-            health_check_node_port: None,
-            source_ranges: vec![],
-            maglev_table_size: None,
-            endpoints: endpoints
-                .iter()
-                .map(|(ip, local)| Endpoint {
-                    ip: ip.parse().expect("an address"),
-                    port: 8080,
-                    ready: true,
-                    terminating: false,
-                    local: *local,
-                    in_topology: true,
-                })
-                .collect(),
-            traffic_distribution: None,
-            topology: Default::default(),
-        }
-    }
-
     /// kube-proxy counts a service port (per family) when it has endpoints
     /// but its Local policy finds none on this node; external only when
     /// the port is reachable from outside.
     #[test]
     fn no_local_endpoints_counts_local_policies_that_drop_here() {
         let remote = [("10.244.2.5", false)];
-        let mut sp = port(&remote);
+        let mut sp = test_port(&remote);
         assert_eq!(sp.no_local_endpoints(), [0, 0], "Cluster policies");
         sp.internal_policy_local = true;
         sp.external_policy_local = true;
         assert_eq!(sp.no_local_endpoints(), [1, 0], "not externally accessible");
         sp.node_port = Some(30080);
         assert_eq!(sp.no_local_endpoints(), [1, 1]);
-        let mut local = port(&[("10.244.2.5", false), ("10.244.1.5", true)]);
+        let mut local = test_port(&[("10.244.2.5", false), ("10.244.1.5", true)]);
         local.internal_policy_local = true;
         local.external_policy_local = true;
         local.node_port = Some(30080);
         assert_eq!(local.no_local_endpoints(), [0, 0], "a local endpoint");
-        let mut none = port(&[]);
+        let mut none = test_port(&[]);
         none.internal_policy_local = true;
         assert_eq!(none.no_local_endpoints(), [0, 0], "no endpoints at all");
-        let mut dual = port(&[("10.244.2.5", false), ("fd00:244:2::5", false)]);
+        let mut dual = test_port(&[("10.244.2.5", false), ("fd00:244:2::5", false)]);
         dual.cluster_ips
             .push("fd00:96::10".parse().expect("an address"));
         dual.internal_policy_local = true;

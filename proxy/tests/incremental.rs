@@ -848,28 +848,31 @@ fn incremental_sync_equals_a_full_rebuild_after_every_event() {
     );
 }
 
+/// Service `default/name` with ClusterIP `vip`, port 80/TCP.
+fn cluster_ip_service(name: &str, vip: &str) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            namespace: Some("default".into()),
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(vip.into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A frontend two services claim goes to the first by namespace/name; when
 /// that one lets go, the next claimant gets it with its own backends.
 #[test]
 fn a_contested_frontend_passes_to_the_next_claimant() {
-    fn svc(name: &str) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                namespace: Some("default".into()),
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ip: Some("10.96.0.10".into()),
-                ports: Some(vec![ServicePort {
-                    port: 80,
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    let svc = |name: &str| cluster_ip_service(name, "10.96.0.10");
     fn slice(service: &str, ip: &str) -> SliceView {
         let mut s = SliceView {
             metadata: ObjectMeta {
@@ -927,24 +930,7 @@ fn a_contested_frontend_passes_to_the_next_claimant() {
 /// not stop the rest).
 #[test]
 fn a_full_sync_removes_first_so_a_waiting_frontend_fits() {
-    fn svc(name: &str, vip: &str) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                namespace: Some("default".into()),
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ip: Some(vip.into()),
-                ports: Some(vec![ServicePort {
-                    port: 80,
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    let svc = cluster_ip_service;
     let mut cache = Cache::default();
     let mut state = SyncState::new(NodeContext::default(), Limits::default());
     let mut dp = Recorder {
