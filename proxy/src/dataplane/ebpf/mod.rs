@@ -27,6 +27,8 @@ mod load;
 pub mod maglev_tables;
 pub mod maps;
 mod resize;
+pub mod sock_destroy;
+pub mod vmlinux_btf;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
