@@ -100,6 +100,24 @@ pub struct Args {
     /// mount point found in /proc/mounts (all processes of the node).
     #[arg(long)]
     pub cgroup_path: Option<PathBuf>,
+    /// With socket LB: when a backend leaves a service (or the service
+    /// goes), destroy the connected UDP sockets socket LB had pointed at it
+    /// (in the agent's netns and every netns under --netns-dir), so the
+    /// client gets ECONNABORTED and reconnects to a live backend (Cilium's
+    /// socket termination). Needs kernel 6.5 or later (bpf_sock_destroy);
+    /// without it, a warning and nothing else.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub bpf_lb_sock_terminate: bool,
+    /// The same for TCP connections (off by default: a TCP client sees its
+    /// connection reset where it might have finished against a terminating
+    /// backend).
+    #[arg(long)]
+    pub bpf_lb_sock_terminate_tcp: bool,
+    /// Directory of network-namespace files (as `ip netns add`, CNI
+    /// plugins and containerd bind-mount them) whose sockets
+    /// --bpf-lb-sock-terminate walks besides the agent's own netns.
+    #[arg(long, default_value = "/run/netns")]
+    pub netns_dir: PathBuf,
     /// External interfaces for north-south XDP (NodePort, ExternalIP,
     /// LoadBalancer from outside), repeatable; default: the interface
     /// holding the node's InternalIP.

@@ -674,6 +674,26 @@ fn render(s: &State, mode: &str, dp: Option<&DataplaneStats>) -> String {
     for (counter, v) in &dp.counters {
         let _ = writeln!(o, "{name}{{counter=\"{}\"}} {v}", esc(counter));
     }
+    if !dp.sock_destroyed.is_empty() {
+        let name = format!("{PREFIX}_sock_destroyed_total");
+        header(
+            &mut o,
+            &name,
+            "counter",
+            "Sockets destroyed because socket LB had connected them to a backend that left its service (--bpf-lb-sock-terminate), by protocol",
+        );
+        for (proto, v) in &dp.sock_destroyed {
+            let _ = writeln!(o, "{name}{{proto=\"{}\"}} {v}", esc(proto));
+        }
+        let name = format!("{PREFIX}_sock_destroy_failures_total");
+        header(
+            &mut o,
+            &name,
+            "counter",
+            "Socket-destroy runs that failed (kernel without bpf_sock_destroy, a netns that could not be entered)",
+        );
+        let _ = writeln!(o, "{name} {}", dp.sock_destroy_failures);
+    }
     o
 }
 
@@ -856,6 +876,8 @@ mod tests {
             }],
             drops: vec![("source_range".into(), 3)],
             counters: vec![("dnat".into(), 9)],
+            sock_destroyed: vec![("tcp".into(), 0), ("udp".into(), 4)],
+            sock_destroy_failures: 1,
         }))));
         t.set_change_source(Box::new(|| crate::changes::ChangeCounts {
             service_pending: 1,
@@ -888,6 +910,8 @@ mod tests {
             "kubeproxy_ebpf_service_packets_total{frontend=\"10.96.0.10:80/TCP\",kind=\"ClusterIP\",service=\"default/web/TCP\"} 7",
             "kubeproxy_ebpf_service_bytes_total{frontend=\"10.96.0.10:80/TCP\",kind=\"ClusterIP\",service=\"default/web/TCP\"} 700",
             "kubeproxy_ebpf_drops_total{reason=\"source_range\"} 3",
+            "kubeproxy_ebpf_sock_destroyed_total{proto=\"udp\"} 4",
+            "kubeproxy_ebpf_sock_destroy_failures_total 1",
             "kubeproxy_ebpf_datapath_total{counter=\"dnat\"} 9",
             "kubeproxy_ebpf_info{mode=\"ebpf\"} 1",
         ] {

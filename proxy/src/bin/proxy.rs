@@ -10,7 +10,7 @@ use proxy::{
     dataplane::{
         Dataplane, cleanup,
         ebpf::{
-            EbpfConfig, EbpfDataplane, Loader,
+            EbpfConfig, EbpfDataplane, Loader, SockTerminate,
             capacity::{ClusterSize, ClusterSizer},
             cgroup2_mount, interface_with_address,
         },
@@ -148,6 +148,11 @@ fn ebpf_dataplane(
             None => cgroup2_mount().context("finding the cgroup2 mount for socket LB")?,
         });
     }
+    cfg.sock_terminate = SockTerminate {
+        udp: args.bpf_lb_sock_terminate,
+        tcp: args.bpf_lb_sock_terminate_tcp,
+        netns_dir: Some(args.netns_dir.clone()),
+    };
     let mut dp = EbpfDataplane::load_with(cfg, loader).context("setting up the eBPF dataplane")?;
     proxy::dataplane::Dataplane::housekeeping(&mut dp)?;
     Ok(dp)

@@ -94,6 +94,11 @@ pub struct DataplaneStats {
     pub drops: Vec<(String, u64)>,
     /// Other data-path counters by name.
     pub counters: Vec<(String, u64)>,
+    /// Sockets destroyed because their backend left its service, by
+    /// protocol (eBPF socket LB).
+    pub sock_destroyed: Vec<(String, u64)>,
+    /// Failed socket-destroy runs (and netns not walked).
+    pub sock_destroy_failures: u64,
 }
 
 /// Reads [`DataplaneStats`] concurrently with the sync loop (the metrics

@@ -252,8 +252,11 @@ impl EbpfDataplane {
             config: None,
             last_gc: Instant::now(),
             last_gc_stats: GcStats::default(),
+            sock_destroyer: super::stale_sockets::Destroyer::Off,
+            sock_destroy_counters: Default::default(),
             _logger: logger,
         };
+        dp.sock_destroyer = super::stale_sockets::Destroyer::load(&dp);
         dp.adopt()?;
         dp.table = dp.table_from_maps();
         dp.count_backend_refs();

@@ -28,6 +28,7 @@ pub mod maglev_tables;
 pub mod maps;
 mod resize;
 pub mod sock_destroy;
+mod stale_sockets;
 pub mod vmlinux_btf;
 
 use std::{
@@ -53,6 +54,7 @@ use tracing::{debug, info, warn};
 
 pub use interfaces::{cgroup2_mount, glob_match, interface_with_address};
 pub use load::{Loader, needs_kernel_btf};
+pub use stale_sockets::{SockDestroyCounters, SockTerminate};
 
 use self::{
     conntrack::{GcStats, Timeouts},
@@ -154,6 +156,9 @@ pub struct EbpfConfig {
     /// `proxy_common::maps` (from [`capacity::MapSizing::capacities`]:
     /// `--bpf-lb-map-max`, `--maglev-map-max`, ...).
     pub map_max_entries: BTreeMap<&'static str, u32>,
+    /// Destroying sockets connected to backends that went
+    /// (`--bpf-lb-sock-terminate*`, `--netns-dir`).
+    pub sock_terminate: SockTerminate,
     /// The cluster's pod networks (`--cluster-cidr`, at most
     /// [`proxy_common::POD_NETS`]): packets to them skip the frontend
     /// lookup while no frontend lies inside them.
@@ -173,6 +178,7 @@ impl EbpfConfig {
             xdp_mode: links::XdpAttach::Auto,
             map_max_entries: BTreeMap::new(),
             pod_networks: Vec::new(),
+            sock_terminate: SockTerminate::default(),
         }
     }
 
@@ -313,6 +319,10 @@ pub struct EbpfDataplane {
     config: Option<Config>,
     last_gc: Instant,
     last_gc_stats: GcStats,
+    /// Destroys sockets of backends that went (see [`sock_destroy`]).
+    sock_destroyer: stale_sockets::Destroyer,
+    /// Its counters (shared with the `/metrics` reader).
+    sock_destroy_counters: Arc<SockDestroyCounters>,
     // Keeps the aya-log ring buffer alive (rare error paths log through it).
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -690,12 +700,18 @@ impl Dataplane for EbpfDataplane {
         let mut stats = ApplyStats::default();
         let mut first_error = None;
         let mut other = 0usize;
+        // (frontend, backend) pairs this batch ends: their sockets go.
+        let mut gone = Vec::new();
         for change in changes {
+            let departing = self.departing(change);
             // One bad frontend must not stop the others.
             let r = match change {
                 Change::Upsert(k, f) => self.upsert(k, f, &mut stats),
                 Change::Remove(k) => self.remove(k, &mut stats),
             };
+            if r.is_ok() {
+                gone.extend(departing);
+            }
             if let Err(e) = r {
                 // A full map fails every frontend after it: the agent logs
                 // it once per map (from the event), not one line per
@@ -720,6 +736,9 @@ impl Dataplane for EbpfDataplane {
         // count fell to zero in this batch.
         self.release_backends(&mut stats);
         self.after_apply()?;
+        // After the maps stopped offering them: a client that reconnects
+        // gets a live backend.
+        self.destroy_stale_sockets(gone);
         match first_error {
             Some(e) => Err(e),
             None => Ok(stats),
@@ -758,6 +777,7 @@ impl Dataplane for EbpfDataplane {
                 maps,
                 insert_failures: self.insert_failures.clone(),
                 swept_ct: self.swept_ct.clone(),
+                sock_destroy: self.sock_destroy_counters.clone(),
                 lru: Default::default(),
             })),
             Err(e) => {
@@ -816,6 +836,7 @@ struct PinnedStats {
     maps: Maps,
     insert_failures: Arc<InsertFailures>,
     swept_ct: Arc<SweptEntries>,
+    sock_destroy: Arc<SockDestroyCounters>,
     lru: std::sync::Mutex<LruCounts>,
 }
 
@@ -842,6 +863,7 @@ impl super::StatsReader for PinnedStats {
         for m in &mut s.maps {
             m.insert_failures = self.insert_failures.get(&m.name);
         }
+        (s.sock_destroyed, s.sock_destroy_failures) = self.sock_destroy.read();
         Ok(s)
     }
 }
@@ -903,6 +925,7 @@ fn dataplane_stats_with(
         frontends,
         drops,
         counters,
+        ..Default::default()
     })
 }
 
