@@ -66,6 +66,14 @@ struct Args {
     /// path's connect4 and recvmsg4 hooks) instead of sendto.
     #[arg(long)]
     udp_connected: bool,
+    /// Resolver mode: for this many seconds, one connected UDP socket sends
+    /// a query every `--interval-ms` and waits `--timeout-ms` for the
+    /// answer, as a stub resolver does; an error from send or recv (not a
+    /// timeout) closes it and the next query comes from a new socket
+    /// connected to `--to`. One [`ClientResult`] per query; its
+    /// `elapsed_ms` is the time since the run started, `local` the socket.
+    #[arg(long, conflicts_with = "hold_secs")]
+    resolver_secs: Option<f64>,
 }
 
 fn main() {
@@ -81,6 +89,17 @@ fn main() {
         for r in hold_streams(args.to, args.streams, hold, timeout) {
             print_json(&mut out, &r);
         }
+        return;
+    }
+    if let Some(secs) = args.resolver_secs {
+        let interval = Duration::from_millis(args.interval_ms);
+        resolver(
+            &mut out,
+            args.to,
+            Duration::from_secs_f64(secs.max(0.0)),
+            interval,
+            timeout,
+        );
         return;
     }
     let base = sport_base();
@@ -244,6 +263,77 @@ fn udp_request(
         Ok(r)
     };
     attempt().unwrap_or_else(|(e, what)| io_failure(&e, what, started))
+}
+
+/// Resolver mode (see `--resolver-secs`).
+fn resolver(
+    out: &mut impl std::io::Write,
+    to: SocketAddr,
+    run_for: Duration,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let started = Instant::now();
+    let mut socket: Option<UdpSocket> = None;
+    while started.elapsed() < run_for {
+        let at = |r: ClientResult| ClientResult {
+            elapsed_ms: ms(started.elapsed()),
+            ..r
+        };
+        let s = match socket.take() {
+            Some(s) => s,
+            None => {
+                let fresh = UdpSocket::bind((unspecified(to), 0))
+                    .and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s))
+                    .and_then(|s| s.connect(to).map(|()| s));
+                match fresh {
+                    Ok(s) => s,
+                    Err(e) => {
+                        print_json(out, &at(io_failure(&e, "connect", started)));
+                        std::thread::sleep(interval);
+                        continue;
+                    }
+                }
+            }
+        };
+        let local = s.local_addr().ok();
+        let mut buf = [0u8; 2048];
+        let r = s
+            .send(b"hi\n")
+            .map_err(|e| (e, "send"))
+            .and_then(|_| s.recv_from(&mut buf).map_err(|e| (e, "recv")));
+        let mut r = match r {
+            Ok((n, from)) => {
+                let mut r = ClientResult {
+                    ok: from == to,
+                    reply: Some(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()),
+                    peer: Some(from),
+                    local,
+                    error: None,
+                    detail: None,
+                    elapsed_ms: 0.0,
+                };
+                if from != to {
+                    r.error = Some(ErrorKind::WrongSource);
+                    r.detail = Some(format!("reply from {from}, sent to {to}"));
+                }
+                socket = Some(s);
+                r
+            }
+            Err((e, what)) => {
+                let r = io_failure(&e, what, started);
+                // A timeout keeps the socket (the answer may be late); any
+                // other error: a new socket for the next query.
+                if r.error == Some(ErrorKind::TimedOut) {
+                    socket = Some(s);
+                }
+                ClientResult { local, ..r }
+            }
+        };
+        r = at(r);
+        print_json(out, &r);
+        std::thread::sleep(interval);
+    }
 }
 
 /// The unspecified address of `to`'s family.

@@ -1,0 +1,189 @@
+//! Stale UDP sockets (docs/service-behaviours.md, socket LB): socket LB
+//! translates a connected UDP socket's ClusterIP once, at connect(), so
+//! without help the socket keeps the backend it got after that backend left
+//! the service. With `--bpf-lb-sock-terminate` (the default) the agent
+//! destroys such sockets once the maps no longer offer the backend; a
+//! client that reconnects on the error reaches the new backend.
+//!
+//! Clients are `podclient --resolver-secs` processes (one connected UDP
+//! socket, a query every 20 ms, a new socket after an error) in a pod's
+//! netns and in node1's own netns, both in node1's test cgroup where the
+//! agent's socket hooks are attached. The service's only backend is
+//! replaced (the EndpointSlice moves from pod-1-2 to pod-2-1); pod-1-2's
+//! server keeps answering, so where each query went shows in its reply.
+//!
+//! `destroy_on`: every client reaches pod-2-1 within 1 s of the change and
+//! nothing reaches pod-1-2 after that. `destroy_off` (the same with
+//! `--bpf-lb-sock-terminate false`): the clients keep their old backend.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use proxy_tests::scenario::{
+    ClientResult, Endpoint, EndpointSlice, PodClient, Protocol, Request, RunningClient, Scenario,
+    SocketLb, until_backends,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 201, 53);
+const PORT: u16 = 53;
+const TARGET: u16 = 5353;
+/// How long each resolver runs; the backend changes after [`SWITCH_AFTER`].
+const RUN: Duration = Duration::from_secs(5);
+const SWITCH_AFTER: Duration = Duration::from_millis(1500);
+/// The bound the issue sets: a reconnect reaches a live backend within it.
+const WITHIN: Duration = Duration::from_secs(1);
+
+fn slice(backend: (usize, usize), s: &Scenario) -> EndpointSlice {
+    EndpointSlice::new("dns-1", "dns")
+        .port(Some("dns"), TARGET, Protocol::Udp)
+        .endpoint(Endpoint::ready(s.pod(backend.0, backend.1)))
+}
+
+fn setup(destroy: bool) -> Scenario {
+    let flag = if destroy { "true" } else { "false" };
+    let s = Scenario::builder("stale", SocketLb::On)
+        .udp_server((1, 2), TARGET)
+        .udp_server((2, 1), TARGET)
+        .object(&proxy_tests::scenario::Service::cluster_ip("dns", VIP).udp("dns", PORT, TARGET))
+        .agent_args(&["--bpf-lb-sock-terminate", flag])
+        .build()
+        .expect("scenario");
+    s.apply(&slice((1, 2), &s));
+    let c = s.client(1, 1);
+    until_backends(
+        &c,
+        &Request::udp(SocketAddr::from((VIP, PORT))).count(5),
+        &["pod-1-2"],
+        Duration::from_secs(8),
+    );
+    s
+}
+
+/// A client in node1's own netns (the host), in node1's cgroup.
+fn host_client(s: &Scenario) -> PodClient {
+    let node = &s.cluster.nodes()[0];
+    PodClient {
+        pod_name: node.name.clone(),
+        ip: node.underlay_ip,
+        netns_path: node.ns.path(),
+        cgroup_path: s.cgroup(1).path().to_owned(),
+    }
+}
+
+fn resolver(c: &PodClient) -> RunningClient {
+    c.spawn(&[
+        "--proto".into(),
+        "udp".into(),
+        "--to".into(),
+        SocketAddr::from((VIP, PORT)).to_string(),
+        "--resolver-secs".into(),
+        RUN.as_secs_f64().to_string(),
+        "--interval-ms".into(),
+        "20".into(),
+        "--timeout-ms".into(),
+        "200".into(),
+    ])
+    .expect("spawn resolver")
+}
+
+/// Start both resolvers, replace the backend after [`SWITCH_AFTER`];
+/// returns each client's queries and the change's time on the clients'
+/// clock (an upper bound: the clients started a little after `t0`).
+fn run(s: &Scenario) -> (Vec<(String, Vec<ClientResult>)>, Duration) {
+    let clients = [s.client(1, 1), host_client(s)];
+    let t0 = Instant::now();
+    let running: Vec<_> = clients.iter().map(resolver).collect();
+    std::thread::sleep(SWITCH_AFTER);
+    let switched = t0.elapsed();
+    s.apply(&slice((2, 1), s));
+    let results = clients
+        .iter()
+        .zip(running)
+        .map(|(c, r)| {
+            let rs: Vec<ClientResult> = r.wait(RUN + Duration::from_secs(5)).expect("resolver");
+            (c.pod_name.clone(), rs)
+        })
+        .collect();
+    (results, switched)
+}
+
+fn answered_by<'a>(rs: &'a [ClientResult], name: &str) -> impl Iterator<Item = &'a ClientResult> {
+    rs.iter().filter(move |r| r.ok && r.backend() == Some(name))
+}
+
+fn summary(rs: &[ClientResult]) -> String {
+    rs.iter()
+        .map(|r| {
+            format!(
+                "{:.0}ms {}",
+                r.elapsed_ms,
+                r.backend()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| r.to_string())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+fn destroy_on_connected_udp_clients_reach_the_new_backend_within_1s() {
+    let s = setup(true);
+    let (results, switched) = run(&s);
+    for (who, rs) in &results {
+        assert!(
+            answered_by(rs, "pod-1-2").any(|r| r.elapsed() < switched),
+            "{who}: the old backend answered before the change: {}",
+            summary(rs)
+        );
+        let first_new = answered_by(rs, "pod-2-1")
+            .next()
+            .unwrap_or_else(|| panic!("{who}: never reached pod-2-1: {}", summary(rs)));
+        let took = first_new.elapsed().saturating_sub(switched);
+        eprintln!("{who}: first answer from pod-2-1 {took:?} after the change");
+        assert!(took < WITHIN, "{who}: took {took:?}: {}", summary(rs));
+        // Nothing reaches the old backend once the new one answered.
+        assert!(
+            !answered_by(rs, "pod-1-2").any(|r| r.elapsed() > first_new.elapsed()),
+            "{who}: the old backend answered after the new one: {}",
+            summary(rs)
+        );
+        // The socket was destroyed: the client saw an error and
+        // reconnected (a new local port).
+        let failed: Vec<_> = rs
+            .iter()
+            .filter(|r| !r.ok && r.elapsed() >= switched)
+            .collect();
+        assert!(
+            !failed.is_empty(),
+            "{who}: no error after the change: {}",
+            summary(rs)
+        );
+        eprintln!("{who}: after the change: {}", failed[0]);
+        let ports: std::collections::BTreeSet<_> = rs
+            .iter()
+            .filter_map(|r| r.local.map(|l| l.port()))
+            .collect();
+        assert!(ports.len() >= 2, "{who}: never reconnected: {ports:?}");
+    }
+    let log = std::fs::read_to_string(&s.agent(1).log_path).unwrap_or_default();
+    assert!(log.contains("stale sockets destroyed"), "agent log:\n{log}");
+}
+
+#[test]
+fn destroy_off_connected_udp_clients_keep_the_old_backend() {
+    let s = setup(false);
+    let (results, switched) = run(&s);
+    for (who, rs) in &results {
+        let late: Vec<_> = rs
+            .iter()
+            .filter(|r| r.elapsed() > switched + WITHIN)
+            .collect();
+        assert!(!late.is_empty(), "{who}: {}", summary(rs));
+        assert!(
+            late.iter().all(|r| r.ok && r.backend() == Some("pod-1-2")),
+            "{who}: without destroy the socket keeps its backend: {}",
+            summary(rs)
+        );
+    }
+}
