@@ -899,4 +899,71 @@ mod tests {
             assert_eq!(r.per_target, [0, 0]);
         });
     }
+
+    /// `iter/tcp` (`--bpf-lb-sock-terminate-tcp`): the targeted connection
+    /// is aborted, one to another backend and the accepted (server) side
+    /// are not.
+    #[test]
+    fn destroys_targeted_tcp_connections() {
+        if !is_root() || !Path::new(super::super::vmlinux_btf::VMLINUX).exists() {
+            eprintln!("skipped: needs root and kernel BTF");
+            return;
+        }
+        use std::io::{Read as _, Write as _};
+        use std::net::{TcpListener, TcpStream};
+        in_fresh_netns(|| {
+            let rev4 = map_create(16, 12, 64).expect("revnat4");
+            let rev6 = map_create(32, 24, 64).expect("revnat6");
+            let d = SockDestroyer::new(rev4.as_fd(), rev6.as_fd(), true).expect("load");
+            let dead = TcpListener::bind("127.0.0.1:5401").expect("listen");
+            let live = TcpListener::bind("127.0.0.1:5402").expect("listen");
+            let record = |s: &TcpStream, service_id: u32| {
+                let SocketAddr::V4(p) = s.peer_addr().expect("peer") else {
+                    panic!("IPv4 peer");
+                };
+                let mut k = [0u8; 16];
+                k[0..8].copy_from_slice(&cookie(s).to_ne_bytes());
+                k[8..12].copy_from_slice(&p.ip().octets());
+                k[12..14].copy_from_slice(&p.port().to_be_bytes());
+                let mut v = [0u8; 12];
+                v[8..12].copy_from_slice(&service_id.to_ne_bytes());
+                map_update(rev4.as_fd(), &k, &v).expect("record");
+            };
+            let doomed = TcpStream::connect("127.0.0.1:5401").expect("connect");
+            let (mut doomed_server, _) = dead.accept().expect("accept");
+            let other = TcpStream::connect("127.0.0.1:5402").expect("connect");
+            let (_other_server, _) = live.accept().expect("accept");
+            record(&doomed, 7);
+            record(&other, 7);
+            let r = d
+                .destroy(
+                    &[Target {
+                        service_id: 7,
+                        addr: Ipv4Addr::LOCALHOST.into(),
+                        port: 5401,
+                    }],
+                    None,
+                )
+                .expect("destroy");
+            assert_eq!(r.per_target, [1], "{r:?}");
+            doomed
+                .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .expect("timeout");
+            let e = (&doomed)
+                .read(&mut [0u8; 8])
+                .expect_err("read on an aborted connection");
+            assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+            (&other)
+                .write_all(b"x")
+                .expect("the other connection lives");
+            // The server side saw the reset the abort sends.
+            doomed_server
+                .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .expect("timeout");
+            assert!(
+                matches!(doomed_server.read(&mut [0u8; 8]), Ok(0) | Err(_)),
+                "server side closed"
+            );
+        });
+    }
 }
