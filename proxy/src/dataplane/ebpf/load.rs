@@ -254,6 +254,7 @@ impl EbpfDataplane {
             last_gc_stats: GcStats::default(),
             sock_destroyer: super::stale_sockets::Destroyer::Off,
             sock_destroy_counters: Default::default(),
+            netns_failure_logged: false,
             _logger: logger,
         };
         dp.sock_destroyer = super::stale_sockets::Destroyer::load(&dp);

@@ -323,6 +323,8 @@ pub struct EbpfDataplane {
     sock_destroyer: stale_sockets::Destroyer,
     /// Its counters (shared with the `/metrics` reader).
     sock_destroy_counters: Arc<SockDestroyCounters>,
+    /// Whether a netns the destroyer could not walk was logged already.
+    netns_failure_logged: bool,
     // Keeps the aya-log ring buffer alive (rare error paths log through it).
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }

@@ -171,7 +171,17 @@ impl EbpfDataplane {
                 if !r.failures.is_empty() {
                     c.failures
                         .fetch_add(r.failures.len() as u64, Ordering::Relaxed);
-                    warn!(failures = ?r.failures, "stale sockets: some network namespaces were not walked");
+                    // Once (then at debug): without CAP_SYS_ADMIN every run
+                    // fails the same way.
+                    if !self.netns_failure_logged {
+                        self.netns_failure_logged = true;
+                        warn!(
+                            failures = ?r.failures,
+                            "stale sockets: network namespaces under --netns-dir could not be walked (entering one needs CAP_SYS_ADMIN); sockets there keep removed backends (logged once, counted in kubeproxy_ebpf_sock_destroy_failures_total)"
+                        );
+                    } else {
+                        debug!(failures = ?r.failures, "stale sockets: network namespaces not walked");
+                    }
                 }
                 let sockets: u64 = r.per_target.iter().sum();
                 if sockets > 0 {
