@@ -15,13 +15,16 @@
 //! `destroy_on`: every client reaches pod-2-1 within 1 s of the change and
 //! nothing reaches pod-1-2 after that. `destroy_off` (the same with
 //! `--bpf-lb-sock-terminate false`): the clients keep their old backend.
+//! `service_deleted_*`: the service itself goes; with the destroy on the
+//! client's socket fails within 1 s (and nothing answers any more), with it
+//! off the socket keeps talking to the old backend.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use proxy_tests::scenario::{
-    ClientResult, Endpoint, EndpointSlice, PodClient, Protocol, Request, RunningClient, Scenario,
-    SocketLb, until_backends,
+    ClientResult, Endpoint, EndpointSlice, ErrorKind, PodClient, Protocol, Request, RunningClient,
+    Scenario, SocketLb, until_backends,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 201, 53);
@@ -32,6 +35,8 @@ const RUN: Duration = Duration::from_secs(5);
 const SWITCH_AFTER: Duration = Duration::from_millis(1500);
 /// The bound the issue sets: a reconnect reaches a live backend within it.
 const WITHIN: Duration = Duration::from_secs(1);
+/// How much later than the test's clock a client's may start.
+const CLOCK_MARGIN: Duration = Duration::from_millis(100);
 
 fn slice(backend: (usize, usize), s: &Scenario) -> EndpointSlice {
     EndpointSlice::new("dns-1", "dns")
@@ -113,14 +118,9 @@ fn answered_by<'a>(rs: &'a [ClientResult], name: &str) -> impl Iterator<Item = &
 
 fn summary(rs: &[ClientResult]) -> String {
     rs.iter()
-        .map(|r| {
-            format!(
-                "{:.0}ms {}",
-                r.elapsed_ms,
-                r.backend()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| r.to_string())
-            )
+        .map(|r| match (r.ok, r.backend()) {
+            (true, Some(b)) => format!("{:.0}ms {b}", r.elapsed_ms),
+            _ => format!("{:.0}ms {r}", r.elapsed_ms),
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -141,30 +141,32 @@ fn destroy_on_connected_udp_clients_reach_the_new_backend_within_1s() {
             .unwrap_or_else(|| panic!("{who}: never reached pod-2-1: {}", summary(rs)));
         let took = first_new.elapsed().saturating_sub(switched);
         eprintln!("{who}: first answer from pod-2-1 {took:?} after the change");
-        assert!(took < WITHIN, "{who}: took {took:?}: {}", summary(rs));
+        // The client's clock starts when it runs, a few ms after `t0`:
+        // `took` may be short by that much, hence the margin.
+        assert!(
+            took + CLOCK_MARGIN < WITHIN,
+            "{who}: took {took:?}: {}",
+            summary(rs)
+        );
         // Nothing reaches the old backend once the new one answered.
         assert!(
             !answered_by(rs, "pod-1-2").any(|r| r.elapsed() > first_new.elapsed()),
             "{who}: the old backend answered after the new one: {}",
             summary(rs)
         );
-        // The socket was destroyed: the client saw an error and
-        // reconnected (a new local port).
-        let failed: Vec<_> = rs
+        // The socket was destroyed: between the old backend's last answer
+        // and the new one's first, the client saw an error and reconnected
+        // (a new local port).
+        let last_old = answered_by(rs, "pod-1-2")
+            .map(ClientResult::elapsed)
+            .max()
+            .unwrap_or_default();
+        let failed = rs
             .iter()
-            .filter(|r| !r.ok && r.elapsed() >= switched)
-            .collect();
-        assert!(
-            !failed.is_empty(),
-            "{who}: no error after the change: {}",
-            summary(rs)
-        );
-        eprintln!("{who}: after the change: {}", failed[0]);
-        let ports: std::collections::BTreeSet<_> = rs
-            .iter()
-            .filter_map(|r| r.local.map(|l| l.port()))
-            .collect();
-        assert!(ports.len() >= 2, "{who}: never reconnected: {ports:?}");
+            .find(|r| !r.ok && r.elapsed() >= last_old && r.elapsed() <= first_new.elapsed())
+            .unwrap_or_else(|| panic!("{who}: no error before the new backend: {}", summary(rs)));
+        eprintln!("{who}: the error: {failed}");
+        assert_ne!(failed.local, first_new.local, "{who}: a new socket");
     }
     let log = std::fs::read_to_string(&s.agent(1).log_path).unwrap_or_default();
     assert!(log.contains("stale sockets destroyed"), "agent log:\n{log}");
@@ -186,4 +188,71 @@ fn destroy_off_connected_udp_clients_keep_the_old_backend() {
             summary(rs)
         );
     }
+}
+
+/// A pod resolver for [`RUN`]; the service is deleted after
+/// [`SWITCH_AFTER`]. Returns the queries and the deletion's time.
+fn run_and_delete_service(s: &Scenario) -> (Vec<ClientResult>, Duration) {
+    let c = s.client(1, 1);
+    let t0 = Instant::now();
+    let running = resolver(&c);
+    std::thread::sleep(SWITCH_AFTER);
+    let deleted = t0.elapsed();
+    s.delete("Service", "dns");
+    let rs = running
+        .wait(RUN + Duration::from_secs(5))
+        .expect("resolver");
+    (rs, deleted)
+}
+
+#[test]
+fn service_deleted_destroy_on_the_connected_socket_fails() {
+    let s = setup(true);
+    let (rs, deleted) = run_and_delete_service(&s);
+    assert!(
+        answered_by(&rs, "pod-1-2").any(|r| r.elapsed() < deleted),
+        "{}",
+        summary(&rs)
+    );
+    // An error of the socket itself (not a timeout, not a reply from an
+    // unexpected source), from the deletion on.
+    let failed = rs
+        .iter()
+        .find(|r| {
+            r.reply.is_none()
+                && r.error.is_some_and(|e| e != ErrorKind::TimedOut)
+                && r.elapsed() + CLOCK_MARGIN >= deleted
+        })
+        .unwrap_or_else(|| panic!("no error after the deletion: {}", summary(&rs)));
+    assert!(
+        failed.elapsed() + CLOCK_MARGIN < deleted + WITHIN,
+        "{failed}: {}",
+        summary(&rs)
+    );
+    // Nothing reaches the old backend after that.
+    assert!(
+        !rs.iter()
+            .any(|r| r.reply.is_some() && r.elapsed() > failed.elapsed()),
+        "answered after the socket failed: {}",
+        summary(&rs)
+    );
+}
+
+#[test]
+fn service_deleted_destroy_off_the_connected_socket_keeps_its_backend() {
+    let s = setup(false);
+    let (rs, deleted) = run_and_delete_service(&s);
+    let late: Vec<_> = rs
+        .iter()
+        .filter(|r| r.elapsed() > deleted + WITHIN)
+        .collect();
+    assert!(!late.is_empty(), "{}", summary(&rs));
+    // Its datagrams still reach the old backend. The replies come back
+    // from the pod's address now (WrongSource): the deleted frontend's
+    // reverse entries are gone, so recvmsg() no longer shows the ClusterIP.
+    assert!(
+        late.iter().all(|r| r.backend() == Some("pod-1-2")),
+        "{}",
+        summary(&rs)
+    );
 }
