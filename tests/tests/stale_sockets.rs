@@ -170,6 +170,9 @@ fn destroy_on_connected_udp_clients_reach_the_new_backend_within_1s() {
     }
     let log = std::fs::read_to_string(&s.agent(1).log_path).unwrap_or_default();
     assert!(log.contains("stale sockets destroyed"), "agent log:\n{log}");
+    for l in log.lines().filter(|l| l.contains("stale sockets")) {
+        eprintln!("agent: {l}");
+    }
 }
 
 #[test]

@@ -160,7 +160,10 @@ impl EbpfDataplane {
         }
         let targets: Vec<Target> = gone.iter().map(|(t, _)| *t).collect();
         let c = &self.sock_destroy_counters;
-        match d.destroy(&targets, self.cfg.sock_terminate.netns_dir.as_deref()) {
+        let started = std::time::Instant::now();
+        let result = d.destroy(&targets, self.cfg.sock_terminate.netns_dir.as_deref());
+        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match result {
             Ok(r) => {
                 for ((_, proto), n) in gone.iter().zip(&r.per_target) {
                     match proto {
@@ -189,10 +192,16 @@ impl EbpfDataplane {
                         sockets,
                         pairs = targets.len(),
                         netns = r.netns,
+                        took_ms,
                         "stale sockets destroyed"
                     );
                 } else {
-                    debug!(pairs = targets.len(), netns = r.netns, "no stale sockets");
+                    debug!(
+                        pairs = targets.len(),
+                        netns = r.netns,
+                        took_ms,
+                        "no stale sockets"
+                    );
                 }
             }
             Err(e) => {
