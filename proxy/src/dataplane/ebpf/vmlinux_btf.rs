@@ -42,20 +42,28 @@ pub enum BtfError {
     NotFound { kind: &'static str, name: String },
 }
 
-/// One type: kind, name, `size_or_type`, and its members (struct/union).
-#[derive(Debug)]
+/// One type's header: kind, name, `size_or_type`, and where its members
+/// (struct/union) start in the blob.
+#[derive(Clone, Copy, Debug)]
 struct Type {
     kind: u32,
     name_off: u32,
     size_or_type: u32,
-    /// Struct/union members: (name offset, type id, bit offset).
-    members: Vec<(u32, u32, u32)>,
+    vlen: usize,
+    kind_flag: bool,
+    /// Offset of what follows the header in [`Btf::data`].
+    extra: usize,
 }
 
-/// A parsed BTF blob (types and string section).
+/// A BTF blob, indexed: the raw bytes and where each type starts (a few
+/// MB for the kernel's 100,000-odd types, dropped once the iterators are
+/// loaded).
 pub struct Btf {
-    types: Vec<Type>,
-    strings: Vec<u8>,
+    data: Vec<u8>,
+    /// Offset of each type's header in `data`, by type id (0: `void`).
+    types: Vec<u32>,
+    str_off: usize,
+    str_len: usize,
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
@@ -64,6 +72,17 @@ fn u16_at(b: &[u8], off: usize) -> Option<u16> {
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+/// Bytes after the common header of a type of `kind` with `vlen` entries.
+fn extra_len(kind: u32, vlen: usize) -> usize {
+    match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+        KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+        _ => 0,
+    }
 }
 
 impl Btf {
@@ -77,11 +96,12 @@ impl Btf {
             path: path.display().to_string(),
             source,
         })?;
-        Btf::parse(&data).ok_or(BtfError::Malformed)
+        Btf::parse(data).ok_or(BtfError::Malformed)
     }
 
     /// Little-endian BTF only (the machines this agent runs on).
-    pub fn parse(b: &[u8]) -> Option<Btf> {
+    pub fn parse(data: Vec<u8>) -> Option<Btf> {
+        let b = &data;
         if u16_at(b, 0)? != MAGIC {
             return None;
         }
@@ -90,65 +110,74 @@ impl Btf {
         let type_len = u32_at(b, 12)? as usize;
         let str_off = hdr_len + u32_at(b, 16)? as usize;
         let str_len = u32_at(b, 20)? as usize;
-        let strings = b.get(str_off..str_off + str_len)?.to_vec();
-        let sec = b.get(type_off..type_off + type_len)?;
-        // Type id 0 is `void`: index 0 is a placeholder.
-        let mut types = vec![Type {
-            kind: 0,
-            name_off: 0,
-            size_or_type: 0,
-            members: Vec::new(),
-        }];
-        let mut at = 0;
-        while at < sec.len() {
-            let name_off = u32_at(sec, at)?;
-            let info = u32_at(sec, at + 4)?;
-            let size_or_type = u32_at(sec, at + 8)?;
-            at += 12;
+        b.get(str_off..str_off + str_len)?;
+        let end = type_off + type_len;
+        b.get(type_off..end)?;
+        let mut types = vec![0u32];
+        let mut at = type_off;
+        while at < end {
+            let info = u32_at(b, at + 4)?;
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 != 0;
-            let mut members = Vec::new();
-            // What follows the common header, per kind.
-            let extra = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let off = u32_at(sec, m + 8)?;
-                        // kind_flag: bitfield size in the top 8 bits.
-                        let bits = if kind_flag { off & 0xff_ffff } else { off };
-                        members.push((u32_at(sec, m)?, u32_at(sec, m + 4)?, bits));
-                    }
-                    vlen * 12
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => vlen * 12,
-                _ => 0,
-            };
-            at += extra;
-            types.push(Type {
-                kind,
-                name_off,
-                size_or_type,
-                members,
-            });
+            types.push(u32::try_from(at).ok()?);
+            at += 12 + extra_len(kind, vlen);
         }
-        Some(Btf { types, strings })
+        if at != end {
+            return None;
+        }
+        Some(Btf {
+            data,
+            types,
+            str_off,
+            str_len,
+        })
+    }
+
+    fn ty(&self, id: u32) -> Option<Type> {
+        let at = *self.types.get(id as usize)? as usize;
+        if id == 0 {
+            return None;
+        }
+        let info = u32_at(&self.data, at + 4)?;
+        Some(Type {
+            kind: (info >> 24) & 0x1f,
+            name_off: u32_at(&self.data, at)?,
+            size_or_type: u32_at(&self.data, at + 8)?,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 != 0,
+            extra: at + 12,
+        })
+    }
+
+    /// Struct/union members: (name offset, type id, bit offset).
+    fn members(&self, t: &Type) -> impl Iterator<Item = (u32, u32, u32)> + '_ {
+        let (base, kind_flag) = (t.extra, t.kind_flag);
+        let n = if matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+            t.vlen
+        } else {
+            0
+        };
+        (0..n).filter_map(move |i| {
+            let m = base + i * 12;
+            let off = u32_at(&self.data, m + 8)?;
+            // kind_flag: bitfield size in the top 8 bits.
+            let bits = if kind_flag { off & 0xff_ffff } else { off };
+            Some((u32_at(&self.data, m)?, u32_at(&self.data, m + 4)?, bits))
+        })
     }
 
     fn name(&self, off: u32) -> &[u8] {
-        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let strings = &self.data[self.str_off..self.str_off + self.str_len];
+        let rest = strings.get(off as usize..).unwrap_or_default();
         let end = rest.iter().position(|c| *c == 0).unwrap_or(rest.len());
         &rest[..end]
     }
 
     fn find(&self, kind: u32, name: &str) -> Option<u32> {
-        self.types
-            .iter()
-            .position(|t| t.kind == kind && self.name(t.name_off) == name.as_bytes())
-            .map(|i| i as u32)
+        (1..self.types.len() as u32).find(|id| {
+            self.ty(*id)
+                .is_some_and(|t| t.kind == kind && self.name(t.name_off) == name.as_bytes())
+        })
     }
 
     /// The id of FUNC `name` (a kfunc to call, an iterator to attach to).
@@ -161,9 +190,9 @@ impl Btf {
     }
 
     /// `id` with typedefs and qualifiers stripped.
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn resolve(&self, mut id: u32) -> Option<Type> {
         for _ in 0..32 {
-            let t = self.types.get(id as usize)?;
+            let t = self.ty(id)?;
             match t.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     id = t.size_or_type
@@ -177,15 +206,15 @@ impl Btf {
     /// Bit offset of `member` in struct/union `t`, looking through
     /// anonymous members.
     fn member_bits(&self, t: &Type, member: &str) -> Option<u32> {
-        for (name_off, type_id, bits) in &t.members {
-            let name = self.name(*name_off);
+        for (name_off, type_id, bits) in self.members(t) {
+            let name = self.name(name_off);
             if name == member.as_bytes() {
-                return Some(*bits);
+                return Some(bits);
             }
             if name.is_empty()
-                && let Some(inner) = self.resolve(*type_id)
+                && let Some(inner) = self.resolve(type_id)
                 && matches!(inner.kind, KIND_STRUCT | KIND_UNION)
-                && let Some(b) = self.member_bits(inner, member)
+                && let Some(b) = self.member_bits(&inner, member)
             {
                 return Some(bits + b);
             }
@@ -200,9 +229,11 @@ impl Btf {
             kind: "STRUCT member",
             name: format!("{name}.{member}"),
         };
-        let id = self.find(KIND_STRUCT, name).ok_or_else(not_found)?;
-        let t = &self.types[id as usize];
-        let bits = self.member_bits(t, member).ok_or_else(not_found)?;
+        let t = self
+            .find(KIND_STRUCT, name)
+            .and_then(|id| self.ty(id))
+            .ok_or_else(not_found)?;
+        let bits = self.member_bits(&t, member).ok_or_else(not_found)?;
         // A bitfield is no load target.
         if bits % 8 != 0 {
             return Err(not_found());
@@ -245,7 +276,13 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_btf() {
-        assert!(Btf::parse(b"").is_none());
-        assert!(Btf::parse(&[0u8; 64]).is_none());
+        assert!(Btf::parse(Vec::new()).is_none());
+        assert!(Btf::parse(vec![0u8; 64]).is_none());
+        // A valid header whose type section overruns the blob.
+        let mut b = vec![0u8; 24];
+        b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&24u32.to_le_bytes());
+        b[12..16].copy_from_slice(&100u32.to_le_bytes());
+        assert!(Btf::parse(b).is_none());
     }
 }
