@@ -17,14 +17,17 @@
 //! `--bpf-lb-sock-terminate false`): the clients keep their old backend.
 //! `service_deleted_*`: the service itself goes; with the destroy on the
 //! client's socket fails within 1 s (and nothing answers any more), with it
-//! off the socket keeps talking to the old backend.
+//! off the socket keeps talking to the old backend. `tcp_*`: an
+//! established TCP connection through the ClusterIP is aborted
+//! (ECONNABORTED) within 1 s with `--bpf-lb-sock-terminate-tcp`, and kept
+//! without it (the default).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use proxy_tests::scenario::{
     ClientResult, Endpoint, EndpointSlice, ErrorKind, PodClient, Protocol, Request, RunningClient,
-    Scenario, SocketLb, until_backends,
+    Scenario, SocketLb, StreamResult, until_backends,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 201, 53);
@@ -38,19 +41,34 @@ const WITHIN: Duration = Duration::from_secs(1);
 /// How much later than the test's clock a client's may start.
 const CLOCK_MARGIN: Duration = Duration::from_millis(100);
 
+/// TCP port of the service (a sink behind it: `podclient --hold-secs`).
+const TCP_PORT: u16 = 70;
+const TCP_TARGET: u16 = 7000;
+
 fn slice(backend: (usize, usize), s: &Scenario) -> EndpointSlice {
     EndpointSlice::new("dns-1", "dns")
         .port(Some("dns"), TARGET, Protocol::Udp)
+        .port(Some("hold"), TCP_TARGET, Protocol::Tcp)
         .endpoint(Endpoint::ready(s.pod(backend.0, backend.1)))
 }
 
 fn setup(destroy: bool) -> Scenario {
     let flag = if destroy { "true" } else { "false" };
+    setup_with(&["--bpf-lb-sock-terminate", flag])
+}
+
+fn setup_with(args: &[&str]) -> Scenario {
     let s = Scenario::builder("stale", SocketLb::On)
         .udp_server((1, 2), TARGET)
         .udp_server((2, 1), TARGET)
-        .object(&proxy_tests::scenario::Service::cluster_ip("dns", VIP).udp("dns", PORT, TARGET))
-        .agent_args(&["--bpf-lb-sock-terminate", flag])
+        .tcp_sink((1, 2), TCP_TARGET)
+        .tcp_sink((2, 1), TCP_TARGET)
+        .object(
+            &proxy_tests::scenario::Service::cluster_ip("dns", VIP)
+                .udp("dns", PORT, TARGET)
+                .tcp("hold", TCP_PORT, TCP_TARGET),
+        )
+        .agent_args(args)
         .build()
         .expect("scenario");
     s.apply(&slice((1, 2), &s));
@@ -258,4 +276,47 @@ fn service_deleted_destroy_off_the_connected_socket_keeps_its_backend() {
         "{}",
         summary(&rs)
     );
+}
+
+/// A TCP stream (a chunk every 50 ms, to a sink) through the ClusterIP
+/// while the backend is replaced; returns it and the change's time.
+fn hold_across_the_change(s: &Scenario) -> (StreamResult, Duration) {
+    let c = s.client(1, 1);
+    let t0 = Instant::now();
+    let running = c
+        .spawn_hold(SocketAddr::from((VIP, TCP_PORT)), 3.0, 1)
+        .expect("hold");
+    std::thread::sleep(SWITCH_AFTER);
+    let switched = t0.elapsed();
+    s.apply(&slice((2, 1), s));
+    let mut rs: Vec<StreamResult> = running.wait(Duration::from_secs(8)).expect("hold");
+    assert_eq!(rs.len(), 1);
+    (rs.remove(0), switched)
+}
+
+/// `--bpf-lb-sock-terminate-tcp`: the connection to the removed backend
+/// is aborted within 1 s (ECONNABORTED).
+#[test]
+fn tcp_flag_on_the_connection_to_the_removed_backend_is_aborted() {
+    let s = setup_with(&["--bpf-lb-sock-terminate-tcp"]);
+    let (r, switched) = hold_across_the_change(&s);
+    eprintln!("stream: {r:?}");
+    assert!(!r.ok, "the connection survived: {r:?}");
+    let at = Duration::from_secs_f64(r.elapsed_ms / 1000.0);
+    assert!(
+        at + CLOCK_MARGIN >= switched && at + CLOCK_MARGIN < switched + WITHIN,
+        "failed at {at:?}, the change at {switched:?}: {r:?}"
+    );
+    let detail = r.detail.as_deref().unwrap_or("");
+    assert!(detail.contains("os error 103"), "ECONNABORTED: {r:?}");
+    assert!(r.sent > 0, "{r:?}");
+}
+
+/// TCP is not destroyed by default: the established connection keeps its
+/// (removed, still running) backend.
+#[test]
+fn tcp_by_default_the_connection_keeps_its_backend() {
+    let s = setup(true);
+    let (r, _) = hold_across_the_change(&s);
+    assert!(r.ok, "{r:?}");
 }
