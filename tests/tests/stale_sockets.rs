@@ -20,7 +20,8 @@
 //! off the socket keeps talking to the old backend. `tcp_*`: an
 //! established TCP connection through the ClusterIP is aborted
 //! (ECONNABORTED) within 1 s with `--bpf-lb-sock-terminate-tcp`, and kept
-//! without it (the default).
+//! without it (the default). `ipv6_*`: the UDP case over an IPv6
+//! ClusterIP.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -94,11 +95,15 @@ fn host_client(s: &Scenario) -> PodClient {
 }
 
 fn resolver(c: &PodClient) -> RunningClient {
+    resolver_to(c, SocketAddr::from((VIP, PORT)))
+}
+
+fn resolver_to(c: &PodClient, to: SocketAddr) -> RunningClient {
     c.spawn(&[
         "--proto".into(),
         "udp".into(),
         "--to".into(),
-        SocketAddr::from((VIP, PORT)).to_string(),
+        to.to_string(),
         "--resolver-secs".into(),
         RUN.as_secs_f64().to_string(),
         "--interval-ms".into(),
@@ -319,4 +324,62 @@ fn tcp_by_default_the_connection_keeps_its_backend() {
     let s = setup(true);
     let (r, _) = hold_across_the_change(&s);
     assert!(r.ok, "{r:?}");
+}
+
+/// The same over IPv6 (an IPv6-only ClusterIP: `SOCK_RNAT_V6`, the
+/// iterator's IPv6 branch), from a pod.
+#[test]
+fn ipv6_destroy_on_connected_udp_clients_reach_the_new_backend_within_1s() {
+    let vip6 = std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc9, 0x53);
+    let to = SocketAddr::from((vip6, PORT));
+    let slice6 = |s: &Scenario, (i, j): (usize, usize)| {
+        let p = s.pod(i, j);
+        EndpointSlice::new("dns6-1", "dns6")
+            .ipv6()
+            .port(Some("dns"), TARGET, Protocol::Udp)
+            .endpoint(Endpoint::ready(p).ipv6(p))
+    };
+    let s = Scenario::builder("stale6", SocketLb::On)
+        .dual_stack_servers()
+        .udp_server((1, 2), TARGET)
+        .udp_server((2, 1), TARGET)
+        .object(&proxy_tests::scenario::Service::cluster_ip("dns6", vip6).udp("dns", PORT, TARGET))
+        .build()
+        .expect("scenario");
+    s.apply(&slice6(&s, (1, 2)));
+    let c = s.client(1, 1);
+    // (The harness' `until_backends` checks an IPv4 client address.)
+    proxy_tests::scenario::eventually(Duration::from_secs(8), || {
+        let rs = c
+            .run(&Request::udp(to).count(3))
+            .map_err(|e| e.to_string())?;
+        if rs.iter().all(|r| r.ok && r.backend() == Some("pod-1-2")) {
+            Ok(())
+        } else {
+            Err(summary(&rs))
+        }
+    });
+    let t0 = Instant::now();
+    let running = resolver_to(&c, to);
+    std::thread::sleep(SWITCH_AFTER);
+    let switched = t0.elapsed();
+    s.apply(&slice6(&s, (2, 1)));
+    let rs: Vec<ClientResult> = running
+        .wait(RUN + Duration::from_secs(5))
+        .expect("resolver");
+    let first_new = answered_by(&rs, "pod-2-1")
+        .next()
+        .unwrap_or_else(|| panic!("never reached pod-2-1: {}", summary(&rs)));
+    let took = first_new.elapsed().saturating_sub(switched);
+    eprintln!("IPv6: first answer from pod-2-1 {took:?} after the change");
+    assert!(
+        took + CLOCK_MARGIN < WITHIN,
+        "took {took:?}: {}",
+        summary(&rs)
+    );
+    assert!(
+        !answered_by(&rs, "pod-1-2").any(|r| r.elapsed() > first_new.elapsed()),
+        "{}",
+        summary(&rs)
+    );
 }
