@@ -113,7 +113,7 @@ const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_ITER: u32 = 28;
 
 /// `union bpf_attr`, as bytes: each command sets the few fields it uses
-/// at their offsets in `include/uapi/linux/bpf.h`; the rest stays zero.
+/// at the offset the kernel's uapi layout gives it; the rest stays zero.
 #[repr(C, align(8))]
 struct Attr([u8; 144]);
 
