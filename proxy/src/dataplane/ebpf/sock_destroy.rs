@@ -322,6 +322,21 @@ pub struct ProgMaps<'a> {
 const REVNAT4_SVC: i16 = std::mem::offset_of!(proxy_common::SockRevNatValue, service_id) as i16;
 const REVNAT6_SVC: i16 = std::mem::offset_of!(proxy_common::SockRevNatValue6, service_id) as i16;
 
+// The program builds the reverse keys on its stack at the offsets below
+// (see [`program`]): they must be `SockRevNatKey`'s and `SockRevNatKey6`'s.
+const _: () = {
+    use proxy_common::{SockRevNatKey, SockRevNatKey6};
+    use std::mem::{offset_of, size_of};
+    assert!(offset_of!(SockRevNatKey, cookie) == 0);
+    assert!(offset_of!(SockRevNatKey, addr) == 8);
+    assert!(offset_of!(SockRevNatKey, port) == 12);
+    assert!(size_of::<SockRevNatKey>() == 16);
+    assert!(offset_of!(SockRevNatKey6, cookie) == 0);
+    assert!(offset_of!(SockRevNatKey6, addr) == 8);
+    assert!(offset_of!(SockRevNatKey6, port) == 24);
+    assert!(size_of::<SockRevNatKey6>() == 32);
+};
+
 /// The iterator program. Stack layout (fp = r10):
 ///
 /// IPv4: fp-24 cookie (u64) | fp-16 addr | fp-12 port | fp-10 0 | fp-8

@@ -127,15 +127,13 @@ impl EbpfDataplane {
         if !wanted {
             return Vec::new();
         }
+        // What stays (a set: a frontend may have thousands of backends).
+        let staying: std::collections::HashSet<_> = new
+            .map(|f| f.backends.iter().map(|n| (n.addr, n.port)).collect())
+            .unwrap_or_default();
         old.backends
             .iter()
-            .filter(|b| {
-                new.is_none_or(|f| {
-                    !f.backends
-                        .iter()
-                        .any(|n| n.addr == b.addr && n.port == b.port)
-                })
-            })
+            .filter(|b| !staying.contains(&(b.addr, b.port)))
             .map(|b| {
                 (
                     Target {
