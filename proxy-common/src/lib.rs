@@ -20,7 +20,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// How the kernel stores a map ([`MapDef::kind`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +243,20 @@ pub mod maps {
         0,
         "(socket cookie, IPv6 backend addr, port) -> frontend addr, port, id (socket LB reverse)",
     );
+    pub const CONNTRACK6: MapDef<CtKey6, CtValue> = MapDef::new(
+        "CT_V6",
+        MapKind::LruHash,
+        262_144,
+        0,
+        "IPv6 (saddr, daddr, sport, dport, proto, direction) -> as CT_V4 (per-packet east-west flows; no NAT address)",
+    );
+    pub const REVNAT6: MapDef<u32, RevNat6> = MapDef::new(
+        "REVNAT_V6",
+        MapKind::Hash,
+        65_536,
+        BPF_F_NO_PREALLOC,
+        "IPv6 frontend id -> frontend addr, port (what replies must carry)",
+    );
     pub const STATS: MapDef<u32, u64> = MapDef::new(
         "STATS",
         MapKind::PerCpuArray,
@@ -252,7 +266,7 @@ pub mod maps {
     );
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [MapInfo; 18] = [
+    pub const ALL: [MapInfo; 20] = [
         SERVICES.info(),
         SLOTS.info(),
         BACKENDS.info(),
@@ -270,6 +284,8 @@ pub mod maps {
         SERVICES6.info(),
         BACKENDS6.info(),
         SOCK_REVNAT6.info(),
+        CONNTRACK6.info(),
+        REVNAT6.info(),
         STATS.info(),
     ];
 }
@@ -316,6 +332,15 @@ pub mod progs {
 /// to it come back through the pod's host interface, where they are
 /// translated back.
 pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// [`HAIRPIN_ADDR`]'s IPv6 twin, `fd00:a9fe:2a01::1`: a unique local
+/// address (RFC 4193, `fd00::/8`) whose bytes after the prefix repeat the
+/// IPv4 one (169.254.42.1), not expected to be assigned in a cluster. A
+/// pod's replies to it leave by its default route, through its host
+/// interface, where they are translated back.
+pub const HAIRPIN_ADDR6: [u8; 16] = [
+    0xfd, 0, 0xa9, 0xfe, 0x2a, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
 
 /// Conntrack idle timeouts (seconds), applied by the agent's GC.
 pub mod ct_timeout {
@@ -586,7 +611,6 @@ pub struct RevNat {
     pub _pad: u16,
 }
 
-/// Conntrack key: the packet's own tuple plus the direction it was seen in.
 /// An IPv6 address: its 16 octets as four words, each in network byte
 /// order (`u32::from_ne_bytes` of four octets), as `bpf_sock_addr.user_ip6`
 /// and the IPv6 header hold it.
@@ -639,6 +663,34 @@ pub struct SockRevNatValue6 {
     pub service_id: u32,
 }
 
+/// [`maps::REVNAT6`] value: [`RevNat`] for an IPv6 frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNat6 {
+    pub addr: Ip6,
+    /// L4 port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// [`maps::CONNTRACK6`] key: [`CtKey`] for IPv6 (addresses as [`Ip6`],
+/// ports in network byte order). Its value is a [`CtValue`] whose
+/// `nat_addr`/`nat_port` stay 0: IPv6 flows are east-west only (no SNAT,
+/// no DSR).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: Ip6,
+    pub daddr: Ip6,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`ct_dir`].
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Conntrack key: the packet's own tuple plus the direction it was seen in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -795,7 +847,8 @@ pub const DSR_OPT_TYPE: u8 = 0x9a;
 
 /// Indices into the per-CPU [`maps::STATS`] array.
 pub mod stat {
-    /// IPv4 TCP/UDP packets the programs examined.
+    /// TCP/UDP packets (IPv4 and, on pods' interfaces, IPv6) the programs
+    /// examined.
     pub const PACKETS: u32 = 0;
     /// Packets translated to a backend (DNAT).
     pub const DNAT: u32 = 1;
@@ -810,8 +863,9 @@ pub mod stat {
     /// IPv4 packets with options, passed untouched.
     pub const PASS_IP_OPTIONS: u32 = 6;
     /// IPv4 non-first fragments whose first fragment was not translated
-    /// here (not a service flow, or it has not arrived yet), passed
-    /// untouched.
+    /// here (not a service flow, or it has not arrived yet), and every
+    /// IPv6 fragment (IPv6 fragments are not followed: the whole datagram
+    /// passes untouched), passed untouched.
     pub const PASS_FRAGMENT: u32 = 7;
     /// Slot or backend missing for a frontend (a race or a bug), dropped.
     pub const DROP_NO_SLOT: u32 = 8;
@@ -846,8 +900,15 @@ pub mod stat {
     /// North-south SNAT found no free node port for a (node, backend) pair
     /// within its bounded probe: the new flow is dropped.
     pub const DROP_SNAT_EXHAUSTED: u32 = 20;
+    /// IPv6 packets whose extension-header chain is longer than the
+    /// parser's bound (`IPV6_MAX_EXT_HDRS` in the kernel side) or holds a
+    /// header it does not walk (authentication, ESP, mobility ...), passed
+    /// untouched.
+    pub const PASS_IPV6_EXT_HDRS: u32 = 21;
+    /// IPv6 packets translated to a backend (also counted in `dnat`).
+    pub const DNAT_V6: u32 = 22;
     /// Number of counters.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 23;
 
     /// Counter names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -872,6 +933,8 @@ pub mod stat {
         "frag_matched",
         "drop_dsr_mtu",
         "drop_snat_exhausted",
+        "pass_ipv6_ext_hdrs",
+        "dnat_v6",
     ];
 }
 
@@ -899,6 +962,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend6>() == 20);
     assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
     assert!(core::mem::size_of::<SockRevNatValue6>() == 24);
+    assert!(core::mem::size_of::<RevNat6>() == 20);
+    assert!(core::mem::size_of::<CtKey6>() == 40);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -930,6 +995,8 @@ mod user {
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for SockRevNatKey6 {}
     unsafe impl aya::Pod for SockRevNatValue6 {}
+    unsafe impl aya::Pod for RevNat6 {}
+    unsafe impl aya::Pod for CtKey6 {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.
@@ -1176,6 +1243,25 @@ mod decode {
     impl SockRevNatValue6 {
         pub fn frontend(&self) -> core::net::SocketAddrV6 {
             sock6(self.addr, self.port)
+        }
+    }
+
+    impl RevNat6 {
+        /// The frontend replies must carry.
+        pub fn frontend(&self) -> core::net::SocketAddrV6 {
+            sock6(self.addr, self.port)
+        }
+    }
+
+    impl CtKey6 {
+        pub fn is_reply(&self) -> bool {
+            self.dir == ct_dir::REPLY
+        }
+        pub fn src(&self) -> core::net::SocketAddrV6 {
+            sock6(self.saddr, self.sport)
+        }
+        pub fn dst(&self) -> core::net::SocketAddrV6 {
+            sock6(self.daddr, self.dport)
         }
     }
 

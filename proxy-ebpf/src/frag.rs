@@ -2,21 +2,19 @@
 //!
 //! Only the first fragment carries the L4 header. When a hook translates a
 //! first fragment it records the datagram's ports in `FRAGMENTS` under the
-//! tuple the fragments carry at that hook ([`remember`]); the later
-//! fragments find their ports there ([`later_ports`]), take the same
+//! tuple the fragments carry at that hook (`Addr::remember_fragment`); the
+//! later fragments find their ports there (`Addr::later_ports`), take the same
 //! conntrack path and get the same address rewrite (their L4 checksum lives
 //! in the first fragment, which was already fixed for the whole datagram).
 //! A later fragment that arrives before its first one, or whose datagram is
 //! not a service flow, passes untouched (`PASS_FRAGMENT`).
+//!
+//! IPv6 fragments are not followed: the parser refuses every packet with a
+//! non-atomic fragment header (`PASS_FRAGMENT`), so a fragmented IPv6
+//! datagram passes untouched whole, its first fragment included (never
+//! half-translated).
 
-use proxy_common::{FragValue, stat};
-
-use crate::{
-    error::Error,
-    hdr::{IP_MF, IP_OFFSET_MASK},
-    maps::{FRAGMENTS, count},
-    tuple::{Addr, Tuple},
-};
+use crate::hdr::{IP_MF, IP_OFFSET_MASK};
 
 /// Where a packet stands in a fragmented datagram.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,33 +39,5 @@ impl Frag {
         } else {
             Frag::Whole
         }
-    }
-}
-
-/// The ports of a later fragment's datagram, if its first fragment was
-/// translated at this hook; `Err(Fragment)` (pass untouched) otherwise.
-#[inline(always)]
-pub fn later_ports(saddr: u32, daddr: u32, id: u16, proto: u8) -> Result<FragValue, Error> {
-    // SAFETY: copied out at once.
-    let v = unsafe { FRAGMENTS.get(u32::frag_key(saddr, daddr, id, proto)) }
-        .copied()
-        .ok_or(Error::Fragment)?;
-    count(stat::FRAG_MATCHED);
-    Ok(v)
-}
-
-/// A first fragment with tuple `t` was translated: its later fragments
-/// must follow.
-#[inline(always)]
-pub fn remember(frag: Frag, t: &Tuple<u32>, id: u16) {
-    if frag == Frag::First {
-        let _ = FRAGMENTS.insert(
-            u32::frag_key(t.saddr, t.daddr, id, t.proto),
-            FragValue {
-                sport: t.sport,
-                dport: t.dport,
-            },
-            0,
-        );
     }
 }

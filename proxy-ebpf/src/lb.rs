@@ -1,23 +1,25 @@
 //! Backend selection shared by the per-packet and the socket paths.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key as LpmKey};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Ip6, MAGLEV_FLOW_SEED,
-    MaglevKey, ServiceValue, SlotKey, SourceRangeKey, stat, svc_flags,
+    MaglevKey, ServiceValue, SlotKey, stat,
 };
 
 use crate::{
     error::Error,
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, BACKENDS6, MAGLEV, SLOTS, SOURCE_RANGES, count},
-    tuple::Tuple,
+    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, BACKENDS6, MAGLEV, SLOTS, count},
+    tuple::{Addr, Tuple},
 };
 
 /// The backend map of an address family, implemented on its address type.
 /// Backend ids are one space across both families; a frontend's slots
 /// hold ids of its own family's backends only.
-pub trait Backends {
+pub trait Backends: Sized {
     type Backend: Copy;
     fn backend(id: u32) -> Option<Self::Backend>;
+    /// The backend's address and port (network order).
+    fn backend_addr(b: &Self::Backend) -> (Self, u16);
 }
 
 impl Backends for u32 {
@@ -26,6 +28,10 @@ impl Backends for u32 {
     fn backend(id: u32) -> Option<Backend> {
         // SAFETY: copied out at once.
         unsafe { BACKENDS.get(id) }.copied()
+    }
+    #[inline(always)]
+    fn backend_addr(b: &Backend) -> (u32, u16) {
+        (b.addr, b.port)
     }
 }
 
@@ -36,26 +42,17 @@ impl Backends for Ip6 {
         // SAFETY: copied out at once.
         unsafe { BACKENDS6.get(id) }.copied()
     }
+    #[inline(always)]
+    fn backend_addr(b: &Backend6) -> (Ip6, u16) {
+        (b.addr, b.port)
+    }
 }
 
 /// `loadBalancerSourceRanges`: a frontend flagged `SOURCE_RANGES` serves
 /// only clients inside one of its ranges; others are dropped.
 #[inline(always)]
-pub fn check_source(svc: &ServiceValue, saddr: u32) -> Result<(), Error> {
-    if svc.flags & svc_flags::SOURCE_RANGES == 0 {
-        return Ok(());
-    }
-    let k = LpmKey::new(
-        64,
-        SourceRangeKey {
-            service_id_be: svc.id.to_be(),
-            addr: saddr,
-        },
-    );
-    if SOURCE_RANGES.get(&k).is_none() {
-        return Err(Error::SourceRange);
-    }
-    Ok(())
+pub fn check_source<A: Addr>(svc: &ServiceValue, saddr: A) -> Result<(), Error> {
+    A::check_source(svc, saddr)
 }
 
 #[inline(always)]
@@ -91,7 +88,7 @@ pub fn flow_hash(f: &Tuple<u32>) -> u32 {
 pub fn select_flow(
     svc: &ServiceValue,
     flow: &Tuple<u32>,
-    client: AffinityKey,
+    client: Option<AffinityKey>,
     now: u64,
 ) -> Result<(u32, Backend), Error> {
     if svc.maglev_size != 0 && svc.affinity_timeout == 0 {
@@ -111,13 +108,16 @@ pub fn select_flow(
 
 /// Pick a backend for a new flow: the client's affinity backend while it is
 /// fresh and still exists, otherwise a random slot of the live generation.
+/// `client` None: no affinity key for this client (per-packet IPv6, see
+/// `tuple::Addr::affinity_key`), random selection only.
 #[inline(always)]
 pub fn select<A: Backends>(
     svc: &ServiceValue,
-    client: AffinityKey,
+    client: Option<AffinityKey>,
     now: u64,
 ) -> Result<(u32, A::Backend), Error> {
     if svc.affinity_timeout != 0
+        && let Some(client) = client
         && let Some(a) = AFFINITY.get_ptr_mut(client)
     {
         // SAFETY: pointer from a successful lookup; plain integers.
@@ -143,7 +143,9 @@ pub fn select<A: Backends>(
     // SAFETY: values are copied out at once.
     let id = unsafe { SLOTS.get(slot) }.copied().ok_or(Error::NoSlot)?;
     let b = A::backend(id).ok_or(Error::NoSlot)?;
-    if svc.affinity_timeout != 0 {
+    if svc.affinity_timeout != 0
+        && let Some(client) = client
+    {
         let v = AffinityValue {
             last_used_ns: now,
             backend_id: id,

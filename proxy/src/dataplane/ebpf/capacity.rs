@@ -140,6 +140,7 @@ impl Knob {
             _ if n(defs::SERVICES.info())
                 || n(defs::SERVICES6.info())
                 || n(defs::REVNAT.info())
+                || n(defs::REVNAT6.info())
                 || n(defs::SVC_STATS.info()) =>
             {
                 Knob::Frontends
@@ -147,6 +148,7 @@ impl Knob {
             _ if n(defs::BACKENDS.info()) || n(defs::BACKENDS6.info()) => Knob::Backends,
             _ if n(defs::SLOTS.info()) || n(defs::AFFINITY_MATCH.info()) => Knob::Slots,
             _ if n(defs::CONNTRACK.info())
+                || n(defs::CONNTRACK6.info())
                 || n(defs::SOCK_REVNAT.info())
                 || n(defs::SOCK_REVNAT6.info()) =>
             {

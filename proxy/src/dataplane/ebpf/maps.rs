@@ -13,10 +13,10 @@ use aya::{
     },
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue,
-    FragKey, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind, RevNat, ServiceKey,
-    ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
-    SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs, stat, svc_flags,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtKey6,
+    CtValue, FragKey, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind, RevNat,
+    RevNat6, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6,
+    SockRevNatValue, SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs, stat, svc_flags,
 };
 use serde::{Serialize, Serializer};
 
@@ -346,6 +346,8 @@ maps! {
     services6: HashMap<MapData, ServiceKey6, ServiceValue> = SERVICES6,
     backends6: HashMap<MapData, u32, Backend6> = BACKENDS6,
     sock_revnat6: HashMap<MapData, SockRevNatKey6, SockRevNatValue6> = SOCK_REVNAT6,
+    conntrack6: HashMap<MapData, CtKey6, CtValue> = CONNTRACK6,
+    revnat6: HashMap<MapData, u32, RevNat6> = REVNAT6,
     stats: PerCpuArray<MapData, u64> = STATS,
 }
 
@@ -469,26 +471,53 @@ impl Maps {
             .into_iter()
             .map(|(id, r)| RevNatEntry {
                 service_id: id,
-                address: r.frontend(),
+                address: r.frontend().into(),
             })
+            .chain(
+                collect(defs::REVNAT6.name, self.revnat6.iter())?
+                    .into_iter()
+                    .map(|(id, r)| RevNatEntry {
+                        service_id: id,
+                        address: r.frontend().into(),
+                    }),
+            )
             .collect();
+        let direction = |reply: bool| {
+            if reply {
+                Direction::Reply
+            } else {
+                Direction::Service
+            }
+        };
         let conntrack = collect(defs::CONNTRACK.name, self.conntrack.iter())?
             .into_iter()
             .map(|(k, v)| CtEntry {
-                direction: if k.is_reply() {
-                    Direction::Reply
-                } else {
-                    Direction::Service
-                },
+                direction: direction(k.is_reply()),
                 proto: Proto(k.proto),
-                src: k.src(),
-                dst: k.dst(),
+                src: k.src().into(),
+                dst: k.dst().into(),
                 service_id: v.service_id,
                 backend_id: v.backend_id,
                 flags: v.flags,
                 last_seen_ns: v.last_seen_ns,
-                nat: v.nat(),
+                nat: v.nat().map(Into::into),
             })
+            .chain(
+                collect(defs::CONNTRACK6.name, self.conntrack6.iter())?
+                    .into_iter()
+                    .map(|(k, v)| CtEntry {
+                        direction: direction(k.is_reply()),
+                        proto: Proto(k.proto),
+                        src: k.src().into(),
+                        dst: k.dst().into(),
+                        service_id: v.service_id,
+                        backend_id: v.backend_id,
+                        flags: v.flags,
+                        last_seen_ns: v.last_seen_ns,
+                        // IPv6 flows are never NATed beyond DNAT.
+                        nat: None,
+                    }),
+            )
             .collect();
         let affinity = collect(defs::AFFINITY.name, self.affinity.iter())?
             .into_iter()
@@ -628,9 +657,10 @@ impl Maps {
             .collect()
     }
 
-    /// Number of entries of the conntrack map (walks the keys).
+    /// Number of entries of both conntrack maps (walks the keys).
     pub fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
+            + self.conntrack6.keys().filter(Result::is_ok).count()
     }
 }
 
@@ -1015,22 +1045,22 @@ pub struct BackendEntry {
 #[derive(Clone, Debug, Serialize)]
 pub struct RevNatEntry {
     pub service_id: u32,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct CtEntry {
     pub direction: Direction,
     pub proto: Proto,
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub service_id: u32,
     pub backend_id: u32,
     pub flags: u32,
     pub last_seen_ns: u64,
     /// SNAT/DSR flows: on the service entry the address the client was
     /// rewritten to, on the reply entry the client's own address.
-    pub nat: Option<SocketAddrV4>,
+    pub nat: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize)]
