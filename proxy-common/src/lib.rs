@@ -257,6 +257,13 @@ pub mod maps {
         BPF_F_NO_PREALLOC,
         "IPv6 frontend id -> frontend addr, port (what replies must carry)",
     );
+    pub const AFFINITY6: MapDef<AffinityKey6, AffinityValue> = MapDef::new(
+        "AFFINITY_V6",
+        MapKind::LruHash,
+        65_536,
+        0,
+        "(IPv6 client IP, frontend id) -> backend id, last used (per-packet path)",
+    );
     pub const STATS: MapDef<u32, u64> = MapDef::new(
         "STATS",
         MapKind::PerCpuArray,
@@ -266,7 +273,7 @@ pub mod maps {
     );
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [MapInfo; 20] = [
+    pub const ALL: [MapInfo; 21] = [
         SERVICES.info(),
         SLOTS.info(),
         BACKENDS.info(),
@@ -286,6 +293,7 @@ pub mod maps {
         SOCK_REVNAT6.info(),
         CONNTRACK6.info(),
         REVNAT6.info(),
+        AFFINITY6.info(),
         STATS.info(),
     ];
 }
@@ -530,6 +538,17 @@ pub struct AffinityKey {
     /// the socket path).
     pub client_addr: u32,
     pub service_id: u32,
+}
+
+/// [`maps::AFFINITY6`] key: [`AffinityKey`] of an IPv6 client on the
+/// per-packet path (the socket path keys by netns cookie in `AFFINITY_V4`
+/// for both families).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey6 {
+    pub client_addr: Ip6,
+    pub service_id: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -964,6 +983,7 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevNatValue6>() == 24);
     assert!(core::mem::size_of::<RevNat6>() == 20);
     assert!(core::mem::size_of::<CtKey6>() == 40);
+    assert!(core::mem::size_of::<AffinityKey6>() == 24);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -997,6 +1017,7 @@ mod user {
     unsafe impl aya::Pod for SockRevNatValue6 {}
     unsafe impl aya::Pod for RevNat6 {}
     unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.
@@ -1250,6 +1271,12 @@ mod decode {
         /// The frontend replies must carry.
         pub fn frontend(&self) -> core::net::SocketAddrV6 {
             sock6(self.addr, self.port)
+        }
+    }
+
+    impl AffinityKey6 {
+        pub fn client_ip(&self) -> core::net::Ipv6Addr {
+            ip6_addr(self.client_addr)
         }
     }
 

@@ -101,7 +101,7 @@ pub fn start_pod<A: Wire>(
 ) -> Result<(CtValue, A::Backend), Error> {
     may_start(pkt)?;
     let t = &pkt.tuple;
-    let (backend_id, b) = lb::select::<A>(svc, t.affinity_key(svc.id), now)?;
+    let (backend_id, b) = lb::select::<A, _>(svc, t.affinity_key(svc.id), now)?;
     let mut value = new_value(pkt, svc, backend_id, now);
     let (addr, port) = A::backend_addr(&b);
     let mut src = t.saddr;

@@ -2,13 +2,13 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Ip6, MAGLEV_FLOW_SEED,
-    MaglevKey, ServiceValue, SlotKey, stat,
+    AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Ip6,
+    MAGLEV_FLOW_SEED, MaglevKey, ServiceValue, SlotKey, stat,
 };
 
 use crate::{
     error::Error,
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, BACKENDS6, MAGLEV, SLOTS, count},
+    maps::{AFFINITY, AFFINITY_MATCH, AFFINITY6, BACKENDS, BACKENDS6, MAGLEV, SLOTS, count},
     tuple::{Addr, Tuple},
 };
 
@@ -45,6 +45,35 @@ impl Backends for Ip6 {
     #[inline(always)]
     fn backend_addr(b: &Backend6) -> (Ip6, u16) {
         (b.addr, b.port)
+    }
+}
+
+/// A session-affinity key and the map it keys: `AFFINITY_V4` (socket path,
+/// per-packet IPv4) or `AFFINITY_V6` (per-packet IPv6).
+pub trait Affinity: Copy {
+    fn get_ptr_mut(&self) -> Option<*mut AffinityValue>;
+    fn insert(&self, v: &AffinityValue);
+}
+
+impl Affinity for AffinityKey {
+    #[inline(always)]
+    fn get_ptr_mut(&self) -> Option<*mut AffinityValue> {
+        AFFINITY.get_ptr_mut(self)
+    }
+    #[inline(always)]
+    fn insert(&self, v: &AffinityValue) {
+        let _ = AFFINITY.insert(self, v, 0);
+    }
+}
+
+impl Affinity for AffinityKey6 {
+    #[inline(always)]
+    fn get_ptr_mut(&self) -> Option<*mut AffinityValue> {
+        AFFINITY6.get_ptr_mut(self)
+    }
+    #[inline(always)]
+    fn insert(&self, v: &AffinityValue) {
+        let _ = AFFINITY6.insert(self, v, 0);
     }
 }
 
@@ -88,7 +117,7 @@ pub fn flow_hash(f: &Tuple<u32>) -> u32 {
 pub fn select_flow(
     svc: &ServiceValue,
     flow: &Tuple<u32>,
-    client: Option<AffinityKey>,
+    client: AffinityKey,
     now: u64,
 ) -> Result<(u32, Backend), Error> {
     if svc.maglev_size != 0 && svc.affinity_timeout == 0 {
@@ -103,22 +132,19 @@ pub fn select_flow(
             return Ok((id, b));
         }
     }
-    select::<u32>(svc, client, now)
+    select::<u32, _>(svc, client, now)
 }
 
 /// Pick a backend for a new flow: the client's affinity backend while it is
 /// fresh and still exists, otherwise a random slot of the live generation.
-/// `client` None: no affinity key for this client (per-packet IPv6, see
-/// `tuple::Addr::affinity_key`), random selection only.
 #[inline(always)]
-pub fn select<A: Backends>(
+pub fn select<A: Backends, K: Affinity>(
     svc: &ServiceValue,
-    client: Option<AffinityKey>,
+    client: K,
     now: u64,
 ) -> Result<(u32, A::Backend), Error> {
     if svc.affinity_timeout != 0
-        && let Some(client) = client
-        && let Some(a) = AFFINITY.get_ptr_mut(client)
+        && let Some(a) = client.get_ptr_mut()
     {
         // SAFETY: pointer from a successful lookup; plain integers.
         let (last, id) = unsafe { ((*a).last_used_ns, (*a).backend_id) };
@@ -143,15 +169,13 @@ pub fn select<A: Backends>(
     // SAFETY: values are copied out at once.
     let id = unsafe { SLOTS.get(slot) }.copied().ok_or(Error::NoSlot)?;
     let b = A::backend(id).ok_or(Error::NoSlot)?;
-    if svc.affinity_timeout != 0
-        && let Some(client) = client
-    {
+    if svc.affinity_timeout != 0 {
         let v = AffinityValue {
             last_used_ns: now,
             backend_id: id,
             _pad: 0,
         };
-        let _ = AFFINITY.insert(client, v, 0);
+        client.insert(&v);
     }
     Ok((id, b))
 }

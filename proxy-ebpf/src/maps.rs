@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtKey6,
-    CtValue, FragKey, FragValue, MaglevKey, RevNat, RevNat6, ServiceKey, ServiceKey6, ServiceValue,
-    SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey,
-    SvcStats, maps as def, reply_dst_slot, str_eq,
+    AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey,
+    CtKey6, CtValue, FragKey, FragValue, MaglevKey, RevNat, RevNat6, ServiceKey, ServiceKey6,
+    ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
+    SourceRangeKey, SvcStats, maps as def, reply_dst_slot, str_eq,
 };
 
 /// Declares a map static from its `proxy_common::maps` descriptor. The
@@ -42,6 +42,7 @@ map_from_def!("BACKENDS_V6", BACKENDS6: HashMap<u32, Backend6> = def::BACKENDS6)
 map_from_def!("SOCK_RNAT_V6", SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> = def::SOCK_REVNAT6);
 map_from_def!("CT_V6", CONNTRACK6: LruHashMap<CtKey6, CtValue> = def::CONNTRACK6);
 map_from_def!("REVNAT_V6", REVNAT6: HashMap<u32, RevNat6> = def::REVNAT6);
+map_from_def!("AFFINITY_V6", AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = def::AFFINITY6);
 map_from_def!("STATS", STATS: PerCpuArray<u64> = def::STATS);
 
 /// Record that a conntrack REPLY entry addressed to `daddr` is about to be

@@ -18,8 +18,8 @@
 //!
 //! Both programs serve IPv4 and IPv6: the entry reads the EtherType and
 //! runs one generic path per family (`Packet<A>`, `flow`, `reject`), the
-//! family's maps chosen by `tuple::Addr`. IPv6 has no DSR and no
-//! per-packet session affinity yet (random selection).
+//! family's maps chosen by `tuple::Addr`. IPv6 has no DSR (north-south
+//! is IPv4 only).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use proxy_common::{Ip6, config_flags, ct_dir, ct_flags, stat};

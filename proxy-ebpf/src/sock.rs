@@ -263,7 +263,7 @@ fn pick<A: SockFamily>(ctx: &SockAddrContext, addr: A, port: u16, protocol: u8) 
         client_addr: 0,
         service_id: svc.id,
     };
-    let Ok((_, backend)) = lb::select::<A>(&svc, Some(client), now) else {
+    let Ok((_, backend)) = lb::select::<A, _>(&svc, client, now) else {
         count(stat::DROP_NO_SLOT);
         return Verdict::Refuse;
     };

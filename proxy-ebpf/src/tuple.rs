@@ -8,14 +8,14 @@
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use proxy_common::{
-    AffinityKey, CtKey, CtKey6, CtValue, FragKey, FragValue, HAIRPIN_ADDR, HAIRPIN_ADDR6, Ip6,
-    POD_NETS, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey, svc_flags,
+    AffinityKey, AffinityKey6, CtKey, CtKey6, CtValue, FragKey, FragValue, HAIRPIN_ADDR,
+    HAIRPIN_ADDR6, Ip6, POD_NETS, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey, svc_flags,
 };
 
 use crate::{
     error::Error,
     frag::Frag,
-    lb::Backends,
+    lb::{Affinity, Backends},
     maps::{
         CONFIG, CONNTRACK, CONNTRACK6, FRAGMENTS, REVNAT, REVNAT6, SERVICES, SERVICES6,
         SOURCE_RANGES, count,
@@ -25,6 +25,7 @@ use crate::{
 /// An address family's address, its map keys and the maps they key.
 pub trait Addr: Copy + PartialEq + Backends {
     type CtKey;
+    type AffinityKey: Affinity;
 
     /// The hairpin source address ([`HAIRPIN_ADDR`] / [`HAIRPIN_ADDR6`]),
     /// raw.
@@ -39,9 +40,8 @@ pub trait Addr: Copy + PartialEq + Backends {
     /// The frontend (address, port) replies of frontend `service_id` must
     /// carry.
     fn revnat(service_id: u32) -> Option<(Self, u16)>;
-    /// Session affinity key of a client; None: the family has no
-    /// per-packet affinity map (IPv6: random selection only).
-    fn affinity_key(client: Self, service_id: u32) -> Option<AffinityKey>;
+    /// Session affinity key of a client (per-packet path).
+    fn affinity_key(client: Self, service_id: u32) -> Self::AffinityKey;
     /// `loadBalancerSourceRanges` of a frontend flagged `SOURCE_RANGES`.
     fn check_source(svc: &ServiceValue, saddr: Self) -> Result<(), Error>;
     /// The address folded to one word, for `proxy_common::reply_dst_slot`.
@@ -86,7 +86,7 @@ impl<A: Addr> Tuple<A> {
 
     /// Session affinity key of this tuple's client for a frontend.
     #[inline(always)]
-    pub fn affinity_key(&self, service_id: u32) -> Option<AffinityKey> {
+    pub fn affinity_key(&self, service_id: u32) -> A::AffinityKey {
         A::affinity_key(self.saddr, service_id)
     }
 }
@@ -122,6 +122,7 @@ fn to_pod_network(addr: u32) -> bool {
 
 impl Addr for u32 {
     type CtKey = CtKey;
+    type AffinityKey = AffinityKey;
 
     const HAIRPIN: u32 = u32::from_ne_bytes(HAIRPIN_ADDR);
 
@@ -172,12 +173,12 @@ impl Addr for u32 {
     }
 
     #[inline(always)]
-    fn affinity_key(client: u32, service_id: u32) -> Option<AffinityKey> {
-        Some(AffinityKey {
+    fn affinity_key(client: u32, service_id: u32) -> AffinityKey {
+        AffinityKey {
             client_netns: 0,
             client_addr: client,
             service_id,
-        })
+        }
     }
 
     #[inline(always)]
@@ -241,6 +242,7 @@ impl Addr for u32 {
 
 impl Addr for Ip6 {
     type CtKey = CtKey6;
+    type AffinityKey = AffinityKey6;
 
     const HAIRPIN: Ip6 = {
         let a = HAIRPIN_ADDR6;
@@ -295,8 +297,12 @@ impl Addr for Ip6 {
     }
 
     #[inline(always)]
-    fn affinity_key(_client: Ip6, _service_id: u32) -> Option<AffinityKey> {
-        None
+    fn affinity_key(client: Ip6, service_id: u32) -> AffinityKey6 {
+        AffinityKey6 {
+            client_addr: client,
+            service_id,
+            _pad: 0,
+        }
     }
 
     #[inline(always)]

@@ -751,7 +751,7 @@ fn affinity(a: &Ask, e: &mut Explanation) -> bool {
     let fresh = a.client.and_then(|c| {
         a.d.affinity
             .iter()
-            .find(|x| x.service_id == a.service.id && x.client == AffinityClient::Ip(c.ip))
+            .find(|x| x.service_id == a.service.id && x.client == AffinityClient::Ip(c.ip.into()))
             .filter(|x| a.now_ns.wrapping_sub(x.last_used_ns) < timeout_ns)
             .and_then(|x| {
                 a.view
@@ -1088,7 +1088,7 @@ mod tests {
         d.services[0].affinity_timeout = 10;
         d.affinity.push(AffinityEntry {
             service_id: 1,
-            client: AffinityClient::Ip(Ipv4Addr::new(10, 244, 2, 8)),
+            client: AffinityClient::Ip(Ipv4Addr::new(10, 244, 2, 8).into()),
             backend_id: 1,
             last_used_ns: 0,
         });

@@ -2193,6 +2193,8 @@ const B2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 2);
 const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xb);
 /// Its only backend is CLIENT6 itself (hairpin).
 const HAIRPIN_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xc);
+/// Two backends, ClientIP affinity.
+const STICKY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xd);
 const HAIRPIN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa9fe, 0x2a01, 0, 0, 0, 0, 1);
 
 const IPPROTO_HOPOPTS: u8 = 0;
@@ -2235,6 +2237,13 @@ fn fixture6() -> Fixture {
             Change::Upsert(
                 key(HAIRPIN_VIP6, 80, Protocol::Tcp),
                 fe(vec![backend(CLIENT6, 8080)]),
+            ),
+            Change::Upsert(
+                key(STICKY6, 80, Protocol::Tcp),
+                Frontend {
+                    affinity_timeout: 60,
+                    ..fe(vec![backend(B1_6, 8080), backend(B2_6, 8081)])
+                },
             ),
         ])
         .expect("program IPv6 frontends");
@@ -2695,5 +2704,39 @@ fn ipv6_bad_checksums_stay_bad_after_translation() {
         csum_fold(pseudo6_sum(CLIENT6, dst, 6, l4.len()) + sum16(l4)),
         0,
         "a bad TCP checksum is not repaired"
+    );
+}
+
+#[test]
+fn ipv6_client_ip_affinity_keeps_new_flows_on_one_backend() {
+    let fx = fixture6();
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 50000..50020 {
+        let (rc, out) = fx.run(
+            progs::TC_FROM_POD,
+            &Frame6::tcp(CLIENT6, sport, STICKY6, 80).build(),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        seen.insert(parse6_and_verify(&out).dst);
+    }
+    assert_eq!(seen.len(), 1, "20 new flows of one client, one backend");
+    assert_eq!(fx.stat(stat::AFFINITY_HIT), 19);
+    // Other clients are balanced on their own.
+    let mut others = std::collections::BTreeSet::new();
+    for i in 0..40u16 {
+        let c = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 1, i);
+        let (_, out) = fx.run(
+            progs::TC_FROM_POD,
+            &Frame6::tcp(c, 50100, STICKY6, 80).build(),
+        );
+        others.insert(parse6_and_verify(&out).dst);
+    }
+    assert_eq!(others.len(), 2, "40 clients spread over both backends");
+    let d = fx.dp.maps().dump().expect("dump");
+    assert!(
+        d.affinity
+            .iter()
+            .any(|a| a.client == proxy::maps::AffinityClient::Ip(CLIENT6.into())),
+        "the client's AFFINITY_V6 entry, decoded"
     );
 }

@@ -154,7 +154,7 @@ impl Knob {
             {
                 Knob::Conntrack
             }
-            _ if n(defs::AFFINITY.info()) => Knob::Affinity,
+            _ if n(defs::AFFINITY.info()) || n(defs::AFFINITY6.info()) => Knob::Affinity,
             _ if n(defs::SOURCE_RANGES.info()) => Knob::SourceRanges,
             _ if n(defs::MAGLEV.info()) => Knob::Maglev,
             _ => return None,

@@ -13,9 +13,9 @@ use aya::{
     },
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtKey6,
-    CtValue, FragKey, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind, RevNat,
-    RevNat6, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6,
+    AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey,
+    CtKey6, CtValue, FragKey, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind,
+    RevNat, RevNat6, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6,
     SockRevNatValue, SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs, stat, svc_flags,
 };
 use serde::{Serialize, Serializer};
@@ -348,6 +348,7 @@ maps! {
     sock_revnat6: HashMap<MapData, SockRevNatKey6, SockRevNatValue6> = SOCK_REVNAT6,
     conntrack6: HashMap<MapData, CtKey6, CtValue> = CONNTRACK6,
     revnat6: HashMap<MapData, u32, RevNat6> = REVNAT6,
+    affinity6: HashMap<MapData, AffinityKey6, AffinityValue> = AFFINITY6,
     stats: PerCpuArray<MapData, u64> = STATS,
 }
 
@@ -524,12 +525,22 @@ impl Maps {
             .map(|(k, v)| AffinityEntry {
                 service_id: k.service_id,
                 client: match k.client_ip() {
-                    Some(ip) => AffinityClient::Ip(ip),
+                    Some(ip) => AffinityClient::Ip(ip.into()),
                     None => AffinityClient::Netns(k.client_netns),
                 },
                 backend_id: v.backend_id,
                 last_used_ns: v.last_used_ns,
             })
+            .chain(
+                collect(defs::AFFINITY6.name, self.affinity6.iter())?
+                    .into_iter()
+                    .map(|(k, v)| AffinityEntry {
+                        service_id: k.service_id,
+                        client: AffinityClient::Ip(k.client_ip().into()),
+                        backend_id: v.backend_id,
+                        last_used_ns: v.last_used_ns,
+                    }),
+            )
             .collect();
         let sock_revnat = collect(defs::SOCK_REVNAT.name, self.sock_revnat.iter())?
             .into_iter()
@@ -884,7 +895,7 @@ impl std::fmt::Display for Direction {
 /// namespace cookie (socket path), serialized as the IP or `netns:<cookie>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AffinityClient {
-    Ip(Ipv4Addr),
+    Ip(IpAddr),
     Netns(u64),
 }
 

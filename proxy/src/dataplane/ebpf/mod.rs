@@ -379,6 +379,20 @@ impl EbpfDataplane {
         for k in stale {
             let _ = self.maps.affinity.remove(&k);
         }
+        let stale6: Vec<_> = if self.removed_backends.is_empty() {
+            Vec::new()
+        } else {
+            self.maps
+                .affinity6
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| self.removed_backends.contains(&v.backend_id))
+                .map(|(k, _)| k)
+                .collect()
+        };
+        for k in stale6 {
+            let _ = self.maps.affinity6.remove(&k);
+        }
         self.removed_backends.clear();
         self.last_gc = Instant::now();
         self.last_gc_stats = stats;
