@@ -12,7 +12,8 @@
 //! integer is in host byte order. The `user` feature adds conversions.
 //!
 //! The maps keyed or valued by an address come once per family (`_V4`,
-//! `_V6`); maps keyed by ids (slots, Maglev tables, affinity membership,
+//! `_V6`; source ranges, fragments and Maglev tables are IPv4 only); maps
+//! keyed by ids (slots, Maglev tables, affinity membership,
 //! statistics) are shared: frontend and backend ids are one space across
 //! both families.
 #![no_std]
@@ -853,7 +854,8 @@ const REPLY_DSTS_BITS: u32 = 14;
 /// network order): a multiplicative hash. The kernel sets the slot before
 /// it writes any conntrack REPLY entry (keyed by the reply's tuple) and
 /// never clears it, so a packet whose destination's slot is clear cannot
-/// be the reply of a tracked flow. Distinct addresses may share a slot:
+/// be the reply of a tracked flow. An IPv6 address is first folded to one
+/// word (the XOR of its four raw words): one slot set for both families. Distinct addresses may share a slot:
 /// that only costs the conntrack lookup a clear slot saves.
 #[inline(always)]
 pub const fn reply_dst_slot(addr: u32) -> u32 {

@@ -1,5 +1,7 @@
-//! Conntrack: finding a packet's flow, and the one flow-start path every
-//! hook shares (tc on pods' interfaces, tc on external interfaces, XDP).
+//! Conntrack: finding a packet's flow, and starting one: [`start_pod`]
+//! (tc on pods' interfaces, either family) and [`start_external`] (IPv4
+//! north-south: tc on external interfaces and XDP) share the admission
+//! check and the conntrack writes.
 //!
 //! A flow has a SERVICE entry under the client's tuple (-> backend) and,
 //! unless it is DSR, a REPLY entry under the tuple the backend's replies
