@@ -12,7 +12,7 @@
 //! integer is in host byte order. The `user` feature adds conversions.
 //!
 //! The maps keyed or valued by an address come once per family (`_V4`,
-//! `_V6`; source ranges, fragments and Maglev tables are IPv4 only); maps
+//! `_V6`; source ranges and Maglev tables are IPv4 only); maps
 //! keyed by ids (slots, Maglev tables, affinity membership,
 //! statistics) are shared: frontend and backend ids are one space across
 //! both families.
@@ -265,6 +265,13 @@ pub mod maps {
         0,
         "(IPv6 client IP, frontend id) -> backend id, last used (per-packet path)",
     );
+    pub const FRAGMENTS6: MapDef<FragKey6, FragValue> = MapDef::new(
+        "FRAGS_V6",
+        MapKind::LruHash,
+        8_192,
+        0,
+        "(IPv6 saddr, daddr, fragment id, proto) of a fragmented datagram -> its ports (from the first fragment)",
+    );
     pub const STATS: MapDef<u32, u64> = MapDef::new(
         "STATS",
         MapKind::PerCpuArray,
@@ -274,7 +281,7 @@ pub mod maps {
     );
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [MapInfo; 21] = [
+    pub const ALL: [MapInfo; 22] = [
         SERVICES.info(),
         SLOTS.info(),
         BACKENDS.info(),
@@ -295,6 +302,7 @@ pub mod maps {
         CONNTRACK6.info(),
         REVNAT6.info(),
         AFFINITY6.info(),
+        FRAGMENTS6.info(),
         STATS.info(),
     ];
 }
@@ -444,6 +452,20 @@ pub struct FragKey {
     pub id: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// A fragmented IPv6 datagram, as its fragments carry it at the hook that
+/// records it: [`maps::FRAGMENTS6`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub saddr: Ip6,
+    pub daddr: Ip6,
+    /// Fragment header identification, network byte order.
+    pub id: u32,
+    /// The upper-layer protocol (TCP, UDP).
+    pub proto: u8,
+    pub _pad: [u8; 3],
 }
 
 /// The L4 ports of a fragmented datagram (from its first fragment), as on
@@ -883,10 +905,10 @@ pub mod stat {
     pub const PASS_MALFORMED: u32 = 5;
     /// IPv4 packets with options, passed untouched.
     pub const PASS_IP_OPTIONS: u32 = 6;
-    /// IPv4 non-first fragments whose first fragment was not translated
-    /// here (not a service flow, or it has not arrived yet), and every
-    /// IPv6 fragment (IPv6 fragments are not followed: the whole datagram
-    /// passes untouched), passed untouched.
+    /// Non-first fragments whose first fragment was not translated here
+    /// (not a service flow, or it has not arrived yet), and IPv6 later
+    /// fragments whose fragment header is not followed directly by TCP or
+    /// UDP, passed untouched.
     pub const PASS_FRAGMENT: u32 = 7;
     /// Slot or backend missing for a frontend (a race or a bug), dropped.
     pub const DROP_NO_SLOT: u32 = 8;
@@ -910,8 +932,8 @@ pub mod stat {
     /// Client outside a LoadBalancer frontend's `loadBalancerSourceRanges`,
     /// dropped.
     pub const DROP_SOURCE_RANGE: u32 = 17;
-    /// Non-first IPv4 fragments matched to their first fragment's ports
-    /// ([`super::maps::FRAGMENTS`]), so they follow its flow (counted at
+    /// Non-first fragments (IPv4, IPv6) matched to their first fragment's ports
+    /// ([`super::maps::FRAGMENTS`], [`super::maps::FRAGMENTS6`]), so they follow its flow (counted at
     /// each hook that matches one).
     pub const FRAG_MATCHED: u32 = 18;
     /// DSR packets that the 8-byte option would push over the egress MTU:
@@ -986,6 +1008,7 @@ const _: () = {
     assert!(core::mem::size_of::<RevNat6>() == 20);
     assert!(core::mem::size_of::<CtKey6>() == 40);
     assert!(core::mem::size_of::<AffinityKey6>() == 24);
+    assert!(core::mem::size_of::<FragKey6>() == 40);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -1020,6 +1043,7 @@ mod user {
     unsafe impl aya::Pod for RevNat6 {}
     unsafe impl aya::Pod for CtKey6 {}
     unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for FragKey6 {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.
@@ -1273,6 +1297,19 @@ mod decode {
         /// The frontend replies must carry.
         pub fn frontend(&self) -> core::net::SocketAddrV6 {
             sock6(self.addr, self.port)
+        }
+    }
+
+    impl FragKey6 {
+        /// Source and destination with the ports of `v`.
+        pub fn endpoints(
+            &self,
+            v: &FragValue,
+        ) -> (core::net::SocketAddrV6, core::net::SocketAddrV6) {
+            (sock6(self.saddr, v.sport), sock6(self.daddr, v.dport))
+        }
+        pub fn frag_id(&self) -> u32 {
+            u32::from_be(self.id)
         }
     }
 

@@ -9,10 +9,14 @@
 //! A later fragment that arrives before its first one, or whose datagram is
 //! not a service flow, passes untouched (`PASS_FRAGMENT`).
 //!
-//! IPv6 fragments are not followed: the parser refuses every packet with a
-//! non-atomic fragment header (`PASS_FRAGMENT`), so a fragmented IPv6
-//! datagram passes untouched whole, its first fragment included (never
-//! half-translated).
+//! IPv6 the same way, in `FRAGS_V6` (keyed by the 32-bit fragment header
+//! identification): the parser's walk marks a fragment header with the M
+//! flag and offset 0 as the first fragment (its upper-layer header follows
+//! the rest of the chain) and one with a nonzero offset as a later
+//! fragment, whose walk ends at the fragment header. A later fragment is
+//! followed only when the upper layer comes right after its fragment
+//! header (no extension header in the fragmentable part); otherwise it
+//! passes untouched (`PASS_FRAGMENT`).
 
 use crate::hdr::{IP_MF, IP_OFFSET_MASK};
 

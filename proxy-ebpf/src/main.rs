@@ -24,9 +24,8 @@
 //! untouched. Anything that is not TCP/UDP of a family the hook serves,
 //! or is malformed, truncated, carries IPv4 options or an IPv6
 //! extension-header chain past the parser's bound, passes untouched and
-//! is counted. Fragmented IPv4 datagrams of service flows are translated
-//! whole: the later fragments follow their first fragment; IPv6 fragments
-//! pass untouched (see [`frag`]).
+//! is counted. Fragmented datagrams of service flows are translated whole:
+//! the later fragments follow their first fragment (see [`frag`]).
 #![no_std]
 #![no_main]
 

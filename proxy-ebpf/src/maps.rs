@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey,
-    CtKey6, CtValue, FragKey, FragValue, MaglevKey, RevNat, RevNat6, ServiceKey, ServiceKey6,
-    ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
-    SourceRangeKey, SvcStats, maps as def, reply_dst_slot, str_eq,
+    CtKey6, CtValue, FragKey, FragKey6, FragValue, MaglevKey, RevNat, RevNat6, ServiceKey,
+    ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+    SockRevNatValue6, SourceRangeKey, SvcStats, maps as def, reply_dst_slot, str_eq,
 };
 
 /// Declares a map static from its `proxy_common::maps` descriptor. The
@@ -43,6 +43,7 @@ map_from_def!("SOCK_RNAT_V6", SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNa
 map_from_def!("CT_V6", CONNTRACK6: LruHashMap<CtKey6, CtValue> = def::CONNTRACK6);
 map_from_def!("REVNAT_V6", REVNAT6: HashMap<u32, RevNat6> = def::REVNAT6);
 map_from_def!("AFFINITY_V6", AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = def::AFFINITY6);
+map_from_def!("FRAGS_V6", FRAGMENTS6: LruHashMap<FragKey6, FragValue> = def::FRAGMENTS6);
 map_from_def!("STATS", STATS: PerCpuArray<u64> = def::STATS);
 
 /// Record that a conntrack REPLY entry addressed to `daddr` is about to be

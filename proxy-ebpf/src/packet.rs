@@ -32,8 +32,9 @@ pub struct Packet<A: Addr> {
     pub l4_len: u32,
     /// Raw TCP flags (0 for UDP and later fragments).
     pub tcp_flags: u8,
-    /// IPv4 identification, network order (0 for IPv6).
-    pub id: u16,
+    /// IPv4 identification (zero-extended) or IPv6 fragment header
+    /// identification, network order as loaded.
+    pub id: u32,
     pub frag: Frag,
     /// The sender forbade fragmentation (IPv4 DF; always for IPv6, which
     /// routers never fragment).
@@ -95,7 +96,7 @@ impl Wire for u32 {
             l4_off: L4_OFF,
             l4_len: (tot_len as u32).saturating_sub(IPV4_HLEN as u32),
             tcp_flags: 0,
-            id: ip.id,
+            id: ip.id as u32,
             frag: Frag::of(ip.frag_off),
             dont_fragment: u16::from_be(ip.frag_off) & IP_DF != 0,
         }))
@@ -125,9 +126,11 @@ impl Wire for Ip6 {
     /// header it does not walk (AH, ESP, mobility, HIP, shim6,
     /// experimental), passes untouched (`Ipv6ExtHdrs`); any other next
     /// header (ICMPv6, no next header ...) is not the proxy's traffic. A
-    /// fragment header with a nonzero offset or the M flag makes the packet
-    /// a fragment, which passes untouched (`Fragment`, see
-    /// [`crate::frag`]); an atomic fragment (neither) is a whole packet.
+    /// fragment header with the M flag and offset 0 makes the packet a
+    /// first fragment (the walk goes on to its L4 header); one with a
+    /// nonzero offset a later fragment (the walk ends there: its ports come
+    /// from the first fragment, see [`crate::frag`]); an atomic fragment
+    /// (neither) is a whole packet.
     #[inline(always)]
     fn parse_l3<C: Ctx>(ctx: &C) -> Result<Option<Packet<Ip6>>, Error> {
         // One pull for the whole walk: the headers of a frame up to
@@ -145,6 +148,8 @@ impl Wire for Ip6 {
         }
         let mut next = ip.nexthdr;
         let mut off = L4_OFF6;
+        let mut frag = Frag::Whole;
+        let mut id = 0u32;
         let mut i = 0;
         while i < IPV6_MAX_EXT_HDRS && next != proto::TCP && next != proto::UDP {
             match next {
@@ -155,11 +160,24 @@ impl Wire for Ip6 {
                 }
                 IPPROTO_FRAGMENT => {
                     let h: Ipv6FragHdr = ctx.read(off)?;
-                    if u16::from_be(h.frag_off) & (IP6_OFFSET_MASK | IP6_MF) != 0 {
-                        return Err(Error::Fragment);
-                    }
+                    let f = u16::from_be(h.frag_off);
                     next = h.nexthdr;
                     off += 8;
+                    id = h.id;
+                    if f & IP6_OFFSET_MASK != 0 {
+                        // A later fragment: fragment data follows, no
+                        // header to walk. Followed only when the upper
+                        // layer comes right after the fragment header
+                        // (what its first fragment recorded).
+                        if next != proto::TCP && next != proto::UDP {
+                            return Err(Error::Fragment);
+                        }
+                        frag = Frag::Later;
+                        break;
+                    }
+                    if f & IP6_MF != 0 {
+                        frag = Frag::First;
+                    }
                 }
                 _ if is_unwalked_ext_hdr(next) => return Err(Error::Ipv6ExtHdrs),
                 _ => return Ok(None),
@@ -189,8 +207,8 @@ impl Wire for Ip6 {
             l4_off: off,
             l4_len: payload - ext,
             tcp_flags: 0,
-            id: 0,
-            frag: Frag::Whole,
+            id,
+            frag,
             dont_fragment: true,
         }))
     }

@@ -8,7 +8,7 @@
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use proxy_common::{
-    AffinityKey, AffinityKey6, CtKey, CtKey6, CtValue, FragKey, FragValue, HAIRPIN_ADDR,
+    AffinityKey, AffinityKey6, CtKey, CtKey6, CtValue, FragKey, FragKey6, FragValue, HAIRPIN_ADDR,
     HAIRPIN_ADDR6, Ip6, POD_NETS, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey, svc_flags,
 };
 
@@ -17,7 +17,7 @@ use crate::{
     frag::Frag,
     lb::{Affinity, Backends},
     maps::{
-        CONFIG, CONNTRACK, CONNTRACK6, FRAGMENTS, REVNAT, REVNAT6, SERVICES, SERVICES6,
+        CONFIG, CONNTRACK, CONNTRACK6, FRAGMENTS, FRAGMENTS6, REVNAT, REVNAT6, SERVICES, SERVICES6,
         SOURCE_RANGES, count,
     },
 };
@@ -47,9 +47,9 @@ pub trait Addr: Copy + PartialEq + Backends {
     /// The address folded to one word, for `proxy_common::reply_dst_slot`.
     fn fold(self) -> u32;
     /// The ports of a later fragment's datagram (see [`crate::frag`]).
-    fn later_ports(saddr: Self, daddr: Self, id: u16, proto: u8) -> Result<FragValue, Error>;
+    fn later_ports(saddr: Self, daddr: Self, id: u32, proto: u8) -> Result<FragValue, Error>;
     /// A translated first fragment's later fragments must follow.
-    fn remember_fragment(frag: Frag, t: &Tuple<Self>, id: u16);
+    fn remember_fragment(frag: Frag, t: &Tuple<Self>, id: u32);
 }
 
 /// Addresses and ports as on the wire (network order).
@@ -205,11 +205,11 @@ impl Addr for u32 {
     }
 
     #[inline(always)]
-    fn later_ports(saddr: u32, daddr: u32, id: u16, proto: u8) -> Result<FragValue, Error> {
+    fn later_ports(saddr: u32, daddr: u32, id: u32, proto: u8) -> Result<FragValue, Error> {
         let key = FragKey {
             saddr,
             daddr,
-            id,
+            id: id as u16,
             proto,
             _pad: 0,
         };
@@ -222,12 +222,12 @@ impl Addr for u32 {
     }
 
     #[inline(always)]
-    fn remember_fragment(frag: Frag, t: &Tuple<u32>, id: u16) {
+    fn remember_fragment(frag: Frag, t: &Tuple<u32>, id: u32) {
         if frag == Frag::First {
             let key = FragKey {
                 saddr: t.saddr,
                 daddr: t.daddr,
-                id,
+                id: id as u16,
                 proto: t.proto,
                 _pad: 0,
             };
@@ -321,11 +321,37 @@ impl Addr for Ip6 {
     }
 
     #[inline(always)]
-    fn later_ports(_: Ip6, _: Ip6, _: u16, _: u8) -> Result<FragValue, Error> {
-        // The IPv6 parser refuses every fragment before this.
-        Err(Error::Fragment)
+    fn later_ports(saddr: Ip6, daddr: Ip6, id: u32, proto: u8) -> Result<FragValue, Error> {
+        let key = FragKey6 {
+            saddr,
+            daddr,
+            id,
+            proto,
+            _pad: [0; 3],
+        };
+        // SAFETY: copied out at once.
+        let v = unsafe { FRAGMENTS6.get(key) }
+            .copied()
+            .ok_or(Error::Fragment)?;
+        count(proxy_common::stat::FRAG_MATCHED);
+        Ok(v)
     }
 
     #[inline(always)]
-    fn remember_fragment(_: Frag, _: &Tuple<Ip6>, _: u16) {}
+    fn remember_fragment(frag: Frag, t: &Tuple<Ip6>, id: u32) {
+        if frag == Frag::First {
+            let key = FragKey6 {
+                saddr: t.saddr,
+                daddr: t.daddr,
+                id,
+                proto: t.proto,
+                _pad: [0; 3],
+            };
+            let v = FragValue {
+                sport: t.sport,
+                dport: t.dport,
+            };
+            let _ = FRAGMENTS6.insert(key, v, 0);
+        }
+    }
 }

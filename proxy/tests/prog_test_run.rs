@@ -2315,7 +2315,10 @@ impl Frame6 {
     }
 
     fn l4(&self) -> Vec<u8> {
-        let payload = b"hello, service";
+        self.l4_with(b"hello, service")
+    }
+
+    fn l4_with(&self, payload: &[u8]) -> Vec<u8> {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
@@ -2642,22 +2645,103 @@ fn ipv6_udp_to_a_frontend_without_backends_gets_icmpv6_port_unreachable() {
     assert_eq!(fx.stat(stat::REJECT_ICMP), 1);
 }
 
-#[test]
-fn ipv6_fragments_pass_untouched_whole() {
-    let fx = fixture6();
-    // First fragment (offset 0, M), a later one (offset 8 bytes, no M).
-    let first = Frame6::udp(CLIENT6, 48000, VIP6, 53)
-        .with_fragment(0x0001)
-        .build();
-    let later = Frame6::udp(CLIENT6, 48000, VIP6, 53)
-        .with_fragment(0x0008)
-        .build();
-    for frame in [first, later] {
-        let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
-        assert_eq!((rc, out), (TC_ACT_OK, frame));
+/// A UDP datagram of [`FRAG_PAYLOAD`] split in two IPv6 fragments (the
+/// first carries the UDP header and the first `first_l4` bytes of L4),
+/// fragment id `id`; the UDP checksum covers the whole datagram.
+fn udp_fragments6(
+    src: Ipv6Addr,
+    sport: u16,
+    dst: Ipv6Addr,
+    dport: u16,
+    id: u32,
+) -> (Vec<u8>, Vec<u8>) {
+    let first_l4 = 24;
+    let l4 = Frame6 {
+        src,
+        dst,
+        sport,
+        dport,
+        proto: 17,
+        ext: vec![],
+        tcp_flags: 0,
     }
+    .l4_with(FRAG_PAYLOAD);
+    let fragment = |part: &[u8], offset: usize, more: bool| {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[IPPROTO_FRAGMENT, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&[17, 0]);
+        f.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(part);
+        f
+    };
+    (
+        fragment(&l4[..first_l4], 0, true),
+        fragment(&l4[first_l4..], first_l4, false),
+    )
+}
+
+/// Reassemble two IPv6 fragments as the receiver would (same addresses in
+/// both) and verify the datagram's UDP checksum; returns its endpoints.
+fn reassemble6_and_verify(first: &[u8], later: &[u8]) -> Parsed6 {
+    assert_eq!(&first[22..54], &later[22..54], "same addresses");
+    let mut whole = first[..14].to_vec();
+    let l4: Vec<u8> = first[62..].iter().chain(&later[62..]).copied().collect();
+    whole.extend_from_slice(&[0x60, 0, 0, 0]);
+    whole.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    whole.extend_from_slice(&[17, 64]);
+    whole.extend_from_slice(&first[22..54]);
+    whole.extend_from_slice(&l4);
+    parse6_and_verify(&whole)
+}
+
+#[test]
+fn ipv6_fragmented_udp_to_a_clusterip_is_translated_whole() {
+    let fx = fixture6();
+    let (first, later) = udp_fragments6(CLIENT6, 48000, VIP6, 53, 0x1234_5678);
+    let (rc, f1) = fx.run(progs::TC_FROM_POD, &first);
+    assert_eq!(rc, TC_ACT_OK);
+    let (rc, f2) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = reassemble6_and_verify(&f1, &f2);
+    assert_eq!((p.src, p.sport), (CLIENT6, 48000));
+    assert_eq!((p.dst, p.dport), (B1_6, 5353));
+    assert_eq!(fx.stat(stat::FRAG_MATCHED), 1);
+    let d = fx.dp.maps().dump().expect("dump");
+    assert!(
+        d.fragments.iter().any(|f| f.ip_id == 0x1234_5678),
+        "the FRAGS_V6 entry, decoded"
+    );
+
+    // The reply, fragmented too, comes back from the service.
+    let (r1, r2) = udp_fragments6(B1_6, 5353, CLIENT6, 48000, 0x0bad_cafe);
+    let (_, o1) = fx.run(progs::TC_TO_POD, &r1);
+    let (_, o2) = fx.run(progs::TC_TO_POD, &r2);
+    let p = reassemble6_and_verify(&o1, &o2);
+    assert_eq!((p.src, p.sport), (VIP6, 53));
+    assert_eq!((p.dst, p.dport), (CLIENT6, 48000));
+}
+
+#[test]
+fn ipv6_later_fragments_without_their_first_pass_untouched() {
+    let fx = fixture6();
+    let (_, later) = udp_fragments6(CLIENT6, 48100, VIP6, 53, 7);
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!((rc, out), (TC_ACT_OK, later));
+    // A later fragment whose fragment header is followed by another
+    // extension header (its first fragment's upper layer is not known
+    // from it): untouched too.
+    let (first, mut later) = udp_fragments6(CLIENT6, 48101, VIP6, 53, 8);
+    fx.run(progs::TC_FROM_POD, &first);
+    later[54] = IPPROTO_DSTOPTS;
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!((rc, out), (TC_ACT_OK, later));
     assert_eq!(fx.stat(stat::PASS_FRAGMENT), 2);
-    assert_eq!(fx.stat(stat::DNAT), 0);
+    assert_eq!(fx.stat(stat::FRAG_MATCHED), 0);
 }
 
 #[test]

@@ -552,6 +552,7 @@ mod tests {
                 defs::CONFIG.name,
                 defs::STATS.name,
                 defs::FRAGMENTS.name,
+                defs::FRAGMENTS6.name,
                 defs::REPLY_DSTS.name,
             ];
             assert_eq!(

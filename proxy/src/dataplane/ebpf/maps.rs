@@ -2,7 +2,7 @@
 //! opened from their pins by `proxyctl`, and their decoded dump.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -14,9 +14,10 @@ use aya::{
 };
 use proxy_common::{
     AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey,
-    CtKey6, CtValue, FragKey, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind,
-    RevNat, RevNat6, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6,
-    SockRevNatValue, SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs, stat, svc_flags,
+    CtKey6, CtValue, FragKey, FragKey6, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo,
+    MapKind, RevNat, RevNat6, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey,
+    SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs,
+    stat, svc_flags,
 };
 use serde::{Serialize, Serializer};
 
@@ -349,6 +350,7 @@ maps! {
     conntrack6: HashMap<MapData, CtKey6, CtValue> = CONNTRACK6,
     revnat6: HashMap<MapData, u32, RevNat6> = REVNAT6,
     affinity6: HashMap<MapData, AffinityKey6, AffinityValue> = AFFINITY6,
+    fragments6: HashMap<MapData, FragKey6, FragValue> = FRAGMENTS6,
     stats: PerCpuArray<MapData, u64> = STATS,
 }
 
@@ -612,11 +614,24 @@ impl Maps {
                 let (src, dst) = k.endpoints(&v);
                 FragmentEntry {
                     proto: Proto(k.proto),
-                    src,
-                    dst,
-                    ip_id: k.ip_id(),
+                    src: src.into(),
+                    dst: dst.into(),
+                    ip_id: k.ip_id().into(),
                 }
             })
+            .chain(
+                collect(defs::FRAGMENTS6.name, self.fragments6.iter())?
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let (src, dst) = k.endpoints(&v);
+                        FragmentEntry {
+                            proto: Proto(k.proto),
+                            src: src.into(),
+                            dst: dst.into(),
+                            ip_id: k.frag_id(),
+                        }
+                    }),
+            )
             .collect();
         let stats = self
             .counters()?
@@ -1123,9 +1138,10 @@ pub struct SourceRangeEntry {
 pub struct FragmentEntry {
     pub proto: Proto,
     /// Source address and port, as the fragments carry them.
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
-    pub ip_id: u16,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// IPv4 identification, or the IPv6 fragment header's.
+    pub ip_id: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
