@@ -12,7 +12,8 @@
 //! integer is in host byte order. The `user` feature adds conversions.
 //!
 //! The maps keyed or valued by an address come once per family (`_V4`,
-//! `_V6`); maps keyed by ids (slots, Maglev tables, affinity membership,
+//! `_V6`; source ranges and Maglev tables are IPv4 only); maps
+//! keyed by ids (slots, Maglev tables, affinity membership,
 //! statistics) are shared: frontend and backend ids are one space across
 //! both families.
 #![no_std]
@@ -20,7 +21,7 @@
 /// Version of the key/value layouts below. Bumped whenever a layout changes;
 /// pinned maps of another version are not reused (the agent pins under a
 /// directory carrying this number).
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// How the kernel stores a map ([`MapDef::kind`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +244,34 @@ pub mod maps {
         0,
         "(socket cookie, IPv6 backend addr, port) -> frontend addr, port, id (socket LB reverse)",
     );
+    pub const CONNTRACK6: MapDef<CtKey6, CtValue> = MapDef::new(
+        "CT_V6",
+        MapKind::LruHash,
+        262_144,
+        0,
+        "IPv6 (saddr, daddr, sport, dport, proto, direction) -> as CT_V4 (per-packet east-west flows; no NAT address)",
+    );
+    pub const REVNAT6: MapDef<u32, RevNat6> = MapDef::new(
+        "REVNAT_V6",
+        MapKind::Hash,
+        65_536,
+        BPF_F_NO_PREALLOC,
+        "IPv6 frontend id -> frontend addr, port (what replies must carry)",
+    );
+    pub const AFFINITY6: MapDef<AffinityKey6, AffinityValue> = MapDef::new(
+        "AFFINITY_V6",
+        MapKind::LruHash,
+        65_536,
+        0,
+        "(IPv6 client IP, frontend id) -> backend id, last used (per-packet path)",
+    );
+    pub const FRAGMENTS6: MapDef<FragKey6, FragValue> = MapDef::new(
+        "FRAGS_V6",
+        MapKind::LruHash,
+        8_192,
+        0,
+        "(IPv6 saddr, daddr, fragment id, proto) of a fragmented datagram -> its ports (from the first fragment)",
+    );
     pub const STATS: MapDef<u32, u64> = MapDef::new(
         "STATS",
         MapKind::PerCpuArray,
@@ -252,7 +281,7 @@ pub mod maps {
     );
 
     /// Every map, in the order `proxyctl dump-maps` prints them.
-    pub const ALL: [MapInfo; 18] = [
+    pub const ALL: [MapInfo; 22] = [
         SERVICES.info(),
         SLOTS.info(),
         BACKENDS.info(),
@@ -270,6 +299,10 @@ pub mod maps {
         SERVICES6.info(),
         BACKENDS6.info(),
         SOCK_REVNAT6.info(),
+        CONNTRACK6.info(),
+        REVNAT6.info(),
+        AFFINITY6.info(),
+        FRAGMENTS6.info(),
         STATS.info(),
     ];
 }
@@ -316,6 +349,15 @@ pub mod progs {
 /// to it come back through the pod's host interface, where they are
 /// translated back.
 pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// [`HAIRPIN_ADDR`]'s IPv6 twin, `fd00:a9fe:2a01::1`: a unique local
+/// address (RFC 4193, `fd00::/8`) whose bytes after the prefix repeat the
+/// IPv4 one (169.254.42.1), not expected to be assigned in a cluster. A
+/// pod's replies to it leave by its default route, through its host
+/// interface, where they are translated back.
+pub const HAIRPIN_ADDR6: [u8; 16] = [
+    0xfd, 0, 0xa9, 0xfe, 0x2a, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
 
 /// Conntrack idle timeouts (seconds), applied by the agent's GC.
 pub mod ct_timeout {
@@ -410,6 +452,20 @@ pub struct FragKey {
     pub id: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// A fragmented IPv6 datagram, as its fragments carry it at the hook that
+/// records it: [`maps::FRAGMENTS6`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub saddr: Ip6,
+    pub daddr: Ip6,
+    /// Fragment header identification, network byte order.
+    pub id: u32,
+    /// The upper-layer protocol (TCP, UDP).
+    pub proto: u8,
+    pub _pad: [u8; 3],
 }
 
 /// The L4 ports of a fragmented datagram (from its first fragment), as on
@@ -507,6 +563,17 @@ pub struct AffinityKey {
     pub service_id: u32,
 }
 
+/// [`maps::AFFINITY6`] key: [`AffinityKey`] of an IPv6 client on the
+/// per-packet path (the socket path keys by netns cookie in `AFFINITY_V4`
+/// for both families).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey6 {
+    pub client_addr: Ip6,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AffinityValue {
@@ -586,7 +653,6 @@ pub struct RevNat {
     pub _pad: u16,
 }
 
-/// Conntrack key: the packet's own tuple plus the direction it was seen in.
 /// An IPv6 address: its 16 octets as four words, each in network byte
 /// order (`u32::from_ne_bytes` of four octets), as `bpf_sock_addr.user_ip6`
 /// and the IPv6 header hold it.
@@ -639,6 +705,34 @@ pub struct SockRevNatValue6 {
     pub service_id: u32,
 }
 
+/// [`maps::REVNAT6`] value: [`RevNat`] for an IPv6 frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNat6 {
+    pub addr: Ip6,
+    /// L4 port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// [`maps::CONNTRACK6`] key: [`CtKey`] for IPv6 (addresses as [`Ip6`],
+/// ports in network byte order). Its value is a [`CtValue`] whose
+/// `nat_addr`/`nat_port` stay 0: IPv6 flows are east-west only (no SNAT,
+/// no DSR).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: Ip6,
+    pub daddr: Ip6,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`ct_dir`].
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Conntrack key: the packet's own tuple plus the direction it was seen in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -782,7 +876,8 @@ const REPLY_DSTS_BITS: u32 = 14;
 /// network order): a multiplicative hash. The kernel sets the slot before
 /// it writes any conntrack REPLY entry (keyed by the reply's tuple) and
 /// never clears it, so a packet whose destination's slot is clear cannot
-/// be the reply of a tracked flow. Distinct addresses may share a slot:
+/// be the reply of a tracked flow. An IPv6 address is first folded to one
+/// word (the XOR of its four raw words): one slot set for both families. Distinct addresses may share a slot:
 /// that only costs the conntrack lookup a clear slot saves.
 #[inline(always)]
 pub const fn reply_dst_slot(addr: u32) -> u32 {
@@ -795,7 +890,8 @@ pub const DSR_OPT_TYPE: u8 = 0x9a;
 
 /// Indices into the per-CPU [`maps::STATS`] array.
 pub mod stat {
-    /// IPv4 TCP/UDP packets the programs examined.
+    /// TCP/UDP packets (IPv4 and, on pods' interfaces, IPv6) the programs
+    /// examined.
     pub const PACKETS: u32 = 0;
     /// Packets translated to a backend (DNAT).
     pub const DNAT: u32 = 1;
@@ -809,9 +905,10 @@ pub mod stat {
     pub const PASS_MALFORMED: u32 = 5;
     /// IPv4 packets with options, passed untouched.
     pub const PASS_IP_OPTIONS: u32 = 6;
-    /// IPv4 non-first fragments whose first fragment was not translated
-    /// here (not a service flow, or it has not arrived yet), passed
-    /// untouched.
+    /// Non-first fragments whose first fragment was not translated here
+    /// (not a service flow, or it has not arrived yet), and IPv6 later
+    /// fragments whose fragment header is not followed directly by TCP or
+    /// UDP, passed untouched.
     pub const PASS_FRAGMENT: u32 = 7;
     /// Slot or backend missing for a frontend (a race or a bug), dropped.
     pub const DROP_NO_SLOT: u32 = 8;
@@ -835,8 +932,8 @@ pub mod stat {
     /// Client outside a LoadBalancer frontend's `loadBalancerSourceRanges`,
     /// dropped.
     pub const DROP_SOURCE_RANGE: u32 = 17;
-    /// Non-first IPv4 fragments matched to their first fragment's ports
-    /// ([`super::maps::FRAGMENTS`]), so they follow its flow (counted at
+    /// Non-first fragments (IPv4, IPv6) matched to their first fragment's ports
+    /// ([`super::maps::FRAGMENTS`], [`super::maps::FRAGMENTS6`]), so they follow its flow (counted at
     /// each hook that matches one).
     pub const FRAG_MATCHED: u32 = 18;
     /// DSR packets that the 8-byte option would push over the egress MTU:
@@ -846,8 +943,15 @@ pub mod stat {
     /// North-south SNAT found no free node port for a (node, backend) pair
     /// within its bounded probe: the new flow is dropped.
     pub const DROP_SNAT_EXHAUSTED: u32 = 20;
+    /// IPv6 packets whose extension-header chain is longer than the
+    /// parser's bound (`IPV6_MAX_EXT_HDRS` in the kernel side) or holds a
+    /// header it does not walk (authentication, ESP, mobility ...), passed
+    /// untouched.
+    pub const PASS_IPV6_EXT_HDRS: u32 = 21;
+    /// IPv6 packets translated to a backend (also counted in `dnat`).
+    pub const DNAT_V6: u32 = 22;
     /// Number of counters.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 23;
 
     /// Counter names, indexed like the constants.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -872,6 +976,8 @@ pub mod stat {
         "frag_matched",
         "drop_dsr_mtu",
         "drop_snat_exhausted",
+        "pass_ipv6_ext_hdrs",
+        "dnat_v6",
     ];
 }
 
@@ -899,6 +1005,10 @@ const _: () = {
     assert!(core::mem::size_of::<Backend6>() == 20);
     assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
     assert!(core::mem::size_of::<SockRevNatValue6>() == 24);
+    assert!(core::mem::size_of::<RevNat6>() == 20);
+    assert!(core::mem::size_of::<CtKey6>() == 40);
+    assert!(core::mem::size_of::<AffinityKey6>() == 24);
+    assert!(core::mem::size_of::<FragKey6>() == 40);
     assert!(stat::NAMES.len() == stat::COUNT as usize);
 };
 
@@ -930,6 +1040,10 @@ mod user {
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for SockRevNatKey6 {}
     unsafe impl aya::Pod for SockRevNatValue6 {}
+    unsafe impl aya::Pod for RevNat6 {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for FragKey6 {}
 }
 
 /// Conversions between the network-order fields above and `core::net` types.
@@ -1176,6 +1290,44 @@ mod decode {
     impl SockRevNatValue6 {
         pub fn frontend(&self) -> core::net::SocketAddrV6 {
             sock6(self.addr, self.port)
+        }
+    }
+
+    impl RevNat6 {
+        /// The frontend replies must carry.
+        pub fn frontend(&self) -> core::net::SocketAddrV6 {
+            sock6(self.addr, self.port)
+        }
+    }
+
+    impl FragKey6 {
+        /// Source and destination with the ports of `v`.
+        pub fn endpoints(
+            &self,
+            v: &FragValue,
+        ) -> (core::net::SocketAddrV6, core::net::SocketAddrV6) {
+            (sock6(self.saddr, v.sport), sock6(self.daddr, v.dport))
+        }
+        pub fn frag_id(&self) -> u32 {
+            u32::from_be(self.id)
+        }
+    }
+
+    impl AffinityKey6 {
+        pub fn client_ip(&self) -> core::net::Ipv6Addr {
+            ip6_addr(self.client_addr)
+        }
+    }
+
+    impl CtKey6 {
+        pub fn is_reply(&self) -> bool {
+            self.dir == ct_dir::REPLY
+        }
+        pub fn src(&self) -> core::net::SocketAddrV6 {
+            sock6(self.saddr, self.sport)
+        }
+        pub fn dst(&self) -> core::net::SocketAddrV6 {
+            sock6(self.daddr, self.dport)
         }
     }
 

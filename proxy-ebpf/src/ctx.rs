@@ -35,8 +35,8 @@ pub trait Ctx {
     /// Length of the whole packet.
     fn len(&self) -> u32;
 
-    /// Make sure the first `len` bytes are in the linear area (tc); XDP's
-    /// buffer is always linear.
+    /// Make sure the first `len` bytes (or the whole packet, if shorter)
+    /// are in the linear area (tc); XDP's buffer is always linear.
     #[inline(always)]
     fn pull(&self, _len: u32) {}
 
@@ -107,7 +107,8 @@ impl Ctx for TcContext {
 
     #[inline(always)]
     fn pull(&self, len: u32) {
-        if self.data_end() - self.data() < len as usize && TcContext::len(self) >= len {
+        let len = len.min(TcContext::len(self));
+        if self.data_end() - self.data() < len as usize {
             let _ = self.pull_data(len);
         }
     }

@@ -35,7 +35,7 @@ const PASS: i32 = <TcContext as Ctx>::PASS;
 /// routing: the frontend is not a local address on this node, so that is
 /// safe (east-west replies wait for `tc_to_pod`).
 #[inline(always)]
-pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
+pub fn reply(ctx: &TcContext, pkt: &Packet<u32>) -> Result<i32, Error> {
     let Some(ct) = CONNTRACK.get_ptr_mut(pkt.tuple.ct_key(ct_dir::REPLY)) else {
         return Ok(PASS);
     };
@@ -111,7 +111,7 @@ pub fn ingress(ctx: &TcContext) -> Result<Option<i32>, Error> {
 /// On the receiving node: DNAT a DSR flow and add the option carrying the
 /// frontend, then send it to the backend's node.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Packet, ct: &CtValue) -> Result<i32, Error> {
+pub fn forward(ctx: &TcContext, pkt: &Packet<u32>, ct: &CtValue) -> Result<i32, Error> {
     // SAFETY: copied out at once.
     let Some(b) = (unsafe { BACKENDS.get(ct.backend_id) }).copied() else {
         return Err(Error::NoSlot);

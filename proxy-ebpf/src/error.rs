@@ -11,6 +11,9 @@ pub enum Error {
     IpOptions,
     /// A fragment: passed untouched.
     Fragment,
+    /// IPv6 extension-header chain past the parser's bound, or with a
+    /// header it does not walk: passed untouched.
+    Ipv6ExtHdrs,
     /// Frontend without backends: dropped.
     NoBackend,
     /// Frontend whose slot or backend is missing: dropped.
@@ -35,6 +38,7 @@ impl Error {
             Error::Malformed => stat::PASS_MALFORMED,
             Error::IpOptions => stat::PASS_IP_OPTIONS,
             Error::Fragment => stat::PASS_FRAGMENT,
+            Error::Ipv6ExtHdrs => stat::PASS_IPV6_EXT_HDRS,
             Error::NoBackend => stat::DROP_NO_BACKEND,
             Error::NoSlot => stat::DROP_NO_SLOT,
             Error::Rewrite => stat::DROP_REWRITE,
@@ -47,6 +51,9 @@ impl Error {
 
     #[inline(always)]
     pub fn drops(self) -> bool {
-        !matches!(self, Error::Malformed | Error::IpOptions | Error::Fragment)
+        !matches!(
+            self,
+            Error::Malformed | Error::IpOptions | Error::Fragment | Error::Ipv6ExtHdrs
+        )
     }
 }

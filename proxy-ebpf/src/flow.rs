@@ -1,5 +1,7 @@
-//! Conntrack: finding a packet's flow, and the one flow-start path every
-//! hook shares (tc on pods' interfaces, tc on external interfaces, XDP).
+//! Conntrack: finding a packet's flow, and starting one: [`start_pod`]
+//! (tc on pods' interfaces, either family) and [`start_external`] (IPv4
+//! north-south: tc on external interfaces and XDP) share the admission
+//! check and the conntrack writes.
 //!
 //! A flow has a SERVICE entry under the client's tuple (-> backend) and,
 //! unless it is DSR, a REPLY entry under the tuple the backend's replies
@@ -10,31 +12,16 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use proxy_common::{
-    Backend, CtValue, HAIRPIN_ADDR, POD_NETS, ServiceValue, backend_flags, config_flags, ct_dir,
-    ct_flags, stat,
+    Backend, CtValue, ServiceValue, backend_flags, config_flags, ct_dir, ct_flags, stat,
 };
 
 use crate::{
     error::Error,
     lb,
-    maps::{BACKENDS, CONFIG, CONNTRACK, SERVICES, count, note_reply_dst},
-    packet::Packet,
-    tuple::Tuple,
+    maps::{CONFIG, CONNTRACK, count, note_reply_dst},
+    packet::{Packet, Wire},
+    tuple::{Addr, Tuple},
 };
-
-/// The hairpin source address, raw.
-pub const HAIRPIN: u32 = u32::from_ne_bytes(HAIRPIN_ADDR);
-
-/// Where a flow comes from, which decides how it is balanced and NATed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// A pod on this node (east-west): random or affinity selection; the
-    /// client keeps its address unless it reaches itself (hairpin).
-    Pod,
-    /// Outside the cluster (north-south): Maglev when the frontend has a
-    /// table; a remote backend is SNATed to the node (or DSR).
-    External,
-}
 
 /// SNAT ports are drawn from here (as the kernel's default ephemeral
 /// range, less the top).
@@ -44,37 +31,11 @@ const SNAT_PORT_RANGE: u32 = 28232;
 /// then random ones) before the packet is dropped.
 pub const SNAT_PROBES: u32 = 16;
 
-/// The frontend this packet is addressed to.
+/// The frontend this packet is addressed to (see `Addr::service`: IPv4
+/// skips the lookup for destinations inside the pod networks).
 #[inline(always)]
-pub fn service(pkt: &Packet) -> Option<ServiceValue> {
-    // Fast exit before the hash lookup: a destination inside the pod
-    // networks is a pod (the agent clears them while a frontend lies
-    // there). That is all pod-to-pod traffic, including what socket LB
-    // translated at connect() and what the per-packet path already sent to
-    // its backend: no hash lookup whose cost grows with the number of
-    // frontends, just the array slot the verifier inlines.
-    if to_pod_network(pkt.tuple.daddr) {
-        return None;
-    }
-    // SAFETY: the value is copied out at once; a concurrent update replaces
-    // the whole value, so the copy is either the old or the new one.
-    unsafe { SERVICES.get(pkt.tuple.service_key()) }.copied()
-}
-
-/// Whether `addr` (network order) is inside one of `CONFIG`'s pod networks.
-#[inline(always)]
-fn to_pod_network(addr: u32) -> bool {
-    let Some(c) = CONFIG.get(0) else {
-        return false;
-    };
-    let mut i = 0;
-    while i < POD_NETS {
-        if c.pod_nets[i].contains(addr) {
-            return true;
-        }
-        i += 1;
-    }
-    false
+pub fn service<A: Wire>(pkt: &Packet<A>) -> Option<ServiceValue> {
+    A::service(&pkt.tuple)
 }
 
 /// The packet's existing flow (SERVICE entry) whose backend still exists,
@@ -83,15 +44,18 @@ fn to_pod_network(addr: u32) -> bool {
 /// agent's sweep sees the flow alive and in its TCP state, whichever hook
 /// follows it.
 #[inline(always)]
-pub fn established(pkt: &Packet, service_id: Option<u32>, now: u64) -> Option<(CtValue, Backend)> {
-    let ct = CONNTRACK.get_ptr_mut(pkt.tuple.ct_key(ct_dir::SERVICE))?;
+pub fn established<A: Wire>(
+    pkt: &Packet<A>,
+    service_id: Option<u32>,
+    now: u64,
+) -> Option<(CtValue, A::Backend)> {
+    let ct = A::ct_get_ptr_mut(&pkt.tuple.ct_key(ct_dir::SERVICE))?;
     // SAFETY: pointer from a successful lookup; a copy of plain integers.
     let value = unsafe { *ct };
     if service_id.is_some_and(|id| id != value.service_id) {
         return None;
     }
-    // SAFETY: copied out at once.
-    let b = unsafe { BACKENDS.get(value.backend_id) }.copied()?;
+    let b = A::backend(value.backend_id)?;
     // SAFETY: as above.
     unsafe {
         (*ct).last_seen_ns = now;
@@ -100,30 +64,22 @@ pub fn established(pkt: &Packet, service_id: Option<u32>, now: u64) -> Option<(C
     Some((value, b))
 }
 
-/// A new flow to a frontend with backends: only a TCP SYN (or any UDP)
-/// starts one; the backend is chosen and the flow recorded. Returns the
-/// SERVICE conntrack value and the backend.
+/// Whether this packet may start a flow: not a later fragment (its
+/// datagram's flow is gone), and a TCP SYN or any UDP.
 #[inline(always)]
-pub fn start(
-    origin: Origin,
-    svc: &ServiceValue,
-    pkt: &Packet,
-    now: u64,
-) -> Result<(CtValue, Backend), Error> {
+fn may_start<A: Wire>(pkt: &Packet<A>) -> Result<(), Error> {
     if pkt.later_fragment() {
-        // Its datagram's flow is gone: nothing to follow.
         return Err(Error::Fragment);
     }
     if !pkt.starts_flow() {
         return Err(Error::CtInvalid);
     }
-    let t = &pkt.tuple;
-    let client = t.affinity_key(svc.id);
-    let (backend_id, b) = match origin {
-        Origin::Pod => lb::select::<u32>(svc, client, now)?,
-        Origin::External => lb::select_flow(svc, t, client, now)?,
-    };
-    let mut value = CtValue {
+    Ok(())
+}
+
+#[inline(always)]
+fn new_value<A: Wire>(pkt: &Packet<A>, svc: &ServiceValue, backend_id: u32, now: u64) -> CtValue {
+    CtValue {
         last_seen_ns: now,
         backend_id,
         service_id: svc.id,
@@ -132,33 +88,58 @@ pub fn start(
         nat_addr: 0,
         nat_port: 0,
         _pad2: 0,
-    };
-    match origin {
-        Origin::Pod => {
-            let mut src = t.saddr;
-            if b.addr == t.saddr {
-                value.flags |= ct_flags::HAIRPIN;
-                src = HAIRPIN;
-                count(stat::HAIRPIN);
-            }
-            let reply = t.reply(b.addr, b.port, src, t.sport);
-            insert_pair(t, &value, &reply, &value);
-        }
-        Origin::External => north_south(t, &mut value, &b)?,
     }
+}
+
+/// A new east-west flow (a pod on this node to a frontend with backends),
+/// either family: random or affinity selection; the client keeps its
+/// address unless it reaches itself (hairpin: the source becomes
+/// `Addr::HAIRPIN`). Returns the SERVICE conntrack value and the backend.
+#[inline(always)]
+pub fn start_pod<A: Wire>(
+    svc: &ServiceValue,
+    pkt: &Packet<A>,
+    now: u64,
+) -> Result<(CtValue, A::Backend), Error> {
+    may_start(pkt)?;
+    let t = &pkt.tuple;
+    let (backend_id, b) = lb::select::<A, _>(svc, t.affinity_key(svc.id), now)?;
+    let mut value = new_value(pkt, svc, backend_id, now);
+    let (addr, port) = A::backend_addr(&b);
+    let mut src = t.saddr;
+    if addr == t.saddr {
+        value.flags |= ct_flags::HAIRPIN;
+        src = A::HAIRPIN;
+        count(stat::HAIRPIN);
+    }
+    let reply = t.reply(addr, port, src, t.sport);
+    insert_pair(t, &value, &reply, &value);
+    Ok((value, b))
+}
+
+/// A new north-south flow (IPv4; from outside the cluster): Maglev when
+/// the frontend has a table; a remote backend is SNATed to the node (or
+/// DSR). Returns the SERVICE conntrack value and the backend.
+#[inline(always)]
+pub fn start_external(
+    svc: &ServiceValue,
+    pkt: &Packet<u32>,
+    now: u64,
+) -> Result<(CtValue, Backend), Error> {
+    may_start(pkt)?;
+    let t = &pkt.tuple;
+    let (backend_id, b) = lb::select_flow(svc, t, t.affinity_key(svc.id), now)?;
+    let mut value = new_value(pkt, svc, backend_id, now);
+    north_south(t, &mut value, &b)?;
     Ok((value, b))
 }
 
 /// Write the reply entry, then the service entry.
 #[inline(always)]
-fn insert_pair(t: &Tuple<u32>, value: &CtValue, reply: &Tuple<u32>, reply_value: &CtValue) {
-    note_reply_dst(reply.daddr);
-    if CONNTRACK
-        .insert(reply.ct_key(ct_dir::REPLY), reply_value, 0)
-        .is_err()
-        || CONNTRACK
-            .insert(t.ct_key(ct_dir::SERVICE), value, 0)
-            .is_err()
+fn insert_pair<A: Addr>(t: &Tuple<A>, value: &CtValue, reply: &Tuple<A>, reply_value: &CtValue) {
+    note_reply_dst(reply.daddr.fold());
+    if !A::ct_insert(&reply.ct_key(ct_dir::REPLY), reply_value, 0)
+        || !A::ct_insert(&t.ct_key(ct_dir::SERVICE), value, 0)
     {
         count(stat::CT_INSERT_FAIL);
     }
@@ -203,10 +184,7 @@ fn north_south(t: &Tuple<u32>, value: &mut CtValue, b: &Backend) -> Result<(), E
     value.nat_addr = node;
     let reply = snat_port(t, value, b, node)?;
     value.nat_port = reply.dport;
-    if CONNTRACK
-        .insert(t.ct_key(ct_dir::SERVICE), value, 0)
-        .is_err()
-    {
+    if !u32::ct_insert(&t.ct_key(ct_dir::SERVICE), value, 0) {
         count(stat::CT_INSERT_FAIL);
     }
     Ok(())
@@ -228,7 +206,7 @@ fn snat_port(t: &Tuple<u32>, value: &CtValue, b: &Backend, node: u32) -> Result<
     note_reply_dst(node);
     for _ in 0..SNAT_PROBES {
         let reply = t.reply(b.addr, b.port, node, port);
-        let key = reply.ct_key(ct_dir::REPLY);
+        let key = &reply.ct_key(ct_dir::REPLY);
         if CONNTRACK
             .insert(key, reply_value, BPF_NOEXIST as u64)
             .is_ok()

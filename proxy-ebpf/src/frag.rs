@@ -2,21 +2,23 @@
 //!
 //! Only the first fragment carries the L4 header. When a hook translates a
 //! first fragment it records the datagram's ports in `FRAGMENTS` under the
-//! tuple the fragments carry at that hook ([`remember`]); the later
-//! fragments find their ports there ([`later_ports`]), take the same
+//! tuple the fragments carry at that hook (`Addr::remember_fragment`); the
+//! later fragments find their ports there (`Addr::later_ports`), take the same
 //! conntrack path and get the same address rewrite (their L4 checksum lives
 //! in the first fragment, which was already fixed for the whole datagram).
 //! A later fragment that arrives before its first one, or whose datagram is
 //! not a service flow, passes untouched (`PASS_FRAGMENT`).
+//!
+//! IPv6 the same way, in `FRAGS_V6` (keyed by the 32-bit fragment header
+//! identification): the parser's walk marks a fragment header with the M
+//! flag and offset 0 as the first fragment (its upper-layer header follows
+//! the rest of the chain) and one with a nonzero offset as a later
+//! fragment, whose walk ends at the fragment header. A later fragment is
+//! followed only when the upper layer comes right after its fragment
+//! header (no extension header in the fragmentable part); otherwise it
+//! passes untouched (`PASS_FRAGMENT`).
 
-use proxy_common::{FragValue, stat};
-
-use crate::{
-    error::Error,
-    hdr::{IP_MF, IP_OFFSET_MASK},
-    maps::{FRAGMENTS, count},
-    tuple::{Addr, Tuple},
-};
+use crate::hdr::{IP_MF, IP_OFFSET_MASK};
 
 /// Where a packet stands in a fragmented datagram.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,33 +43,5 @@ impl Frag {
         } else {
             Frag::Whole
         }
-    }
-}
-
-/// The ports of a later fragment's datagram, if its first fragment was
-/// translated at this hook; `Err(Fragment)` (pass untouched) otherwise.
-#[inline(always)]
-pub fn later_ports(saddr: u32, daddr: u32, id: u16, proto: u8) -> Result<FragValue, Error> {
-    // SAFETY: copied out at once.
-    let v = unsafe { FRAGMENTS.get(u32::frag_key(saddr, daddr, id, proto)) }
-        .copied()
-        .ok_or(Error::Fragment)?;
-    count(stat::FRAG_MATCHED);
-    Ok(v)
-}
-
-/// A first fragment with tuple `t` was translated: its later fragments
-/// must follow.
-#[inline(always)]
-pub fn remember(frag: Frag, t: &Tuple<u32>, id: u16) {
-    if frag == Frag::First {
-        let _ = FRAGMENTS.insert(
-            u32::frag_key(t.saddr, t.daddr, id, t.proto),
-            FragValue {
-                sport: t.sport,
-                dport: t.dport,
-            },
-            0,
-        );
     }
 }

@@ -1,23 +1,25 @@
 //! Backend selection shared by the per-packet and the socket paths.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key as LpmKey};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Ip6, MAGLEV_FLOW_SEED,
-    MaglevKey, ServiceValue, SlotKey, SourceRangeKey, stat, svc_flags,
+    AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Ip6,
+    MAGLEV_FLOW_SEED, MaglevKey, ServiceValue, SlotKey, stat,
 };
 
 use crate::{
     error::Error,
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, BACKENDS6, MAGLEV, SLOTS, SOURCE_RANGES, count},
-    tuple::Tuple,
+    maps::{AFFINITY, AFFINITY_MATCH, AFFINITY6, BACKENDS, BACKENDS6, MAGLEV, SLOTS, count},
+    tuple::{Addr, Tuple},
 };
 
 /// The backend map of an address family, implemented on its address type.
 /// Backend ids are one space across both families; a frontend's slots
 /// hold ids of its own family's backends only.
-pub trait Backends {
+pub trait Backends: Sized {
     type Backend: Copy;
     fn backend(id: u32) -> Option<Self::Backend>;
+    /// The backend's address and port (network order).
+    fn backend_addr(b: &Self::Backend) -> (Self, u16);
 }
 
 impl Backends for u32 {
@@ -26,6 +28,10 @@ impl Backends for u32 {
     fn backend(id: u32) -> Option<Backend> {
         // SAFETY: copied out at once.
         unsafe { BACKENDS.get(id) }.copied()
+    }
+    #[inline(always)]
+    fn backend_addr(b: &Backend) -> (u32, u16) {
+        (b.addr, b.port)
     }
 }
 
@@ -36,26 +42,46 @@ impl Backends for Ip6 {
         // SAFETY: copied out at once.
         unsafe { BACKENDS6.get(id) }.copied()
     }
+    #[inline(always)]
+    fn backend_addr(b: &Backend6) -> (Ip6, u16) {
+        (b.addr, b.port)
+    }
+}
+
+/// A session-affinity key and the map it keys: `AFFINITY_V4` (socket path,
+/// per-packet IPv4) or `AFFINITY_V6` (per-packet IPv6).
+pub trait Affinity: Copy {
+    fn get_ptr_mut(&self) -> Option<*mut AffinityValue>;
+    fn insert(&self, v: &AffinityValue);
+}
+
+impl Affinity for AffinityKey {
+    #[inline(always)]
+    fn get_ptr_mut(&self) -> Option<*mut AffinityValue> {
+        AFFINITY.get_ptr_mut(self)
+    }
+    #[inline(always)]
+    fn insert(&self, v: &AffinityValue) {
+        let _ = AFFINITY.insert(self, v, 0);
+    }
+}
+
+impl Affinity for AffinityKey6 {
+    #[inline(always)]
+    fn get_ptr_mut(&self) -> Option<*mut AffinityValue> {
+        AFFINITY6.get_ptr_mut(self)
+    }
+    #[inline(always)]
+    fn insert(&self, v: &AffinityValue) {
+        let _ = AFFINITY6.insert(self, v, 0);
+    }
 }
 
 /// `loadBalancerSourceRanges`: a frontend flagged `SOURCE_RANGES` serves
 /// only clients inside one of its ranges; others are dropped.
 #[inline(always)]
-pub fn check_source(svc: &ServiceValue, saddr: u32) -> Result<(), Error> {
-    if svc.flags & svc_flags::SOURCE_RANGES == 0 {
-        return Ok(());
-    }
-    let k = LpmKey::new(
-        64,
-        SourceRangeKey {
-            service_id_be: svc.id.to_be(),
-            addr: saddr,
-        },
-    );
-    if SOURCE_RANGES.get(&k).is_none() {
-        return Err(Error::SourceRange);
-    }
-    Ok(())
+pub fn check_source<A: Addr>(svc: &ServiceValue, saddr: A) -> Result<(), Error> {
+    A::check_source(svc, saddr)
 }
 
 #[inline(always)]
@@ -106,19 +132,19 @@ pub fn select_flow(
             return Ok((id, b));
         }
     }
-    select::<u32>(svc, client, now)
+    select::<u32, _>(svc, client, now)
 }
 
 /// Pick a backend for a new flow: the client's affinity backend while it is
 /// fresh and still exists, otherwise a random slot of the live generation.
 #[inline(always)]
-pub fn select<A: Backends>(
+pub fn select<A: Backends, K: Affinity>(
     svc: &ServiceValue,
-    client: AffinityKey,
+    client: K,
     now: u64,
 ) -> Result<(u32, A::Backend), Error> {
     if svc.affinity_timeout != 0
-        && let Some(a) = AFFINITY.get_ptr_mut(client)
+        && let Some(a) = client.get_ptr_mut()
     {
         // SAFETY: pointer from a successful lookup; plain integers.
         let (last, id) = unsafe { ((*a).last_used_ns, (*a).backend_id) };
@@ -149,7 +175,7 @@ pub fn select<A: Backends>(
             backend_id: id,
             _pad: 0,
         };
-        let _ = AFFINITY.insert(client, v, 0);
+        client.insert(&v);
     }
     Ok((id, b))
 }

@@ -18,10 +18,14 @@
 //!   [`reject`]: RST / ICMP answers; [`error`]: why a packet was not
 //!   translated (a counter and a verdict each).
 //!
-//! Anything that is not IPv4 TCP/UDP, or is malformed, truncated or carries
-//! IP options, passes untouched and is counted. Fragmented datagrams of
-//! service flows are translated whole: the later fragments follow their
-//! first fragment (see [`frag`]).
+//! [`pod`] serves IPv4 and IPv6 through one generic path ([`packet`],
+//! [`tuple`], [`flow`], [`reject`] are generic over the address family);
+//! [`netdev`] and [`xdp`] (north-south) are IPv4 only and pass IPv6
+//! untouched. Anything that is not TCP/UDP of a family the hook serves,
+//! or is malformed, truncated, carries IPv4 options or an IPv6
+//! extension-header chain past the parser's bound, passes untouched and
+//! is counted. Fragmented datagrams of service flows are translated whole:
+//! the later fragments follow their first fragment (see [`frag`]).
 #![no_std]
 #![no_main]
 

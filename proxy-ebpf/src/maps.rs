@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue,
-    FragKey, FragValue, MaglevKey, RevNat, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey, SvcStats,
-    maps as def, reply_dst_slot, str_eq,
+    AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey,
+    CtKey6, CtValue, FragKey, FragKey6, FragValue, MaglevKey, RevNat, RevNat6, ServiceKey,
+    ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+    SockRevNatValue6, SourceRangeKey, SvcStats, maps as def, reply_dst_slot, str_eq,
 };
 
 /// Declares a map static from its `proxy_common::maps` descriptor. The
@@ -40,10 +40,16 @@ map_from_def!("REPLY_DSTS", REPLY_DSTS: Array<u8> = def::REPLY_DSTS);
 map_from_def!("SVC_V6", SERVICES6: HashMap<ServiceKey6, ServiceValue> = def::SERVICES6);
 map_from_def!("BACKENDS_V6", BACKENDS6: HashMap<u32, Backend6> = def::BACKENDS6);
 map_from_def!("SOCK_RNAT_V6", SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> = def::SOCK_REVNAT6);
+map_from_def!("CT_V6", CONNTRACK6: LruHashMap<CtKey6, CtValue> = def::CONNTRACK6);
+map_from_def!("REVNAT_V6", REVNAT6: HashMap<u32, RevNat6> = def::REVNAT6);
+map_from_def!("AFFINITY_V6", AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = def::AFFINITY6);
+map_from_def!("FRAGS_V6", FRAGMENTS6: LruHashMap<FragKey6, FragValue> = def::FRAGMENTS6);
 map_from_def!("STATS", STATS: PerCpuArray<u64> = def::STATS);
 
 /// Record that a conntrack REPLY entry addressed to `daddr` is about to be
-/// written (before it is): see `proxy_common::reply_dst_slot`. A set slot
+/// written (before it is): see `proxy_common::reply_dst_slot` (an IPv6
+/// address is folded to one word first, `tuple::Addr::fold`: one slot set
+/// for both families). A set slot
 /// is left alone (no store, its cache line stays clean).
 #[inline(always)]
 pub fn note_reply_dst(daddr: u32) {

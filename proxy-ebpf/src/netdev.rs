@@ -26,8 +26,7 @@ use crate::{
     ctx::{Ctx, verdict},
     dsr,
     error::Error,
-    flow::{self, Origin},
-    lb,
+    flow, lb,
     maps::{CONFIG, CONNTRACK, REVNAT, account, count},
     packet::Packet,
     pod, reject,
@@ -50,7 +49,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
     if let Some(v) = dsr::ingress(ctx)? {
         return Ok(v);
     }
-    let Some(pkt) = Packet::parse(ctx)? else {
+    let Some(pkt) = Packet::<u32>::parse(ctx)? else {
         return Ok(PASS);
     };
     // Fast exit: only a packet to the node address (SNAT replies,
@@ -105,7 +104,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Error> {
                 // A frontend without backends: reject, as for pods.
                 return reject::reject(ctx, &pkt);
             }
-            flow::start(Origin::External, &svc, &pkt, now)?
+            flow::start_external(&svc, &pkt, now)?
         }
     };
     if ct.flags & ct_flags::DSR != 0 {
@@ -141,7 +140,7 @@ pub fn redirect_out(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn try_to_netdev(ctx: &TcContext) -> Result<i32, Error> {
-    let Some(pkt) = Packet::parse(ctx)? else {
+    let Some(pkt) = Packet::<u32>::parse(ctx)? else {
         return Ok(PASS);
     };
     pod::reverse_nat(ctx, &pkt)

@@ -3,9 +3,10 @@
 //! * [`tc_from_pod`] (tc ingress: what the pod sends): a packet to a
 //!   frontend is DNATed to a backend (conntrack keeps a flow on its backend;
 //!   session affinity keeps a client on one); a frontend without backends is
-//!   rejected (RST / ICMP port unreachable). A pod reaching itself through
-//!   its service (hairpin) is also SNATed to [`HAIRPIN`], and the replies to
-//!   that address are translated back here. A packet to no frontend may be
+//!   rejected (RST / ICMP or ICMPv6 port unreachable). A pod reaching
+//!   itself through its service (hairpin) is also SNATed to the family's
+//!   hairpin address (`Addr::HAIRPIN`), and the replies to that address are
+//!   translated back here. A packet to no frontend may be
 //!   a DSR reply of a local backend (see [`dsr`](crate::dsr)), looked for
 //!   only on a node running DSR: anything else to no frontend (traffic
 //!   socket LB already sent to its backend at connect(), plain pod
@@ -14,51 +15,76 @@
 //!   backend is rewritten back to the frontend. Conntrack is looked up only
 //!   for a destination some reply entry was addressed to (`REPLY_DSTS`):
 //!   socket-LB and plain pod traffic leave without a hash lookup.
+//!
+//! Both programs serve IPv4 and IPv6: the entry reads the EtherType and
+//! runs one generic path per family (`Packet<A>`, `flow`, `reject`), the
+//! family's maps chosen by `tuple::Addr`. IPv6 has no DSR (north-south
+//! is IPv4 only).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
-use proxy_common::{config_flags, ct_dir, ct_flags, stat};
+use proxy_common::{Ip6, config_flags, ct_dir, ct_flags, stat};
 
 use crate::{
     ctx::{Ctx, verdict},
     dsr,
     error::Error,
-    flow::{self, HAIRPIN, Origin},
+    flow,
+    hdr::{ETH_P_IP, ETH_P_IPV6, EthHdr},
     lb,
-    maps::{CONFIG, CONNTRACK, REVNAT, account, count, may_be_reply_dst},
-    packet::Packet,
-    reject,
+    maps::{CONFIG, account, count, may_be_reply_dst},
+    packet::{Packet, Wire},
+    reject::{self, Answer},
 };
 
 const PASS: i32 = <TcContext as Ctx>::PASS;
 
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
-    verdict::<TcContext>(try_from_pod(&ctx))
+    verdict::<TcContext>(match ether_type(&ctx) {
+        Ok(ETH_P_IP) => try_from_pod::<u32>(&ctx),
+        Ok(ETH_P_IPV6) => try_from_pod::<Ip6>(&ctx),
+        Ok(_) => Ok(PASS),
+        Err(e) => Err(e),
+    })
 }
 
 #[classifier]
 pub fn tc_to_pod(ctx: TcContext) -> i32 {
-    verdict::<TcContext>(try_to_pod(&ctx))
+    verdict::<TcContext>(match ether_type(&ctx) {
+        Ok(ETH_P_IP) => try_to_pod::<u32>(&ctx),
+        Ok(ETH_P_IPV6) => try_to_pod::<Ip6>(&ctx),
+        Ok(_) => Ok(PASS),
+        Err(e) => Err(e),
+    })
+}
+
+/// The frame's EtherType (host order): which family's path it takes.
+#[inline(always)]
+fn ether_type(ctx: &TcContext) -> Result<u16, Error> {
+    let eth: EthHdr = ctx.read(0)?;
+    Ok(u16::from_be(eth.proto))
 }
 
 #[inline(always)]
-fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
-    let Some(pkt) = Packet::parse(ctx)? else {
+fn try_from_pod<A: Answer>(ctx: &TcContext) -> Result<i32, Error> {
+    let Some(pkt) = Packet::<A>::parse(ctx)? else {
         return Ok(PASS);
     };
     count(stat::PACKETS);
-    if pkt.tuple.daddr == HAIRPIN {
+    if pkt.tuple.daddr == A::HAIRPIN {
         return hairpin_reply(ctx, &pkt);
     }
     let Some(svc) = flow::service(&pkt) else {
         // Fast exit: not addressed to a frontend, so already at its
         // destination (a backend socket LB chose at connect(), or plain
         // pod traffic). Only a DSR reply needs more, and only a node
-        // running DSR has those: the flag is read from an array map, which
-        // the verifier inlines (no helper call). The service lookup above
-        // stays the one hash lookup on this path.
-        if dsr_enabled() {
-            return dsr::reply(ctx, &pkt);
+        // running DSR has those (IPv4 only): the flag is read from an
+        // array map, which the verifier inlines (no helper call). The
+        // service lookup above stays the one hash lookup on this path.
+        if let Some(p4) = A::v4(&pkt)
+            && dsr_enabled()
+        {
+            return dsr::reply(ctx, p4);
         }
         return Ok(PASS);
     };
@@ -74,14 +100,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     // frontend it belongs to still exist.
     let (ct, backend) = match flow::established(&pkt, Some(svc.id), now) {
         Some(c) => c,
-        None => flow::start(Origin::Pod, &svc, &pkt, now)?,
+        None => flow::start_pod(&svc, &pkt, now)?,
     };
-    pkt.rewrite_dst(ctx, backend.addr, backend.port)?;
+    let (addr, port) = A::backend_addr(&backend);
+    pkt.rewrite_dst(ctx, addr, port)?;
     if ct.flags & ct_flags::HAIRPIN != 0 {
-        pkt.rewrite_src_addr(ctx, HAIRPIN)?;
+        pkt.rewrite_src_addr(ctx, A::HAIRPIN)?;
     }
     account(svc.id, ctx.len() as u64);
     count(stat::DNAT);
+    if A::v4(&pkt).is_none() {
+        count(stat::DNAT_V6);
+    }
     Ok(PASS)
 }
 
@@ -94,27 +124,27 @@ fn dsr_enabled() -> bool {
         .is_some_and(|c| c.flags & config_flags::DSR != 0)
 }
 
-/// A hairpinned backend answering [`HAIRPIN`]: make the reply come from the
-/// frontend and go to the pod itself.
+/// A hairpinned backend answering `Addr::HAIRPIN`: make the reply come
+/// from the frontend and go to the pod itself.
 #[inline(always)]
-fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, Error> {
-    // SAFETY: copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(pkt.tuple.ct_key(ct_dir::REPLY)) }).copied() else {
+fn hairpin_reply<A: Wire>(ctx: &TcContext, pkt: &Packet<A>) -> Result<i32, Error> {
+    let Some(ct) = A::ct_get_ptr_mut(&pkt.tuple.ct_key(ct_dir::REPLY)) else {
         return Ok(PASS);
     };
-    // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { REVNAT.get(ct.service_id) }).copied() else {
+    // SAFETY: pointer from a successful lookup; copied out at once.
+    let service_id = unsafe { (*ct).service_id };
+    let Some((addr, port)) = A::revnat(service_id) else {
         return Ok(PASS);
     };
-    pkt.rewrite_src(ctx, rev.addr, rev.port)?;
+    pkt.rewrite_src(ctx, addr, port)?;
     pkt.rewrite_dst_addr(ctx, pkt.tuple.saddr)?;
     count(stat::REV_NAT);
     Ok(PASS)
 }
 
 #[inline(always)]
-fn try_to_pod(ctx: &TcContext) -> Result<i32, Error> {
-    let Some(pkt) = Packet::parse(ctx)? else {
+fn try_to_pod<A: Wire>(ctx: &TcContext) -> Result<i32, Error> {
+    let Some(pkt) = Packet::<A>::parse(ctx)? else {
         return Ok(PASS);
     };
     count(stat::PACKETS);
@@ -129,11 +159,11 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Error> {
 /// socket-LB traffic and plain pod traffic, unless its destination shares
 /// a slot with a per-packet flow's client.
 #[inline(always)]
-pub fn reverse_nat<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<i32, Error> {
-    if !may_be_reply_dst(pkt.tuple.daddr) {
+pub fn reverse_nat<C: Ctx, A: Wire>(ctx: &C, pkt: &Packet<A>) -> Result<i32, Error> {
+    if !may_be_reply_dst(pkt.tuple.daddr.fold()) {
         return Ok(C::PASS);
     }
-    let Some(ct) = CONNTRACK.get_ptr_mut(pkt.tuple.ct_key(ct_dir::REPLY)) else {
+    let Some(ct) = A::ct_get_ptr_mut(&pkt.tuple.ct_key(ct_dir::REPLY)) else {
         return Ok(C::PASS);
     };
     // SAFETY: pointer from a successful lookup; plain integers.
@@ -142,12 +172,11 @@ pub fn reverse_nat<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<i32, Error> {
         (*ct).flags |= pkt.tcp_ct_flags();
         (*ct).service_id
     };
-    // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { REVNAT.get(service_id) }).copied() else {
+    let Some((addr, port)) = A::revnat(service_id) else {
         // The frontend is gone: the reply cannot be made to look right.
         return Ok(C::PASS);
     };
-    pkt.rewrite_src(ctx, rev.addr, rev.port)?;
+    pkt.rewrite_src(ctx, addr, port)?;
     count(stat::REV_NAT);
     Ok(C::PASS)
 }

@@ -129,7 +129,6 @@ trait SockFamily: Backends + Copy {
     type RevKey;
     fn rev_key(cookie: u64, addr: Self, port: u16) -> Self::RevKey;
     fn service(addr: Self, port: u16, proto: u8) -> Option<ServiceValue>;
-    fn backend_addr(b: &Self::Backend) -> (Self, u16);
     fn remember(cookie: u64, backend: (Self, u16), frontend: (Self, u16), service_id: u32);
     fn recall(cookie: u64, addr: Self, port: u16) -> Option<(Self, u16)>;
     fn forget(cookie: u64, addr: Self, port: u16);
@@ -156,10 +155,6 @@ impl SockFamily for u32 {
         };
         // SAFETY: copied out at once.
         unsafe { SERVICES.get(key) }.copied()
-    }
-    #[inline(always)]
-    fn backend_addr(b: &Self::Backend) -> (u32, u16) {
-        (b.addr, b.port)
     }
     #[inline(always)]
     fn remember(cookie: u64, backend: (u32, u16), frontend: (u32, u16), service_id: u32) {
@@ -204,10 +199,6 @@ impl SockFamily for Ip6 {
         };
         // SAFETY: copied out at once.
         unsafe { SERVICES6.get(key) }.copied()
-    }
-    #[inline(always)]
-    fn backend_addr(b: &Self::Backend) -> (Ip6, u16) {
-        (b.addr, b.port)
     }
     #[inline(always)]
     fn remember(cookie: u64, backend: (Ip6, u16), frontend: (Ip6, u16), service_id: u32) {
@@ -272,7 +263,7 @@ fn pick<A: SockFamily>(ctx: &SockAddrContext, addr: A, port: u16, protocol: u8) 
         client_addr: 0,
         service_id: svc.id,
     };
-    let Ok((_, backend)) = lb::select::<A>(&svc, client, now) else {
+    let Ok((_, backend)) = lb::select::<A, _>(&svc, client, now) else {
         count(stat::DROP_NO_SLOT);
         return Verdict::Refuse;
     };

@@ -27,8 +27,7 @@ use proxy_common::{ct_dir, ct_flags, stat};
 use crate::{
     ctx::{Ctx, verdict},
     error::Error,
-    flow::{self, Origin},
-    lb,
+    flow, lb,
     maps::{CONNTRACK, account, count},
     netdev,
     packet::Packet,
@@ -43,7 +42,7 @@ pub fn xdp_nodeport(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> Result<i32, Error> {
-    let Some(pkt) = Packet::parse(ctx)? else {
+    let Some(pkt) = Packet::<u32>::parse(ctx)? else {
         return Ok(PASS);
     };
     count(stat::PACKETS);
@@ -77,7 +76,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<i32, Error> {
     let now = unsafe { bpf_ktime_get_ns() };
     let (ct, backend) = match flow::established(&pkt, Some(svc.id), now) {
         Some(c) => c,
-        None => flow::start(Origin::External, &svc, &pkt, now)?,
+        None => flow::start_external(&svc, &pkt, now)?,
     };
     if ct.flags & (ct_flags::SNAT | ct_flags::DSR) != 0 {
         // Remote backend: the flow is decided and tracked; tc on this

@@ -340,7 +340,7 @@ pub fn conntrack(d: &Dump, f: &CtFilter) -> Vec<CtView> {
                 let hit = [Some(c.src), Some(c.dst), c.nat]
                     .into_iter()
                     .flatten()
-                    .any(|s| *s.ip() == a);
+                    .any(|s| s.ip() == IpAddr::V4(a));
                 if !hit {
                     return None;
                 }
@@ -710,13 +710,13 @@ fn tracked_flow(a: &Ask, e: &mut Explanation) -> bool {
     else {
         return false;
     };
-    // Conntrack holds IPv4 flows only (IPv6 frontends are served by socket
-    // LB, which keeps no conntrack).
+    // The client is an IPv4 address (see `Client`): only an IPv4
+    // frontend's flows can be its.
     let IpAddr::V4(target_ip) = a.target.ip else {
         return false;
     };
-    let src = SocketAddrV4::new(ip, sport);
-    let dst = SocketAddrV4::new(target_ip, a.target.port);
+    let src = SocketAddr::V4(SocketAddrV4::new(ip, sport));
+    let dst = SocketAddr::V4(SocketAddrV4::new(target_ip, a.target.port));
     let proto = Proto::from(a.target.proto);
     let Some(b) =
         a.d.conntrack
@@ -751,7 +751,7 @@ fn affinity(a: &Ask, e: &mut Explanation) -> bool {
     let fresh = a.client.and_then(|c| {
         a.d.affinity
             .iter()
-            .find(|x| x.service_id == a.service.id && x.client == AffinityClient::Ip(c.ip))
+            .find(|x| x.service_id == a.service.id && x.client == AffinityClient::Ip(c.ip.into()))
             .filter(|x| a.now_ns.wrapping_sub(x.last_used_ns) < timeout_ns)
             .and_then(|x| {
                 a.view
@@ -1088,7 +1088,7 @@ mod tests {
         d.services[0].affinity_timeout = 10;
         d.affinity.push(AffinityEntry {
             service_id: 1,
-            client: AffinityClient::Ip(Ipv4Addr::new(10, 244, 2, 8)),
+            client: AffinityClient::Ip(Ipv4Addr::new(10, 244, 2, 8).into()),
             backend_id: 1,
             last_used_ns: 0,
         });

@@ -51,11 +51,17 @@ pub struct NodeWarning {
 pub struct PressureWatch {
     /// Full maps: when last reported.
     full: BTreeMap<&'static str, Instant>,
+    /// Each conntrack map's (`CT_V4`, `CT_V6`) pressure, on its own.
+    ct: BTreeMap<&'static str, CtPressure>,
+}
+
+/// One conntrack map's pressure between sweeps.
+#[derive(Debug, Default)]
+struct CtPressure {
     /// Sweeps in a row at or above [`CT_PRESSURE_HIGH`].
-    ct_high: u32,
-    /// When high conntrack pressure was last reported (None: not in this
-    /// episode).
-    ct_reported: Option<Instant>,
+    high: u32,
+    /// When high pressure was last reported (None: not in this episode).
+    reported: Option<Instant>,
 }
 
 fn percent(entries: u64, capacity: u32) -> f64 {
@@ -109,12 +115,13 @@ impl PressureWatch {
                     flag,
                 } => {
                     let p = percent(entries, capacity);
+                    let ct = self.ct.entry(map).or_default();
                     if p >= CT_PRESSURE_HIGH {
-                        self.ct_high = self.ct_high.saturating_add(1);
+                        ct.high = ct.high.saturating_add(1);
                     } else {
-                        self.ct_high = 0;
+                        ct.high = 0;
                     }
-                    if p < CT_PRESSURE_CLEAR && self.ct_reported.take().is_some() {
+                    if p < CT_PRESSURE_CLEAR && ct.reported.take().is_some() {
                         info!(
                             map,
                             entries,
@@ -122,11 +129,11 @@ impl PressureWatch {
                             "conntrack pressure is back below {CT_PRESSURE_CLEAR}"
                         );
                     }
-                    let due = self
-                        .ct_reported
+                    let due = ct
+                        .reported
                         .is_none_or(|t| now.saturating_duration_since(t) >= REPEAT);
-                    if self.ct_high >= CT_HIGH_SWEEPS && due {
-                        self.ct_reported = Some(now);
+                    if ct.high >= CT_HIGH_SWEEPS && due {
+                        ct.reported = Some(now);
                         let pct = (p * 100.0).round();
                         warn!(
                             map,
@@ -134,7 +141,7 @@ impl PressureWatch {
                             capacity,
                             flag,
                             "conntrack map {map} is {pct}% full ({entries} of {capacity} entries) for {} sweeps: the data path evicts the least recently used flows; raise {flag} (with `auto` the next start grows it)",
-                            self.ct_high
+                            ct.high
                         );
                         out.push(NodeWarning {
                             reason: REASON_CT_PRESSURE,
@@ -181,8 +188,12 @@ mod tests {
     }
 
     fn swept(entries: u64) -> MapEvent {
+        swept_map("CT_V4", entries)
+    }
+
+    fn swept_map(map: &'static str, entries: u64) -> MapEvent {
         MapEvent::Swept {
-            map: "CT_V4",
+            map,
             entries,
             capacity: 1000,
             flag: "--bpf-ct-map-max",
@@ -253,6 +264,16 @@ mod tests {
         assert!(w.observe(vec![swept(100)], at(700)).is_empty());
         assert!(w.observe(vec![swept(950), swept(950)], at(710)).is_empty());
         assert_eq!(w.observe(vec![swept(950)], at(720)).len(), 1);
+        // Each conntrack map counts its own sweeps: CT_V6 low does not
+        // reset CT_V4's count, nor does CT_V4 high count for CT_V6.
+        let mut w = PressureWatch::default();
+        for s in 0..2 {
+            let e = vec![swept(950), swept_map("CT_V6", 10)];
+            assert!(w.observe(e, at(s)).is_empty());
+        }
+        let out = w.observe(vec![swept(950), swept_map("CT_V6", 10)], at(2));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].map, "CT_V4");
         // A map without capacity is never under pressure.
         let mut w = PressureWatch::default();
         let none = MapEvent::Swept {

@@ -548,15 +548,24 @@ fn ipv6_frontends_go_to_svc_v6_with_their_backends_in_backends_v6() {
         behind,
         ["[fd00:244:9::2]:8080/TCP", "[fd00:244:9::3]:8080/TCP"]
     );
-    // The per-packet path's entries are not written for IPv6: no reverse
-    // NAT, no Maglev table, no IPv4 source ranges; the guarded frontend is
-    // flagged, so socket LB leaves it alone (not served: closed).
+    // Reverse NAT for the east-west per-packet path: one REVNAT_V6 entry
+    // per IPv6 frontend. What only the north-south path reads is not
+    // written for IPv6: no Maglev table, no IPv4 source ranges; the
+    // guarded frontend is flagged, so socket LB leaves it alone and the
+    // per-packet path drops its packets (not served: closed).
     let guarded = svc(lb6.into());
     assert!(guarded.flags.source_ranges(), "source-ranges flag");
     assert_eq!(guarded.maglev_size, 0, "no Maglev for IPv6");
-    assert!(dump.revnat.iter().all(|r| r.service_id != cluster.id));
-    assert!(dump.revnat.iter().all(|r| r.service_id != guarded.id));
-    assert_eq!(dump.revnat.len(), 1, "the IPv4 frontend's");
+    let rev = |id: u32| {
+        dump.revnat
+            .iter()
+            .find(|r| r.service_id == id)
+            .map(|r| r.address.to_string())
+    };
+    assert_eq!(rev(cluster.id).as_deref(), Some("[fd00:96::10]:80"));
+    assert!(rev(guarded.id).is_some());
+    assert_eq!(count("REVNAT_V4"), 1, "the IPv4 frontend's");
+    assert_eq!(count("REVNAT_V6"), 2);
     assert!(dump.source_ranges.is_empty());
     assert_eq!(maglev_entries(&dp), 0);
     // Removing the IPv6 frontends leaves nothing of them.
@@ -576,6 +585,14 @@ fn ipv6_frontends_go_to_svc_v6_with_their_backends_in_backends_v6() {
         dump.backends
     );
     assert_eq!(dump.slots.len(), 1);
+    assert_eq!(
+        dump.revnat
+            .iter()
+            .map(|r| r.address.to_string())
+            .collect::<Vec<_>>(),
+        ["10.96.0.10:80"],
+        "REVNAT_V6 entries deleted with their frontends"
+    );
 }
 
 #[test]

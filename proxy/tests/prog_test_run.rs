@@ -2180,3 +2180,647 @@ fn packets_to_the_pod_network_skip_the_frontend_lookup_while_no_frontend_is_ther
     }
     assert_eq!(fx.stat(stat::DNAT), dnat, "nothing translated");
 }
+
+// ---- IPv6 on the pod path -----------------------------------------------------
+
+use std::net::Ipv6Addr;
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xa);
+const B1_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 3);
+const B2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 2);
+/// TCP 80 and UDP 53 without backends.
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xb);
+/// Its only backend is CLIENT6 itself (hairpin).
+const HAIRPIN_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xc);
+/// Two backends, ClientIP affinity.
+const STICKY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xd);
+const HAIRPIN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa9fe, 0x2a01, 0, 0, 0, 0, 1);
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_AH: u8 = 51;
+
+/// The IPv6 frontends of these tests, on the IPv4 [`fixture`].
+fn fixture6() -> Fixture {
+    let mut fx = fixture();
+    let backend = |addr: Ipv6Addr, port| BackendAddr {
+        addr: addr.into(),
+        port,
+        terminating: false,
+        local: true,
+    };
+    let fe = |backends: Vec<BackendAddr>| Frontend {
+        kind: FrontendKind::ClusterIp,
+        backends: backends.into(),
+        affinity_timeout: 0,
+        source_ranges: vec![],
+        maglev_table_size: None,
+        local_only: false,
+    };
+    let key = |addr: Ipv6Addr, port, proto| FrontendKey {
+        addr: addr.into(),
+        port,
+        proto,
+    };
+    fx.dp
+        .apply(&[
+            Change::Upsert(
+                key(VIP6, 80, Protocol::Tcp),
+                fe(vec![backend(B1_6, 8080), backend(B2_6, 8081)]),
+            ),
+            Change::Upsert(key(VIP6, 53, Protocol::Udp), fe(vec![backend(B1_6, 5353)])),
+            Change::Upsert(key(EMPTY6, 80, Protocol::Tcp), fe(vec![])),
+            Change::Upsert(key(EMPTY6, 53, Protocol::Udp), fe(vec![])),
+            Change::Upsert(
+                key(HAIRPIN_VIP6, 80, Protocol::Tcp),
+                fe(vec![backend(CLIENT6, 8080)]),
+            ),
+            Change::Upsert(
+                key(STICKY6, 80, Protocol::Tcp),
+                Frontend {
+                    affinity_timeout: 60,
+                    ..fe(vec![backend(B1_6, 8080), backend(B2_6, 8081)])
+                },
+            ),
+        ])
+        .expect("program IPv6 frontends");
+    fx
+}
+
+/// The IPv6 pseudo-header (RFC 8200 8.1) sum of an upper-layer packet.
+fn pseudo6_sum(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> u32 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    sum16(&pseudo)
+}
+
+/// An IPv6 frame: Ethernet, the fixed header, extension headers (type,
+/// whole header bytes with its next-header byte left 0: filled in), then
+/// TCP (SYN, seq 1) or UDP with a payload and a correct checksum.
+struct Frame6 {
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    ext: Vec<(u8, Vec<u8>)>,
+    tcp_flags: u8,
+}
+
+impl Frame6 {
+    fn tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Frame6 {
+        Frame6 {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: 6,
+            ext: vec![],
+            tcp_flags: 0x02,
+        }
+    }
+
+    fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Frame6 {
+        Frame6 {
+            proto: 17,
+            ..Frame6::tcp(src, sport, dst, dport)
+        }
+    }
+
+    /// With an options header (hop-by-hop or destination options: 8 bytes
+    /// of PadN), a routing header (type 0 with no segments left) or a
+    /// fragment header (`frag_off` as on the wire, host order here).
+    fn with(mut self, kind: u8) -> Frame6 {
+        let body = match kind {
+            IPPROTO_ROUTING => vec![0, 0, 0, 0, 0, 0, 0, 0],
+            IPPROTO_AH => vec![0, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0],
+            _ => vec![0, 0, 1, 4, 0, 0, 0, 0],
+        };
+        self.ext.push((kind, body));
+        self
+    }
+
+    fn with_fragment(mut self, frag_off: u16) -> Frame6 {
+        let mut body = vec![0, 0];
+        body.extend_from_slice(&frag_off.to_be_bytes());
+        body.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        self.ext.push((IPPROTO_FRAGMENT, body));
+        self
+    }
+
+    fn l4(&self) -> Vec<u8> {
+        self.l4_with(b"hello, service")
+    }
+
+    fn l4_with(&self, payload: &[u8]) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == 6 {
+            l4.extend_from_slice(&1u32.to_be_bytes());
+            l4.extend_from_slice(&0u32.to_be_bytes());
+            l4.extend_from_slice(&[0x50, self.tcp_flags]);
+            l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(payload);
+        let at = if self.proto == 6 { 16 } else { 6 };
+        let c = csum_fold(pseudo6_sum(self.src, self.dst, self.proto, l4.len()) + sum16(&l4));
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        l4
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let l4 = self.l4();
+        let mut ext = Vec::new();
+        let mut first = self.proto;
+        for (kind, body) in self.ext.iter().rev() {
+            let mut h = body.clone();
+            h[0] = first;
+            first = *kind;
+            ext.splice(0..0, h);
+        }
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[first, 64]);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        f.extend_from_slice(&ext);
+        f.extend_from_slice(&l4);
+        f
+    }
+}
+
+/// An output IPv6 frame's addresses and ports, its upper layer found by
+/// walking the extension headers, its L4 checksum recomputed (must verify).
+struct Parsed6 {
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    l4_off: usize,
+}
+
+fn ip6_at(b: &[u8]) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&b[..16]).expect("16 bytes"))
+}
+
+fn parse6_and_verify(frame: &[u8]) -> Parsed6 {
+    assert_eq!(&frame[12..14], &[0x86, 0xdd], "IPv6 EtherType");
+    let ip = &frame[14..54];
+    assert_eq!(ip[0] >> 4, 6);
+    let payload_len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    assert_eq!(frame.len(), 54 + payload_len, "payload length matches");
+    let (src, dst) = (ip6_at(&ip[8..]), ip6_at(&ip[24..]));
+    let mut next = ip[6];
+    let mut off = 54;
+    while ![6, 17, 58].contains(&next) {
+        let h = &frame[off..];
+        let this = next;
+        next = h[0];
+        off += if this == IPPROTO_FRAGMENT {
+            8
+        } else {
+            (h[1] as usize + 1) * 8
+        };
+    }
+    let l4 = &frame[off..];
+    let at = match next {
+        6 => 16,
+        17 => 6,
+        _ => 2,
+    };
+    assert_ne!(u16::from_be_bytes([l4[at], l4[at + 1]]), 0, "a checksum");
+    assert_eq!(
+        csum_fold(pseudo6_sum(src, dst, next, l4.len()) + sum16(l4)),
+        0,
+        "L4 checksum (proto {next}) must verify over the IPv6 pseudo-header"
+    );
+    Parsed6 {
+        src,
+        dst,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        proto: next,
+        l4_off: off,
+    }
+}
+
+#[test]
+fn ipv6_tcp_and_udp_to_a_clusterip_are_dnated_with_valid_checksums() {
+    let fx = fixture6();
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 40000..40032 {
+        let (rc, out) = fx.run(
+            progs::TC_FROM_POD,
+            &Frame6::tcp(CLIENT6, sport, VIP6, 80).build(),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        let p = parse6_and_verify(&out);
+        assert_eq!((p.src, p.sport), (CLIENT6, sport));
+        assert!(
+            (p.dst, p.dport) == (B1_6, 8080) || (p.dst, p.dport) == (B2_6, 8081),
+            "translated to a backend, got [{}]:{}",
+            p.dst,
+            p.dport
+        );
+        seen.insert(p.dst);
+    }
+    assert_eq!(seen.len(), 2, "32 flows spread over both backends");
+    let (rc, out) = fx.run(
+        progs::TC_FROM_POD,
+        &Frame6::udp(CLIENT6, 40100, VIP6, 53).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse6_and_verify(&out);
+    assert_eq!((p.proto, p.dst, p.dport), (17, B1_6, 5353));
+    assert_eq!(fx.stat(stat::DNAT_V6), 33);
+    assert_eq!(fx.stat(stat::DNAT), 33);
+    // The flows are in CT_V6, decoded with their IPv6 endpoints, and the
+    // frontend's reverse-NAT entry in REVNAT_V6.
+    let d = fx.dp.maps().dump().expect("dump");
+    let client = std::net::SocketAddr::from((CLIENT6, 40100));
+    assert!(
+        d.conntrack.iter().any(|c| c.src == client),
+        "a CT_V6 entry for the UDP flow"
+    );
+    assert!(
+        d.revnat
+            .iter()
+            .any(|r| r.address == std::net::SocketAddr::from((VIP6, 53)))
+    );
+}
+
+#[test]
+fn ipv6_a_flow_keeps_its_backend_and_its_replies_are_reverse_translated() {
+    let fx = fixture6();
+    let syn = Frame6::tcp(CLIENT6, 41000, VIP6, 80).build();
+    let first = parse6_and_verify(&fx.run(progs::TC_FROM_POD, &syn).1);
+    for _ in 0..10 {
+        let again = parse6_and_verify(&fx.run(progs::TC_FROM_POD, &syn).1);
+        assert_eq!((again.dst, again.dport), (first.dst, first.dport));
+    }
+    let mut reply = Frame6::tcp(first.dst, first.dport, CLIENT6, 41000);
+    reply.tcp_flags = 0x12; // SYN|ACK
+    let (rc, out) = fx.run(progs::TC_TO_POD, &reply.build());
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse6_and_verify(&out);
+    assert_eq!((p.src, p.sport), (VIP6, 80), "from the service");
+    assert_eq!((p.dst, p.dport), (CLIENT6, 41000));
+
+    fx.run(
+        progs::TC_FROM_POD,
+        &Frame6::udp(CLIENT6, 42000, VIP6, 53).build(),
+    );
+    let (rc, out) = fx.run(
+        progs::TC_TO_POD,
+        &Frame6::udp(B1_6, 5353, CLIENT6, 42000).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse6_and_verify(&out);
+    assert_eq!((p.src, p.sport), (VIP6, 53));
+    assert_eq!(fx.stat(stat::REV_NAT), 2);
+
+    // A backend's packet no flow sent there: untouched.
+    let stray = Frame6::udp(B2_6, 5353, CLIENT6, 42001).build();
+    let (rc, out) = fx.run(progs::TC_TO_POD, &stray);
+    assert_eq!((rc, out), (TC_ACT_OK, stray));
+}
+
+#[test]
+fn ipv6_truncated_frames_pass_untouched_at_every_header_boundary() {
+    let fx = fixture6();
+    let plain = Frame6::tcp(CLIENT6, 43000, VIP6, 80).build();
+    let ext = Frame6::tcp(CLIENT6, 43001, VIP6, 80)
+        .with(IPPROTO_HOPOPTS)
+        .with(IPPROTO_DSTOPTS)
+        .build();
+    let mut cuts: Vec<&[u8]> = Vec::new();
+    // Inside the fixed header, right after it, inside TCP, after the ports.
+    for len in [14 + 20, 14 + 40, 14 + 40 + 4, 14 + 40 + 10] {
+        cuts.push(&plain[..len]);
+    }
+    // Right after the fixed header, inside and after each extension
+    // header, inside TCP.
+    for len in [
+        14 + 40,
+        14 + 44,
+        14 + 48,
+        14 + 52,
+        14 + 56,
+        14 + 64,
+        14 + 56 + 10,
+    ] {
+        cuts.push(&ext[..len]);
+    }
+    for frame in cuts {
+        for prog in [progs::TC_FROM_POD, progs::TC_TO_POD] {
+            match fx.try_run(prog, frame) {
+                Ok((rc, out)) => {
+                    assert_eq!(rc, TC_ACT_OK, "{} bytes through {prog}", frame.len());
+                    assert_eq!(out, frame, "{} bytes: untouched", frame.len());
+                }
+                // Where the kernel will not build the skb at all.
+                Err(e) => assert!(format!("{e:?}").contains("InvalidInput"), "{e:?}"),
+            }
+        }
+    }
+    // The payload length claiming less than the extension headers take.
+    let mut short = ext.clone();
+    short[18..20].copy_from_slice(&8u16.to_be_bytes());
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &short);
+    assert_eq!((rc, out), (TC_ACT_OK, short));
+    assert_eq!(fx.stat(stat::DNAT), 0);
+    assert!(fx.stat(stat::PASS_MALFORMED) >= 4);
+}
+
+#[test]
+fn ipv6_extension_headers_within_the_bound_are_walked_and_translated() {
+    let fx = fixture6();
+    // Four, and exactly the bound (six).
+    let four = Frame6::tcp(CLIENT6, 44000, VIP6, 80)
+        .with(IPPROTO_HOPOPTS)
+        .with(IPPROTO_DSTOPTS)
+        .with(IPPROTO_ROUTING)
+        .with(IPPROTO_DSTOPTS);
+    let six = Frame6::udp(CLIENT6, 44001, VIP6, 53)
+        .with(IPPROTO_HOPOPTS)
+        .with(IPPROTO_DSTOPTS)
+        .with(IPPROTO_ROUTING)
+        .with(IPPROTO_DSTOPTS)
+        .with(IPPROTO_DSTOPTS)
+        .with_fragment(0); // atomic fragment: a whole packet
+    for (n, f) in [(4, four), (6, six)] {
+        let frame = f.build();
+        let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(out.len(), frame.len());
+        let p = parse6_and_verify(&out);
+        assert_eq!(p.l4_off, 54 + 8 * n, "{n} extension headers kept");
+        assert_eq!(&out[54..p.l4_off], &frame[54..p.l4_off], "unchanged");
+        assert!(p.dst == B1_6 || p.dst == B2_6, "{n} headers: translated");
+        assert_eq!(p.src, CLIENT6);
+    }
+    assert_eq!(fx.stat(stat::DNAT_V6), 2);
+}
+
+#[test]
+fn ipv6_extension_header_chains_past_the_bound_or_unwalked_pass_untouched() {
+    let fx = fixture6();
+    let mut long = Frame6::tcp(CLIENT6, 45000, VIP6, 80).with(IPPROTO_HOPOPTS);
+    for kind in [
+        IPPROTO_DSTOPTS,
+        IPPROTO_ROUTING,
+        IPPROTO_DSTOPTS,
+        IPPROTO_DSTOPTS,
+        IPPROTO_DSTOPTS,
+        IPPROTO_DSTOPTS,
+    ] {
+        long = long.with(kind);
+    }
+    let ah = Frame6::tcp(CLIENT6, 45001, VIP6, 80).with(IPPROTO_AH);
+    for frame in [long.build(), ah.build()] {
+        for prog in [progs::TC_FROM_POD, progs::TC_TO_POD] {
+            let (rc, out) = fx.run(prog, &frame);
+            assert_eq!((rc, &out), (TC_ACT_OK, &frame), "byte-identical");
+        }
+    }
+    assert_eq!(fx.stat(stat::PASS_IPV6_EXT_HDRS), 4);
+    assert_eq!(fx.stat(stat::DNAT), 0);
+}
+
+#[test]
+fn ipv6_tcp_syn_to_a_frontend_without_backends_gets_a_rst() {
+    let fx = fixture6();
+    let syn = Frame6::tcp(CLIENT6, 47000, EMPTY6, 80).build();
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT, "sent back out of the interface");
+    assert_eq!(out.len(), 14 + 40 + 20, "Ethernet + IPv6 + TCP");
+    assert_eq!(&out[0..6], &syn[6..12], "to the sender's MAC");
+    assert_eq!(&out[6..12], &syn[0..6]);
+    assert_eq!(out[14 + 7], 64, "hop limit");
+    let p = parse6_and_verify(&out);
+    assert_eq!((p.src, p.sport), (EMPTY6, 80), "from the service");
+    assert_eq!((p.dst, p.dport), (CLIENT6, 47000));
+    let tcp = &out[54..];
+    assert_eq!(tcp[13], 0x14, "RST|ACK");
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    assert_eq!(ack, 1 + 14 + 1, "acknowledges the SYN and its payload");
+    assert_eq!(fx.stat(stat::REJECT_TCP_RST), 1);
+
+    // Not a connection attempt: dropped, no answer.
+    let mut ack_only = Frame6::tcp(CLIENT6, 47001, EMPTY6, 80);
+    ack_only.tcp_flags = 0x10;
+    let (rc, _) = fx.run(progs::TC_FROM_POD, &ack_only.build());
+    assert_eq!(rc, TC_ACT_SHOT);
+}
+
+#[test]
+fn ipv6_udp_to_a_frontend_without_backends_gets_icmpv6_port_unreachable() {
+    let fx = fixture6();
+    let dgram = Frame6::udp(CLIENT6, 47002, EMPTY6, 53).build();
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &dgram);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 40 + 8 + 48);
+    assert_eq!(out[14 + 6], 58, "ICMPv6");
+    let p = parse6_and_verify(&out); // checks the ICMPv6 checksum
+    assert_eq!((p.src, p.dst), (EMPTY6, CLIENT6));
+    let icmp = &out[54..];
+    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination / port unreachable");
+    assert_eq!(
+        &icmp[8..56],
+        &dgram[14..62],
+        "quotes the IPv6 header + 8 bytes"
+    );
+    assert_eq!(fx.stat(stat::REJECT_ICMP), 1);
+}
+
+/// A UDP datagram of [`FRAG_PAYLOAD`] split in two IPv6 fragments (the
+/// first carries the UDP header and the first `first_l4` bytes of L4),
+/// fragment id `id`; the UDP checksum covers the whole datagram.
+fn udp_fragments6(
+    src: Ipv6Addr,
+    sport: u16,
+    dst: Ipv6Addr,
+    dport: u16,
+    id: u32,
+) -> (Vec<u8>, Vec<u8>) {
+    let first_l4 = 24;
+    let l4 = Frame6 {
+        src,
+        dst,
+        sport,
+        dport,
+        proto: 17,
+        ext: vec![],
+        tcp_flags: 0,
+    }
+    .l4_with(FRAG_PAYLOAD);
+    let fragment = |part: &[u8], offset: usize, more: bool| {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[IPPROTO_FRAGMENT, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&[17, 0]);
+        f.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(part);
+        f
+    };
+    (
+        fragment(&l4[..first_l4], 0, true),
+        fragment(&l4[first_l4..], first_l4, false),
+    )
+}
+
+/// Reassemble two IPv6 fragments as the receiver would (same addresses in
+/// both) and verify the datagram's UDP checksum; returns its endpoints.
+fn reassemble6_and_verify(first: &[u8], later: &[u8]) -> Parsed6 {
+    assert_eq!(&first[22..54], &later[22..54], "same addresses");
+    let mut whole = first[..14].to_vec();
+    let l4: Vec<u8> = first[62..].iter().chain(&later[62..]).copied().collect();
+    whole.extend_from_slice(&[0x60, 0, 0, 0]);
+    whole.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    whole.extend_from_slice(&[17, 64]);
+    whole.extend_from_slice(&first[22..54]);
+    whole.extend_from_slice(&l4);
+    parse6_and_verify(&whole)
+}
+
+#[test]
+fn ipv6_fragmented_udp_to_a_clusterip_is_translated_whole() {
+    let fx = fixture6();
+    let (first, later) = udp_fragments6(CLIENT6, 48000, VIP6, 53, 0x1234_5678);
+    let (rc, f1) = fx.run(progs::TC_FROM_POD, &first);
+    assert_eq!(rc, TC_ACT_OK);
+    let (rc, f2) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!(rc, TC_ACT_OK);
+    let p = reassemble6_and_verify(&f1, &f2);
+    assert_eq!((p.src, p.sport), (CLIENT6, 48000));
+    assert_eq!((p.dst, p.dport), (B1_6, 5353));
+    assert_eq!(fx.stat(stat::FRAG_MATCHED), 1);
+    let d = fx.dp.maps().dump().expect("dump");
+    assert!(
+        d.fragments.iter().any(|f| f.ip_id == 0x1234_5678),
+        "the FRAGS_V6 entry, decoded"
+    );
+
+    // The reply, fragmented too, comes back from the service.
+    let (r1, r2) = udp_fragments6(B1_6, 5353, CLIENT6, 48000, 0x0bad_cafe);
+    let (_, o1) = fx.run(progs::TC_TO_POD, &r1);
+    let (_, o2) = fx.run(progs::TC_TO_POD, &r2);
+    let p = reassemble6_and_verify(&o1, &o2);
+    assert_eq!((p.src, p.sport), (VIP6, 53));
+    assert_eq!((p.dst, p.dport), (CLIENT6, 48000));
+}
+
+#[test]
+fn ipv6_later_fragments_without_their_first_pass_untouched() {
+    let fx = fixture6();
+    let (_, later) = udp_fragments6(CLIENT6, 48100, VIP6, 53, 7);
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!((rc, out), (TC_ACT_OK, later));
+    // A later fragment whose fragment header is followed by another
+    // extension header (its first fragment's upper layer is not known
+    // from it): untouched too.
+    let (first, mut later) = udp_fragments6(CLIENT6, 48101, VIP6, 53, 8);
+    fx.run(progs::TC_FROM_POD, &first);
+    later[54] = IPPROTO_DSTOPTS;
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &later);
+    assert_eq!((rc, out), (TC_ACT_OK, later));
+    assert_eq!(fx.stat(stat::PASS_FRAGMENT), 2);
+    assert_eq!(fx.stat(stat::FRAG_MATCHED), 0);
+}
+
+#[test]
+fn ipv6_hairpin_is_snated_and_its_replies_come_back_from_the_service() {
+    let fx = fixture6();
+    let (rc, out) = fx.run(
+        progs::TC_FROM_POD,
+        &Frame6::tcp(CLIENT6, 49200, HAIRPIN_VIP6, 80).build(),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse6_and_verify(&out);
+    assert_eq!((p.dst, p.dport), (CLIENT6, 8080), "to itself");
+    assert_eq!(
+        (p.src, p.sport),
+        (HAIRPIN6, 49200),
+        "from the hairpin address"
+    );
+    assert_eq!(
+        HAIRPIN6.octets(),
+        proxy_common::HAIRPIN_ADDR6,
+        "the address the kernel side uses"
+    );
+    assert_eq!(fx.stat(stat::HAIRPIN), 1);
+    let mut reply = Frame6::tcp(CLIENT6, 8080, HAIRPIN6, 49200);
+    reply.tcp_flags = 0x12;
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &reply.build());
+    assert_eq!(rc, TC_ACT_OK);
+    let p = parse6_and_verify(&out);
+    assert_eq!((p.src, p.sport), (HAIRPIN_VIP6, 80));
+    assert_eq!((p.dst, p.dport), (CLIENT6, 49200));
+}
+
+#[test]
+fn ipv6_bad_checksums_stay_bad_after_translation() {
+    let fx = fixture6();
+    let mut frame = Frame6::tcp(CLIENT6, 49300, VIP6, 80).build();
+    frame[54 + 16] ^= 0x55;
+    let (rc, out) = fx.run(progs::TC_FROM_POD, &frame);
+    assert_eq!(rc, TC_ACT_OK);
+    let dst = ip6_at(&out[14 + 24..]);
+    assert!(dst == B1_6 || dst == B2_6);
+    let l4 = &out[54..];
+    assert_ne!(
+        csum_fold(pseudo6_sum(CLIENT6, dst, 6, l4.len()) + sum16(l4)),
+        0,
+        "a bad TCP checksum is not repaired"
+    );
+}
+
+#[test]
+fn ipv6_client_ip_affinity_keeps_new_flows_on_one_backend() {
+    let fx = fixture6();
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 50000..50020 {
+        let (rc, out) = fx.run(
+            progs::TC_FROM_POD,
+            &Frame6::tcp(CLIENT6, sport, STICKY6, 80).build(),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        seen.insert(parse6_and_verify(&out).dst);
+    }
+    assert_eq!(seen.len(), 1, "20 new flows of one client, one backend");
+    assert_eq!(fx.stat(stat::AFFINITY_HIT), 19);
+    // Other clients are balanced on their own.
+    let mut others = std::collections::BTreeSet::new();
+    for i in 0..40u16 {
+        let c = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 1, i);
+        let (_, out) = fx.run(
+            progs::TC_FROM_POD,
+            &Frame6::tcp(c, 50100, STICKY6, 80).build(),
+        );
+        others.insert(parse6_and_verify(&out).dst);
+    }
+    assert_eq!(others.len(), 2, "40 clients spread over both backends");
+    let d = fx.dp.maps().dump().expect("dump");
+    assert!(
+        d.affinity
+            .iter()
+            .any(|a| a.client == proxy::maps::AffinityClient::Ip(CLIENT6.into())),
+        "the client's AFFINITY_V6 entry, decoded"
+    );
+}

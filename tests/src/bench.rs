@@ -354,11 +354,19 @@ pub struct Params {
 pub const FALLBACK_MODES: &[&str] = &["iptables", "nftables", "ipvs"];
 
 /// The modes that serve an IPv6 ClusterIP today (`direct` needs no
-/// service): socket LB translates IPv6 at connect(), the iptables and
-/// nftables modes with ip6tables and the `ip6` table; the per-packet eBPF
-/// path and the ipvs mode are IPv4 only so far. The IPv6 metrics
-/// (`*_v6*`) run for these and are listed as not run for the others.
-pub const IPV6_MODES: &[&str] = &["direct", "ebpf-socket", "ebpf-xdp", "iptables", "nftables"];
+/// service): socket LB translates IPv6 at connect(), the per-packet eBPF
+/// path on the pods' interfaces (`ebpf-tc`) per packet, the iptables and
+/// nftables modes with ip6tables and the `ip6` table; the ipvs mode is
+/// IPv4 only so far. The IPv6 metrics (`*_v6*`) run for these and are
+/// listed as not run for the others.
+pub const IPV6_MODES: &[&str] = &[
+    "direct",
+    "ebpf-socket",
+    "ebpf-tc",
+    "ebpf-xdp",
+    "iptables",
+    "nftables",
+];
 
 /// A mode left out at a scale on purpose (not a failure): all of it, or
 /// one metric.

@@ -1432,6 +1432,39 @@ pub fn until_backends(
     t
 }
 
+/// A request that must fail "at once" (refused, never a timeout).
+pub const AT_ONCE: Duration = Duration::from_secs(1);
+
+/// Waits until `proto` requests to `to` are refused, then checks five more
+/// are refused at once (ECONNREFUSED / ICMP or ICMPv6 port unreachable,
+/// never a timeout: requests wait up to 2 s, so a drop shows as
+/// `TimedOut`).
+#[track_caller]
+pub fn until_refused(c: &PodClient, proto: Protocol, to: SocketAddr, within: Duration) {
+    let req = Request {
+        proto,
+        ..Request::tcp(to)
+    }
+    .timeout(Duration::from_secs(2));
+    eventually(within, || {
+        let r = c.run(&req).map_err(|e| format!("{e:#}"))?.remove(0);
+        if r.is_refused() {
+            Ok(())
+        } else {
+            Err(format!("{proto:?} {to}: want refused, got {r}"))
+        }
+    });
+    for r in c
+        .run(&req.clone().count(5))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    {
+        assert!(
+            r.is_refused() && r.elapsed() < AT_ONCE,
+            "{proto:?} {to}: want refused within {AT_ONCE:?}, got {r}"
+        );
+    }
+}
+
 /// Polls `f` every 20 ms until it returns `Ok`, panicking with the last
 /// error after `within`.
 #[track_caller]

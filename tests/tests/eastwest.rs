@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 use proxy_tests::cgroup::{Cgroup, cgroup_of};
 use proxy_tests::cluster::{Cluster, ClusterSpec, TcpServer, UdpServer, tcp_request};
 use proxy_tests::scenario::{
-    ClientResult, DataplaneMode, Endpoint, EndpointSlice, ErrorKind, PodClient, Protocol, Request,
-    Scenario, Service, SocketLb, StreamResult, TrafficPolicy, backends, names, on_path, tally,
-    until_backends,
+    AT_ONCE, ClientResult, DataplaneMode, Endpoint, EndpointSlice, ErrorKind, PodClient, Protocol,
+    Request, Scenario, Service, SocketLb, StreamResult, TrafficPolicy, backends, names, on_path,
+    tally, until_backends, until_refused,
 };
 
 // ---------------------------------------------------------------------------
@@ -40,8 +40,6 @@ use proxy_tests::scenario::{
 const START: Duration = Duration::from_secs(8);
 /// A change in the API reflected in forwarding.
 const CONVERGE: Duration = Duration::from_secs(3);
-/// A request that must fail "at once".
-const AT_ONCE: Duration = Duration::from_secs(1);
 
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
@@ -92,35 +90,6 @@ fn all_fail(c: &PodClient, req: &Request) -> Vec<ClientResult> {
         panic!("{:?} {} answered: {r}", req.proto, req.to);
     }
     rs
-}
-
-/// Waits until `proto` requests to `to` are refused, then checks five more
-/// are refused at once (ECONNREFUSED / ICMP port unreachable, never a
-/// timeout: requests wait up to 2 s, so a drop shows as `TimedOut`).
-#[track_caller]
-fn until_refused(c: &PodClient, proto: Protocol, to: SocketAddr, within: Duration) {
-    let req = Request {
-        proto,
-        ..Request::tcp(to)
-    }
-    .timeout(Duration::from_secs(2));
-    scenario_eventually(within, || {
-        let r = c.run(&req).map_err(|e| format!("{e:#}"))?.remove(0);
-        if r.is_refused() {
-            Ok(())
-        } else {
-            Err(format!("{proto:?} {to}: want refused, got {r}"))
-        }
-    });
-    for r in c
-        .run(&req.clone().count(5))
-        .unwrap_or_else(|e| panic!("{e:#}"))
-    {
-        assert!(
-            r.is_refused() && r.elapsed() < AT_ONCE,
-            "{proto:?} {to}: want refused within {AT_ONCE:?}, got {r}"
-        );
-    }
 }
 
 #[track_caller]

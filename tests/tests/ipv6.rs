@@ -1,12 +1,14 @@
-//! IPv6 and dual-stack ClusterIP services end to end in the eBPF mode with
-//! socket LB on: API server fixture -> agent on every node -> `SVC_V6` /
-//! `BACKENDS_V6` -> connect6/sendmsg6 in the client's cgroup -> IPv6
-//! packets between pods on different nodes.
+//! IPv6 and dual-stack ClusterIP services end to end in the eBPF mode:
+//! API server fixture -> agent on every node -> `SVC_V6` / `BACKENDS_V6` /
+//! `REVNAT_V6` -> either connect6/sendmsg6 in the client's cgroup (socket
+//! LB on) or the tc programs on the pods' host interfaces (socket LB off:
+//! DNAT, `CT_V6`, reverse NAT, RST / ICMPv6 rejects) -> IPv6 packets
+//! between pods on different nodes.
 //!
-//! The per-packet programs (tc, XDP) are IPv4 only: socket LB is what
-//! serves IPv6 frontends, and the counters prove it did (`sock_xlate`).
+//! The counters prove which path served the traffic (`sock_xlate` for
+//! socket LB; `dnat` and its IPv6 share `dnat_v6`, the rejects, for tc).
 //! The services' backends run on node 2, the client on node 1: a request
-//! that reaches a backend crossed the nodes on the address socket LB
+//! that reaches a backend crossed the nodes on the address the proxy
 //! chose.
 
 use std::collections::BTreeMap;
@@ -14,7 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use proxy_tests::scenario::{
-    Endpoint, EndpointSlice, PodClient, Request, Scenario, Service, SocketLb, eventually,
+    Endpoint, EndpointSlice, PodClient, Protocol, Request, Scenario, Service, SocketLb, eventually,
+    until_refused,
 };
 use serde_json::Value;
 
@@ -31,6 +34,8 @@ const SIX: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc8, 1);
 /// The dual-stack service's ClusterIPs.
 const DUAL4: Ipv4Addr = Ipv4Addr::new(10, 96, 201, 2);
 const DUAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc8, 2);
+/// An IPv6-only service without endpoints (the tc scenario's).
+const NONE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0xc8, 3);
 
 fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -135,8 +140,18 @@ fn backend_ips(dump: &Value) -> Vec<String> {
 /// one whose IPv4 slice holds pod-2-1 and whose IPv6 slice holds pod-2-2,
 /// so each family's address must reach its own family's endpoint only.
 fn scenario() -> Scenario {
+    scenario_in("ipv6", SocketLb::On, false)
+}
+
+/// [`scenario`] in mode `lb`; with `none6`, also [`NONE6`] (TCP 80, UDP 53)
+/// without endpoints.
+fn scenario_in(label: &str, lb: SocketLb, none6: bool) -> Scenario {
     let svc = |s: Service| s.tcp("http", 80, TCP_PORT).udp("dns", 53, UDP_PORT);
-    let s = Scenario::builder("ipv6", SocketLb::On)
+    let mut b = Scenario::builder(label, lb);
+    if none6 {
+        b = b.object(&svc(Service::cluster_ip("none6", NONE6)));
+    }
+    let s = b
         .dual_stack_servers()
         .tcp_server((2, 1), TCP_PORT)
         .tcp_server((2, 2), TCP_PORT)
@@ -261,4 +276,83 @@ fn ipv6_and_dual_stack_cluster_ips_through_socket_lb_then_removed() {
     until_backends(&c, &tcp(at(DUAL6, 80), 5), me6, &["pod-2-2"], CONVERGE);
     until_backends(&c, &tcp(at(DUAL4, 80), 5), me4, &["pod-2-1"], CONVERGE);
     s.assert_datapath();
+}
+
+/// Socket LB off ("ebpf-tc"): the tc programs on the pods' host interfaces
+/// serve the IPv6 frontends. The same services as above reach their
+/// family's backends with the client's own address (no SNAT) and the
+/// frontend as the replies' source (reverse NAT: the client's peer is the
+/// address it asked for); the counters prove the tc path translated the
+/// IPv6 requests (`dnat_v6` grows by at least one per request, the socket
+/// hooks never ran) and the flows are in `CT_V6`. An IPv6 service without
+/// endpoints is refused at once over TCP (RST) and UDP (ICMPv6 port
+/// unreachable), counted by the tc rejects.
+#[test]
+fn ipv6_cluster_ips_through_the_tc_path_with_socket_lb_off() {
+    let s = scenario_in("ipv6-tc", SocketLb::Off, true);
+    let c = s.client(1, 1);
+    let (me4, me6): (IpAddr, IpAddr) = (s.pod(1, 1).ip.into(), s.pod(1, 1).ip6.into());
+    let tcp = |to: SocketAddr, n| Request::tcp(to).count(n);
+    let udp = |to: SocketAddr, n| Request::udp(to).count(n);
+    let both = ["pod-2-1", "pod-2-2"];
+
+    until_backends(&c, &tcp(at(SIX, 80), 30), me6, &both, START);
+    until_backends(&c, &udp(at(SIX, 53), 30), me6, &both, CONVERGE);
+    until_backends(&c, &tcp(at(DUAL6, 80), 10), me6, &["pod-2-2"], CONVERGE);
+    until_backends(&c, &udp(at(DUAL6, 53), 10), me6, &["pod-2-2"], CONVERGE);
+    until_backends(&c, &tcp(at(DUAL4, 80), 10), me4, &["pod-2-1"], CONVERGE);
+
+    // The tc path did it, on IPv6: every request counted by the tc
+    // programs, none by the socket hooks, and the IPv6 DNAT counter of the
+    // client's node grew by at least one per IPv6 request.
+    let v6_dnat = |s: &Scenario| s.stats(1).get("dnat_v6").copied().unwrap_or(0);
+    let before = v6_dnat(&s);
+    let reqs = [
+        tcp(at(SIX, 80), 5),
+        udp(at(SIX, 53), 5),
+        tcp(at(DUAL6, 80), 5),
+    ];
+    for req in &reqs {
+        for r in s.assert_path(&c, req) {
+            assert!(r.ok, "{:?} {}: {r}", req.proto, req.to);
+        }
+    }
+    let grew = v6_dnat(&s) - before;
+    assert!(grew >= 15, "dnat_v6 grew by {grew} for 15 IPv6 requests");
+    s.assert_datapath();
+
+    // The flows are tracked in CT_V6, decoded with IPv6 endpoints; the
+    // frontends have their REVNAT_V6 entries.
+    let d = dump(&s, 1);
+    assert!(entries(&d, "CT_V6") > 0, "CT_V6 holds the flows");
+    let me = s.pod(1, 1).ip6.to_string();
+    let ct = d["conntrack"].as_array().cloned().unwrap_or_default();
+    assert!(
+        ct.iter()
+            .any(|e| e["src"].as_str().is_some_and(|a| a.contains(&me))),
+        "a conntrack entry from [{me}]: {ct:?}"
+    );
+    assert_eq!(
+        entries(&d, "REVNAT_V6"),
+        6,
+        "six, dual and none6, TCP and UDP"
+    );
+
+    // No endpoints: refused at once, by the tc path's rejects.
+    let rejects = |s: &Scenario| {
+        let st = s.stats(1);
+        (
+            st.get("reject_tcp_rst").copied().unwrap_or(0),
+            st.get("reject_icmp").copied().unwrap_or(0),
+        )
+    };
+    let (rst0, icmp0) = rejects(&s);
+    until_refused(&c, Protocol::Tcp, at(NONE6, 80), CONVERGE);
+    until_refused(&c, Protocol::Udp, at(NONE6, 53), CONVERGE);
+    let (rst1, icmp1) = rejects(&s);
+    assert!(rst1 >= rst0 + 6, "TCP RSTs: {rst0} -> {rst1}");
+    assert!(
+        icmp1 >= icmp0 + 6,
+        "ICMPv6 port unreachables: {icmp0} -> {icmp1}"
+    );
 }

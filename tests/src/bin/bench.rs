@@ -1544,7 +1544,7 @@ impl<'a> Bench<'a> {
                     self.run.not_run.push(bench::NotRun {
                         mode: mode.clone(),
                         scale,
-                        reason: "IPv6 is not programmed in this mode yet (socket LB only)".into(),
+                        reason: "IPv6 is not programmed in this mode yet".into(),
                         metric: Some(m.into()),
                     });
                 }

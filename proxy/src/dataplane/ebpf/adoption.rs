@@ -171,6 +171,14 @@ impl EbpfDataplane {
         for k in orphans {
             let _ = m.revnat.remove(&k);
         }
+        let orphans: Vec<u32> = collect(m.revnat6.keys().map(|r| r.map(|k| (k, ()))), "REVNAT_V6")?
+            .into_iter()
+            .map(|(k, ())| k)
+            .filter(|k| !ids.contains(k))
+            .collect();
+        for k in orphans {
+            let _ = m.revnat6.remove(&k);
+        }
         if !self.frontends.is_empty() {
             info!(
                 frontends = self.frontends.len(),

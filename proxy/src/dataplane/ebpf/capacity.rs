@@ -140,6 +140,7 @@ impl Knob {
             _ if n(defs::SERVICES.info())
                 || n(defs::SERVICES6.info())
                 || n(defs::REVNAT.info())
+                || n(defs::REVNAT6.info())
                 || n(defs::SVC_STATS.info()) =>
             {
                 Knob::Frontends
@@ -147,12 +148,13 @@ impl Knob {
             _ if n(defs::BACKENDS.info()) || n(defs::BACKENDS6.info()) => Knob::Backends,
             _ if n(defs::SLOTS.info()) || n(defs::AFFINITY_MATCH.info()) => Knob::Slots,
             _ if n(defs::CONNTRACK.info())
+                || n(defs::CONNTRACK6.info())
                 || n(defs::SOCK_REVNAT.info())
                 || n(defs::SOCK_REVNAT6.info()) =>
             {
                 Knob::Conntrack
             }
-            _ if n(defs::AFFINITY.info()) => Knob::Affinity,
+            _ if n(defs::AFFINITY.info()) || n(defs::AFFINITY6.info()) => Knob::Affinity,
             _ if n(defs::SOURCE_RANGES.info()) => Knob::SourceRanges,
             _ if n(defs::MAGLEV.info()) => Knob::Maglev,
             _ => return None,
@@ -550,6 +552,7 @@ mod tests {
                 defs::CONFIG.name,
                 defs::STATS.name,
                 defs::FRAGMENTS.name,
+                defs::FRAGMENTS6.name,
                 defs::REPLY_DSTS.name,
             ];
             assert_eq!(

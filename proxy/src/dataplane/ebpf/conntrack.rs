@@ -2,12 +2,33 @@
 //! (the kernel side only stamps `last_seen_ns`; the LRU evicts under
 //! pressure), and flushing entries that point at removed backends so a
 //! replaced UDP backend does not keep receiving a flow (kube-proxy's
-//! conntrack cleanup).
+//! conntrack cleanup). The same for both families' maps (`CT_V4`,
+//! `CT_V6`: one value type, keys differing in the address width).
 
 use std::collections::HashSet;
 
-use aya::maps::{HashMap, MapData, MapError};
-use proxy_common::{CtKey, CtValue, ct_flags, ct_timeout, proto};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError},
+};
+use proxy_common::{CtKey, CtKey6, CtValue, ct_flags, ct_timeout, proto};
+
+/// A conntrack key of either family: what the sweep needs of it.
+pub trait CtKeyOf: Pod {
+    fn proto(&self) -> u8;
+}
+
+impl CtKeyOf for CtKey {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+impl CtKeyOf for CtKey6 {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
 
 /// Idle timeouts in seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,8 +52,8 @@ impl Default for Timeouts {
 
 impl Timeouts {
     /// The idle timeout of an entry, in nanoseconds.
-    pub fn for_entry(&self, key: &CtKey, value: &CtValue) -> u64 {
-        let s = if key.proto != proto::TCP {
+    pub fn for_entry(&self, key: &impl CtKeyOf, value: &CtValue) -> u64 {
+        let s = if key.proto() != proto::TCP {
             self.other
         } else if value.flags & (ct_flags::TCP_FIN | ct_flags::TCP_RST) != 0 {
             self.tcp_closing
@@ -54,6 +75,18 @@ pub struct GcStats {
     pub remaining: usize,
 }
 
+impl GcStats {
+    /// Both families' passes together.
+    pub fn and(self, o: GcStats) -> GcStats {
+        GcStats {
+            scanned: self.scanned + o.scanned,
+            expired: self.expired + o.expired,
+            flushed: self.flushed + o.flushed,
+            remaining: self.remaining + o.remaining,
+        }
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -67,8 +100,8 @@ pub fn monotonic_ns() -> u64 {
 
 /// One pass: delete entries idle past their timeout, and entries whose
 /// backend is in `removed_backends`.
-pub fn sweep(
-    ct: &mut HashMap<MapData, CtKey, CtValue>,
+pub fn sweep<K: CtKeyOf>(
+    ct: &mut HashMap<MapData, K, CtValue>,
     now_ns: u64,
     timeouts: &Timeouts,
     removed_backends: &HashSet<u32>,
@@ -104,8 +137,8 @@ pub fn sweep(
 /// Entries of `ct` that are not idle past their timeout at `now_ns` (what
 /// a sweep would leave): the flows an earlier agent's conntrack holds,
 /// for `auto` sizing at start.
-pub fn live(
-    ct: &HashMap<MapData, CtKey, CtValue>,
+pub fn live<K: CtKeyOf>(
+    ct: &HashMap<MapData, K, CtValue>,
     now_ns: u64,
     timeouts: &Timeouts,
 ) -> Result<u64, MapError> {
@@ -123,20 +156,34 @@ pub fn live(
     Ok(n)
 }
 
-/// The live entries (see [`live`]) of the conntrack map pinned under
-/// `bpffs_path` (None: none pinned, a first start).
-pub fn pinned_live(
+/// The live entries (see [`live`]) of the conntrack map `name` pinned
+/// under `bpffs_path` (None: none pinned, a first start).
+fn pinned_live_of<K: CtKeyOf>(
     bpffs_path: &std::path::Path,
+    name: &str,
     timeouts: &Timeouts,
 ) -> Result<Option<u64>, MapError> {
-    let path = super::maps::pin_dir(bpffs_path).join(proxy_common::maps::CONNTRACK.name);
+    let path = super::maps::pin_dir(bpffs_path).join(name);
     if !path.exists() {
         return Ok(None);
     }
     let data = MapData::from_pin(&path)?;
-    let ct: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+    let ct: HashMap<MapData, K, CtValue> = HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
     live(&ct, monotonic_ns(), timeouts).map(Some)
+}
+
+/// The live entries of both families' pinned conntrack maps together
+/// (they share `--bpf-ct-map-max`; None: none pinned, a first start).
+pub fn pinned_live(
+    bpffs_path: &std::path::Path,
+    timeouts: &Timeouts,
+) -> Result<Option<u64>, MapError> {
+    let v4 = pinned_live_of::<CtKey>(bpffs_path, proxy_common::maps::CONNTRACK.name, timeouts)?;
+    let v6 = pinned_live_of::<CtKey6>(bpffs_path, proxy_common::maps::CONNTRACK6.name, timeouts)?;
+    Ok(match (v4, v6) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0))),
+    })
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! Programming frontends: backends, slots, service entries.
 //!
-//! IPv6 frontends (socket LB only: the per-packet programs are IPv4 only)
-//! go to `SVC_V6` and their backends to `BACKENDS_V6`; slots, affinity
-//! membership and counters are shared with IPv4 (ids are one space). What
-//! only the per-packet path reads is not written for them: no `REVNAT_V4`
-//! entry, no Maglev table, no `SRC_RANGES_V4` entries. An IPv6 frontend
-//! with source ranges is written with the `SOURCE_RANGES` flag: socket LB
-//! leaves such a frontend to the per-packet path, which has no IPv6 yet,
-//! so it is not served (closed, never open to every client).
+//! IPv6 frontends go to `SVC_V6`, their backends to `BACKENDS_V6` and
+//! their reverse-NAT entry to `REVNAT_V6` (socket LB, and the per-packet
+//! path on pods' interfaces); slots, affinity membership and counters are
+//! shared with IPv4 (ids are one space). What only the north-south
+//! per-packet path reads is not written for them (it is IPv4 only): no
+//! Maglev table, no `SRC_RANGES_V4` entries. An IPv6 frontend with source
+//! ranges is written with the `SOURCE_RANGES` flag: socket LB leaves such
+//! a frontend to the per-packet path, which has no IPv6 source ranges and
+//! drops its packets, so it is not served (closed, never open to every
+//! client).
 
 use std::{
     collections::HashMap,
@@ -16,8 +18,9 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use proxy_common::{
-    AffinityMatchKey, Backend, Backend6, MaglevKey, RevNat, ServiceKey, ServiceKey6, ServiceValue,
-    SlotKey, SourceRangeKey, SvcStats, backend_flags, maps as defs, svc_flags,
+    AffinityMatchKey, Backend, Backend6, MaglevKey, RevNat, RevNat6, ServiceKey, ServiceKey6,
+    ServiceValue, SlotKey, SourceRangeKey, SvcStats, backend_flags, ip6_words, maps as defs,
+    svc_flags,
 };
 use tracing::warn;
 
@@ -206,16 +209,33 @@ impl EbpfDataplane {
             if let Err(e) = self.maps.svc_stats.insert(id, zero, 0) {
                 return Err(update(self, "insert", defs::SVC_STATS.name, e));
             }
-            // Reverse NAT is the per-packet path's (IPv4 only).
-            if let IpAddr::V4(a) = key.addr {
-                let rev = RevNat {
-                    addr: u32::from_ne_bytes(a.octets()),
-                    port: key.port.to_be(),
-                    _pad: 0,
-                };
-                if let Err(e) = self.maps.revnat.insert(id, rev, 0) {
-                    return Err(update(self, "insert", defs::REVNAT.name, e));
+            // Reverse NAT is the per-packet path's.
+            let written = match key.addr {
+                IpAddr::V4(a) => {
+                    let rev = RevNat {
+                        addr: u32::from_ne_bytes(a.octets()),
+                        port: key.port.to_be(),
+                        _pad: 0,
+                    };
+                    self.maps
+                        .revnat
+                        .insert(id, rev, 0)
+                        .map_err(|e| (defs::REVNAT.name, e))
                 }
+                IpAddr::V6(a) => {
+                    let rev = RevNat6 {
+                        addr: ip6_words(a),
+                        port: key.port.to_be(),
+                        _pad: 0,
+                    };
+                    self.maps
+                        .revnat6
+                        .insert(id, rev, 0)
+                        .map_err(|e| (defs::REVNAT6.name, e))
+                }
+            };
+            if let Err((map, e)) = written {
+                return Err(update(self, "insert", map, e));
             }
         }
         // Allowed ranges before the service entry that enables the check.
@@ -337,6 +357,7 @@ impl EbpfDataplane {
         if old.is_none() {
             let _ = self.maps.svc_stats.remove(&t.id);
             let _ = self.maps.revnat.remove(&t.id);
+            let _ = self.maps.revnat6.remove(&t.id);
         }
         for (addr, len) in lpm_ranges(fe) {
             if old.is_none_or(|o| !o.source_ranges.contains(&(addr, len))) {
@@ -462,6 +483,7 @@ impl EbpfDataplane {
         }
         self.removed_frontends.insert(p.id);
         let _ = self.maps.revnat.remove(&p.id);
+        let _ = self.maps.revnat6.remove(&p.id);
         let _ = self.maps.svc_stats.remove(&p.id);
         for (addr, len) in &p.source_ranges {
             let _ = self

@@ -2,7 +2,7 @@
 //! opened from their pins by `proxyctl`, and their decoded dump.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -13,10 +13,11 @@ use aya::{
     },
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue,
-    FragKey, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo, MapKind, RevNat, ServiceKey,
-    ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
-    SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs, stat, svc_flags,
+    AffinityKey, AffinityKey6, AffinityMatchKey, AffinityValue, Backend, Backend6, Config, CtKey,
+    CtKey6, CtValue, FragKey, FragKey6, FragValue, LAYOUT_VERSION, MaglevKey, MapDef, MapInfo,
+    MapKind, RevNat, RevNat6, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey,
+    SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SourceRangeKey, SvcStats, maps as defs,
+    stat, svc_flags,
 };
 use serde::{Serialize, Serializer};
 
@@ -346,6 +347,10 @@ maps! {
     services6: HashMap<MapData, ServiceKey6, ServiceValue> = SERVICES6,
     backends6: HashMap<MapData, u32, Backend6> = BACKENDS6,
     sock_revnat6: HashMap<MapData, SockRevNatKey6, SockRevNatValue6> = SOCK_REVNAT6,
+    conntrack6: HashMap<MapData, CtKey6, CtValue> = CONNTRACK6,
+    revnat6: HashMap<MapData, u32, RevNat6> = REVNAT6,
+    affinity6: HashMap<MapData, AffinityKey6, AffinityValue> = AFFINITY6,
+    fragments6: HashMap<MapData, FragKey6, FragValue> = FRAGMENTS6,
     stats: PerCpuArray<MapData, u64> = STATS,
 }
 
@@ -469,38 +474,75 @@ impl Maps {
             .into_iter()
             .map(|(id, r)| RevNatEntry {
                 service_id: id,
-                address: r.frontend(),
+                address: r.frontend().into(),
             })
+            .chain(
+                collect(defs::REVNAT6.name, self.revnat6.iter())?
+                    .into_iter()
+                    .map(|(id, r)| RevNatEntry {
+                        service_id: id,
+                        address: r.frontend().into(),
+                    }),
+            )
             .collect();
+        let direction = |reply: bool| {
+            if reply {
+                Direction::Reply
+            } else {
+                Direction::Service
+            }
+        };
         let conntrack = collect(defs::CONNTRACK.name, self.conntrack.iter())?
             .into_iter()
             .map(|(k, v)| CtEntry {
-                direction: if k.is_reply() {
-                    Direction::Reply
-                } else {
-                    Direction::Service
-                },
+                direction: direction(k.is_reply()),
                 proto: Proto(k.proto),
-                src: k.src(),
-                dst: k.dst(),
+                src: k.src().into(),
+                dst: k.dst().into(),
                 service_id: v.service_id,
                 backend_id: v.backend_id,
                 flags: v.flags,
                 last_seen_ns: v.last_seen_ns,
-                nat: v.nat(),
+                nat: v.nat().map(Into::into),
             })
+            .chain(
+                collect(defs::CONNTRACK6.name, self.conntrack6.iter())?
+                    .into_iter()
+                    .map(|(k, v)| CtEntry {
+                        direction: direction(k.is_reply()),
+                        proto: Proto(k.proto),
+                        src: k.src().into(),
+                        dst: k.dst().into(),
+                        service_id: v.service_id,
+                        backend_id: v.backend_id,
+                        flags: v.flags,
+                        last_seen_ns: v.last_seen_ns,
+                        // IPv6 flows are never NATed beyond DNAT.
+                        nat: None,
+                    }),
+            )
             .collect();
         let affinity = collect(defs::AFFINITY.name, self.affinity.iter())?
             .into_iter()
             .map(|(k, v)| AffinityEntry {
                 service_id: k.service_id,
                 client: match k.client_ip() {
-                    Some(ip) => AffinityClient::Ip(ip),
+                    Some(ip) => AffinityClient::Ip(ip.into()),
                     None => AffinityClient::Netns(k.client_netns),
                 },
                 backend_id: v.backend_id,
                 last_used_ns: v.last_used_ns,
             })
+            .chain(
+                collect(defs::AFFINITY6.name, self.affinity6.iter())?
+                    .into_iter()
+                    .map(|(k, v)| AffinityEntry {
+                        service_id: k.service_id,
+                        client: AffinityClient::Ip(k.client_ip().into()),
+                        backend_id: v.backend_id,
+                        last_used_ns: v.last_used_ns,
+                    }),
+            )
             .collect();
         let sock_revnat = collect(defs::SOCK_REVNAT.name, self.sock_revnat.iter())?
             .into_iter()
@@ -572,11 +614,24 @@ impl Maps {
                 let (src, dst) = k.endpoints(&v);
                 FragmentEntry {
                     proto: Proto(k.proto),
-                    src,
-                    dst,
-                    ip_id: k.ip_id(),
+                    src: src.into(),
+                    dst: dst.into(),
+                    ip_id: k.ip_id().into(),
                 }
             })
+            .chain(
+                collect(defs::FRAGMENTS6.name, self.fragments6.iter())?
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let (src, dst) = k.endpoints(&v);
+                        FragmentEntry {
+                            proto: Proto(k.proto),
+                            src: src.into(),
+                            dst: dst.into(),
+                            ip_id: k.frag_id(),
+                        }
+                    }),
+            )
             .collect();
         let stats = self
             .counters()?
@@ -628,9 +683,10 @@ impl Maps {
             .collect()
     }
 
-    /// Number of entries of the conntrack map (walks the keys).
+    /// Number of entries of both conntrack maps (walks the keys).
     pub fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
+            + self.conntrack6.keys().filter(Result::is_ok).count()
     }
 }
 
@@ -854,7 +910,7 @@ impl std::fmt::Display for Direction {
 /// namespace cookie (socket path), serialized as the IP or `netns:<cookie>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AffinityClient {
-    Ip(Ipv4Addr),
+    Ip(IpAddr),
     Netns(u64),
 }
 
@@ -1015,22 +1071,22 @@ pub struct BackendEntry {
 #[derive(Clone, Debug, Serialize)]
 pub struct RevNatEntry {
     pub service_id: u32,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct CtEntry {
     pub direction: Direction,
     pub proto: Proto,
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub service_id: u32,
     pub backend_id: u32,
     pub flags: u32,
     pub last_seen_ns: u64,
     /// SNAT/DSR flows: on the service entry the address the client was
     /// rewritten to, on the reply entry the client's own address.
-    pub nat: Option<SocketAddrV4>,
+    pub nat: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1082,9 +1138,10 @@ pub struct SourceRangeEntry {
 pub struct FragmentEntry {
     pub proto: Proto,
     /// Source address and port, as the fragments carry them.
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
-    pub ip_id: u16,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// IPv4 identification, or the IPv6 fragment header's.
+    pub ip_id: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]

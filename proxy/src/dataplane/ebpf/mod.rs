@@ -48,7 +48,7 @@ use aya::{
     maps::MapError,
     programs::{ProgramError, SchedClassifier, Xdp, links::PinnedLink},
 };
-use proxy_common::{Config, MapInfo, Net4, config_flags, progs};
+use proxy_common::{Config, MapInfo, Net4, config_flags, maps as defs, progs};
 
 use tracing::{debug, info, warn};
 
@@ -249,22 +249,38 @@ impl InsertFailures {
 /// Conntrack entries the last sweep left (shared with the `/metrics`
 /// reader: the sweep walks the map anyway, so a scrape need not).
 #[derive(Debug)]
-pub struct SweptEntries(AtomicU64);
+/// One figure per conntrack map (`CT_V4`, `CT_V6`).
+pub struct SweptEntries([AtomicU64; 2]);
 
 impl Default for SweptEntries {
     fn default() -> Self {
-        SweptEntries(AtomicU64::new(u64::MAX))
+        SweptEntries([AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)])
     }
 }
 
 impl SweptEntries {
-    pub fn set(&self, n: u64) {
-        self.0.store(n, Ordering::Relaxed);
+    fn slot(&self, map: &str) -> Option<&AtomicU64> {
+        if map == defs::CONNTRACK.name {
+            Some(&self.0[0])
+        } else if map == defs::CONNTRACK6.name {
+            Some(&self.0[1])
+        } else {
+            None
+        }
     }
 
-    /// None before the first sweep.
-    pub fn get(&self) -> Option<u64> {
-        Some(self.0.load(Ordering::Relaxed)).filter(|n| *n != u64::MAX)
+    /// Record conntrack map `map`'s entries (other maps: ignored).
+    pub fn set(&self, map: &str, n: u64) {
+        if let Some(a) = self.slot(map) {
+            a.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// None before the first sweep, or for a map that is no conntrack map.
+    pub fn get(&self, map: &str) -> Option<u64> {
+        self.slot(map)
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|n| *n != u64::MAX)
     }
 }
 
@@ -337,18 +353,30 @@ pub fn links_dir(bpffs_path: &Path) -> PathBuf {
 impl EbpfDataplane {
     /// Sweep conntrack now (idle entries, entries of removed backends).
     pub fn sweep_conntrack(&mut self) -> Result<GcStats, EbpfError> {
-        let stats = conntrack::sweep(
+        let now = conntrack::monotonic_ns();
+        let err = |map: &'static str| {
+            move |source| EbpfError::Update {
+                map,
+                op: "sweep",
+                frontend: "(all)".to_owned(),
+                source: Box::new(source),
+            }
+        };
+        let v4 = conntrack::sweep(
             &mut self.maps.conntrack,
-            conntrack::monotonic_ns(),
+            now,
             &self.cfg.ct_timeouts,
             &self.removed_backends,
         )
-        .map_err(|source| EbpfError::Update {
-            map: "CT_V4",
-            op: "sweep",
-            frontend: "(all)".to_owned(),
-            source: Box::new(source),
-        })?;
+        .map_err(err(defs::CONNTRACK.name))?;
+        let v6 = conntrack::sweep(
+            &mut self.maps.conntrack6,
+            now,
+            &self.cfg.ct_timeouts,
+            &self.removed_backends,
+        )
+        .map_err(err(defs::CONNTRACK6.name))?;
+        let stats = v4.and(v6);
         // Affinity entries of removed backends are useless too (a walk
         // only when some backend went).
         let stale: Vec<_> = if self.removed_backends.is_empty() {
@@ -365,17 +393,32 @@ impl EbpfDataplane {
         for k in stale {
             let _ = self.maps.affinity.remove(&k);
         }
+        let stale6: Vec<_> = if self.removed_backends.is_empty() {
+            Vec::new()
+        } else {
+            self.maps
+                .affinity6
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| self.removed_backends.contains(&v.backend_id))
+                .map(|(k, _)| k)
+                .collect()
+        };
+        for k in stale6 {
+            let _ = self.maps.affinity6.remove(&k);
+        }
         self.removed_backends.clear();
         self.last_gc = Instant::now();
         self.last_gc_stats = stats;
-        let ct = proxy_common::maps::CONNTRACK.name;
-        self.swept_ct.set(stats.remaining as u64);
-        self.push_event(MapEvent::Swept {
-            map: ct,
-            entries: stats.remaining as u64,
-            capacity: self.capacities.get(ct).copied().unwrap_or(0),
-            flag: capacity::flag_of_map(ct).unwrap_or("--bpf-ct-map-max"),
-        });
+        for (ct, family) in [(defs::CONNTRACK.name, v4), (defs::CONNTRACK6.name, v6)] {
+            self.swept_ct.set(ct, family.remaining as u64);
+            self.push_event(MapEvent::Swept {
+                map: ct,
+                entries: family.remaining as u64,
+                capacity: self.capacities.get(ct).copied().unwrap_or(0),
+                flag: capacity::flag_of_map(ct).unwrap_or("--bpf-ct-map-max"),
+            });
+        }
         if stats.expired + stats.flushed > 0 {
             debug!(?stats, "conntrack sweep");
         }
@@ -817,12 +860,12 @@ impl LruCounts {
     /// is cheap (the scrape decodes every service anyway). Conntrack: the
     /// last sweep's count; the other LRU maps: the last walk's, until it
     /// is [`LRU_RECOUNT`] old.
-    fn known(&self, info: &MapInfo, swept_ct: Option<u64>, recount: bool) -> Option<u64> {
+    fn known(&self, info: &MapInfo, swept_ct: &SweptEntries, recount: bool) -> Option<u64> {
         if info.kind != proxy_common::MapKind::LruHash {
             return None;
         }
-        if info.name == proxy_common::maps::CONNTRACK.name && swept_ct.is_some() {
-            return swept_ct;
+        if let Some(n) = swept_ct.get(info.name) {
+            return Some(n);
         }
         if recount {
             None
@@ -850,7 +893,7 @@ impl super::StatsReader for PinnedStats {
             Err(p) => p.into_inner(),
         };
         let recount = lru.stale(now);
-        let swept = self.swept_ct.get();
+        let swept = &*self.swept_ct;
         let mut s = dataplane_stats_with(&self.maps, |info| lru.known(info, swept, recount))?;
         if recount {
             for info in &proxy_common::maps::ALL {
@@ -933,8 +976,6 @@ fn dataplane_stats_with(
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::maps as defs;
-
     use super::*;
 
     /// Pressure as `/metrics` shows it: hash maps from their walk (what
@@ -946,8 +987,12 @@ mod tests {
         let mut lru = LruCounts::default();
         assert!(lru.stale(t0), "the first read walks");
         // Before any sweep, everything is walked.
+        let none = SweptEntries::default();
+        let nine = SweptEntries::default();
+        nine.set(defs::CONNTRACK.name, 9);
+        nine.set(defs::CONNTRACK6.name, 9);
         for info in &defs::ALL {
-            assert_eq!(lru.known(info, None, true), None, "{}", info.name);
+            assert_eq!(lru.known(info, &none, true), None, "{}", info.name);
         }
         lru.counts.insert(defs::AFFINITY.name, 7);
         lru.counts.insert(defs::CONNTRACK.name, 3);
@@ -956,13 +1001,14 @@ mod tests {
         assert!(lru.stale(t0 + LRU_RECOUNT));
         // Between walks: LRU maps from the cache, conntrack from the sweep
         // (also when a walk is due), hash maps always walked.
-        assert_eq!(lru.known(&defs::AFFINITY.info(), Some(9), false), Some(7));
-        assert_eq!(lru.known(&defs::AFFINITY.info(), Some(9), true), None);
-        assert_eq!(lru.known(&defs::CONNTRACK.info(), Some(9), false), Some(9));
-        assert_eq!(lru.known(&defs::CONNTRACK.info(), Some(9), true), Some(9));
-        assert_eq!(lru.known(&defs::CONNTRACK.info(), None, false), Some(3));
-        assert_eq!(lru.known(&defs::SERVICES.info(), Some(9), false), None);
-        assert_eq!(lru.known(&defs::SLOTS.info(), Some(9), false), None);
+        assert_eq!(lru.known(&defs::AFFINITY.info(), &nine, false), Some(7));
+        assert_eq!(lru.known(&defs::AFFINITY.info(), &nine, true), None);
+        assert_eq!(lru.known(&defs::CONNTRACK.info(), &nine, false), Some(9));
+        assert_eq!(lru.known(&defs::CONNTRACK.info(), &nine, true), Some(9));
+        assert_eq!(lru.known(&defs::CONNTRACK6.info(), &nine, true), Some(9));
+        assert_eq!(lru.known(&defs::CONNTRACK.info(), &none, false), Some(3));
+        assert_eq!(lru.known(&defs::SERVICES.info(), &nine, false), None);
+        assert_eq!(lru.known(&defs::SLOTS.info(), &nine, false), None);
 
         // entries / capacity.
         let fill = |entries, capacity| MapFill {
@@ -981,10 +1027,17 @@ mod tests {
     #[test]
     fn swept_entries_are_none_before_the_first_sweep() {
         let s = SweptEntries::default();
-        assert_eq!(s.get(), None);
-        s.set(0);
-        assert_eq!(s.get(), Some(0));
-        s.set(12);
-        assert_eq!(s.get(), Some(12));
+        let (v4, v6) = (defs::CONNTRACK.name, defs::CONNTRACK6.name);
+        assert_eq!(s.get(v4), None);
+        assert_eq!(s.get(v6), None);
+        s.set(v4, 0);
+        assert_eq!(s.get(v4), Some(0));
+        s.set(v4, 12);
+        assert_eq!(s.get(v4), Some(12));
+        assert_eq!(s.get(v6), None, "one figure per map");
+        s.set(v6, 5);
+        assert_eq!(s.get(v6), Some(5));
+        s.set(defs::AFFINITY.name, 1);
+        assert_eq!(s.get(defs::AFFINITY.name), None, "not a conntrack map");
     }
 }
