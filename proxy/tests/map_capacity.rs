@@ -347,6 +347,53 @@ fn a_full_map_fails_clearly_counts_and_the_frontends_that_fit_serve() {
     );
 }
 
+/// A frontend's backends are written in one batch: when the map fills in
+/// the middle of it, the backends written before the failing one must not
+/// stay behind as orphans (nothing references them).
+#[test]
+fn a_backend_map_that_fills_mid_frontend_keeps_no_orphans() {
+    let dir = PinDir::new("full-backends");
+    // Room for 5 backends: frontends of 2 each, so the third frontend's
+    // first backend fits and its second does not.
+    let mut dp = load(&dir, [(defs::BACKENDS.name, 5)].into());
+    let desired = table(3, 2);
+    let err = dp.apply(&upserts(&desired)).expect_err("2 of 3 fit");
+    assert!(
+        matches!(
+            &err,
+            EbpfError::MapFull {
+                map: "BACKENDS_V4",
+                capacity: 5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(dp.insert_failures(defs::BACKENDS.name), 1);
+    assert_eq!(dp.programmed().frontends.len(), 2);
+    let e = entries(&dp);
+    assert_eq!(e[defs::SERVICES.name], 2);
+    assert_eq!(e[defs::SLOTS.name], 4);
+    assert_eq!(
+        e[defs::BACKENDS.name],
+        4,
+        "the failed frontend's backend that fit is deleted with it"
+    );
+    // Once there is room (one frontend goes; its backends are released at
+    // the end of that batch), the third one fits whole.
+    let gone = vip(0);
+    dp.apply(&[Change::Remove(gone)]).expect("remove");
+    let rest: Vec<Change> = upserts(&desired)
+        .into_iter()
+        .filter(|c| !matches!(c, Change::Upsert(k, _) if *k == gone))
+        .collect();
+    dp.apply(&rest).expect("fits now");
+    let e = entries(&dp);
+    assert_eq!(e[defs::BACKENDS.name], 4);
+    assert_eq!(e[defs::SLOTS.name], 4);
+    assert_eq!(dp.programmed().frontends.len(), 2);
+}
+
 #[test]
 fn a_restart_with_larger_capacities_grows_pinned_maps_and_keeps_their_entries() {
     let dir = PinDir::new("grow");

@@ -28,7 +28,7 @@ use super::{
     BackendEntry, BackendIdentity, EbpfDataplane, EbpfError, Programmed,
     load::nr_cpus_or_one,
     maglev_tables::TableKey,
-    maps::{SvcFlags, flags_kind, kind_flags},
+    maps::{self, SvcFlags, flags_kind, kind_flags},
 };
 use crate::{
     dataplane::ApplyStats,
@@ -45,51 +45,117 @@ fn identity(b: &BackendAddr, proto: u8) -> BackendIdentity {
 }
 
 impl EbpfDataplane {
-    pub(super) fn backend_id(
+    /// The backend ids of `fe`'s backends, in order. Backends the maps do
+    /// not hold yet (or hold with other flags) are written first, one batch
+    /// per family; they stay unreferenced until the frontend using them is
+    /// programmed (if that fails: see `forget_unused`).
+    pub(super) fn backend_ids(
         &mut self,
-        b: &BackendAddr,
+        fe: &Frontend,
         proto: u8,
         stats: &mut ApplyStats,
-    ) -> Result<u32, EbpfError> {
-        let identity = identity(b, proto);
-        let mut flags = 0;
-        if b.terminating {
-            flags |= backend_flags::TERMINATING;
+    ) -> Result<Vec<u32>, EbpfError> {
+        let mut ids = Vec::with_capacity(fe.backends.len());
+        // (identity, entry, newly added) of the writes, per family.
+        let mut pending4: Vec<(BackendIdentity, BackendEntry, bool)> = Vec::new();
+        let mut pending6: Vec<(BackendIdentity, BackendEntry, bool)> = Vec::new();
+        // A backend listed twice is written once.
+        let mut pending_ids: HashMap<BackendIdentity, u32> = HashMap::new();
+        for b in fe.backends.iter() {
+            let identity = identity(&b, proto);
+            let mut flags = 0;
+            if b.terminating {
+                flags |= backend_flags::TERMINATING;
+            }
+            if b.local {
+                flags |= backend_flags::LOCAL;
+            }
+            if let Some(id) = pending_ids.get(&identity) {
+                ids.push(*id);
+                continue;
+            }
+            let (id, refs) = match self.backends.get(&identity) {
+                Some(e) if e.flags == flags => {
+                    ids.push(e.id);
+                    continue;
+                }
+                Some(e) => (e.id, Some(e.refs)),
+                None => {
+                    let id = self.next_backend_id;
+                    self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+                    (id, None)
+                }
+            };
+            let entry = BackendEntry {
+                id,
+                flags,
+                refs: refs.unwrap_or(0),
+            };
+            let pending = if identity.addr.is_ipv4() {
+                &mut pending4
+            } else {
+                &mut pending6
+            };
+            pending.push((identity, entry, refs.is_none()));
+            pending_ids.insert(identity, id);
+            ids.push(id);
         }
-        if b.local {
-            flags |= backend_flags::LOCAL;
-        }
-        let (id, refs) = match self.backends.get(&identity) {
-            Some(e) if e.flags == flags => return Ok(e.id),
-            Some(e) => (e.id, Some(e.refs)),
-            None => {
-                let id = self.next_backend_id;
-                self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
-                (id, None)
+        let keys = |p: &[(BackendIdentity, BackendEntry, bool)]| -> Vec<u32> {
+            p.iter().map(|(_, e, _)| e.id).collect()
+        };
+        let v4: Vec<Backend> = pending4
+            .iter()
+            .filter_map(|(b, e, _)| match b.addr {
+                IpAddr::V4(a) => Some(Backend::new(a, b.port, b.proto, e.flags)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<Backend6> = pending6
+            .iter()
+            .filter_map(|(b, e, _)| match b.addr {
+                IpAddr::V6(a) => Some(Backend6::new(a, b.port, b.proto, e.flags)),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        let mut failed = None;
+        let done4 = match maps::insert_batch(&mut self.maps.backends, &keys(&pending4), &v4) {
+            Ok(()) => pending4.len(),
+            Err((n, e)) => {
+                // The failing entry (a batch that failed is not empty).
+                let n = n.min(pending4.len() - 1);
+                failed = Some((defs::BACKENDS.name, pending4[n].0, e));
+                n
             }
         };
-        if let Err((map, source)) = self.write_backend(id, &identity, flags) {
-            return Err(self.map_error(
+        let done6 = if failed.is_some() {
+            0
+        } else {
+            match maps::insert_batch(&mut self.maps.backends6, &keys(&pending6), &v6) {
+                Ok(()) => pending6.len(),
+                Err((n, e)) => {
+                    let n = n.min(pending6.len() - 1);
+                    failed = Some((defs::BACKENDS6.name, pending6[n].0, e));
+                    n
+                }
+            }
+        };
+        // What the maps now hold is in the table (an unreferenced backend
+        // of a failed upsert is deleted by `forget_unused`).
+        for (b, e, added) in pending4[..done4].iter().chain(&pending6[..done6]) {
+            self.backends.insert(*b, *e);
+            if *added {
+                stats.backends_added += 1;
+            }
+        }
+        match failed {
+            None => Ok(ids),
+            Some((map, b, source)) => Err(self.map_error(
                 map,
                 "insert",
                 format!("(backend {})", std::net::SocketAddr::new(b.addr, b.port)),
                 source,
-            ));
+            )),
         }
-        self.backends.insert(
-            identity,
-            BackendEntry {
-                id,
-                flags,
-                refs: refs.unwrap_or(0),
-            },
-        );
-        if refs.is_none() {
-            // Unreferenced until the frontend using it is programmed (if
-            // that fails: see `forget_unused`).
-            stats.backends_added += 1;
-        }
-        Ok(id)
     }
 
     pub(super) fn upsert(
@@ -102,12 +168,7 @@ impl EbpfDataplane {
         if fe.backends.len() > proxy_common::MAX_BACKENDS_PER_SERVICE as usize {
             return Err(EbpfError::TooManyBackends(*key, fe.backends.len()));
         }
-        let ids = match fe
-            .backends
-            .iter()
-            .map(|b| self.backend_id(&b, proto, stats))
-            .collect::<Result<Vec<u32>, _>>()
-        {
+        let ids = match self.backend_ids(fe, proto, stats) {
             Ok(ids) => ids,
             Err(e) => {
                 self.forget_unused(fe, proto);
@@ -180,28 +241,30 @@ impl EbpfDataplane {
         let update = |dp: &Self, op: &'static str, map: &'static str, source| {
             dp.map_error(map, op, key.to_string(), source)
         };
-        for (index, backend_id) in ids.iter().enumerate() {
-            let slot = SlotKey {
+        // One batch per map (a syscall per frontend, not per backend).
+        let slots: Vec<SlotKey> = (0..ids.len())
+            .map(|index| SlotKey {
                 service_id: id,
                 generation: generation as u16,
                 index: index as u16,
-            };
-            if let Err(e) = self.maps.slots.insert(slot, *backend_id, 0) {
-                return Err(update(self, "insert", defs::SLOTS.name, e));
-            }
+            })
+            .collect();
+        if let Err((_, e)) = maps::insert_batch(&mut self.maps.slots, &slots, ids) {
+            return Err(update(self, "insert", defs::SLOTS.name, e));
         }
         // Affinity membership of backends joining the frontend, before the
         // service entry that makes them reachable.
-        for backend_id in ids {
-            if old.is_none_or(|o| !o.backend_ids.contains(backend_id)) {
-                let k = AffinityMatchKey {
-                    service_id: id,
-                    backend_id: *backend_id,
-                };
-                if let Err(e) = self.maps.affinity_match.insert(k, 1, 0) {
-                    return Err(update(self, "insert", defs::AFFINITY_MATCH.name, e));
-                }
-            }
+        let joining: Vec<AffinityMatchKey> = ids
+            .iter()
+            .filter(|b| old.is_none_or(|o| !o.backend_ids.contains(b)))
+            .map(|b| AffinityMatchKey {
+                service_id: id,
+                backend_id: *b,
+            })
+            .collect();
+        let ones = vec![1u8; joining.len()];
+        if let Err((_, e)) = maps::insert_batch(&mut self.maps.affinity_match, &joining, &ones) {
+            return Err(update(self, "insert", defs::AFFINITY_MATCH.name, e));
         }
         if old.is_none() {
             let zero = PerCpuValues::try_from(vec![SvcStats::default(); nr_cpus_or_one()])
@@ -564,26 +627,6 @@ impl EbpfDataplane {
                 .services6
                 .remove(&ServiceKey6::new(a, key.port, proto))
                 .map_err(|e| (defs::SERVICES6.name, e)),
-        }
-    }
-
-    fn write_backend(
-        &mut self,
-        id: u32,
-        b: &BackendIdentity,
-        flags: u8,
-    ) -> Result<(), (&'static str, MapError)> {
-        match b.addr {
-            IpAddr::V4(a) => self
-                .maps
-                .backends
-                .insert(id, Backend::new(a, b.port, b.proto, flags), 0)
-                .map_err(|e| (defs::BACKENDS.name, e)),
-            IpAddr::V6(a) => self
-                .maps
-                .backends6
-                .insert(id, Backend6::new(a, b.port, b.proto, flags), 0)
-                .map_err(|e| (defs::BACKENDS6.name, e)),
         }
     }
 
